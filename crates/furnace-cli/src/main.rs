@@ -1,0 +1,64 @@
+//! `furnace`: the command-line front end. Thin by design: every command parses its
+//! arguments and calls into the library crates.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod commands;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Hyperparallel LLM fine-tuning and evaluation, in one binary.
+#[derive(Parser)]
+#[command(name = "furnace", version, about, long_about = None)]
+struct Cli {
+    /// Compute threads (default: physical cores). Fixed once at start.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch and list models in the local cache ($FURNACE_HOME).
+    Model {
+        #[command(subcommand)]
+        cmd: commands::ModelCmd,
+    },
+    /// Print the token ids of a text (like llama.cpp's llama-tokenize).
+    Tokenize(commands::TokenizeArgs),
+    /// Generate a reply to one prompt, streaming it to stdout.
+    Generate(commands::GenerateArgs),
+    /// Chat interactively with a model (type /exit to quit, /reset to clear the history).
+    Chat(commands::ChatArgs),
+    /// Report CPU features, threads, cached models and versions.
+    Doctor,
+    /// Measure speed (prints tokens/s).
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let threads = cli
+        .threads
+        .unwrap_or_else(furnace_model::threads::physical_cores);
+    furnace_model::threads::configure_threads(threads);
+    let result = match cli.command {
+        Command::Model { cmd } => commands::model(cmd),
+        Command::Tokenize(a) => commands::tokenize(a),
+        Command::Generate(a) => commands::generate(a),
+        Command::Chat(a) => commands::chat(a),
+        Command::Doctor => commands::doctor(threads),
+        Command::Bench { cmd } => bench::run(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+

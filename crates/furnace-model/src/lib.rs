@@ -1,0 +1,26 @@
+//! furnace's model runtime: loads llama-family models from GGUF files and HF directories
+//! and runs them on candle, with a ragged, KV-cached forward pass that serves both prompt
+//! prefill and batched generation.
+//!
+//! Data flow: [`LoadedModel::load`] reads a file ([`gguf`] or [`hf`]) into a
+//! [`LlamaConfig`] and a [`Llama`] whose projections are [`Linear`] layers (f32, bf16 or
+//! block-quantized); [`Llama::forward`] takes new tokens of many sequences with their
+//! [`SeqCache`]s and returns the logits each asked for.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod hf;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod load;
+pub mod threads;
+
+pub use config::{LlamaConfig, RopeScaling, RopeStyle};
+pub use error::{Error, Result};
+pub use kv_cache::SeqCache;
+pub use linear::{Linear, LinearWeight, RawWeight, WeightDType};
+pub use llama::{Llama, Logits, SeqInput};
+pub use load::{inspect, LoadedModel, ModelInfo};

@@ -1,0 +1,398 @@
+//! The llama family (Llama 2/3, SmolLM, Mistral, Qwen2): RMSNorm, RoPE, grouped-query
+//! attention, SwiGLU MLP, tied or separate LM head, optional q/k/v bias.
+//!
+//! Reference: Touvron et al., "LLaMA" (2023) and HF transformers' `modeling_llama.py`.
+//! The forward pass is *ragged*: one call carries new tokens of many sequences, each with
+//! its own [`SeqCache`]. Linear layers and the MLP run once over all rows; attention runs
+//! per sequence. Generation (one token per sequence) and prefill (whole prompts) are the
+//! same call, which is what continuous batching needs.
+
+use crate::config::{rope_inv_freq, LlamaConfig, RopeStyle};
+use crate::error::{Error, Result};
+use crate::kv_cache::SeqCache;
+use crate::linear::{Linear, RawWeight, WeightDType};
+use candle_core::{Device, Tensor};
+
+/// RMSNorm with a learned scale.
+#[derive(Clone)]
+pub struct RmsNorm {
+    /// Scale `[hidden]`.
+    pub weight: Tensor,
+    /// Epsilon.
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Self-attention projections of one block.
+#[derive(Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+}
+
+/// SwiGLU MLP of one block.
+#[derive(Clone)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `down(silu(gate(x)) * up(x))`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
+    }
+}
+
+/// One transformer block.
+#[derive(Clone)]
+pub struct Block {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// Which logits a sequence wants from a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (prefill of a chunk that is not the prompt's last).
+    None,
+    /// Only the last new position (generation).
+    Last,
+    /// Every new position (scoring, training).
+    All,
+}
+
+/// New tokens of one sequence in a ragged forward pass.
+pub struct SeqInput<'a> {
+    /// Tokens to append.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; its length is the position of `tokens[0]`.
+    pub cache: &'a mut SeqCache,
+    /// Which logits to return.
+    pub logits: Logits,
+}
+
+/// A llama-family causal language model.
+pub struct Llama {
+    /// Hyperparameters.
+    pub config: LlamaConfig,
+    /// Token embedding `[vocab, hidden]`, f32.
+    pub embed_tokens: Tensor,
+    /// Blocks.
+    pub layers: Vec<Block>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// LM head (the embedding when tied).
+    pub lm_head: Linear,
+    /// How the linear weights are held.
+    pub dtype: WeightDType,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Source of weights by HF name.
+pub trait WeightSource {
+    /// The weight with this HF name, if the model has it.
+    fn get(&mut self, name: &str) -> Result<Option<RawWeight>>;
+}
+
+fn required(src: &mut dyn WeightSource, name: &str) -> Result<RawWeight> {
+    src.get(name)?
+        .ok_or_else(|| Error::MissingWeight(name.to_string()))
+}
+
+fn check_shape(name: &str, w: &RawWeight, expected: &[usize]) -> Result<()> {
+    let got = w.dims();
+    if got != expected {
+        return Err(Error::WeightShape {
+            name: name.to_string(),
+            got,
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+impl Llama {
+    /// Builds the model from a weight source.
+    pub fn load(config: LlamaConfig, src: &mut dyn WeightSource, dtype: WeightDType) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let qd = c.num_heads * c.head_dim;
+        let kvd = c.num_kv_heads * c.head_dim;
+        let norm = |src: &mut dyn WeightSource, name: &str| -> Result<RmsNorm> {
+            let w = required(src, name)?;
+            check_shape(name, &w, &[h])?;
+            Ok(RmsNorm {
+                weight: w.to_f32()?,
+                eps: c.rms_norm_eps as f32,
+            })
+        };
+        let linear = |src: &mut dyn WeightSource, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let wname = format!("{name}.weight");
+            let w = required(src, &wname)?;
+            check_shape(&wname, &w, &[out, inp])?;
+            let b = if bias {
+                let bname = format!("{name}.bias");
+                let b = required(src, &bname)?;
+                check_shape(&bname, &b, &[out])?;
+                Some(b.to_f32()?)
+            } else {
+                None
+            };
+            Linear::new(w, b, dtype)
+        };
+        let embed_raw = required(src, "model.embed_tokens.weight")?;
+        check_shape("model.embed_tokens.weight", &embed_raw, &[c.vocab_size, h])?;
+        let embed_tokens = embed_raw.to_f32()?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Block {
+                input_layernorm: norm(src, &format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), qd, h, c.attention_bias)?,
+                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), kvd, h, c.attention_bias)?,
+                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), kvd, h, c.attention_bias)?,
+                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), h, qd, false)?,
+                },
+                post_attention_layernorm: norm(src, &format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
+                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
+                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, false)?,
+                },
+            });
+        }
+        let norm_f = norm(src, "model.norm.weight")?;
+        let lm_head = match (c.tie_word_embeddings, src.get("lm_head.weight")?) {
+            (false, Some(w)) => {
+                check_shape("lm_head.weight", &w, &[c.vocab_size, h])?;
+                Linear::new(w, None, dtype)?
+            }
+            (false, None) => return Err(Error::MissingWeight("lm_head.weight".into())),
+            (true, _) => Linear::new(embed_raw, None, dtype)?,
+        };
+        let (cos, sin) = rope_tables(c)?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm: norm_f,
+            lm_head,
+            dtype,
+            cos,
+            sin,
+        })
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        let c = &self.config;
+        SeqCache::new(c.num_layers, c.num_kv_heads, c.head_dim, c.max_position_embeddings)
+    }
+
+    /// Logits `[ids.len(), vocab]` at every position of one sequence, from scratch.
+    pub fn logits_all(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut cache = self.new_cache();
+        let mut out = self.forward(&mut [SeqInput {
+            tokens: ids,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])?;
+        out.pop()
+            .flatten()
+            .ok_or_else(|| Error::Config("empty input".into()))
+    }
+
+    /// Runs new tokens of several sequences through the model in one pass, appending to each
+    /// sequence's cache. Returns, per sequence, the requested logits `[n, vocab]` (f32).
+    pub fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Option<Tensor>>> {
+        let c = &self.config;
+        let vocab = c.vocab_size as u32;
+        let mut all_ids = Vec::new();
+        for s in batch.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::Config("a sequence in the batch has no new tokens".into()));
+            }
+            s.cache.check_room(s.tokens.len())?;
+            if let Some(&id) = s.tokens.iter().find(|&&id| id >= vocab) {
+                return Err(Error::TokenOutOfRange { id, vocab: c.vocab_size });
+            }
+            all_ids.extend_from_slice(s.tokens);
+        }
+        if all_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = all_ids.len();
+        let ids = Tensor::from_vec(all_ids, n, &Device::Cpu)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        for (li, block) in self.layers.iter().enumerate() {
+            let h = block.input_layernorm.forward(&x)?;
+            let attn = self.attention(li, &block.self_attn, &h, batch)?;
+            x = (x + block.self_attn.o_proj.forward(&attn)?)?;
+            let h = block.post_attention_layernorm.forward(&x)?;
+            x = (x + block.mlp.forward(&h)?)?;
+        }
+        for s in batch.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+        // Only rows whose logits are wanted go through the (large) LM head.
+        let mut rows: Vec<u32> = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut offset = 0u32;
+        for s in batch.iter() {
+            let t = s.tokens.len() as u32;
+            let start = rows.len();
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => rows.push(offset + t - 1),
+                Logits::All => rows.extend(offset..offset + t),
+            }
+            spans.push((start, rows.len() - start));
+            offset += t;
+        }
+        if rows.is_empty() {
+            return Ok(batch.iter().map(|_| None).collect());
+        }
+        let nrows = rows.len();
+        let sel = if nrows == n {
+            x
+        } else {
+            x.index_select(&Tensor::from_vec(rows, nrows, &Device::Cpu)?, 0)?
+        };
+        let logits = self.lm_head.forward(&self.norm.forward(&sel)?)?;
+        spans
+            .into_iter()
+            .map(|(start, len)| {
+                if len == 0 {
+                    Ok(None)
+                } else {
+                    Ok(Some(logits.narrow(0, start, len)?))
+                }
+            })
+            .collect()
+    }
+
+    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        Ok(match self.config.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
+            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
+        })
+    }
+
+    fn attention(&self, layer: usize, a: &Attention, h: &Tensor, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = a.q_proj.forward(h)?;
+        let k = a.k_proj.forward(h)?;
+        let v = a.v_proj.forward(h)?;
+        let mut outs = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for s in batch.iter_mut() {
+            let t = s.tokens.len();
+            let pos = s.cache.len();
+            // [t, heads*hd] -> [1, heads, t, hd]
+            let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(x.narrow(0, offset, t)?
+                    .reshape((t, n, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?)
+            };
+            let qs = self.rope(&heads(&q, nh)?, pos)?.squeeze(0)?;
+            let ks = self.rope(&heads(&k, nkv)?, pos)?.squeeze(0)?;
+            let vs = heads(&v, nkv)?.squeeze(0)?;
+            let (kc, vc) = s.cache.append(layer, &ks, &vs)?;
+            let l = pos + t;
+            // Grouped-query attention without repeating K/V: the query heads that share a
+            // key/value head are stacked along the row axis.
+            let qg = (qs.reshape((nkv, rep * t, hd))? * scale)?;
+            let mut scores = qg.matmul(&kc.t()?)?; // [nkv, rep*t, l]
+            if t > 1 {
+                let mut mask = vec![0f32; rep * t * l];
+                for r in 0..rep {
+                    for i in 0..t {
+                        let row = &mut mask[(r * t + i) * l..(r * t + i + 1) * l];
+                        for m in row.iter_mut().skip(pos + i + 1) {
+                            *m = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let mask = Tensor::from_vec(mask, (rep * t, l), &Device::Cpu)?;
+                scores = scores.broadcast_add(&mask)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&vc)?; // [nkv, rep*t, hd] == [nh, t, hd]
+            let o = o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+            outs.push(o);
+            offset += t;
+        }
+        Ok(if outs.len() == 1 {
+            outs.pop().ok_or_else(|| Error::Config("empty batch".into()))?
+        } else {
+            Tensor::cat(&outs, 0)?
+        })
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        let c = &self.config;
+        let per_layer = 2 * c.hidden_size
+            + c.hidden_size * c.num_heads * c.head_dim * 2
+            + c.hidden_size * c.num_kv_heads * c.head_dim * 2
+            + 3 * c.hidden_size * c.intermediate_size
+            + if c.attention_bias { c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim } else { 0 };
+        let head = if c.tie_word_embeddings { 0 } else { c.vocab_size * c.hidden_size };
+        c.vocab_size * c.hidden_size + head + c.hidden_size + c.num_layers * per_layer
+    }
+}
+
+fn rope_tables(c: &LlamaConfig) -> Result<(Tensor, Tensor)> {
+    let inv = rope_inv_freq(c);
+    let half = inv.len();
+    let n = c.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
+        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
+    ))
+}
+

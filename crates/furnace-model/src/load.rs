@@ -1,0 +1,248 @@
+//! Loading a model from a path: a `.gguf` file or an HF model directory, together with its
+//! tokenizer and chat template.
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::gguf::{gguf_name, GgufFile};
+use crate::hf;
+use crate::linear::{RawWeight, WeightDType};
+use crate::llama::{Llama, WeightSource};
+use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
+use furnace_text::{ChatTemplate, Tokenizer};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// What a model file is, without loading its weights (for listings).
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// `gguf` or `hf-dir`.
+    pub format: &'static str,
+    /// Architecture (`llama`, `qwen2`, ...).
+    pub architecture: String,
+    /// Human name, if the file has one.
+    pub name: Option<String>,
+    /// Number of parameters (all tensors).
+    pub params: u64,
+    /// Storage type of the bulk of the weights (`Q4_1`, `F32`, ...).
+    pub quantization: String,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Context length.
+    pub context_length: usize,
+}
+
+/// A model ready to run, with its tokenizer and chat template.
+pub struct LoadedModel {
+    /// The network.
+    pub model: Llama,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template, if it ships one.
+    pub chat_template: Option<ChatTemplate>,
+    /// Facts about the files.
+    pub info: ModelInfo,
+}
+
+struct GgufSource<'a>(&'a mut GgufFile);
+
+impl WeightSource for GgufSource<'_> {
+    fn get(&mut self, name: &str) -> Result<Option<RawWeight>> {
+        let g = gguf_name(name);
+        if !self.0.has_tensor(&g) {
+            return Ok(None);
+        }
+        Ok(Some(RawWeight::Quantized(self.0.tensor(&g)?)))
+    }
+}
+
+struct HfSource(HashMap<String, Tensor>);
+
+impl WeightSource for HfSource {
+    fn get(&mut self, name: &str) -> Result<Option<RawWeight>> {
+        Ok(self.0.remove(name).map(RawWeight::Dense))
+    }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Reads a model's facts without loading its weights.
+pub fn inspect(path: &Path) -> Result<ModelInfo> {
+    if is_gguf(path) {
+        let g = GgufFile::open(path)?;
+        return gguf_info(&g);
+    }
+    if path.is_dir() && path.join("config.json").exists() {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(crate::error::io_err(&cfg_path))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: cfg_path,
+            source,
+        })?;
+        let mut size = 0u64;
+        let mut params = 0u64;
+        let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
+        for f in hf::safetensors_files(path)? {
+            size += std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+            if let Ok((n, d)) = safetensors_header_stats(&f) {
+                params += n;
+                for (k, c) in d {
+                    *dtypes.entry(k).or_default() += c;
+                }
+            }
+        }
+        return Ok(ModelInfo {
+            path: path.to_path_buf(),
+            format: "hf-dir",
+            architecture: v
+                .get("model_type")
+                .and_then(|x| x.as_str())
+                .unwrap_or("?")
+                .to_string(),
+            name: None,
+            params,
+            quantization: dtypes
+                .into_iter()
+                .max_by_key(|(_, c)| *c)
+                .map(|(k, _)| k)
+                .unwrap_or_else(|| "?".into()),
+            size_bytes: size,
+            context_length: v
+                .get("max_position_embeddings")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(0) as usize,
+        });
+    }
+    Err(Error::NotAModel(path.to_path_buf()))
+}
+
+/// Parameter count and per-dtype element counts from a safetensors header.
+fn safetensors_header_stats(path: &Path) -> Result<(u64, HashMap<String, u64>)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(crate::error::io_err(path))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(crate::error::io_err(path))?;
+    let n = u64::from_le_bytes(len).min(100_000_000) as usize;
+    let mut buf = vec![0u8; n];
+    f.read_exact(&mut buf).map_err(crate::error::io_err(path))?;
+    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut total = 0u64;
+    let mut by = HashMap::new();
+    if let Some(obj) = v.as_object() {
+        for (k, t) in obj {
+            if k == "__metadata__" {
+                continue;
+            }
+            let shape: u64 = t
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .map(|a| a.iter().filter_map(|d| d.as_u64()).product())
+                .unwrap_or(0);
+            total += shape;
+            let dt = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+            *by.entry(dt.to_string()).or_default() += shape;
+        }
+    }
+    Ok((total, by))
+}
+
+fn gguf_info(g: &GgufFile) -> Result<ModelInfo> {
+    let mut params = 0u64;
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, dims, dt) in g.tensor_infos() {
+        let n: u64 = dims.iter().map(|&d| d as u64).product();
+        params += n;
+        if dims.len() >= 2 {
+            *by.entry(format!("{dt:?}")).or_default() += n;
+        }
+    }
+    let arch = g.architecture()?;
+    let ctx_key = format!("{arch}.context_length");
+    let context_length = match g.metadata().get(&ctx_key) {
+        Some(v) => v.to_u64().map(|x| x as usize).or_else(|_| v.to_u32().map(|x| x as usize)).unwrap_or(0),
+        None => 0,
+    };
+    Ok(ModelInfo {
+        path: g.path().to_path_buf(),
+        format: "gguf",
+        architecture: arch,
+        name: g.name(),
+        params,
+        quantization: by
+            .into_iter()
+            .max_by_key(|(_, c)| *c)
+            .map(|(k, _)| k)
+            .unwrap_or_else(|| "?".into()),
+        size_bytes: g.file_len(),
+        context_length,
+    })
+}
+
+/// The quantization type name of a GGUF tensor type.
+pub fn ggml_type_name(t: GgmlDType) -> String {
+    format!("{t:?}")
+}
+
+impl LoadedModel {
+    /// Loads a `.gguf` file or an HF model directory with weights held as `dtype`.
+    pub fn load(path: &Path, dtype: WeightDType) -> Result<Self> {
+        if is_gguf(path) {
+            let mut g = GgufFile::open(path)?;
+            let info = gguf_info(&g)?;
+            let config = g.config()?;
+            let tokenizer = Tokenizer::from_gguf(&g.tokenizer_spec()?)?;
+            let chat_template = g.chat_template().map(|s| ChatTemplate::new(&s)).transpose()?;
+            let model = Llama::load(config, &mut GgufSource(&mut g), dtype)?;
+            check_vocab(&model.config, &tokenizer)?;
+            return Ok(Self {
+                model,
+                tokenizer,
+                chat_template,
+                info,
+            });
+        }
+        if path.is_dir() && path.join("config.json").exists() {
+            let config = hf::read_config(path)?;
+            let tokenizer = Tokenizer::from_hf_dir(path)?;
+            let chat_template = ChatTemplate::from_hf_dir(path)?;
+            let info = inspect(path)?;
+            let mut src = HfSource(hf::load_tensors(path)?);
+            let model = Llama::load(config, &mut src, dtype)?;
+            check_vocab(&model.config, &tokenizer)?;
+            return Ok(Self {
+                model,
+                tokenizer,
+                chat_template,
+                info,
+            });
+        }
+        if !path.exists() {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            });
+        }
+        Err(Error::NotAModel(path.to_path_buf()))
+    }
+}
+
+fn check_vocab(cfg: &LlamaConfig, tok: &Tokenizer) -> Result<()> {
+    if tok.vocab_size() > cfg.vocab_size {
+        return Err(Error::Config(format!(
+            "tokenizer has {} tokens but the model's vocabulary is {}",
+            tok.vocab_size(),
+            cfg.vocab_size
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Chat templates: [`ChatTemplate`] renders a conversation into the model's prompt format.
+//!
+//! Templates are Jinja2, and are rendered the way Hugging Face `transformers` renders
+//! them (`ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)` with loop
+//! controls): the same whitespace handling, lenient undefined values, the
+//! `raise_exception`, `strftime_now` and Python-`json.dumps` `tojson` helpers, and
+//! Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::ValueKind;
+use minijinja::{Environment, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::read_optional_json;
+
+/// One message of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `"system"`, `"user"`, `"assistant"`, `"tool"`, ...
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role and content.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The name the template is stored under in its environment (no file extension,
+/// so no auto-escaping, like Hugging Face's environment).
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// A compiled chat template. Cheap to clone and `Send + Sync`.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    env: Environment<'static>,
+    source: String,
+}
+
+/// The error source that marks a failure as a `raise_exception` call.
+#[derive(Debug)]
+struct Raised(String);
+
+impl fmt::Display for Raised {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Raised {}
+
+impl ChatTemplate {
+    /// Compiles a Jinja chat template. A syntax error gives [`Error::Template`] with
+    /// the template engine's message (including the line).
+    pub fn new(source: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .keep_trailing_newline(false)
+            .build()
+            .map_err(|e| Error::Template(describe(&e)))?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // Print booleans and none the way Python does (`True`, `False`, `None`).
+        env.set_formatter(|out, state, value| match value.kind() {
+            ValueKind::Bool => out
+                .write_str(if value.is_true() { "True" } else { "False" })
+                .map_err(minijinja::Error::from),
+            ValueKind::None => out.write_str("None").map_err(minijinja::Error::from),
+            _ => minijinja::escape_formatter(out, state, value),
+        });
+        env.add_function("raise_exception", |message: Value| {
+            let message = match message.as_str() {
+                Some(s) => s.to_string(),
+                None => message.to_string(),
+            };
+            Err::<Value, _>(
+                minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
+                    .with_source(Raised(message)),
+            )
+        });
+        env.add_function("strftime_now", |format: &str| {
+            crate::strftime::strftime_now(format)
+        });
+        env.add_filter("tojson", crate::pyjson::tojson);
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| Error::Template(describe(&e)))?;
+        Ok(ChatTemplate {
+            inner: Arc::new(Inner {
+                env,
+                source: source.to_string(),
+            }),
+        })
+    }
+
+    /// The chat template of a Hugging Face model directory: `chat_template.jinja`,
+    /// else `tokenizer_config.json`'s `"chat_template"` (a string, or a list of
+    /// `{name, template}` from which `"default"` is taken), else `chat_template.json`.
+    /// `Ok(None)` when the directory has none.
+    pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let source = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+            return Self::new(&source).map(Some);
+        }
+        for file in ["tokenizer_config.json", "chat_template.json"] {
+            let Some(config) = read_optional_json(&dir.join(file))? else {
+                continue;
+            };
+            if let Some(source) = config.get("chat_template").and_then(select_template) {
+                return Self::new(source).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Renders a conversation with the standard context keys `messages`,
+    /// `add_generation_prompt`, `bos_token` and `eos_token` (the token keys are left
+    /// undefined when `None`).
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<String> {
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                Value::from_pairs([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ])
+            })
+            .collect();
+        let mut context = vec![
+            ("messages", Value::from(messages)),
+            ("add_generation_prompt", Value::from(add_generation_prompt)),
+        ];
+        if let Some(bos) = bos_token {
+            context.push(("bos_token", Value::from(bos)));
+        }
+        if let Some(eos) = eos_token {
+            context.push(("eos_token", Value::from(eos)));
+        }
+        self.render_minijinja(Value::from_pairs(context))
+    }
+
+    /// Renders with an arbitrary JSON object as the context (`messages` with
+    /// structured content, `tools`, `documents`, extra keyword arguments, ...).
+    /// Object key order is kept, so `tojson` writes keys as given.
+    pub fn render_value(&self, context: serde_json::Value) -> Result<String> {
+        if !context.is_object() {
+            return Err(Error::Template(
+                "the template context must be a JSON object".to_string(),
+            ));
+        }
+        self.render_minijinja(json_to_value(&context))
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    fn render_minijinja(&self, context: Value) -> Result<String> {
+        let template = self
+            .inner
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| Error::Template(describe(&e)))?;
+        template.render(context).map_err(|e| {
+            match raised_message(&e) {
+                Some(message) => Error::TemplateRaised(message),
+                None => Error::Template(describe(&e)),
+            }
+        })
+    }
+}
+
+impl fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.inner.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Picks the template from `chat_template`: a string, or a list of `{name, template}`
+/// where `"default"` wins (else the first entry).
+fn select_template(value: &serde_json::Value) -> Option<&str> {
+    match value {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Array(entries) => {
+            entries
+                .iter()
+                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or_else(|| entries.first())
+                .and_then(|entry| entry.get("template"))
+                .and_then(serde_json::Value::as_str)
+        }
+        _ => None,
+    }
+}
+
+/// The message of a `raise_exception` call somewhere in the error's chain.
+fn raised_message(error: &minijinja::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = source {
+        if let Some(raised) = err.downcast_ref::<Raised>() {
+            return Some(raised.0.clone());
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// The error's message followed by its causes.
+fn describe(error: &minijinja::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
+/// Converts JSON into a template value, keeping object key order.
+fn json_to_value(json: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match json {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                n.as_f64().map(Value::from).unwrap_or(Value::from(()))
+            }
+        }
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(items) => items.iter().map(json_to_value).collect(),
+        J::Object(map) => {
+            Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
+        }
+    }
+}
