@@ -71,7 +71,8 @@ impl GgufTokenizerSpec {
     }
 
     fn token(&self, id: Option<u32>) -> Option<&str> {
-        id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str)
+        id.and_then(|id| self.tokens.get(id as usize))
+            .map(String::as_str)
     }
 
     /// The `tokenizer.json` document equivalent to this metadata.
@@ -244,9 +245,12 @@ impl GgufTokenizerSpec {
             self.merges
                 .iter()
                 .map(|merge| {
-                    merge.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| {
-                        Error::InvalidGguf(format!("merge {merge:?} is not \"a b\""))
-                    })
+                    merge
+                        .split_once(' ')
+                        .map(|(a, b)| json!([a, b]))
+                        .ok_or_else(|| {
+                            Error::InvalidGguf(format!("merge {merge:?} is not \"a b\""))
+                        })
                 })
                 .collect::<Result<_>>()?
         };

@@ -41,7 +41,10 @@ pub(crate) fn tojson(
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
             ValueKind::Number => {
                 let width = v.as_i64().ok_or_else(|| {
-                    Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer")
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be an integer",
+                    )
                 })?;
                 Some(" ".repeat(usize::try_from(width).unwrap_or(0)))
             }
@@ -97,13 +100,22 @@ fn newline(out: &mut String, options: &Options, depth: usize) {
     }
 }
 
-fn write_value(out: &mut String, value: &Value, options: &Options, depth: usize) -> Result<(), Error> {
+fn write_value(
+    out: &mut String,
+    value: &Value,
+    options: &Options,
+    depth: usize,
+) -> Result<(), Error> {
     match value.kind() {
         // Undefined is written as null rather than failing like Python would.
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => write_number(out, value),
-        ValueKind::String => write_str(out, value.as_str().unwrap_or_default(), options.ensure_ascii),
+        ValueKind::String => write_str(
+            out,
+            value.as_str().unwrap_or_default(),
+            options.ensure_ascii,
+        ),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -182,6 +194,11 @@ fn write_number(out: &mut String, value: &Value) {
         let _ = write!(out, "{value}");
     } else {
         match f64::try_from(value.clone()) {
+            // `json.dumps` writes the non-finite values as JavaScript does.
+            Ok(f) if f.is_nan() => out.push_str("NaN"),
+            Ok(f) if f.is_infinite() => {
+                out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" })
+            }
             Ok(f) => out.push_str(&python_float_repr(f)),
             Err(_) => {
                 let _ = write!(out, "{value}");
@@ -190,14 +207,14 @@ fn write_number(out: &mut String, value: &Value) {
     }
 }
 
-/// Python's `repr(float)` (which `json.dumps` uses): the shortest round-tripping
+/// Python's `repr(float)` (which `json.dumps` and `str` use): the shortest round-tripping
 /// digits, positional notation for exponents in `-4..16`, otherwise `1e+16` style.
 pub(crate) fn python_float_repr(f: f64) -> String {
     if f.is_nan() {
-        return "NaN".to_string();
+        return "nan".to_string();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
+        return if f > 0.0 { "inf" } else { "-inf" }.to_string();
     }
     // `{:e}` prints the shortest round-tripping digits, e.g. "-1.2345e-7".
     let sci = format!("{f:e}");
@@ -292,8 +309,10 @@ mod tests {
             (1.25e-7, "1.25e-07"),
             (0.0, "0.0"),
             (-0.0, "-0.0"),
-            (3.14159, "3.14159"),
+            (1.23456, "1.23456"),
             (1e100, "1e+100"),
+            (f64::NAN, "nan"),
+            (f64::NEG_INFINITY, "-inf"),
         ];
         for (f, want) in cases {
             assert_eq!(python_float_repr(f), want, "{f}");

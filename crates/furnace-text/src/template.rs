@@ -77,12 +77,18 @@ impl ChatTemplate {
             .map_err(|e| Error::Template(describe(&e)))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        // Print booleans and none the way Python does (`True`, `False`, `None`).
+        // Print booleans, none and floats the way Python does (`True`, `None`, `1e+20`).
         env.set_formatter(|out, state, value| match value.kind() {
             ValueKind::Bool => out
                 .write_str(if value.is_true() { "True" } else { "False" })
                 .map_err(minijinja::Error::from),
             ValueKind::None => out.write_str("None").map_err(minijinja::Error::from),
+            ValueKind::Number if !value.is_integer() => match f64::try_from(value.clone()) {
+                Ok(f) => out
+                    .write_str(&crate::pyjson::python_float_repr(f))
+                    .map_err(minijinja::Error::from),
+                Err(_) => minijinja::escape_formatter(out, state, value),
+            },
             _ => minijinja::escape_formatter(out, state, value),
         });
         env.add_function("raise_exception", |message: Value| {
@@ -185,12 +191,12 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| Error::Template(describe(&e)))?;
-        template.render(context).map_err(|e| {
-            match raised_message(&e) {
+        template
+            .render(context)
+            .map_err(|e| match raised_message(&e) {
                 Some(message) => Error::TemplateRaised(message),
                 None => Error::Template(describe(&e)),
-            }
-        })
+            })
     }
 }
 
@@ -207,14 +213,12 @@ impl fmt::Debug for ChatTemplate {
 fn select_template(value: &serde_json::Value) -> Option<&str> {
     match value {
         serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Array(entries) => {
-            entries
-                .iter()
-                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .or_else(|| entries.first())
-                .and_then(|entry| entry.get("template"))
-                .and_then(serde_json::Value::as_str)
-        }
+        serde_json::Value::Array(entries) => entries
+            .iter()
+            .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| entries.first())
+            .and_then(|entry| entry.get("template"))
+            .and_then(serde_json::Value::as_str),
         _ => None,
     }
 }

@@ -177,7 +177,9 @@ impl Tokenizer {
         let unk_id = tc("unk_token")
             .and_then(token_content)
             .and_then(|t| hf.token_to_id(&t));
-        let add_bos = tc("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let add_bos = tc("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
 
         let config = SpecialConfig {
             bos_id,

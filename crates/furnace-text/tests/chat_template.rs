@@ -1,5 +1,7 @@
 //! Chat templates render byte-exact like Hugging Face's Jinja2 environment.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{read_jsonl, testdata};
@@ -43,9 +45,18 @@ fn from_hf_dir_tokenizer_config_string_and_list() {
     assert!(ChatTemplate::from_hf_dir(dir.path()).unwrap().is_none());
 
     let config = dir.path().join("tokenizer_config.json");
-    std::fs::write(&config, r#"{"chat_template": "S{{ messages[0].content }}"}"#).unwrap();
+    std::fs::write(
+        &config,
+        r#"{"chat_template": "S{{ messages[0].content }}"}"#,
+    )
+    .unwrap();
     let template = ChatTemplate::from_hf_dir(dir.path()).unwrap().unwrap();
-    assert_eq!(template.render(&[ChatMessage::new("user", "x")], false, None, None).unwrap(), "Sx");
+    assert_eq!(
+        template
+            .render(&[ChatMessage::new("user", "x")], false, None, None)
+            .unwrap(),
+        "Sx"
+    );
 
     std::fs::write(
         &config,
@@ -57,7 +68,12 @@ fn from_hf_dir_tokenizer_config_string_and_list() {
     .unwrap();
     let template = ChatTemplate::from_hf_dir(dir.path()).unwrap().unwrap();
     assert_eq!(template.source(), "D{{ messages|length }}");
-    assert_eq!(template.render(&[ChatMessage::new("user", "x")], false, None, None).unwrap(), "D1");
+    assert_eq!(
+        template
+            .render(&[ChatMessage::new("user", "x")], false, None, None)
+            .unwrap(),
+        "D1"
+    );
 
     // chat_template.jinja takes precedence.
     std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
@@ -66,7 +82,11 @@ fn from_hf_dir_tokenizer_config_string_and_list() {
 
     // A config without a template.
     let other = tempfile::tempdir().unwrap();
-    std::fs::write(other.path().join("tokenizer_config.json"), r#"{"eos_token": "x"}"#).unwrap();
+    std::fs::write(
+        other.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "x"}"#,
+    )
+    .unwrap();
     assert!(ChatTemplate::from_hf_dir(other.path()).unwrap().is_none());
 }
 
@@ -78,18 +98,25 @@ fn raise_exception_is_a_clear_error() {
          {% endif %}{{ m.content }}{% endfor %}",
     )
     .unwrap();
-    let ok = template.render(&[ChatMessage::new("user", "hi")], false, None, None).unwrap();
+    let ok = template
+        .render(&[ChatMessage::new("user", "hi")], false, None, None)
+        .unwrap();
     assert_eq!(ok, "hi");
     let err = template
         .render(&[ChatMessage::new("system", "x")], false, None, None)
         .unwrap_err();
     match &err {
         Error::TemplateRaised(message) => {
-            assert_eq!(message, "Conversation roles must be user/assistant, got system")
+            assert_eq!(
+                message,
+                "Conversation roles must be user/assistant, got system"
+            )
         }
         other => panic!("unexpected error {other:?}"),
     }
-    assert!(err.to_string().contains("Conversation roles must be user/assistant"));
+    assert!(err
+        .to_string()
+        .contains("Conversation roles must be user/assistant"));
 }
 
 #[test]
@@ -99,15 +126,23 @@ fn syntax_errors_are_clear() {
         Error::Template(message) => assert!(message.contains("syntax error"), "{message}"),
         other => panic!("unexpected error {other:?}"),
     }
-    assert!(matches!(ChatTemplate::new("{{ a + }}"), Err(Error::Template(_))));
+    assert!(matches!(
+        ChatTemplate::new("{{ a + }}"),
+        Err(Error::Template(_))
+    ));
     // Runtime errors other than raise_exception are Error::Template too.
     let template = ChatTemplate::new("{{ messages[0].content.missing.deeper }}").unwrap();
-    let err = template.render(&[ChatMessage::new("user", "x")], false, None, None).unwrap_err();
+    let err = template
+        .render(&[ChatMessage::new("user", "x")], false, None, None)
+        .unwrap_err();
     assert!(matches!(err, Error::Template(_)), "{err:?}");
 }
 
 fn render(source: &str, context: serde_json::Value) -> String {
-    ChatTemplate::new(source).unwrap().render_value(context).unwrap()
+    ChatTemplate::new(source)
+        .unwrap()
+        .render_value(context)
+        .unwrap()
 }
 
 #[test]
@@ -121,19 +156,31 @@ fn tojson_like_python() {
         r#"[{"name": "get_weather", "parameters": {"z": 1, "a": 2.5, "b": [true, null], "e": {}}}]"#
     );
     assert_eq!(
-        render("{{ tools[0].parameters | tojson(indent=2) }}", context.clone()),
+        render(
+            "{{ tools[0].parameters | tojson(indent=2) }}",
+            context.clone()
+        ),
         "{\n  \"z\": 1,\n  \"a\": 2.5,\n  \"b\": [\n    true,\n    null\n  ],\n  \"e\": {}\n}"
     );
-    assert_eq!(render("{{ text | tojson }}", context.clone()), r#""<b> & 'é'\n\"q\"""#);
+    assert_eq!(
+        render("{{ text | tojson }}", context.clone()),
+        r#""<b> & 'é'\n\"q\"""#
+    );
     assert_eq!(
         render("{{ text | tojson(ensure_ascii=true) }}", context.clone()),
         r#""<b> & '\u00e9'\n\"q\"""#
     );
     assert_eq!(
-        render("{{ tools[0].parameters | tojson(sort_keys=true, separators=[',', ':']) }}", context),
+        render(
+            "{{ tools[0].parameters | tojson(sort_keys=true, separators=[',', ':']) }}",
+            context
+        ),
         r#"{"a":2.5,"b":[true,null],"e":{},"z":1}"#
     );
-    assert_eq!(render("{{ {'x': 1.0, 'y': 3} | tojson }}", json!({})), r#"{"x": 1.0, "y": 3}"#);
+    assert_eq!(
+        render("{{ {'x': 1.0, 'y': 3} | tojson }}", json!({})),
+        r#"{"x": 1.0, "y": 3}"#
+    );
 }
 
 #[test]
@@ -145,7 +192,10 @@ fn python_string_methods_and_loops() {
             {"role": "assistant", "content": "<think>x</think>done"},
         ],
     });
-    assert_eq!(render("[{{ messages[0].content.strip() }}]", context.clone()), "[be brief]");
+    assert_eq!(
+        render("[{{ messages[0].content.strip() }}]", context.clone()),
+        "[be brief]"
+    );
     assert_eq!(
         render(
             "{% for m in messages %}{{ m.role.upper() }}{% if not loop.last %},{% endif %}{% endfor %}",
@@ -154,7 +204,10 @@ fn python_string_methods_and_loops() {
         "SYSTEM,USER,ASSISTANT"
     );
     assert_eq!(
-        render("{{ messages[1].content.split(',') | join('|') }}", context.clone()),
+        render(
+            "{{ messages[1].content.split(',') | join('|') }}",
+            context.clone()
+        ),
         "a|b|c"
     );
     assert_eq!(
@@ -196,8 +249,16 @@ fn undefined_is_lenient() {
     )
     .unwrap();
     let messages = [ChatMessage::new("user", "hi")];
-    assert_eq!(template.render(&messages, false, None, None).unwrap(), "N[][]");
-    assert_eq!(template.render(&messages, false, Some("<s>"), None).unwrap(), "N[][]B");
+    assert_eq!(
+        template.render(&messages, false, None, None).unwrap(),
+        "N[][]"
+    );
+    assert_eq!(
+        template
+            .render(&messages, false, Some("<s>"), None)
+            .unwrap(),
+        "N[][]B"
+    );
     let with_tools = json!({"messages": [{"role": "user", "content": "hi"}], "tools": []});
     assert_eq!(template.render_value(with_tools).unwrap(), "T[][]");
 }
@@ -206,26 +267,42 @@ fn undefined_is_lenient() {
 fn whitespace_control_like_hf() {
     // trim_blocks + lstrip_blocks, and a single trailing newline is dropped.
     let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n<{{ m.content }}>\n    {% endif %}\n{% endfor %}\n";
-    let messages = [ChatMessage::new("user", "a"), ChatMessage::new("bot", "b"), ChatMessage::new("user", "c")];
+    let messages = [
+        ChatMessage::new("user", "a"),
+        ChatMessage::new("bot", "b"),
+        ChatMessage::new("user", "c"),
+    ];
     let template = ChatTemplate::new(source).unwrap();
-    assert_eq!(template.render(&messages, false, None, None).unwrap(), "<a>\n<c>\n");
+    assert_eq!(
+        template.render(&messages, false, None, None).unwrap(),
+        "<a>\n<c>\n"
+    );
     assert_eq!(render("x\n", json!({})), "x");
     assert_eq!(render("{{- '  a  ' -}}\n\n", json!({})), "  a  ");
 }
 
 #[test]
 fn strftime_now_and_generation_prompt() {
-    let year: i32 = render("{{ strftime_now('%Y') }}", json!({})).parse().unwrap();
+    let year: i32 = render("{{ strftime_now('%Y') }}", json!({}))
+        .parse()
+        .unwrap();
     assert!(year >= 2024);
     let date = render("{{ strftime_now('%d %b %Y') }}", json!({}));
     assert_eq!(date.len(), 11, "{date}");
-    let template = ChatTemplate::new("{% if add_generation_prompt %}G{% endif %}{{ eos_token }}").unwrap();
-    assert_eq!(template.render(&[], true, None, Some("</s>")).unwrap(), "G</s>");
+    let template =
+        ChatTemplate::new("{% if add_generation_prompt %}G{% endif %}{{ eos_token }}").unwrap();
+    assert_eq!(
+        template.render(&[], true, None, Some("</s>")).unwrap(),
+        "G</s>"
+    );
     assert_eq!(template.render(&[], false, None, None).unwrap(), "");
 }
 
 #[test]
 fn render_value_needs_an_object() {
     let template = ChatTemplate::new("x").unwrap();
-    assert!(matches!(template.render_value(json!([1])), Err(Error::Template(_))));
+    assert!(matches!(
+        template.render_value(json!([1])),
+        Err(Error::Template(_))
+    ));
 }

@@ -1,5 +1,7 @@
 //! Streaming detokenization never emits half a character and adds up to `decode`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{smollm_gguf_spec, testdata, tokenizer_cases};
@@ -22,10 +24,17 @@ fn check(tokenizer: &Tokenizer) {
         for skip_special in [false, true] {
             let (pieces, rest) = stream(tokenizer, ids, skip_special);
             for piece in &pieces {
-                assert!(!piece.contains('\u{FFFD}'), "{text:?}: push emitted {piece:?}");
+                assert!(
+                    !piece.contains('\u{FFFD}'),
+                    "{text:?}: push emitted {piece:?}"
+                );
             }
             let streamed = pieces.concat() + &rest;
-            assert_eq!(streamed, tokenizer.decode(ids, skip_special).unwrap(), "{text:?}");
+            assert_eq!(
+                streamed,
+                tokenizer.decode(ids, skip_special).unwrap(),
+                "{text:?}"
+            );
             if !skip_special {
                 assert_eq!(&streamed, text);
             }

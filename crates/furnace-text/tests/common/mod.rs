@@ -64,7 +64,11 @@ pub fn smollm_gguf_spec() -> GgufTokenizerSpec {
         .iter()
         .map(|m| match m {
             Value::String(s) => s.clone(),
-            Value::Array(pair) => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
+            Value::Array(pair) => format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            ),
             other => panic!("unexpected merge {other}"),
         })
         .collect();
