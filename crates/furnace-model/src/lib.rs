@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod hf;
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

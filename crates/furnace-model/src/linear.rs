@@ -3,6 +3,7 @@
 //! training op attach later without touching the model code.
 
 use crate::error::Result;
+use crate::kernels::{self, Bf16Matrix};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -60,11 +61,28 @@ impl RawWeight {
 /// The storage of a linear layer's weight.
 #[derive(Clone)]
 pub enum LinearWeight {
-    /// Dense `[out, in]`, f32 or bf16.
+    /// Dense f32 `[out, in]` (candle's GEMM; exact).
     Dense(Tensor),
-    /// Block-quantized `[out, in]`.
+    /// bf16 `[out, in]`, multiplied by our AVX512-BF16 kernel.
+    Bf16(Arc<Bf16Matrix>),
+    /// Q8_0 `[out, in]` for single rows (memory-bound decode: candle's vector kernel reads
+    /// 1 byte per weight), plus a packed bf16 copy for batches of rows (compute-bound:
+    /// our bf16 kernel is several times faster there).
+    Q8_0 {
+        /// The quantized tensor.
+        tensor: Arc<QTensor>,
+        /// candle's matmul over it.
+        qmm: QMatMul,
+        /// The same weight, packed bf16.
+        packed: Arc<Bf16Matrix>,
+    },
+    /// Other block-quantized types, through candle's kernels.
     Quantized(Arc<QMatMul>),
 }
+
+/// From this many rows on, Q8_0 layers use the packed bf16 kernel instead of candle's
+/// per-row vector kernel (which re-reads the weight once per row).
+pub const Q8_TILED_MIN_ROWS: usize = 2;
 
 /// `y = x W^T (+ b)` for `x` of shape `[rows, in]`.
 #[derive(Clone)]
@@ -100,7 +118,10 @@ impl Linear {
         let (out_features, in_features) = (dims[0], dims[dims.len() - 1]);
         let weight = match dtype {
             WeightDType::F32 => LinearWeight::Dense(raw.to_f32()?),
-            WeightDType::Bf16 => LinearWeight::Dense(raw.to_f32()?.to_dtype(DType::BF16)?),
+            WeightDType::Bf16 => {
+                let w = raw.to_f32()?.flatten_all()?.to_vec1::<f32>()?;
+                LinearWeight::Bf16(Arc::new(Bf16Matrix::from_f32(&w, out_features, in_features)))
+            }
             WeightDType::Quantized => {
                 let q = match raw {
                     RawWeight::Quantized(q) if fast_cpu_kernel(q.dtype()) => q,
@@ -117,7 +138,15 @@ impl Linear {
                         })
                     }
                 };
-                LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(q)?))
+                if q.dtype() == GgmlDType::Q8_0 && kernels::has_bf16_simd() {
+                    let w = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                    let packed = Arc::new(Bf16Matrix::from_f32(&w, out_features, in_features));
+                    let tensor = Arc::new(q);
+                    let qmm = QMatMul::from_arc(tensor.clone())?;
+                    LinearWeight::Q8_0 { tensor, qmm, packed }
+                } else {
+                    LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(q)?))
+                }
             }
         };
         Ok(Self {
@@ -130,12 +159,12 @@ impl Linear {
 
     /// Applies the layer to `x: [rows, in]` (f32), returning `[rows, out]` (f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dim(0)?;
         let y = match &self.weight {
-            LinearWeight::Dense(w) if w.dtype() == DType::F32 => x.matmul(&w.t()?)?,
-            LinearWeight::Dense(w) => x
-                .to_dtype(w.dtype())?
-                .matmul(&w.t()?)?
-                .to_dtype(DType::F32)?,
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Bf16(w) => self.packed(x, rows, w)?,
+            LinearWeight::Q8_0 { qmm, .. } if rows < Q8_TILED_MIN_ROWS => qmm.forward(x)?,
+            LinearWeight::Q8_0 { packed, .. } => self.packed(x, rows, packed)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         };
         Ok(match &self.bias {
@@ -144,10 +173,18 @@ impl Linear {
         })
     }
 
+    fn packed(&self, x: &Tensor, rows: usize, w: &Bf16Matrix) -> Result<Tensor> {
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let y = kernels::matmul_nt(&xs, rows, w);
+        Ok(Tensor::from_vec(y, (rows, self.out_features), x.device())?)
+    }
+
     /// Bytes the weight occupies.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Bf16(w) => w.bytes(),
+            LinearWeight::Q8_0 { tensor, packed, .. } => tensor.storage_size_in_bytes() + packed.bytes(),
             LinearWeight::Quantized(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.storage_size_in_bytes(),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {

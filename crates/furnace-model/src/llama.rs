@@ -11,7 +11,9 @@ use crate::config::{rope_inv_freq, LlamaConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::kv_cache::SeqCache;
 use crate::linear::{Linear, RawWeight, WeightDType};
+use crate::kernels::attention::{decode_attention, rope_inplace};
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 /// RMSNorm with a learned scale.
 #[derive(Clone)]
@@ -110,8 +112,9 @@ pub struct Llama {
     pub lm_head: Linear,
     /// How the linear weights are held.
     pub dtype: WeightDType,
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE tables `[positions, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 /// Source of weights by HF name.
@@ -298,70 +301,78 @@ impl Llama {
             .collect()
     }
 
-    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        Ok(match self.config.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
-            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
-        })
-    }
-
     fn attention(&self, layer: usize, a: &Attention, h: &Tensor, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let rep = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let q = a.q_proj.forward(h)?;
-        let k = a.k_proj.forward(h)?;
-        let v = a.v_proj.forward(h)?;
-        let mut outs = Vec::with_capacity(batch.len());
-        let mut offset = 0;
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let half = hd / 2;
+        let interleaved = c.rope_style == RopeStyle::Interleaved;
+        let mut q = a.q_proj.forward(h)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = a.k_proj.forward(h)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = a.v_proj.forward(h)?.flatten_all()?.to_vec1::<f32>()?;
+        let n = q.len() / qw;
+        // RoPE at each token's own position, then append keys/values to each cache.
+        let mut row = 0;
         for s in batch.iter_mut() {
-            let t = s.tokens.len();
             let pos = s.cache.len();
-            // [t, heads*hd] -> [1, heads, t, hd]
-            let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(x.narrow(0, offset, t)?
-                    .reshape((t, n, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .unsqueeze(0)?)
-            };
-            let qs = self.rope(&heads(&q, nh)?, pos)?.squeeze(0)?;
-            let ks = self.rope(&heads(&k, nkv)?, pos)?.squeeze(0)?;
-            let vs = heads(&v, nkv)?.squeeze(0)?;
-            let (kc, vc) = s.cache.append(layer, &ks, &vs)?;
-            let l = pos + t;
-            // Grouped-query attention without repeating K/V: the query heads that share a
-            // key/value head are stacked along the row axis.
-            let qg = (qs.reshape((nkv, rep * t, hd))? * scale)?;
-            let mut scores = qg.matmul(&kc.t()?)?; // [nkv, rep*t, l]
-            if t > 1 {
-                let mut mask = vec![0f32; rep * t * l];
-                for r in 0..rep {
-                    for i in 0..t {
-                        let row = &mut mask[(r * t + i) * l..(r * t + i + 1) * l];
-                        for m in row.iter_mut().skip(pos + i + 1) {
-                            *m = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-                let mask = Tensor::from_vec(mask, (rep * t, l), &Device::Cpu)?;
-                scores = scores.broadcast_add(&mask)?;
+            for i in 0..s.tokens.len() {
+                let p = pos + i;
+                let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                let r = row + i;
+                rope_inplace(&mut q[r * qw..(r + 1) * qw], hd, cos, sin, interleaved);
+                rope_inplace(&mut k[r * kw..(r + 1) * kw], hd, cos, sin, interleaved);
             }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = probs.matmul(&vc)?; // [nkv, rep*t, hd] == [nh, t, hd]
-            let o = o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
-            outs.push(o);
-            offset += t;
+            let t = s.tokens.len();
+            s.cache.append(layer, &k[row * kw..(row + t) * kw], &v[row * kw..(row + t) * kw]);
+            row += t;
         }
-        Ok(if outs.len() == 1 {
-            outs.pop().ok_or_else(|| Error::Config("empty batch".into()))?
-        } else {
-            Tensor::cat(&outs, 0)?
-        })
+        let mut out = vec![0f32; n * qw];
+        // Split the output into each sequence's rows.
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut rest: &mut [f32] = &mut out;
+        let mut row = 0;
+        for s in batch.iter() {
+            let t = s.tokens.len();
+            let (mine, tail) = rest.split_at_mut(t * qw);
+            rest = tail;
+            jobs.push((&*s.cache, row, t, mine));
+            row += t;
+        }
+        let q = &q;
+        jobs.into_par_iter().try_for_each(|(cache, row, t, dst)| -> Result<()> {
+            let (kc, vc) = cache.layer(layer);
+            let l = kc.len() / cache.width();
+            if t == 1 {
+                decode_attention(&q[row * qw..(row + 1) * qw], kc, vc, l, nh, nkv, hd, dst);
+                return Ok(());
+            }
+            // Prefill: batched matmuls. Query heads that share a key/value head are stacked
+            // along the row axis, so K/V are never repeated.
+            let rep = nh / nkv;
+            let pos = l - t;
+            let qs = Tensor::from_slice(&q[row * qw..(row + t) * qw], (t, nh, hd), &Device::Cpu)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((nkv, rep * t, hd))?;
+            let qs = (qs * (1.0 / (hd as f64).sqrt()))?;
+            let kt = Tensor::from_slice(kc, (l, nkv, hd), &Device::Cpu)?.permute((1, 2, 0))?.contiguous()?;
+            let vt = Tensor::from_slice(vc, (l, nkv, hd), &Device::Cpu)?.transpose(0, 1)?.contiguous()?;
+            let mut scores = qs.matmul(&kt)?; // [nkv, rep*t, l]
+            let mut mask = vec![0f32; rep * t * l];
+            for r in 0..rep {
+                for i in 0..t {
+                    let m = &mut mask[(r * t + i) * l..(r * t + i + 1) * l];
+                    m.iter_mut().skip(pos + i + 1).for_each(|x| *x = f32::NEG_INFINITY);
+                }
+            }
+            scores = scores.broadcast_add(&Tensor::from_vec(mask, (rep * t, l), &Device::Cpu)?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&vt)?; // [nkv, rep*t, hd] == [nh, t, hd]
+            let o = o.reshape((nh, t, hd))?.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            dst.copy_from_slice(&o);
+            Ok(())
+        })?;
+        Ok(Tensor::from_vec(out, (n, qw), &Device::Cpu)?)
     }
 
     /// Number of parameters.
@@ -377,7 +388,7 @@ impl Llama {
     }
 }
 
-fn rope_tables(c: &LlamaConfig) -> Result<(Tensor, Tensor)> {
+fn rope_tables(c: &LlamaConfig) -> Result<(Vec<f32>, Vec<f32>)> {
     let inv = rope_inv_freq(c);
     let half = inv.len();
     let n = c.max_position_embeddings;
@@ -390,9 +401,7 @@ fn rope_tables(c: &LlamaConfig) -> Result<(Tensor, Tensor)> {
             sin.push(a.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
-        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
-    ))
+    debug_assert_eq!(cos.len(), n * half);
+    Ok((cos, sin))
 }
 

