@@ -7,9 +7,13 @@ use crate::error::{Error, Result};
 
 /// The cache of one sequence across all layers.
 pub struct SeqCache {
+    /// Keys per layer, dimension-major: `[kv_heads][head_dim][capacity]`, so the scores of
+    /// one query against all cached keys are vector operations along the token axis.
     k: Vec<Vec<f32>>,
+    /// Values per layer, token-major: `[len][kv_heads * head_dim]`.
     v: Vec<Vec<f32>>,
     len: usize,
+    capacity: usize,
     max_len: usize,
     width: usize,
 }
@@ -21,6 +25,7 @@ impl SeqCache {
             k: vec![Vec::new(); num_layers],
             v: vec![Vec::new(); num_layers],
             len: 0,
+            capacity: 0,
             max_len,
             width: kv_heads * head_dim,
         }
@@ -44,7 +49,7 @@ impl SeqCache {
     /// Drops every cached token (the buffers are kept for reuse).
     pub fn clear(&mut self) {
         self.len = 0;
-        self.k.iter_mut().chain(self.v.iter_mut()).for_each(Vec::clear);
+        self.v.iter_mut().for_each(Vec::clear);
     }
 
     /// Bytes held by the buffers.
@@ -63,18 +68,53 @@ impl SeqCache {
         Ok(())
     }
 
-    /// Appends keys and values of new tokens (`[t, kv_heads * head_dim]`) to `layer`.
-    /// The sequence length advances only in [`SeqCache::advance`], once every layer has
-    /// appended.
+    /// Makes room for `extra` more tokens in every layer (call before a pass appends).
+    pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
+        self.check_room(extra)?;
+        let need = self.len + extra;
+        if need <= self.capacity {
+            return Ok(());
+        }
+        let cap = need.max(self.capacity * 2).max(64).min(self.max_len);
+        let old = self.capacity;
+        for k in self.k.iter_mut() {
+            let mut grown = vec![0f32; self.width * cap];
+            for (row, dst) in k.chunks(old.max(1)).zip(grown.chunks_mut(cap)) {
+                dst[..self.len].copy_from_slice(&row[..self.len]);
+            }
+            *k = grown;
+        }
+        for v in self.v.iter_mut() {
+            v.reserve_exact(self.width * cap - v.len());
+        }
+        self.capacity = cap;
+        Ok(())
+    }
+
+    /// Appends keys and values of `t` new tokens (`[t, kv_heads * head_dim]`) to `layer`
+    /// at positions `len..len + t`. Needs [`SeqCache::reserve`] first; the sequence length
+    /// advances only in [`SeqCache::advance`], once every layer has appended.
     pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        self.k[layer].extend_from_slice(k);
+        let (w, cap, len) = (self.width, self.capacity, self.len);
+        let kt = &mut self.k[layer];
+        for (i, row) in k.chunks_exact(w).enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                kt[c * cap + len + i] = x;
+            }
+        }
         self.v[layer].extend_from_slice(v);
     }
 
-    /// Keys and values of `layer` (`[tokens, kv_heads * head_dim]`), including tokens
-    /// appended in the current pass.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.k[layer], &self.v[layer])
+    /// Keys of `layer` (`[kv_heads * head_dim][capacity]`, valid up to the tokens
+    /// appended so far), and the row stride (the capacity).
+    pub(crate) fn keys(&self, layer: usize) -> (&[f32], usize) {
+        (&self.k[layer], self.capacity)
+    }
+
+    /// Values of `layer` (`[tokens, kv_heads * head_dim]`), including tokens appended in
+    /// the current pass.
+    pub(crate) fn values(&self, layer: usize) -> &[f32] {
+        &self.v[layer]
     }
 
     /// Width of one token's keys (`kv_heads * head_dim`).

@@ -243,6 +243,9 @@ impl Llama {
                 return Err(Error::Config("a sequence in the batch has no new tokens".into()));
             }
             s.cache.check_room(s.tokens.len())?;
+        }
+        for s in batch.iter_mut() {
+            s.cache.reserve(s.tokens.len())?;
             if let Some(&id) = s.tokens.iter().find(|&&id| id >= vocab) {
                 return Err(Error::TokenOutOfRange { id, vocab: c.vocab_size });
             }
@@ -340,10 +343,11 @@ impl Llama {
         }
         let q = &q;
         jobs.into_par_iter().try_for_each(|(cache, row, t, dst)| -> Result<()> {
-            let (kc, vc) = cache.layer(layer);
-            let l = kc.len() / cache.width();
+            let (kc, stride) = cache.keys(layer);
+            let vc = cache.values(layer);
+            let l = vc.len() / cache.width();
             if t == 1 {
-                decode_attention(&q[row * qw..(row + 1) * qw], kc, vc, l, nh, nkv, hd, dst);
+                decode_attention(&q[row * qw..(row + 1) * qw], kc, stride, vc, l, nh, nkv, hd, dst);
                 return Ok(());
             }
             // Prefill: batched matmuls. Query heads that share a key/value head are stacked
@@ -355,7 +359,11 @@ impl Llama {
                 .contiguous()?
                 .reshape((nkv, rep * t, hd))?;
             let qs = (qs * (1.0 / (hd as f64).sqrt()))?;
-            let kt = Tensor::from_slice(kc, (l, nkv, hd), &Device::Cpu)?.permute((1, 2, 0))?.contiguous()?;
+            let mut kt = Vec::with_capacity(nkv * hd * l);
+            for r in kc.chunks(stride).take(nkv * hd) {
+                kt.extend_from_slice(&r[..l]);
+            }
+            let kt = Tensor::from_vec(kt, (nkv, hd, l), &Device::Cpu)?;
             let vt = Tensor::from_slice(vc, (l, nkv, hd), &Device::Cpu)?.transpose(0, 1)?.contiguous()?;
             let mut scores = qs.matmul(&kt)?; // [nkv, rep*t, l]
             let mut mask = vec![0f32; rep * t * l];

@@ -102,7 +102,15 @@ fn decode_attention_matches_naive_softmax_attention() {
     let k = pseudo(len * nkv * hd, 5);
     let v = pseudo(len * nkv * hd, 6);
     let mut out = vec![0f32; nh * hd];
-    decode_attention(&q, &k, &v, len, nh, nkv, hd, &mut out);
+    // Keys dimension-major with a stride larger than len (spare capacity).
+    let stride = len + 5;
+    let mut kt = vec![f32::NAN; nkv * hd * stride];
+    for j in 0..len {
+        for c in 0..nkv * hd {
+            kt[c * stride + j] = k[j * nkv * hd + c];
+        }
+    }
+    decode_attention(&q, &kt, stride, &v, len, nh, nkv, hd, &mut out);
     for h in 0..nh {
         let g = h / (nh / nkv);
         let scores: Vec<f64> = (0..len)
@@ -116,4 +124,25 @@ fn decode_attention_matches_naive_softmax_attention() {
             assert!((out[h * hd + d] as f64 - want).abs() < 1e-5, "head {h} dim {d}");
         }
     }
+}
+
+#[test]
+fn fast_exp_is_accurate_on_the_softmax_range() {
+    use furnace_model::kernels::attention::exp_nonpositive;
+    let mut worst = 0f64;
+    for i in 0..160_000 {
+        let x = -(i as f32) * 0.0005; // 0 .. -80 (below, results are ~1e-35 and clamp)
+        let want = (x as f64).exp();
+        let got = exp_nonpositive(x) as f64;
+        let rel = ((got - want) / want).abs();
+        // Near zero the range reduction in f32 limits accuracy; those weights are negligible
+        // next to the max's (which is exp(0) = 1) in a softmax.
+        let bound = if x >= -10.0 { 1e-6 } else { 1e-5 };
+        assert!(rel < bound, "exp({x}): relative error {rel}");
+        worst = worst.max(rel);
+    }
+    assert!(worst > 0.0);
+    assert_eq!(exp_nonpositive(-1000.0), exp_nonpositive(-1000.0).abs());
+    assert!(exp_nonpositive(-1000.0) < 1e-37);
+    assert_eq!(exp_nonpositive(0.0), 1.0);
 }
