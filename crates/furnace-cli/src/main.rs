@@ -42,7 +42,31 @@ enum Command {
     },
 }
 
+/// mimalloc reads its options once, before `main`. Keeping freed pages instead of returning
+/// them to the OS (purge delay -1) avoids re-faulting and re-zeroing the large activation
+/// buffers of every forward pass; it was measured to matter (PRODUCT.md). When the variable
+/// is unset, set it and re-execute ourselves once.
+#[cfg(unix)]
+fn keep_allocator_pages() {
+    use std::os::unix::process::CommandExt;
+    const VAR: &str = "MIMALLOC_PURGE_DELAY";
+    if std::env::var_os(VAR).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(VAR, "-1")
+        .exec();
+    // exec only returns on failure: carry on with the default allocator settings.
+    eprintln!("note: could not re-execute with {VAR}=-1: {err}");
+}
+
+#[cfg(not(unix))]
+fn keep_allocator_pages() {}
+
 fn main() {
+    keep_allocator_pages();
     let cli = Cli::parse();
     let threads = cli
         .threads

@@ -173,6 +173,42 @@ impl Linear {
         })
     }
 
+    /// The packed bf16 weight this layer multiplies batches of `rows` with, if any.
+    fn packed_for(&self, rows: usize) -> Option<&Bf16Matrix> {
+        match &self.weight {
+            LinearWeight::Bf16(w) => Some(w),
+            LinearWeight::Q8_0 { packed, .. } if rows >= Q8_TILED_MIN_ROWS => Some(packed),
+            _ => None,
+        }
+    }
+
+    /// Applies several layers to the same input, returning each output as a row-major
+    /// `Vec` (`[rows, out]`). When all of them use the packed kernel, the input is converted
+    /// once and the products share one parallel region.
+    pub fn forward_many(x: &Tensor, layers: &[&Linear]) -> Result<Vec<Vec<f32>>> {
+        let rows = x.dim(0)?;
+        let packed: Option<Vec<&Bf16Matrix>> = layers.iter().map(|l| l.packed_for(rows)).collect();
+        match packed {
+            Some(ws) if layers.len() > 1 => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut ys = kernels::matmul_nt_many(&xs, rows, &ws);
+                for (y, l) in ys.iter_mut().zip(layers) {
+                    if let Some(b) = &l.bias {
+                        let b = b.to_vec1::<f32>()?;
+                        for row in y.chunks_mut(l.out_features) {
+                            row.iter_mut().zip(&b).for_each(|(o, v)| *o += v);
+                        }
+                    }
+                }
+                Ok(ys)
+            }
+            _ => layers
+                .iter()
+                .map(|l| Ok(l.forward(x)?.flatten_all()?.to_vec1::<f32>()?))
+                .collect(),
+        }
+    }
+
     fn packed(&self, x: &Tensor, rows: usize, w: &Bf16Matrix) -> Result<Tensor> {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let y = kernels::matmul_nt(&xs, rows, w);

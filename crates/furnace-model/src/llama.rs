@@ -58,9 +58,16 @@ pub struct Mlp {
 impl Mlp {
     /// `down(silu(gate(x)) * up(x))`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
+        let rows = x.dim(0)?;
+        let mut gu = Linear::forward_many(x, &[&self.gate_proj, &self.up_proj])?;
+        let u = gu.pop().unwrap_or_default();
+        let mut g = gu.pop().unwrap_or_default();
+        // SwiGLU in place: silu(g) * u.
+        for (a, b) in g.iter_mut().zip(&u) {
+            *a = *a / (1.0 + (-*a).exp()) * b;
+        }
+        let h = Tensor::from_vec(g, (rows, self.gate_proj.out_features), x.device())?;
+        self.down_proj.forward(&h)
     }
 }
 
@@ -235,6 +242,19 @@ impl Llama {
     /// Runs new tokens of several sequences through the model in one pass, appending to each
     /// sequence's cache. Returns, per sequence, the requested logits `[n, vocab]` (f32).
     pub fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Option<Tensor>>> {
+        // Run the pass on a compute-pool thread: the parallel regions inside then start and
+        // join without waking the calling thread each time (hundreds of times per pass).
+        // A single-row pass of a quantized model runs in candle's own pool instead; hopping
+        // into ours would leave its idle worker competing for the cores.
+        let rows: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let candle_pool = rows < crate::linear::Q8_TILED_MIN_ROWS && self.dtype == WeightDType::Quantized;
+        if rayon::current_thread_index().is_none() && !candle_pool {
+            return rayon::join(|| self.forward_inner(batch), || ()).0;
+        }
+        self.forward_inner(batch)
+    }
+
+    fn forward_inner(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Option<Tensor>>> {
         let c = &self.config;
         let vocab = c.vocab_size as u32;
         let mut all_ids = Vec::new();
@@ -310,9 +330,10 @@ impl Llama {
         let (qw, kw) = (nh * hd, nkv * hd);
         let half = hd / 2;
         let interleaved = c.rope_style == RopeStyle::Interleaved;
-        let mut q = a.q_proj.forward(h)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = a.k_proj.forward(h)?.flatten_all()?.to_vec1::<f32>()?;
-        let v = a.v_proj.forward(h)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut qkv = Linear::forward_many(h, &[&a.q_proj, &a.k_proj, &a.v_proj])?;
+        let v = qkv.pop().unwrap_or_default();
+        let mut k = qkv.pop().unwrap_or_default();
+        let mut q = qkv.pop().unwrap_or_default();
         let n = q.len() / qw;
         // RoPE at each token's own position, then append keys/values to each cache.
         let mut row = 0;

@@ -31,11 +31,26 @@ pub fn matmul_nt(x: &[f32], m: usize, w: &Bf16Matrix) -> Vec<f32> {
 
 /// [`matmul_nt`] with the SIMD path switched on or off (for tests).
 pub fn matmul_nt_with(x: &[f32], m: usize, w: &Bf16Matrix, use_simd: bool) -> Vec<f32> {
-    let (n, k, kp) = (w.n, w.k, w.k_pad);
+    matmul_nt_many_with(x, m, &[w], use_simd).pop().unwrap_or_default()
+}
+
+/// `y_i = x W_i^T` for several weights sharing the input width (q/k/v, gate/up): the input
+/// is converted once and all products run in one parallel region.
+pub fn matmul_nt_many(x: &[f32], m: usize, ws: &[&Bf16Matrix]) -> Vec<Vec<f32>> {
+    matmul_nt_many_with(x, m, ws, has_bf16_simd())
+}
+
+/// [`matmul_nt_many`] with the SIMD path switched on or off (for tests).
+pub fn matmul_nt_many_with(x: &[f32], m: usize, ws: &[&Bf16Matrix], use_simd: bool) -> Vec<Vec<f32>> {
+    let Some(first) = ws.first() else {
+        return Vec::new();
+    };
+    let (k, kp) = (first.k, first.k_pad);
+    assert!(ws.iter().all(|w| w.k == k), "matmul_nt_many: weights differ in input width");
     assert_eq!(x.len(), m * k, "matmul_nt: x has {} values, expected {m} x {k}", x.len());
-    let mut y = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return y;
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
+    if m == 0 {
+        return ys;
     }
     let mut xb = vec![0u16; m * kp];
     for (row, src) in xb.chunks_mut(kp).zip(x.chunks(k)) {
@@ -43,15 +58,19 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Bf16Matrix, use_simd: bool) -> Ve
             *d = f32_to_bf16(s);
         }
     }
-    let panels = w.n_pad / PANEL;
     let per_task = PANELS_PER_TASK * PANEL;
+    let tasks: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(wi, w)| (0..w.n.div_ceil(per_task)).map(move |t| (wi, t * per_task)))
+        .collect();
     // Each task computes a block of output columns for all rows into its own buffer
-    // ([m, cols]); the blocks are then copied into y.
-    let blocks: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(PANELS_PER_TASK))
+    // ([m, cols]); the blocks are then copied into their outputs.
+    let blocks: Vec<(usize, usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
-        .map(|t| {
-            let j0 = t * per_task;
-            let cols = (n - j0).min(per_task);
+        .map(|(wi, j0)| {
+            let w = ws[wi];
+            let cols = (w.n - j0).min(per_task);
             let mut buf = vec![0f32; m * cols];
             let mut jp = 0;
             while jp < cols {
@@ -65,15 +84,17 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Bf16Matrix, use_simd: bool) -> Ve
                 }
                 jp += PANEL;
             }
-            (j0, cols, buf)
+            (wi, j0, cols, buf)
         })
         .collect();
-    for (j0, cols, buf) in blocks {
+    for (wi, j0, cols, buf) in blocks {
+        let n = ws[wi].n;
+        let y = &mut ys[wi];
         for i in 0..m {
             y[i * n + j0..i * n + j0 + cols].copy_from_slice(&buf[i * cols..(i + 1) * cols]);
         }
     }
-    y
+    ys
 }
 
 /// Portable twin of the SIMD panel kernel.
