@@ -65,8 +65,27 @@ fn keep_allocator_pages() {
 #[cfg(not(unix))]
 fn keep_allocator_pages() {}
 
+/// Exits quietly when stdout is a closed pipe (`furnace ... | head`), instead of reporting
+/// the failed write as a crash.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
     keep_allocator_pages();
+    quiet_broken_pipe();
     let cli = Cli::parse();
     let threads = cli
         .threads
