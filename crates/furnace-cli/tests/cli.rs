@@ -1,4 +1,5 @@
 //! The `furnace` binary end to end: real model, real processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -1,5 +1,6 @@
 //! The generation engine against the reference greedy generations, and its batching
 //! guarantees: a sequence gets the same tokens in a batch as alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use furnace_generate::{generate, Engine, EngineOptions, Error, Event, FinishReason, Request, SamplingParams};
 use furnace_model::{LoadedModel, WeightDType};

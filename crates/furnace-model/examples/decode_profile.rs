@@ -1,4 +1,5 @@
 //! Times the parts of a batched decode step: `cargo run --release -p furnace-model --example decode_profile -- MODEL.gguf [BATCH]`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use furnace_model::{LoadedModel, Logits, SeqInput, WeightDType};
 use std::time::Instant;
 

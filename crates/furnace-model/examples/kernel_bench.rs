@@ -1,4 +1,5 @@
 //! Micro-benchmark of the bf16 matmul kernel: `cargo run --release -p furnace-model --example kernel_bench`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use furnace_model::kernels::{matmul_nt, Bf16Matrix};
 use std::time::Instant;
 

@@ -1,4 +1,5 @@
 //! Bad input gives a clear error, never a panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Shared helpers of the model tests: fixture paths and the real model.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;

@@ -1,4 +1,5 @@
 //! The CPU kernels against plain f32 references, SIMD path against the portable one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use furnace_model::kernels::attention::{decode_attention, rope_inplace};
 use furnace_model::kernels::{bf16_to_f32, f32_to_bf16, has_bf16_simd, matmul_nt_with, Bf16Matrix};

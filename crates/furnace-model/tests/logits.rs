@@ -1,4 +1,5 @@
 //! Logits of our model against the transformers reference fixtures, at every position.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

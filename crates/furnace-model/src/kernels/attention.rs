@@ -41,10 +41,10 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let f = t - fl;
     // Taylor series of e^(f ln 2), Horner form; |f ln 2| <= 0.35 keeps it accurate.
     let p = 1.0
-        + f * (0.693_147_18
+        + f * (std::f32::consts::LN_2
             + f * (0.240_226_5
                 + f * (0.055_504_11
-                    + f * (0.009_618_129 + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_734))))));
+                    + f * (0.009_618_129 + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
     let bits = (((fl as i32) + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }

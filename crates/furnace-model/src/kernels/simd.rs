@@ -28,7 +28,7 @@ pub fn available() -> bool {
 /// For one packed panel (`[kp / 2][32][2]` bf16) and all `m` rows of `x` (bf16 `[m, kp]`),
 /// writes `out[i * ldo + c] = <x_i, w_c>` for the `cols` (<= 32) valid columns `c`.
 pub fn gemm_panel(x: &[u16], m: usize, kp: usize, panel: &[u16], out: &mut [f32], ldo: usize, cols: usize) {
-    assert!(kp % 2 == 0 && x.len() >= m * kp && panel.len() >= kp * PANEL && cols <= PANEL);
+    assert!(kp.is_multiple_of(2) && x.len() >= m * kp && panel.len() >= kp * PANEL && cols <= PANEL);
     assert!(m == 0 || out.len() >= (m - 1) * ldo + cols);
     assert!(available(), "gemm_panel called without AVX512-BF16");
     #[cfg(target_arch = "x86_64")]

@@ -1,4 +1,5 @@
 //! Shared helpers for the furnace-text integration tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
