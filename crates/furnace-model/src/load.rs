@@ -7,7 +7,6 @@ use crate::gguf::{gguf_name, GgufFile};
 use crate::hf;
 use crate::linear::{RawWeight, WeightDType};
 use crate::llama::{Llama, WeightSource};
-use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use furnace_text::{ChatTemplate, Tokenizer};
 use std::collections::{BTreeMap, HashMap};
@@ -108,11 +107,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
                 .to_string(),
             name: None,
             params,
-            quantization: dtypes
-                .into_iter()
-                .max_by_key(|(_, c)| *c)
-                .map(|(k, _)| k)
-                .unwrap_or_else(|| "?".into()),
+            quantization: dominant(dtypes),
             size_bytes: size,
             context_length: v
                 .get("max_position_embeddings")
@@ -178,19 +173,19 @@ fn gguf_info(g: &GgufFile) -> Result<ModelInfo> {
         architecture: arch,
         name: g.name(),
         params,
-        quantization: by
-            .into_iter()
-            .max_by_key(|(_, c)| *c)
-            .map(|(k, _)| k)
-            .unwrap_or_else(|| "?".into()),
+        quantization: dominant(by),
         size_bytes: g.file_len(),
         context_length,
     })
 }
 
-/// The quantization type name of a GGUF tensor type.
-pub fn ggml_type_name(t: GgmlDType) -> String {
-    format!("{t:?}")
+/// The storage type holding the most elements.
+fn dominant(counts: BTreeMap<String, u64>) -> String {
+    counts
+        .into_iter()
+        .max_by_key(|(_, c)| *c)
+        .map(|(k, _)| k)
+        .unwrap_or_else(|| "?".into())
 }
 
 impl LoadedModel {
