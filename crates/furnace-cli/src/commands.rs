@@ -113,6 +113,9 @@ pub struct GenerateArgs {
     /// Print {"prompt_ids", "new_ids", "text"} as JSON instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Apply a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// The prompt.
@@ -129,6 +132,9 @@ pub struct ChatArgs {
     /// How weights are held: f32, bf16, quantized.
     #[arg(long, default_value = "quantized")]
     dtype: WeightDType,
+    /// Apply a PEFT LoRA adapter directory.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -152,6 +158,16 @@ pub fn load(name: &str, dtype: WeightDType) -> Result<LoadedModel> {
     let loc = resolve(name)?;
     let path = loc.path().to_path_buf();
     LoadedModel::load(&path, dtype).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Loads a model and attaches a PEFT adapter if one is given.
+fn load_with_adapter(name: &str, dtype: WeightDType, adapter: Option<&PathBuf>) -> Result<LoadedModel> {
+    let mut loaded = load(name, dtype)?;
+    if let Some(dir) = adapter {
+        let a = furnace_model::PeftAdapter::load(dir).with_context(|| format!("loading adapter {}", dir.display()))?;
+        loaded.model.attach_adapter(&a)?;
+    }
+    Ok(loaded)
 }
 
 pub fn model(cmd: ModelCmd) -> Result<()> {
@@ -242,7 +258,7 @@ fn prompt_ids(loaded: &LoadedModel, history: &[ChatMessage], raw_text: Option<&s
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let loaded = load(&a.model.model, a.dtype)?;
+    let loaded = load_with_adapter(&a.model.model, a.dtype, a.adapter.as_ref())?;
     let mut history = Vec::new();
     if let Some(s) = &a.system {
         history.push(ChatMessage::new("system", s.clone()));
@@ -280,7 +296,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    let loaded = load(&a.model.model, a.dtype)?;
+    let loaded = load_with_adapter(&a.model.model, a.dtype, a.adapter.as_ref())?;
     let mut history: Vec<ChatMessage> = Vec::new();
     let reset = |h: &mut Vec<ChatMessage>| {
         h.clear();

@@ -7,7 +7,8 @@ use serde_json::Value;
 /// How rotary position embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
-    /// Pairs (2i, 2i+1): GGUF llama weights, whose q/k rows llama.cpp permuted.
+    /// Pairs (2i, 2i+1): what GGUF llama weights need as stored (llama.cpp permuted their
+    /// q/k rows). The loader undoes that permutation, so loaded models use `HalfSplit`.
     Interleaved,
     /// Pairs (i, i + d/2): HF checkpoints, and GGUF qwen2 (NEOX style).
     HalfSplit,
@@ -188,7 +189,7 @@ fn parse_hf_rope_scaling(s: &Value) -> Result<RopeScaling> {
 }
 
 /// Inverse frequencies of RoPE for one head, after scaling.
-pub(crate) fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
+pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     let d = cfg.head_dim;
     let base: Vec<f64> = (0..d / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))

@@ -59,6 +59,9 @@ pub enum Error {
         /// The vocabulary size.
         vocab: usize,
     },
+    /// A LoRA adapter that cannot be used, with the reason.
+    #[error("LoRA adapter: {0}")]
+    Adapter(String),
     /// Tokenizer or chat-template failure.
     #[error(transparent)]
     Text(#[from] furnace_text::Error),

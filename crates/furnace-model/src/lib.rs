@@ -17,6 +17,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod lora;
 pub mod threads;
 
 pub use config::{LlamaConfig, RopeScaling, RopeStyle};
@@ -25,3 +26,4 @@ pub use kv_cache::SeqCache;
 pub use linear::{Linear, LinearWeight, RawWeight, WeightDType};
 pub use llama::{Llama, Logits, SeqInput};
 pub use load::{inspect, LoadedModel, ModelInfo};
+pub use lora::{LoraConfig, LoraWeights, PeftAdapter};

@@ -4,6 +4,7 @@
 
 use crate::error::Result;
 use crate::kernels::{self, Bf16Matrix};
+use crate::lora::LoraWeights;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -95,6 +96,8 @@ pub struct Linear {
     pub in_features: usize,
     /// Output features.
     pub out_features: usize,
+    /// An attached LoRA adapter, added to the output.
+    pub lora: Option<LoraWeights>,
 }
 
 fn fast_cpu_kernel(t: GgmlDType) -> bool {
@@ -135,6 +138,7 @@ impl Linear {
                             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
                             in_features,
                             out_features,
+                            lora: None,
                         })
                     }
                 };
@@ -154,6 +158,7 @@ impl Linear {
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
             in_features,
             out_features,
+            lora: None,
         })
     }
 
@@ -167,8 +172,12 @@ impl Linear {
             LinearWeight::Q8_0 { packed, .. } => self.packed(x, rows, packed)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        Ok(match &self.lora {
+            Some(l) => (y + l.delta(x)?)?,
             None => y,
         })
     }
@@ -198,6 +207,10 @@ impl Linear {
                         for row in y.chunks_mut(l.out_features) {
                             row.iter_mut().zip(&b).for_each(|(o, v)| *o += v);
                         }
+                    }
+                    if let Some(lora) = &l.lora {
+                        let d = lora.delta(x)?.flatten_all()?.to_vec1::<f32>()?;
+                        y.iter_mut().zip(&d).for_each(|(o, v)| *o += v);
                     }
                 }
                 Ok(ys)

@@ -1,7 +1,9 @@
 //! Loading a model from a path: a `.gguf` file or an HF model directory, together with its
 //! tokenizer and chat template.
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeStyle};
+use candle_core::quantized::{QStorage, QTensor};
+use candle_core::Device;
 use crate::error::{Error, Result};
 use crate::gguf::{gguf_name, GgufFile};
 use crate::hf;
@@ -45,16 +47,62 @@ pub struct LoadedModel {
     pub info: ModelInfo,
 }
 
-struct GgufSource<'a>(&'a mut GgufFile);
+struct GgufSource<'a> {
+    file: &'a mut GgufFile,
+    /// Heads of q and k whose rows llama.cpp permuted (None for qwen2, which it leaves).
+    permuted_heads: Option<(usize, usize)>,
+}
 
 impl WeightSource for GgufSource<'_> {
     fn get(&mut self, name: &str) -> Result<Option<RawWeight>> {
         let g = gguf_name(name);
-        if !self.0.has_tensor(&g) {
+        if !self.file.has_tensor(&g) {
             return Ok(None);
         }
-        Ok(Some(RawWeight::Quantized(self.0.tensor(&g)?)))
+        let t = self.file.tensor(&g)?;
+        let heads = match self.permuted_heads {
+            Some((q, _)) if name.ends_with("self_attn.q_proj.weight") => Some(q),
+            Some((_, k)) if name.ends_with("self_attn.k_proj.weight") => Some(k),
+            _ => None,
+        };
+        Ok(Some(RawWeight::Quantized(match heads {
+            Some(h) => unpermute_rows(&t, h)?,
+            None => t,
+        })))
     }
+}
+
+/// Undoes llama.cpp's q/k row permutation (made for its interleaved RoPE) so that the
+/// weights are in HF layout: within each head, HF row `a * d/2 + b` is GGUF row `2b + a`.
+/// With every model in HF layout, PEFT adapters apply as they are and HF's half-split RoPE
+/// is the only one the runtime needs. Rows hold whole quantization blocks, so this moves
+/// bytes without requantizing.
+fn unpermute_rows(t: &QTensor, heads: usize) -> Result<QTensor> {
+    let dims = t.shape().dims();
+    let (rows, cols) = (dims[0], dims[dims.len() - 1]);
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(Error::Config(format!(
+            "cannot un-permute a {rows}-row q/k weight over {heads} heads"
+        )));
+    }
+    let dtype = t.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = t.data()?;
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for a in 0..2 {
+            for b in 0..half {
+                let dst = h * hd + a * half + b;
+                let src = h * hd + 2 * b + a;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, dtype)?;
+    Ok(QTensor::new(storage, t.shape().clone())?)
 }
 
 struct HfSource(HashMap<String, Tensor>);
@@ -197,7 +245,15 @@ impl LoadedModel {
             let config = g.config()?;
             let tokenizer = Tokenizer::from_gguf(&g.tokenizer_spec()?)?;
             let chat_template = g.chat_template().map(|s| ChatTemplate::new(&s)).transpose()?;
-            let model = Llama::load(config, &mut GgufSource(&mut g), dtype)?;
+            let mut config = config;
+            let permuted_heads = (config.rope_style == RopeStyle::Interleaved)
+                .then_some((config.num_heads, config.num_kv_heads));
+            config.rope_style = RopeStyle::HalfSplit;
+            let mut src = GgufSource {
+                file: &mut g,
+                permuted_heads,
+            };
+            let model = Llama::load(config, &mut src, dtype)?;
             check_vocab(&model.config, &tokenizer)?;
             return Ok(Self {
                 model,

@@ -1,0 +1,68 @@
+//! One SFT step against the PEFT reference: loss and LoRA gradients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
+use furnace_train::{causal_lm_logits, sft_loss, TrainableLora};
+use std::path::PathBuf;
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+fn smollm2() -> PathBuf {
+    let cache = furnace_hub::Cache::from_env().expect("cache");
+    match cache.cached("smollm2-135m-instruct") {
+        Some(l) => l.path().to_path_buf(),
+        None => panic!("the real model is not cached in {}: run `cargo run --release --bin furnace -- model pull smollm2-135m-instruct` (the README's test command does this)", cache.root().display()),
+    }
+}
+
+#[test]
+fn differentiable_forward_matches_the_runtime() -> anyhow::Result<()> {
+    let m = LoadedModel::load(&testdata().join("tiny-qwen2"), WeightDType::F32)?;
+    let ids = [1604u32, 3987, 46477, 24, 94, 727];
+    let a = causal_lm_logits(&m.model, &ids)?;
+    let b = m.model.logits_all(&ids)?;
+    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(diff < 1e-4, "{diff}");
+    Ok(())
+}
+
+#[test]
+fn sft_step_loss_and_lora_gradients_match_peft() -> anyhow::Result<()> {
+    let case: serde_json::Value = serde_json::from_str(std::fs::read_to_string(testdata().join("sft_step.jsonl"))?.lines().next().expect("case"))?;
+    let ids: Vec<u32> = case["input_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
+    let labels: Vec<i64> = case["labels"].as_array().expect("labels").iter().map(|v| v.as_i64().expect("label")).collect();
+    let want_loss = case["loss"].as_f64().expect("loss");
+
+    let mut m = LoadedModel::load(&smollm2(), WeightDType::F32)?;
+    let adapter = PeftAdapter::load(&testdata().join("lora_adapter"))?;
+    let lora = TrainableLora::attach(&mut m.model, &adapter)?;
+    let loss = sft_loss(&m.model, &ids, &labels)?;
+    let got_loss = loss.to_scalar::<f32>()? as f64;
+    assert!((got_loss - want_loss).abs() < 1e-4, "loss {got_loss} vs {want_loss}");
+
+    let grads = loss.backward()?;
+    let reference = candle_core::safetensors::load(testdata().join("sft_step_grads.safetensors"), &candle_core::Device::Cpu)?;
+    assert_eq!(reference.len(), 6);
+    for (key, want) in &reference {
+        let key = key.replace(".default.weight", ".weight");
+        let var = &lora.vars.iter().find(|(k, _)| *k == key).unwrap_or_else(|| panic!("no var {key}")).1;
+        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+        let err = (got - want)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let norm = want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        assert!(norm > 0.0);
+        assert!(err / norm < 1e-3, "{key}: relative L2 error {}", err / norm);
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_training_input_is_an_error() -> anyhow::Result<()> {
+    let m = LoadedModel::load(&testdata().join("tiny-llama"), WeightDType::F32)?;
+    assert!(sft_loss(&m.model, &[1, 2, 3], &[-100, -100, -100]).is_err());
+    assert!(sft_loss(&m.model, &[1, 2, 3], &[1, 2]).is_err());
+    assert!(sft_loss(&m.model, &[], &[]).is_err());
+    assert!(sft_loss(&m.model, &[1, 2, 3], &[-100, 5, 999_999]).is_err());
+    Ok(())
+}
