@@ -80,7 +80,7 @@ impl WeightSource for GgufSource<'_> {
 fn unpermute_rows(t: &QTensor, heads: usize) -> Result<QTensor> {
     let dims = t.shape().dims();
     let (rows, cols) = (dims[0], dims[dims.len() - 1]);
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(Error::Config(format!(
             "cannot un-permute a {rows}-row q/k weight over {heads} heads"
         )));

@@ -58,7 +58,7 @@ fn adapter_applies_in_every_weight_storage() -> anyhow::Result<()> {
 #[test]
 fn bad_adapters_are_clear_errors_and_leave_the_model_alone() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let e = PeftAdapter::load(dir.path()).err().expect("error");
+    let e = PeftAdapter::load(dir.path()).err().expect("an error");
     assert!(e.to_string().contains("adapter_config.json"), "{e}");
 
     let src = testdata().join("lora_adapter");
@@ -83,7 +83,7 @@ fn bad_adapters_are_clear_errors_and_leave_the_model_alone() -> anyhow::Result<(
     write(&c)?;
     let adapter = PeftAdapter::load(dir.path())?;
     let mut m = LoadedModel::load(&testdata().join("tiny-llama"), WeightDType::F32)?;
-    let e = m.model.attach_adapter(&adapter).err().expect("shape error");
+    let e = m.model.attach_adapter(&adapter).expect_err("shape error");
     assert!(e.to_string().contains("do not fit"), "{e}");
     assert!(m.model.layers[0].self_attn.q_proj.lora.is_none());
     Ok(())
