@@ -29,6 +29,9 @@ pub struct GenBenchArgs {
     /// New tokens per sequence in the decode measurements.
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
+    /// Prompt tokens in the cache before the decode measurements start.
+    #[arg(long, default_value_t = 16)]
+    decode_prompt_len: usize,
     /// Sequences in the batched decode measurement.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -143,8 +146,8 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
     let mut dec1 = Vec::new();
     let mut decb = Vec::new();
     for _ in 0..repeat {
-        dec1.push(decode_rate(&loaded, 1, a.new_tokens, 16)?);
-        decb.push(decode_rate(&loaded, a.batch, a.new_tokens, 16)?);
+        dec1.push(decode_rate(&loaded, 1, a.new_tokens, a.decode_prompt_len)?);
+        decb.push(decode_rate(&loaded, a.batch, a.new_tokens, a.decode_prompt_len)?);
     }
     let (p, d1, db) = (median(prefill), median(dec1), median(decb));
     if a.json {
@@ -159,7 +162,10 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
     } else {
         println!("model: {} ({:?} weights, loaded in {load_s:.1}s)", a.model, a.dtype);
         println!("prefill ({} tokens):        {p:8.1} tokens/s", a.prompt_len);
-        println!("decode batch 1 ({} new):    {d1:8.1} tokens/s", a.new_tokens);
+        println!(
+            "decode batch 1 ({} new after {} prompt): {d1:8.1} tokens/s",
+            a.new_tokens, a.decode_prompt_len
+        );
         println!(
             "decode batch {} (aggregate): {db:8.1} tokens/s  ({:.2}x batch 1)",
             a.batch,
