@@ -18,6 +18,7 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod rng;
 pub mod threads;
 
 pub use config::{LlamaConfig, RopeScaling, RopeStyle};

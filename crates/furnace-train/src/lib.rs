@@ -12,7 +12,9 @@
 pub mod error;
 pub mod forward;
 pub mod lora;
+pub mod optim;
 
 pub use error::{Error, Result};
 pub use forward::{causal_lm_logits, sft_loss, IGNORE_INDEX};
-pub use lora::TrainableLora;
+pub use lora::{LoraInit, TrainableLora};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};

@@ -51,3 +51,95 @@ impl TrainableLora {
         })
     }
 }
+
+/// How new LoRA factors start (B is always zero, so training starts from the base model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraInit {
+    /// PEFT's default: A ~ Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+    KaimingUniform,
+    /// A ~ N(0, 1/r).
+    Gaussian,
+}
+
+impl TrainableLora {
+    /// Fresh factors for `config` (initialised as PEFT does, from `seed`), attached to `model`.
+    pub fn new(model: &mut Llama, config: LoraConfig, init: LoraInit, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut rng = furnace_model::rng::Rng::new(seed);
+        let mut tensors = std::collections::HashMap::new();
+        let targets = config.targets();
+        for (li, layer) in model.layers.iter().enumerate() {
+            for name in &targets {
+                let lin = match name.as_str() {
+                    "q_proj" => &layer.self_attn.q_proj,
+                    "k_proj" => &layer.self_attn.k_proj,
+                    "v_proj" => &layer.self_attn.v_proj,
+                    "o_proj" => &layer.self_attn.o_proj,
+                    "gate_proj" => &layer.mlp.gate_proj,
+                    "up_proj" => &layer.mlp.up_proj,
+                    _ => &layer.mlp.down_proj,
+                };
+                let (inp, out, r) = (lin.in_features, lin.out_features, config.r);
+                let a: Vec<f32> = match init {
+                    LoraInit::KaimingUniform => {
+                        let bound = 1.0 / (inp as f64).sqrt();
+                        (0..r * inp).map(|_| rng.uniform(-bound, bound) as f32).collect()
+                    }
+                    LoraInit::Gaussian => {
+                        let std = 1.0 / r as f64;
+                        (0..r * inp).map(|_| (rng.normal() * std) as f32).collect()
+                    }
+                };
+                let a = candle_core::Tensor::from_vec(a, (r, inp), &candle_core::Device::Cpu)?;
+                let b = candle_core::Tensor::zeros((out, r), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+                tensors.insert(peft_key(li, name, "A"), a);
+                tensors.insert(peft_key(li, name, "B"), b);
+            }
+        }
+        Self::attach(model, &PeftAdapter { config, tensors })
+    }
+
+    /// The factors, in a fixed order (for the optimizer).
+    pub fn params(&self) -> Vec<Var> {
+        self.vars.iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Writes the adapter in PEFT's format (`adapter_config.json` +
+    /// `adapter_model.safetensors`), which PEFT's `PeftModel.from_pretrained` loads. The
+    /// directory is replaced as a whole: files are written to a sibling temp directory first,
+    /// so a crash never leaves a half-written adapter under `dir`.
+    pub fn save_peft(&self, dir: &std::path::Path, base_model: &str) -> Result<()> {
+        let io = |e: std::io::Error| crate::Error::Input(format!("writing adapter to {}: {e}", dir.display()));
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "adapter".into());
+        let parent = dir.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io)?;
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io)?;
+        let mut cfg = serde_json::to_value(&self.config).map_err(|e| crate::Error::Input(e.to_string()))?;
+        if let Some(obj) = cfg.as_object_mut() {
+            obj.insert("task_type".into(), "CAUSAL_LM".into());
+            obj.insert("bias".into(), "none".into());
+            obj.insert("inference_mode".into(), true.into());
+            obj.insert("init_lora_weights".into(), true.into());
+            obj.insert("base_model_name_or_path".into(), base_model.into());
+            obj.insert("modules_to_save".into(), serde_json::Value::Null);
+            obj.insert("lora_bias".into(), false.into());
+        }
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| crate::Error::Input(e.to_string()))?;
+        std::fs::write(tmp.join("adapter_config.json"), text).map_err(io)?;
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+            self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(io)?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+}
