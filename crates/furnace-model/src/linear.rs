@@ -17,7 +17,9 @@ pub enum WeightDType {
     /// Dequantized to bfloat16 (half the memory; activations stay float32).
     Bf16,
     /// Kept block-quantized; types without a fast CPU kernel (Q4_1, Q5_0, Q5_1) are
-    /// requantized to Q8_0 at load, which is near-lossless and several times faster.
+    /// requantized to Q8_0 at load for single-row decode (several times faster; about 1% of
+    /// a weight's block maximum of extra error), while batches of rows use a bf16 copy of
+    /// the exact stored values.
     Quantized,
 }
 
@@ -67,8 +69,9 @@ pub enum LinearWeight {
     /// bf16 `[out, in]`, multiplied by our AVX512-BF16 kernel.
     Bf16(Arc<Bf16Matrix>),
     /// Q8_0 `[out, in]` for single rows (memory-bound decode: candle's vector kernel reads
-    /// 1 byte per weight), plus a packed bf16 copy for batches of rows (compute-bound:
-    /// our bf16 kernel is several times faster there).
+    /// 1 byte per weight), plus a packed bf16 copy of the weight as stored in the file for
+    /// batches of rows (compute-bound: our bf16 kernel is several times faster there) and
+    /// for training.
     Q8_0 {
         /// The quantized tensor.
         tensor: Arc<QTensor>,
@@ -126,10 +129,21 @@ impl Linear {
                 LinearWeight::Bf16(Arc::new(Bf16Matrix::from_f32(&w, out_features, in_features)))
             }
             WeightDType::Quantized => {
+                // The exact values as stored (before any requantization): the packed bf16
+                // copy for batches is made from them, so prefill, batched decode and training
+                // see the file's weights up to bf16 rounding.
+                let exact = match &raw {
+                    RawWeight::Quantized(q) if fast_cpu_kernel(q.dtype()) && q.dtype() != GgmlDType::Q8_0 => None,
+                    other => Some(other.to_f32()?),
+                };
                 let q = match raw {
                     RawWeight::Quantized(q) if fast_cpu_kernel(q.dtype()) => q,
                     other if in_features % 32 == 0 => {
-                        QTensor::quantize(&other.to_f32()?, GgmlDType::Q8_0)?
+                        let w = match &exact {
+                            Some(w) => w.clone(),
+                            None => other.to_f32()?,
+                        };
+                        QTensor::quantize(&w, GgmlDType::Q8_0)?
                     }
                     // Too narrow to block-quantize: keep it dense.
                     other => {
@@ -143,7 +157,11 @@ impl Linear {
                     }
                 };
                 if q.dtype() == GgmlDType::Q8_0 && kernels::has_bf16_simd() {
-                    let w = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                    let w = match exact {
+                        Some(w) => w,
+                        None => q.dequantize(&Device::Cpu)?,
+                    };
+                    let w = w.flatten_all()?.to_vec1::<f32>()?;
                     let packed = Arc::new(Bf16Matrix::from_f32(&w, out_features, in_features));
                     let tensor = Arc::new(q);
                     let qmm = QMatMul::from_arc(tensor.clone())?;

@@ -3,7 +3,8 @@
 //! Same mathematics as `furnace_model::Llama::forward` (HF's `LlamaForCausalLM`), written
 //! with candle ops that have a backward: RMSNorm as `x * rsqrt(mean(x^2) + eps) * w`,
 //! half-split RoPE as `x * cos + rotate_half(x) * sin`, softmax with the row max
-//! subtracted, SiLU as `x * sigmoid(x)`. Frozen weights are plain tensors and LoRA factors
+//! subtracted, SiLU as `x * sigmoid(x)`. Frozen projections go through
+//! [`crate::ops::FrozenLinear`] (input gradient only, any weight storage) and LoRA factors
 //! are `Var`s, so `backward` returns gradients for the factors only.
 
 use crate::error::{Error, Result};
@@ -26,7 +27,7 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    Ok(l.forward(x)?)
+    crate::ops::train_linear(l, x)
 }
 
 /// RoPE tables `[t, head_dim]` (cos and sin, each half repeated) for positions `0..t`.

@@ -12,9 +12,11 @@
 pub mod error;
 pub mod forward;
 pub mod lora;
+pub mod ops;
 pub mod optim;
 
 pub use error::{Error, Result};
 pub use forward::{causal_lm_logits, sft_loss, IGNORE_INDEX};
 pub use lora::{LoraInit, TrainableLora};
+pub use ops::{train_linear, FrozenLinear};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
