@@ -121,6 +121,9 @@ impl TrainableLora {
         std::fs::create_dir_all(&tmp).map_err(io)?;
         let mut cfg = serde_json::to_value(&self.config).map_err(|e| crate::Error::Input(e.to_string()))?;
         if let Some(obj) = cfg.as_object_mut() {
+            // PEFT expands `all-linear` when it builds a model and saves the expanded list;
+            // loading a config that still says `all-linear` fails in PEFT.
+            obj.insert("target_modules".into(), self.config.targets().into());
             obj.insert("task_type".into(), "CAUSAL_LM".into());
             obj.insert("bias".into(), "none".into());
             obj.insert("inference_mode".into(), true.into());

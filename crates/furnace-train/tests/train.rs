@@ -165,6 +165,9 @@ fn saved_adapter_reloads_identically() -> anyhow::Result<()> {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 8);
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    // PEFT cannot load `all-linear` from a saved config: the list is written expanded.
+    assert_eq!(cfg["target_modules"].as_array().expect("list").len(), 7);
+    assert!(!cfg["target_modules"].to_string().contains("all-linear"));
     let trained = m.model.logits_all(&ids)?;
     let mut fresh = tiny();
     let before = fresh.model.logits_all(&ids)?;
