@@ -3,19 +3,11 @@
 
 use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
 use furnace_train::{causal_lm_logits, sft_loss, TrainableLora};
-use std::path::PathBuf;
+mod common;
 
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
+use common::*;
 
-fn smollm2() -> PathBuf {
-    let cache = furnace_hub::Cache::from_env().expect("cache");
-    match cache.cached("smollm2-135m-instruct") {
-        Some(l) => l.path().to_path_buf(),
-        None => panic!("the real model is not cached in {}: run `cargo run --release --bin furnace -- model pull smollm2-135m-instruct` (the README's test command does this)", cache.root().display()),
-    }
-}
+
 
 #[test]
 fn differentiable_forward_matches_the_runtime() -> anyhow::Result<()> {
@@ -30,10 +22,7 @@ fn differentiable_forward_matches_the_runtime() -> anyhow::Result<()> {
 
 #[test]
 fn sft_step_loss_and_lora_gradients_match_peft() -> anyhow::Result<()> {
-    let case: serde_json::Value = serde_json::from_str(std::fs::read_to_string(testdata().join("sft_step.jsonl"))?.lines().next().expect("case"))?;
-    let ids: Vec<u32> = case["input_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
-    let labels: Vec<i64> = case["labels"].as_array().expect("labels").iter().map(|v| v.as_i64().expect("label")).collect();
-    let want_loss = case["loss"].as_f64().expect("loss");
+    let (ids, labels, want_loss) = sft_case();
 
     let mut m = LoadedModel::load(&smollm2(), WeightDType::F32)?;
     let adapter = PeftAdapter::load(&testdata().join("lora_adapter"))?;
@@ -96,10 +85,7 @@ fn frozen_linear_backward_matches_finite_differences_and_matmul() -> anyhow::Res
 
 #[test]
 fn sft_step_on_a_quantized_base_stays_close_to_peft() -> anyhow::Result<()> {
-    let case: serde_json::Value = serde_json::from_str(std::fs::read_to_string(testdata().join("sft_step.jsonl"))?.lines().next().expect("case"))?;
-    let ids: Vec<u32> = case["input_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
-    let labels: Vec<i64> = case["labels"].as_array().expect("labels").iter().map(|v| v.as_i64().expect("label")).collect();
-    let want_loss = case["loss"].as_f64().expect("loss");
+    let (ids, labels, want_loss) = sft_case();
     let reference = candle_core::safetensors::load(testdata().join("sft_step_grads.safetensors"), &candle_core::Device::Cpu)?;
     for dt in [WeightDType::Bf16, WeightDType::Quantized] {
         let mut m = LoadedModel::load(&smollm2(), dt)?;

@@ -6,11 +6,10 @@ use candle_core::{Device, Tensor, Var};
 use furnace_model::lora::LoraConfig;
 use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
 use furnace_train::*;
-use std::path::PathBuf;
+mod common;
 
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
+use common::*;
+
 
 fn tiny() -> LoadedModel {
     LoadedModel::load(&testdata().join("tiny-llama"), WeightDType::F32).expect("tiny-llama")
@@ -119,19 +118,10 @@ fn gradients_match_finite_differences() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn smollm2() -> PathBuf {
-    let cache = furnace_hub::Cache::from_env().expect("cache");
-    match cache.cached("smollm2-135m-instruct") {
-        Some(l) => l.path().to_path_buf(),
-        None => panic!("the real model is not cached in {}: run `cargo run --release --bin furnace -- model pull smollm2-135m-instruct` (the README's test command does this)", cache.root().display()),
-    }
-}
 
 #[test]
 fn loss_falls_when_training_the_real_model() -> anyhow::Result<()> {
-    let case: serde_json::Value = serde_json::from_str(std::fs::read_to_string(testdata().join("sft_step.jsonl"))?.lines().next().expect("case"))?;
-    let ids: Vec<u32> = case["input_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
-    let labels: Vec<i64> = case["labels"].as_array().expect("labels").iter().map(|v| v.as_i64().expect("label")).collect();
+    let (ids, labels, _) = sft_case();
     let mut m = LoadedModel::load(&smollm2(), WeightDType::F32)?;
     let lora = TrainableLora::new(&mut m.model, config(8), LoraInit::KaimingUniform, 1)?;
     let mut opt = AdamW::new(lora.params(), AdamWConfig { lr: 2e-3, ..Default::default() })?;
