@@ -9,12 +9,14 @@
 //! exactly those factors.
 #![deny(missing_docs)]
 
+pub mod data;
 pub mod error;
 pub mod forward;
 pub mod lora;
 pub mod ops;
 pub mod optim;
 
+pub use data::{load_dataset, Columns, DataError, DataOptions, Dataset, Example};
 pub use error::{Error, Result};
 pub use forward::{causal_lm_logits, sft_loss, IGNORE_INDEX};
 pub use lora::{LoraInit, TrainableLora};

@@ -1,0 +1,275 @@
+//! Training data: JSONL, JSON (a list or `{"data": [...]}`) and CSV files whose rows are in
+//! chat form (`messages`), prompt/completion form, or instruction form (`input`/`output`,
+//! optional `instruction` and `system`), with a column mapping. Rows are formatted with the
+//! model's chat template and tokenized; the loss covers the completion (the last assistant
+//! message) only unless `completion_only` is off. A bad row is an error naming the file and
+//! line, or is skipped and counted when `skip_bad_rows` is on.
+
+use crate::forward::IGNORE_INDEX;
+use furnace_text::{ChatMessage, ChatTemplate, Tokenizer};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Column names of the row forms (defaults are the usual names).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Columns {
+    /// Chat form: a list of `{role, content}`.
+    pub messages: String,
+    /// Prompt/completion form: the prompt.
+    pub prompt: String,
+    /// Prompt/completion form: the completion.
+    pub completion: String,
+    /// Instruction form: the optional instruction.
+    pub instruction: String,
+    /// Instruction form: the input.
+    pub input: String,
+    /// Instruction form: the output.
+    pub output: String,
+    /// Optional system message (prompt/completion and instruction forms).
+    pub system: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Self {
+            messages: "messages".into(),
+            prompt: "prompt".into(),
+            completion: "completion".into(),
+            instruction: "instruction".into(),
+            input: "input".into(),
+            output: "output".into(),
+            system: "system".into(),
+        }
+    }
+}
+
+/// How rows become training examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataOptions {
+    /// Column mapping.
+    pub columns: Columns,
+    /// Longest example in tokens; longer ones are truncated (an example whose completion
+    /// would be cut away entirely is a bad row).
+    pub max_seq_len: usize,
+    /// Loss on completion tokens only (prompt labels are -100).
+    pub completion_only: bool,
+    /// Skip and count bad rows instead of failing.
+    pub skip_bad_rows: bool,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        Self {
+            columns: Columns::default(),
+            max_seq_len: 512,
+            completion_only: true,
+            skip_bad_rows: false,
+        }
+    }
+}
+
+/// One tokenized example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Labels (`-100` where no loss is taken).
+    pub labels: Vec<i64>,
+}
+
+/// A loaded dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// The examples, in file order.
+    pub examples: Vec<Example>,
+    /// Rows skipped as bad (only with `skip_bad_rows`).
+    pub skipped: usize,
+    /// Examples that were truncated to `max_seq_len`.
+    pub truncated: usize,
+}
+
+/// A data problem, located in the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file cannot be read or parsed as a whole.
+    #[error("{path}: {msg}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// One row is bad.
+    #[error("{path}:{line}: {msg}")]
+    Row {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (JSONL, CSV) or row index + 1 (JSON).
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// A raw row with its line number; a JSONL line that is not JSON is an `Err` row, so that
+/// `skip_bad_rows` can skip it like any other bad row.
+pub type RawRow = (usize, std::result::Result<Value, String>);
+
+/// Reads raw rows (JSON objects) with their line numbers.
+pub fn read_rows(path: &Path) -> Result<Vec<RawRow>, DataError> {
+    let file_err = |msg: String| DataError::File { path: path.to_path_buf(), msg };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let rows = match ext.as_str() {
+        "jsonl" => {
+            let mut rows = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                rows.push((i + 1, serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))));
+            }
+            rows
+        }
+        "json" => {
+            let v: Value = serde_json::from_str(&text).map_err(|e| file_err(format!("invalid JSON: {e}")))?;
+            let list = match v {
+                Value::Array(a) => a,
+                Value::Object(mut o) => match o.remove("data") {
+                    Some(Value::Array(a)) => a,
+                    _ => return Err(file_err("expected a JSON list of rows or {\"data\": [...]}".into())),
+                },
+                _ => return Err(file_err("expected a JSON list of rows or {\"data\": [...]}".into())),
+            };
+            list.into_iter().enumerate().map(|(i, v)| (i + 1, Ok(v))).collect()
+        }
+        "csv" => {
+            let mut r = csv::Reader::from_reader(text.as_bytes());
+            let headers = r.headers().map_err(|e| file_err(format!("invalid CSV header: {e}")))?.clone();
+            let mut rows = Vec::new();
+            for (i, rec) in r.records().enumerate() {
+                let row = rec.map_err(|e| format!("invalid CSV: {e}")).map(|rec| {
+                    let obj: serde_json::Map<String, Value> =
+                        headers.iter().zip(rec.iter()).map(|(h, v)| (h.to_string(), Value::String(v.to_string()))).collect();
+                    Value::Object(obj)
+                });
+                rows.push((i + 2, row));
+            }
+            rows
+        }
+        other => return Err(file_err(format!("unsupported extension '.{other}' (expected .jsonl, .json or .csv)"))),
+    };
+    if rows.is_empty() {
+        return Err(file_err("the dataset is empty".into()));
+    }
+    Ok(rows)
+}
+
+fn text_field(row: &Value, key: &str) -> Option<String> {
+    match row.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// The conversation of a row: everything before the completion, and the completion.
+fn row_messages(row: &Value, c: &Columns) -> Result<(Vec<ChatMessage>, String), String> {
+    if !row.is_object() {
+        return Err("a row must be a JSON object".into());
+    }
+    if let Some(ms) = row.get(&c.messages) {
+        let list = ms.as_array().ok_or_else(|| format!("'{}' must be a list of {{role, content}}", c.messages))?;
+        let mut msgs = Vec::new();
+        for m in list {
+            let role = m.get("role").and_then(Value::as_str).ok_or("a message lacks 'role'")?;
+            let content = m.get("content").and_then(Value::as_str).ok_or("a message lacks string 'content'")?;
+            msgs.push(ChatMessage::new(role, content));
+        }
+        let last = msgs.pop().ok_or("'messages' is empty")?;
+        if last.role != "assistant" {
+            return Err("the last message must be the assistant's (the completion to learn)".into());
+        }
+        return Ok((msgs, last.content));
+    }
+    let mut msgs = Vec::new();
+    if let Some(s) = text_field(row, &c.system).filter(|s| !s.is_empty()) {
+        msgs.push(ChatMessage::new("system", s));
+    }
+    if let (Some(p), Some(comp)) = (text_field(row, &c.prompt), text_field(row, &c.completion)) {
+        msgs.push(ChatMessage::new("user", p));
+        return Ok((msgs, comp));
+    }
+    if let (Some(inp), Some(out)) = (text_field(row, &c.input), text_field(row, &c.output)) {
+        let user = match text_field(row, &c.instruction).filter(|s| !s.is_empty()) {
+            Some(ins) if !inp.is_empty() => format!("{ins}\n\n{inp}"),
+            Some(ins) => ins,
+            None => inp,
+        };
+        msgs.push(ChatMessage::new("user", user));
+        return Ok((msgs, out));
+    }
+    let keys: Vec<&str> = row.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+    Err(format!(
+        "missing columns: expected '{}', or '{}' + '{}', or '{}' + '{}' (the row has {keys:?})",
+        c.messages, c.prompt, c.completion, c.input, c.output
+    ))
+}
+
+/// Tokenizes one row into an example.
+pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<(Example, bool), String> {
+    let (mut msgs, completion) = row_messages(row, &opts.columns)?;
+    let (bos, eos) = (tok.bos_token(), tok.eos_token());
+    let prompt_text = template.render(&msgs, true, bos, eos).map_err(|e| e.to_string())?;
+    msgs.push(ChatMessage::new("assistant", completion));
+    let full_text = template.render(&msgs, false, bos, eos).map_err(|e| e.to_string())?;
+    let mut ids = tok.encode(&full_text, false).map_err(|e| e.to_string())?;
+    let prompt_ids = tok.encode(&prompt_text, false).map_err(|e| e.to_string())?;
+    // The prompt's tokens are a prefix of the full text's when the template renders the
+    // prompt as a prefix; otherwise mask by the longest common prefix.
+    let masked = ids.iter().zip(&prompt_ids).take_while(|(a, b)| a == b).count();
+    if masked >= ids.len() {
+        return Err("the completion is empty after formatting".into());
+    }
+    let mut labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    if opts.completion_only {
+        labels[..masked].iter_mut().for_each(|l| *l = IGNORE_INDEX);
+    }
+    let truncated = ids.len() > opts.max_seq_len;
+    if truncated {
+        ids.truncate(opts.max_seq_len);
+        labels.truncate(opts.max_seq_len);
+        // Labels are shifted by one in the loss: position 0's label is never used.
+        if labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+            return Err(format!(
+                "the prompt alone has {masked} tokens, so max_seq_len = {} leaves no completion tokens to learn from",
+                opts.max_seq_len
+            ));
+        }
+    }
+    Ok((Example { ids, labels }, truncated))
+}
+
+/// Loads and tokenizes a dataset file.
+pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<Dataset, DataError> {
+    let mut examples = Vec::new();
+    let (mut skipped, mut truncated) = (0, 0);
+    for (line, row) in read_rows(path)? {
+        match row.and_then(|row| encode_row(&row, tok, template, opts)) {
+            Ok((ex, t)) => {
+                truncated += t as usize;
+                examples.push(ex);
+            }
+            Err(_) if opts.skip_bad_rows => skipped += 1,
+            Err(msg) => return Err(DataError::Row { path: path.to_path_buf(), line, msg }),
+        }
+    }
+    if examples.is_empty() {
+        return Err(DataError::File {
+            path: path.to_path_buf(),
+            msg: format!("no usable rows ({skipped} bad rows skipped)"),
+        });
+    }
+    Ok(Dataset { examples, skipped, truncated })
+}

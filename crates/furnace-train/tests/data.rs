@@ -1,0 +1,90 @@
+//! Dataset loading: file formats, row forms, completion-only masks, truncation, bad rows.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use furnace_text::{ChatTemplate, Tokenizer};
+use furnace_train::{load_dataset, Columns, DataError, DataOptions, IGNORE_INDEX};
+use std::path::PathBuf;
+
+fn text() -> (Tokenizer, ChatTemplate) {
+    let dir = testdata().join("tiny-llama");
+    (Tokenizer::from_hf_dir(&dir).unwrap(), ChatTemplate::from_hf_dir(&dir).unwrap().expect("template"))
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, body: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn completion_text(tok: &Tokenizer, ids: &[u32], labels: &[i64]) -> String {
+    let kept: Vec<u32> = ids.iter().zip(labels).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&i, _)| i).collect();
+    tok.decode(&kept, false).unwrap()
+}
+
+#[test]
+fn row_forms_and_file_formats_give_the_same_examples() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let chat = write(&dir, "chat.jsonl", "{\"messages\": [{\"role\": \"system\", \"content\": \"Be terse.\"}, {\"role\": \"user\", \"content\": \"Capital of France?\"}, {\"role\": \"assistant\", \"content\": \"Paris.\"}]}\n\n");
+    let pc = write(&dir, "pc.json", r#"[{"system": "Be terse.", "prompt": "Capital of France?", "completion": "Paris."}]"#);
+    let ins = write(&dir, "ins.json", r#"{"data": [{"system": "Be terse.", "instruction": "Capital of France?", "input": "", "output": "Paris."}]}"#);
+    let csv = write(&dir, "rows.csv", "system,prompt,completion\nBe terse.,Capital of France?,Paris.\n");
+    let opts = DataOptions::default();
+    let a = load_dataset(&chat, &tok, &tpl, &opts).unwrap();
+    assert_eq!(a.examples.len(), 1);
+    let ex = &a.examples[0];
+    assert_eq!(completion_text(&tok, &ex.ids, &ex.labels), "Paris.<|im_end|>\n");
+    assert!(ex.labels[0] == IGNORE_INDEX);
+    for p in [&pc, &ins, &csv] {
+        assert_eq!(load_dataset(p, &tok, &tpl, &opts).unwrap().examples, a.examples, "{}", p.display());
+    }
+    // Training on everything: no label is ignored.
+    let all = load_dataset(&chat, &tok, &tpl, &DataOptions { completion_only: false, ..opts.clone() }).unwrap();
+    assert!(all.examples[0].labels.iter().all(|&l| l != IGNORE_INDEX));
+    // A column mapping.
+    let mapped = write(&dir, "mapped.jsonl", "{\"q\": \"Capital of France?\", \"a\": \"Paris.\", \"sys\": \"Be terse.\"}\n");
+    let cols = Columns { prompt: "q".into(), completion: "a".into(), system: "sys".into(), ..Columns::default() };
+    assert_eq!(load_dataset(&mapped, &tok, &tpl, &DataOptions { columns: cols, ..opts }).unwrap().examples, a.examples);
+}
+
+#[test]
+fn bad_rows_name_file_and_line_or_are_skipped() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = DataOptions::default();
+    let empty = write(&dir, "empty.jsonl", "\n");
+    assert!(matches!(load_dataset(&empty, &tok, &tpl, &opts), Err(DataError::File { ref msg, .. }) if msg.contains("empty")));
+    let bad = write(&dir, "bad.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"question\": \"a\"}\nnot json\n");
+    match load_dataset(&bad, &tok, &tpl, &opts) {
+        Err(e @ DataError::Row { line: 2, .. }) => assert!(e.to_string().contains("bad.jsonl:2: missing columns"), "{e}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let skip = write(&dir, "skip.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"question\": \"a\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\nnot json\n");
+    let e = load_dataset(&skip, &tok, &tpl, &opts).unwrap_err();
+    assert!(e.to_string().contains("skip.jsonl:2"), "{e}");
+    let d = load_dataset(&skip, &tok, &tpl, &DataOptions { skip_bad_rows: true, ..opts.clone() }).unwrap();
+    assert_eq!((d.examples.len(), d.skipped), (1, 3));
+    let json_err = write(&dir, "broken.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{oops\n");
+    assert!(load_dataset(&json_err, &tok, &tpl, &opts).unwrap_err().to_string().contains("broken.jsonl:2: invalid JSON"));
+    let unsupported = write(&dir, "rows.txt", "x");
+    assert!(load_dataset(&unsupported, &tok, &tpl, &opts).unwrap_err().to_string().contains(".txt"));
+}
+
+#[test]
+fn long_examples_are_truncated_unless_nothing_is_left_to_learn() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "long.jsonl", "{\"prompt\": \"Hi\", \"completion\": \"one two three four five six seven eight nine ten\"}\n");
+    let full = load_dataset(&p, &tok, &tpl, &DataOptions::default()).unwrap();
+    let n = full.examples[0].ids.len();
+    let prompt_len = full.examples[0].labels.iter().take_while(|&&l| l == IGNORE_INDEX).count();
+    let cut = load_dataset(&p, &tok, &tpl, &DataOptions { max_seq_len: prompt_len + 3, ..DataOptions::default() }).unwrap();
+    assert_eq!(cut.truncated, 1);
+    assert_eq!(cut.examples[0].ids, full.examples[0].ids[..prompt_len + 3]);
+    assert!(n > prompt_len + 3);
+    let e = load_dataset(&p, &tok, &tpl, &DataOptions { max_seq_len: prompt_len, ..DataOptions::default() }).unwrap_err();
+    assert!(e.to_string().contains("long.jsonl:1") && e.to_string().contains("max_seq_len"), "{e}");
+}
