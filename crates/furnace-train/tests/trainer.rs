@@ -1,0 +1,113 @@
+//! The training loop: gradient accumulation equivalence, exact resume from a checkpoint.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use furnace_model::lora::LoraConfig;
+use furnace_model::{LoadedModel, WeightDType};
+use furnace_train::*;
+
+fn tiny() -> LoadedModel {
+    LoadedModel::load(&testdata().join("tiny-llama"), WeightDType::F32).expect("tiny-llama")
+}
+
+fn examples() -> Vec<Example> {
+    (0..7u32)
+        .map(|i| {
+            let ids: Vec<u32> = (0..6 + i).map(|j| 100 + 37 * i + 11 * j).collect();
+            let labels = ids.iter().enumerate().map(|(j, &t)| if j < 2 { -100 } else { t as i64 }).collect();
+            Example { ids, labels }
+        })
+        .collect()
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        optimizer: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() },
+        schedule: ScheduleKind::Cosine,
+        warmup_steps: 1,
+        batch_size: 2,
+        grad_accum: 2,
+        max_steps: Some(6),
+        ..Default::default()
+    }
+}
+
+fn new_trainer(m: &mut LoadedModel, cfg: TrainConfig) -> Trainer {
+    let lc: LoraConfig = serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})).unwrap();
+    let lora = TrainableLora::new(&mut m.model, lc, LoraInit::KaimingUniform, 5).unwrap();
+    Trainer::new(cfg, lora, examples().len()).unwrap()
+}
+
+#[test]
+fn resumed_training_equals_uninterrupted_training() -> anyhow::Result<()> {
+    let data = examples();
+    let mut m = tiny();
+    let mut straight = new_trainer(&mut m, config());
+    let mut want = Vec::new();
+    while !straight.finished() {
+        want.push(straight.step(&m.model, &data)?.loss);
+    }
+    assert_eq!(want.len(), 6);
+
+    let dir = tempfile::tempdir()?;
+    let ckpt = dir.path().join("checkpoint-3");
+    let mut m1 = tiny();
+    let mut first = new_trainer(&mut m1, config());
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(first.step(&m1.model, &data)?.loss);
+    }
+    first.save_checkpoint(&ckpt, "tiny-llama")?;
+    drop(first);
+    let mut m2 = tiny();
+    let mut resumed = Trainer::resume(&mut m2.model, &ckpt, config(), data.len())?;
+    assert_eq!(resumed.steps_done(), 3);
+    while !resumed.finished() {
+        got.push(resumed.step(&m2.model, &data)?.loss);
+    }
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "resumed {got:?} vs straight {want:?}");
+    }
+    // Final adapters agree too.
+    let ids = &data[0].ids;
+    let d = (m.model.logits_all(ids)? - m2.model.logits_all(ids)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(d < 1e-5, "{d}");
+    Ok(())
+}
+
+#[test]
+fn gradient_accumulation_matches_a_bigger_batch() -> anyhow::Result<()> {
+    let data = examples();
+    let run = |batch: usize, accum: usize| -> anyhow::Result<(f64, f32)> {
+        let mut m = tiny();
+        let mut t = new_trainer(&mut m, TrainConfig { batch_size: batch, grad_accum: accum, max_steps: Some(1), ..config() });
+        let s = t.step(&m.model, &data)?;
+        let probe = m.model.logits_all(&data[1].ids)?.sum_all()?.to_scalar::<f32>()?;
+        Ok((s.loss, probe))
+    };
+    let (l1, p1) = run(4, 1)?;
+    let (l2, p2) = run(2, 2)?;
+    let (l3, p3) = run(1, 4)?;
+    assert!((l1 - l2).abs() < 1e-6 && (l1 - l3).abs() < 1e-6, "{l1} {l2} {l3}");
+    assert!((p1 - p2).abs() < 1e-3 && (p1 - p3).abs() < 1e-3, "{p1} {p2} {p3}");
+    Ok(())
+}
+
+#[test]
+fn eval_loss_and_bad_settings() -> anyhow::Result<()> {
+    let data = examples();
+    let mut m = tiny();
+    let before = eval_loss(&m.model, &data)?;
+    assert!(before > 5.0, "{before}");
+    let mut t = new_trainer(&mut m, TrainConfig { max_steps: Some(8), ..config() });
+    while !t.finished() {
+        t.step(&m.model, &data)?;
+    }
+    assert!(eval_loss(&m.model, &data)? < before);
+    let lc: LoraConfig = serde_json::from_value(serde_json::json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))?;
+    let lora = TrainableLora::new(&mut m.model, lc, LoraInit::KaimingUniform, 1)?;
+    assert!(Trainer::new(config(), lora, 0).is_err());
+    Ok(())
+}
