@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod commands;
+mod train;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,6 +34,8 @@ enum Command {
     Generate(commands::GenerateArgs),
     /// Chat interactively with a model (type /exit to quit, /reset to clear the history).
     Chat(commands::ChatArgs),
+    /// Train one LoRA configuration from a spec (TOML) into a run folder.
+    Train(train::TrainArgs),
     /// Report CPU features, threads, cached models and versions.
     Doctor,
     /// Measure speed (prints tokens/s).
@@ -96,6 +99,7 @@ fn main() {
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Generate(a) => commands::generate(a),
         Command::Chat(a) => commands::chat(a),
+        Command::Train(a) => train::train(a),
         Command::Doctor => commands::doctor(threads),
         Command::Bench { cmd } => bench::run(cmd),
     };

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod spec;
 pub mod trainer;
 
 pub use data::{load_dataset, Columns, DataError, DataOptions, Dataset, Example};
@@ -22,5 +23,6 @@ pub use error::{Error, Result};
 pub use forward::{causal_lm_logits, sft_loss, IGNORE_INDEX};
 pub use lora::{LoraInit, TrainableLora};
 pub use ops::{train_linear, FrozenLinear};
+pub use spec::{Spec, SpecError};
 pub use trainer::{eval_loss, StepMetrics, TrainConfig, Trainer};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};

@@ -1,0 +1,90 @@
+//! `furnace train` end to end on the tiny checkpoint: run folder, metrics, resume, bad specs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+fn spec(dir: &Path, r: usize, max_steps: usize, train: &str) -> PathBuf {
+    let p = dir.join(format!("spec-{r}-{max_steps}.toml"));
+    let body = format!(
+        r#"[experiment]
+name = "tiny"
+[data]
+train = "{train}"
+eval = "eval.jsonl"
+[model]
+base = "{}"
+[lora]
+r = {r}
+alpha = 8
+targets = ["q_proj", "v_proj"]
+[trainer]
+learning_rate = 1e-2
+max_steps = {max_steps}
+batch_size = 2
+max_seq_len = 64
+save_every = 2
+"#,
+        testdata().join("tiny-llama").display()
+    );
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn furnace(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_furnace")).current_dir(dir).args(args).output().unwrap()
+}
+
+#[test]
+fn train_writes_a_run_folder_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (0..6).map(|i| format!("{{\"prompt\": \"What is {i} plus {i}?\", \"completion\": \"{}\"}}\n", 2 * i)).collect();
+    std::fs::write(dir.path().join("train.jsonl"), &rows).unwrap();
+    std::fs::write(dir.path().join("eval.jsonl"), &rows).unwrap();
+    let s = spec(dir.path(), 4, 4, "train.jsonl");
+    let o = furnace(dir.path(), &["train", s.to_str().unwrap(), "--samples", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("eval loss:") && out.contains("before:") && out.contains("after:"), "{out}");
+    let exp = dir.path().join("runs/tiny");
+    let run = exp.join(std::fs::read_to_string(exp.join("latest")).unwrap().trim());
+    for f in ["spec.toml", "resolved.json", "metrics.jsonl", "train.log", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/step-2/trainer_state.json", "checkpoints/step-4/optimizer.safetensors"] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v.get("loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    assert_eq!(metrics.lines().filter(|l| l.contains("eval_loss")).count(), 2, "before and after");
+    // Resume the finished run with more steps: it continues from step 4.
+    let more = spec(dir.path(), 4, 6, "train.jsonl");
+    let o = furnace(dir.path(), &["train", more.to_str().unwrap(), "--resume", "--samples", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v.get("loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6], "no step lost or repeated");
+}
+
+#[test]
+fn bad_specs_and_data_fail_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("eval.jsonl"), "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    std::fs::write(dir.path().join("empty.jsonl"), "").unwrap();
+    std::fs::write(dir.path().join("missing.jsonl"), "{\"question\": \"a\"}\n").unwrap();
+    let cases = [
+        (spec(dir.path(), 0, 2, "eval.jsonl"), "lora.r: must be > 0"),
+        (spec(dir.path(), 4, 2, "empty.jsonl"), "empty"),
+        (spec(dir.path(), 5, 2, "missing.jsonl"), "missing.jsonl:1: missing columns"),
+    ];
+    for (s, want) in cases {
+        let o = furnace(dir.path(), &["train", s.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "wanted '{want}' in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!dir.path().join("runs").exists(), "a failed start wrote a run folder");
+    }
+}

@@ -1,0 +1,341 @@
+//! The training spec (TOML), as in PRODUCT.md: `[experiment]`, `[data]`, `[model]`,
+//! `[lora]`, `[trainer]`. Unknown keys are errors; every value is checked before training
+//! starts, and an error names the exact key (`lora.r: must be > 0`).
+
+use crate::data::{Columns, DataOptions};
+use crate::lora::LoraInit;
+use crate::optim::{AdamWConfig, ScheduleKind};
+use crate::trainer::TrainConfig;
+use furnace_model::lora::LoraConfig;
+use furnace_model::WeightDType;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A spec problem.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file cannot be read or is not valid TOML for a spec.
+    #[error("{path}: {msg}")]
+    Parse {
+        /// The spec file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A value is out of range.
+    #[error("{key}: {msg}")]
+    Invalid {
+        /// The key, e.g. `lora.r`.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// `[experiment]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    /// Name (the run folder is `runs/<name>/...`).
+    pub name: String,
+    /// Seed of data order and LoRA init.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Training file (relative paths are relative to the spec file).
+    pub train: PathBuf,
+    /// Optional eval file.
+    pub eval: Option<PathBuf>,
+    /// Column mapping.
+    #[serde(default)]
+    pub columns: Columns,
+    /// Loss on completion tokens only.
+    #[serde(default = "yes")]
+    pub completion_only: bool,
+    /// Skip and count bad rows instead of failing.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Alias, `.gguf` file or HF directory.
+    pub base: String,
+    /// How the frozen base is held: `none` (f32), `bf16`, `q8`/`q4` (kept quantized).
+    #[serde(default = "default_quantize")]
+    pub quantize: String,
+}
+
+/// `[lora]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    /// Rank.
+    pub r: usize,
+    /// Alpha (scale alpha / r).
+    pub alpha: f64,
+    /// Dropout (must be 0 for now).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Target modules, or `["all-linear"]`.
+    #[serde(default = "all_linear")]
+    pub targets: Vec<String>,
+    /// alpha / sqrt(r) scaling.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// `kaiming` (PEFT's default) or `gaussian`.
+    #[serde(default = "default_init")]
+    pub init: String,
+}
+
+/// `[trainer]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerSpec {
+    /// `sft` (dpo and grpo come later).
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    /// Passes over the data.
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Optimizer steps (overrides epochs).
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[serde(default = "four")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Longest example in tokens.
+    #[serde(default = "default_seq")]
+    pub max_seq_len: usize,
+    /// Warmup steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of all steps (used when warmup_steps is 0).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// `constant`, `linear` or `cosine`.
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// AdamW weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Gradient clipping (0 = off).
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Eval every N steps (0 = only at the start and the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Log every N steps.
+    #[serde(default = "one")]
+    pub log_every: usize,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub save_every: usize,
+}
+
+/// A whole spec.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// `[experiment]`.
+    pub experiment: ExperimentSpec,
+    /// `[data]`.
+    pub data: DataSpec,
+    /// `[model]`.
+    pub model: ModelSpec,
+    /// `[lora]`.
+    pub lora: LoraSpec,
+    /// `[trainer]`.
+    pub trainer: TrainerSpec,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn yes() -> bool {
+    true
+}
+fn default_quantize() -> String {
+    "none".into()
+}
+fn all_linear() -> Vec<String> {
+    vec!["all-linear".into()]
+}
+fn default_init() -> String {
+    "kaiming".into()
+}
+fn default_kind() -> String {
+    "sft".into()
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn default_seq() -> usize {
+    512
+}
+fn default_schedule() -> String {
+    "linear".into()
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> SpecError {
+    SpecError::Invalid { key: key.into(), msg: msg.into() }
+}
+
+impl Spec {
+    /// Reads and validates a spec; relative data paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError::Parse { path: path.into(), msg: e.to_string() })?;
+        let mut spec: Spec = toml::from_str(&text).map_err(|e| SpecError::Parse { path: path.into(), msg: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if spec.data.train.is_relative() {
+            spec.data.train = base.join(&spec.data.train);
+        }
+        if let Some(e) = &spec.data.eval {
+            if e.is_relative() {
+                spec.data.eval = Some(base.join(e));
+            }
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.experiment.name.trim().is_empty() || self.experiment.name.contains(['/', '\\']) {
+            return Err(invalid("experiment.name", "must be a non-empty name without slashes"));
+        }
+        self.weight_dtype()?;
+        if self.lora.r == 0 {
+            return Err(invalid("lora.r", "must be > 0"));
+        }
+        if self.lora.alpha.is_nan() || self.lora.alpha <= 0.0 {
+            return Err(invalid("lora.alpha", "must be > 0"));
+        }
+        if self.lora.dropout != 0.0 {
+            return Err(invalid("lora.dropout", "LoRA dropout is not supported yet; use 0"));
+        }
+        self.lora_init()?;
+        self.lora_config().validate().map_err(|e| invalid("lora.targets", e.to_string()))?;
+        let t = &self.trainer;
+        if t.kind != "sft" {
+            return Err(invalid("trainer.kind", format!("'{}' is not available yet (sft only)", t.kind)));
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            return Err(invalid("trainer.learning_rate", "must be > 0"));
+        }
+        for (k, v) in [("trainer.batch_size", t.batch_size), ("trainer.grad_accum", t.grad_accum), ("trainer.max_seq_len", t.max_seq_len), ("trainer.log_every", t.log_every)] {
+            if v == 0 {
+                return Err(invalid(k, "must be > 0"));
+            }
+        }
+        if t.max_steps == Some(0) || (t.max_steps.is_none() && t.epochs == 0) {
+            return Err(invalid("trainer.epochs", "epochs (or max_steps) must be > 0"));
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(invalid("trainer.warmup_ratio", "must be in [0, 1)"));
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
+            return Err(invalid("trainer.weight_decay", "weight_decay and max_grad_norm must be >= 0"));
+        }
+        self.schedule()?;
+        Ok(())
+    }
+
+    /// How the base weights are held.
+    pub fn weight_dtype(&self) -> Result<WeightDType, SpecError> {
+        match self.model.quantize.as_str() {
+            "none" | "f32" => Ok(WeightDType::F32),
+            "bf16" => Ok(WeightDType::Bf16),
+            "q8" | "q4" => Ok(WeightDType::Quantized),
+            o => Err(invalid("model.quantize", format!("'{o}' is not one of none, bf16, q8, q4"))),
+        }
+    }
+
+    fn lora_init(&self) -> Result<LoraInit, SpecError> {
+        match self.lora.init.as_str() {
+            "kaiming" | "default" => Ok(LoraInit::KaimingUniform),
+            "gaussian" => Ok(LoraInit::Gaussian),
+            o => Err(invalid("lora.init", format!("'{o}' is not one of kaiming, gaussian"))),
+        }
+    }
+
+    fn schedule(&self) -> Result<ScheduleKind, SpecError> {
+        match self.trainer.schedule.as_str() {
+            "constant" => Ok(ScheduleKind::Constant),
+            "linear" => Ok(ScheduleKind::Linear),
+            "cosine" => Ok(ScheduleKind::Cosine),
+            o => Err(invalid("trainer.schedule", format!("'{o}' is not one of constant, linear, cosine"))),
+        }
+    }
+
+    /// The PEFT LoRA config.
+    pub fn lora_config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.lora.r,
+            lora_alpha: self.lora.alpha,
+            target_modules: self.lora.targets.clone(),
+            use_rslora: self.lora.use_rslora,
+            lora_dropout: self.lora.dropout,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            peft_type: "LORA".into(),
+            use_dora: false,
+            fan_in_fan_out: false,
+        }
+    }
+
+    /// LoRA initialisation.
+    pub fn init(&self) -> LoraInit {
+        self.lora_init().unwrap_or(LoraInit::KaimingUniform)
+    }
+
+    /// Data options.
+    pub fn data_options(&self) -> DataOptions {
+        DataOptions {
+            columns: self.data.columns.clone(),
+            max_seq_len: self.trainer.max_seq_len,
+            completion_only: self.data.completion_only,
+            skip_bad_rows: self.data.skip_bad_rows,
+        }
+    }
+
+    /// Trainer settings for a dataset of `n` examples.
+    pub fn train_config(&self, n: usize) -> TrainConfig {
+        let t = &self.trainer;
+        let per_step = t.batch_size * t.grad_accum;
+        let total = t.max_steps.unwrap_or_else(|| (n * t.epochs).div_ceil(per_step)).max(1);
+        let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
+        TrainConfig {
+            optimizer: AdamWConfig { lr: t.learning_rate, weight_decay: t.weight_decay, ..Default::default() },
+            schedule: self.schedule().unwrap_or(ScheduleKind::Linear),
+            warmup_steps: warmup,
+            batch_size: t.batch_size,
+            grad_accum: t.grad_accum,
+            max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+            epochs: t.epochs,
+            max_steps: Some(total),
+            seed: self.experiment.seed,
+        }
+    }
+}
