@@ -13,6 +13,92 @@ pub enum BenchCmd {
     /// Prefill tokens/s (256-token prompt), decode tokens/s at batch 1, and aggregate decode
     /// tokens/s at batch 16.
     Generate(GenBenchArgs),
+    /// LoRA SFT tokens/s and peak memory on the workload of `peer_torch.py train`: batch 4 x
+    /// 256 xorshift token ids, LoRA r=16 (alpha 32) on all seven projections, AdamW.
+    Train(TrainBenchArgs),
+}
+
+#[derive(Args)]
+pub struct TrainBenchArgs {
+    /// Model: alias, .gguf file or HF directory.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// How the frozen base is held: f32, bf16, quantized.
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDType,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+}
+
+/// Peak resident memory of this process (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn bench_train(a: TrainBenchArgs) -> Result<()> {
+    use furnace_train::{AdamWConfig, Example, LoraInit, ScheduleKind, TrainConfig, TrainableLora, Trainer};
+    let mut loaded = load(&a.model, a.dtype)?;
+    let vocab = loaded.model.config.vocab_size as u64;
+    let ids = xorshift_ids(a.batch * a.seq, vocab, 42);
+    let examples: Vec<Example> = ids
+        .chunks(a.seq)
+        .map(|c| Example { ids: c.to_vec(), labels: c.iter().map(|&t| t as i64).collect() })
+        .collect();
+    let cfg = serde_json::from_value(serde_json::json!({
+        "r": a.rank, "lora_alpha": 2 * a.rank,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }))?;
+    let lora = TrainableLora::new(&mut loaded.model, cfg, LoraInit::KaimingUniform, 42)?;
+    let mut trainer = Trainer::new(
+        TrainConfig {
+            optimizer: AdamWConfig { lr: 2e-4, ..Default::default() },
+            schedule: ScheduleKind::Constant,
+            batch_size: a.batch,
+            max_steps: Some(a.warmup + a.steps),
+            max_grad_norm: None,
+            ..Default::default()
+        },
+        lora,
+        examples.len(),
+    )?;
+    let mut times = Vec::new();
+    for step in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        let s = trainer.step(&loaded.model, &examples)?;
+        let dt = t.elapsed().as_secs_f64();
+        eprintln!("step {step} loss {:.4} ms {:.0}", s.loss, dt * 1e3);
+        if step >= a.warmup {
+            times.push(dt);
+        }
+    }
+    let med = median(times);
+    println!(
+        "RESULT train dtype={:?} batch={} seq={} rank={} ms_per_step={:.0} tokens_per_s={:.1} peak_rss_gb={:.2}",
+        a.dtype,
+        a.batch,
+        a.seq,
+        a.rank,
+        med * 1e3,
+        (a.batch * a.seq) as f64 / med,
+        peak_rss().unwrap_or(0) as f64 / 1e9
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -113,6 +199,7 @@ fn decode_rate(
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => bench_generate(a),
+        BenchCmd::Train(a) => bench_train(a),
     }
 }
 
