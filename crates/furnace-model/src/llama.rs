@@ -84,6 +84,36 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+impl Block {
+    /// The projection with this PEFT module name (`q_proj` ... `down_proj`).
+    pub fn projection(&self, module: &str) -> Option<&Linear> {
+        Some(match module {
+            "q_proj" => &self.self_attn.q_proj,
+            "k_proj" => &self.self_attn.k_proj,
+            "v_proj" => &self.self_attn.v_proj,
+            "o_proj" => &self.self_attn.o_proj,
+            "gate_proj" => &self.mlp.gate_proj,
+            "up_proj" => &self.mlp.up_proj,
+            "down_proj" => &self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+
+    /// Mutable [`Block::projection`].
+    pub fn projection_mut(&mut self, module: &str) -> Option<&mut Linear> {
+        Some(match module {
+            "q_proj" => &mut self.self_attn.q_proj,
+            "k_proj" => &mut self.self_attn.k_proj,
+            "v_proj" => &mut self.self_attn.v_proj,
+            "o_proj" => &mut self.self_attn.o_proj,
+            "gate_proj" => &mut self.mlp.gate_proj,
+            "up_proj" => &mut self.mlp.up_proj,
+            "down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+}
+
 /// Which logits a sequence wants from a forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {

@@ -162,17 +162,7 @@ impl PeftAdapter {
 }
 
 fn module_mut<'a>(model: &'a mut Llama, layer: usize, module: &str) -> Option<&'a mut Linear> {
-    let b = model.layers.get_mut(layer)?;
-    Some(match module {
-        "q_proj" => &mut b.self_attn.q_proj,
-        "k_proj" => &mut b.self_attn.k_proj,
-        "v_proj" => &mut b.self_attn.v_proj,
-        "o_proj" => &mut b.self_attn.o_proj,
-        "gate_proj" => &mut b.mlp.gate_proj,
-        "up_proj" => &mut b.mlp.up_proj,
-        "down_proj" => &mut b.mlp.down_proj,
-        _ => return None,
-    })
+    model.layers.get_mut(layer)?.projection_mut(module)
 }
 
 impl Llama {

@@ -8,7 +8,7 @@
 //! are `Var`s, so `backward` returns gradients for the factors only.
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use furnace_model::{Linear, Llama};
 
 /// Label value that contributes nothing to the loss (as in transformers).
@@ -38,8 +38,8 @@ fn rope_tables(model: &Llama, t: usize) -> Result<(Tensor, Tensor)> {
     let mut cos = Vec::with_capacity(t * 2 * half);
     let mut sin = Vec::with_capacity(t * 2 * half);
     for p in 0..t {
-        for rep in 0..2 {
-            let _ = rep;
+        // cos and sin repeat over the two halves of a head (half-split RoPE).
+        for _half in 0..2 {
             for &f in &inv {
                 let a = p as f32 * f;
                 cos.push(a.cos());
@@ -111,26 +111,13 @@ pub fn sft_loss(model: &Llama, ids: &[u32], labels: &[i64]) -> Result<Tensor> {
         return Err(Error::Input(format!("{} labels for {} tokens", labels.len(), ids.len())));
     }
     let vocab = model.config.vocab_size as i64;
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for (pos, &l) in labels.iter().enumerate().skip(1) {
-        if l == IGNORE_INDEX {
-            continue;
-        }
-        if !(0..vocab).contains(&l) {
-            return Err(Error::Input(format!("label {l} at position {pos} is outside the vocabulary")));
-        }
-        rows.push((pos - 1) as u32);
-        targets.push(l as u32);
+    if let Some((pos, &l)) = labels.iter().enumerate().skip(1).find(|(_, &l)| l != IGNORE_INDEX && !(0..vocab).contains(&l)) {
+        return Err(Error::Input(format!("label {l} at position {pos} is outside the vocabulary")));
     }
-    if rows.is_empty() {
+    let ex = crate::data::Example { ids: ids.to_vec(), labels: labels.to_vec() };
+    let (sum, n) = crate::trainer::example_loss_sum(model, &ex)?;
+    if n == 0 {
         return Err(Error::Input("every label is ignored: nothing to learn from".into()));
     }
-    let logits = causal_lm_logits(model, ids)?;
-    let n = rows.len();
-    let sel = logits.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&sel, D::Minus1)?;
-    let tgt = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
-    let picked = logp.gather(&tgt, 1)?.to_dtype(DType::F32)?;
-    Ok((picked.sum_all()?.neg()? / n as f64)?)
+    Ok((sum / n as f64)?)
 }

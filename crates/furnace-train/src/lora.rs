@@ -20,18 +20,8 @@ impl TrainableLora {
         model.attach_adapter(adapter)?;
         let mut vars = Vec::new();
         for (li, layer) in model.layers.iter_mut().enumerate() {
-            let b = layer;
-            let mods = [
-                ("q_proj", &mut b.self_attn.q_proj),
-                ("k_proj", &mut b.self_attn.k_proj),
-                ("v_proj", &mut b.self_attn.v_proj),
-                ("o_proj", &mut b.self_attn.o_proj),
-                ("gate_proj", &mut b.mlp.gate_proj),
-                ("up_proj", &mut b.mlp.up_proj),
-                ("down_proj", &mut b.mlp.down_proj),
-            ];
-            debug_assert_eq!(mods.len(), TARGETS.len());
-            for (name, lin) in mods {
+            for name in TARGETS {
+                let Some(lin) = layer.projection_mut(name) else { continue };
                 if let Some(l) = &lin.lora {
                     let a = Var::from_tensor(&l.a)?;
                     let bv = Var::from_tensor(&l.b)?;
@@ -70,15 +60,7 @@ impl TrainableLora {
         let targets = config.targets();
         for (li, layer) in model.layers.iter().enumerate() {
             for name in &targets {
-                let lin = match name.as_str() {
-                    "q_proj" => &layer.self_attn.q_proj,
-                    "k_proj" => &layer.self_attn.k_proj,
-                    "v_proj" => &layer.self_attn.v_proj,
-                    "o_proj" => &layer.self_attn.o_proj,
-                    "gate_proj" => &layer.mlp.gate_proj,
-                    "up_proj" => &layer.mlp.up_proj,
-                    _ => &layer.mlp.down_proj,
-                };
+                let Some(lin) = layer.projection(name) else { continue };
                 let (inp, out, r) = (lin.in_features, lin.out_features, config.r);
                 let a: Vec<f32> = match init {
                     LoraInit::KaimingUniform => {
@@ -109,16 +91,6 @@ impl TrainableLora {
     /// directory is replaced as a whole: files are written to a sibling temp directory first,
     /// so a crash never leaves a half-written adapter under `dir`.
     pub fn save_peft(&self, dir: &std::path::Path, base_model: &str) -> Result<()> {
-        let io = |e: std::io::Error| crate::Error::Input(format!("writing adapter to {}: {e}", dir.display()));
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "adapter".into());
-        let parent = dir.parent().unwrap_or(std::path::Path::new("."));
-        std::fs::create_dir_all(parent).map_err(io)?;
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io)?;
         let mut cfg = serde_json::to_value(&self.config).map_err(|e| crate::Error::Input(e.to_string()))?;
         if let Some(obj) = cfg.as_object_mut() {
             // PEFT expands `all-linear` when it builds a model and saves the expanded list;
@@ -133,16 +105,39 @@ impl TrainableLora {
             obj.insert("lora_bias".into(), false.into());
         }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| crate::Error::Input(e.to_string()))?;
-        std::fs::write(tmp.join("adapter_config.json"), text).map_err(io)?;
         let tensors: std::collections::HashMap<String, candle_core::Tensor> =
             self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(io)?;
-        }
-        std::fs::rename(&tmp, dir).map_err(io)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        replace_dir(dir, |tmp| {
+            std::fs::write(tmp.join("adapter_config.json"), &text)
+                .map_err(|e| crate::Error::Input(format!("writing adapter to {}: {e}", dir.display())))?;
+            candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
+            Ok(())
+        })
     }
+}
+
+/// Replaces `dir` as a whole with what `fill` writes into a sibling temp directory, so a
+/// crash never leaves a half-written directory under that name.
+pub(crate) fn replace_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
+    let io = |e: std::io::Error| crate::Error::Input(format!("writing {}: {e}", dir.display()));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let parent = dir.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io)?;
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(io)?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }

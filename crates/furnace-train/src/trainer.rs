@@ -68,7 +68,7 @@ pub struct StepMetrics {
 }
 
 /// Sum of token losses and the number of counted tokens of one example.
-fn example_loss_sum(model: &Llama, ex: &Example) -> Result<(Tensor, usize)> {
+pub(crate) fn example_loss_sum(model: &Llama, ex: &Example) -> Result<(Tensor, usize)> {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (pos, &l) in ex.labels.iter().enumerate().skip(1) {
@@ -237,32 +237,23 @@ impl Trainer {
     /// Writes a checkpoint: `adapter/` in PEFT's format plus `trainer_state.json` and
     /// `optimizer.safetensors`; the directory is replaced as a whole.
     pub fn save_checkpoint(&self, dir: &Path, base_model: &str) -> Result<()> {
-        let io = |e: std::io::Error| Error::Input(format!("writing checkpoint {}: {e}", dir.display()));
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io)?;
-        self.lora.save_peft(&tmp.join("adapter"), base_model)?;
         let (m, v) = self.opt.moments();
         let mut tensors = HashMap::new();
         for (k, (mi, vi)) in m.iter().zip(v).enumerate() {
             tensors.insert(format!("m.{k}"), mi.clone());
             tensors.insert(format!("v.{k}"), vi.clone());
         }
-        candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
         let state = serde_json::json!({
             "step": self.opt.step, "epoch": self.epoch, "offset": self.offset,
             "n_examples": self.n_examples, "seed": self.config.seed, "params": m.len(),
         });
-        std::fs::write(tmp.join("trainer_state.json"), state.to_string()).map_err(io)?;
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(io)?;
-        }
-        std::fs::rename(&tmp, dir).map_err(io)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        crate::lora::replace_dir(dir, |tmp| {
+            self.lora.save_peft(&tmp.join("adapter"), base_model)?;
+            candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
+            std::fs::write(tmp.join("trainer_state.json"), state.to_string())
+                .map_err(|e| Error::Input(format!("writing checkpoint {}: {e}", dir.display())))?;
+            Ok(())
+        })
     }
 
     /// Rebuilds a trainer from a checkpoint: attaches its adapter to `model` and restores the
