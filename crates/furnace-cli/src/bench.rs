@@ -53,7 +53,7 @@ fn peak_rss() -> Option<u64> {
 
 fn bench_train(a: TrainBenchArgs) -> Result<()> {
     use furnace_train::{AdamWConfig, Example, LoraInit, ScheduleKind, TrainConfig, TrainableLora, Trainer};
-    let mut loaded = load(&a.model, a.dtype)?;
+    let loaded = load(&a.model, a.dtype)?;
     let vocab = loaded.model.config.vocab_size as u64;
     let ids = xorshift_ids(a.batch * a.seq, vocab, 42);
     let examples: Vec<Example> = ids
@@ -64,7 +64,8 @@ fn bench_train(a: TrainBenchArgs) -> Result<()> {
         "r": a.rank, "lora_alpha": 2 * a.rank,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     }))?;
-    let lora = TrainableLora::new(&mut loaded.model, cfg, LoraInit::KaimingUniform, 42)?;
+    let lora = TrainableLora::new(&loaded.model, cfg, LoraInit::KaimingUniform, 42)?;
+    let frozen = furnace_train::FrozenBase::new(&loaded.model)?;
     let mut trainer = Trainer::new(
         TrainConfig {
             optimizer: AdamWConfig { lr: 2e-4, ..Default::default() },
@@ -80,7 +81,7 @@ fn bench_train(a: TrainBenchArgs) -> Result<()> {
     let mut times = Vec::new();
     for step in 0..a.warmup + a.steps {
         let t = Instant::now();
-        let s = trainer.step(&loaded.model, &examples)?;
+        let s = trainer.step(&frozen, &examples)?;
         let dt = t.elapsed().as_secs_f64();
         eprintln!("step {step} loss {:.4} ms {:.0}", s.loss, dt * 1e3);
         if step >= a.warmup {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};
 use furnace_text::ChatMessage;
-use furnace_train::{eval_loss, load_dataset, Spec, TrainableLora, Trainer};
+use furnace_train::{eval_loss, load_dataset, FrozenBase, Spec, TrainableLora, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -97,6 +97,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         train.skipped,
         eval.as_ref().map(|e| format!(", eval: {} examples", e.examples.len())).unwrap_or_default()
     );
+    let frozen = FrozenBase::new(&loaded.model)?;
     let exp_dir = a.runs_dir.join(&spec.experiment.name);
     let config = spec.train_config(train.examples.len());
 
@@ -112,7 +113,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             };
             let ckpt = last_checkpoint(&run).with_context(|| format!("{} has no checkpoint to resume from", run.display()))?;
             eprintln!("resuming {} from {}", run.display(), ckpt.display());
-            let t = Trainer::resume(&mut loaded.model, &ckpt, config, train.examples.len())?;
+            let t = Trainer::resume(&loaded.model, &ckpt, config, train.examples.len())?;
             (run, t)
         }
         None => {
@@ -126,7 +127,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             std::fs::create_dir_all(run.join("checkpoints"))?;
             std::fs::copy(&a.spec, run.join("spec.toml"))?;
             std::fs::write(run.join("resolved.json"), serde_json::to_string_pretty(&spec)?)?;
-            let lora = TrainableLora::new(&mut loaded.model, spec.lora_config(), spec.init(), spec.experiment.seed)?;
+            let lora = TrainableLora::new(&loaded.model, spec.lora_config(), spec.init(), spec.experiment.seed)?;
             let t = Trainer::new(config, lora, train.examples.len())?;
             (run, t)
         }
@@ -138,7 +139,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
 
     let before_samples = if a.resume.is_none() { samples(&loaded, &spec, a.samples)? } else { Vec::new() };
     let eval_before = match &eval {
-        Some(e) => Some(eval_loss(&loaded.model, &e.examples)?),
+        Some(e) => Some(eval_loss(&frozen, Some(&trainer.lora), &e.examples)?),
         None => None,
     };
     if let Some(l) = eval_before {
@@ -156,7 +157,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let mut tokens_total = 0usize;
     while !trainer.finished() {
-        let s = trainer.step(&loaded.model, &train.examples)?;
+        let s = trainer.step(&frozen, &train.examples)?;
         tokens_total += s.tokens;
         let tps = tokens_total as f64 / started.elapsed().as_secs_f64();
         bar.set_position(s.step as u64);
@@ -166,7 +167,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
         if let Some(e) = &eval {
             if t.eval_every > 0 && s.step % t.eval_every == 0 && !trainer.finished() {
-                let l = eval_loss(&loaded.model, &e.examples)?;
+                let l = eval_loss(&frozen, Some(&trainer.lora), &e.examples)?;
                 log_line(&mut log, &mut metrics, serde_json::json!({"step": s.step, "eval_loss": l, "eval_ppl": l.exp()}))?;
             }
         }
@@ -179,12 +180,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
     trainer.lora.save_peft(&run_dir.join("adapter"), &base)?;
     let eval_after = match &eval {
         Some(e) => {
-            let l = eval_loss(&loaded.model, &e.examples)?;
+            let l = eval_loss(&frozen, Some(&trainer.lora), &e.examples)?;
             log_line(&mut log, &mut metrics, serde_json::json!({"step": trainer.steps_done(), "eval_loss": l, "eval_ppl": l.exp()}))?;
             Some(l)
         }
         None => None,
     };
+    loaded.model.attach_adapter(&trainer.lora.to_adapter()?)?;
     let after_samples = samples(&loaded, &spec, a.samples)?;
     println!("run: {}", run_dir.display());
     println!("adapter: {}", run_dir.join("adapter").display());

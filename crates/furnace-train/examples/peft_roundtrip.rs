@@ -10,13 +10,12 @@ fn main() -> anyhow::Result<()> {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny-llama");
     let mut m = LoadedModel::load(&dir, WeightDType::F32)?;
     let cfg = serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["all-linear"]}))?;
-    let lora = TrainableLora::new(&mut m.model, cfg, LoraInit::Gaussian, 11)?;
-    for (k, v) in &lora.vars {
-        if k.contains("lora_B") {
-            v.set(&(v.as_tensor().ones_like()? * 0.1)?)?;
-        }
+    let mut lora = TrainableLora::new(&m.model, cfg, LoraInit::Gaussian, 11)?;
+    for p in lora.layers.iter_mut().flatten().flatten() {
+        p.b.iter_mut().for_each(|v| *v = 0.1);
     }
     lora.save_peft(&out.join("adapter"), "tiny-llama")?;
+    m.model.attach_adapter(&lora.to_adapter()?)?;
     let ids = [1604u32, 3987, 46477, 24, 94, 727];
     let logits = m.model.logits_all(&ids)?.to_vec2::<f32>()?;
     std::fs::write(out.join("logits.json"), serde_json::to_string(&serde_json::json!({"ids": ids, "logits": logits}))?)?;

@@ -5,7 +5,7 @@
 //! message) only unless `completion_only` is off. A bad row is an error naming the file and
 //! line, or is skipped and counted when `skip_bad_rows` is on.
 
-use crate::forward::IGNORE_INDEX;
+use crate::engine::IGNORE_INDEX;
 use furnace_text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

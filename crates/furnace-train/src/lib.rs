@@ -1,28 +1,26 @@
-//! LoRA training for furnace. This first piece is the differentiable forward pass of the
-//! llama family built from candle ops that carry gradients (candle's fused RMSNorm, RoPE and
-//! softmax kernels and our decode kernels have no backward), the causal-LM loss with
-//! ignored labels, and trainable LoRA factors as candle `Var`s attached to a model.
+//! LoRA training for furnace.
 //!
-//! Data flow: [`TrainableLora::attach`] puts `Var`-backed LoRA factors into a
-//! [`furnace_model::Llama`]'s linear layers; [`sft_loss`] runs the sequence through the
-//! network and returns the mean cross-entropy; `loss.backward()` yields the gradients of
-//! exactly those factors.
+//! Data flow: [`load_dataset`] turns rows into token ids and labels; [`FrozenBase`] is the
+//! frozen model in the form the training pass multiplies with (bf16 kernels forward and
+//! backward, or exact f32); [`TrainableLora`] holds an adapter's factors as plain buffers;
+//! [`engine::train_pass`] runs a ragged batch of sequences (each naming its adapter, so
+//! several adapters can train in one pass) forward and backward with hand-written ops and
+//! returns losses and factor gradients; [`Trainer`] turns those into optimizer steps,
+//! checkpoints and resumes.
 #![deny(missing_docs)]
 
 pub mod data;
+pub mod engine;
 pub mod error;
-pub mod forward;
 pub mod lora;
-pub mod ops;
 pub mod optim;
 pub mod spec;
 pub mod trainer;
 
 pub use data::{load_dataset, Columns, DataError, DataOptions, Dataset, Example};
+pub use engine::{train_pass, AdapterRef, FrozenBase, PassResult, SeqRef, IGNORE_INDEX};
 pub use error::{Error, Result};
-pub use forward::{causal_lm_logits, sft_loss, IGNORE_INDEX};
-pub use lora::{LoraInit, TrainableLora};
-pub use ops::{train_linear, FrozenLinear};
+pub use lora::{LoraInit, LoraPair, TrainableLora};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
 pub use spec::{Spec, SpecError};
 pub use trainer::{eval_loss, StepMetrics, TrainConfig, Trainer};
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};

@@ -1,46 +1,28 @@
-//! Trainable LoRA factors: `Var`s placed in a model's linear layers, initialised as PEFT
-//! does or copied from an existing adapter.
+//! Trainable LoRA factors as plain f32 buffers, initialised as PEFT does or copied from an
+//! existing adapter, and saved in PEFT's format.
 
-use crate::error::Result;
-use candle_core::Var;
-use furnace_model::lora::{peft_key, LoraConfig, LoraWeights, TARGETS};
+use crate::error::{Error, Result};
+use furnace_model::lora::{peft_key, LoraConfig, TARGETS};
 use furnace_model::{Llama, PeftAdapter};
+use std::collections::HashMap;
 
-/// The trainable factors of one adapter, by PEFT key.
-pub struct TrainableLora {
-    /// Configuration.
-    pub config: LoraConfig,
-    /// `(PEFT key, factor)` pairs, A then B for each targeted layer.
-    pub vars: Vec<(String, Var)>,
+/// The factors of one adapted projection (row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPair {
+    /// `A: [r, inp]`.
+    pub a: Vec<f32>,
+    /// `B: [out, r]`.
+    pub b: Vec<f32>,
+    /// Rank.
+    pub r: usize,
+    /// Input width of the projection.
+    pub inp: usize,
+    /// Output width of the projection.
+    pub out: usize,
 }
 
-impl TrainableLora {
-    /// Makes `Var`s of an adapter's factors and attaches them to `model`.
-    pub fn attach(model: &mut Llama, adapter: &PeftAdapter) -> Result<Self> {
-        model.attach_adapter(adapter)?;
-        let mut vars = Vec::new();
-        for (li, layer) in model.layers.iter_mut().enumerate() {
-            for name in TARGETS {
-                let Some(lin) = layer.projection_mut(name) else { continue };
-                if let Some(l) = &lin.lora {
-                    let a = Var::from_tensor(&l.a)?;
-                    let bv = Var::from_tensor(&l.b)?;
-                    lin.lora = Some(LoraWeights {
-                        a: a.as_tensor().clone(),
-                        b: bv.as_tensor().clone(),
-                        scale: l.scale,
-                    });
-                    vars.push((peft_key(li, name, "A"), a));
-                    vars.push((peft_key(li, name, "B"), bv));
-                }
-            }
-        }
-        Ok(Self {
-            config: adapter.config.clone(),
-            vars,
-        })
-    }
-}
+/// Projections per layer, in [`TARGETS`] order (q, k, v, o, gate, up, down).
+pub const PROJ: usize = TARGETS.len();
 
 /// How new LoRA factors start (B is always zero, so training starts from the base model).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,17 +33,44 @@ pub enum LoraInit {
     Gaussian,
 }
 
+/// The trainable factors of one adapter: per layer, per projection (in [`TARGETS`] order),
+/// the pair if that projection is targeted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainableLora {
+    /// Configuration.
+    pub config: LoraConfig,
+    /// `alpha / r` (or rsLoRA's `alpha / sqrt(r)`).
+    pub scale: f32,
+    /// `layers[l][p]`.
+    pub layers: Vec<[Option<LoraPair>; PROJ]>,
+}
+
+fn proj_index(name: &str) -> Option<usize> {
+    TARGETS.iter().position(|t| *t == name)
+}
+
 impl TrainableLora {
-    /// Fresh factors for `config` (initialised as PEFT does, from `seed`), attached to `model`.
-    pub fn new(model: &mut Llama, config: LoraConfig, init: LoraInit, seed: u64) -> Result<Self> {
+    fn empty(model: &Llama, config: LoraConfig) -> Result<Self> {
         config.validate()?;
+        if !(0.0..1.0).contains(&config.lora_dropout) {
+            return Err(Error::Input(format!("lora dropout {} must be in [0, 1)", config.lora_dropout)));
+        }
+        let scale = config.scale() as f32;
+        Ok(Self { config, scale, layers: (0..model.layers.len()).map(|_| Default::default()).collect() })
+    }
+
+    /// Fresh factors for `config`, initialised as PEFT does, from `seed`.
+    pub fn new(model: &Llama, config: LoraConfig, init: LoraInit, seed: u64) -> Result<Self> {
         let mut rng = furnace_model::rng::Rng::new(seed);
-        let mut tensors = std::collections::HashMap::new();
-        let targets = config.targets();
+        let mut this = Self::empty(model, config)?;
+        let targets = this.config.targets();
+        let r = this.config.r;
         for (li, layer) in model.layers.iter().enumerate() {
             for name in &targets {
-                let Some(lin) = layer.projection(name) else { continue };
-                let (inp, out, r) = (lin.in_features, lin.out_features, config.r);
+                let (Some(lin), Some(pi)) = (layer.projection(name), proj_index(name)) else {
+                    return Err(Error::Input(format!("the model has no module {name}")));
+                };
+                let (inp, out) = (lin.in_features, lin.out_features);
                 let a: Vec<f32> = match init {
                     LoraInit::KaimingUniform => {
                         let bound = 1.0 / (inp as f64).sqrt();
@@ -72,18 +81,93 @@ impl TrainableLora {
                         (0..r * inp).map(|_| (rng.normal() * std) as f32).collect()
                     }
                 };
-                let a = candle_core::Tensor::from_vec(a, (r, inp), &candle_core::Device::Cpu)?;
-                let b = candle_core::Tensor::zeros((out, r), candle_core::DType::F32, &candle_core::Device::Cpu)?;
-                tensors.insert(peft_key(li, name, "A"), a);
-                tensors.insert(peft_key(li, name, "B"), b);
+                this.layers[li][pi] = Some(LoraPair { a, b: vec![0f32; out * r], r, inp, out });
             }
         }
-        Self::attach(model, &PeftAdapter { config, tensors })
+        Ok(this)
     }
 
-    /// The factors, in a fixed order (for the optimizer).
-    pub fn params(&self) -> Vec<Var> {
-        self.vars.iter().map(|(_, v)| v.clone()).collect()
+    /// The factors of a PEFT adapter, checked against `model`'s shapes.
+    pub fn from_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<Self> {
+        let mut this = Self::empty(model, adapter.config.clone())?;
+        let r = this.config.r;
+        for (li, layer) in model.layers.iter().enumerate() {
+            for name in this.config.targets() {
+                let (Some(lin), Some(pi)) = (layer.projection(&name), proj_index(&name)) else {
+                    return Err(Error::Input(format!("the model has no module {name}")));
+                };
+                let get = |f: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+                    let k = peft_key(li, &name, f);
+                    let t = adapter.tensors.get(&k).ok_or_else(|| Error::Input(format!("adapter lacks '{k}'")))?;
+                    Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1()?))
+                };
+                let ((da, a), (db, b)) = (get("A")?, get("B")?);
+                let (inp, out) = (lin.in_features, lin.out_features);
+                if da != [r, inp] || db != [out, r] {
+                    return Err(Error::Input(format!(
+                        "layer {li} {name}: lora_A {da:?} / lora_B {db:?} do not fit a {out}x{inp} layer with r={r}"
+                    )));
+                }
+                this.layers[li][pi] = Some(LoraPair { a, b, r, inp, out });
+            }
+        }
+        Ok(this)
+    }
+
+    /// Zero factors of the same shapes (a gradient buffer).
+    pub fn zeros_like(&self) -> Self {
+        let mut z = self.clone();
+        for p in z.layers.iter_mut().flatten().flatten() {
+            p.a.iter_mut().for_each(|v| *v = 0.0);
+            p.b.iter_mut().for_each(|v| *v = 0.0);
+        }
+        z
+    }
+
+    /// `(PEFT key, shape, values)` of every factor, A then B per adapted projection, layer by
+    /// layer in [`TARGETS`] order (the optimizer's parameter order).
+    pub fn named(&self) -> Vec<(String, [usize; 2], &[f32])> {
+        let mut out = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (pi, p) in layer.iter().enumerate() {
+                if let Some(p) = p {
+                    out.push((peft_key(li, TARGETS[pi], "A"), [p.r, p.inp], p.a.as_slice()));
+                    out.push((peft_key(li, TARGETS[pi], "B"), [p.out, p.r], p.b.as_slice()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every factor's values, mutable, in the order of [`TrainableLora::named`].
+    pub fn tensors_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        let mut out = Vec::new();
+        for p in self.layers.iter_mut().flatten().flatten() {
+            out.push(&mut p.a);
+            out.push(&mut p.b);
+        }
+        out
+    }
+
+    /// Adds `other` (same shapes) into these factors.
+    pub fn add(&mut self, other: &Self) {
+        for (d, s) in self.tensors_mut().into_iter().zip(other.named()) {
+            d.iter_mut().zip(s.2).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    /// Number of trainable values.
+    pub fn num_params(&self) -> usize {
+        self.named().iter().map(|(_, _, v)| v.len()).sum()
+    }
+
+    /// The adapter as candle tensors by PEFT key (for the runtime or for saving).
+    pub fn to_adapter(&self) -> Result<PeftAdapter> {
+        let mut tensors = HashMap::new();
+        for (k, shape, v) in self.named() {
+            tensors.insert(k, candle_core::Tensor::from_slice(v, (shape[0], shape[1]), &candle_core::Device::Cpu)?);
+        }
+        Ok(PeftAdapter { config: self.config.clone(), tensors })
     }
 
     /// Writes the adapter in PEFT's format (`adapter_config.json` +
@@ -91,7 +175,7 @@ impl TrainableLora {
     /// directory is replaced as a whole: files are written to a sibling temp directory first,
     /// so a crash never leaves a half-written adapter under `dir`.
     pub fn save_peft(&self, dir: &std::path::Path, base_model: &str) -> Result<()> {
-        let mut cfg = serde_json::to_value(&self.config).map_err(|e| crate::Error::Input(e.to_string()))?;
+        let mut cfg = serde_json::to_value(&self.config).map_err(|e| Error::Input(e.to_string()))?;
         if let Some(obj) = cfg.as_object_mut() {
             // PEFT expands `all-linear` when it builds a model and saves the expanded list;
             // loading a config that still says `all-linear` fails in PEFT.
@@ -104,12 +188,11 @@ impl TrainableLora {
             obj.insert("modules_to_save".into(), serde_json::Value::Null);
             obj.insert("lora_bias".into(), false.into());
         }
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| crate::Error::Input(e.to_string()))?;
-        let tensors: std::collections::HashMap<String, candle_core::Tensor> =
-            self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Input(e.to_string()))?;
+        let tensors = self.to_adapter()?.tensors;
         replace_dir(dir, |tmp| {
             std::fs::write(tmp.join("adapter_config.json"), &text)
-                .map_err(|e| crate::Error::Input(format!("writing adapter to {}: {e}", dir.display())))?;
+                .map_err(|e| Error::Input(format!("writing adapter to {}: {e}", dir.display())))?;
             candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
             Ok(())
         })

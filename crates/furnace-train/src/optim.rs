@@ -3,8 +3,6 @@
 //! restored exactly for resumable training.
 
 use crate::error::{Error, Result};
-use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
 
 /// AdamW hyperparameters (PyTorch's defaults except the learning rate).
 #[derive(Debug, Clone, PartialEq)]
@@ -33,62 +31,69 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW with its moments, one pair per parameter.
+/// AdamW with its moments, one pair per parameter tensor.
 pub struct AdamW {
     /// Hyperparameters.
     pub config: AdamWConfig,
-    params: Vec<Var>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     /// Optimizer steps taken.
     pub step: usize,
 }
 
 impl AdamW {
-    /// An optimizer over `params` with zero moments.
-    pub fn new(params: Vec<Var>, config: AdamWConfig) -> Result<Self> {
-        let m = params.iter().map(|p| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
-        Ok(Self { config, params, m, v, step: 0 })
+    /// An optimizer for parameter tensors of these sizes, with zero moments.
+    pub fn new(sizes: &[usize], config: AdamWConfig) -> Self {
+        let m: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0f32; n]).collect();
+        Self { config, v: m.clone(), m, step: 0 }
     }
 
-    /// One update with learning rate `lr` (the schedule's value for this step), using the
-    /// gradients in `grads`; parameters without a gradient are left unchanged.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update of `params` with learning rate `lr` (the schedule's value for this step)
+    /// from `grads` (same order and sizes).
+    pub fn step(&mut self, params: &mut [&mut Vec<f32>], grads: &[&[f32]], lr: f64) -> Result<()> {
+        if params.len() != self.m.len() || grads.len() != self.m.len() {
+            return Err(Error::Input(format!(
+                "optimizer built for {} tensors, given {} parameters and {} gradients",
+                self.m.len(),
+                params.len(),
+                grads.len()
+            )));
+        }
         self.step += 1;
         let c = &self.config;
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
-        for ((p, m), v) in self.params.iter().zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
-            let Some(g) = grads.get(p.as_tensor()) else { continue };
-            *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let m_hat = (&*m / bc1)?;
-            let v_hat = (&*v / bc2)?;
-            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let decayed = (p.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            p.set(&(decayed - (update * lr)?)?)?;
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
+            if p.len() != m.len() || g.len() != m.len() {
+                return Err(Error::Input("a parameter changed size under the optimizer".into()));
+            }
+            for i in 0..m.len() {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let m_hat = m[i] as f64 / bc1;
+                let v_hat = v[i] as f64 / bc2;
+                let update = m_hat / (v_hat.sqrt() + c.eps);
+                p[i] = p[i] * decay - (lr * update) as f32;
+            }
         }
         Ok(())
     }
 
     /// The moments, for checkpoints: `(m, v)` per parameter, in parameter order.
-    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+    pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
         (&self.m, &self.v)
     }
 
     /// Restores moments and the step count saved by a checkpoint.
-    pub fn restore(&mut self, m: Vec<Tensor>, v: Vec<Tensor>, step: usize) -> Result<()> {
-        if m.len() != self.params.len() || v.len() != self.params.len() {
-            return Err(Error::Input(format!(
-                "checkpoint has {} moments for {} parameters",
-                m.len(),
-                self.params.len()
-            )));
+    pub fn restore(&mut self, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>, step: usize) -> Result<()> {
+        if m.len() != self.m.len() || v.len() != self.m.len() {
+            return Err(Error::Input(format!("checkpoint has {} moments for {} parameters", m.len(), self.m.len())));
         }
-        for ((p, a), b) in self.params.iter().zip(&m).zip(&v) {
-            if a.dims() != p.dims() || b.dims() != p.dims() {
+        for ((a, b), own) in m.iter().zip(&v).zip(&self.m) {
+            if a.len() != own.len() || b.len() != own.len() {
                 return Err(Error::Input("checkpoint moments do not match the adapter's shapes".into()));
             }
         }
@@ -101,23 +106,14 @@ impl AdamW {
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (as
 /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, params: &[Var], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for p in params {
-        if let Some(g) = grads.get(p.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-    }
+pub fn clip_grad_norm(grads: &mut [&mut Vec<f32>], max_norm: f64) -> f64 {
+    let total: f64 = grads.iter().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum();
     let norm = total.sqrt();
     if norm > max_norm && norm > 0.0 {
-        let factor = max_norm / (norm + 1e-6);
-        for p in params {
-            if let Some(g) = grads.remove(p.as_tensor()) {
-                grads.insert(p.as_tensor(), (g * factor)?);
-            }
-        }
+        let factor = (max_norm / (norm + 1e-6)) as f32;
+        grads.iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= factor));
     }
-    Ok(norm)
+    norm
 }
 
 /// Learning-rate schedule after warmup.

@@ -3,11 +3,11 @@
 //! resume exactly (adapter in PEFT's format + optimizer moments + data position).
 
 use crate::data::Example;
+use crate::engine::{self, AdapterRef, FrozenBase, SeqRef, IGNORE_INDEX};
 use crate::error::{Error, Result};
-use crate::forward::{causal_lm_logits, IGNORE_INDEX};
 use crate::lora::TrainableLora;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
-use candle_core::{Device, Tensor, D};
+use candle_core::Device;
 use furnace_model::rng::Rng;
 use furnace_model::{Llama, PeftAdapter};
 use std::collections::HashMap;
@@ -67,34 +67,26 @@ pub struct StepMetrics {
     pub tokens: usize,
 }
 
-/// Sum of token losses and the number of counted tokens of one example.
-pub(crate) fn example_loss_sum(model: &Llama, ex: &Example) -> Result<(Tensor, usize)> {
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for (pos, &l) in ex.labels.iter().enumerate().skip(1) {
-        if l != IGNORE_INDEX {
-            rows.push((pos - 1) as u32);
-            targets.push(l as u32);
-        }
-    }
-    let n = rows.len();
-    if n == 0 {
-        return Ok((Tensor::new(0f32, &Device::Cpu)?, 0));
-    }
-    let logits = causal_lm_logits(model, &ex.ids)?;
-    let sel = logits.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&sel, D::Minus1)?;
-    let picked = logp.gather(&Tensor::from_vec(targets, (n, 1), &Device::Cpu)?, 1)?;
-    Ok((picked.sum_all()?.neg()?, n))
-}
+/// Examples per evaluation pass.
+const EVAL_BATCH: usize = 8;
 
-/// Mean loss over the completion tokens of `examples` (no gradients kept).
-pub fn eval_loss(model: &Llama, examples: &[Example]) -> Result<f64> {
+/// Mean loss over the completion tokens of `examples` with `lora` (or the base model alone).
+pub fn eval_loss(base: &FrozenBase, lora: Option<&TrainableLora>, examples: &[Example]) -> Result<f64> {
+    let adapters: Vec<AdapterRef> = lora.map(|lora| AdapterRef { lora, dropout_seed: 0 }).into_iter().collect();
     let (mut sum, mut n) = (0f64, 0usize);
-    for ex in examples {
-        let (s, c) = example_loss_sum(model, ex)?;
-        sum += s.detach().to_scalar::<f32>()? as f64;
-        n += c;
+    for chunk in examples.chunks(EVAL_BATCH) {
+        let seqs: Vec<SeqRef> = chunk
+            .iter()
+            .map(|e| SeqRef { ids: &e.ids, labels: &e.labels, adapter: 0, loss_weight: 0.0 })
+            .collect();
+        let r = if adapters.is_empty() {
+            // The base alone: a pass with an adapter that adapts nothing would be the same.
+            engine::eval_pass_base(base, &seqs)?
+        } else {
+            engine::eval_pass(base, &adapters, &seqs)?
+        };
+        sum += r.loss_sum.iter().sum::<f64>();
+        n += r.tokens.iter().sum::<usize>();
     }
     if n == 0 {
         return Err(Error::Input("no completion tokens to evaluate".into()));
@@ -135,7 +127,8 @@ impl Trainer {
             warmup_steps: config.warmup_steps,
             total_steps,
         };
-        let opt = AdamW::new(lora.params(), config.optimizer.clone())?;
+        let sizes: Vec<usize> = lora.named().iter().map(|(_, _, v)| v.len()).collect();
+        let opt = AdamW::new(&sizes, config.optimizer.clone());
         let mut t = Self { config, lora, opt, schedule, order: Vec::new(), epoch: 0, offset: 0, n_examples };
         t.order = t.epoch_order(0);
         Ok(t)
@@ -177,9 +170,10 @@ impl Trainer {
         i
     }
 
-    /// One optimizer step: `grad_accum` micro-batches of `batch_size` examples; the loss is
-    /// the mean over all their completion tokens (as transformers computes it).
-    pub fn step(&mut self, model: &Llama, examples: &[Example]) -> Result<StepMetrics> {
+    /// One optimizer step: `grad_accum` micro-batches of `batch_size` examples, each one
+    /// ragged pass through the model; the loss is the mean over all their completion tokens
+    /// (as transformers computes it).
+    pub fn step(&mut self, base: &FrozenBase, examples: &[Example]) -> Result<StepMetrics> {
         if examples.len() != self.n_examples {
             return Err(Error::Input(format!("trainer built for {} examples, given {}", self.n_examples, examples.len())));
         }
@@ -191,46 +185,28 @@ impl Trainer {
         if total == 0 {
             return Err(Error::Input("this step's examples have no completion tokens".into()));
         }
-        let params = self.lora.params();
-        let mut acc: HashMap<usize, Tensor> = HashMap::new();
+        let weight = 1.0 / total as f32;
+        let mut grads = self.lora.zeros_like();
         let mut loss_sum = 0f64;
         let mut tokens = 0;
-        for chunk in picks.chunks(self.config.batch_size) {
-            let mut sum: Option<Tensor> = None;
-            for &i in chunk {
-                tokens += examples[i].ids.len();
-                let (s, n) = example_loss_sum(model, &examples[i])?;
-                if n > 0 {
-                    sum = Some(match sum {
-                        Some(t) => (t + s)?,
-                        None => s,
-                    });
-                }
-            }
-            let Some(sum) = sum else { continue };
-            loss_sum += sum.to_scalar::<f32>()? as f64;
-            let grads = (sum / total as f64)?.backward()?;
-            for (k, p) in params.iter().enumerate() {
-                if let Some(g) = grads.get(p.as_tensor()) {
-                    let g = g.clone();
-                    let merged = match acc.remove(&k) {
-                        Some(prev) => (prev + g)?,
-                        None => g,
-                    };
-                    acc.insert(k, merged);
-                }
+        for (mb, chunk) in picks.chunks(self.config.batch_size).enumerate() {
+            let seqs: Vec<SeqRef> = chunk
+                .iter()
+                .map(|&i| SeqRef { ids: &examples[i].ids, labels: &examples[i].labels, adapter: 0, loss_weight: weight })
+                .collect();
+            tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
+            let seed = self.config.seed ^ ((self.opt.step as u64) << 20 | mb as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let r = engine::train_pass(base, &[AdapterRef { lora: &self.lora, dropout_seed: seed }], &seqs)?;
+            loss_sum += r.loss_sum[0];
+            if let Some(g) = r.grads.first() {
+                grads.add(g);
             }
         }
-        let mut store = candle_core::backprop::GradStore::default();
-        for (k, g) in acc {
-            store.insert(params[k].as_tensor(), g);
-        }
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut store, &params, max)?,
-            None => clip_grad_norm(&mut store, &params, f64::INFINITY)?,
-        };
+        let mut g = grads.tensors_mut();
+        let grad_norm = clip_grad_norm(&mut g, self.config.max_grad_norm.unwrap_or(f64::INFINITY));
         let lr = self.schedule.lr_at(self.opt.step);
-        self.opt.step(&store, lr)?;
+        let grefs: Vec<&[f32]> = g.iter().map(|v| v.as_slice()).collect();
+        self.opt.step(&mut self.lora.tensors_mut(), &grefs, lr)?;
         Ok(StepMetrics { step: self.opt.step, loss: loss_sum / total as f64, lr, grad_norm, tokens })
     }
 
@@ -239,9 +215,10 @@ impl Trainer {
     pub fn save_checkpoint(&self, dir: &Path, base_model: &str) -> Result<()> {
         let (m, v) = self.opt.moments();
         let mut tensors = HashMap::new();
-        for (k, (mi, vi)) in m.iter().zip(v).enumerate() {
-            tensors.insert(format!("m.{k}"), mi.clone());
-            tensors.insert(format!("v.{k}"), vi.clone());
+        for (k, ((mi, vi), (_, shape, _))) in m.iter().zip(v).zip(self.lora.named()).enumerate() {
+            let t = |x: &[f32]| candle_core::Tensor::from_slice(x, (shape[0], shape[1]), &Device::Cpu);
+            tensors.insert(format!("m.{k}"), t(mi)?);
+            tensors.insert(format!("v.{k}"), t(vi)?);
         }
         let state = serde_json::json!({
             "step": self.opt.step, "epoch": self.epoch, "offset": self.offset,
@@ -256,9 +233,9 @@ impl Trainer {
         })
     }
 
-    /// Rebuilds a trainer from a checkpoint: attaches its adapter to `model` and restores the
+    /// Rebuilds a trainer from a checkpoint: its adapter (checked against `model`), the
     /// optimizer moments, step and data position, so training continues exactly.
-    pub fn resume(model: &mut Llama, dir: &Path, config: TrainConfig, n_examples: usize) -> Result<Self> {
+    pub fn resume(model: &Llama, dir: &Path, config: TrainConfig, n_examples: usize) -> Result<Self> {
         let bad = |m: String| Error::Input(format!("checkpoint {}: {m}", dir.display()));
         let state: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| bad(e.to_string()))?,
@@ -269,11 +246,14 @@ impl Trainer {
             return Err(bad(format!("it was written for {} examples, the data has {n_examples}", get("n_examples")?)));
         }
         let adapter = PeftAdapter::load(&dir.join("adapter"))?;
-        let lora = TrainableLora::attach(model, &adapter)?;
+        let lora = TrainableLora::from_adapter(model, &adapter)?;
         let mut t = Self::new(config, lora, n_examples)?;
         let opt_t = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
         let n = get("params")?;
-        let take = |p: &str, k: usize| opt_t.get(&format!("{p}.{k}")).cloned().ok_or_else(|| bad(format!("no optimizer moment {p}.{k}")));
+        let take = |p: &str, k: usize| -> Result<Vec<f32>> {
+            let t = opt_t.get(&format!("{p}.{k}")).ok_or_else(|| bad(format!("no optimizer moment {p}.{k}")))?;
+            Ok(t.flatten_all()?.to_vec1()?)
+        };
         let m = (0..n).map(|k| take("m", k)).collect::<Result<Vec<_>>>()?;
         let v = (0..n).map(|k| take("v", k)).collect::<Result<Vec<_>>>()?;
         t.opt.restore(m, v, get("step")?)?;

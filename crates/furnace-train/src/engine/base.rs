@@ -1,0 +1,290 @@
+//! The frozen base model in the form the training pass multiplies with.
+//!
+//! Each group of projections that shares an input (q/k/v, gate/up, o, down, the LM head)
+//! is a [`FrozenGroup`]. Two forms:
+//! - f32 (`quantize = "none"`): candle's f32 GEMM, exact; the reference for the fixture
+//!   tests.
+//! - bf16 (bf16 or quantized bases): our AVX512-BF16 kernel with f32 accumulation, forward
+//!   `x W^T` over the packed weight the model already holds, and backward `dy W` over a
+//!   second packing of `W^T` built here (the concatenated weights of the group, cut along
+//!   the reduction into blocks that stay in cache). Weights are never differentiated: the
+//!   backward is the input gradient only.
+
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+use furnace_model::kernels::{self, Bf16Matrix};
+use furnace_model::{Linear, LinearWeight, Llama, LlamaConfig};
+use std::sync::Arc;
+
+/// Largest reduction width of one packed backward block.
+const BWD_BLOCK: usize = 2048;
+
+/// Row-major `[m, k] x [n, k]^T` in f32 through candle's GEMM.
+pub(crate) fn mm_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
+    if m == 0 || n == 0 {
+        return Ok(vec![0f32; m * n]);
+    }
+    let x = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+    let w = Tensor::from_slice(w, (n, k), &Device::Cpu)?;
+    Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1()?)
+}
+
+/// Row-major `[m, k] x [k, n]` in f32.
+pub(crate) fn mm_nn(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
+    if m == 0 || n == 0 {
+        return Ok(vec![0f32; m * n]);
+    }
+    let x = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+    let w = Tensor::from_slice(w, (k, n), &Device::Cpu)?;
+    Ok(x.matmul(&w)?.flatten_all()?.to_vec1()?)
+}
+
+/// Row-major `[m, k]^T x [m, n]` = `[k, n]` in f32.
+pub(crate) fn mm_tn(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
+    if m == 0 {
+        return Ok(vec![0f32; k * n]);
+    }
+    let x = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+    let w = Tensor::from_slice(w, (m, n), &Device::Cpu)?;
+    Ok(x.t()?.matmul(&w)?.flatten_all()?.to_vec1()?)
+}
+
+enum Form {
+    /// f32 weights `[out, in]`, one per projection.
+    F32(Vec<Tensor>),
+    /// Packed bf16 weights for the forward, and packed blocks of the group's concatenated
+    /// `W^T` for the backward: `(first output row, rows, packed [in, rows])`.
+    Bf16 { fwd: Vec<Arc<Bf16Matrix>>, bwd: Vec<(usize, usize, Bf16Matrix)> },
+}
+
+/// Frozen projections that share an input.
+pub struct FrozenGroup {
+    /// Input width.
+    pub inp: usize,
+    /// Output width of each projection.
+    pub outs: Vec<usize>,
+    bias: Vec<Option<Vec<f32>>>,
+    form: Form,
+}
+
+fn f32_values(l: &Linear) -> Result<Vec<f32>> {
+    Ok(match &l.weight {
+        LinearWeight::Dense(w) => w.flatten_all()?.to_vec1()?,
+        LinearWeight::Bf16(m) => m.to_f32(),
+        LinearWeight::Q8_0 { packed, .. } => packed.to_f32(),
+        LinearWeight::Quantized(q) => match q.as_ref() {
+            candle_core::quantized::QMatMul::QTensor(t) => t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?,
+            candle_core::quantized::QMatMul::Tensor(t) | candle_core::quantized::QMatMul::TensorF16(t) => {
+                t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?
+            }
+        },
+    })
+}
+
+impl FrozenGroup {
+    /// The base parts of `linears` (attached adapters are ignored). All-f32 layers keep the
+    /// exact f32 form; anything else is multiplied in bf16.
+    pub fn new(linears: &[&Linear]) -> Result<Self> {
+        let inp = linears.first().map(|l| l.in_features).unwrap_or(0);
+        let outs: Vec<usize> = linears.iter().map(|l| l.out_features).collect();
+        let bias = linears
+            .iter()
+            .map(|l| l.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dense: Vec<Tensor> = linears
+            .iter()
+            .filter_map(|l| match &l.weight {
+                LinearWeight::Dense(w) => Some(w.clone()),
+                _ => None,
+            })
+            .collect();
+        let form = if dense.len() == linears.len() {
+            Form::F32(dense)
+        } else {
+            let mut fwd = Vec::with_capacity(linears.len());
+            let mut cat: Vec<f32> = Vec::new();
+            for l in linears {
+                let values = f32_values(l)?;
+                fwd.push(match &l.weight {
+                    LinearWeight::Bf16(m) => m.clone(),
+                    LinearWeight::Q8_0 { packed, .. } => packed.clone(),
+                    _ => Arc::new(Bf16Matrix::from_f32(&values, l.out_features, l.in_features)),
+                });
+                cat.extend_from_slice(&values);
+            }
+            let total: usize = outs.iter().sum();
+            let mut bwd = Vec::new();
+            let mut r0 = 0;
+            while r0 < total {
+                let rows = (total - r0).min(BWD_BLOCK);
+                // W^T restricted to output rows r0..r0+rows: [inp, rows].
+                let mut t = vec![0f32; inp * rows];
+                for r in 0..rows {
+                    for c in 0..inp {
+                        t[c * rows + r] = cat[(r0 + r) * inp + c];
+                    }
+                }
+                bwd.push((r0, rows, Bf16Matrix::from_f32(&t, inp, rows)));
+                r0 += rows;
+            }
+            Form::Bf16 { fwd, bwd }
+        };
+        Ok(Self { inp, outs, bias, form })
+    }
+
+    /// `y_i = x W_i^T + b_i` for `x: [m, inp]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let mut ys = match &self.form {
+            Form::F32(ws) => {
+                let xt = Tensor::from_slice(x, (m, self.inp), &Device::Cpu)?;
+                ws.iter()
+                    .map(|w| Ok(xt.matmul(&w.t()?)?.flatten_all()?.to_vec1()?))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Form::Bf16 { fwd, .. } => {
+                let ws: Vec<&Bf16Matrix> = fwd.iter().map(|w| w.as_ref()).collect();
+                kernels::matmul_nt_many(x, m, &ws)
+            }
+        };
+        for ((y, b), &n) in ys.iter_mut().zip(&self.bias).zip(&self.outs) {
+            if let Some(b) = b {
+                for row in y.chunks_mut(n) {
+                    row.iter_mut().zip(b).for_each(|(o, v)| *o += v);
+                }
+            }
+        }
+        Ok(ys)
+    }
+
+    /// The input gradient `sum_i dy_i W_i` (`[m, inp]`) for output gradients `dys[i]: [m, outs[i]]`.
+    pub fn backward(&self, dys: &[&[f32]], m: usize) -> Result<Vec<f32>> {
+        match &self.form {
+            Form::F32(ws) => {
+                let mut dx = vec![0f32; m * self.inp];
+                for ((dy, w), &n) in dys.iter().zip(ws).zip(&self.outs) {
+                    let d = Tensor::from_slice(dy, (m, n), &Device::Cpu)?.matmul(w)?.flatten_all()?.to_vec1::<f32>()?;
+                    dx.iter_mut().zip(&d).for_each(|(o, v)| *o += v);
+                }
+                Ok(dx)
+            }
+            Form::Bf16 { bwd, .. } => {
+                let total: usize = self.outs.iter().sum();
+                // The output gradients side by side: [m, total].
+                let cat: std::borrow::Cow<[f32]> = if dys.len() == 1 {
+                    std::borrow::Cow::Borrowed(dys[0])
+                } else {
+                    let mut c = Vec::with_capacity(m * total);
+                    for i in 0..m {
+                        for (dy, &n) in dys.iter().zip(&self.outs) {
+                            c.extend_from_slice(&dy[i * n..(i + 1) * n]);
+                        }
+                    }
+                    std::borrow::Cow::Owned(c)
+                };
+                let mut dx: Option<Vec<f32>> = None;
+                for (r0, rows, w) in bwd {
+                    let part = if *rows == total {
+                        kernels::matmul_nt(&cat, m, w)
+                    } else {
+                        let mut block = Vec::with_capacity(m * rows);
+                        for i in 0..m {
+                            block.extend_from_slice(&cat[i * total + r0..i * total + r0 + rows]);
+                        }
+                        kernels::matmul_nt(&block, m, w)
+                    };
+                    match &mut dx {
+                        Some(d) => d.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
+                        None => dx = Some(part),
+                    }
+                }
+                Ok(dx.unwrap_or_else(|| vec![0f32; m * self.inp]))
+            }
+        }
+    }
+
+    /// Whether this group multiplies in bf16.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.form, Form::Bf16 { .. })
+    }
+
+    /// Bytes of packed copies made for training (not shared with the model).
+    pub fn extra_bytes(&self) -> usize {
+        match &self.form {
+            Form::F32(_) => 0,
+            Form::Bf16 { bwd, .. } => bwd.iter().map(|(_, _, w)| w.bytes()).sum(),
+        }
+    }
+}
+
+/// One decoder layer of the frozen base.
+pub struct FrozenLayer {
+    /// Input RMSNorm weight.
+    pub ln1: Vec<f32>,
+    /// Post-attention RMSNorm weight.
+    pub ln2: Vec<f32>,
+    /// q, k, v projections.
+    pub qkv: FrozenGroup,
+    /// Output projection.
+    pub o: FrozenGroup,
+    /// gate and up projections.
+    pub gate_up: FrozenGroup,
+    /// Down projection.
+    pub down: FrozenGroup,
+}
+
+/// The frozen base model as the training pass uses it. It shares the model's weight
+/// storage (tensors and packed matrices are reference-counted) and adds only the packed
+/// `W^T` copies of the bf16 backward.
+pub struct FrozenBase {
+    /// Model configuration.
+    pub config: LlamaConfig,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<FrozenLayer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: FrozenGroup,
+    pub(crate) inv_freq: Vec<f32>,
+}
+
+impl FrozenBase {
+    /// Builds the frozen form of `model` (any attached adapter is ignored).
+    pub fn new(model: &Llama) -> Result<Self> {
+        let layers = model
+            .layers
+            .iter()
+            .map(|b| {
+                let (a, m) = (&b.self_attn, &b.mlp);
+                Ok(FrozenLayer {
+                    ln1: b.input_layernorm.weight.to_vec1()?,
+                    ln2: b.post_attention_layernorm.weight.to_vec1()?,
+                    qkv: FrozenGroup::new(&[&a.q_proj, &a.k_proj, &a.v_proj])?,
+                    o: FrozenGroup::new(&[&a.o_proj])?,
+                    gate_up: FrozenGroup::new(&[&m.gate_proj, &m.up_proj])?,
+                    down: FrozenGroup::new(&[&m.down_proj])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: model.config.clone(),
+            embed: model.embed_tokens.clone(),
+            layers,
+            norm: model.norm.weight.to_vec1()?,
+            lm_head: FrozenGroup::new(&[&model.lm_head])?,
+            inv_freq: furnace_model::config::rope_inv_freq(&model.config),
+        })
+    }
+
+    /// Whether the frozen GEMMs run in bf16 (else exact f32).
+    pub fn is_bf16(&self) -> bool {
+        self.lm_head.is_bf16()
+    }
+
+    /// Bytes of the packed backward copies made for training.
+    pub fn extra_bytes(&self) -> usize {
+        self.lm_head.extra_bytes()
+            + self
+                .layers
+                .iter()
+                .map(|l| l.qkv.extra_bytes() + l.o.extra_bytes() + l.gate_up.extra_bytes() + l.down.extra_bytes())
+                .sum::<usize>()
+    }
+}

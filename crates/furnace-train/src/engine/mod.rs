@@ -1,0 +1,517 @@
+//! The training pass: a hand-written forward and backward of the llama family over ragged
+//! batches, for one or several LoRA adapters at once.
+//!
+//! - A batch is a list of sequences laid end to end (no padding): every op works on rows,
+//!   attention runs per sequence, positions restart at 0 in each sequence. Sample packing
+//!   and padding-free batching are the same thing here, and no sequence can see another.
+//! - Each sequence names the adapter it trains. The frozen GEMMs run once over all rows of
+//!   all adapters; each adapter adds its low-rank update on its own rows only
+//!   ([`SeqRef::adapter`]). With one adapter this is plain LoRA training; with several it
+//!   is fused multi-LoRA training.
+//! - The forward keeps what the backward needs (per layer: the residual inputs, the
+//!   normalisers, q/k/v after RoPE, attention probabilities and output, the MLP gate and
+//!   up activations, each adapter's `x A^T`); normalised inputs and the SwiGLU product are
+//!   recomputed. The loss is computed over the LM head in row chunks, so full
+//!   `[tokens, vocab]` logits never exist, and only rows with a label are projected.
+//! - The backward computes input gradients only through the frozen base (no weight
+//!   gradients) and factor gradients for the adapters.
+
+pub mod base;
+pub mod ops;
+
+pub use base::{FrozenBase, FrozenGroup, FrozenLayer};
+
+use crate::error::{Error, Result};
+use crate::lora::{TrainableLora, PROJ};
+use base::{mm_nn, mm_nt, mm_tn};
+use ops::Heads;
+use std::borrow::Cow;
+
+/// Label value that contributes nothing to the loss (as in transformers).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Rows of logits materialised at once by the loss.
+const LOSS_ROWS: usize = 64;
+
+/// One sequence of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqRef<'a> {
+    /// Token ids.
+    pub ids: &'a [u32],
+    /// Labels per position ([`IGNORE_INDEX`] = no loss); position `t` is predicted from
+    /// `t - 1`, as transformers shifts them.
+    pub labels: &'a [i64],
+    /// Index of the adapter this sequence trains (into the adapters of the call).
+    pub adapter: usize,
+    /// Weight of each of its token losses in the objective (e.g. 1 / the labelled tokens of
+    /// the optimizer step, for a mean).
+    pub loss_weight: f32,
+}
+
+/// One adapter taking part in a pass.
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterRef<'a> {
+    /// Its factors.
+    pub lora: &'a TrainableLora,
+    /// Seed of this pass's dropout masks (used only when its dropout is > 0 and training).
+    pub dropout_seed: u64,
+}
+
+/// What a pass returns, per adapter.
+#[derive(Debug, Clone)]
+pub struct PassResult {
+    /// Sum of token losses (unweighted).
+    pub loss_sum: Vec<f64>,
+    /// Labelled tokens.
+    pub tokens: Vec<usize>,
+    /// Gradients of the weighted objective (empty for evaluation).
+    pub grads: Vec<TrainableLora>,
+}
+
+/// A contiguous run of rows trained by one adapter.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    adapter: usize,
+    r0: usize,
+    r1: usize,
+}
+
+/// What the backward of one layer needs.
+struct LayerTape {
+    x: Vec<f32>,
+    rstd1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    attn: Vec<f32>,
+    x2: Vec<f32>,
+    rstd2: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    /// Per projection, per segment: `x A^T` of the adapter (None where not adapted).
+    p: Vec<Vec<Option<Vec<f32>>>>,
+}
+
+/// Layout of a batch.
+struct Layout {
+    rows: usize,
+    spans: Vec<(usize, usize)>,
+    pos: Vec<usize>,
+    segs: Vec<Seg>,
+    max_len: usize,
+}
+
+fn layout(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<Layout> {
+    let c = &base.config;
+    for a in adapters {
+        check_adapter(base, a.lora)?;
+    }
+    let (mut spans, mut pos, mut segs) = (Vec::new(), Vec::new(), Vec::<Seg>::new());
+    let mut rows = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        let n = s.ids.len();
+        if n == 0 {
+            return Err(Error::Input(format!("sequence {i} is empty")));
+        }
+        if n > c.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence {i} has {n} tokens, more than the model's context of {}",
+                c.max_position_embeddings
+            )));
+        }
+        if s.labels.len() != n {
+            return Err(Error::Input(format!("sequence {i}: {} labels for {n} tokens", s.labels.len())));
+        }
+        if let Some(&t) = s.ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Input(format!("sequence {i}: token id {t} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        if let Some(&l) = s.labels.iter().find(|&&l| l != IGNORE_INDEX && !(0..c.vocab_size as i64).contains(&l)) {
+            return Err(Error::Input(format!("sequence {i}: label {l} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        if adapters.is_empty() {
+            // The base model alone.
+            spans.push((rows, n));
+            pos.extend(0..n);
+            rows += n;
+            continue;
+        }
+        if s.adapter >= adapters.len() {
+            return Err(Error::Input(format!("sequence {i} names adapter {} of {}", s.adapter, adapters.len())));
+        }
+        spans.push((rows, n));
+        pos.extend(0..n);
+        match segs.last_mut() {
+            Some(g) if g.adapter == s.adapter => g.r1 += n,
+            _ => segs.push(Seg { adapter: s.adapter, r0: rows, r1: rows + n }),
+        }
+        rows += n;
+    }
+    let max_len = spans.iter().map(|s| s.1).max().unwrap_or(0);
+    Ok(Layout { rows, spans, pos, segs, max_len })
+}
+
+/// Checks that an adapter's factors fit the base's projections.
+pub fn check_adapter(base: &FrozenBase, lora: &TrainableLora) -> Result<()> {
+    if lora.layers.len() != base.layers.len() {
+        return Err(Error::Input(format!(
+            "the adapter has {} layers, the model {}",
+            lora.layers.len(),
+            base.layers.len()
+        )));
+    }
+    for (li, (pairs, layer)) in lora.layers.iter().zip(&base.layers).enumerate() {
+        let dims = [
+            (layer.qkv.inp, layer.qkv.outs[0]),
+            (layer.qkv.inp, layer.qkv.outs[1]),
+            (layer.qkv.inp, layer.qkv.outs[2]),
+            (layer.o.inp, layer.o.outs[0]),
+            (layer.gate_up.inp, layer.gate_up.outs[0]),
+            (layer.gate_up.inp, layer.gate_up.outs[1]),
+            (layer.down.inp, layer.down.outs[0]),
+        ];
+        for (pi, p) in pairs.iter().enumerate() {
+            if let Some(p) = p {
+                if (p.inp, p.out) != dims[pi] || p.a.len() != p.r * p.inp || p.b.len() != p.out * p.r {
+                    return Err(Error::Input(format!(
+                        "layer {li} {}: factors of a {}x{} projection, the model's is {}x{}",
+                        furnace_model::lora::TARGETS[pi],
+                        p.out,
+                        p.inp,
+                        dims[pi].1,
+                        dims[pi].0
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// splitmix64.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Inverted dropout on rows `r0..` of width `w`: each element is kept with probability
+/// `1 - p` and scaled by `1 / (1 - p)`. The mask is a pure function of (seed, row, column),
+/// so the backward regenerates it instead of storing it.
+fn dropout(z: &[f32], r0: usize, w: usize, p: f32, seed: u64) -> Vec<f32> {
+    let keep_scale = 1.0 / (1.0 - p);
+    let threshold = (p * 65536.0) as u64;
+    let mut out = z.to_vec();
+    for (i, row) in out.chunks_mut(w).enumerate() {
+        let rs = mix(seed ^ ((r0 + i) as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        for (c4, vals) in row.chunks_mut(4).enumerate() {
+            let h = mix(rs ^ c4 as u64);
+            for (j, v) in vals.iter_mut().enumerate() {
+                let u = (h >> (16 * j)) & 0xFFFF;
+                *v = if u < threshold { 0.0 } else { *v * keep_scale };
+            }
+        }
+    }
+    out
+}
+
+fn dropout_seed(seed: u64, li: usize, pi: usize) -> u64 {
+    mix(seed ^ mix((li * PROJ + pi) as u64 + 1))
+}
+
+/// Inputs of one LoRA application.
+struct LoraSite<'a> {
+    li: usize,
+    pi: usize,
+    z: &'a [f32],
+    inp: usize,
+    out: usize,
+}
+
+/// The LoRA site of projection `pi` (in [`furnace_model::lora::TARGETS`] order) of layer `li`.
+fn site<'a>(c: &furnace_model::LlamaConfig, li: usize, pi: usize, z: &'a [f32]) -> LoraSite<'a> {
+    let (h, qd, kvd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let (inp, out) = match pi {
+        0 => (h, qd),
+        1 | 2 => (h, kvd),
+        3 => (qd, h),
+        4 | 5 => (h, inter),
+        _ => (inter, h),
+    };
+    LoraSite { li, pi, z, inp, out }
+}
+
+fn dropped<'a>(site: &LoraSite<'a>, seg: &Seg, a: &AdapterRef, train: bool) -> Cow<'a, [f32]> {
+    let zs = &site.z[seg.r0 * site.inp..seg.r1 * site.inp];
+    let p = a.lora.config.lora_dropout as f32;
+    if train && p > 0.0 {
+        Cow::Owned(dropout(zs, seg.r0, site.inp, p, dropout_seed(a.dropout_seed, site.li, site.pi)))
+    } else {
+        Cow::Borrowed(zs)
+    }
+}
+
+/// Adds each adapter's `scale * drop(z) A^T B^T` to its rows of `y`; returns `drop(z) A^T`
+/// per segment.
+fn lora_forward(adapters: &[AdapterRef], segs: &[Seg], site: &LoraSite, y: &mut [f32], train: bool) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut saved = Vec::with_capacity(segs.len());
+    for seg in segs {
+        let a = &adapters[seg.adapter];
+        let Some(pair) = &a.lora.layers[site.li][site.pi] else {
+            saved.push(None);
+            continue;
+        };
+        let n = seg.r1 - seg.r0;
+        let zd = dropped(site, seg, a, train);
+        let p = mm_nt(&zd, n, site.inp, &pair.a, pair.r)?;
+        let d = mm_nt(&p, n, pair.r, &pair.b, site.out)?;
+        let s = a.lora.scale;
+        y[seg.r0 * site.out..seg.r1 * site.out].iter_mut().zip(&d).for_each(|(o, v)| *o += s * v);
+        saved.push(Some(p));
+    }
+    Ok(saved)
+}
+
+/// Backward of [`lora_forward`]: factor gradients into `grads`, input gradient added to `dz`.
+fn lora_backward(
+    adapters: &[AdapterRef],
+    segs: &[Seg],
+    site: &LoraSite,
+    dy: &[f32],
+    saved: &[Option<Vec<f32>>],
+    grads: &mut [TrainableLora],
+    dz: &mut [f32],
+) -> Result<()> {
+    for (seg, p) in segs.iter().zip(saved) {
+        let Some(p) = p else { continue };
+        let a = &adapters[seg.adapter];
+        let Some(pair) = &a.lora.layers[site.li][site.pi] else { continue };
+        let (n, r, s) = (seg.r1 - seg.r0, pair.r, a.lora.scale);
+        let dys = &dy[seg.r0 * site.out..seg.r1 * site.out];
+        let db = mm_tn(dys, n, site.out, p, r)?;
+        let mut dp = mm_nn(dys, n, site.out, &pair.b, r)?;
+        dp.iter_mut().for_each(|v| *v *= s);
+        let zd = dropped(site, seg, a, true);
+        let da = mm_tn(&dp, n, r, &zd, site.inp)?;
+        let mut dzd = mm_nn(&dp, n, r, &pair.a, site.inp)?;
+        let drop = a.lora.config.lora_dropout as f32;
+        if drop > 0.0 {
+            // The mask again (same seed): 1/(1-p) where kept, 0 where dropped.
+            let ones = vec![1f32; dzd.len()];
+            let mask = dropout(&ones, seg.r0, site.inp, drop, dropout_seed(a.dropout_seed, site.li, site.pi));
+            dzd.iter_mut().zip(&mask).for_each(|(v, m)| *v *= m);
+        }
+        dz[seg.r0 * site.inp..seg.r1 * site.inp].iter_mut().zip(&dzd).for_each(|(o, v)| *o += v);
+        if let Some(g) = &mut grads[seg.adapter].layers[site.li][site.pi] {
+            g.a.iter_mut().zip(&da).for_each(|(o, v)| *o += v);
+            g.b.iter_mut().zip(&db).for_each(|(o, v)| *o += s * v);
+        }
+    }
+    Ok(())
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+}
+
+/// The residual stream after all layers, and the tapes when training.
+fn forward_layers(
+    base: &FrozenBase,
+    adapters: &[AdapterRef],
+    seqs: &[SeqRef],
+    lay: &Layout,
+    train: bool,
+) -> Result<(Vec<f32>, Vec<LayerTape>)> {
+    let c = &base.config;
+    let t = lay.rows;
+    let heads = Heads { q: c.num_heads, kv: c.num_kv_heads, dim: c.head_dim };
+    let eps = c.rms_norm_eps as f32;
+    let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    let idx = candle_core::Tensor::from_vec(ids, t, &candle_core::Device::Cpu)?;
+    let mut x: Vec<f32> = base.embed.index_select(&idx, 0)?.flatten_all()?.to_vec1()?;
+    let tables = ops::rope_tables(&base.inv_freq, lay.max_len);
+    let mut tapes = Vec::new();
+    let segs = &lay.segs;
+    for (li, layer) in base.layers.iter().enumerate() {
+        let (h1, rstd1) = ops::rms_norm(&x, &layer.ln1, eps);
+        let mut qkv = layer.qkv.forward(&h1, t)?;
+        let mut v = qkv.pop().unwrap_or_default();
+        let mut k = qkv.pop().unwrap_or_default();
+        let mut q = qkv.pop().unwrap_or_default();
+        let pq = lora_forward(adapters, segs, &site(c, li, 0, &h1), &mut q, train)?;
+        let pk = lora_forward(adapters, segs, &site(c, li, 1, &h1), &mut k, train)?;
+        let pv = lora_forward(adapters, segs, &site(c, li, 2, &h1), &mut v, train)?;
+        drop(h1);
+        ops::rope(&mut q, &lay.pos, heads.dim, &tables, false);
+        ops::rope(&mut k, &lay.pos, heads.dim, &tables, false);
+        let (attn, probs) = ops::attention(&q, &k, &v, &lay.spans, heads);
+        let mut o = layer.o.forward(&attn, t)?.pop().unwrap_or_default();
+        let po = lora_forward(adapters, segs, &site(c, li, 3, &attn), &mut o, train)?;
+        let mut x2 = o;
+        add_into(&mut x2, &x);
+        let (h2, rstd2) = ops::rms_norm(&x2, &layer.ln2, eps);
+        let mut gu = layer.gate_up.forward(&h2, t)?;
+        let mut u = gu.pop().unwrap_or_default();
+        let mut g = gu.pop().unwrap_or_default();
+        let pg = lora_forward(adapters, segs, &site(c, li, 4, &h2), &mut g, train)?;
+        let pu = lora_forward(adapters, segs, &site(c, li, 5, &h2), &mut u, train)?;
+        drop(h2);
+        let a = ops::swiglu(&g, &u);
+        let mut d = layer.down.forward(&a, t)?.pop().unwrap_or_default();
+        let pd = lora_forward(adapters, segs, &site(c, li, 6, &a), &mut d, train)?;
+        add_into(&mut d, &x2);
+        let x3 = d;
+        if train {
+            tapes.push(LayerTape {
+                x,
+                rstd1,
+                q,
+                k,
+                v,
+                probs,
+                attn,
+                x2,
+                rstd2,
+                g,
+                u,
+                p: vec![pq, pk, pv, po, pg, pu, pd],
+            });
+        }
+        x = x3;
+    }
+    Ok((x, tapes))
+}
+
+/// Rows with a label: `(row, target, weight, adapter)`.
+fn loss_rows(seqs: &[SeqRef], lay: &Layout) -> Vec<(usize, u32, f32, usize)> {
+    let mut out = Vec::new();
+    for (s, &(start, _)) in seqs.iter().zip(&lay.spans) {
+        for (t, &l) in s.labels.iter().enumerate().skip(1) {
+            if l != IGNORE_INDEX {
+                out.push((start + t - 1, l as u32, s.loss_weight, s.adapter));
+            }
+        }
+    }
+    out
+}
+
+/// Runs the LM head and the cross-entropy over the labelled rows of `hf`, in chunks;
+/// returns per-adapter loss sums and counts, and with `train` the gradient for `hf`.
+fn head_loss(base: &FrozenBase, hf: &[f32], rows: &[(usize, u32, f32, usize)], n_adapters: usize, train: bool) -> Result<(Vec<f64>, Vec<usize>, Vec<f32>)> {
+    let h = base.config.hidden_size;
+    let vocab = base.config.vocab_size;
+    let mut loss = vec![0f64; n_adapters];
+    let mut count = vec![0usize; n_adapters];
+    let mut dhf = if train { vec![0f32; hf.len()] } else { Vec::new() };
+    for chunk in rows.chunks(LOSS_ROWS) {
+        let m = chunk.len();
+        let mut hc = Vec::with_capacity(m * h);
+        for &(r, ..) in chunk {
+            hc.extend_from_slice(&hf[r * h..(r + 1) * h]);
+        }
+        let mut logits = base.lm_head.forward(&hc, m)?.pop().unwrap_or_default();
+        let targets: Vec<u32> = chunk.iter().map(|c| c.1).collect();
+        let weights: Vec<f32> = chunk.iter().map(|c| c.2).collect();
+        let losses = ops::cross_entropy(&mut logits, vocab, &targets, &weights, train);
+        for (l, c) in losses.iter().zip(chunk) {
+            loss[c.3] += l;
+            count[c.3] += 1;
+        }
+        if train {
+            let dh = base.lm_head.backward(&[&logits], m)?;
+            for (i, &(r, ..)) in chunk.iter().enumerate() {
+                add_into(&mut dhf[r * h..(r + 1) * h], &dh[i * h..(i + 1) * h]);
+            }
+        }
+    }
+    Ok((loss, count, dhf))
+}
+
+/// Forward and backward of a batch: each adapter's loss and the gradients of
+/// `sum over labelled tokens of loss_weight * loss` with respect to its factors.
+pub fn train_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<PassResult> {
+    let lay = layout(base, adapters, seqs)?;
+    let c = &base.config;
+    let (t, eps) = (lay.rows, c.rms_norm_eps as f32);
+    let heads = Heads { q: c.num_heads, kv: c.num_kv_heads, dim: c.head_dim };
+    let (x, mut tapes) = forward_layers(base, adapters, seqs, &lay, true)?;
+    let (hf, rstdf) = ops::rms_norm(&x, &base.norm, eps);
+    let rows = loss_rows(seqs, &lay);
+    let (loss_sum, tokens, dhf) = head_loss(base, &hf, &rows, adapters.len(), true)?;
+    drop(hf);
+    let mut grads: Vec<TrainableLora> = adapters.iter().map(|a| a.lora.zeros_like()).collect();
+    let mut dx = vec![0f32; x.len()];
+    ops::rms_norm_backward(&x, &base.norm, &rstdf, &dhf, &mut dx);
+    drop((x, dhf));
+    let tables = ops::rope_tables(&base.inv_freq, lay.max_len);
+    let segs = &lay.segs;
+    for (li, layer) in base.layers.iter().enumerate().rev() {
+        let Some(tp) = tapes.pop() else {
+            return Err(Error::Input("internal: missing layer tape".into()));
+        };
+        // MLP.
+        let a = ops::swiglu(&tp.g, &tp.u);
+        let mut da = layer.down.backward(&[&dx], t)?;
+        lora_backward(adapters, segs, &site(c, li, 6, &a), &dx, &tp.p[6], &mut grads, &mut da)?;
+        drop(a);
+        let (dg, du) = ops::swiglu_backward(&tp.g, &tp.u, &da);
+        drop(da);
+        let h2 = ops::rms_norm_apply(&tp.x2, &layer.ln2, &tp.rstd2);
+        let mut dh2 = layer.gate_up.backward(&[&dg, &du], t)?;
+        lora_backward(adapters, segs, &site(c, li, 4, &h2), &dg, &tp.p[4], &mut grads, &mut dh2)?;
+        lora_backward(adapters, segs, &site(c, li, 5, &h2), &du, &tp.p[5], &mut grads, &mut dh2)?;
+        drop((h2, dg, du));
+        let mut dx2 = dx;
+        ops::rms_norm_backward(&tp.x2, &layer.ln2, &tp.rstd2, &dh2, &mut dx2);
+        drop(dh2);
+        // Attention.
+        let mut dattn = layer.o.backward(&[&dx2], t)?;
+        lora_backward(adapters, segs, &site(c, li, 3, &tp.attn), &dx2, &tp.p[3], &mut grads, &mut dattn)?;
+        let (mut dq, mut dk, dv) = ops::attention_backward(&tp.q, &tp.k, &tp.v, &tp.probs, &dattn, &lay.spans, heads);
+        drop(dattn);
+        ops::rope(&mut dq, &lay.pos, heads.dim, &tables, true);
+        ops::rope(&mut dk, &lay.pos, heads.dim, &tables, true);
+        let h1 = ops::rms_norm_apply(&tp.x, &layer.ln1, &tp.rstd1);
+        let mut dh1 = layer.qkv.backward(&[&dq, &dk, &dv], t)?;
+        lora_backward(adapters, segs, &site(c, li, 0, &h1), &dq, &tp.p[0], &mut grads, &mut dh1)?;
+        lora_backward(adapters, segs, &site(c, li, 1, &h1), &dk, &tp.p[1], &mut grads, &mut dh1)?;
+        lora_backward(adapters, segs, &site(c, li, 2, &h1), &dv, &tp.p[2], &mut grads, &mut dh1)?;
+        drop(h1);
+        dx = dx2;
+        ops::rms_norm_backward(&tp.x, &layer.ln1, &tp.rstd1, &dh1, &mut dx);
+    }
+    Ok(PassResult { loss_sum, tokens, grads })
+}
+
+/// Forward only (no dropout, nothing kept): each adapter's loss sum and labelled tokens.
+pub fn eval_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<PassResult> {
+    let lay = layout(base, adapters, seqs)?;
+    let (x, _) = forward_layers(base, adapters, seqs, &lay, false)?;
+    let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
+    let rows = loss_rows(seqs, &lay);
+    let (loss_sum, tokens, _) = head_loss(base, &hf, &rows, adapters.len(), false)?;
+    Ok(PassResult { loss_sum, tokens, grads: Vec::new() })
+}
+
+/// [`eval_pass`] of the base model alone (all sequences' losses summed into one entry).
+pub fn eval_pass_base(base: &FrozenBase, seqs: &[SeqRef]) -> Result<PassResult> {
+    let lay = layout(base, &[], seqs)?;
+    let (x, _) = forward_layers(base, &[], seqs, &lay, false)?;
+    let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
+    let rows: Vec<_> = loss_rows(seqs, &lay).into_iter().map(|(r, t, w, _)| (r, t, w, 0)).collect();
+    let (loss_sum, tokens, _) = head_loss(base, &hf, &rows, 1, false)?;
+    Ok(PassResult { loss_sum, tokens, grads: Vec::new() })
+}
+
+/// Logits `[ids.len(), vocab]` of one sequence through the training forward (for tests and
+/// checks against the runtime).
+pub fn logits(base: &FrozenBase, lora: Option<&TrainableLora>, ids: &[u32]) -> Result<Vec<f32>> {
+    let labels = vec![IGNORE_INDEX; ids.len()];
+    let seqs = [SeqRef { ids, labels: &labels, adapter: 0, loss_weight: 0.0 }];
+    let adapters: Vec<AdapterRef> = lora.map(|lora| AdapterRef { lora, dropout_seed: 0 }).into_iter().collect();
+    let lay = layout(base, &adapters, &seqs)?;
+    let (x, _) = forward_layers(base, &adapters, &seqs, &lay, false)?;
+    let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
+    Ok(base.lm_head.forward(&hf, ids.len())?.pop().unwrap_or_default())
+}
