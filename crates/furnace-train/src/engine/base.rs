@@ -19,36 +19,6 @@ use std::sync::Arc;
 /// Largest reduction width of one packed backward block.
 const BWD_BLOCK: usize = 2048;
 
-/// Row-major `[m, k] x [n, k]^T` in f32 through candle's GEMM.
-pub(crate) fn mm_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
-    if m == 0 || n == 0 {
-        return Ok(vec![0f32; m * n]);
-    }
-    let x = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
-    let w = Tensor::from_slice(w, (n, k), &Device::Cpu)?;
-    Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1()?)
-}
-
-/// Row-major `[m, k] x [k, n]` in f32.
-pub(crate) fn mm_nn(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
-    if m == 0 || n == 0 {
-        return Ok(vec![0f32; m * n]);
-    }
-    let x = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
-    let w = Tensor::from_slice(w, (k, n), &Device::Cpu)?;
-    Ok(x.matmul(&w)?.flatten_all()?.to_vec1()?)
-}
-
-/// Row-major `[m, k]^T x [m, n]` = `[k, n]` in f32.
-pub(crate) fn mm_tn(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
-    if m == 0 {
-        return Ok(vec![0f32; k * n]);
-    }
-    let x = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
-    let w = Tensor::from_slice(w, (m, n), &Device::Cpu)?;
-    Ok(x.t()?.matmul(&w)?.flatten_all()?.to_vec1()?)
-}
-
 enum Form {
     /// f32 weights `[out, in]`, one per projection.
     F32(Vec<Tensor>),

@@ -23,7 +23,6 @@ pub use base::{FrozenBase, FrozenGroup, FrozenLayer};
 
 use crate::error::{Error, Result};
 use crate::lora::{TrainableLora, PROJ};
-use base::{mm_nn, mm_nt, mm_tn};
 use ops::Heads;
 use std::borrow::Cow;
 
@@ -66,6 +65,40 @@ pub struct PassResult {
     pub tokens: Vec<usize>,
     /// Gradients of the weighted objective (empty for evaluation).
     pub grads: Vec<TrainableLora>,
+}
+
+/// Per-phase wall time of a pass, printed to stderr when `FURNACE_TRACE` is set (a
+/// profiling aid; costs one clock read per phase otherwise skipped).
+struct Prof {
+    on: bool,
+    t: std::time::Instant,
+    acc: Vec<(&'static str, f64)>,
+}
+
+impl Prof {
+    fn new() -> Self {
+        Self { on: std::env::var_os("FURNACE_TRACE").is_some(), t: std::time::Instant::now(), acc: Vec::new() }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        if !self.on {
+            return;
+        }
+        let dt = self.t.elapsed().as_secs_f64();
+        self.t = std::time::Instant::now();
+        match self.acc.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 += dt,
+            None => self.acc.push((name, dt)),
+        }
+    }
+
+    fn report(&self) {
+        if self.on {
+            let total: f64 = self.acc.iter().map(|e| e.1).sum();
+            let parts: Vec<String> = self.acc.iter().map(|(n, t)| format!("{n} {:.0}ms", t * 1e3)).collect();
+            eprintln!("[trace] pass {:.0}ms: {}", total * 1e3, parts.join(", "));
+        }
+    }
 }
 
 /// A contiguous run of rows trained by one adapter.
@@ -262,12 +295,9 @@ fn lora_forward(adapters: &[AdapterRef], segs: &[Seg], site: &LoraSite, y: &mut 
             saved.push(None);
             continue;
         };
-        let n = seg.r1 - seg.r0;
         let zd = dropped(site, seg, a, train);
-        let p = mm_nt(&zd, n, site.inp, &pair.a, pair.r)?;
-        let d = mm_nt(&p, n, pair.r, &pair.b, site.out)?;
-        let s = a.lora.scale;
-        y[seg.r0 * site.out..seg.r1 * site.out].iter_mut().zip(&d).for_each(|(o, v)| *o += s * v);
+        let p = ops::lora_down(&zd, site.inp, &pair.a, pair.r);
+        ops::lora_up_add(&mut y[seg.r0 * site.out..seg.r1 * site.out], site.out, &p, pair.r, &pair.b, a.lora.scale);
         saved.push(Some(p));
     }
     Ok(saved)
@@ -287,14 +317,9 @@ fn lora_backward(
         let Some(p) = p else { continue };
         let a = &adapters[seg.adapter];
         let Some(pair) = &a.lora.layers[site.li][site.pi] else { continue };
-        let (n, r, s) = (seg.r1 - seg.r0, pair.r, a.lora.scale);
         let dys = &dy[seg.r0 * site.out..seg.r1 * site.out];
-        let db = mm_tn(dys, n, site.out, p, r)?;
-        let mut dp = mm_nn(dys, n, site.out, &pair.b, r)?;
-        dp.iter_mut().for_each(|v| *v *= s);
         let zd = dropped(site, seg, a, true);
-        let da = mm_tn(&dp, n, r, &zd, site.inp)?;
-        let mut dzd = mm_nn(&dp, n, r, &pair.a, site.inp)?;
+        let (da, db, mut dzd) = ops::lora_backward(&zd, site.inp, &pair.a, pair.r, &pair.b, site.out, a.lora.scale, p, dys);
         let drop = a.lora.config.lora_dropout as f32;
         if drop > 0.0 {
             // The mask again (same seed): 1/(1-p) where kept, 0 where dropped.
@@ -305,7 +330,7 @@ fn lora_backward(
         dz[seg.r0 * site.inp..seg.r1 * site.inp].iter_mut().zip(&dzd).for_each(|(o, v)| *o += v);
         if let Some(g) = &mut grads[seg.adapter].layers[site.li][site.pi] {
             g.a.iter_mut().zip(&da).for_each(|(o, v)| *o += v);
-            g.b.iter_mut().zip(&db).for_each(|(o, v)| *o += s * v);
+            g.b.iter_mut().zip(&db).for_each(|(o, v)| *o += v);
         }
     }
     Ok(())
@@ -322,6 +347,7 @@ fn forward_layers(
     seqs: &[SeqRef],
     lay: &Layout,
     train: bool,
+    prof: &mut Prof,
 ) -> Result<(Vec<f32>, Vec<LayerTape>)> {
     let c = &base.config;
     let t = lay.rows;
@@ -334,32 +360,46 @@ fn forward_layers(
     let mut tapes = Vec::new();
     let segs = &lay.segs;
     for (li, layer) in base.layers.iter().enumerate() {
+        prof.lap("f.other");
         let (h1, rstd1) = ops::rms_norm(&x, &layer.ln1, eps);
+        prof.lap("f.norm");
         let mut qkv = layer.qkv.forward(&h1, t)?;
+        prof.lap("f.gemm");
         let mut v = qkv.pop().unwrap_or_default();
         let mut k = qkv.pop().unwrap_or_default();
         let mut q = qkv.pop().unwrap_or_default();
         let pq = lora_forward(adapters, segs, &site(c, li, 0, &h1), &mut q, train)?;
         let pk = lora_forward(adapters, segs, &site(c, li, 1, &h1), &mut k, train)?;
         let pv = lora_forward(adapters, segs, &site(c, li, 2, &h1), &mut v, train)?;
+        prof.lap("f.lora");
         drop(h1);
         ops::rope(&mut q, &lay.pos, heads.dim, &tables, false);
         ops::rope(&mut k, &lay.pos, heads.dim, &tables, false);
+        prof.lap("f.rope");
         let (attn, probs) = ops::attention(&q, &k, &v, &lay.spans, heads);
+        prof.lap("f.attn");
         let mut o = layer.o.forward(&attn, t)?.pop().unwrap_or_default();
+        prof.lap("f.gemm");
         let po = lora_forward(adapters, segs, &site(c, li, 3, &attn), &mut o, train)?;
+        prof.lap("f.lora");
         let mut x2 = o;
         add_into(&mut x2, &x);
         let (h2, rstd2) = ops::rms_norm(&x2, &layer.ln2, eps);
+        prof.lap("f.norm");
         let mut gu = layer.gate_up.forward(&h2, t)?;
+        prof.lap("f.gemm");
         let mut u = gu.pop().unwrap_or_default();
         let mut g = gu.pop().unwrap_or_default();
         let pg = lora_forward(adapters, segs, &site(c, li, 4, &h2), &mut g, train)?;
         let pu = lora_forward(adapters, segs, &site(c, li, 5, &h2), &mut u, train)?;
+        prof.lap("f.lora");
         drop(h2);
         let a = ops::swiglu(&g, &u);
+        prof.lap("f.swiglu");
         let mut d = layer.down.forward(&a, t)?.pop().unwrap_or_default();
+        prof.lap("f.gemm");
         let pd = lora_forward(adapters, segs, &site(c, li, 6, &a), &mut d, train)?;
+        prof.lap("f.lora");
         add_into(&mut d, &x2);
         let x3 = d;
         if train {
@@ -435,10 +475,13 @@ pub fn train_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -
     let c = &base.config;
     let (t, eps) = (lay.rows, c.rms_norm_eps as f32);
     let heads = Heads { q: c.num_heads, kv: c.num_kv_heads, dim: c.head_dim };
-    let (x, mut tapes) = forward_layers(base, adapters, seqs, &lay, true)?;
+    let mut prof = Prof::new();
+    let (x, mut tapes) = forward_layers(base, adapters, seqs, &lay, true, &mut prof)?;
+    prof.lap("f.other");
     let (hf, rstdf) = ops::rms_norm(&x, &base.norm, eps);
     let rows = loss_rows(seqs, &lay);
     let (loss_sum, tokens, dhf) = head_loss(base, &hf, &rows, adapters.len(), true)?;
+    prof.lap("head+loss");
     drop(hf);
     let mut grads: Vec<TrainableLora> = adapters.iter().map(|a| a.lora.zeros_like()).collect();
     let mut dx = vec![0f32; x.len()];
@@ -451,43 +494,62 @@ pub fn train_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -
             return Err(Error::Input("internal: missing layer tape".into()));
         };
         // MLP.
+        prof.lap("b.other");
         let a = ops::swiglu(&tp.g, &tp.u);
+        prof.lap("b.swiglu");
         let mut da = layer.down.backward(&[&dx], t)?;
+        prof.lap("b.gemm");
         lora_backward(adapters, segs, &site(c, li, 6, &a), &dx, &tp.p[6], &mut grads, &mut da)?;
+        prof.lap("b.lora");
         drop(a);
         let (dg, du) = ops::swiglu_backward(&tp.g, &tp.u, &da);
         drop(da);
+        prof.lap("b.swiglu");
         let h2 = ops::rms_norm_apply(&tp.x2, &layer.ln2, &tp.rstd2);
+        prof.lap("b.norm");
         let mut dh2 = layer.gate_up.backward(&[&dg, &du], t)?;
+        prof.lap("b.gemm");
         lora_backward(adapters, segs, &site(c, li, 4, &h2), &dg, &tp.p[4], &mut grads, &mut dh2)?;
         lora_backward(adapters, segs, &site(c, li, 5, &h2), &du, &tp.p[5], &mut grads, &mut dh2)?;
+        prof.lap("b.lora");
         drop((h2, dg, du));
         let mut dx2 = dx;
         ops::rms_norm_backward(&tp.x2, &layer.ln2, &tp.rstd2, &dh2, &mut dx2);
         drop(dh2);
+        prof.lap("b.norm");
         // Attention.
         let mut dattn = layer.o.backward(&[&dx2], t)?;
+        prof.lap("b.gemm");
         lora_backward(adapters, segs, &site(c, li, 3, &tp.attn), &dx2, &tp.p[3], &mut grads, &mut dattn)?;
+        prof.lap("b.lora");
         let (mut dq, mut dk, dv) = ops::attention_backward(&tp.q, &tp.k, &tp.v, &tp.probs, &dattn, &lay.spans, heads);
         drop(dattn);
+        prof.lap("b.attn");
         ops::rope(&mut dq, &lay.pos, heads.dim, &tables, true);
         ops::rope(&mut dk, &lay.pos, heads.dim, &tables, true);
         let h1 = ops::rms_norm_apply(&tp.x, &layer.ln1, &tp.rstd1);
+        prof.lap("b.norm");
         let mut dh1 = layer.qkv.backward(&[&dq, &dk, &dv], t)?;
+        prof.lap("b.gemm");
         lora_backward(adapters, segs, &site(c, li, 0, &h1), &dq, &tp.p[0], &mut grads, &mut dh1)?;
         lora_backward(adapters, segs, &site(c, li, 1, &h1), &dk, &tp.p[1], &mut grads, &mut dh1)?;
         lora_backward(adapters, segs, &site(c, li, 2, &h1), &dv, &tp.p[2], &mut grads, &mut dh1)?;
+        prof.lap("b.lora");
         drop(h1);
         dx = dx2;
         ops::rms_norm_backward(&tp.x, &layer.ln1, &tp.rstd1, &dh1, &mut dx);
+        prof.lap("b.norm");
+        drop(tp);
     }
+    prof.lap("b.other");
+    prof.report();
     Ok(PassResult { loss_sum, tokens, grads })
 }
 
 /// Forward only (no dropout, nothing kept): each adapter's loss sum and labelled tokens.
 pub fn eval_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<PassResult> {
     let lay = layout(base, adapters, seqs)?;
-    let (x, _) = forward_layers(base, adapters, seqs, &lay, false)?;
+    let (x, _) = forward_layers(base, adapters, seqs, &lay, false, &mut Prof::new())?;
     let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
     let rows = loss_rows(seqs, &lay);
     let (loss_sum, tokens, _) = head_loss(base, &hf, &rows, adapters.len(), false)?;
@@ -497,7 +559,7 @@ pub fn eval_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) ->
 /// [`eval_pass`] of the base model alone (all sequences' losses summed into one entry).
 pub fn eval_pass_base(base: &FrozenBase, seqs: &[SeqRef]) -> Result<PassResult> {
     let lay = layout(base, &[], seqs)?;
-    let (x, _) = forward_layers(base, &[], seqs, &lay, false)?;
+    let (x, _) = forward_layers(base, &[], seqs, &lay, false, &mut Prof::new())?;
     let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
     let rows: Vec<_> = loss_rows(seqs, &lay).into_iter().map(|(r, t, w, _)| (r, t, w, 0)).collect();
     let (loss_sum, tokens, _) = head_loss(base, &hf, &rows, 1, false)?;
@@ -511,7 +573,7 @@ pub fn logits(base: &FrozenBase, lora: Option<&TrainableLora>, ids: &[u32]) -> R
     let seqs = [SeqRef { ids, labels: &labels, adapter: 0, loss_weight: 0.0 }];
     let adapters: Vec<AdapterRef> = lora.map(|lora| AdapterRef { lora, dropout_seed: 0 }).into_iter().collect();
     let lay = layout(base, &adapters, &seqs)?;
-    let (x, _) = forward_layers(base, &adapters, &seqs, &lay, false)?;
+    let (x, _) = forward_layers(base, &adapters, &seqs, &lay, false, &mut Prof::new())?;
     let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
     Ok(base.lm_head.forward(&hf, ids.len())?.pop().unwrap_or_default())
 }
