@@ -119,8 +119,11 @@ pub type RawRow = (usize, std::result::Result<Value, String>);
 /// Reads raw rows (JSON objects) with their line numbers.
 pub fn read_rows(path: &Path) -> Result<Vec<RawRow>, DataError> {
     let file_err = |msg: String| DataError::File { path: path.to_path_buf(), msg };
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if ext == "parquet" {
+        return read_parquet(path);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
     let rows = match ext.as_str() {
         "jsonl" => {
             let mut rows = Vec::new();
@@ -158,8 +161,26 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>, DataError> {
             }
             rows
         }
-        other => return Err(file_err(format!("unsupported extension '.{other}' (expected .jsonl, .json or .csv)"))),
+        other => return Err(file_err(format!("unsupported extension '.{other}' (expected .jsonl, .json, .csv or .parquet)"))),
     };
+    if rows.is_empty() {
+        return Err(file_err("the dataset is empty".into()));
+    }
+    Ok(rows)
+}
+
+/// Rows of a Parquet file as JSON objects (row index + 1 as the line). Nested columns
+/// (a `messages` list of structs) become JSON lists and objects.
+fn read_parquet(path: &Path) -> Result<Vec<RawRow>, DataError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file_err = |msg: String| DataError::File { path: path.to_path_buf(), msg };
+    let file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| file_err(format!("not a readable Parquet file: {e}")))?;
+    let iter = reader.get_row_iter(None).map_err(|e| file_err(format!("cannot read rows: {e}")))?;
+    let rows: Vec<RawRow> = iter
+        .enumerate()
+        .map(|(i, row)| (i + 1, row.map(|r| r.to_json_value()).map_err(|e| format!("unreadable row: {e}"))))
+        .collect();
     if rows.is_empty() {
         return Err(file_err("the dataset is empty".into()));
     }

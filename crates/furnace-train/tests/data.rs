@@ -38,7 +38,9 @@ fn row_forms_and_file_formats_give_the_same_examples() {
     let ex = &a.examples[0];
     assert_eq!(completion_text(&tok, &ex.ids, &ex.labels), "Paris.<|im_end|>\n");
     assert!(ex.labels[0] == IGNORE_INDEX);
-    for p in [&pc, &ins, &csv] {
+    let parquet = testdata().join("parquet");
+    let (pq_chat, pq_pc) = (parquet.join("chat.parquet"), parquet.join("pc_zstd.parquet"));
+    for p in [&pc, &ins, &csv, &pq_chat, &pq_pc] {
         assert_eq!(load_dataset(p, &tok, &tpl, &opts).unwrap().examples, a.examples, "{}", p.display());
     }
     // Training on everything: no label is ignored.
@@ -48,6 +50,23 @@ fn row_forms_and_file_formats_give_the_same_examples() {
     let mapped = write(&dir, "mapped.jsonl", "{\"q\": \"Capital of France?\", \"a\": \"Paris.\", \"sys\": \"Be terse.\"}\n");
     let cols = Columns { prompt: "q".into(), completion: "a".into(), system: "sys".into(), ..Columns::default() };
     assert_eq!(load_dataset(&mapped, &tok, &tpl, &DataOptions { columns: cols, ..opts }).unwrap().examples, a.examples);
+}
+
+#[test]
+fn parquet_rows_name_their_row_when_bad() {
+    let (tok, tpl) = text();
+    let missing = testdata().join("parquet").join("missing.parquet");
+    let opts = DataOptions::default();
+    match load_dataset(&missing, &tok, &tpl, &opts) {
+        Err(DataError::Row { line, .. }) => assert_eq!(line, 2),
+        other => panic!("expected a bad row 2, got {other:?}"),
+    }
+    let ok = load_dataset(&missing, &tok, &tpl, &DataOptions { skip_bad_rows: true, ..opts.clone() }).unwrap();
+    assert_eq!((ok.examples.len(), ok.skipped), (1, 1));
+    // Not Parquet at all.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = write(&dir, "fake.parquet", "prompt,completion\n");
+    assert!(matches!(load_dataset(&fake, &tok, &tpl, &opts), Err(DataError::File { ref msg, .. }) if msg.contains("Parquet")));
 }
 
 #[test]
