@@ -76,7 +76,7 @@ fn bench_train(a: TrainBenchArgs) -> Result<()> {
             ..Default::default()
         },
         lora,
-        examples.len(),
+        &examples,
     )?;
     let mut times = Vec::new();
     for step in 0..a.warmup + a.steps {

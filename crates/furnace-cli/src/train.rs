@@ -99,7 +99,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     );
     let frozen = FrozenBase::new(&loaded.model)?;
     let exp_dir = a.runs_dir.join(&spec.experiment.name);
-    let config = spec.train_config(train.examples.len());
+    let config = spec.train_config(&train.examples);
 
     // Everything is validated; only now does anything get written.
     let (run_dir, mut trainer) = match &a.resume {
@@ -113,7 +113,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             };
             let ckpt = last_checkpoint(&run).with_context(|| format!("{} has no checkpoint to resume from", run.display()))?;
             eprintln!("resuming {} from {}", run.display(), ckpt.display());
-            let t = Trainer::resume(&loaded.model, &ckpt, config, train.examples.len())?;
+            let t = Trainer::resume(&loaded.model, &ckpt, config, &train.examples)?;
             (run, t)
         }
         None => {
@@ -128,7 +128,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             std::fs::copy(&a.spec, run.join("spec.toml"))?;
             std::fs::write(run.join("resolved.json"), serde_json::to_string_pretty(&spec)?)?;
             let lora = TrainableLora::new(&loaded.model, spec.lora_config(), spec.init(), spec.experiment.seed)?;
-            let t = Trainer::new(config, lora, train.examples.len())?;
+            let t = Trainer::new(config, lora, &train.examples)?;
             (run, t)
         }
     };

@@ -143,6 +143,14 @@ pub struct TrainerSpec {
     /// Checkpoint every N steps (0 = only at the end).
     #[serde(default)]
     pub save_every: usize,
+    /// Sample packing: fill each micro-batch with examples up to `batch_size x
+    /// max_seq_len` tokens instead of `batch_size` examples (no padding, no attention
+    /// across examples either way).
+    #[serde(default)]
+    pub packing: bool,
+    /// Group examples of similar length into the same micro-batches.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 /// A whole spec.
@@ -232,8 +240,8 @@ impl Spec {
         if self.lora.alpha.is_nan() || self.lora.alpha <= 0.0 {
             return Err(invalid("lora.alpha", "must be > 0"));
         }
-        if self.lora.dropout != 0.0 {
-            return Err(invalid("lora.dropout", "LoRA dropout is not supported yet; use 0"));
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return Err(invalid("lora.dropout", "must be in [0, 1)"));
         }
         self.lora_init()?;
         self.lora_config().validate().map_err(|e| invalid("lora.targets", e.to_string()))?;
@@ -321,21 +329,27 @@ impl Spec {
     }
 
     /// Trainer settings for a dataset of `n` examples.
-    pub fn train_config(&self, n: usize) -> TrainConfig {
+    pub fn train_config(&self, examples: &[crate::Example]) -> TrainConfig {
         let t = &self.trainer;
-        let per_step = t.batch_size * t.grad_accum;
-        let total = t.max_steps.unwrap_or_else(|| (n * t.epochs).div_ceil(per_step)).max(1);
-        let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
-        TrainConfig {
+        let mut cfg = TrainConfig {
             optimizer: AdamWConfig { lr: t.learning_rate, weight_decay: t.weight_decay, ..Default::default() },
             schedule: self.schedule().unwrap_or(ScheduleKind::Linear),
-            warmup_steps: warmup,
+            warmup_steps: 0,
             batch_size: t.batch_size,
             grad_accum: t.grad_accum,
             max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
             epochs: t.epochs,
-            max_steps: Some(total),
+            max_steps: None,
             seed: self.experiment.seed,
-        }
+            packing: t.packing.then_some(t.batch_size * t.max_seq_len),
+            group_by_length: t.group_by_length,
+        };
+        let total = t
+            .max_steps
+            .unwrap_or_else(|| crate::Trainer::steps_per_epoch(&cfg, examples) * t.epochs.max(1))
+            .max(1);
+        cfg.max_steps = Some(total);
+        cfg.warmup_steps = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
+        cfg
     }
 }

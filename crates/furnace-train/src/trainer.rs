@@ -34,6 +34,14 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     /// Seed of the data order.
     pub seed: u64,
+    /// Sample packing: a micro-batch takes examples until this many tokens (TRL's
+    /// `max_seq_len x batch_size` rows) instead of `batch_size` examples. Examples are
+    /// laid end to end without padding and never attend to each other.
+    pub packing: Option<usize>,
+    /// Sort each window of 50 micro-batches of the shuffled order by length (longest
+    /// first), as transformers' `group_by_length` does, so micro-batches hold examples of
+    /// similar length.
+    pub group_by_length: bool,
 }
 
 impl Default for TrainConfig {
@@ -48,6 +56,8 @@ impl Default for TrainConfig {
             epochs: 1,
             max_steps: None,
             seed: 42,
+            packing: None,
+            group_by_length: false,
         }
     }
 }
@@ -105,22 +115,57 @@ pub struct Trainer {
     order: Vec<usize>,
     epoch: usize,
     offset: usize,
-    n_examples: usize,
+    lengths: Vec<usize>,
+}
+
+/// The example order of one epoch: a seeded shuffle, optionally grouped by length.
+fn epoch_order(config: &TrainConfig, lengths: &[usize], epoch: usize) -> Vec<usize> {
+    let mut rng = Rng::new(config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    for i in (1..order.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    if config.group_by_length {
+        let window = (config.batch_size * config.grad_accum * 50).max(1);
+        for w in order.chunks_mut(window) {
+            w.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        }
+    }
+    order
+}
+
+/// Micro-batches a run takes per pass over the data (packing makes it depend on lengths).
+fn micro_batches_per_epoch(config: &TrainConfig, lengths: &[usize]) -> usize {
+    match config.packing {
+        None => lengths.len().div_ceil(config.batch_size),
+        Some(budget) => {
+            let (mut batches, mut used) = (0, 0);
+            for i in epoch_order(config, lengths, 0) {
+                if used == 0 || used + lengths[i] > budget {
+                    batches += 1;
+                    used = 0;
+                }
+                used += lengths[i];
+            }
+            batches
+        }
+    }
 }
 
 impl Trainer {
-    /// A trainer over `n_examples` examples for `lora` (already attached to the model).
-    pub fn new(config: TrainConfig, lora: TrainableLora, n_examples: usize) -> Result<Self> {
-        if n_examples == 0 {
+    /// A trainer over `examples` for `lora`.
+    pub fn new(config: TrainConfig, lora: TrainableLora, examples: &[Example]) -> Result<Self> {
+        if examples.is_empty() {
             return Err(Error::Input("the training set is empty".into()));
         }
-        if config.batch_size == 0 || config.grad_accum == 0 {
-            return Err(Error::Input("batch_size and grad_accum must be > 0".into()));
+        if config.batch_size == 0 || config.grad_accum == 0 || config.packing == Some(0) {
+            return Err(Error::Input("batch_size, grad_accum and the packing budget must be > 0".into()));
         }
-        let per_step = config.batch_size * config.grad_accum;
-        let total_steps = config
-            .max_steps
-            .unwrap_or_else(|| (n_examples * config.epochs.max(1)).div_ceil(per_step));
+        let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+        let total_steps = config.max_steps.unwrap_or_else(|| {
+            (micro_batches_per_epoch(&config, &lengths) * config.epochs.max(1)).div_ceil(config.grad_accum)
+        });
         let schedule = Schedule {
             kind: config.schedule,
             lr: config.optimizer.lr,
@@ -129,9 +174,15 @@ impl Trainer {
         };
         let sizes: Vec<usize> = lora.named().iter().map(|(_, _, v)| v.len()).collect();
         let opt = AdamW::new(&sizes, config.optimizer.clone());
-        let mut t = Self { config, lora, opt, schedule, order: Vec::new(), epoch: 0, offset: 0, n_examples };
-        t.order = t.epoch_order(0);
-        Ok(t)
+        let order = epoch_order(&config, &lengths, 0);
+        Ok(Self { config, lora, opt, schedule, order, epoch: 0, offset: 0, lengths })
+    }
+
+    /// Optimizer steps one pass over `examples` takes with `config` (packing and
+    /// accumulation included).
+    pub fn steps_per_epoch(config: &TrainConfig, examples: &[Example]) -> usize {
+        let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+        micro_batches_per_epoch(config, &lengths).div_ceil(config.grad_accum).max(1)
     }
 
     /// Total optimizer steps of the run.
@@ -149,37 +200,54 @@ impl Trainer {
         self.opt.step >= self.schedule.total_steps
     }
 
-    fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let mut rng = Rng::new(self.config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut order: Vec<usize> = (0..self.n_examples).collect();
-        for i in (1..order.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
-        order
-    }
-
-    fn next_index(&mut self) -> usize {
+    fn peek_index(&mut self) -> usize {
         if self.offset >= self.order.len() {
             self.epoch += 1;
             self.offset = 0;
-            self.order = self.epoch_order(self.epoch);
+            self.order = epoch_order(&self.config, &self.lengths, self.epoch);
         }
-        let i = self.order[self.offset];
+        self.order[self.offset]
+    }
+
+    fn next_index(&mut self) -> usize {
+        let i = self.peek_index();
         self.offset += 1;
         i
+    }
+
+    /// The next micro-batch: `batch_size` examples, or with packing as many as fit the
+    /// token budget (at least one).
+    fn next_micro_batch(&mut self) -> Vec<usize> {
+        match self.config.packing {
+            None => (0..self.config.batch_size).map(|_| self.next_index()).collect(),
+            Some(budget) => {
+                let mut picks = vec![self.next_index()];
+                let mut used = self.lengths[picks[0]];
+                // Stop at the end of an epoch, as the step count assumes.
+                while self.offset < self.order.len() {
+                    let i = self.peek_index();
+                    if used + self.lengths[i] > budget {
+                        break;
+                    }
+                    used += self.lengths[i];
+                    picks.push(self.next_index());
+                }
+                picks
+            }
+        }
     }
 
     /// One optimizer step: `grad_accum` micro-batches of `batch_size` examples, each one
     /// ragged pass through the model; the loss is the mean over all their completion tokens
     /// (as transformers computes it).
     pub fn step(&mut self, base: &FrozenBase, examples: &[Example]) -> Result<StepMetrics> {
-        if examples.len() != self.n_examples {
-            return Err(Error::Input(format!("trainer built for {} examples, given {}", self.n_examples, examples.len())));
+        if examples.len() != self.lengths.len() {
+            return Err(Error::Input(format!("trainer built for {} examples, given {}", self.lengths.len(), examples.len())));
         }
-        let picks: Vec<usize> = (0..self.config.batch_size * self.config.grad_accum).map(|_| self.next_index()).collect();
-        let total: usize = picks
+        let batches: Vec<Vec<usize>> = (0..self.config.grad_accum).map(|_| self.next_micro_batch()).collect();
+        let total: usize = batches
             .iter()
+            .flatten()
             .map(|&i| examples[i].labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count())
             .sum();
         if total == 0 {
@@ -189,7 +257,7 @@ impl Trainer {
         let mut grads = self.lora.zeros_like();
         let mut loss_sum = 0f64;
         let mut tokens = 0;
-        for (mb, chunk) in picks.chunks(self.config.batch_size).enumerate() {
+        for (mb, chunk) in batches.iter().enumerate() {
             let seqs: Vec<SeqRef> = chunk
                 .iter()
                 .map(|&i| SeqRef { ids: &examples[i].ids, labels: &examples[i].labels, adapter: 0, loss_weight: weight })
@@ -222,7 +290,7 @@ impl Trainer {
         }
         let state = serde_json::json!({
             "step": self.opt.step, "epoch": self.epoch, "offset": self.offset,
-            "n_examples": self.n_examples, "seed": self.config.seed, "params": m.len(),
+            "n_examples": self.lengths.len(), "seed": self.config.seed, "params": m.len(),
         });
         crate::lora::replace_dir(dir, |tmp| {
             self.lora.save_peft(&tmp.join("adapter"), base_model)?;
@@ -235,7 +303,8 @@ impl Trainer {
 
     /// Rebuilds a trainer from a checkpoint: its adapter (checked against `model`), the
     /// optimizer moments, step and data position, so training continues exactly.
-    pub fn resume(model: &Llama, dir: &Path, config: TrainConfig, n_examples: usize) -> Result<Self> {
+    pub fn resume(model: &Llama, dir: &Path, config: TrainConfig, examples: &[Example]) -> Result<Self> {
+        let n_examples = examples.len();
         let bad = |m: String| Error::Input(format!("checkpoint {}: {m}", dir.display()));
         let state: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| bad(e.to_string()))?,
@@ -247,7 +316,7 @@ impl Trainer {
         }
         let adapter = PeftAdapter::load(&dir.join("adapter"))?;
         let lora = TrainableLora::from_adapter(model, &adapter)?;
-        let mut t = Self::new(config, lora, n_examples)?;
+        let mut t = Self::new(config, lora, examples)?;
         let opt_t = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
         let n = get("params")?;
         let take = |p: &str, k: usize| -> Result<Vec<f32>> {
@@ -258,7 +327,7 @@ impl Trainer {
         let v = (0..n).map(|k| take("v", k)).collect::<Result<Vec<_>>>()?;
         t.opt.restore(m, v, get("step")?)?;
         t.epoch = get("epoch")?;
-        t.order = t.epoch_order(t.epoch);
+        t.order = epoch_order(&t.config, &t.lengths, t.epoch);
         t.offset = get("offset")?;
         Ok(t)
     }

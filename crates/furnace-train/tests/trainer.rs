@@ -37,7 +37,7 @@ fn config() -> TrainConfig {
 fn new_trainer(m: &LoadedModel, cfg: TrainConfig) -> Trainer {
     let lc: LoraConfig = serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})).unwrap();
     let lora = TrainableLora::new(&m.model, lc, LoraInit::KaimingUniform, 5).unwrap();
-    Trainer::new(cfg, lora, examples().len()).unwrap()
+    Trainer::new(cfg, lora, &examples()).unwrap()
 }
 
 #[test]
@@ -63,7 +63,7 @@ fn resumed_training_equals_uninterrupted_training() -> anyhow::Result<()> {
     drop(first);
     let m2 = tiny();
     let base2 = FrozenBase::new(&m2.model)?;
-    let mut resumed = Trainer::resume(&m2.model, &ckpt, config(), data.len())?;
+    let mut resumed = Trainer::resume(&m2.model, &ckpt, config(), &data)?;
     assert_eq!(resumed.steps_done(), 3);
     while !resumed.finished() {
         got.push(resumed.step(&base2, &data)?.loss);
@@ -112,6 +112,34 @@ fn eval_loss_and_bad_settings() -> anyhow::Result<()> {
     assert!(eval_loss(&base, Some(&t.lora), &data)? < before);
     let lc: LoraConfig = serde_json::from_value(serde_json::json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))?;
     let lora = TrainableLora::new(&m.model, lc, LoraInit::KaimingUniform, 1)?;
-    assert!(Trainer::new(config(), lora, 0).is_err());
+    assert!(Trainer::new(config(), lora, &[]).is_err());
+    Ok(())
+}
+
+#[test]
+fn packing_fills_micro_batches_to_the_token_budget() -> anyhow::Result<()> {
+    // Example lengths 6..=12 (63 tokens); a budget of 20 tokens packs 2 or 3 per micro-batch.
+    let data = examples();
+    let m = tiny();
+    let base = FrozenBase::new(&m.model)?;
+    let packed = TrainConfig { packing: Some(20), grad_accum: 1, max_steps: None, epochs: 1, ..config() };
+    let steps = Trainer::steps_per_epoch(&packed, &data);
+    assert!((3..=5).contains(&steps), "{steps} packed micro-batches for 63 tokens in 20-token budgets");
+    let mut t = new_trainer(&m, packed.clone());
+    assert_eq!(t.total_steps(), steps);
+    let mut seen = 0;
+    while !t.finished() {
+        let s = t.step(&base, &data)?;
+        assert!(s.tokens <= 20, "{} tokens over the budget", s.tokens);
+        seen += s.tokens;
+    }
+    assert_eq!(seen, data.iter().map(|e| e.ids.len()).sum::<usize>(), "one epoch visits every example once");
+    // Without packing a micro-batch is batch_size examples.
+    assert_eq!(Trainer::steps_per_epoch(&TrainConfig { grad_accum: 1, ..config() }, &data), 4);
+    // Grouping by length orders each window longest first, and still visits everything.
+    let grouped = TrainConfig { group_by_length: true, batch_size: 1, grad_accum: 1, max_steps: Some(7), ..config() };
+    let mut g = new_trainer(&m, grouped);
+    let lens: Vec<usize> = (0..7).map(|_| g.step(&base, &data).unwrap().tokens).collect();
+    assert_eq!(lens, vec![12, 11, 10, 9, 8, 7, 6]);
     Ok(())
 }
