@@ -268,7 +268,7 @@ fn combo_rows(r: usize, out: &mut [f32], ldo: usize, ws: &[f32], ldw: usize, n: 
 }
 
 /// Splits `buf` into consecutive mutable blocks of the given sizes.
-fn split_blocks<'a>(mut buf: &'a mut [f32], sizes: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+fn split_blocks(mut buf: &mut [f32], sizes: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     let mut out = Vec::new();
     for n in sizes {
         let (a, b) = std::mem::take(&mut buf).split_at_mut(n);
