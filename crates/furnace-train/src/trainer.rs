@@ -104,6 +104,48 @@ pub fn eval_loss(base: &FrozenBase, lora: Option<&TrainableLora>, examples: &[Ex
     Ok(sum / n as f64)
 }
 
+/// The examples and running sums of one run's optimizer step.
+struct StepPlan {
+    batches: Vec<Vec<usize>>,
+    total: usize,
+    grads: TrainableLora,
+    loss_sum: f64,
+    tokens: usize,
+}
+
+/// One optimizer step for each of `trainers` (runs over the same examples and the same
+/// frozen base), trained together: micro-batch `j` of every run that has one goes into the
+/// same pass, where the frozen GEMMs run once over all their rows and each adapter updates
+/// only its own rows. Runs may differ in everything of their own (adapter shape and
+/// targets, optimizer, schedule, batch size, accumulation, seed, dropout); each gets
+/// exactly the step it would take alone.
+pub fn fused_step(base: &FrozenBase, trainers: &mut [&mut Trainer], examples: &[Example]) -> Result<Vec<StepMetrics>> {
+    let mut plans = trainers.iter_mut().map(|t| t.plan_step(examples)).collect::<Result<Vec<_>>>()?;
+    let passes = plans.iter().map(|p| p.batches.len()).max().unwrap_or(0);
+    for mb in 0..passes {
+        let mut adapters = Vec::new();
+        let mut owners = Vec::new();
+        let mut seqs = Vec::new();
+        for (ti, (t, plan)) in trainers.iter().zip(plans.iter_mut()).enumerate() {
+            let Some(batch) = plan.batches.get(mb) else { continue };
+            let a = adapters.len();
+            adapters.push(AdapterRef { lora: &t.lora, dropout_seed: t.dropout_seed(mb) });
+            owners.push(ti);
+            let weight = 1.0 / plan.total as f32;
+            for &i in batch {
+                plan.tokens += examples[i].ids.len();
+                seqs.push(SeqRef { ids: &examples[i].ids, labels: &examples[i].labels, adapter: a, loss_weight: weight });
+            }
+        }
+        let r = engine::train_pass(base, &adapters, &seqs)?;
+        for (a, &ti) in owners.iter().enumerate() {
+            plans[ti].loss_sum += r.loss_sum[a];
+            plans[ti].grads.add(&r.grads[a]);
+        }
+    }
+    trainers.iter_mut().zip(plans).map(|(t, p)| t.apply_step(p)).collect()
+}
+
 /// Trains one LoRA configuration over a dataset.
 pub struct Trainer {
     /// Settings.
@@ -241,6 +283,12 @@ impl Trainer {
     /// ragged pass through the model; the loss is the mean over all their completion tokens
     /// (as transformers computes it).
     pub fn step(&mut self, base: &FrozenBase, examples: &[Example]) -> Result<StepMetrics> {
+        let mut out = fused_step(base, &mut [self], examples)?;
+        out.pop().ok_or_else(|| Error::Input("internal: no step metrics".into()))
+    }
+
+    /// Draws the examples of the next optimizer step from the run's order.
+    fn plan_step(&mut self, examples: &[Example]) -> Result<StepPlan> {
         if examples.len() != self.lengths.len() {
             return Err(Error::Input(format!("trainer built for {} examples, given {}", self.lengths.len(), examples.len())));
         }
@@ -253,29 +301,22 @@ impl Trainer {
         if total == 0 {
             return Err(Error::Input("this step's examples have no completion tokens".into()));
         }
-        let weight = 1.0 / total as f32;
-        let mut grads = self.lora.zeros_like();
-        let mut loss_sum = 0f64;
-        let mut tokens = 0;
-        for (mb, chunk) in batches.iter().enumerate() {
-            let seqs: Vec<SeqRef> = chunk
-                .iter()
-                .map(|&i| SeqRef { ids: &examples[i].ids, labels: &examples[i].labels, adapter: 0, loss_weight: weight })
-                .collect();
-            tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-            let seed = self.config.seed ^ ((self.opt.step as u64) << 20 | mb as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let r = engine::train_pass(base, &[AdapterRef { lora: &self.lora, dropout_seed: seed }], &seqs)?;
-            loss_sum += r.loss_sum[0];
-            if let Some(g) = r.grads.first() {
-                grads.add(g);
-            }
-        }
-        let mut g = grads.tensors_mut();
+        Ok(StepPlan { batches, total, grads: self.lora.zeros_like(), loss_sum: 0.0, tokens: 0 })
+    }
+
+    /// Seed of the dropout masks of micro-batch `mb` of the coming step.
+    fn dropout_seed(&self, mb: usize) -> u64 {
+        self.config.seed ^ ((self.opt.step as u64) << 20 | mb as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// Clips the accumulated gradients and takes the optimizer step.
+    fn apply_step(&mut self, mut plan: StepPlan) -> Result<StepMetrics> {
+        let mut g = plan.grads.tensors_mut();
         let grad_norm = clip_grad_norm(&mut g, self.config.max_grad_norm.unwrap_or(f64::INFINITY));
         let lr = self.schedule.lr_at(self.opt.step);
         let grefs: Vec<&[f32]> = g.iter().map(|v| v.as_slice()).collect();
         self.opt.step(&mut self.lora.tensors_mut(), &grefs, lr)?;
-        Ok(StepMetrics { step: self.opt.step, loss: loss_sum / total as f64, lr, grad_norm, tokens })
+        Ok(StepMetrics { step: self.opt.step, loss: plan.loss_sum / plan.total as f64, lr, grad_norm, tokens: plan.tokens })
     }
 
     /// Writes a checkpoint: `adapter/` in PEFT's format plus `trainer_state.json` and

@@ -143,3 +143,49 @@ fn packing_fills_micro_batches_to_the_token_budget() -> anyhow::Result<()> {
     assert_eq!(lens, vec![12, 11, 10, 9, 8, 7, 6]);
     Ok(())
 }
+
+#[test]
+fn runs_trained_in_one_fused_pass_match_runs_trained_alone() -> anyhow::Result<()> {
+    let data = examples();
+    let m = tiny();
+    let base = FrozenBase::new(&m.model)?;
+    // Three runs that differ in rank, alpha, targets, dropout, learning rate, schedule,
+    // batch size, accumulation and seed.
+    let make = |k: usize| -> Trainer {
+        let (lora, cfg) = match k {
+            0 => (serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}), config()),
+            1 => (
+                serde_json::json!({"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["all-linear"]}),
+                TrainConfig { batch_size: 3, grad_accum: 1, seed: 9, schedule: ScheduleKind::Linear, optimizer: AdamWConfig { lr: 3e-3, ..Default::default() }, ..config() },
+            ),
+            _ => (
+                serde_json::json!({"r": 2, "lora_alpha": 16, "use_rslora": true, "target_modules": ["o_proj", "up_proj"]}),
+                TrainConfig { batch_size: 1, grad_accum: 3, seed: 3, ..config() },
+            ),
+        };
+        let lc: LoraConfig = serde_json::from_value(lora).unwrap();
+        let l = TrainableLora::new(&m.model, lc, LoraInit::KaimingUniform, 10 + k as u64).unwrap();
+        Trainer::new(TrainConfig { max_steps: Some(4), ..cfg }, l, &data).unwrap()
+    };
+    let mut alone = Vec::new();
+    for k in 0..3 {
+        let mut t = make(k);
+        alone.push((0..4).map(|_| t.step(&base, &data).unwrap().loss).collect::<Vec<_>>());
+    }
+    let mut runs: Vec<Trainer> = (0..3).map(make).collect();
+    let mut fused = vec![Vec::new(); 3];
+    for _ in 0..4 {
+        let mut refs: Vec<&mut Trainer> = runs.iter_mut().collect();
+        for (k, s) in fused_step(&base, &mut refs, &data)?.into_iter().enumerate() {
+            fused[k].push(s.loss);
+        }
+    }
+    for k in 0..3 {
+        for (a, f) in alone[k].iter().zip(&fused[k]) {
+            assert!((a - f).abs() <= 1e-4 * a.abs(), "run {k}: alone {:?} vs fused {:?}", alone[k], fused[k]);
+        }
+    }
+    // The runs really differ.
+    assert!((alone[0][3] - alone[1][3]).abs() > 1e-3);
+    Ok(())
+}

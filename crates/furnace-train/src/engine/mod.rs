@@ -279,7 +279,9 @@ fn dropped<'a>(site: &LoraSite<'a>, seg: &Seg, a: &AdapterRef, train: bool) -> C
     let zs = &site.z[seg.r0 * site.inp..seg.r1 * site.inp];
     let p = a.lora.config.lora_dropout as f32;
     if train && p > 0.0 {
-        Cow::Owned(dropout(zs, seg.r0, site.inp, p, dropout_seed(a.dropout_seed, site.li, site.pi)))
+        // Rows are counted from the segment start, so an adapter gets the same masks in a
+        // fused pass as alone.
+        Cow::Owned(dropout(zs, 0, site.inp, p, dropout_seed(a.dropout_seed, site.li, site.pi)))
     } else {
         Cow::Borrowed(zs)
     }
@@ -324,7 +326,7 @@ fn lora_backward(
         if drop > 0.0 {
             // The mask again (same seed): 1/(1-p) where kept, 0 where dropped.
             let ones = vec![1f32; dzd.len()];
-            let mask = dropout(&ones, seg.r0, site.inp, drop, dropout_seed(a.dropout_seed, site.li, site.pi));
+            let mask = dropout(&ones, 0, site.inp, drop, dropout_seed(a.dropout_seed, site.li, site.pi));
             dzd.iter_mut().zip(&mask).for_each(|(v, m)| *v *= m);
         }
         dz[seg.r0 * site.inp..seg.r1 * site.inp].iter_mut().zip(&dzd).for_each(|(o, v)| *o += v);
