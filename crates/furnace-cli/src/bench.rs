@@ -16,6 +16,39 @@ pub enum BenchCmd {
     /// LoRA SFT tokens/s and peak memory on the workload of `peer_torch.py train`: batch 4 x
     /// 256 xorshift token ids, LoRA r=16 (alpha 32) on all seven projections, AdamW.
     Train(TrainBenchArgs),
+    /// A sweep of 8 LoRA configurations (r in {8, 16, 32, 64} x learning rate in {1e-4,
+    /// 3e-4}) for one epoch over a fixed dataset: all fused into shared passes, then one
+    /// after another; prints wall time, tokens/s summed over runs, peak RSS and the time
+    /// until every configuration has an eval loss.
+    Sweep(SweepBenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct SweepBenchArgs {
+    /// Model: alias, .gguf file or HF directory.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// How the frozen base is held: f32, bf16, quantized.
+    #[arg(long, default_value = "quantized")]
+    dtype: WeightDType,
+    /// Training rows (any dataset format furnace trains on).
+    #[arg(long, default_value = "data/extract/train.jsonl")]
+    train: std::path::PathBuf,
+    /// Eval rows.
+    #[arg(long, default_value = "data/extract/eval.jsonl")]
+    eval: std::path::PathBuf,
+    /// Use only the first N training rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Examples per micro-batch of every run.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Eval points per epoch (the first one is the "every config has an eval loss" time).
+    #[arg(long, default_value_t = 4)]
+    evals: usize,
+    /// fused, sequential, or both (each in its own process, so peak RSS is its own).
+    #[arg(long, default_value = "both")]
+    mode: String,
 }
 
 #[derive(Args)]
@@ -201,6 +234,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => bench_generate(a),
         BenchCmd::Train(a) => bench_train(a),
+        BenchCmd::Sweep(a) => bench_sweep(a),
     }
 }
 
@@ -261,5 +295,136 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
         );
         println!("(median of {repeat} repeats)");
     }
+    Ok(())
+}
+
+/// One measured sweep: `(wall s, tokens summed over runs, s until every run has an eval
+/// loss, final eval loss per run)`.
+type SweepOutcome = (f64, usize, f64, Vec<f64>);
+
+fn run_sweep(a: &SweepBenchArgs, fused: bool) -> Result<SweepOutcome> {
+    use furnace_train::{eval_loss, fused_step, load_dataset, AdamWConfig, DataOptions, FrozenBase, LoraInit, ScheduleKind, TrainConfig, TrainableLora, Trainer};
+    let loaded = load(&a.model, a.dtype)?;
+    let tpl = loaded.chat_template.clone().ok_or_else(|| anyhow::anyhow!("{} has no chat template", a.model))?;
+    let opts = DataOptions { max_seq_len: 256, ..Default::default() };
+    let mut train = load_dataset(&a.train, &loaded.tokenizer, &tpl, &opts)?.examples;
+    if let Some(n) = a.limit {
+        train.truncate(n.max(1));
+    }
+    let eval = load_dataset(&a.eval, &loaded.tokenizer, &tpl, &opts)?.examples;
+    let base = FrozenBase::new(&loaded.model)?;
+    let mut runs = Vec::new();
+    for r in [8usize, 16, 32, 64] {
+        for lr in [1e-4, 3e-4] {
+            let cfg = serde_json::from_value(serde_json::json!({"r": r, "lora_alpha": 2 * r, "target_modules": ["all-linear"]}))?;
+            let lora = TrainableLora::new(&loaded.model, cfg, LoraInit::KaimingUniform, 42)?;
+            let tc = TrainConfig {
+                optimizer: AdamWConfig { lr, ..Default::default() },
+                schedule: ScheduleKind::Linear,
+                batch_size: a.batch,
+                epochs: 1,
+                ..Default::default()
+            };
+            runs.push(Trainer::new(tc, lora, &train)?);
+        }
+    }
+    let steps = runs[0].total_steps();
+    let every = steps.div_ceil(a.evals.max(1)).max(1);
+    let n = runs.len();
+    let mut last = vec![f64::NAN; n];
+    let mut evaluated = vec![false; n];
+    let mut first_all = None;
+    let mut tokens = 0usize;
+    let t0 = Instant::now();
+    let after_step = |k: usize, t: &Trainer, last: &mut Vec<f64>, evaluated: &mut Vec<bool>| -> Result<()> {
+        if t.steps_done() % every == 0 || t.finished() {
+            last[k] = eval_loss(&base, Some(&t.lora), &eval)?;
+            evaluated[k] = true;
+        }
+        Ok(())
+    };
+    if fused {
+        while runs.iter().any(|t| !t.finished()) {
+            let mut active: Vec<&mut Trainer> = runs.iter_mut().filter(|t| !t.finished()).collect();
+            for s in fused_step(&base, &mut active, &train)? {
+                tokens += s.tokens;
+            }
+            for (k, t) in runs.iter().enumerate() {
+                after_step(k, t, &mut last, &mut evaluated)?;
+            }
+            if first_all.is_none() && evaluated.iter().all(|&e| e) {
+                first_all = Some(t0.elapsed().as_secs_f64());
+            }
+            eprintln!("fused step {}/{steps}", runs[0].steps_done());
+        }
+    } else {
+        for k in 0..n {
+            while !runs[k].finished() {
+                tokens += runs[k].step(&base, &train)?.tokens;
+                after_step(k, &runs[k], &mut last, &mut evaluated)?;
+                if first_all.is_none() && evaluated.iter().all(|&e| e) {
+                    first_all = Some(t0.elapsed().as_secs_f64());
+                }
+            }
+            eprintln!("sequential run {}/{n} done", k + 1);
+        }
+    }
+    Ok((t0.elapsed().as_secs_f64(), tokens, first_all.unwrap_or(f64::NAN), last))
+}
+
+fn bench_sweep(a: SweepBenchArgs) -> Result<()> {
+    if a.mode == "fused" || a.mode == "sequential" {
+        let (wall, tokens, first, evals) = run_sweep(&a, a.mode == "fused")?;
+        println!(
+            "RESULT sweep mode={} runs=8 wall_s={wall:.1} tokens_per_s={:.1} first_eval_all_s={first:.1} peak_rss_gb={:.2} eval_losses={}",
+            a.mode,
+            tokens as f64 / wall,
+            peak_rss().unwrap_or(0) as f64 / 1e9,
+            evals.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(",")
+        );
+        return Ok(());
+    }
+    if a.mode != "both" {
+        anyhow::bail!("--mode must be fused, sequential or both, not '{}'", a.mode);
+    }
+    // Each mode in its own process, so that each peak RSS is its own.
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    for mode in ["fused", "sequential"] {
+        // The same command line with `--mode` replaced.
+        let mut args = Vec::new();
+        let mut skip_next = false;
+        for x in std::env::args().skip(1) {
+            if std::mem::take(&mut skip_next) || x.starts_with("--mode=") {
+                continue;
+            }
+            if x == "--mode" {
+                skip_next = true;
+                continue;
+            }
+            args.push(x);
+        }
+        args.push(format!("--mode={mode}"));
+        let out = std::process::Command::new(&exe).args(&args).stderr(std::process::Stdio::inherit()).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        print!("{text}");
+        if !out.status.success() {
+            anyhow::bail!("the {mode} sweep failed");
+        }
+        let get = |k: &str| -> f64 {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        results.push((get("wall_s"), get("peak_rss_gb"), get("first_eval_all_s")));
+    }
+    let (f, q) = (results[0], results[1]);
+    println!(
+        "SUMMARY fused vs sequential: {:.2}x faster, {:.2}x the memory, every config has an eval loss {:.2}x sooner",
+        q.0 / f.0,
+        f.1 / q.1,
+        q.2 / f.2
+    );
     Ok(())
 }
