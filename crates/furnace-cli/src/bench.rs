@@ -337,7 +337,7 @@ fn run_sweep(a: &SweepBenchArgs, fused: bool) -> Result<SweepOutcome> {
     let mut tokens = 0usize;
     let t0 = Instant::now();
     let after_step = |k: usize, t: &Trainer, last: &mut Vec<f64>, evaluated: &mut Vec<bool>| -> Result<()> {
-        if t.steps_done() % every == 0 || t.finished() {
+        if t.steps_done().is_multiple_of(every) || t.finished() {
             last[k] = eval_loss(&base, Some(&t.lora), &eval)?;
             evaluated[k] = true;
         }
@@ -358,10 +358,10 @@ fn run_sweep(a: &SweepBenchArgs, fused: bool) -> Result<SweepOutcome> {
             eprintln!("fused step {}/{steps}", runs[0].steps_done());
         }
     } else {
-        for k in 0..n {
-            while !runs[k].finished() {
-                tokens += runs[k].step(&base, &train)?.tokens;
-                after_step(k, &runs[k], &mut last, &mut evaluated)?;
+        for (k, run) in runs.iter_mut().enumerate() {
+            while !run.finished() {
+                tokens += run.step(&base, &train)?.tokens;
+                after_step(k, run, &mut last, &mut evaluated)?;
                 if first_all.is_none() && evaluated.iter().all(|&e| e) {
                     first_all = Some(t0.elapsed().as_secs_f64());
                 }

@@ -104,6 +104,9 @@ pub fn eval_loss(base: &FrozenBase, lora: Option<&TrainableLora>, examples: &[Ex
     Ok(sum / n as f64)
 }
 
+/// Most rows (tokens) of one fused pass: runs beyond it go into another pass.
+pub const FUSED_MAX_ROWS: usize = 1024;
+
 /// The examples and running sums of one run's optimizer step.
 struct StepPlan {
     batches: Vec<Vec<usize>>,
@@ -123,24 +126,41 @@ pub fn fused_step(base: &FrozenBase, trainers: &mut [&mut Trainer], examples: &[
     let mut plans = trainers.iter_mut().map(|t| t.plan_step(examples)).collect::<Result<Vec<_>>>()?;
     let passes = plans.iter().map(|p| p.batches.len()).max().unwrap_or(0);
     for mb in 0..passes {
-        let mut adapters = Vec::new();
-        let mut owners = Vec::new();
-        let mut seqs = Vec::new();
-        for (ti, (t, plan)) in trainers.iter().zip(plans.iter_mut()).enumerate() {
+        // The runs with a micro-batch `mb`, cut into passes of at most FUSED_MAX_ROWS rows
+        // (a micro-batch is never split), so activation memory stays bounded however many
+        // runs train together.
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut rows = 0;
+        for (ti, plan) in plans.iter().enumerate() {
             let Some(batch) = plan.batches.get(mb) else { continue };
-            let a = adapters.len();
-            adapters.push(AdapterRef { lora: &t.lora, dropout_seed: t.dropout_seed(mb) });
-            owners.push(ti);
-            let weight = 1.0 / plan.total as f32;
-            for &i in batch {
-                plan.tokens += examples[i].ids.len();
-                seqs.push(SeqRef { ids: &examples[i].ids, labels: &examples[i].labels, adapter: a, loss_weight: weight });
+            let n: usize = batch.iter().map(|&i| examples[i].ids.len()).sum();
+            if rows > 0 && rows + n > FUSED_MAX_ROWS {
+                groups.push(Vec::new());
+                rows = 0;
+            }
+            rows += n;
+            if let Some(g) = groups.last_mut() {
+                g.push(ti);
             }
         }
-        let r = engine::train_pass(base, &adapters, &seqs)?;
-        for (a, &ti) in owners.iter().enumerate() {
-            plans[ti].loss_sum += r.loss_sum[a];
-            plans[ti].grads.add(&r.grads[a]);
+        for group in groups.iter().filter(|g| !g.is_empty()) {
+            let mut adapters = Vec::new();
+            let mut seqs = Vec::new();
+            for &ti in group {
+                let (t, plan) = (&trainers[ti], &mut plans[ti]);
+                let a = adapters.len();
+                adapters.push(AdapterRef { lora: &t.lora, dropout_seed: t.dropout_seed(mb) });
+                let weight = 1.0 / plan.total as f32;
+                for &i in &plan.batches[mb] {
+                    plan.tokens += examples[i].ids.len();
+                    seqs.push(SeqRef { ids: &examples[i].ids, labels: &examples[i].labels, adapter: a, loss_weight: weight });
+                }
+            }
+            let r = engine::train_pass(base, &adapters, &seqs)?;
+            for (a, &ti) in group.iter().enumerate() {
+                plans[ti].loss_sum += r.loss_sum[a];
+                plans[ti].grads.add(&r.grads[a]);
+            }
         }
     }
     trainers.iter_mut().zip(plans).map(|(t, p)| t.apply_step(p)).collect()

@@ -189,3 +189,32 @@ fn runs_trained_in_one_fused_pass_match_runs_trained_alone() -> anyhow::Result<(
     assert!((alone[0][3] - alone[1][3]).abs() > 1e-3);
     Ok(())
 }
+
+#[test]
+fn fused_runs_over_the_row_budget_split_into_several_passes_with_the_same_result() -> anyhow::Result<()> {
+    // Three runs of one 400-token example per micro-batch: 1200 rows, over the 1024-row
+    // budget of one fused pass.
+    assert!(3 * 400 > FUSED_MAX_ROWS && 2 * 400 <= FUSED_MAX_ROWS);
+    let data: Vec<Example> = (0..3u32)
+        .map(|i| {
+            let ids: Vec<u32> = (0..400).map(|j| 100 + (37 * i + 11 * j) % 5000).collect();
+            let labels = ids.iter().map(|&t| t as i64).collect();
+            Example { ids, labels }
+        })
+        .collect();
+    let m = tiny();
+    let base = FrozenBase::new(&m.model)?;
+    let make = |k: u64| new_trainer(&m, TrainConfig { batch_size: 1, grad_accum: 1, max_steps: Some(2), seed: k, ..config() });
+    let mut want = Vec::new();
+    for k in 0..3 {
+        let mut t = Trainer::new(make(k).config.clone(), make(k).lora.clone(), &data)?;
+        want.push(t.step(&base, &data)?.loss);
+    }
+    let mut runs: Vec<Trainer> = (0..3).map(|k| Trainer::new(make(k).config.clone(), make(k).lora.clone(), &data).unwrap()).collect();
+    let mut refs: Vec<&mut Trainer> = runs.iter_mut().collect();
+    let got: Vec<f64> = fused_step(&base, &mut refs, &data)?.iter().map(|s| s.loss).collect();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "{got:?} vs {want:?}");
+    }
+    Ok(())
+}
