@@ -12,6 +12,7 @@
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod knobs;
 pub mod lora;
 pub mod optim;
 pub mod spec;

@@ -214,7 +214,12 @@ impl Spec {
     /// Reads and validates a spec; relative data paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| SpecError::Parse { path: path.into(), msg: e.to_string() })?;
-        let mut spec: Spec = toml::from_str(&text).map_err(|e| SpecError::Parse { path: path.into(), msg: e.to_string() })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates spec text read from `path` (which anchors relative data paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, SpecError> {
+        let mut spec: Spec = toml::from_str(text).map_err(|e| SpecError::Parse { path: path.into(), msg: e.to_string() })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if spec.data.train.is_relative() {
             spec.data.train = base.join(&spec.data.train);

@@ -194,7 +194,7 @@ fn runs_trained_in_one_fused_pass_match_runs_trained_alone() -> anyhow::Result<(
 fn fused_runs_over_the_row_budget_split_into_several_passes_with_the_same_result() -> anyhow::Result<()> {
     // Three runs of one 400-token example per micro-batch: 1200 rows, over the 1024-row
     // budget of one fused pass.
-    assert!(3 * 400 > FUSED_MAX_ROWS && 2 * 400 <= FUSED_MAX_ROWS);
+    const { assert!(3 * 400 > FUSED_MAX_ROWS && 2 * 400 <= FUSED_MAX_ROWS) };
     let data: Vec<Example> = (0..3u32)
         .map(|i| {
             let ids: Vec<u32> = (0..400).map(|j| 100 + (37 * i + 11 * j) % 5000).collect();

@@ -1,0 +1,217 @@
+//! Knobs and config groups: a spec whose `[lora]`, `[trainer]` or `[model]` values may be
+//! knobs (`r = { list = [8, 32] }`, `learning_rate = { range = [1e-5, 1e-3], log = true }`,
+//! `batch_size = { range = [2, 8], dtype = "int", step = 2 }`) and which may hold several
+//! `[[group]]`s expands into leaf specs, each validated before anything trains.
+//!
+//! `[search] kind = "grid"` (the default) takes the cartesian product of the lists (a range
+//! is an error); `kind = "random"` draws `num_runs` distinct configs per group from lists and
+//! ranges with a seed. A `[[group]]` holds `[group.lora]`, `[group.trainer]`, `[group.model]`
+//! tables whose keys override the top-level ones; errors name `group[i].section.key`.
+
+use crate::spec::{Spec, SpecError};
+use furnace_model::rng::Rng;
+use std::path::Path;
+use toml::{Table, Value};
+
+/// Sections whose scalar settings may be knobs.
+const KNOB_SECTIONS: [&str; 3] = ["lora", "trainer", "model"];
+
+/// A knob's values.
+#[derive(Debug, Clone, PartialEq)]
+enum Knob {
+    List(Vec<Value>),
+    Range { lo: f64, hi: f64, log: bool, int: bool, step: f64 },
+}
+
+/// One expanded configuration.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    /// Index of its `[[group]]` (0 without groups).
+    pub group: usize,
+    /// The knob values it took, by `section.key`.
+    pub knobs: Vec<(String, Value)>,
+    /// The validated spec.
+    pub spec: Spec,
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> SpecError {
+    SpecError::Invalid { key: key.into(), msg: msg.into() }
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
+}
+
+fn parse_knob(path: &str, t: &Table) -> Result<Knob, SpecError> {
+    if let Some(unknown) = t.keys().find(|k| !["list", "range", "log", "dtype", "step"].contains(&k.as_str())) {
+        return Err(invalid(path, format!("unknown knob key '{unknown}' (expected list, or range with log, dtype, step)")));
+    }
+    match (t.get("list"), t.get("range")) {
+        (Some(Value::Array(l)), None) if !l.is_empty() => Ok(Knob::List(l.clone())),
+        (Some(_), None) => Err(invalid(path, "a list knob needs a non-empty array: { list = [a, b] }")),
+        (None, Some(Value::Array(r))) => {
+            let (Some(lo), Some(hi)) = (r.first().and_then(num), r.get(1).and_then(num)) else {
+                return Err(invalid(path, "a range knob needs two numbers: { range = [low, high] }"));
+            };
+            if r.len() != 2 || lo > hi {
+                return Err(invalid(path, "a range needs [low, high] with low <= high"));
+            }
+            let log = t.get("log").and_then(Value::as_bool).unwrap_or(false);
+            if log && lo <= 0.0 {
+                return Err(invalid(path, "a log range needs low > 0"));
+            }
+            let int = match t.get("dtype").and_then(Value::as_str) {
+                None | Some("float") => false,
+                Some("int") => true,
+                Some(o) => return Err(invalid(path, format!("dtype '{o}' is not int or float"))),
+            };
+            let step = t.get("step").and_then(num).unwrap_or(if int { 1.0 } else { 0.0 });
+            if step < 0.0 || (int && step < 1.0) {
+                return Err(invalid(path, "step must be positive (and at least 1 for ints)"));
+            }
+            Ok(Knob::Range { lo, hi, log, int, step })
+        }
+        _ => Err(invalid(path, "a knob is { list = [...] } or { range = [low, high] }")),
+    }
+}
+
+impl Knob {
+    /// The number of distinct values, if finite.
+    fn count(&self) -> Option<usize> {
+        match self {
+            Knob::List(l) => Some(l.len()),
+            Knob::Range { lo, hi, step, .. } if *step > 0.0 => Some(((hi - lo) / step).floor() as usize + 1),
+            Knob::Range { .. } => None,
+        }
+    }
+
+    fn sample(&self, rng: &mut Rng) -> Value {
+        match self {
+            Knob::List(l) => l[(rng.next_u64() % l.len() as u64) as usize].clone(),
+            &Knob::Range { lo, hi, log, int, step } => {
+                if step > 0.0 {
+                    let n = ((hi - lo) / step).floor() as u64 + 1;
+                    let v = lo + step * (rng.next_u64() % n) as f64;
+                    return if int { Value::Integer(v.round() as i64) } else { Value::Float(v) };
+                }
+                let v = if log { rng.uniform(lo.ln(), hi.ln()).exp() } else { rng.uniform(lo, hi) };
+                if int {
+                    Value::Integer(v.round() as i64)
+                } else {
+                    Value::Float(v)
+                }
+            }
+        }
+    }
+}
+
+/// Expands spec text (from `path`, which anchors relative data paths) into its leaf specs.
+pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>, SpecError> {
+    let parse_err = |msg: String| SpecError::Parse { path: path.into(), msg };
+    let mut root: Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+    let search = match root.remove("search") {
+        Some(Value::Table(t)) => t,
+        None => Table::new(),
+        Some(_) => return Err(invalid("search", "must be a table")),
+    };
+    let kind = search.get("kind").and_then(Value::as_str).unwrap_or("grid").to_string();
+    let num_runs = search.get("num_runs").and_then(Value::as_integer).unwrap_or(0);
+    let seed = search.get("seed").and_then(Value::as_integer).unwrap_or(0) as u64;
+    if kind != "grid" && kind != "random" {
+        return Err(invalid("search.kind", format!("'{kind}' is not grid or random")));
+    }
+    if kind == "random" && num_runs <= 0 {
+        return Err(invalid("search.num_runs", "a random search needs num_runs > 0"));
+    }
+    let groups: Vec<Option<Table>> = match root.remove("group") {
+        None => vec![None],
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| match g {
+                Value::Table(t) => Ok(Some(t)),
+                _ => Err(invalid(&format!("group[{i}]"), "must be a table")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(invalid("group", "must be a non-empty [[group]] list")),
+    };
+    let grouped = groups.len() > 1 || groups[0].is_some();
+    let mut leaves = Vec::new();
+    for (gi, group) in groups.into_iter().enumerate() {
+        let prefix = if grouped { format!("group[{gi}].") } else { String::new() };
+        let mut merged = root.clone();
+        for (section, v) in group.unwrap_or_default() {
+            let (Value::Table(over), true) = (v, KNOB_SECTIONS.contains(&section.as_str())) else {
+                return Err(invalid(&format!("{prefix}{section}"), "a group holds only lora, trainer and model tables"));
+            };
+            let base = merged.entry(section.clone()).or_insert_with(|| Value::Table(Table::new()));
+            if let Value::Table(b) = base {
+                b.extend(over);
+            }
+        }
+        // Knobs, in a fixed order.
+        let mut knobs: Vec<(String, String, Knob)> = Vec::new();
+        for (section, v) in &merged {
+            let Value::Table(t) = v else { continue };
+            for (key, val) in t {
+                let Value::Table(kt) = val else { continue };
+                let path = format!("{prefix}{section}.{key}");
+                if !KNOB_SECTIONS.contains(&section.as_str()) {
+                    return Err(invalid(&path, "knobs are allowed only in [lora], [trainer] and [model]"));
+                }
+                let knob = parse_knob(&path, kt)?;
+                if kind == "grid" && matches!(knob, Knob::Range { .. }) {
+                    return Err(invalid(&path, "a range cannot be in a grid search: use { list = [...] } or [search] kind = \"random\""));
+                }
+                knobs.push((section.clone(), key.clone(), knob));
+            }
+        }
+        let combos: Vec<Vec<Value>> = if kind == "grid" {
+            let mut combos = vec![Vec::new()];
+            for (_, _, k) in &knobs {
+                let Knob::List(l) = k else { continue };
+                combos = combos.into_iter().flat_map(|c| l.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
+            }
+            combos
+        } else {
+            let want = num_runs as usize;
+            let finite: Option<usize> = knobs.iter().try_fold(1usize, |acc, (_, _, k)| k.count().map(|c| acc.saturating_mul(c)));
+            if let Some(n) = finite {
+                if n < want {
+                    return Err(invalid(&format!("{prefix}search.num_runs"), format!("asks for {want} distinct configs, only {n} exist")));
+                }
+            }
+            let mut rng = Rng::new(seed ^ (gi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut combos: Vec<Vec<Value>> = Vec::new();
+            let mut tries = 0;
+            while combos.len() < want {
+                tries += 1;
+                if tries > want * 1000 {
+                    return Err(invalid(&format!("{prefix}search.num_runs"), format!("found only {} distinct configs", combos.len())));
+                }
+                let c: Vec<Value> = knobs.iter().map(|(_, _, k)| k.sample(&mut rng)).collect();
+                if !combos.contains(&c) {
+                    combos.push(c);
+                }
+            }
+            combos
+        };
+        for combo in combos {
+            let mut t = merged.clone();
+            let mut taken = Vec::new();
+            for ((section, key, _), v) in knobs.iter().zip(&combo) {
+                if let Some(Value::Table(s)) = t.get_mut(section) {
+                    s.insert(key.clone(), v.clone());
+                }
+                taken.push((format!("{section}.{key}"), v.clone()));
+            }
+            let text = toml::to_string(&t).map_err(|e| parse_err(e.to_string()))?;
+            let spec = Spec::parse(&text, path).map_err(|e| match e {
+                SpecError::Invalid { key, msg } => SpecError::Invalid { key: format!("{prefix}{key}"), msg },
+                SpecError::Parse { path, msg } => SpecError::Parse { path, msg: format!("{prefix}{msg}") },
+            })?;
+            leaves.push(Leaf { group: gi, knobs: taken, spec });
+        }
+    }
+    Ok(leaves)
+}
