@@ -229,15 +229,15 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Inverted dropout on rows `r0..` of width `w`: each element is kept with probability
+/// Inverted dropout on rows of width `w` (counted from 0): each element is kept with probability
 /// `1 - p` and scaled by `1 / (1 - p)`. The mask is a pure function of (seed, row, column),
 /// so the backward regenerates it instead of storing it.
-fn dropout(z: &[f32], r0: usize, w: usize, p: f32, seed: u64) -> Vec<f32> {
+fn dropout(z: &[f32], w: usize, p: f32, seed: u64) -> Vec<f32> {
     let keep_scale = 1.0 / (1.0 - p);
     let threshold = (p * 65536.0) as u64;
     let mut out = z.to_vec();
     for (i, row) in out.chunks_mut(w).enumerate() {
-        let rs = mix(seed ^ ((r0 + i) as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        let rs = mix(seed ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
         for (c4, vals) in row.chunks_mut(4).enumerate() {
             let h = mix(rs ^ c4 as u64);
             for (j, v) in vals.iter_mut().enumerate() {
@@ -281,7 +281,7 @@ fn dropped<'a>(site: &LoraSite<'a>, seg: &Seg, a: &AdapterRef, train: bool) -> C
     if train && p > 0.0 {
         // Rows are counted from the segment start, so an adapter gets the same masks in a
         // fused pass as alone.
-        Cow::Owned(dropout(zs, 0, site.inp, p, dropout_seed(a.dropout_seed, site.li, site.pi)))
+        Cow::Owned(dropout(zs, site.inp, p, dropout_seed(a.dropout_seed, site.li, site.pi)))
     } else {
         Cow::Borrowed(zs)
     }
@@ -326,7 +326,7 @@ fn lora_backward(
         if drop > 0.0 {
             // The mask again (same seed): 1/(1-p) where kept, 0 where dropped.
             let ones = vec![1f32; dzd.len()];
-            let mask = dropout(&ones, 0, site.inp, drop, dropout_seed(a.dropout_seed, site.li, site.pi));
+            let mask = dropout(&ones, site.inp, drop, dropout_seed(a.dropout_seed, site.li, site.pi));
             dzd.iter_mut().zip(&mask).for_each(|(v, m)| *v *= m);
         }
         dz[seg.r0 * site.inp..seg.r1 * site.inp].iter_mut().zip(&dzd).for_each(|(o, v)| *o += v);
