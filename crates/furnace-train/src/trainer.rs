@@ -89,12 +89,7 @@ pub fn eval_loss(base: &FrozenBase, lora: Option<&TrainableLora>, examples: &[Ex
             .iter()
             .map(|e| SeqRef { ids: &e.ids, labels: &e.labels, adapter: 0, loss_weight: 0.0 })
             .collect();
-        let r = if adapters.is_empty() {
-            // The base alone: a pass with an adapter that adapts nothing would be the same.
-            engine::eval_pass_base(base, &seqs)?
-        } else {
-            engine::eval_pass(base, &adapters, &seqs)?
-        };
+        let r = engine::eval_pass(base, &adapters, &seqs)?;
         sum += r.loss_sum.iter().sum::<f64>();
         n += r.tokens.iter().sum::<usize>();
     }

@@ -204,13 +204,13 @@ fn fused_runs_over_the_row_budget_split_into_several_passes_with_the_same_result
         .collect();
     let m = tiny();
     let base = FrozenBase::new(&m.model)?;
-    let make = |k: u64| new_trainer(&m, TrainConfig { batch_size: 1, grad_accum: 1, max_steps: Some(2), seed: k, ..config() });
-    let mut want = Vec::new();
-    for k in 0..3 {
-        let mut t = Trainer::new(make(k).config.clone(), make(k).lora.clone(), &data)?;
-        want.push(t.step(&base, &data)?.loss);
-    }
-    let mut runs: Vec<Trainer> = (0..3).map(|k| Trainer::new(make(k).config.clone(), make(k).lora.clone(), &data).unwrap()).collect();
+    let make = |k: u64| {
+        let lc: LoraConfig = serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})).unwrap();
+        let lora = TrainableLora::new(&m.model, lc, LoraInit::KaimingUniform, k).unwrap();
+        Trainer::new(TrainConfig { batch_size: 1, grad_accum: 1, max_steps: Some(2), seed: k, ..config() }, lora, &data).unwrap()
+    };
+    let want: Vec<f64> = (0..3).map(|k| make(k).step(&base, &data).unwrap().loss).collect();
+    let mut runs: Vec<Trainer> = (0..3).map(make).collect();
     let mut refs: Vec<&mut Trainer> = runs.iter_mut().collect();
     let got: Vec<f64> = fused_step(&base, &mut refs, &data)?.iter().map(|s| s.loss).collect();
     for (a, b) in got.iter().zip(&want) {

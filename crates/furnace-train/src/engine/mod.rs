@@ -548,23 +548,23 @@ pub fn train_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -
     Ok(PassResult { loss_sum, tokens, grads })
 }
 
-/// Forward only (no dropout, nothing kept): each adapter's loss sum and labelled tokens.
-pub fn eval_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<PassResult> {
+/// Forward without gradients: the layout and the final normalised hidden states.
+fn forward_eval(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<(Layout, Vec<f32>)> {
     let lay = layout(base, adapters, seqs)?;
     let (x, _) = forward_layers(base, adapters, seqs, &lay, false, &mut Prof::new())?;
     let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
-    let rows = loss_rows(seqs, &lay);
-    let (loss_sum, tokens, _) = head_loss(base, &hf, &rows, adapters.len(), false)?;
-    Ok(PassResult { loss_sum, tokens, grads: Vec::new() })
+    Ok((lay, hf))
 }
 
-/// [`eval_pass`] of the base model alone (all sequences' losses summed into one entry).
-pub fn eval_pass_base(base: &FrozenBase, seqs: &[SeqRef]) -> Result<PassResult> {
-    let lay = layout(base, &[], seqs)?;
-    let (x, _) = forward_layers(base, &[], seqs, &lay, false, &mut Prof::new())?;
-    let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
-    let rows: Vec<_> = loss_rows(seqs, &lay).into_iter().map(|(r, t, w, _)| (r, t, w, 0)).collect();
-    let (loss_sum, tokens, _) = head_loss(base, &hf, &rows, 1, false)?;
+/// Forward only (no dropout, nothing kept): each adapter's loss sum and labelled tokens.
+/// With no adapters it evaluates the base model, reported as one entry.
+pub fn eval_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<PassResult> {
+    let (lay, hf) = forward_eval(base, adapters, seqs)?;
+    let mut rows = loss_rows(seqs, &lay);
+    if adapters.is_empty() {
+        rows.iter_mut().for_each(|r| r.3 = 0);
+    }
+    let (loss_sum, tokens, _) = head_loss(base, &hf, &rows, adapters.len().max(1), false)?;
     Ok(PassResult { loss_sum, tokens, grads: Vec::new() })
 }
 
@@ -574,8 +574,6 @@ pub fn logits(base: &FrozenBase, lora: Option<&TrainableLora>, ids: &[u32]) -> R
     let labels = vec![IGNORE_INDEX; ids.len()];
     let seqs = [SeqRef { ids, labels: &labels, adapter: 0, loss_weight: 0.0 }];
     let adapters: Vec<AdapterRef> = lora.map(|lora| AdapterRef { lora, dropout_seed: 0 }).into_iter().collect();
-    let lay = layout(base, &adapters, &seqs)?;
-    let (x, _) = forward_layers(base, &adapters, &seqs, &lay, false, &mut Prof::new())?;
-    let (hf, _) = ops::rms_norm(&x, &base.norm, base.config.rms_norm_eps as f32);
+    let (_, hf) = forward_eval(base, &adapters, &seqs)?;
     Ok(base.lm_head.forward(&hf, ids.len())?.pop().unwrap_or_default())
 }
