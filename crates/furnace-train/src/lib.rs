@@ -24,4 +24,4 @@ pub use error::{Error, Result};
 pub use lora::{LoraInit, LoraPair, TrainableLora};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
 pub use spec::{Spec, SpecError};
-pub use trainer::{eval_loss, fused_step, StepMetrics, TrainConfig, Trainer, FUSED_MAX_ROWS};
+pub use trainer::{eval_loss, fused_step, DataPosition, StepMetrics, TrainConfig, Trainer, FUSED_MAX_ROWS};

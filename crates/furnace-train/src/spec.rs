@@ -41,6 +41,19 @@ pub struct ExperimentSpec {
     /// Seed of data order and LoRA init.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `fit` (train the runs; `evals` comes later).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Data chunks: runs advance chunk by chunk and are evaluated and checkpointed at each
+    /// chunk boundary (default: 4, or fewer for a tiny dataset).
+    pub num_chunks: Option<usize>,
+    /// Automatic stopping: `none`, or `asha` (at each chunk boundary keep the best 1/eta
+    /// of the runs that reached it by eval loss).
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    /// ASHA's reduction factor.
+    #[serde(default = "default_eta")]
+    pub eta: usize,
 }
 
 /// `[data]`.
@@ -172,6 +185,15 @@ pub struct Spec {
 fn default_seed() -> u64 {
     42
 }
+fn default_mode() -> String {
+    "fit".into()
+}
+fn default_policy() -> String {
+    "none".into()
+}
+fn default_eta() -> usize {
+    2
+}
 fn yes() -> bool {
     true
 }
@@ -237,6 +259,19 @@ impl Spec {
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.experiment.name.trim().is_empty() || self.experiment.name.contains(['/', '\\']) {
             return Err(invalid("experiment.name", "must be a non-empty name without slashes"));
+        }
+        let e = &self.experiment;
+        if e.mode != "fit" {
+            return Err(invalid("experiment.mode", format!("'{}' is not available yet (fit only)", e.mode)));
+        }
+        if e.num_chunks == Some(0) {
+            return Err(invalid("experiment.num_chunks", "must be > 0"));
+        }
+        if e.policy != "none" && e.policy != "asha" {
+            return Err(invalid("experiment.policy", format!("'{}' is not one of none, asha", e.policy)));
+        }
+        if e.eta < 2 {
+            return Err(invalid("experiment.eta", "must be >= 2 (keep the best 1/eta of the runs at each rung)"));
         }
         self.weight_dtype()?;
         if self.lora.r == 0 {
@@ -333,6 +368,12 @@ impl Spec {
         }
     }
 
+    /// The data chunks for `n` training examples: `experiment.num_chunks`, by default 4
+    /// (or `n` when smaller).
+    pub fn num_chunks(&self, n: usize) -> usize {
+        self.experiment.num_chunks.unwrap_or(4.min(n.max(1)))
+    }
+
     /// Trainer settings for a dataset of `n` examples.
     pub fn train_config(&self, examples: &[crate::Example]) -> TrainConfig {
         let t = &self.trainer;
@@ -348,6 +389,8 @@ impl Spec {
             seed: self.experiment.seed,
             packing: t.packing.then_some(t.batch_size * t.max_seq_len),
             group_by_length: t.group_by_length,
+            num_chunks: self.num_chunks(examples.len()),
+            chunk_seed: self.experiment.seed,
         };
         let total = t
             .max_steps

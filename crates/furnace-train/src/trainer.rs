@@ -42,6 +42,14 @@ pub struct TrainConfig {
     /// first), as transformers' `group_by_length` does, so micro-batches hold examples of
     /// similar length.
     pub group_by_length: bool,
+    /// Data chunks (RapidFire's `num_chunks`): the examples are split once, by a
+    /// permutation seeded with `chunk_seed`, into this many chunks of balanced size; an
+    /// epoch passes over the chunks in order, each shuffled with the run's own seed. An
+    /// optimizer step never spans two chunks, so every run of an experiment reaches each
+    /// chunk boundary after the same data. 1 = the whole dataset is one chunk.
+    pub num_chunks: usize,
+    /// Seed of the split into chunks (shared by all runs of an experiment).
+    pub chunk_seed: u64,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +66,8 @@ impl Default for TrainConfig {
             seed: 42,
             packing: None,
             group_by_length: false,
+            num_chunks: 1,
+            chunk_seed: 0,
         }
     }
 }
@@ -173,41 +183,89 @@ pub struct Trainer {
     epoch: usize,
     offset: usize,
     lengths: Vec<usize>,
+    bounds: Vec<usize>,
 }
 
-/// The example order of one epoch: a seeded shuffle, optionally grouped by length.
-fn epoch_order(config: &TrainConfig, lengths: &[usize], epoch: usize) -> Vec<usize> {
-    let mut rng = Rng::new(config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
+/// Where a run is in its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Examples of this epoch's order consumed.
+    pub offset: usize,
+}
+
+/// The end offsets of the chunks of `n` examples in an epoch's order (balanced: sizes
+/// differ by at most one example).
+fn chunk_bounds(n: usize, chunks: usize) -> Vec<usize> {
+    let chunks = chunks.clamp(1, n.max(1));
+    (1..=chunks).map(|c| c * n / chunks).collect()
+}
+
+fn shuffle(order: &mut [usize], seed: u64) {
+    let mut rng = Rng::new(seed);
     for i in (1..order.len()).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
+}
+
+/// The example order of one epoch: with one chunk a seeded shuffle of everything;
+/// with several, the fixed split into chunks (by `chunk_seed`), each chunk shuffled with
+/// the run's seed. Optionally grouped by length within windows.
+fn epoch_order(config: &TrainConfig, lengths: &[usize], epoch: usize) -> Vec<usize> {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    let bounds = chunk_bounds(lengths.len(), config.num_chunks);
+    if bounds.len() <= 1 {
+        shuffle(&mut order, config.seed ^ (epoch as u64).wrapping_mul(K));
+    } else {
+        shuffle(&mut order, config.chunk_seed);
+        let mut start = 0;
+        for (c, &end) in bounds.iter().enumerate() {
+            let salt = (epoch as u64).wrapping_mul(K) ^ ((c as u64 + 1) << 32).wrapping_mul(K);
+            shuffle(&mut order[start..end], config.seed ^ salt);
+            start = end;
+        }
+    }
     if config.group_by_length {
         let window = (config.batch_size * config.grad_accum * 50).max(1);
-        for w in order.chunks_mut(window) {
-            w.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        let mut start = 0;
+        for &end in &bounds {
+            for w in order[start..end].chunks_mut(window) {
+                w.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+            }
+            start = end;
         }
     }
     order
 }
 
-/// Micro-batches a run takes per pass over the data (packing makes it depend on lengths).
-fn micro_batches_per_epoch(config: &TrainConfig, lengths: &[usize]) -> usize {
-    match config.packing {
-        None => lengths.len().div_ceil(config.batch_size),
-        Some(budget) => {
-            let (mut batches, mut used) = (0, 0);
-            for i in epoch_order(config, lengths, 0) {
-                if used == 0 || used + lengths[i] > budget {
-                    batches += 1;
-                    used = 0;
+/// Optimizer steps a run takes in each chunk of one pass over the data (packing makes it
+/// depend on lengths; it is counted on epoch 0's order).
+fn steps_per_chunk(config: &TrainConfig, lengths: &[usize]) -> Vec<usize> {
+    let order = epoch_order(config, lengths, 0);
+    let mut start = 0;
+    let mut out = Vec::new();
+    for end in chunk_bounds(lengths.len(), config.num_chunks) {
+        let batches = match config.packing {
+            None => (end - start).div_ceil(config.batch_size),
+            Some(budget) => {
+                let (mut batches, mut used) = (0, 0);
+                for &i in &order[start..end] {
+                    if used == 0 || used + lengths[i] > budget {
+                        batches += 1;
+                        used = 0;
+                    }
+                    used += lengths[i];
                 }
-                used += lengths[i];
+                batches
             }
-            batches
-        }
+        };
+        out.push(batches.div_ceil(config.grad_accum.max(1)).max(1));
+        start = end;
     }
+    out
 }
 
 impl Trainer {
@@ -216,13 +274,20 @@ impl Trainer {
         if examples.is_empty() {
             return Err(Error::Input("the training set is empty".into()));
         }
-        if config.batch_size == 0 || config.grad_accum == 0 || config.packing == Some(0) {
-            return Err(Error::Input("batch_size, grad_accum and the packing budget must be > 0".into()));
+        if config.batch_size == 0 || config.grad_accum == 0 || config.packing == Some(0) || config.num_chunks == 0 {
+            return Err(Error::Input("batch_size, grad_accum, num_chunks and the packing budget must be > 0".into()));
+        }
+        if config.num_chunks > examples.len() {
+            return Err(Error::Input(format!(
+                "num_chunks = {} but the training set has only {} examples: use at most that many chunks",
+                config.num_chunks,
+                examples.len()
+            )));
         }
         let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
-        let total_steps = config.max_steps.unwrap_or_else(|| {
-            (micro_batches_per_epoch(&config, &lengths) * config.epochs.max(1)).div_ceil(config.grad_accum)
-        });
+        let total_steps = config
+            .max_steps
+            .unwrap_or_else(|| steps_per_chunk(&config, &lengths).iter().sum::<usize>() * config.epochs.max(1));
         let schedule = Schedule {
             kind: config.schedule,
             lr: config.optimizer.lr,
@@ -232,14 +297,64 @@ impl Trainer {
         let sizes: Vec<usize> = lora.named().iter().map(|(_, _, v)| v.len()).collect();
         let opt = AdamW::new(&sizes, config.optimizer.clone());
         let order = epoch_order(&config, &lengths, 0);
-        Ok(Self { config, lora, opt, schedule, order, epoch: 0, offset: 0, lengths })
+        let bounds = chunk_bounds(lengths.len(), config.num_chunks);
+        Ok(Self { config, lora, opt, schedule, order, epoch: 0, offset: 0, lengths, bounds })
     }
 
-    /// Optimizer steps one pass over `examples` takes with `config` (packing and
+    /// Optimizer steps one pass over `examples` takes with `config` (packing, chunks and
     /// accumulation included).
     pub fn steps_per_epoch(config: &TrainConfig, examples: &[Example]) -> usize {
         let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
-        micro_batches_per_epoch(config, &lengths).div_ceil(config.grad_accum).max(1)
+        steps_per_chunk(config, &lengths).iter().sum::<usize>().max(1)
+    }
+
+    /// Where the run is in its data.
+    pub fn position(&self) -> DataPosition {
+        DataPosition { epoch: self.epoch, offset: self.offset }
+    }
+
+    /// Chunks completed since the start (over all epochs).
+    pub fn chunks_done(&self) -> usize {
+        self.epoch * self.bounds.len() + self.bounds.iter().filter(|&&b| b <= self.offset).count()
+    }
+
+    /// Whether the run stands at a chunk boundary (the start of a chunk).
+    pub fn at_chunk_boundary(&self) -> bool {
+        self.offset == 0 || self.bounds.contains(&self.offset)
+    }
+
+    /// The end of the chunk the next example comes from.
+    fn chunk_end(&self) -> usize {
+        self.bounds.iter().copied().find(|&b| b > self.offset).unwrap_or(self.order.len())
+    }
+
+    /// A copy of this run's state under new settings (a warm clone): the adapter factors,
+    /// optimizer moments, step count and data position carry over; the schedule is rebuilt
+    /// from `config`. `lora` must have the parent's shapes (same rank and targets).
+    pub fn fork(&self, config: TrainConfig, lora_config: furnace_model::lora::LoraConfig, examples: &[Example]) -> Result<Self> {
+        if config.num_chunks != self.config.num_chunks || config.chunk_seed != self.config.chunk_seed {
+            return Err(Error::Input("a warm clone keeps the parent's data chunks (num_chunks and the seed of the split)".into()));
+        }
+        let mut lora = self.lora.clone();
+        lora_config.validate()?;
+        if lora_config.r != lora.config.r || lora_config.targets() != lora.config.targets() {
+            return Err(Error::Input(format!(
+                "a warm clone continues the parent's adapter, whose shape is rank {} on {:?}; rank {} on {:?} would need new factors: clone without warm start to change the rank or the target modules",
+                lora.config.r,
+                lora.config.targets(),
+                lora_config.r,
+                lora_config.targets()
+            )));
+        }
+        lora.scale = lora_config.scale() as f32;
+        lora.config = lora_config;
+        let mut t = Self::new(config, lora, examples)?;
+        let (m, v) = self.opt.moments();
+        t.opt.restore(m.to_vec(), v.to_vec(), self.opt.step)?;
+        t.epoch = self.epoch;
+        t.offset = self.offset;
+        t.order = self.order.clone();
+        Ok(t)
     }
 
     /// Total optimizer steps of the run.
@@ -272,16 +387,20 @@ impl Trainer {
         i
     }
 
-    /// The next micro-batch: `batch_size` examples, or with packing as many as fit the
-    /// token budget (at least one).
+    /// The next micro-batch: `batch_size` examples (fewer at the end of a chunk), or with
+    /// packing as many as fit the token budget (at least one).
     fn next_micro_batch(&mut self) -> Vec<usize> {
+        // A micro-batch stops at the end of its chunk, as the step count assumes.
+        let end = self.chunk_end();
         match self.config.packing {
-            None => (0..self.config.batch_size).map(|_| self.next_index()).collect(),
+            None => {
+                let n = self.config.batch_size.min(end - self.offset);
+                (0..n).map(|_| self.next_index()).collect()
+            }
             Some(budget) => {
                 let mut picks = vec![self.next_index()];
                 let mut used = self.lengths[picks[0]];
-                // Stop at the end of an epoch, as the step count assumes.
-                while self.offset < self.order.len() {
+                while self.offset < end {
                     let i = self.peek_index();
                     if used + self.lengths[i] > budget {
                         break;
@@ -294,7 +413,8 @@ impl Trainer {
         }
     }
 
-    /// One optimizer step: `grad_accum` micro-batches of `batch_size` examples, each one
+    /// One optimizer step: `grad_accum` micro-batches of `batch_size` examples (fewer at
+    /// the end of a chunk), each one
     /// ragged pass through the model; the loss is the mean over all their completion tokens
     /// (as transformers computes it).
     pub fn step(&mut self, base: &FrozenBase, examples: &[Example]) -> Result<StepMetrics> {
@@ -307,7 +427,13 @@ impl Trainer {
         if examples.len() != self.lengths.len() {
             return Err(Error::Input(format!("trainer built for {} examples, given {}", self.lengths.len(), examples.len())));
         }
-        let batches: Vec<Vec<usize>> = (0..self.config.grad_accum).map(|_| self.next_micro_batch()).collect();
+        // A step starts in a chunk and ends at its end at the latest.
+        self.peek_index();
+        let end = self.chunk_end();
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        while batches.len() < self.config.grad_accum && (batches.is_empty() || self.offset < end) {
+            batches.push(self.next_micro_batch());
+        }
         let total: usize = batches
             .iter()
             .flatten()
