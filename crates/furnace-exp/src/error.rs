@@ -1,0 +1,36 @@
+//! The error type of furnace-exp.
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store (SQLite) failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// Something asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A bad spec, op or argument.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file could not be read or written.
+    #[error("{0}")]
+    Io(String),
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] furnace_train::Error),
+    /// A spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] furnace_train::SpecError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] furnace_model::Error),
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Store(e.to_string())
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,74 @@
+//! Live events of a running experiment: what the trainer publishes and the server streams
+//! (server-sent events) and the CLI shows.
+
+use crate::store::RunStatus;
+use serde::Serialize;
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A metric value of a run.
+    Metric {
+        /// Experiment name.
+        experiment: String,
+        /// Run.
+        run_id: i64,
+        /// Optimizer step.
+        step: i64,
+        /// Metric name.
+        name: String,
+        /// Value.
+        value: f64,
+    },
+    /// A run changed status.
+    Status {
+        /// Experiment name.
+        experiment: String,
+        /// Run.
+        run_id: i64,
+        /// New status.
+        status: RunStatus,
+        /// Why (an error, the policy's reason).
+        message: Option<String>,
+    },
+    /// An op was applied or rejected.
+    Op {
+        /// Experiment name.
+        experiment: String,
+        /// Op id.
+        op_id: i64,
+        /// Target run.
+        run_id: i64,
+        /// `stop`, `resume`, `delete`, `clone`.
+        op: String,
+        /// `applied` or `rejected`.
+        status: String,
+        /// What happened.
+        message: Option<String>,
+        /// The run a clone created.
+        new_run_id: Option<i64>,
+    },
+    /// A run's progress after an optimizer step.
+    Progress {
+        /// Experiment name.
+        experiment: String,
+        /// Run.
+        run_id: i64,
+        /// Steps done.
+        steps_done: i64,
+        /// Steps in all.
+        total_steps: i64,
+        /// Chunks done.
+        chunks_done: i64,
+    },
+}
+
+/// Where events go: a broadcast channel (the server subscribes to it); sending never
+/// blocks and succeeds with no subscriber.
+pub type EventSender = tokio::sync::broadcast::Sender<Event>;
+
+/// A channel for events.
+pub fn channel() -> EventSender {
+    tokio::sync::broadcast::channel(4096).0
+}

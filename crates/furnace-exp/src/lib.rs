@@ -1,0 +1,15 @@
+//! Hyperparallel experiments: the runs (leaf configs) of an experiment train together on
+//! one frozen base in fused passes, chunk by chunk, steered live by ops (stop, resume,
+//! delete, clone-modify) and by a policy (ASHA); everything durable lives in a SQLite
+//! store, and a JSON/SSE server exposes it while the experiment runs.
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod events;
+pub mod ops;
+pub mod server;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use events::{Event, EventSender};
+pub use store::{ExperimentRow, MetricRow, OpKind, OpRow, RunRow, RunStatus, Store};

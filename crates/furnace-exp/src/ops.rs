@@ -1,0 +1,96 @@
+//! Control ops (stop, resume, delete, clone-modify): checking one before it is recorded,
+//! and the overrides of a clone.
+
+use crate::error::{Error, Result};
+use crate::store::{OpKind, RunRow, RunStatus, Store};
+use furnace_train::Spec;
+
+/// The sections a clone may change.
+const SECTIONS: [&str; 3] = ["lora", "trainer", "model"];
+
+/// Parses `section.key=value` (the value as TOML: `64`, `1e-4`, `true`, `"q4"`, or a bare
+/// word taken as a string).
+pub fn parse_set(s: &str) -> Result<(String, String, serde_json::Value)> {
+    let bad = |m: &str| Error::Invalid(format!("--set {s}: {m} (expected section.key=value, e.g. lora.r=64)"));
+    let (path, raw) = s.split_once('=').ok_or_else(|| bad("no '='"))?;
+    let (section, key) = path.trim().split_once('.').ok_or_else(|| bad("no section"))?;
+    if !SECTIONS.contains(&section) {
+        return Err(bad(&format!("'{section}' cannot be changed; a clone changes lora, trainer or model settings")));
+    }
+    let raw = raw.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").ok_or_else(|| bad("no value"))?,
+        Err(_) if !raw.is_empty() => toml::Value::String(raw.to_string()),
+        Err(_) => return Err(bad("no value")),
+    };
+    let value = serde_json::to_value(value).map_err(|e| bad(&e.to_string()))?;
+    Ok((section.to_string(), key.trim().to_string(), value))
+}
+
+/// The spec of a run with `set` applied, validated (errors name the key).
+pub fn apply_overrides(config: &serde_json::Value, set: &[String]) -> Result<Spec> {
+    let mut c = config.clone();
+    for s in set {
+        let (section, key, value) = parse_set(s)?;
+        let Some(obj) = c.get_mut(&section).and_then(|v| v.as_object_mut()) else {
+            return Err(Error::Invalid(format!("--set {s}: the run's config has no [{section}]")));
+        };
+        if !obj.contains_key(&key) {
+            let known: Vec<&String> = obj.keys().collect();
+            return Err(Error::Invalid(format!("--set {s}: {section}.{key} is not a setting (known: {known:?})")));
+        }
+        obj.insert(key, value);
+    }
+    let spec: Spec = serde_json::from_value(c).map_err(|e| Error::Invalid(format!("--set: {e}")))?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Checks that `op` can apply to `run` as it stands now (the trainer checks again when
+/// it applies it, since the run may change in between).
+pub fn check(run: &RunRow, op: &OpKind) -> Result<()> {
+    let s = run.status;
+    let fail = |m: String| Err(Error::Invalid(format!("run {}: {m}", run.id)));
+    match op {
+        OpKind::Stop if !s.is_active() => fail(format!("is {}; only a new or ongoing run can stop", s.as_str())),
+        OpKind::Resume if s != RunStatus::Stopped => fail(format!("is {}; only a stopped run can resume", s.as_str())),
+        OpKind::Delete if s == RunStatus::Deleted => fail("is already deleted".into()),
+        OpKind::Clone { .. } if s == RunStatus::Deleted => fail("is deleted; it cannot be cloned".into()),
+        OpKind::Clone { set, warm } => {
+            let spec = apply_overrides(&run.config, set)?;
+            if *warm {
+                let parent: Spec = serde_json::from_value(run.config.clone()).map_err(|e| Error::Store(e.to_string()))?;
+                check_warm(&parent, &spec)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A warm clone continues the parent's adapter and data: rank, targets, base model and
+/// its quantization must stay.
+pub fn check_warm(parent: &Spec, child: &Spec) -> Result<()> {
+    let why = if parent.lora.r != child.lora.r {
+        Some(format!("lora.r {} -> {} changes the shape of the adapter's factors", parent.lora.r, child.lora.r))
+    } else if parent.lora.targets != child.lora.targets {
+        Some("lora.targets changes which layers have factors".to_string())
+    } else if parent.model.base != child.model.base || parent.model.quantize != child.model.quantize {
+        Some("the base model (or its quantization) changes what the adapter was trained on".to_string())
+    } else if parent.trainer.max_seq_len != child.trainer.max_seq_len {
+        Some("trainer.max_seq_len changes the examples".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(w) => Err(Error::Invalid(format!("a warm clone continues its parent's adapter and optimizer state, but {w}: clone without --warm (cold) instead"))),
+        None => Ok(()),
+    }
+}
+
+/// Checks and records an op (pending until the trainer applies it); returns its id.
+pub fn submit(store: &Store, run_id: i64, op: &OpKind, source: &str) -> Result<i64> {
+    let run = store.run(run_id)?;
+    check(&run, op)?;
+    store.add_op(run_id, op, source)
+}

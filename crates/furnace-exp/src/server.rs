@@ -1,0 +1,1 @@
+//! The experiment HTTP API.

@@ -1,0 +1,545 @@
+//! The embedded store: one SQLite database (WAL, so the trainer, the server and other
+//! `furnace` processes read and write it at once) holding experiments, runs (config,
+//! status, progress, lineage), metrics and control ops.
+//!
+//! A [`Store`] wraps one connection; every thread opens its own.
+
+use crate::error::{Error, Result};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Seconds since the Unix epoch.
+pub fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// A run's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Created, not trained yet.
+    New,
+    /// Training (or waiting for its turn).
+    Ongoing,
+    /// Stopped by an op or the policy; its state is kept and it can resume.
+    Stopped,
+    /// Took all its steps.
+    Completed,
+    /// Failed with an error.
+    Failed,
+    /// Deleted: gone from views and scheduling, its files kept.
+    Deleted,
+}
+
+impl RunStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Ongoing => "ongoing",
+            Self::Stopped => "stopped",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "new" => Self::New,
+            "ongoing" => Self::Ongoing,
+            "stopped" => Self::Stopped,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "deleted" => Self::Deleted,
+            o => return Err(Error::Store(format!("unknown run status '{o}'"))),
+        })
+    }
+
+    /// Whether the scheduler trains a run in this status.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::New | Self::Ongoing)
+    }
+}
+
+/// An experiment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExperimentRow {
+    /// Id.
+    pub id: i64,
+    /// Unique name (the spec's name, with a suffix when it was taken).
+    pub name: String,
+    /// `fit`.
+    pub mode: String,
+    /// Its folder (run checkpoints and adapters).
+    pub dir: PathBuf,
+    /// The spec file it was made from.
+    pub spec_path: PathBuf,
+    /// The spec text.
+    pub spec: String,
+    /// `running` while `furnace run` drives it (or after a crash), `done` after.
+    pub status: String,
+    /// Created (Unix seconds).
+    pub created: f64,
+}
+
+/// A run: one leaf configuration of an experiment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRow {
+    /// Id (unique over the store).
+    pub id: i64,
+    /// Its experiment.
+    pub experiment_id: i64,
+    /// The leaf spec (JSON).
+    pub config: serde_json::Value,
+    /// The knob values it took, `{"lora.r": 16, ...}`.
+    pub knobs: serde_json::Value,
+    /// Config group index.
+    pub group: i64,
+    /// Status.
+    pub status: RunStatus,
+    /// Optimizer steps taken.
+    pub steps_done: i64,
+    /// Optimizer steps in all.
+    pub total_steps: i64,
+    /// Data chunks completed.
+    pub chunks_done: i64,
+    /// Chunks in all (epochs x chunks per epoch).
+    pub total_chunks: i64,
+    /// Step of the last checkpoint (None: none yet).
+    pub checkpoint_step: Option<i64>,
+    /// The run it was cloned from.
+    pub parent_id: Option<i64>,
+    /// Whether the clone started warm.
+    pub warm: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Created (Unix seconds).
+    pub created: f64,
+}
+
+/// One metric value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricRow {
+    /// Run.
+    pub run_id: i64,
+    /// Optimizer step.
+    pub step: i64,
+    /// `loss`, `lr`, `grad_norm`, `eval_loss`, ...
+    pub name: String,
+    /// Value.
+    pub value: f64,
+    /// When (Unix seconds).
+    pub time: f64,
+}
+
+/// What an op does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum OpKind {
+    /// Take the run out of the active set, keeping its state.
+    Stop,
+    /// Put a stopped run back.
+    Resume,
+    /// Remove the run from views and scheduling (files kept).
+    Delete,
+    /// A new run with changed knobs.
+    Clone {
+        /// `section.key=value` overrides.
+        #[serde(default)]
+        set: Vec<String>,
+        /// Start from the parent's adapter, optimizer and data position.
+        #[serde(default)]
+        warm: bool,
+    },
+}
+
+impl OpKind {
+    /// Its name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Resume => "resume",
+            Self::Delete => "delete",
+            Self::Clone { .. } => "clone",
+        }
+    }
+}
+
+/// A recorded op.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpRow {
+    /// Id.
+    pub id: i64,
+    /// Experiment.
+    pub experiment_id: i64,
+    /// The run it targets.
+    pub run_id: i64,
+    /// What it does.
+    pub kind: OpKind,
+    /// Who asked: `cli`, `api`, `policy`.
+    pub source: String,
+    /// `pending`, `applied` or `rejected`.
+    pub status: String,
+    /// What happened (why it was rejected).
+    pub message: Option<String>,
+    /// The run a clone created.
+    pub new_run_id: Option<i64>,
+    /// The optimizer step of the target run when it took effect.
+    pub applied_step: Option<i64>,
+    /// Asked at (Unix seconds).
+    pub created: f64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS experiments(
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, base_name TEXT NOT NULL, mode TEXT NOT NULL,
+    dir TEXT NOT NULL, spec_path TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS runs(
+    id INTEGER PRIMARY KEY, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    config TEXT NOT NULL, knobs TEXT NOT NULL, grp INTEGER NOT NULL, status TEXT NOT NULL,
+    steps_done INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0,
+    chunks_done INTEGER NOT NULL DEFAULT 0, total_chunks INTEGER NOT NULL DEFAULT 0,
+    checkpoint_step INTEGER, parent_id INTEGER REFERENCES runs(id), warm INTEGER NOT NULL DEFAULT 0,
+    error TEXT, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics(
+    run_id INTEGER NOT NULL REFERENCES runs(id), step INTEGER NOT NULL, name TEXT NOT NULL,
+    value REAL NOT NULL, time REAL NOT NULL, PRIMARY KEY(run_id, step, name));
+CREATE TABLE IF NOT EXISTS ops(
+    id INTEGER PRIMARY KEY, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    run_id INTEGER NOT NULL REFERENCES runs(id), kind TEXT NOT NULL, source TEXT NOT NULL,
+    status TEXT NOT NULL, message TEXT, new_run_id INTEGER, applied_step INTEGER,
+    created REAL NOT NULL);
+";
+
+/// The store file inside a runs folder.
+pub const DB_FILE: &str = "furnace.db";
+
+/// One connection to the store.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn json(s: String) -> serde_json::Value {
+    serde_json::from_str(&s).unwrap_or(serde_json::Value::Null)
+}
+
+fn experiment_row(r: &Row) -> rusqlite::Result<ExperimentRow> {
+    Ok(ExperimentRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        mode: r.get(2)?,
+        dir: PathBuf::from(r.get::<_, String>(3)?),
+        spec_path: PathBuf::from(r.get::<_, String>(4)?),
+        spec: r.get(5)?,
+        status: r.get(6)?,
+        created: r.get(7)?,
+    })
+}
+const EXPERIMENT_COLS: &str = "id, name, mode, dir, spec_path, spec, status, created";
+
+const RUN_COLS: &str = "id, experiment_id, config, knobs, grp, status, steps_done, total_steps, chunks_done, \
+     total_chunks, checkpoint_step, parent_id, warm, error, created";
+
+fn run_row(r: &Row) -> rusqlite::Result<(RunRow, String)> {
+    Ok((
+        RunRow {
+            id: r.get(0)?,
+            experiment_id: r.get(1)?,
+            config: json(r.get(2)?),
+            knobs: json(r.get(3)?),
+            group: r.get(4)?,
+            status: RunStatus::New,
+            steps_done: r.get(6)?,
+            total_steps: r.get(7)?,
+            chunks_done: r.get(8)?,
+            total_chunks: r.get(9)?,
+            checkpoint_step: r.get(10)?,
+            parent_id: r.get(11)?,
+            warm: r.get::<_, i64>(12)? != 0,
+            error: r.get(13)?,
+            created: r.get(14)?,
+        },
+        r.get(5)?,
+    ))
+}
+
+const OP_COLS: &str = "id, experiment_id, run_id, kind, source, status, message, new_run_id, applied_step, created";
+
+fn op_row(r: &Row) -> rusqlite::Result<(OpRow, String)> {
+    Ok((
+        OpRow {
+            id: r.get(0)?,
+            experiment_id: r.get(1)?,
+            run_id: r.get(2)?,
+            kind: OpKind::Stop,
+            source: r.get(4)?,
+            status: r.get(5)?,
+            message: r.get(6)?,
+            new_run_id: r.get(7)?,
+            applied_step: r.get(8)?,
+            created: r.get(9)?,
+        },
+        r.get(3)?,
+    ))
+}
+
+fn finish_run((mut row, status): (RunRow, String)) -> Result<RunRow> {
+    row.status = RunStatus::parse(&status)?;
+    Ok(row)
+}
+
+fn finish_op((mut row, kind): (OpRow, String)) -> Result<OpRow> {
+    row.kind = serde_json::from_str(&kind).map_err(|e| Error::Store(format!("op {}: {e}", row.id)))?;
+    Ok(row)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn, path: path.to_path_buf() })
+    }
+
+    /// Opens the store of a runs folder (`<runs>/furnace.db`).
+    pub fn open_in(runs_dir: &Path) -> Result<Self> {
+        Self::open(&runs_dir.join(DB_FILE))
+    }
+
+    /// Another connection to the same database (for another thread).
+    pub fn reopen(&self) -> Result<Self> {
+        Self::open(&self.path)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates an experiment named `name`, or `name_1`, `name_2`, ... when taken; its
+    /// folder is `<root>/<unique name>`.
+    pub fn create_experiment(&self, name: &str, mode: &str, root: &Path, spec_path: &Path, spec: &str) -> Result<ExperimentRow> {
+        let taken = |n: &str| -> Result<bool> {
+            Ok(self.conn.query_row("SELECT 1 FROM experiments WHERE name = ?1", [n], |_| Ok(())).optional()?.is_some())
+        };
+        let mut unique = name.to_string();
+        let mut k = 0;
+        while taken(&unique)? || root.join(&unique).exists() {
+            k += 1;
+            unique = format!("{name}_{k}");
+        }
+        let dir = root.join(&unique);
+        self.conn.execute(
+            "INSERT INTO experiments(name, base_name, mode, dir, spec_path, spec, status, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
+            params![unique, name, mode, dir.to_string_lossy(), spec_path.to_string_lossy(), spec, now()],
+        )?;
+        self.experiment(&unique)
+    }
+
+    /// The experiment called `name`.
+    pub fn experiment(&self, name: &str) -> Result<ExperimentRow> {
+        self.conn
+            .query_row(&format!("SELECT {EXPERIMENT_COLS} FROM experiments WHERE name = ?1"), [name], experiment_row)
+            .optional()?
+            .ok_or_else(|| Error::NotFound(format!("no experiment named '{name}'")))
+    }
+
+    /// The experiment with this id.
+    pub fn experiment_by_id(&self, id: i64) -> Result<ExperimentRow> {
+        self.conn
+            .query_row(&format!("SELECT {EXPERIMENT_COLS} FROM experiments WHERE id = ?1"), [id], experiment_row)
+            .optional()?
+            .ok_or_else(|| Error::NotFound(format!("no experiment {id}")))
+    }
+
+    /// All experiments, oldest first.
+    pub fn experiments(&self) -> Result<Vec<ExperimentRow>> {
+        let mut st = self.conn.prepare(&format!("SELECT {EXPERIMENT_COLS} FROM experiments ORDER BY id"))?;
+        let rows = st.query_map([], experiment_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// The newest experiment made from a spec named `base_name` (whatever its suffix).
+    pub fn latest_of(&self, base_name: &str) -> Result<Option<ExperimentRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {EXPERIMENT_COLS} FROM experiments WHERE base_name = ?1 ORDER BY id DESC LIMIT 1"),
+                [base_name],
+                experiment_row,
+            )
+            .optional()?)
+    }
+
+    /// Sets an experiment's status (`running`, `done`).
+    pub fn set_experiment_status(&self, id: i64, status: &str) -> Result<()> {
+        self.conn.execute("UPDATE experiments SET status = ?2 WHERE id = ?1", params![id, status])?;
+        Ok(())
+    }
+
+    /// Adds a run; returns its id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_run(
+        &self,
+        experiment_id: i64,
+        config: &serde_json::Value,
+        knobs: &serde_json::Value,
+        group: i64,
+        total_steps: i64,
+        total_chunks: i64,
+        parent: Option<(i64, bool)>,
+    ) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO runs(experiment_id, config, knobs, grp, status, total_steps, total_chunks, parent_id, warm, created) \
+             VALUES (?1, ?2, ?3, ?4, 'new', ?5, ?6, ?7, ?8, ?9)",
+            params![
+                experiment_id,
+                config.to_string(),
+                knobs.to_string(),
+                group,
+                total_steps,
+                total_chunks,
+                parent.map(|p| p.0),
+                parent.is_some_and(|p| p.1) as i64,
+                now()
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// A run by id.
+    pub fn run(&self, id: i64) -> Result<RunRow> {
+        let r = self
+            .conn
+            .query_row(&format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"), [id], run_row)
+            .optional()?
+            .ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+        finish_run(r)
+    }
+
+    /// The runs of an experiment (deleted ones too), by id.
+    pub fn runs(&self, experiment_id: i64) -> Result<Vec<RunRow>> {
+        let mut st = self.conn.prepare(&format!("SELECT {RUN_COLS} FROM runs WHERE experiment_id = ?1 ORDER BY id"))?;
+        let rows = st.query_map([experiment_id], run_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(finish_run).collect()
+    }
+
+    /// Sets a run's status (and error message, for `failed`).
+    pub fn set_run_status(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<()> {
+        self.conn.execute("UPDATE runs SET status = ?2, error = ?3 WHERE id = ?1", params![id, status.as_str(), error])?;
+        Ok(())
+    }
+
+    /// Records a run's progress and its metrics of one step, in one transaction.
+    pub fn record_step(&mut self, id: i64, steps_done: i64, chunks_done: i64, metrics: &[(&str, f64)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("UPDATE runs SET steps_done = ?2, chunks_done = ?3 WHERE id = ?1", params![id, steps_done, chunks_done])?;
+        let t = now();
+        for (name, value) in metrics {
+            tx.execute(
+                "INSERT OR REPLACE INTO metrics(run_id, step, name, value, time) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, steps_done, name, value, t],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records that a checkpoint of `step` is written (the run resumes from it).
+    pub fn set_checkpoint(&self, id: i64, step: i64) -> Result<()> {
+        self.conn.execute("UPDATE runs SET checkpoint_step = ?2 WHERE id = ?1", params![id, step])?;
+        Ok(())
+    }
+
+    /// Rolls a run back to its checkpoint at `step` (or to the start, `None`): drops the
+    /// metrics of later steps, which the resumed run computes again.
+    pub fn rewind(&mut self, id: i64, step: Option<i64>, chunks_done: i64) -> Result<()> {
+        let s = step.unwrap_or(-1);
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM metrics WHERE run_id = ?1 AND step > ?2", params![id, s])?;
+        tx.execute("UPDATE runs SET steps_done = ?2, chunks_done = ?3 WHERE id = ?1", params![id, s.max(0), chunks_done])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A run's metrics, by step then name.
+    pub fn metrics(&self, run_id: i64) -> Result<Vec<MetricRow>> {
+        self.metrics_where("run_id = ?1", run_id)
+    }
+
+    /// The metrics of every run of an experiment, by run, step, name.
+    pub fn experiment_metrics(&self, experiment_id: i64) -> Result<Vec<MetricRow>> {
+        self.metrics_where("run_id IN (SELECT id FROM runs WHERE experiment_id = ?1)", experiment_id)
+    }
+
+    fn metrics_where(&self, cond: &str, id: i64) -> Result<Vec<MetricRow>> {
+        let mut st =
+            self.conn.prepare(&format!("SELECT run_id, step, name, value, time FROM metrics WHERE {cond} ORDER BY run_id, step, name"))?;
+        let rows = st
+            .query_map([id], |r| Ok(MetricRow { run_id: r.get(0)?, step: r.get(1)?, name: r.get(2)?, value: r.get(3)?, time: r.get(4)? }))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Records an op, pending until the trainer applies it; returns its id. The run must
+    /// exist.
+    pub fn add_op(&self, run_id: i64, kind: &OpKind, source: &str) -> Result<i64> {
+        let run = self.run(run_id)?;
+        let k = serde_json::to_string(kind).map_err(|e| Error::Store(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO ops(experiment_id, run_id, kind, source, status, created) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+            params![run.experiment_id, run_id, k, source, now()],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Records an op that already took effect (the policy's).
+    pub fn add_applied_op(&self, run_id: i64, kind: &OpKind, source: &str, step: i64, message: &str) -> Result<i64> {
+        let id = self.add_op(run_id, kind, source)?;
+        self.finish_op(id, true, Some(message), None, Some(step))?;
+        Ok(id)
+    }
+
+    /// An experiment's ops still to apply, oldest first.
+    pub fn pending_ops(&self, experiment_id: i64) -> Result<Vec<OpRow>> {
+        self.ops_where("experiment_id = ?1 AND status = 'pending'", experiment_id)
+    }
+
+    /// All ops of an experiment, oldest first.
+    pub fn ops(&self, experiment_id: i64) -> Result<Vec<OpRow>> {
+        self.ops_where("experiment_id = ?1", experiment_id)
+    }
+
+    /// One op.
+    pub fn op(&self, id: i64) -> Result<OpRow> {
+        self.ops_where("id = ?1", id)?.pop().ok_or_else(|| Error::NotFound(format!("no op {id}")))
+    }
+
+    fn ops_where(&self, cond: &str, id: i64) -> Result<Vec<OpRow>> {
+        let mut st = self.conn.prepare(&format!("SELECT {OP_COLS} FROM ops WHERE {cond} ORDER BY id"))?;
+        let rows = st.query_map([id], op_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(finish_op).collect()
+    }
+
+    /// Marks an op applied or rejected.
+    pub fn finish_op(&self, id: i64, applied: bool, message: Option<&str>, new_run: Option<i64>, step: Option<i64>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE ops SET status = ?2, message = ?3, new_run_id = ?4, applied_step = ?5 WHERE id = ?1",
+            params![id, if applied { "applied" } else { "rejected" }, message, new_run, step],
+        )?;
+        Ok(())
+    }
+}
