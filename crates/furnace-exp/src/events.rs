@@ -49,6 +49,13 @@ pub enum Event {
         /// The run a clone created.
         new_run_id: Option<i64>,
     },
+    /// A line for people (loading a model, an op applied, admission).
+    Log {
+        /// Experiment name.
+        experiment: String,
+        /// The line.
+        message: String,
+    },
     /// A run's progress after an optimizer step.
     Progress {
         /// Experiment name.

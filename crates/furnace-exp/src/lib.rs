@@ -4,12 +4,16 @@
 //! store, and a JSON/SSE server exposes it while the experiment runs.
 #![deny(missing_docs)]
 
+pub mod asha;
 pub mod error;
 pub mod events;
+pub mod experiment;
+pub mod fit;
 pub mod ops;
 pub mod server;
 pub mod store;
 
 pub use error::{Error, Result};
 pub use events::{Event, EventSender};
+pub use fit::{run_fit, FitOptions, FitSummary, Loader};
 pub use store::{ExperimentRow, MetricRow, OpKind, OpRow, RunRow, RunStatus, Store};

@@ -204,7 +204,7 @@ CREATE TABLE IF NOT EXISTS runs(
     config TEXT NOT NULL, knobs TEXT NOT NULL, grp INTEGER NOT NULL, status TEXT NOT NULL,
     steps_done INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0,
     chunks_done INTEGER NOT NULL DEFAULT 0, total_chunks INTEGER NOT NULL DEFAULT 0,
-    checkpoint_step INTEGER, parent_id INTEGER REFERENCES runs(id), warm INTEGER NOT NULL DEFAULT 0,
+    checkpoint_step INTEGER, checkpoint_chunks INTEGER NOT NULL DEFAULT 0, parent_id INTEGER REFERENCES runs(id), warm INTEGER NOT NULL DEFAULT 0,
     error TEXT, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics(
     run_id INTEGER NOT NULL REFERENCES runs(id), step INTEGER NOT NULL, name TEXT NOT NULL,
@@ -458,19 +458,28 @@ impl Store {
         Ok(())
     }
 
-    /// Records that a checkpoint of `step` is written (the run resumes from it).
-    pub fn set_checkpoint(&self, id: i64, step: i64) -> Result<()> {
-        self.conn.execute("UPDATE runs SET checkpoint_step = ?2 WHERE id = ?1", params![id, step])?;
+    /// Records a run's step and chunk totals (known once its data is loaded).
+    pub fn set_totals(&self, id: i64, total_steps: i64, total_chunks: i64) -> Result<()> {
+        self.conn.execute("UPDATE runs SET total_steps = ?2, total_chunks = ?3 WHERE id = ?1", params![id, total_steps, total_chunks])?;
         Ok(())
     }
 
-    /// Rolls a run back to its checkpoint at `step` (or to the start, `None`): drops the
-    /// metrics of later steps, which the resumed run computes again.
-    pub fn rewind(&mut self, id: i64, step: Option<i64>, chunks_done: i64) -> Result<()> {
-        let s = step.unwrap_or(-1);
+    /// Records that a checkpoint of `step` (after `chunks` chunks) is written: the run
+    /// resumes from it after a crash.
+    pub fn set_checkpoint(&self, id: i64, step: i64, chunks: i64) -> Result<()> {
+        self.conn.execute("UPDATE runs SET checkpoint_step = ?2, checkpoint_chunks = ?3 WHERE id = ?1", params![id, step, chunks])?;
+        Ok(())
+    }
+
+    /// Rolls a run back to its last checkpoint (or to the start): drops the metrics of
+    /// later steps, which the resumed run computes again, so none is lost or doubled.
+    pub fn rewind(&mut self, id: i64) -> Result<()> {
         let tx = self.conn.transaction()?;
+        let (step, chunks): (Option<i64>, i64) =
+            tx.query_row("SELECT checkpoint_step, checkpoint_chunks FROM runs WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let s = step.unwrap_or(0);
         tx.execute("DELETE FROM metrics WHERE run_id = ?1 AND step > ?2", params![id, s])?;
-        tx.execute("UPDATE runs SET steps_done = ?2, chunks_done = ?3 WHERE id = ?1", params![id, s.max(0), chunks_done])?;
+        tx.execute("UPDATE runs SET steps_done = ?2, chunks_done = ?3 WHERE id = ?1", params![id, s, chunks])?;
         tx.commit()?;
         Ok(())
     }

@@ -308,6 +308,12 @@ impl Trainer {
         steps_per_chunk(config, &lengths).iter().sum::<usize>().max(1)
     }
 
+    /// Optimizer steps in each chunk of one pass over `examples` with `config`.
+    pub fn steps_per_chunk(config: &TrainConfig, examples: &[Example]) -> Vec<usize> {
+        let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+        steps_per_chunk(config, &lengths)
+    }
+
     /// Where the run is in its data.
     pub fn position(&self) -> DataPosition {
         DataPosition { epoch: self.epoch, offset: self.offset }

@@ -1,0 +1,61 @@
+//! Experiments from specs: expanding knobs and config groups into runs, unique names, and
+//! finding an interrupted experiment to continue.
+
+use crate::error::{Error, Result};
+use crate::store::{ExperimentRow, Store};
+use furnace_train::knobs::{expand, Leaf};
+use std::path::{Path, PathBuf};
+
+/// The spec file's text and its leaf configs, every one validated.
+pub fn read_spec(spec_path: &Path) -> Result<(String, Vec<Leaf>)> {
+    let text = std::fs::read_to_string(spec_path).map_err(|e| Error::Io(format!("reading {}: {e}", spec_path.display())))?;
+    let mut leaves = expand(&text, spec_path)?;
+    if leaves.is_empty() {
+        return Err(Error::Invalid(format!("{}: the spec expands to no runs", spec_path.display())));
+    }
+    for leaf in &mut leaves {
+        let d = &mut leaf.spec.data;
+        d.train = absolute(&d.train);
+        d.eval = d.eval.as_deref().map(absolute);
+    }
+    Ok((text, leaves))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Creates an experiment from a spec: a unique name (the spec's, with `_1`, `_2`, ...
+/// when taken), its folder under `runs_dir`, and one `new` run per leaf config.
+pub fn create(store: &Store, runs_dir: &Path, spec_path: &Path) -> Result<ExperimentRow> {
+    let (text, leaves) = read_spec(spec_path)?;
+    let e = &leaves[0].spec.experiment;
+    let exp = store.create_experiment(&e.name, &e.mode, runs_dir, &absolute(spec_path), &text)?;
+    std::fs::create_dir_all(&exp.dir).map_err(|err| Error::Io(format!("creating {}: {err}", exp.dir.display())))?;
+    for leaf in &leaves {
+        let config = serde_json::to_value(&leaf.spec).map_err(|err| Error::Store(err.to_string()))?;
+        let knobs: serde_json::Map<String, serde_json::Value> = leaf.knobs.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect();
+        store.add_run(exp.id, &config, &serde_json::Value::Object(knobs), leaf.group as i64, 0, 0, None)?;
+    }
+    Ok(exp)
+}
+
+/// The experiment this spec was last started as, if it never finished (a crash, a kill,
+/// Ctrl-C) and the spec is unchanged: `furnace run` continues it instead of starting anew.
+pub fn interrupted(store: &Store, spec_path: &Path) -> Result<Option<ExperimentRow>> {
+    let (text, leaves) = read_spec(spec_path)?;
+    let name = &leaves[0].spec.experiment.name;
+    Ok(store.latest_of(name)?.filter(|e| e.status == "running" && e.spec == text))
+}
+
+/// An experiment by name, or the newest when `name` is `None`.
+pub fn find(store: &Store, name: Option<&str>) -> Result<ExperimentRow> {
+    match name {
+        Some(n) => store.experiment(n),
+        None => store.experiments()?.pop().ok_or_else(|| Error::NotFound("no experiments yet: start one with `furnace run spec.toml`".into())),
+    }
+}

@@ -1,0 +1,672 @@
+//! `run_fit`: trains the runs of an experiment chunk by chunk.
+//!
+//! Each round takes the runs that made the least progress (fewest chunks done) from one
+//! group of runs sharing a base model and quantization, admits as many as fit the memory
+//! budget, and trains them one chunk further with fused steps (one pass over the frozen
+//! base for all of them). Ops recorded in the store are applied before every optimizer
+//! step. At the end of its chunk each run is evaluated and checkpointed (atomically); the
+//! policy (ASHA) may stop some. Groups of different bases take turns at chunk boundaries,
+//! swapping the loaded model.
+//!
+//! Durability: metrics and progress go to the store with every step; a checkpoint records
+//! the step it holds. After a crash, [`run_fit`] rewinds each unfinished run to its
+//! checkpoint (dropping the later metrics, which it computes again), so nothing is lost or
+//! doubled.
+
+use crate::asha;
+use crate::error::{Error, Result};
+use crate::events::{Event, EventSender};
+use crate::ops::{apply_overrides, check_warm};
+use crate::store::{ExperimentRow, OpKind, OpRow, RunRow, RunStatus, Store};
+use furnace_model::{LoadedModel, WeightDType};
+use furnace_train::{eval_loss, fused_step, load_dataset, Example, FrozenBase, Spec, TrainableLora, Trainer};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Loads a base model by name (alias, `.gguf` file or HF folder) with the given weights.
+pub type Loader<'a> = dyn FnMut(&str, WeightDType) -> Result<LoadedModel> + 'a;
+
+/// Called after each optimizer step of a run with (run id, step), on the training thread.
+pub type StepHook = Arc<dyn Fn(i64, i64) + Send + Sync>;
+
+/// Settings of [`run_fit`].
+#[derive(Clone, Default)]
+pub struct FitOptions {
+    /// Bytes the runs' own state (adapter, gradients, optimizer moments) may take at
+    /// once; `None`: 70% of the memory available when the base is loaded.
+    pub memory_budget: Option<u64>,
+    /// Set to stop after the current optimizer step (runs stay unfinished and resume from
+    /// their checkpoints on the next call).
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Called after every optimizer step (ops submitted from it take effect at the next).
+    pub on_step: Option<StepHook>,
+}
+
+impl std::fmt::Debug for FitOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FitOptions").field("memory_budget", &self.memory_budget).field("cancel", &self.cancel).finish_non_exhaustive()
+    }
+}
+
+/// Bytes of one run's own state: factors, gradients and two optimizer moments in f32.
+pub fn run_bytes(params: usize) -> u64 {
+    16 * params as u64
+}
+
+/// Memory available now (Linux `MemAvailable`), if known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Trainable parameters of a run's adapter on `model` (without building it).
+pub fn lora_params(model: &furnace_model::Llama, spec: &Spec) -> usize {
+    let cfg = spec.lora_config();
+    let targets = cfg.targets();
+    model
+        .layers
+        .iter()
+        .map(|layer| {
+            targets
+                .iter()
+                .filter_map(|t| layer.projection(t))
+                .map(|lin| cfg.r * (lin.in_features + lin.out_features))
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// The folder of a run.
+pub fn run_dir(exp: &ExperimentRow, run_id: i64) -> PathBuf {
+    exp.dir.join(format!("run-{run_id}"))
+}
+
+fn checkpoint_dir(exp: &ExperimentRow, run_id: i64, step: i64) -> PathBuf {
+    run_dir(exp, run_id).join("checkpoints").join(format!("step-{step}"))
+}
+
+/// The base a run trains on: (model, quantization).
+type GroupKey = (String, String);
+
+fn group_key(spec: &Spec) -> GroupKey {
+    (spec.model.base.clone(), spec.model.quantize.clone())
+}
+
+/// The loaded base of one group and its datasets (by `max_seq_len`).
+struct Loaded {
+    key: GroupKey,
+    model: LoadedModel,
+    frozen: FrozenBase,
+    data: HashMap<usize, (Arc<Vec<Example>>, Option<Arc<Vec<Example>>>)>,
+}
+
+impl Loaded {
+    fn data(&mut self, spec: &Spec) -> Result<(Arc<Vec<Example>>, Option<Arc<Vec<Example>>>)> {
+        let len = spec.trainer.max_seq_len;
+        if let Some(d) = self.data.get(&len) {
+            return Ok(d.clone());
+        }
+        let template = self.model.chat_template.clone().ok_or_else(|| {
+            Error::Invalid(format!("{} has no chat template: training rows are formatted with it", spec.model.base))
+        })?;
+        let opts = spec.data_options();
+        let load = |p: &Path| -> Result<Arc<Vec<Example>>> {
+            let d = load_dataset(p, &self.model.tokenizer, &template, &opts).map_err(|e| Error::Invalid(e.to_string()))?;
+            Ok(Arc::new(d.examples))
+        };
+        let train = load(&spec.data.train)?;
+        let eval = spec.data.eval.as_deref().map(load).transpose()?;
+        self.data.insert(len, (train.clone(), eval.clone()));
+        Ok((train, eval))
+    }
+}
+
+/// One run as the scheduler holds it.
+struct Live {
+    row: RunRow,
+    spec: Spec,
+    trainer: Option<Trainer>,
+}
+
+/// What a fit ended with.
+#[derive(Debug, Clone)]
+pub struct FitSummary {
+    /// Every run of the experiment, as stored at the end.
+    pub runs: Vec<RunRow>,
+    /// Whether it ended because it was cancelled.
+    pub cancelled: bool,
+}
+
+struct Fit<'a, 'l> {
+    store: Store,
+    exp: ExperimentRow,
+    events: &'a EventSender,
+    loader: &'a mut Loader<'l>,
+    opts: &'a FitOptions,
+    runs: BTreeMap<i64, Live>,
+    loaded: Option<Loaded>,
+    budget: Option<u64>,
+    policy: (String, usize),
+}
+
+fn spec_of(row: &RunRow) -> Result<Spec> {
+    serde_json::from_value(row.config.clone()).map_err(|e| Error::Store(format!("run {}: stored config: {e}", row.id)))
+}
+
+/// Trains every unfinished run of `exp` (see the module docs), applying ops as they come,
+/// until no run is active or `opts.cancel` is set.
+pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts: &FitOptions, events: &EventSender) -> Result<FitSummary> {
+    let mut store = store.reopen()?;
+    store.set_experiment_status(exp.id, "running")?;
+    // Unfinished runs continue from their last checkpoint.
+    let mut runs = BTreeMap::new();
+    for row in store.runs(exp.id)? {
+        if matches!(row.status, RunStatus::New | RunStatus::Ongoing | RunStatus::Stopped) {
+            store.rewind(row.id)?;
+        }
+        let row = store.run(row.id)?;
+        let spec = spec_of(&row)?;
+        runs.insert(row.id, Live { row, spec, trainer: None });
+    }
+    let first = runs.values().next().map(|l| l.spec.experiment.clone()).ok_or_else(|| Error::Invalid(format!("experiment {} has no runs", exp.name)))?;
+    let mut fit = Fit {
+        store,
+        exp: exp.clone(),
+        events,
+        loader,
+        opts,
+        runs,
+        loaded: None,
+        budget: opts.memory_budget,
+        policy: (first.policy.clone(), first.eta),
+    };
+    let cancelled = fit.drive()?;
+    let done = fit.runs.values().all(|l| !l.row.status.is_active());
+    fit.store.set_experiment_status(exp.id, if done { "done" } else { "running" })?;
+    Ok(FitSummary { runs: fit.store.runs(exp.id)?, cancelled })
+}
+
+impl Fit<'_, '_> {
+    fn log(&self, message: String) {
+        let _ = self.events.send(Event::Log { experiment: self.exp.name.clone(), message });
+    }
+
+    fn cancelled(&self) -> bool {
+        self.opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn set_status(&mut self, id: i64, status: RunStatus, message: Option<String>) -> Result<()> {
+        self.store.set_run_status(id, status, if status == RunStatus::Failed { message.as_deref() } else { None })?;
+        if let Some(l) = self.runs.get_mut(&id) {
+            l.row.status = status;
+        }
+        let _ = self.events.send(Event::Status { experiment: self.exp.name.clone(), run_id: id, status, message });
+        Ok(())
+    }
+
+    /// The main loop; returns whether it was cancelled.
+    fn drive(&mut self) -> Result<bool> {
+        loop {
+            self.apply_ops()?;
+            if self.cancelled() {
+                return Ok(true);
+            }
+            // Least progress first: the active run with the fewest chunks done picks the
+            // group, and that group's runs at the same progress train the next chunk.
+            let Some(lead) = self
+                .runs
+                .values()
+                .filter(|l| l.row.status.is_active())
+                .min_by_key(|l| (l.row.chunks_done, l.row.id))
+                .map(|l| (group_key(&l.spec), l.row.chunks_done))
+            else {
+                return Ok(false);
+            };
+            let (key, chunks) = lead;
+            self.ensure_group(&key)?;
+            let members: Vec<i64> = self
+                .runs
+                .values()
+                .filter(|l| l.row.status.is_active() && group_key(&l.spec) == key && l.row.chunks_done == chunks)
+                .map(|l| l.row.id)
+                .collect();
+            let admitted = self.admit(&members)?;
+            if self.round(admitted, chunks + 1)? {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Loads the base of `key` (swapping out another group's; its runs are at chunk
+    /// boundaries and checkpointed, so only what differs — the base and the adapters —
+    /// changes).
+    fn ensure_group(&mut self, key: &GroupKey) -> Result<()> {
+        if self.loaded.as_ref().is_some_and(|l| &l.key == key) {
+            return Ok(());
+        }
+        if let Some(old) = self.loaded.take() {
+            self.log(format!("swapping out {} ({})", old.key.0, old.key.1));
+            for l in self.runs.values_mut().filter(|l| group_key(&l.spec) == old.key) {
+                l.trainer = None;
+            }
+        }
+        let spec = self.runs.values().find(|l| &group_key(&l.spec) == key).map(|l| l.spec.clone()).ok_or_else(|| Error::Invalid("no run for the group".into()))?;
+        let dtype = spec.weight_dtype()?;
+        self.log(format!("loading {} ({dtype:?} base)", key.0));
+        let model = (self.loader)(&key.0, dtype)?;
+        let frozen = FrozenBase::new(&model.model)?;
+        if self.budget.is_none() {
+            self.budget = available_memory().map(|a| a / 10 * 7);
+        }
+        self.loaded = Some(Loaded { key: key.clone(), model, frozen, data: HashMap::new() });
+        Ok(())
+    }
+
+    fn loaded(&mut self) -> Result<&mut Loaded> {
+        self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))
+    }
+
+    /// Builds (or keeps) a run's trainer: from its own checkpoint, from its warm parent's
+    /// state, or fresh.
+    fn ensure_trainer(&mut self, id: i64) -> Result<()> {
+        if self.runs.get(&id).is_some_and(|l| l.trainer.is_some()) {
+            return Ok(());
+        }
+        let live = self.runs.get(&id).ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+        let (spec, row) = (live.spec.clone(), live.row.clone());
+        let exp = self.exp.clone();
+        let loaded = self.loaded()?;
+        let (train, _) = loaded.data(&spec)?;
+        let config = spec.train_config(&train);
+        let trainer = match row.checkpoint_step {
+            Some(step) => {
+                let mut t = Trainer::resume(&loaded.model.model, &checkpoint_dir(&exp, id, step), config.clone(), &train)?;
+                // The saved adapter carries the parent's alpha/dropout for a warm clone.
+                t = t.fork(config, spec.lora_config(), &train)?;
+                t
+            }
+            None => {
+                let lora = TrainableLora::new(&loaded.model.model, spec.lora_config(), spec.init(), spec.experiment.seed)?;
+                Trainer::new(config, lora, &train)?
+            }
+        };
+        self.register(id, trainer, &train)
+    }
+
+    /// Makes `trainer` the state of run `id`, recording its totals and progress.
+    fn register(&mut self, id: i64, trainer: Trainer, train: &[Example]) -> Result<()> {
+        let per_epoch = Trainer::steps_per_epoch(&trainer.config, train).max(1);
+        let epochs = trainer.total_steps().div_ceil(per_epoch).max(1);
+        let total_chunks = (epochs * trainer.config.num_chunks) as i64;
+        let (total, steps, chunks) = (trainer.total_steps() as i64, trainer.steps_done() as i64, trainer.chunks_done() as i64);
+        self.store.set_totals(id, total, total_chunks)?;
+        if let Some(l) = self.runs.get_mut(&id) {
+            l.row.total_steps = total;
+            l.row.total_chunks = total_chunks;
+            l.row.steps_done = steps;
+            l.row.chunks_done = chunks;
+            l.trainer = Some(trainer);
+        }
+        Ok(())
+    }
+
+    /// The members that fit the memory budget (at least one), in order; the others wait
+    /// and their trainers are dropped (they are checkpointed).
+    fn admit(&mut self, members: &[i64]) -> Result<Vec<i64>> {
+        let mut admitted = Vec::new();
+        let mut used = 0u64;
+        for &id in members {
+            let bytes = match (self.runs.get(&id), self.loaded.as_ref()) {
+                (Some(l), Some(b)) => run_bytes(lora_params(&b.model.model, &l.spec)),
+                _ => 0,
+            };
+            if admitted.is_empty() || self.budget.is_none_or(|b| used + bytes <= b) {
+                used += bytes;
+                admitted.push(id);
+            }
+        }
+        let waiting = members.len() - admitted.len();
+        if waiting > 0 {
+            self.log(format!("memory budget admits {} runs now ({:.1} MB); {waiting} wait their turn", admitted.len(), used as f64 / 1e6));
+        }
+        for l in self.runs.values_mut() {
+            if !admitted.contains(&l.row.id) && l.row.checkpoint_step.is_some() {
+                l.trainer = None;
+            }
+        }
+        for &id in &admitted {
+            self.ensure_trainer(id)?;
+        }
+        Ok(admitted)
+    }
+
+    /// Trains `members` until each has done `target` chunks (or finished, stopped, left);
+    /// returns whether it was cancelled.
+    fn round(&mut self, mut members: Vec<i64>, target: i64) -> Result<bool> {
+        for &id in &members {
+            if self.runs.get(&id).is_some_and(|l| l.row.status == RunStatus::New) {
+                self.set_status(id, RunStatus::Ongoing, None)?;
+            }
+        }
+        loop {
+            // Ops take effect at the next optimizer step.
+            let joined = self.apply_ops()?;
+            for id in joined {
+                if self.runs.get(&id).is_some_and(|l| l.row.chunks_done < target && l.trainer.is_some()) {
+                    members.push(id);
+                }
+            }
+            members.retain(|id| self.runs.get(id).is_some_and(|l| l.row.status.is_active() && l.trainer.is_some()));
+            if self.cancelled() {
+                return Ok(true);
+            }
+            let stepping: Vec<i64> = members
+                .iter()
+                .copied()
+                .filter(|id| self.runs.get(id).and_then(|l| l.trainer.as_ref()).is_some_and(|t| (t.chunks_done() as i64) < target && !t.finished()))
+                .collect();
+            if stepping.is_empty() {
+                break;
+            }
+            self.fused(&stepping)?;
+        }
+        self.end_chunk(&members, target)?;
+        Ok(false)
+    }
+
+    /// One optimizer step of each run in `ids`, fused per dataset.
+    fn fused(&mut self, ids: &[i64]) -> Result<()> {
+        let mut by_len: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for id in ids {
+            if let Some(l) = self.runs.get(id) {
+                by_len.entry(l.spec.trainer.max_seq_len).or_default().push(*id);
+            }
+        }
+        for (_, group) in by_len {
+            let spec = self.runs.get(&group[0]).map(|l| l.spec.clone()).ok_or_else(|| Error::NotFound("run".into()))?;
+            let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
+            let (train, _) = loaded.data(&spec)?;
+            let mut taken: Vec<(i64, Trainer)> = group.iter().filter_map(|id| self.runs.get_mut(id).and_then(|l| l.trainer.take().map(|t| (*id, t)))).collect();
+            let result = {
+                let mut refs: Vec<&mut Trainer> = taken.iter_mut().map(|(_, t)| t).collect();
+                fused_step(&loaded.frozen, &mut refs, &train)
+            };
+            let outcome: Vec<(i64, Trainer)> = taken;
+            match result {
+                Ok(metrics) => {
+                    for ((id, t), m) in outcome.into_iter().zip(metrics) {
+                        let chunks = t.chunks_done() as i64;
+                        let values = [("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
+                        self.store.record_step(id, m.step as i64, chunks, &values)?;
+                        if let Some(hook) = &self.opts.on_step {
+                            hook(id, m.step as i64);
+                        }
+                        for (name, value) in values {
+                            let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step: m.step as i64, name: name.into(), value });
+                        }
+                        if let Some(l) = self.runs.get_mut(&id) {
+                            l.row.steps_done = m.step as i64;
+                            l.row.chunks_done = chunks;
+                            let _ = self.events.send(Event::Progress {
+                                experiment: self.exp.name.clone(),
+                                run_id: id,
+                                steps_done: l.row.steps_done,
+                                total_steps: l.row.total_steps,
+                                chunks_done: chunks,
+                            });
+                            l.trainer = Some(t);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for (id, _) in outcome {
+                        self.set_status(id, RunStatus::Failed, Some(e.to_string()))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The end of a chunk for `members`: eval loss, checkpoint, completion, policy.
+    fn end_chunk(&mut self, members: &[i64], rung: i64) -> Result<()> {
+        let mut reached = Vec::new();
+        for &id in members {
+            let Some(live) = self.runs.get(&id) else { continue };
+            let Some(t) = live.trainer.as_ref() else { continue };
+            let spec = live.spec.clone();
+            let (step, chunks, finished) = (t.steps_done() as i64, t.chunks_done() as i64, t.finished());
+            let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
+            let (_, eval) = loaded.data(&spec)?;
+            let lora = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).map(|t| &t.lora);
+            let score = match (&eval, lora) {
+                (Some(e), Some(lora)) if !e.is_empty() => {
+                    let l = eval_loss(&loaded.frozen, Some(lora), e)?;
+                    self.store.record_step(id, step, chunks, &[("eval_loss", l)])?;
+                    let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step, name: "eval_loss".into(), value: l });
+                    Some(l)
+                }
+                _ => self.store.metrics(id)?.iter().rev().find(|m| m.name == "loss").map(|m| m.value),
+            };
+            self.checkpoint(id)?;
+            if finished {
+                self.finish(id)?;
+            } else if chunks >= rung {
+                reached.push((id, score.unwrap_or(f64::INFINITY)));
+            }
+        }
+        if self.policy.0 == "asha" && !reached.is_empty() {
+            self.asha(rung)?;
+        }
+        Ok(())
+    }
+
+    /// ASHA at `rung`: of all runs whose eval at this rung is known, the worst stop.
+    fn asha(&mut self, rung: i64) -> Result<()> {
+        // Every run that reached the rung (also those that went on or were stopped since)
+        // takes part, so a late run is compared with all that came before it.
+        let mut reached = Vec::new();
+        let ids: Vec<i64> = self.runs.keys().copied().collect();
+        for id in ids {
+            let Some(live) = self.runs.get(&id) else { continue };
+            if live.row.status == RunStatus::Deleted {
+                continue;
+            }
+            if let Some(score) = self.rung_score(id, rung)? {
+                reached.push((id, score));
+            }
+        }
+        for id in asha::to_stop(&reached, self.policy.1) {
+            if self.runs.get(&id).is_some_and(|l| l.row.status.is_active() && l.row.chunks_done == rung) {
+                let step = self.runs.get(&id).map(|l| l.row.steps_done).unwrap_or(0);
+                let msg = format!("asha: not in the best 1/{} at rung {rung} (chunk boundary)", self.policy.1);
+                let op = self.store.add_applied_op(id, &OpKind::Stop, "policy", step, &msg)?;
+                self.set_status(id, RunStatus::Stopped, Some(msg.clone()))?;
+                let _ = self.events.send(Event::Op {
+                    experiment: self.exp.name.clone(),
+                    op_id: op,
+                    run_id: id,
+                    op: "stop".into(),
+                    status: "applied".into(),
+                    message: Some(msg),
+                    new_run_id: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A run's eval loss when it completed chunk `rung` (the last eval_loss at a step with
+    /// that many chunks done), or its last training loss there without eval data.
+    fn rung_score(&self, id: i64, rung: i64) -> Result<Option<f64>> {
+        let Some(live) = self.runs.get(&id) else { return Ok(None) };
+        let Some(steps) = self.rung_step(live, rung) else { return Ok(None) };
+        let metrics = self.store.metrics(id)?;
+        let at = |name: &str| metrics.iter().find(|m| m.step == steps && m.name == name).map(|m| m.value);
+        Ok(at("eval_loss").or_else(|| at("loss")))
+    }
+
+    /// The step at which a run completed `rung` chunks, if it did.
+    fn rung_step(&self, live: &Live, rung: i64) -> Option<i64> {
+        let loaded = self.loaded.as_ref()?;
+        let (train, _) = loaded.data.get(&live.spec.trainer.max_seq_len)?;
+        let cfg = live.spec.train_config(train);
+        if live.row.chunks_done < rung {
+            return None;
+        }
+        // Steps per chunk are fixed by the config; sum them up to the rung.
+        let per_epoch = Trainer::steps_per_epoch(&cfg, train) as i64;
+        let chunks = cfg.num_chunks as i64;
+        let epochs = (rung - 1) / chunks;
+        let in_epoch = (rung - 1) % chunks + 1;
+        let steps = Trainer::steps_per_chunk(&cfg, train);
+        Some(epochs * per_epoch + steps.iter().take(in_epoch as usize).sum::<usize>() as i64)
+    }
+
+    /// Writes a run's checkpoint (atomically) and records it; older ones are removed.
+    fn checkpoint(&mut self, id: i64) -> Result<()> {
+        let Some(live) = self.runs.get(&id) else { return Ok(()) };
+        let Some(t) = live.trainer.as_ref() else { return Ok(()) };
+        let step = t.steps_done() as i64;
+        let chunks = t.chunks_done() as i64;
+        let dir = checkpoint_dir(&self.exp, id, step);
+        t.save_checkpoint(&dir, &live.spec.model.base)?;
+        let old = live.row.checkpoint_step;
+        self.store.set_checkpoint(id, step, chunks)?;
+        if let Some(l) = self.runs.get_mut(&id) {
+            l.row.checkpoint_step = Some(step);
+        }
+        if let Some(o) = old.filter(|&o| o != step) {
+            let _ = std::fs::remove_dir_all(checkpoint_dir(&self.exp, id, o));
+        }
+        Ok(())
+    }
+
+    /// A run that took all its steps: its adapter is saved and it is completed.
+    fn finish(&mut self, id: i64) -> Result<()> {
+        if let Some(live) = self.runs.get_mut(&id) {
+            if let Some(t) = live.trainer.take() {
+                t.lora.save_peft(&run_dir(&self.exp, id).join("adapter"), &live.spec.model.base)?;
+            }
+        }
+        self.set_status(id, RunStatus::Completed, None)
+    }
+
+    /// Applies the pending ops; returns the runs that became trainable in the current
+    /// round (warm clones forked from a resident parent).
+    fn apply_ops(&mut self) -> Result<Vec<i64>> {
+        let mut joined = Vec::new();
+        for op in self.store.pending_ops(self.exp.id)? {
+            let step = self.runs.get(&op.run_id).map(|l| l.row.steps_done);
+            match self.apply_op(&op) {
+                Ok((msg, new_run)) => {
+                    self.store.finish_op(op.id, true, Some(&msg), new_run, step)?;
+                    self.log(format!("op {} ({} run {}): {msg}", op.id, op.kind.name(), op.run_id));
+                    let _ = self.events.send(Event::Op {
+                        experiment: self.exp.name.clone(),
+                        op_id: op.id,
+                        run_id: op.run_id,
+                        op: op.kind.name().into(),
+                        status: "applied".into(),
+                        message: Some(msg),
+                        new_run_id: new_run,
+                    });
+                    if let Some(n) = new_run {
+                        joined.push(n);
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.store.finish_op(op.id, false, Some(&msg), None, step)?;
+                    self.log(format!("op {} ({} run {}) rejected: {msg}", op.id, op.kind.name(), op.run_id));
+                    let _ = self.events.send(Event::Op {
+                        experiment: self.exp.name.clone(),
+                        op_id: op.id,
+                        run_id: op.run_id,
+                        op: op.kind.name().into(),
+                        status: "rejected".into(),
+                        message: Some(msg),
+                        new_run_id: None,
+                    });
+                }
+            }
+        }
+        Ok(joined)
+    }
+
+    fn apply_op(&mut self, op: &OpRow) -> Result<(String, Option<i64>)> {
+        let id = op.run_id;
+        let status = self.runs.get(&id).map(|l| l.row.status).ok_or_else(|| Error::NotFound(format!("run {id} is not in experiment {}", self.exp.name)))?;
+        match &op.kind {
+            OpKind::Stop => {
+                if !status.is_active() {
+                    return Err(Error::Invalid(format!("run {id} is {}; only a new or ongoing run can stop", status.as_str())));
+                }
+                // Its state is kept: in memory, and on disk for a restart.
+                self.checkpoint(id)?;
+                self.set_status(id, RunStatus::Stopped, Some(format!("stopped by op {}", op.id)))?;
+                Ok(("stopped".into(), None))
+            }
+            OpKind::Resume => {
+                if status != RunStatus::Stopped {
+                    return Err(Error::Invalid(format!("run {id} is {}; only a stopped run can resume", status.as_str())));
+                }
+                self.set_status(id, RunStatus::Ongoing, Some(format!("resumed by op {}", op.id)))?;
+                Ok(("resumed".into(), None))
+            }
+            OpKind::Delete => {
+                if status == RunStatus::Deleted {
+                    return Err(Error::Invalid(format!("run {id} is already deleted")));
+                }
+                if let Some(l) = self.runs.get_mut(&id) {
+                    l.trainer = None;
+                }
+                self.set_status(id, RunStatus::Deleted, Some(format!("deleted by op {}", op.id)))?;
+                Ok(("deleted (files kept)".into(), None))
+            }
+            OpKind::Clone { set, warm } => {
+                if status == RunStatus::Deleted {
+                    return Err(Error::Invalid(format!("run {id} is deleted; it cannot be cloned")));
+                }
+                let parent = self.runs.get(&id).map(|l| (l.row.clone(), l.spec.clone())).ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+                let spec = apply_overrides(&parent.0.config, set)?;
+                let mut knobs = parent.0.knobs.as_object().cloned().unwrap_or_default();
+                for s in set {
+                    let (section, key, value) = crate::ops::parse_set(s)?;
+                    knobs.insert(format!("{section}.{key}"), value);
+                }
+                let config = serde_json::to_value(&spec).map_err(|e| Error::Store(e.to_string()))?;
+                if !*warm {
+                    let new = self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, false)))?;
+                    let row = self.store.run(new)?;
+                    self.runs.insert(new, Live { row, spec, trainer: None });
+                    return Ok((format!("cold clone: run {new}"), Some(new)));
+                }
+                check_warm(&parent.1, &spec)?;
+                // The parent's state is needed now: it must be on the loaded base.
+                if self.loaded.as_ref().is_none_or(|l| l.key != group_key(&parent.1)) {
+                    return Err(Error::Invalid(format!("run {id}'s base is not loaded right now; a warm clone needs its state: try again when it trains, or clone cold")));
+                }
+                self.ensure_trainer(id)?;
+                let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
+                let (train, _) = loaded.data(&spec)?;
+                let pt = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).ok_or_else(|| Error::Invalid(format!("run {id} has no state to clone")))?;
+                let child = pt.fork(spec.train_config(&train), spec.lora_config(), &train)?;
+                let (steps, chunks) = (child.steps_done() as i64, child.chunks_done() as i64);
+                let new = self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, true)))?;
+                let row = self.store.run(new)?;
+                self.runs.insert(new, Live { row, spec, trainer: None });
+                self.register(new, child, &train)?;
+                self.store.record_step(new, steps, chunks, &[])?;
+                // Durable at once: after a crash the clone resumes from the fork point.
+                self.checkpoint(new)?;
+                self.set_status(new, RunStatus::Ongoing, Some(format!("warm clone of run {id} at step {steps}")))?;
+                Ok((format!("warm clone: run {new} continues from step {steps} of run {id}"), Some(new)))
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Experiments on tiny-llama: every run trained chunk by chunk in fused passes, each op
+//! taking effect at the next optimizer step, ASHA, and resuming after an interruption with
+//! complete, non-duplicated metrics.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use furnace_exp::store::MetricRow;
+use furnace_exp::{experiment, ops, run_fit, Event, ExperimentRow, FitOptions, OpKind, RunRow, RunStatus, Store};
+use furnace_model::{LoadedModel, WeightDType};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A spec over 24 training rows and 6 eval rows of the extraction task, on tiny-llama.
+fn setup(dir: &Path, lora: &str, extra: &str, lr: &str, chunks: usize) -> PathBuf {
+    let rows = |file: &str, n: usize| -> String {
+        let text = std::fs::read_to_string(root().join("data/extract").join(file)).unwrap();
+        text.lines().take(n).map(|l| format!("{l}\n")).collect()
+    };
+    std::fs::write(dir.join("train.jsonl"), rows("train.jsonl", 24)).unwrap();
+    std::fs::write(dir.join("eval.jsonl"), rows("eval.jsonl", 6)).unwrap();
+    let base = root().join("testdata/tiny-llama");
+    let spec = format!(
+        r#"
+[experiment]
+name = "exp"
+seed = 3
+num_chunks = {chunks}
+{extra}
+
+[data]
+train = "train.jsonl"
+eval = "eval.jsonl"
+
+[model]
+base = "{}"
+
+[lora]
+alpha = 16
+targets = ["q_proj", "v_proj"]
+{lora}
+
+[trainer]
+learning_rate = {lr}
+batch_size = 2
+grad_accum = 2
+max_seq_len = 96
+schedule = "constant"
+"#,
+        base.display().to_string().replace('\\', "/")
+    );
+    let path = dir.join("spec.toml");
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+fn loader() -> impl FnMut(&str, WeightDType) -> furnace_exp::Result<LoadedModel> {
+    |name: &str, dtype| Ok(LoadedModel::load(Path::new(name), dtype)?)
+}
+
+fn fit(store: &Store, exp: &ExperimentRow, opts: &FitOptions) -> Vec<RunRow> {
+    let events = furnace_exp::events::channel();
+    run_fit(store, exp, &mut loader(), opts, &events).unwrap().runs
+}
+
+fn new_experiment(lora: &str, extra: &str) -> (tempfile::TempDir, Store, ExperimentRow) {
+    experiment_with(lora, extra, "1e-2", 2)
+}
+
+fn experiment_with(lora: &str, extra: &str, lr: &str, chunks: usize) -> (tempfile::TempDir, Store, ExperimentRow) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), lora, extra, lr, chunks);
+    let store = Store::open_in(&dir.path().join("runs")).unwrap();
+    let exp = experiment::create(&store, &dir.path().join("runs"), &spec).unwrap();
+    (dir, store, exp)
+}
+
+/// metric name -> step -> value, asserting each (step, name) appears once.
+fn series(store: &Store, run: i64) -> BTreeMap<String, BTreeMap<i64, f64>> {
+    let mut out: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
+    for MetricRow { step, name, value, .. } in store.metrics(run).unwrap() {
+        assert!(out.entry(name.clone()).or_default().insert(step, value).is_none(), "run {run}: {name} at step {step} twice");
+    }
+    out
+}
+
+fn assert_complete(store: &Store, run: &RunRow) {
+    let s = series(store, run.id);
+    let steps: Vec<i64> = s["loss"].keys().copied().collect();
+    assert_eq!(steps, (1..=run.total_steps).collect::<Vec<_>>(), "run {} has a gap or extra steps", run.id);
+    assert_eq!(s["eval_loss"].len() as i64, run.total_chunks, "run {}: one eval per chunk", run.id);
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1e-6)
+}
+
+#[test]
+fn every_config_trains_chunk_by_chunk_and_matches_training_alone() {
+    let (_d, store, exp) = new_experiment("r = { list = [2, 4] }", "");
+    let (_d1, store1, exp1) = new_experiment("r = 4", "");
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert_eq!(runs.len(), 2);
+    for r in &runs {
+        assert_eq!(r.status, RunStatus::Completed);
+        // 24 examples, 2 chunks of 12, batch 2 x 2: 3 steps per chunk.
+        assert_eq!((r.total_steps, r.total_chunks, r.chunks_done), (6, 2, 2));
+        assert_complete(&store, r);
+        assert!(exp.dir.join(format!("run-{}", r.id)).join("adapter/adapter_config.json").exists());
+    }
+    assert_eq!(runs[1].knobs["lora.r"], 4);
+    // The r=4 run trained fused with the r=2 run equals the r=4 run trained alone.
+    let alone = fit(&store1, &exp1, &FitOptions::default());
+    let (fused, solo) = (series(&store, runs[1].id), series(&store1, alone[0].id));
+    for name in ["loss", "eval_loss"] {
+        for (step, v) in &solo[name] {
+            assert!(close(fused[name][step], *v), "{name} at step {step}: fused {} alone {v}", fused[name][step]);
+        }
+    }
+    // A tiny memory budget admits one run at a time: same results.
+    let (_d2, store2, exp2) = new_experiment("r = { list = [2, 4] }", "");
+    let one_by_one = fit(&store2, &exp2, &FitOptions { memory_budget: Some(1), ..Default::default() });
+    assert_same(&series(&store2, one_by_one[1].id)["loss"], &fused["loss"]);
+}
+
+/// Submits `op` for `run` when `when` (run, step) is reached.
+fn hook(store: &Store, plan: Vec<((i64, i64), i64, OpKind)>) -> FitOptions {
+    let s = Mutex::new(store.reopen().unwrap());
+    let plan = Mutex::new(plan);
+    FitOptions {
+        on_step: Some(Arc::new(move |run, step| {
+            for (when, target, op) in plan.lock().unwrap().iter() {
+                if *when == (run, step) {
+                    ops::submit(&s.lock().unwrap(), *target, op, "test").unwrap();
+                }
+            }
+        })),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ops_take_effect_at_the_next_optimizer_step() {
+    let (_d, store, exp) = new_experiment("r = { list = [2, 4] }", "");
+    let ids: Vec<i64> = store.runs(exp.id).unwrap().iter().map(|r| r.id).collect();
+    let (a, b) = (ids[0], ids[1]);
+    let warm = OpKind::Clone { set: vec!["trainer.learning_rate=3e-2".into()], warm: true };
+    let cold = OpKind::Clone { set: vec!["lora.r=8".into()], warm: false };
+    let opts = hook(&store, vec![((a, 1), a, OpKind::Stop), ((b, 2), b, warm), ((b, 4), b, cold), ((b, 5), b, OpKind::Delete)]);
+    let runs = fit(&store, &exp, &opts);
+    let by_id: BTreeMap<i64, &RunRow> = runs.iter().map(|r| (r.id, r)).collect();
+    // Stop: mid-chunk, after step 1; its state is kept (a checkpoint of step 1).
+    assert_eq!((by_id[&a].status, by_id[&a].steps_done, by_id[&a].checkpoint_step), (RunStatus::Stopped, 1, Some(1)));
+    assert_eq!(series(&store, a)["loss"].len(), 1);
+    // Delete: after step 5, files kept.
+    assert_eq!((by_id[&b].status, by_id[&b].steps_done), (RunStatus::Deleted, 5));
+    assert!(exp.dir.join(format!("run-{b}/checkpoints")).exists());
+    // Warm clone of b at step 2: continues from b's adapter, optimizer and data position,
+    // so its first step is step 3 on the same examples with the same weights (same loss),
+    // and its other learning rate shows from then on.
+    let warm_run = runs.iter().find(|r| r.parent_id == Some(b) && r.warm).expect("warm clone");
+    let (ws, bs) = (series(&store, warm_run.id), series(&store, b));
+    assert_eq!(*ws["loss"].keys().next().unwrap(), 3);
+    assert!(close(ws["loss"][&3], bs["loss"][&3]), "{} vs {}", ws["loss"][&3], bs["loss"][&3]);
+    assert!(close(ws["lr"][&3], 3e-2) && close(bs["lr"][&3], 1e-2));
+    assert!(!close(ws["loss"][&4], bs["loss"][&4]));
+    assert_eq!(warm_run.status, RunStatus::Completed);
+    assert_eq!(warm_run.knobs["trainer.learning_rate"], 3e-2);
+    // Cold clone: a fresh run with r = 8 from step 1.
+    let cold_run = runs.iter().find(|r| r.parent_id == Some(b) && !r.warm).expect("cold clone");
+    assert_eq!(cold_run.config["lora"]["r"], 8);
+    assert_complete(&store, cold_run);
+    // Every op is recorded with the step it took effect at.
+    let recorded = store.ops(exp.id).unwrap();
+    let applied: Vec<(&str, i64, Option<i64>)> = recorded.iter().map(|o| (o.kind.name(), o.run_id, o.applied_step)).collect();
+    assert_eq!(applied, vec![("stop", a, Some(1)), ("clone", b, Some(2)), ("clone", b, Some(4)), ("delete", b, Some(5))]);
+    assert!(recorded.iter().all(|o| o.status == "applied"));
+
+    // Resume brings the stopped run back; it finishes with the same losses as without
+    // the stop.
+    ops::submit(&store, a, &OpKind::Resume, "test").unwrap();
+    let runs = fit(&store, &exp, &FitOptions::default());
+    let a_row = runs.iter().find(|r| r.id == a).unwrap();
+    assert_eq!(a_row.status, RunStatus::Completed);
+    assert_complete(&store, a_row);
+    let (_d1, store1, exp1) = new_experiment("r = { list = [2, 4] }", "");
+    let reference = fit(&store1, &exp1, &FitOptions::default());
+    assert_same(&series(&store, a)["loss"], &series(&store1, reference[0].id)["loss"]);
+}
+
+#[test]
+fn bad_ops_are_refused_and_recorded() {
+    let (_d, store, exp) = new_experiment("r = 2", "");
+    let a = store.runs(exp.id).unwrap()[0].id;
+    // Checked when submitted...
+    let err = ops::submit(&store, a, &OpKind::Clone { set: vec!["lora.r=8".into()], warm: true }, "test").unwrap_err().to_string();
+    assert!(err.contains("without --warm"), "{err}");
+    assert!(ops::submit(&store, a, &OpKind::Resume, "test").is_err());
+    assert!(ops::submit(&store, 999, &OpKind::Stop, "test").is_err());
+    assert!(ops::submit(&store, a, &OpKind::Clone { set: vec!["lora.r=0".into()], warm: false }, "test").unwrap_err().to_string().contains("lora.r"));
+    assert!(ops::submit(&store, a, &OpKind::Clone { set: vec!["data.train=x".into()], warm: false }, "test").is_err());
+    // ...and again when applied (a raw record bypassing the check is rejected, not fatal).
+    let op = store.add_op(a, &OpKind::Clone { set: vec!["lora.r=8".into()], warm: true }, "test").unwrap();
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, RunStatus::Completed);
+    let rec = store.op(op).unwrap();
+    assert_eq!(rec.status, "rejected");
+    assert!(rec.message.unwrap().contains("lora.r 2 -> 8"));
+}
+
+#[test]
+fn asha_stops_the_worst_runs_at_each_rung() {
+    // Four learning rates, three chunks: rung 1 keeps 2 of 4, rung 2 keeps 1 of 2.
+    let (_d, store, exp) = experiment_with("r = 2", "policy = \"asha\"\neta = 2\n", "{ list = [1e-4, 3e-3, 1e-2, 3e-2] }", 3);
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert_eq!(runs.len(), 4);
+    let eval_at = |id: i64, chunk: i64| -> f64 {
+        // 24 examples, 3 chunks of 8, batch 2 x 2: 2 steps per chunk.
+        series(&store, id)["eval_loss"][&(2 * chunk)]
+    };
+    let mut rung1: Vec<(f64, i64)> = runs.iter().map(|r| (eval_at(r.id, 1), r.id)).collect();
+    rung1.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let status = |id: i64| runs.iter().find(|r| r.id == id).unwrap().status;
+    let chunks = |id: i64| runs.iter().find(|r| r.id == id).unwrap().chunks_done;
+    for &(_, id) in &rung1[2..] {
+        assert_eq!((status(id), chunks(id)), (RunStatus::Stopped, 1), "run {id} is among the worst at rung 1");
+    }
+    let mut rung2: Vec<(f64, i64)> = rung1[..2].iter().map(|&(_, id)| (eval_at(id, 2), id)).collect();
+    rung2.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!((status(rung2[1].1), chunks(rung2[1].1)), (RunStatus::Stopped, 2));
+    assert_eq!(status(rung2[0].1), RunStatus::Completed);
+    let policy_ops: Vec<i64> = store.ops(exp.id).unwrap().iter().filter(|o| o.source == "policy").map(|o| o.run_id).collect();
+    assert_eq!(policy_ops.len(), 3);
+}
+
+#[test]
+fn an_interrupted_experiment_resumes_with_complete_metrics() {
+    let (_d, store, exp) = new_experiment("r = { list = [2, 4] }", "");
+    // Interrupt in the middle of the second chunk (after step 4 of 6 of the first run).
+    let cancel = Arc::new(AtomicBool::new(false));
+    let first = store.runs(exp.id).unwrap()[0].id;
+    let c = cancel.clone();
+    let opts = FitOptions {
+        cancel: Some(cancel.clone()),
+        on_step: Some(Arc::new(move |run, step| {
+            if (run, step) == (first, 4) {
+                c.store(true, Ordering::Relaxed);
+            }
+        })),
+        ..Default::default()
+    };
+    let events = furnace_exp::events::channel();
+    let summary = run_fit(&store, &exp, &mut loader(), &opts, &events).unwrap();
+    assert!(summary.cancelled);
+    // Metrics beyond the checkpoint (step 3) were written; they are redone, not doubled.
+    assert!(series(&store, first)["loss"].contains_key(&4));
+    assert_eq!(store.run(first).unwrap().checkpoint_step, Some(3));
+    assert_eq!(experiment::interrupted(&store, &exp.spec_path).unwrap().map(|e| e.id), Some(exp.id));
+    let mut rx = events.subscribe();
+    let runs = run_fit(&store, &exp, &mut loader(), &FitOptions::default(), &events).unwrap().runs;
+    let (_d1, store1, exp1) = new_experiment("r = { list = [2, 4] }", "");
+    let reference = fit(&store1, &exp1, &FitOptions::default());
+    for (r, reference) in runs.iter().zip(&reference) {
+        assert_eq!(r.status, RunStatus::Completed);
+        assert_complete(&store, r);
+        let (got, want) = (series(&store, r.id), series(&store1, reference.id));
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+        for (name, values) in &want {
+            assert_same(&got[name], values);
+        }
+    }
+    assert_eq!(store.experiment(&exp.name).unwrap().status, "done");
+    // The resumed fit published its events.
+    let mut saw_completed = false;
+    while let Ok(ev) = rx.try_recv() {
+        saw_completed |= matches!(ev, Event::Status { status: RunStatus::Completed, .. });
+    }
+    assert!(saw_completed);
+}
+
+fn assert_same(got: &BTreeMap<i64, f64>, want: &BTreeMap<i64, f64>) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    for (step, v) in want {
+        assert!(close(got[step], *v), "step {step}: {} vs {v}", got[step]);
+    }
+}
