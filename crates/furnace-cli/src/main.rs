@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod commands;
+mod exp;
 mod train;
 
 #[global_allocator]
@@ -36,6 +37,16 @@ enum Command {
     Chat(commands::ChatArgs),
     /// Train one LoRA configuration from a spec (TOML) into a run folder.
     Train(train::TrainArgs),
+    /// Run an experiment: every config of a spec (knobs, [[group]]s) trains together in
+    /// fused passes, chunk by chunk, with live control and an HTTP API. Continues an
+    /// interrupted experiment from its checkpoints.
+    Run(exp::RunArgs),
+    /// List the runs of an experiment (default: the newest): status, progress, losses.
+    Runs(exp::RunsArgs),
+    /// Print the metrics of every run at every step (table, csv or json).
+    Results(exp::ResultsArgs),
+    /// Steer a running experiment: stop, resume, delete or clone-modify a run.
+    Ops(exp::OpsArgs),
     /// Report CPU features, threads, cached models and versions.
     Doctor,
     /// Measure speed (prints tokens/s).
@@ -100,10 +111,20 @@ fn main() {
         Command::Generate(a) => commands::generate(a),
         Command::Chat(a) => commands::chat(a),
         Command::Train(a) => train::train(a),
+        Command::Run(a) => exp::run(a),
+        Command::Runs(a) => exp::runs(a),
+        Command::Results(a) => exp::results(a),
+        Command::Ops(a) => exp::ops_cmd(a),
         Command::Doctor => commands::doctor(threads),
         Command::Bench { cmd } => bench::run(cmd),
     };
     if let Err(e) = result {
+        let broken_pipe = e
+            .chain()
+            .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+        if broken_pipe {
+            std::process::exit(141);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
