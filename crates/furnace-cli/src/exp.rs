@@ -126,7 +126,7 @@ fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
         _ => (t.trim_end_matches('B'), 1),
     };
     let v: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size like 8G, 512M or 1000000"))?;
-    if !(v > 0.0) {
+    if v.is_nan() || v <= 0.0 {
         return Err(format!("'{s}' must be > 0"));
     }
     Ok((v * mult as f64) as u64)

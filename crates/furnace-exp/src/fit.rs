@@ -96,16 +96,20 @@ fn group_key(spec: &Spec) -> GroupKey {
     (spec.model.base.clone(), spec.model.quantize.clone())
 }
 
+/// A run's training examples and eval examples (if any), shared by the runs that use
+/// the same `max_seq_len`.
+type Data = (Arc<Vec<Example>>, Option<Arc<Vec<Example>>>);
+
 /// The loaded base of one group and its datasets (by `max_seq_len`).
 struct Loaded {
     key: GroupKey,
     model: LoadedModel,
     frozen: FrozenBase,
-    data: HashMap<usize, (Arc<Vec<Example>>, Option<Arc<Vec<Example>>>)>,
+    data: HashMap<usize, Data>,
 }
 
 impl Loaded {
-    fn data(&mut self, spec: &Spec) -> Result<(Arc<Vec<Example>>, Option<Arc<Vec<Example>>>)> {
+    fn data(&mut self, spec: &Spec) -> Result<Data> {
         let len = spec.trainer.max_seq_len;
         if let Some(d) = self.data.get(&len) {
             return Ok(d.clone());

@@ -289,3 +289,41 @@ fn assert_same(got: &BTreeMap<i64, f64>, want: &BTreeMap<i64, f64>) {
         assert!(close(got[step], *v), "step {step}: {} vs {v}", got[step]);
     }
 }
+
+#[test]
+fn runs_on_different_bases_form_groups_that_take_turns() {
+    // Two config groups: the f32 base and the bf16 base cannot share a pass.
+    let groups = "[[group]]\n[group.model]\nquantize = \"none\"\n[[group]]\n[group.model]\nquantize = \"bf16\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), "r = 2", "", "1e-2", 2);
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, format!("{text}\n{groups}")).unwrap();
+    let store = Store::open_in(&dir.path().join("runs")).unwrap();
+    let exp = experiment::create(&store, &dir.path().join("runs"), &spec).unwrap();
+    let events = furnace_exp::events::channel();
+    let mut rx = events.subscribe();
+    let mut loads = Vec::new();
+    let mut load = |name: &str, dtype: WeightDType| {
+        loads.push(dtype);
+        Ok(LoadedModel::load(Path::new(name), dtype)?)
+    };
+    let runs = run_fit(&store, &exp, &mut load, &FitOptions::default(), &events).unwrap().runs;
+    assert_eq!(runs.iter().map(|r| r.group).collect::<Vec<_>>(), vec![0, 1]);
+    for r in &runs {
+        assert_eq!(r.status, RunStatus::Completed);
+        assert_complete(&store, r);
+    }
+    // Least progress first alternates the groups at chunk boundaries: each chunk of one
+    // group is followed by the other's, so the bases swap at every boundary.
+    assert_eq!(loads, vec![WeightDType::F32, WeightDType::Bf16, WeightDType::F32, WeightDType::Bf16]);
+    let mut swaps = 0;
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Log { message, .. } = ev {
+            swaps += message.starts_with("swapping out") as usize;
+        }
+    }
+    assert_eq!(swaps, 3);
+    // Same config on both bases: close losses (bf16 rounding), not the same run.
+    let (a, b) = (series(&store, runs[0].id), series(&store, runs[1].id));
+    assert!((a["loss"][&1] - b["loss"][&1]).abs() < 0.05 * a["loss"][&1]);
+}
