@@ -59,3 +59,62 @@ pub fn find(store: &Store, name: Option<&str>) -> Result<ExperimentRow> {
         None => store.experiments()?.pop().ok_or_else(|| Error::NotFound("no experiments yet: start one with `furnace run spec.toml`".into())),
     }
 }
+
+/// An experiment and its store: the library face of what `furnace run`, `runs`,
+/// `results` and `ops` do (RapidFire's `Experiment`, `run_fit`, `get_runs_info`,
+/// `get_results`, and its control ops).
+pub struct Experiment {
+    store: crate::Store,
+    row: ExperimentRow,
+}
+
+impl Experiment {
+    /// A new experiment from a spec, its store and folder under `runs_dir`.
+    pub fn create(runs_dir: &Path, spec_path: &Path) -> Result<Self> {
+        let store = crate::Store::open_in(runs_dir)?;
+        let row = create(&store, runs_dir, spec_path)?;
+        Ok(Self { store, row })
+    }
+
+    /// An existing experiment by name.
+    pub fn open(runs_dir: &Path, name: &str) -> Result<Self> {
+        let store = crate::Store::open_in(runs_dir)?;
+        let row = store.experiment(name)?;
+        Ok(Self { store, row })
+    }
+
+    /// Its record (name, mode, folder, status).
+    pub fn info(&self) -> Result<ExperimentRow> {
+        self.store.experiment_by_id(self.row.id)
+    }
+
+    /// Its runs (deleted ones too): config, knobs, status, progress, lineage.
+    pub fn runs(&self) -> Result<Vec<crate::RunRow>> {
+        self.store.runs(self.row.id)
+    }
+
+    /// Every metric of every run at every step.
+    pub fn results(&self) -> Result<Vec<crate::MetricRow>> {
+        self.store.experiment_metrics(self.row.id)
+    }
+
+    /// Trains the unfinished runs (see [`crate::run_fit`]).
+    pub fn run_fit(&self, loader: &mut crate::Loader<'_>, opts: &crate::FitOptions, events: &crate::EventSender) -> Result<crate::FitSummary> {
+        crate::run_fit(&self.store, &self.row, loader, opts, events)
+    }
+
+    /// Records an op for one of its runs (checked now, applied at the run's next
+    /// optimizer step); returns the op id.
+    pub fn op(&self, run_id: i64, op: &crate::OpKind) -> Result<i64> {
+        let run = self.store.run(run_id)?;
+        if run.experiment_id != self.row.id {
+            return Err(Error::NotFound(format!("run {run_id} is not in experiment {}", self.row.name)));
+        }
+        crate::ops::submit(&self.store, run_id, op, "library")
+    }
+
+    /// The ops recorded so far.
+    pub fn ops(&self) -> Result<Vec<crate::OpRow>> {
+        self.store.ops(self.row.id)
+    }
+}

@@ -327,3 +327,36 @@ fn runs_on_different_bases_form_groups_that_take_turns() {
     let (a, b) = (series(&store, runs[0].id), series(&store, runs[1].id));
     assert!((a["loss"][&1] - b["loss"][&1]).abs() < 0.05 * a["loss"][&1]);
 }
+
+#[test]
+fn the_library_api_mirrors_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), "r = { list = [2, 4] }", "", "1e-2", 2);
+    let runs_dir = dir.path().join("runs");
+    let exp = furnace_exp::Experiment::create(&runs_dir, &spec).unwrap();
+    let again = furnace_exp::Experiment::create(&runs_dir, &spec).unwrap();
+    assert_eq!((exp.info().unwrap().name, again.info().unwrap().name), ("exp".to_string(), "exp_1".to_string()));
+    let ids: Vec<i64> = exp.runs().unwrap().iter().map(|r| r.id).collect();
+    assert!(exp.runs().unwrap().iter().all(|r| r.status == RunStatus::New && r.info_ok()));
+    exp.op(ids[1], &OpKind::Delete).unwrap();
+    assert!(exp.op(again.runs().unwrap()[0].id, &OpKind::Stop).is_err(), "another experiment's run");
+    let events = furnace_exp::events::channel();
+    let summary = exp.run_fit(&mut loader(), &FitOptions::default(), &events).unwrap();
+    assert_eq!(summary.runs.iter().map(|r| r.status).collect::<Vec<_>>(), vec![RunStatus::Completed, RunStatus::Deleted]);
+    let results = exp.results().unwrap();
+    assert!(results.iter().all(|m| m.run_id == ids[0]));
+    assert_eq!(results.iter().filter(|m| m.name == "loss").count(), 6);
+    assert_eq!(exp.ops().unwrap()[0].status, "applied");
+    let reopened = furnace_exp::Experiment::open(&runs_dir, "exp").unwrap();
+    assert_eq!(reopened.info().unwrap().status, "done");
+}
+
+trait InfoOk {
+    fn info_ok(&self) -> bool;
+}
+
+impl InfoOk for RunRow {
+    fn info_ok(&self) -> bool {
+        self.steps_done == 0 && self.parent_id.is_none() && self.config["lora"]["r"] == self.knobs["lora.r"]
+    }
+}
