@@ -401,7 +401,7 @@ pub fn ops_cmd(a: OpsArgs) -> Result<()> {
             println!("{:>4}  {:>4}  {:<7}  {:<6}  {:<8}  {:>5}  message", "op", "run", "op", "source", "status", "step");
             for o in store.ops(exp.id)? {
                 let extra = match &o.kind {
-                    OpKind::Clone { set, warm } => format!(" {}{}", set.join(" "), if *warm { " --warm" } else { "" }),
+                    OpKind::Clone { set, warm } => format!("  [--set {}{}]", set.join(" --set "), if *warm { " --warm" } else { "" }),
                     _ => String::new(),
                 };
                 println!(

@@ -164,6 +164,26 @@ fn spec_of(row: &RunRow) -> Result<Spec> {
 /// Trains every unfinished run of `exp` (see the module docs), applying ops as they come,
 /// until no run is active or `opts.cancel` is set.
 pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts: &FitOptions, events: &EventSender) -> Result<FitSummary> {
+    // One driver per experiment: a second `furnace run` of it would train the same runs
+    // twice. The OS drops the lock when the process dies, even by kill -9.
+    std::fs::create_dir_all(&exp.dir).map_err(|e| Error::Io(format!("creating {}: {e}", exp.dir.display())))?;
+    let lock_path = exp.dir.join(".lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::Io(format!("opening {}: {e}", lock_path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::Invalid(format!(
+                "experiment {} is being run by another furnace process; steer it with `furnace ops` or wait for it to end",
+                exp.name
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::Io(format!("locking {}: {e}", lock_path.display()))),
+    }
     let mut store = store.reopen()?;
     store.set_experiment_status(exp.id, "running")?;
     // Unfinished runs continue from their last checkpoint.
@@ -189,6 +209,7 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
         policy: (first.policy.clone(), first.eta),
     };
     let cancelled = fit.drive()?;
+    drop(lock);
     let done = fit.runs.values().all(|l| !l.row.status.is_active());
     fit.store.set_experiment_status(exp.id, if done { "done" } else { "running" })?;
     Ok(FitSummary { runs: fit.store.runs(exp.id)?, cancelled })
@@ -438,7 +459,7 @@ impl Fit<'_, '_> {
 
     /// The end of a chunk for `members`: eval loss, checkpoint, completion, policy.
     fn end_chunk(&mut self, members: &[i64], rung: i64) -> Result<()> {
-        let mut reached = Vec::new();
+        let mut any_reached = false;
         for &id in members {
             let Some(live) = self.runs.get(&id) else { continue };
             let Some(t) = live.trainer.as_ref() else { continue };
@@ -448,22 +469,24 @@ impl Fit<'_, '_> {
             let (_, eval) = loaded.data(&spec)?;
             let lora = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).map(|t| &t.lora);
             let score = match (&eval, lora) {
-                (Some(e), Some(lora)) if !e.is_empty() => {
-                    let l = eval_loss(&loaded.frozen, Some(lora), e)?;
-                    self.store.record_step(id, step, chunks, &[("eval_loss", l)])?;
-                    let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step, name: "eval_loss".into(), value: l });
-                    Some(l)
-                }
-                _ => self.store.metrics(id)?.iter().rev().find(|m| m.name == "loss").map(|m| m.value),
+                (Some(e), Some(lora)) if !e.is_empty() => Some(eval_loss(&loaded.frozen, Some(lora), e)?),
+                _ => None,
             };
+            // `chunk` marks the rung a step ends; ASHA reads the eval loss there.
+            let mut values = vec![("chunk", chunks as f64)];
+            values.extend(score.map(|l| ("eval_loss", l)));
+            self.store.record_step(id, step, chunks, &values)?;
+            for (name, value) in values {
+                let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step, name: name.into(), value });
+            }
             self.checkpoint(id)?;
             if finished {
                 self.finish(id)?;
             } else if chunks >= rung {
-                reached.push((id, score.unwrap_or(f64::INFINITY)));
+                any_reached = true;
             }
         }
-        if self.policy.0 == "asha" && !reached.is_empty() {
+        if self.policy.0 == "asha" && any_reached {
             self.asha(rung)?;
         }
         Ok(())
@@ -504,31 +527,15 @@ impl Fit<'_, '_> {
         Ok(())
     }
 
-    /// A run's eval loss when it completed chunk `rung` (the last eval_loss at a step with
-    /// that many chunks done), or its last training loss there without eval data.
+    /// A run's eval loss at the end of chunk `rung` (its training loss there without
+    /// eval data), if it got there.
     fn rung_score(&self, id: i64, rung: i64) -> Result<Option<f64>> {
-        let Some(live) = self.runs.get(&id) else { return Ok(None) };
-        let Some(steps) = self.rung_step(live, rung) else { return Ok(None) };
         let metrics = self.store.metrics(id)?;
-        let at = |name: &str| metrics.iter().find(|m| m.step == steps && m.name == name).map(|m| m.value);
+        let Some(step) = metrics.iter().find(|m| m.name == "chunk" && m.value as i64 == rung).map(|m| m.step) else {
+            return Ok(None);
+        };
+        let at = |name: &str| metrics.iter().find(|m| m.step == step && m.name == name).map(|m| m.value);
         Ok(at("eval_loss").or_else(|| at("loss")))
-    }
-
-    /// The step at which a run completed `rung` chunks, if it did.
-    fn rung_step(&self, live: &Live, rung: i64) -> Option<i64> {
-        let loaded = self.loaded.as_ref()?;
-        let (train, _) = loaded.data.get(&live.spec.trainer.max_seq_len)?;
-        let cfg = live.spec.train_config(train);
-        if live.row.chunks_done < rung {
-            return None;
-        }
-        // Steps per chunk are fixed by the config; sum them up to the rung.
-        let per_epoch = Trainer::steps_per_epoch(&cfg, train) as i64;
-        let chunks = cfg.num_chunks as i64;
-        let epochs = (rung - 1) / chunks;
-        let in_epoch = (rung - 1) % chunks + 1;
-        let steps = Trainer::steps_per_chunk(&cfg, train);
-        Some(epochs * per_epoch + steps.iter().take(in_epoch as usize).sum::<usize>() as i64)
     }
 
     /// Writes a run's checkpoint (atomically) and records it; older ones are removed.

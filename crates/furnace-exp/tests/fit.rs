@@ -360,3 +360,15 @@ impl InfoOk for RunRow {
         self.steps_done == 0 && self.parent_id.is_none() && self.config["lora"]["r"] == self.knobs["lora.r"]
     }
 }
+
+#[test]
+fn one_process_drives_an_experiment_at_a_time() {
+    let (_d, store, exp) = new_experiment("r = 2", "");
+    let lock = std::fs::File::open(exp.dir.join(".lock")).or_else(|_| std::fs::File::create(exp.dir.join(".lock"))).unwrap();
+    lock.lock().unwrap();
+    let events = furnace_exp::events::channel();
+    let err = run_fit(&store, &exp, &mut loader(), &FitOptions::default(), &events).unwrap_err().to_string();
+    assert!(err.contains("another furnace process"), "{err}");
+    lock.unlock().unwrap();
+    assert_eq!(fit(&store, &exp, &FitOptions::default())[0].status, RunStatus::Completed);
+}
