@@ -154,7 +154,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                 e
             }
             _ => {
-                let e = experiment::create(&store, &a.dir.runs_dir, spec)?;
+                let e = experiment::create(&store, spec)?;
                 eprintln!("experiment {} ({} runs) in {}", e.name, store.runs(e.id)?.len(), e.dir.display());
                 e
             }

@@ -30,11 +30,11 @@ fn toml_to_json(v: &toml::Value) -> serde_json::Value {
 }
 
 /// Creates an experiment from a spec: a unique name (the spec's, with `_1`, `_2`, ...
-/// when taken), its folder under `runs_dir`, and one `new` run per leaf config.
-pub fn create(store: &Store, runs_dir: &Path, spec_path: &Path) -> Result<ExperimentRow> {
+/// when taken), its folder next to the store, and one `new` run per leaf config.
+pub fn create(store: &Store, spec_path: &Path) -> Result<ExperimentRow> {
     let (text, leaves) = read_spec(spec_path)?;
     let e = &leaves[0].spec.experiment;
-    let exp = store.create_experiment(&e.name, &e.mode, runs_dir, &absolute(spec_path), &text)?;
+    let exp = store.create_experiment(&e.name, &e.mode, &absolute(spec_path), &text)?;
     std::fs::create_dir_all(&exp.dir).map_err(|err| Error::Io(format!("creating {}: {err}", exp.dir.display())))?;
     for leaf in &leaves {
         let config = serde_json::to_value(&leaf.spec).map_err(|err| Error::Store(err.to_string()))?;
@@ -72,7 +72,7 @@ impl Experiment {
     /// A new experiment from a spec, its store and folder under `runs_dir`.
     pub fn create(runs_dir: &Path, spec_path: &Path) -> Result<Self> {
         let store = crate::Store::open_in(runs_dir)?;
-        let row = create(&store, runs_dir, spec_path)?;
+        let row = create(&store, spec_path)?;
         Ok(Self { store, row })
     }
 

@@ -252,7 +252,16 @@ impl Fit<'_, '_> {
                 return Ok(false);
             };
             let (key, chunks) = lead;
-            self.ensure_group(&key)?;
+            if let Err(e) = self.ensure_group(&key) {
+                // A base that cannot load fails its runs, not the experiment.
+                let msg = format!("loading {} ({}): {e}", key.0, key.1);
+                self.log(msg.clone());
+                let ids: Vec<i64> = self.runs.values().filter(|l| l.row.status.is_active() && group_key(&l.spec) == key).map(|l| l.row.id).collect();
+                for id in ids {
+                    self.set_status(id, RunStatus::Failed, Some(msg.clone()))?;
+                }
+                continue;
+            }
             let members: Vec<i64> = self
                 .runs
                 .values()
@@ -363,10 +372,15 @@ impl Fit<'_, '_> {
                 l.trainer = None;
             }
         }
-        for &id in &admitted {
-            self.ensure_trainer(id)?;
+        let mut ready = Vec::new();
+        for id in admitted {
+            // Bad data or a bad checkpoint fails that run only.
+            match self.ensure_trainer(id) {
+                Ok(()) => ready.push(id),
+                Err(e) => self.set_status(id, RunStatus::Failed, Some(e.to_string()))?,
+            }
         }
-        Ok(admitted)
+        Ok(ready)
     }
 
     /// Trains `members` until each has done `target` chunks (or finished, stopped, left);

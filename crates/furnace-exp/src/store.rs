@@ -329,9 +329,20 @@ impl Store {
         &self.path
     }
 
+    /// The folder of experiment `name`: next to the database, so the runs folder can move.
+    fn experiment_dir(&self, name: &str) -> PathBuf {
+        self.path.parent().unwrap_or(Path::new(".")).join(name)
+    }
+
+    fn located(&self, mut e: ExperimentRow) -> ExperimentRow {
+        e.dir = self.experiment_dir(&e.name);
+        e
+    }
+
     /// Creates an experiment named `name`, or `name_1`, `name_2`, ... when taken; its
-    /// folder is `<root>/<unique name>`.
-    pub fn create_experiment(&self, name: &str, mode: &str, root: &Path, spec_path: &Path, spec: &str) -> Result<ExperimentRow> {
+    /// folder is `<folder of the database>/<unique name>`.
+    pub fn create_experiment(&self, name: &str, mode: &str, spec_path: &Path, spec: &str) -> Result<ExperimentRow> {
+        let root = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let taken = |n: &str| -> Result<bool> {
             Ok(self.conn.query_row("SELECT 1 FROM experiments WHERE name = ?1", [n], |_| Ok(())).optional()?.is_some())
         };
@@ -354,6 +365,7 @@ impl Store {
         self.conn
             .query_row(&format!("SELECT {EXPERIMENT_COLS} FROM experiments WHERE name = ?1"), [name], experiment_row)
             .optional()?
+            .map(|e| self.located(e))
             .ok_or_else(|| Error::NotFound(format!("no experiment named '{name}'")))
     }
 
@@ -362,6 +374,7 @@ impl Store {
         self.conn
             .query_row(&format!("SELECT {EXPERIMENT_COLS} FROM experiments WHERE id = ?1"), [id], experiment_row)
             .optional()?
+            .map(|e| self.located(e))
             .ok_or_else(|| Error::NotFound(format!("no experiment {id}")))
     }
 
@@ -369,7 +382,7 @@ impl Store {
     pub fn experiments(&self) -> Result<Vec<ExperimentRow>> {
         let mut st = self.conn.prepare(&format!("SELECT {EXPERIMENT_COLS} FROM experiments ORDER BY id"))?;
         let rows = st.query_map([], experiment_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
+        Ok(rows.into_iter().map(|e| self.located(e)).collect())
     }
 
     /// The newest experiment made from a spec named `base_name` (whatever its suffix).
@@ -381,7 +394,8 @@ impl Store {
                 [base_name],
                 experiment_row,
             )
-            .optional()?)
+            .optional()?
+            .map(|e| self.located(e)))
     }
 
     /// Sets an experiment's status (`running`, `done`).

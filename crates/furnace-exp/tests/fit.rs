@@ -75,7 +75,7 @@ fn experiment_with(lora: &str, extra: &str, lr: &str, chunks: usize) -> (tempfil
     let dir = tempfile::tempdir().unwrap();
     let spec = setup(dir.path(), lora, extra, lr, chunks);
     let store = Store::open_in(&dir.path().join("runs")).unwrap();
-    let exp = experiment::create(&store, &dir.path().join("runs"), &spec).unwrap();
+    let exp = experiment::create(&store, &spec).unwrap();
     (dir, store, exp)
 }
 
@@ -299,7 +299,7 @@ fn runs_on_different_bases_form_groups_that_take_turns() {
     let text = std::fs::read_to_string(&spec).unwrap();
     std::fs::write(&spec, format!("{text}\n{groups}")).unwrap();
     let store = Store::open_in(&dir.path().join("runs")).unwrap();
-    let exp = experiment::create(&store, &dir.path().join("runs"), &spec).unwrap();
+    let exp = experiment::create(&store, &spec).unwrap();
     let events = furnace_exp::events::channel();
     let mut rx = events.subscribe();
     let mut loads = Vec::new();
@@ -371,4 +371,21 @@ fn one_process_drives_an_experiment_at_a_time() {
     assert!(err.contains("another furnace process"), "{err}");
     lock.unlock().unwrap();
     assert_eq!(fit(&store, &exp, &FitOptions::default())[0].status, RunStatus::Completed);
+}
+
+#[test]
+fn a_base_that_cannot_load_fails_its_runs_not_the_experiment() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), "r = 2", "", "1e-2", 2);
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let groups = "[[group]]\n[group.model]\nbase = \"no-such-model-dir\"\n[[group]]\n[group.lora]\nr = 4\n";
+    std::fs::write(&spec, format!("{text}\n{groups}")).unwrap();
+    let store = Store::open_in(&dir.path().join("runs")).unwrap();
+    let exp = experiment::create(&store, &spec).unwrap();
+    assert_eq!(exp.dir, dir.path().join("runs").join("exp"));
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert_eq!(runs[0].status, RunStatus::Failed);
+    assert!(runs[0].error.as_deref().unwrap().contains("no-such-model-dir"), "{:?}", runs[0].error);
+    assert_eq!(runs[1].status, RunStatus::Completed);
+    assert_complete(&store, &runs[1]);
 }

@@ -58,7 +58,7 @@ fn fixture() -> Fixture {
     let spec_path = dir.path().join("spec.toml");
     let mut store = Store::open(&db).unwrap();
     let exp = store
-        .create_experiment("exp", "fit", dir.path(), &spec_path, SPEC)
+        .create_experiment("exp", "fit", &spec_path, SPEC)
         .unwrap();
     let spec = furnace_train::Spec::parse(SPEC, &spec_path).unwrap();
     let config = serde_json::to_value(&spec).unwrap();
