@@ -587,38 +587,23 @@ impl Fit<'_, '_> {
         let mut joined = Vec::new();
         for op in self.store.pending_ops(self.exp.id)? {
             let step = self.runs.get(&op.run_id).map(|l| l.row.steps_done);
-            match self.apply_op(&op) {
-                Ok((msg, new_run)) => {
-                    self.store.finish_op(op.id, true, Some(&msg), new_run, step)?;
-                    self.log(format!("op {} ({} run {}): {msg}", op.id, op.kind.name(), op.run_id));
-                    let _ = self.events.send(Event::Op {
-                        experiment: self.exp.name.clone(),
-                        op_id: op.id,
-                        run_id: op.run_id,
-                        op: op.kind.name().into(),
-                        status: "applied".into(),
-                        message: Some(msg),
-                        new_run_id: new_run,
-                    });
-                    if let Some(n) = new_run {
-                        joined.push(n);
-                    }
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    self.store.finish_op(op.id, false, Some(&msg), None, step)?;
-                    self.log(format!("op {} ({} run {}) rejected: {msg}", op.id, op.kind.name(), op.run_id));
-                    let _ = self.events.send(Event::Op {
-                        experiment: self.exp.name.clone(),
-                        op_id: op.id,
-                        run_id: op.run_id,
-                        op: op.kind.name().into(),
-                        status: "rejected".into(),
-                        message: Some(msg),
-                        new_run_id: None,
-                    });
-                }
-            }
+            let (applied, msg, new_run) = match self.apply_op(&op) {
+                Ok((msg, new_run)) => (true, msg, new_run),
+                Err(e) => (false, e.to_string(), None),
+            };
+            self.store.finish_op(op.id, applied, Some(&msg), new_run, step)?;
+            let outcome = if applied { "applied" } else { "rejected" };
+            self.log(format!("op {} ({} run {}) {outcome}: {msg}", op.id, op.kind.name(), op.run_id));
+            let _ = self.events.send(Event::Op {
+                experiment: self.exp.name.clone(),
+                op_id: op.id,
+                run_id: op.run_id,
+                op: op.kind.name().into(),
+                status: outcome.into(),
+                message: Some(msg),
+                new_run_id: new_run,
+            });
+            joined.extend(new_run);
         }
         Ok(joined)
     }
