@@ -136,6 +136,15 @@ fn open_store(dir: &RunsDir) -> Result<Store> {
     Store::open_in(&dir.runs_dir).with_context(|| format!("opening the store in {}", dir.runs_dir.display()))
 }
 
+/// The store of an existing runs folder (the views and ops never create one).
+fn existing_store(dir: &RunsDir) -> Result<Store> {
+    let db = dir.runs_dir.join(furnace_exp::store::DB_FILE);
+    if !db.exists() {
+        bail!("no experiments in {} (no {}): start one with `furnace run spec.toml`, or point --runs-dir at its folder", dir.runs_dir.display(), db.display());
+    }
+    open_store(dir)
+}
+
 /// A short label of a run: its knob values.
 fn label(run: &RunRow) -> String {
     match run.knobs.as_object() {
@@ -315,14 +324,14 @@ fn print_runs(store: &Store, runs: &[RunRow], all: bool) -> Result<()> {
 }
 
 pub fn runs(a: RunsArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
+    let store = existing_store(&a.dir)?;
     let exp = experiment::find(&store, a.experiment.as_deref())?;
     println!("experiment {} ({}, {})", exp.name, exp.mode, exp.status);
     print_runs(&store, &store.runs(exp.id)?, a.all)
 }
 
 pub fn results(a: ResultsArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
+    let store = existing_store(&a.dir)?;
     let exp = experiment::find(&store, a.experiment.as_deref())?;
     let visible: HashMap<i64, RunStatus> = store.runs(exp.id)?.into_iter().filter(|r| a.all || r.status != RunStatus::Deleted).map(|r| (r.id, r.status)).collect();
     // One row per (run, step), one column per metric.
@@ -390,7 +399,7 @@ pub fn results(a: ResultsArgs) -> Result<()> {
 }
 
 pub fn ops_cmd(a: OpsArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
+    let store = existing_store(&a.dir)?;
     let (run, kind) = match a.cmd {
         OpsCmd::Stop { run } => (run, OpKind::Stop),
         OpsCmd::Resume { run } => (run, OpKind::Resume),
