@@ -189,6 +189,12 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
     // Unfinished runs continue from their last checkpoint.
     let mut runs = BTreeMap::new();
     for row in store.runs(exp.id)? {
+        // A warm clone is checkpointed as it is made; one without a checkpoint was cut
+        // short by a crash, and its still-pending op makes it again.
+        if row.warm && row.checkpoint_step.is_none() && row.status == RunStatus::New {
+            store.remove_unstarted_run(row.id)?;
+            continue;
+        }
         if matches!(row.status, RunStatus::New | RunStatus::Ongoing | RunStatus::Stopped) {
             store.rewind(row.id)?;
         }
@@ -236,7 +242,9 @@ impl Fit<'_, '_> {
     /// The main loop; returns whether it was cancelled.
     fn drive(&mut self) -> Result<bool> {
         loop {
-            self.apply_ops()?;
+            // Between rounds every resident run is at a checkpoint, so a warm clone may load
+            // its parent's base here.
+            self.apply_ops(true)?;
             if self.cancelled() {
                 return Ok(true);
             }
@@ -393,7 +401,7 @@ impl Fit<'_, '_> {
         }
         loop {
             // Ops take effect at the next optimizer step.
-            let joined = self.apply_ops()?;
+            let joined = self.apply_ops(false)?;
             for id in joined {
                 if self.runs.get(&id).is_some_and(|l| l.row.chunks_done < target && l.trainer.is_some()) {
                     members.push(id);
@@ -583,12 +591,15 @@ impl Fit<'_, '_> {
 
     /// Applies the pending ops; returns the runs that became trainable in the current
     /// round (warm clones forked from a resident parent).
-    fn apply_ops(&mut self) -> Result<Vec<i64>> {
+    /// `between_rounds`: no run is in the middle of a chunk (a base may be swapped in).
+    fn apply_ops(&mut self, between_rounds: bool) -> Result<Vec<i64>> {
         let mut joined = Vec::new();
         for op in self.store.pending_ops(self.exp.id)? {
             let step = self.runs.get(&op.run_id).map(|l| l.row.steps_done);
-            let (applied, msg, new_run) = match self.apply_op(&op) {
-                Ok((msg, new_run)) => (true, msg, new_run),
+            let (applied, msg, new_run) = match self.apply_op(&op, between_rounds) {
+                // Stays pending until the round ends.
+                Ok(None) => continue,
+                Ok(Some((msg, new_run))) => (true, msg, new_run),
                 Err(e) => (false, e.to_string(), None),
             };
             self.store.finish_op(op.id, applied, Some(&msg), new_run, step)?;
@@ -608,7 +619,9 @@ impl Fit<'_, '_> {
         Ok(joined)
     }
 
-    fn apply_op(&mut self, op: &OpRow) -> Result<(String, Option<i64>)> {
+    /// Applies one op: `Ok(None)` leaves it pending (a warm clone whose parent's base is
+    /// not loaded, in the middle of a round).
+    fn apply_op(&mut self, op: &OpRow, between_rounds: bool) -> Result<Option<(String, Option<i64>)>> {
         let id = op.run_id;
         let status = self.runs.get(&id).map(|l| l.row.status).ok_or_else(|| Error::NotFound(format!("run {id} is not in experiment {}", self.exp.name)))?;
         match &op.kind {
@@ -619,14 +632,14 @@ impl Fit<'_, '_> {
                 // Its state is kept: in memory, and on disk for a restart.
                 self.checkpoint(id)?;
                 self.set_status(id, RunStatus::Stopped, Some(format!("stopped by op {}", op.id)))?;
-                Ok(("stopped".into(), None))
+                Ok(Some(("stopped".into(), None)))
             }
             OpKind::Resume => {
                 if status != RunStatus::Stopped {
                     return Err(Error::Invalid(format!("run {id} is {}; only a stopped run can resume", status.as_str())));
                 }
                 self.set_status(id, RunStatus::Ongoing, Some(format!("resumed by op {}", op.id)))?;
-                Ok(("resumed".into(), None))
+                Ok(Some(("resumed".into(), None)))
             }
             OpKind::Delete => {
                 if status == RunStatus::Deleted {
@@ -636,7 +649,7 @@ impl Fit<'_, '_> {
                     l.trainer = None;
                 }
                 self.set_status(id, RunStatus::Deleted, Some(format!("deleted by op {}", op.id)))?;
-                Ok(("deleted (files kept)".into(), None))
+                Ok(Some(("deleted (files kept)".into(), None)))
             }
             OpKind::Clone { set, warm } => {
                 if status == RunStatus::Deleted {
@@ -654,12 +667,16 @@ impl Fit<'_, '_> {
                     let new = self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, false)))?;
                     let row = self.store.run(new)?;
                     self.runs.insert(new, Live { row, spec, trainer: None });
-                    return Ok((format!("cold clone: run {new}"), Some(new)));
+                    return Ok(Some((format!("cold clone: run {new}"), Some(new))));
                 }
                 check_warm(&parent.1, &spec)?;
-                // The parent's state is needed now: it must be on the loaded base.
+                // The parent's state is needed now, on its base: load that between rounds,
+                // wait for the round's end otherwise.
                 if self.loaded.as_ref().is_none_or(|l| l.key != group_key(&parent.1)) {
-                    return Err(Error::Invalid(format!("run {id}'s base is not loaded right now; a warm clone needs its state: try again when it trains, or clone cold")));
+                    if !between_rounds {
+                        return Ok(None);
+                    }
+                    self.ensure_group(&group_key(&parent.1))?;
                 }
                 self.ensure_trainer(id)?;
                 let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
@@ -675,7 +692,7 @@ impl Fit<'_, '_> {
                 // Durable at once: after a crash the clone resumes from the fork point.
                 self.checkpoint(new)?;
                 self.set_status(new, RunStatus::Ongoing, Some(format!("warm clone of run {id} at step {steps}")))?;
-                Ok((format!("warm clone: run {new} continues from step {steps} of run {id}"), Some(new)))
+                Ok(Some((format!("warm clone: run {new} continues from step {steps} of run {id}"), Some(new))))
             }
         }
     }

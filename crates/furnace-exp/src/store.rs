@@ -196,11 +196,11 @@ pub struct OpRow {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS experiments(
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, base_name TEXT NOT NULL, mode TEXT NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, base_name TEXT NOT NULL, mode TEXT NOT NULL,
     dir TEXT NOT NULL, spec_path TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL,
     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS runs(
-    id INTEGER PRIMARY KEY, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    id INTEGER PRIMARY KEY AUTOINCREMENT, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
     config TEXT NOT NULL, knobs TEXT NOT NULL, grp INTEGER NOT NULL, status TEXT NOT NULL,
     steps_done INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0,
     chunks_done INTEGER NOT NULL DEFAULT 0, total_chunks INTEGER NOT NULL DEFAULT 0,
@@ -210,7 +210,7 @@ CREATE TABLE IF NOT EXISTS metrics(
     run_id INTEGER NOT NULL REFERENCES runs(id), step INTEGER NOT NULL, name TEXT NOT NULL,
     value REAL NOT NULL, time REAL NOT NULL, PRIMARY KEY(run_id, step, name));
 CREATE TABLE IF NOT EXISTS ops(
-    id INTEGER PRIMARY KEY, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    id INTEGER PRIMARY KEY AUTOINCREMENT, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
     run_id INTEGER NOT NULL REFERENCES runs(id), kind TEXT NOT NULL, source TEXT NOT NULL,
     status TEXT NOT NULL, message TEXT, new_run_id INTEGER, applied_step INTEGER,
     created REAL NOT NULL);
@@ -468,6 +468,16 @@ impl Store {
                 params![id, steps_done, name, value, t],
             )?;
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a run that never started and has no metrics or ops of its own (a warm
+    /// clone whose creation a crash cut short; its op is still pending and makes it again).
+    pub fn remove_unstarted_run(&mut self, id: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM metrics WHERE run_id = ?1", [id])?;
+        tx.execute("DELETE FROM runs WHERE id = ?1 AND checkpoint_step IS NULL AND NOT EXISTS (SELECT 1 FROM ops WHERE run_id = ?1)", [id])?;
         tx.commit()?;
         Ok(())
     }

@@ -389,3 +389,17 @@ fn a_base_that_cannot_load_fails_its_runs_not_the_experiment() {
     assert_eq!(runs[1].status, RunStatus::Completed);
     assert_complete(&store, &runs[1]);
 }
+
+#[test]
+fn a_warm_clone_cut_short_by_a_crash_is_made_again_from_its_pending_op() {
+    let (_d, store, exp) = new_experiment("r = 2", "");
+    let parent = store.runs(exp.id).unwrap()[0].clone();
+    // The state a crash between recording the clone and checkpointing it leaves behind.
+    let op = store.add_op(parent.id, &OpKind::Clone { set: vec!["trainer.learning_rate=2e-2".into()], warm: true }, "test").unwrap();
+    let orphan = store.add_run(exp.id, &parent.config, &parent.knobs, 0, 0, 0, Some((parent.id, true))).unwrap();
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert!(runs.iter().all(|r| r.id != orphan), "the half-made clone is gone");
+    let clone = runs.iter().find(|r| r.parent_id == Some(parent.id)).expect("made again");
+    assert!(clone.warm && clone.status == RunStatus::Completed);
+    assert_eq!(store.op(op).unwrap().new_run_id, Some(clone.id));
+}
