@@ -1,0 +1,56 @@
+//! Helpers that furnace's integration tests share: where the repository's fixtures are,
+//! reading JSONL fixture files, and the real model from the furnace cache.
+//!
+//! A dev-dependency only: nothing here is part of furnace's library surface. Test code may
+//! panic, so these helpers do (with a message that says what to fix) instead of returning
+//! errors.
+#![deny(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+/// The alias of the default chat model that the real-model tests use.
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The repository's `testdata/` folder (fixtures from the reference implementations).
+pub fn testdata() -> PathBuf {
+    repo_root().join("testdata")
+}
+
+/// The SmolLM2 GGUF from the furnace cache. Fails loudly when it is missing: the test
+/// command of README.md (`./scripts/test.sh`) pulls it first.
+pub fn smollm2_gguf() -> PathBuf {
+    let cache = furnace_hub::Cache::from_env().expect("open the furnace cache");
+    match cache.cached(DEFAULT_MODEL) {
+        Some(loc) => loc.path().to_path_buf(),
+        None => panic!(
+            "the real model is not cached in {}: run `cargo run --release --bin furnace -- model pull {DEFAULT_MODEL}` (the README's test command does this)",
+            cache.root().display()
+        ),
+    }
+}
+
+/// The rows of a JSONL file under `testdata/`.
+pub fn jsonl(name: &str) -> Vec<serde_json::Value> {
+    let path = testdata().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("fixture json"))
+        .collect()
+}
+
+/// A JSON array of token ids under `key`.
+pub fn ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("fixture: '{key}' is not an array"))
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
