@@ -1,12 +1,15 @@
-//! `furnace`: the command-line front end. Thin by design: every command parses its
-//! arguments and calls into the library crates.
+//! `furnace`: the command-line front end. Thin by design: this file parses the command
+//! line and dispatches; each command lives in its own file under `commands/`, turns its
+//! arguments into library options and calls into the library crates.
 
 use clap::{Parser, Subcommand};
 
-mod bench;
+mod args;
 mod commands;
-mod exp;
-mod train;
+mod human;
+mod models;
+
+use commands::{bench, chat, doctor, generate, model, ops, results, run, runs, tokenize, train};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -27,26 +30,26 @@ enum Command {
     /// Fetch and list models in the local cache ($FURNACE_HOME).
     Model {
         #[command(subcommand)]
-        cmd: commands::ModelCmd,
+        cmd: model::ModelCmd,
     },
     /// Print the token ids of a text (like llama.cpp's llama-tokenize).
-    Tokenize(commands::TokenizeArgs),
+    Tokenize(tokenize::TokenizeArgs),
     /// Generate a reply to one prompt, streaming it to stdout.
-    Generate(commands::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Chat interactively with a model (type /exit to quit, /reset to clear the history).
-    Chat(commands::ChatArgs),
+    Chat(chat::ChatArgs),
     /// Train one LoRA configuration from a spec (TOML) into a run folder.
     Train(train::TrainArgs),
     /// Run an experiment: every config of a spec (knobs, [[group]]s) trains together in
     /// fused passes, chunk by chunk, with live control and an HTTP API. Continues an
     /// interrupted experiment from its checkpoints.
-    Run(exp::RunArgs),
+    Run(run::RunArgs),
     /// List the runs of an experiment (default: the newest): status, progress, losses.
-    Runs(exp::RunsArgs),
+    Runs(runs::RunsArgs),
     /// Print the metrics of every run at every step (table, csv or json).
-    Results(exp::ResultsArgs),
+    Results(results::ResultsArgs),
     /// Steer a running experiment: stop, resume, delete or clone-modify a run.
-    Ops(exp::OpsArgs),
+    Ops(ops::OpsArgs),
     /// Report CPU features, threads, cached models and versions.
     Doctor,
     /// Measure speed (prints tokens/s).
@@ -106,16 +109,16 @@ fn main() {
         .unwrap_or_else(furnace_model::threads::physical_cores);
     furnace_model::threads::configure_threads(threads);
     let result = match cli.command {
-        Command::Model { cmd } => commands::model(cmd),
-        Command::Tokenize(a) => commands::tokenize(a),
-        Command::Generate(a) => commands::generate(a),
-        Command::Chat(a) => commands::chat(a),
-        Command::Train(a) => train::train(a),
-        Command::Run(a) => exp::run(a),
-        Command::Runs(a) => exp::runs(a),
-        Command::Results(a) => exp::results(a),
-        Command::Ops(a) => exp::ops_cmd(a),
-        Command::Doctor => commands::doctor(threads),
+        Command::Model { cmd } => model::run(cmd),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Runs(a) => runs::run(a),
+        Command::Results(a) => results::run(a),
+        Command::Ops(a) => ops::run(a),
+        Command::Doctor => doctor::run(threads),
         Command::Bench { cmd } => bench::run(cmd),
     };
     if let Err(e) = result {

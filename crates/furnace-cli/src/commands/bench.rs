@@ -1,7 +1,8 @@
 //! `furnace bench`: speed measurements as programs, not timed tests. Each figure is the
 //! median of several repeats, since shared machines are noisy.
 
-use crate::commands::{load, DEFAULT_MODEL};
+use crate::args::DEFAULT_MODEL;
+use crate::models::load;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};

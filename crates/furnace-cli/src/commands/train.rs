@@ -2,7 +2,8 @@
 //! run folder (resolved config, metrics.jsonl, train.log, checkpoints, final adapter, and a
 //! `latest` pointer next to the runs).
 
-use crate::commands::{load, DEFAULT_MODEL};
+use crate::args::DEFAULT_MODEL;
+use crate::models::load;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};
@@ -75,7 +76,7 @@ fn samples(loaded: &furnace_model::LoadedModel, spec: &Spec, n: usize) -> Result
     Ok(out)
 }
 
-pub fn train(a: TrainArgs) -> Result<()> {
+pub fn run(a: TrainArgs) -> Result<()> {
     let spec = Spec::load(&a.spec)?;
     let dtype = spec.weight_dtype()?;
     let base = if spec.model.base.is_empty() { DEFAULT_MODEL.to_string() } else { spec.model.base.clone() };

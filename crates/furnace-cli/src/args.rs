@@ -1,0 +1,100 @@
+//! Arguments several commands share, and their conversion into library options
+//! (low-level args → high-level options: `SamplingArgs → SamplingParams`, `RunsDir → Store`).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use furnace_exp::Store;
+use furnace_generate::SamplingParams;
+use std::path::PathBuf;
+
+/// The model used when none is named.
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+#[derive(Args)]
+pub struct ModelArg {
+    /// Model: an alias (pulled on first use), a .gguf file, or an HF model directory.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    pub model: String,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Penalty for tokens already seen (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// RNG seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            stop_at_eos: !self.ignore_eos,
+        }
+    }
+}
+
+/// Where the store and experiment folders live.
+#[derive(Args, Clone)]
+pub struct RunsDir {
+    /// Folder holding the store (furnace.db) and one folder per experiment.
+    #[arg(long, default_value = "runs", global = true)]
+    pub runs_dir: PathBuf,
+}
+
+/// A size such as `8G`, `512M` or `1000000` in bytes.
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = match t.trim_end_matches('B').chars().last() {
+        Some('K') => (&t[..t.trim_end_matches('B').len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.trim_end_matches('B').len() - 1], 1 << 20),
+        Some('G') => (&t[..t.trim_end_matches('B').len() - 1], 1 << 30),
+        Some('T') => (&t[..t.trim_end_matches('B').len() - 1], 1 << 40),
+        _ => (t.trim_end_matches('B'), 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size like 8G, 512M or 1000000"))?;
+    if v.is_nan() || v <= 0.0 {
+        return Err(format!("'{s}' must be > 0"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+/// The store in the runs folder (created if missing).
+pub fn open_store(dir: &RunsDir) -> Result<Store> {
+    Store::open_in(&dir.runs_dir).with_context(|| format!("opening the store in {}", dir.runs_dir.display()))
+}
+
+/// The store of an existing runs folder (the views and ops never create one).
+pub fn existing_store(dir: &RunsDir) -> Result<Store> {
+    let db = dir.runs_dir.join(furnace_exp::store::DB_FILE);
+    if !db.exists() {
+        bail!("no experiments in {} (no {}): start one with `furnace run spec.toml`, or point --runs-dir at its folder", dir.runs_dir.display(), db.display());
+    }
+    open_store(dir)
+}

@@ -1,0 +1,83 @@
+//! `furnace chat`: an interactive chat in the terminal.
+
+use crate::args::{ModelArg, SamplingArgs};
+use crate::commands::generate::prompt_ids;
+use crate::models::load_with_adapter;
+use anyhow::Result;
+use clap::Args;
+use furnace_generate::{Engine, EngineOptions, Event, Request};
+use furnace_model::WeightDType;
+use furnace_text::ChatMessage;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    /// How weights are held: f32, bf16, quantized.
+    #[arg(long, default_value = "quantized")]
+    dtype: WeightDType,
+    /// Apply a PEFT LoRA adapter directory.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let loaded = load_with_adapter(&a.model.model, a.dtype, a.adapter.as_ref())?;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let reset = |h: &mut Vec<ChatMessage>| {
+        h.clear();
+        if let Some(s) = &a.system {
+            h.push(ChatMessage::new("system", s.clone()));
+        }
+    };
+    reset(&mut history);
+    eprintln!("chatting with {} (/exit to quit, /reset to start over)", a.model.model);
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                reset(&mut history);
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let ids = prompt_ids(&loaded, &history, None)?;
+        let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, EngineOptions::default());
+        if let Err(e) = engine.add(Request {
+            prompt: ids,
+            params: a.sampling.params(),
+        }) {
+            eprintln!("error: {e}");
+            history.pop();
+            continue;
+        }
+        let outputs = engine.run(&mut |ev| {
+            let text = match &ev {
+                Event::Token { text, .. } | Event::Finished { text, .. } => text,
+            };
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        })?;
+        println!();
+        let reply = outputs.into_iter().next().map(|o| o.text).unwrap_or_default();
+        history.push(ChatMessage::new("assistant", reply));
+    }
+    Ok(())
+}

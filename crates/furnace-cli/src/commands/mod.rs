@@ -1,0 +1,15 @@
+//! One module per command. Each holds the command's clap arguments and a `run` that turns
+//! them into library options and calls the library; `main.rs` only parses and dispatches.
+//! A new command is a new file here plus one variant in `main.rs`'s `Command`.
+
+pub mod bench;
+pub mod chat;
+pub mod doctor;
+pub mod generate;
+pub mod model;
+pub mod ops;
+pub mod results;
+pub mod run;
+pub mod runs;
+pub mod tokenize;
+pub mod train;

@@ -1,0 +1,97 @@
+//! `furnace results`: every metric of every run at every step.
+
+use crate::args::{existing_store, RunsDir};
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use furnace_exp::{experiment, RunStatus};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Args)]
+pub struct ResultsArgs {
+    /// Experiment name (default: the newest).
+    experiment: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Include deleted runs.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    dir: RunsDir,
+}
+
+pub fn run(a: ResultsArgs) -> Result<()> {
+    let store = existing_store(&a.dir)?;
+    let exp = experiment::find(&store, a.experiment.as_deref())?;
+    let visible: HashMap<i64, RunStatus> = store.runs(exp.id)?.into_iter().filter(|r| a.all || r.status != RunStatus::Deleted).map(|r| (r.id, r.status)).collect();
+    // One row per (run, step), one column per metric.
+    let mut rows: BTreeMap<(i64, i64), (f64, BTreeMap<String, f64>)> = BTreeMap::new();
+    let mut names: Vec<String> = Vec::new();
+    for m in store.experiment_metrics(exp.id)? {
+        if !visible.contains_key(&m.run_id) {
+            continue;
+        }
+        if !names.contains(&m.name) {
+            names.push(m.name.clone());
+        }
+        let e = rows.entry((m.run_id, m.step)).or_insert((m.time, BTreeMap::new()));
+        e.0 = e.0.max(m.time);
+        e.1.insert(m.name, m.value);
+    }
+    let order = ["loss", "eval_loss", "lr", "grad_norm", "tokens"];
+    names.sort_by_key(|n| order.iter().position(|o| o == n).unwrap_or(order.len()));
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            let list: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|((run, step), (time, ms))| {
+                    let mut o = serde_json::Map::new();
+                    o.insert("run_id".into(), (*run).into());
+                    o.insert("step".into(), (*step).into());
+                    o.insert("time".into(), (*time).into());
+                    for (k, v) in ms {
+                        o.insert(k.clone(), (*v).into());
+                    }
+                    serde_json::Value::Object(o)
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+        }
+        Format::Csv => {
+            writeln!(out, "run_id,step,time,{}", names.join(","))?;
+            for ((run, step), (time, ms)) in &rows {
+                let vals: Vec<String> = names.iter().map(|n| ms.get(n).map(|v| v.to_string()).unwrap_or_default()).collect();
+                writeln!(out, "{run},{step},{time:.3},{}", vals.join(","))?;
+            }
+        }
+        Format::Table => {
+            write!(out, "{:>4} {:>6}", "run", "step")?;
+            for n in &names {
+                write!(out, " {n:>12}")?;
+            }
+            writeln!(out)?;
+            for ((run, step), (_, ms)) in &rows {
+                write!(out, "{run:>4} {step:>6}")?;
+                for n in &names {
+                    match ms.get(n) {
+                        Some(v) if n == "lr" => write!(out, " {v:>12.3e}")?,
+                        Some(v) if n == "tokens" => write!(out, " {v:>12.0}")?,
+                        Some(v) => write!(out, " {v:>12.5}")?,
+                        None => write!(out, " {:>12}", "-")?,
+                    }
+                }
+                writeln!(out)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! `furnace run`: every config of a spec trains together, with live progress and the API
+//! server; continues an interrupted experiment.
+
+use crate::args::{open_store, parse_bytes, RunsDir};
+use crate::human::{label, print_runs};
+use crate::models::load;
+use anyhow::{bail, Result};
+use clap::Args;
+use furnace_exp::server::{self, ServerOptions};
+use furnace_exp::{experiment, run_fit, Event, FitOptions, RunRow, RunStatus, Store};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The spec (TOML); knobs and [[group]]s expand into the runs.
+    spec: Option<PathBuf>,
+    /// Continue this existing experiment (its unfinished runs and pending ops) instead.
+    #[arg(long, conflicts_with = "spec")]
+    experiment: Option<String>,
+    /// Start a new experiment even when the last one from this spec was interrupted
+    /// (by default `furnace run` continues it from its checkpoints).
+    #[arg(long)]
+    fresh: bool,
+    /// Memory the runs' own state may take at once (e.g. 8G, 512M); runs beyond it wait
+    /// their turn. Default: 70% of the memory available after loading the base.
+    #[arg(long, value_parser = parse_bytes)]
+    memory_budget: Option<u64>,
+    /// Address of the API server.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port of the API server (0: any free port).
+    #[arg(long, default_value_t = server::DEFAULT_PORT)]
+    port: u16,
+    /// Bearer token the API requires (needed to bind anything but loopback).
+    #[arg(long)]
+    token: Option<String>,
+    /// Do not start the API server.
+    #[arg(long)]
+    no_server: bool,
+    #[command(flatten)]
+    dir: RunsDir,
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let store = open_store(&a.dir)?;
+    let exp = match (&a.experiment, &a.spec) {
+        (Some(name), _) => store.experiment(name)?,
+        (None, Some(spec)) => match experiment::interrupted(&store, spec)? {
+            Some(e) if !a.fresh => {
+                eprintln!("continuing experiment {} (interrupted; --fresh starts a new one)", e.name);
+                e
+            }
+            _ => {
+                let e = experiment::create(&store, spec)?;
+                eprintln!("experiment {} ({} runs) in {}", e.name, store.runs(e.id)?.len(), e.dir.display());
+                e
+            }
+        },
+        (None, None) => bail!("give a spec (furnace run spec.toml) or --experiment NAME to continue one"),
+    };
+    let events = furnace_exp::events::channel();
+    let server = if a.no_server {
+        None
+    } else {
+        let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token: a.token.clone() };
+        let h = server::start(store.path().to_path_buf(), opts, events.clone())?;
+        eprintln!("API on http://{}/api (live events: /api/events)", h.addr);
+        Some(h)
+    };
+    let mut rx = events.subscribe();
+    let fit_opts = FitOptions { memory_budget: a.memory_budget, ..Default::default() };
+    let worker = {
+        let store = store.reopen()?;
+        let exp = exp.clone();
+        let events = events.clone();
+        std::thread::Builder::new().name("furnace-train".into()).spawn(move || {
+            let mut loader = |name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Invalid(format!("{e:#}")));
+            run_fit(&store, &exp, &mut loader, &fit_opts, &events)
+        })?
+    };
+    let mut display = Display::new(&store, exp.id)?;
+    loop {
+        match rx.try_recv() {
+            Ok(ev) => display.show(&store, ev)?,
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) if worker.is_finished() => break,
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let summary = worker.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
+    display.finish();
+    if let Some(h) = server {
+        h.shutdown();
+    }
+    print_runs(&store, &summary.runs, false)?;
+    Ok(())
+}
+
+/// One progress line per run.
+struct Display {
+    multi: MultiProgress,
+    bars: HashMap<i64, ProgressBar>,
+    last: HashMap<i64, (Option<f64>, Option<f64>)>,
+    tty: bool,
+}
+
+impl Display {
+    fn new(store: &Store, exp: i64) -> Result<Self> {
+        let mut d = Self { multi: MultiProgress::new(), bars: HashMap::new(), last: HashMap::new(), tty: std::io::stderr().is_terminal() };
+        for r in store.runs(exp)? {
+            if r.status != RunStatus::Deleted {
+                d.bar(&r);
+            }
+        }
+        Ok(d)
+    }
+
+    fn bar(&mut self, run: &RunRow) -> &ProgressBar {
+        let multi = &self.multi;
+        self.bars.entry(run.id).or_insert_with(|| {
+            let b = multi.add(ProgressBar::new(run.total_steps.max(1) as u64));
+            let style = ProgressStyle::with_template("run {prefix:>3} {bar:24} {pos:>4}/{len:4} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+            b.set_style(style);
+            b.set_prefix(run.id.to_string());
+            b.set_position(run.steps_done as u64);
+            b.set_message(format!("{} [{}]", run.status.as_str(), label(run)));
+            b
+        })
+    }
+
+    fn line(&self, s: String) {
+        if self.tty {
+            self.multi.suspend(|| eprintln!("{s}"));
+        } else {
+            eprintln!("{s}");
+        }
+    }
+
+    fn show(&mut self, store: &Store, ev: Event) -> Result<()> {
+        match ev {
+            Event::Progress { run_id, steps_done, total_steps, chunks_done, .. } => {
+                let run = store.run(run_id)?;
+                let (loss, eval) = self.last.get(&run_id).copied().unwrap_or((None, None));
+                let b = self.bar(&run).clone();
+                b.set_length(total_steps.max(1) as u64);
+                b.set_position(steps_done as u64);
+                let f = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+                b.set_message(format!("chunk {chunks_done}/{}  loss {}  eval {}  [{}]", run.total_chunks, f(loss), f(eval), label(&run)));
+            }
+            Event::Metric { run_id, name, value, step, .. } => {
+                let e = self.last.entry(run_id).or_default();
+                match name.as_str() {
+                    "loss" => e.0 = Some(value),
+                    "eval_loss" => {
+                        e.1 = Some(value);
+                        if !self.tty {
+                            self.line(format!("run {run_id} step {step}: eval_loss {value:.4}"));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::Status { run_id, status, message, .. } => {
+                let run = store.run(run_id)?;
+                let b = self.bar(&run).clone();
+                if matches!(status, RunStatus::Completed | RunStatus::Deleted | RunStatus::Failed) {
+                    b.finish_with_message(format!("{} [{}]", status.as_str(), label(&run)));
+                }
+                self.line(format!("run {run_id}: {}{}", status.as_str(), message.map(|m| format!(" ({m})")).unwrap_or_default()));
+            }
+            Event::Op { .. } => {}
+            Event::Log { message, .. } => self.line(message),
+        }
+        Ok(())
+    }
+
+    fn finish(&self) {
+        for b in self.bars.values() {
+            if !b.is_finished() {
+                b.abandon();
+            }
+        }
+    }
+}

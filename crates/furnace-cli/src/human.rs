@@ -1,0 +1,67 @@
+//! Output for people: sizes, counts, run labels and the runs table.
+
+use anyhow::Result;
+use furnace_exp::{RunRow, RunStatus, Store};
+use std::collections::BTreeMap;
+use std::io::Write;
+
+/// Bytes as kB, MB or GB.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.0} kB", b / 1e3)
+    }
+}
+
+/// A count as k, M or B.
+pub fn human_count(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1}M", n / 1e6)
+    } else {
+        format!("{:.0}k", n / 1e3)
+    }
+}
+
+/// A short label of a run: its knob values.
+pub fn label(run: &RunRow) -> String {
+    match run.knobs.as_object() {
+        Some(m) if !m.is_empty() => m.iter().map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k))).collect::<Vec<_>>().join(" "),
+        _ => String::from("-"),
+    }
+}
+
+/// The last value of each metric per run.
+fn last_metrics(store: &Store, run: i64) -> Result<BTreeMap<String, f64>> {
+    Ok(store.metrics(run)?.into_iter().map(|m| (m.name, m.value)).collect())
+}
+
+/// The runs table of `furnace runs` and the end of `furnace run`.
+pub fn print_runs(store: &Store, runs: &[RunRow], all: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}  {:>6}  config", "run", "status", "steps", "chunks", "loss", "eval_loss", "parent")?;
+    for r in runs.iter().filter(|r| all || r.status != RunStatus::Deleted) {
+        let m = last_metrics(store, r.id)?;
+        let f = |k: &str| m.get(k).map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+        let parent = r.parent_id.map(|p| format!("{p}{}", if r.warm { "w" } else { "" })).unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}  {:>6}  {}",
+            r.id,
+            r.status.as_str(),
+            format!("{}/{}", r.steps_done, r.total_steps),
+            format!("{}/{}", r.chunks_done, r.total_chunks),
+            f("loss"),
+            f("eval_loss"),
+            parent,
+            label(r)
+        )?;
+    }
+    Ok(())
+}
