@@ -2,9 +2,16 @@
 //! finding an interrupted experiment to continue.
 
 use crate::error::{Error, Result};
+use crate::events::{Event, EventSender};
+use crate::fit::{FitOptions, FitSummary};
 use crate::store::{ExperimentRow, Store};
+use furnace_model::{LoadedModel, WeightDType};
 use furnace_train::knobs::{expand, Leaf};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// The spec file's text and its leaf configs, every one validated.
 pub fn read_spec(spec_path: &Path) -> Result<(String, Vec<Leaf>)> {
@@ -83,6 +90,40 @@ impl Experiment {
         Ok(Self { store, row })
     }
 
+    /// Its store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Its record as it was when opened (see [`Experiment::info`] for the current one).
+    pub fn row(&self) -> &ExperimentRow {
+        &self.row
+    }
+
+    /// The folder of one of its runs (checkpoints, adapter).
+    pub fn run_dir(&self, run_id: i64) -> PathBuf {
+        crate::fit::run_dir(&self.row, run_id)
+    }
+
+    /// Lets a run train further under a changed spec (more steps, another schedule): its
+    /// stored config becomes `spec` and a completed or stopped run becomes ongoing; it
+    /// continues from its last checkpoint when the experiment is started again.
+    pub fn continue_run(&self, run_id: i64, spec: &furnace_train::Spec) -> Result<()> {
+        let run = self.store.run(run_id)?;
+        if run.experiment_id != self.row.id {
+            return Err(Error::NotFound(format!("run {run_id} is not in experiment {}", self.row.name)));
+        }
+        if run.status == crate::RunStatus::Deleted {
+            return Err(Error::Invalid(format!("run {run_id} is deleted")));
+        }
+        let config = serde_json::to_value(spec).map_err(|e| Error::Store(e.to_string()))?;
+        self.store.set_run_config(run_id, &config)?;
+        if matches!(run.status, crate::RunStatus::Completed | crate::RunStatus::Stopped | crate::RunStatus::Failed) {
+            self.store.set_run_status(run_id, crate::RunStatus::Ongoing, None)?;
+        }
+        self.store.set_experiment_status(self.row.id, "running")
+    }
+
     /// Its record (name, mode, folder, status).
     pub fn info(&self) -> Result<ExperimentRow> {
         self.store.experiment_by_id(self.row.id)
@@ -98,7 +139,25 @@ impl Experiment {
         self.store.experiment_metrics(self.row.id)
     }
 
-    /// Trains the unfinished runs (see [`crate::run_fit`]).
+    /// Starts training the unfinished runs on a thread of their own (see
+    /// [`crate::run_fit`]); live events arrive on the returned [`Running`].
+    pub fn start(&self, opts: StartOptions) -> Result<Running> {
+        let StartOptions { mut fit, mut loader, events } = opts;
+        let events = events.unwrap_or_else(crate::events::channel);
+        let cancel = fit.cancel.get_or_insert_with(|| Arc::new(AtomicBool::new(false))).clone();
+        // Subscribed before the thread starts, so no event is missed.
+        let rx = events.subscribe();
+        let store = self.store.reopen()?;
+        let row = self.row.clone();
+        let sender = events.clone();
+        let join = std::thread::Builder::new()
+            .name("furnace-train".into())
+            .spawn(move || crate::run_fit(&store, &row, &mut *loader, &fit, &sender))
+            .map_err(|e| Error::Io(format!("starting the training thread: {e}")))?;
+        Ok(Running { events: rx, join, sender: events, cancel })
+    }
+
+    /// Trains the unfinished runs on this thread (see [`crate::run_fit`]).
     pub fn run_fit(&self, loader: &mut crate::Loader<'_>, opts: &crate::FitOptions, events: &crate::EventSender) -> Result<crate::FitSummary> {
         crate::run_fit(&self.store, &self.row, loader, opts, events)
     }
@@ -116,5 +175,63 @@ impl Experiment {
     /// The ops recorded so far.
     pub fn ops(&self) -> Result<Vec<crate::OpRow>> {
         self.store.ops(self.row.id)
+    }
+}
+
+/// A loader the training thread can own: a base model by name with the given weights.
+pub type SendLoader = Box<dyn FnMut(&str, WeightDType) -> Result<LoadedModel> + Send>;
+
+/// How [`Experiment::start`] trains.
+pub struct StartOptions {
+    /// Memory budget, cancellation, hooks.
+    pub fit: FitOptions,
+    /// Loads the runs' bases.
+    pub loader: SendLoader,
+    /// Where events go (share it with a server to stream them); a new channel if `None`.
+    pub events: Option<EventSender>,
+}
+
+/// An experiment training on its own thread.
+pub struct Running {
+    /// Its live events (subscribed before training started).
+    pub events: tokio::sync::broadcast::Receiver<Event>,
+    /// The training thread; its result is the fit's.
+    pub join: JoinHandle<Result<FitSummary>>,
+    sender: EventSender,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// The next event; blocks until one comes, and is `None` once training has ended and
+    /// every event it sent has been taken. Events a slow reader missed are skipped.
+    pub fn next_event(&mut self) -> Option<Event> {
+        use tokio::sync::broadcast::error::TryRecvError;
+        loop {
+            match self.events.try_recv() {
+                Ok(ev) => return Some(ev),
+                Err(TryRecvError::Lagged(_)) => continue,
+                Err(TryRecvError::Empty | TryRecvError::Closed) if self.join.is_finished() => {
+                    // Anything sent just before the end.
+                    return self.events.try_recv().ok();
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// The event channel, to subscribe more readers (a server's live stream).
+    pub fn sender(&self) -> &EventSender {
+        &self.sender
+    }
+
+    /// Asks training to stop after the current optimizer step; unfinished runs resume
+    /// from their checkpoints when the experiment is started again.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for training to end.
+    pub fn wait(self) -> Result<FitSummary> {
+        self.join.join().map_err(|_| Error::Invalid("the training thread panicked".into()))?
     }
 }

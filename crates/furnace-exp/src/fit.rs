@@ -42,11 +42,18 @@ pub struct FitOptions {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Called after every optimizer step (ops submitted from it take effect at the next).
     pub on_step: Option<StepHook>,
+    /// Evaluates each new run before its first step: its `eval_loss` at step 0 (the base
+    /// model's, since a new adapter adds nothing yet), the "before" of `furnace train`.
+    pub eval_at_start: bool,
 }
 
 impl std::fmt::Debug for FitOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FitOptions").field("memory_budget", &self.memory_budget).field("cancel", &self.cancel).finish_non_exhaustive()
+        f.debug_struct("FitOptions")
+            .field("memory_budget", &self.memory_budget)
+            .field("cancel", &self.cancel)
+            .field("eval_at_start", &self.eval_at_start)
+            .finish_non_exhaustive()
     }
 }
 
@@ -336,7 +343,35 @@ impl Fit<'_, '_> {
                 Trainer::new(config, lora, &train)?
             }
         };
-        self.register(id, trainer, &train)
+        let fresh = trainer.steps_done() == 0;
+        self.register(id, trainer, &train)?;
+        if fresh && self.opts.eval_at_start && !self.store.metrics(id)?.iter().any(|m| m.step == 0 && m.name == "eval_loss") {
+            if let Some(l) = self.evaluate(id)? {
+                self.record(id, 0, 0, &[("eval_loss", l)])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A run's eval loss now (`None` without eval data or state).
+    fn evaluate(&mut self, id: i64) -> Result<Option<f64>> {
+        let Some(spec) = self.runs.get(&id).map(|l| l.spec.clone()) else { return Ok(None) };
+        let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
+        let (_, eval) = loaded.data(&spec)?;
+        let lora = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).map(|t| &t.lora);
+        Ok(match (&eval, lora) {
+            (Some(e), Some(lora)) if !e.is_empty() => Some(eval_loss(&loaded.frozen, Some(lora), e)?),
+            _ => None,
+        })
+    }
+
+    /// Stores a run's progress and metrics of one step and publishes the metrics.
+    fn record(&mut self, id: i64, step: i64, chunks: i64, values: &[(&str, f64)]) -> Result<()> {
+        self.store.record_step(id, step, chunks, values)?;
+        for (name, value) in values {
+            let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step, name: (*name).into(), value: *value });
+        }
+        Ok(())
     }
 
     /// Makes `trainer` the state of run `id`, recording its totals and progress.
@@ -419,14 +454,17 @@ impl Fit<'_, '_> {
             if stepping.is_empty() {
                 break;
             }
-            self.fused(&stepping)?;
+            self.fused(&stepping, target)?;
         }
         self.end_chunk(&members, target)?;
         Ok(false)
     }
 
-    /// One optimizer step of each run in `ids`, fused per dataset.
-    fn fused(&mut self, ids: &[i64]) -> Result<()> {
+    /// One optimizer step of each run in `ids`, fused per dataset; then the evals and
+    /// checkpoints their `eval_every` / `save_every` ask for inside a chunk (those at the
+    /// chunk's end are `end_chunk`'s).
+    fn fused(&mut self, ids: &[i64], target: i64) -> Result<()> {
+        let mut stepped = Vec::new();
         let mut by_len: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
         for id in ids {
             if let Some(l) = self.runs.get(id) {
@@ -447,13 +485,13 @@ impl Fit<'_, '_> {
                 Ok(metrics) => {
                     for ((id, t), m) in outcome.into_iter().zip(metrics) {
                         let chunks = t.chunks_done() as i64;
+                        if chunks < target && !t.finished() {
+                            stepped.push((id, m.step));
+                        }
                         let values = [("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
-                        self.store.record_step(id, m.step as i64, chunks, &values)?;
+                        self.record(id, m.step as i64, chunks, &values)?;
                         if let Some(hook) = &self.opts.on_step {
                             hook(id, m.step as i64);
-                        }
-                        for (name, value) in values {
-                            let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step: m.step as i64, name: name.into(), value });
                         }
                         if let Some(l) = self.runs.get_mut(&id) {
                             l.row.steps_done = m.step as i64;
@@ -476,6 +514,18 @@ impl Fit<'_, '_> {
                 }
             }
         }
+        for (id, step) in stepped {
+            let Some(t) = self.runs.get(&id).map(|l| l.spec.trainer.clone()) else { continue };
+            let chunks = self.runs.get(&id).map(|l| l.row.chunks_done).unwrap_or(0);
+            if t.eval_every > 0 && step % t.eval_every == 0 {
+                if let Some(l) = self.evaluate(id)? {
+                    self.record(id, step as i64, chunks, &[("eval_loss", l)])?;
+                }
+            }
+            if t.save_every > 0 && step % t.save_every == 0 {
+                self.checkpoint(id)?;
+            }
+        }
         Ok(())
     }
 
@@ -483,24 +533,13 @@ impl Fit<'_, '_> {
     fn end_chunk(&mut self, members: &[i64], rung: i64) -> Result<()> {
         let mut any_reached = false;
         for &id in members {
-            let Some(live) = self.runs.get(&id) else { continue };
-            let Some(t) = live.trainer.as_ref() else { continue };
-            let spec = live.spec.clone();
+            let Some(t) = self.runs.get(&id).and_then(|l| l.trainer.as_ref()) else { continue };
             let (step, chunks, finished) = (t.steps_done() as i64, t.chunks_done() as i64, t.finished());
-            let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
-            let (_, eval) = loaded.data(&spec)?;
-            let lora = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).map(|t| &t.lora);
-            let score = match (&eval, lora) {
-                (Some(e), Some(lora)) if !e.is_empty() => Some(eval_loss(&loaded.frozen, Some(lora), e)?),
-                _ => None,
-            };
+            let score = self.evaluate(id)?;
             // `chunk` marks the rung a step ends; ASHA reads the eval loss there.
             let mut values = vec![("chunk", chunks as f64)];
             values.extend(score.map(|l| ("eval_loss", l)));
-            self.store.record_step(id, step, chunks, &values)?;
-            for (name, value) in values {
-                let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step, name: name.into(), value });
-            }
+            self.record(id, step, chunks, &values)?;
             self.checkpoint(id)?;
             if finished {
                 self.finish(id)?;
@@ -560,7 +599,9 @@ impl Fit<'_, '_> {
         Ok(at("eval_loss").or_else(|| at("loss")))
     }
 
-    /// Writes a run's checkpoint (atomically) and records it; older ones are removed.
+    /// Writes a run's checkpoint (atomically) and records it; older ones are removed,
+    /// except those at a multiple of the run's `save_every` (kept, as `furnace train` keeps
+    /// them).
     fn checkpoint(&mut self, id: i64) -> Result<()> {
         let Some(live) = self.runs.get(&id) else { return Ok(()) };
         let Some(t) = live.trainer.as_ref() else { return Ok(()) };
@@ -569,11 +610,12 @@ impl Fit<'_, '_> {
         let dir = checkpoint_dir(&self.exp, id, step);
         t.save_checkpoint(&dir, &live.spec.model.base)?;
         let old = live.row.checkpoint_step;
+        let every = live.spec.trainer.save_every as i64;
         self.store.set_checkpoint(id, step, chunks)?;
         if let Some(l) = self.runs.get_mut(&id) {
             l.row.checkpoint_step = Some(step);
         }
-        if let Some(o) = old.filter(|&o| o != step) {
+        if let Some(o) = old.filter(|&o| o != step && (every == 0 || o % every != 0)) {
             let _ = std::fs::remove_dir_all(checkpoint_dir(&self.exp, id, o));
         }
         Ok(())

@@ -15,6 +15,6 @@ pub mod store;
 
 pub use error::{Error, Result};
 pub use events::{Event, EventSender};
-pub use experiment::Experiment;
+pub use experiment::{Experiment, Running, SendLoader, StartOptions};
 pub use fit::{run_fit, FitOptions, FitSummary, Loader};
 pub use store::{ExperimentRow, MetricRow, OpKind, OpRow, RunRow, RunStatus, Store};

@@ -482,6 +482,12 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a run's stored config (the leaf spec as JSON).
+    pub fn set_run_config(&self, id: i64, config: &serde_json::Value) -> Result<()> {
+        self.conn.execute("UPDATE runs SET config = ?2 WHERE id = ?1", params![id, config.to_string()])?;
+        Ok(())
+    }
+
     /// Records a run's step and chunk totals (known once its data is loaded).
     pub fn set_totals(&self, id: i64, total_steps: i64, total_chunks: i64) -> Result<()> {
         self.conn.execute("UPDATE runs SET total_steps = ?2, total_chunks = ?3 WHERE id = ?1", params![id, total_steps, total_chunks])?;

@@ -135,7 +135,8 @@ pub struct SeqInput<'a> {
     pub logits: Logits,
 }
 
-/// A llama-family causal language model.
+/// A llama-family causal language model. Cloning is cheap: weights are shared.
+#[derive(Clone)]
 pub struct Llama {
     /// Hyperparameters.
     pub config: LlamaConfig,

@@ -35,7 +35,9 @@ pub struct ModelInfo {
     pub context_length: usize,
 }
 
-/// A model ready to run, with its tokenizer and chat template.
+/// A model ready to run, with its tokenizer and chat template. Cloning is cheap: weights
+/// are shared.
+#[derive(Clone)]
 pub struct LoadedModel {
     /// The network.
     pub model: Llama,

@@ -7,13 +7,12 @@ use crate::models::load;
 use anyhow::{bail, Result};
 use clap::Args;
 use furnace_exp::server::{self, ServerOptions};
-use furnace_exp::{experiment, run_fit, Event, FitOptions, RunRow, RunStatus, Store};
+use furnace_exp::{experiment, Event, Experiment, FitOptions, RunRow, RunStatus, StartOptions, Store};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -72,27 +71,17 @@ pub fn run(a: RunArgs) -> Result<()> {
         eprintln!("API on http://{}/api (live events: /api/events)", h.addr);
         Some(h)
     };
-    let mut rx = events.subscribe();
-    let fit_opts = FitOptions { memory_budget: a.memory_budget, ..Default::default() };
-    let worker = {
-        let store = store.reopen()?;
-        let exp = exp.clone();
-        let events = events.clone();
-        std::thread::Builder::new().name("furnace-train".into()).spawn(move || {
-            let mut loader = |name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Invalid(format!("{e:#}")));
-            run_fit(&store, &exp, &mut loader, &fit_opts, &events)
-        })?
-    };
+    let experiment = Experiment::open(&a.dir.runs_dir, &exp.name)?;
+    let mut running = experiment.start(StartOptions {
+        fit: FitOptions { memory_budget: a.memory_budget, ..Default::default() },
+        loader: Box::new(|name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Invalid(format!("{e:#}")))),
+        events: Some(events),
+    })?;
     let mut display = Display::new(&store, exp.id)?;
-    loop {
-        match rx.try_recv() {
-            Ok(ev) => display.show(&store, ev)?,
-            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
-            Err(_) if worker.is_finished() => break,
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
+    while let Some(ev) = running.next_event() {
+        display.show(&store, ev)?;
     }
-    let summary = worker.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
+    let summary = running.wait()?;
     display.finish();
     if let Some(h) = server {
         h.shutdown();

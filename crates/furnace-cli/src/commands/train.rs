@@ -1,15 +1,19 @@
-//! `furnace train spec.toml`: one LoRA SFT configuration, with a live progress bar and a
-//! run folder (resolved config, metrics.jsonl, train.log, checkpoints, final adapter, and a
-//! `latest` pointer next to the runs).
+//! `furnace train spec.toml`: one LoRA SFT configuration as a one-run experiment, trained
+//! by the same driver as `furnace run` (`Experiment::start`), with a live progress bar.
+//! Its run folder is also written as a view for people and scripts: the spec, the resolved
+//! config, `metrics.jsonl` and `train.log` (from the live events), checkpoints, the final
+//! adapter, and a `latest` pointer in `<runs>/<experiment name>/`.
 
 use crate::args::DEFAULT_MODEL;
 use crate::models::load;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use furnace_exp::{experiment, Event, Experiment, FitOptions, RunStatus, StartOptions, Store};
 use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};
 use furnace_text::ChatMessage;
-use furnace_train::{eval_loss, load_dataset, FrozenBase, Spec, TrainableLora, Trainer};
+use furnace_train::{load_dataset, Spec};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,7 +22,7 @@ use std::time::Instant;
 pub struct TrainArgs {
     /// The spec (TOML): [experiment], [data], [model], [lora], [trainer].
     spec: PathBuf,
-    /// Folder that holds run folders (`<runs>/<experiment name>/<run>`).
+    /// Folder that holds the store and the run folders (`<runs>/<experiment name>/<run>`).
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
     /// Continue the latest run of this experiment (or the given run folder) from its last
@@ -28,25 +32,6 @@ pub struct TrainArgs {
     /// Eval prompts to generate from before and after training.
     #[arg(long, default_value_t = 3)]
     samples: usize,
-}
-
-fn log_line(log: &mut std::fs::File, metrics: &mut std::fs::File, v: serde_json::Value) -> Result<()> {
-    writeln!(metrics, "{v}")?;
-    writeln!(log, "{v}")?;
-    Ok(())
-}
-
-fn last_checkpoint(run: &Path) -> Option<PathBuf> {
-    let mut best: Option<(usize, PathBuf)> = None;
-    for e in std::fs::read_dir(run.join("checkpoints")).ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse::<usize>().ok()) {
-            if best.as_ref().is_none_or(|(b, _)| n > *b) {
-                best = Some((n, e.path()));
-            }
-        }
-    }
-    best.map(|(_, p)| p)
 }
 
 /// Greedy answers of the model to the first `n` eval rows' prompts.
@@ -76,8 +61,120 @@ fn samples(loaded: &furnace_model::LoadedModel, spec: &Spec, n: usize) -> Result
     Ok(out)
 }
 
+/// The run a `latest` pointer or a run folder names: its experiment and id.
+fn locate_run(store: &Store, run_dir: &Path) -> Result<(String, i64)> {
+    let id = run_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("run-"))
+        .and_then(|n| n.parse::<i64>().ok())
+        .with_context(|| format!("{} is not a run folder (run-<id>)", run_dir.display()))?;
+    let run = store.run(id).with_context(|| format!("{} is not a run of the store {}", run_dir.display(), store.path().display()))?;
+    let exp = store.experiment_by_id(run.experiment_id)?;
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let parent = run_dir.parent().unwrap_or(Path::new("."));
+    if !same(parent, &exp.dir) {
+        bail!("{} is not a run folder of the store {} (run {id} lives in {})", run_dir.display(), store.path().display(), exp.dir.display());
+    }
+    Ok((exp.name, id))
+}
+
+/// Writes the run folder's `metrics.jsonl` and `train.log` from the live events, in the
+/// shape `furnace train` has always written them: a loss line every `log_every` steps and
+/// at the end, an eval line before training, every `eval_every` steps and at the end.
+struct RunView {
+    metrics: std::fs::File,
+    log: std::fs::File,
+    log_every: i64,
+    eval_every: i64,
+    total: i64,
+    step_values: BTreeMap<String, f64>,
+    tokens: f64,
+    started: Instant,
+}
+
+impl RunView {
+    fn open(run_dir: &Path, spec: &Spec) -> Result<Self> {
+        let open = |name: &str| std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join(name));
+        Ok(Self {
+            metrics: open("metrics.jsonl")?,
+            log: open("train.log")?,
+            log_every: spec.trainer.log_every.max(1) as i64,
+            eval_every: spec.trainer.eval_every as i64,
+            total: i64::MAX,
+            step_values: BTreeMap::new(),
+            tokens: 0.0,
+            started: Instant::now(),
+        })
+    }
+
+    fn line(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{v}")?;
+        writeln!(self.log, "{v}")?;
+        Ok(())
+    }
+
+    fn eval_line(&mut self, step: i64, loss: f64) -> Result<()> {
+        self.line(serde_json::json!({"step": step, "eval_loss": loss, "eval_ppl": loss.exp()}))
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    /// Takes one event; returns the bar message after a step.
+    fn show(&mut self, ev: Event) -> Result<Option<(i64, i64, String)>> {
+        match ev {
+            Event::Metric { step, name, value, .. } => {
+                if name == "eval_loss" {
+                    if step == 0 || (self.eval_every > 0 && step % self.eval_every == 0) || step == self.total {
+                        self.eval_line(step, value)?;
+                    }
+                } else {
+                    if name == "tokens" {
+                        self.tokens += value;
+                    }
+                    self.step_values.insert(name, value);
+                }
+            }
+            Event::Progress { steps_done, total_steps, .. } => {
+                self.total = total_steps;
+                let v = std::mem::take(&mut self.step_values);
+                let get = |k: &str| v.get(k).copied().unwrap_or(f64::NAN);
+                let tps = self.tokens_per_s();
+                if steps_done % self.log_every == 0 || steps_done == total_steps {
+                    self.line(serde_json::json!({"step": steps_done, "loss": get("loss"), "lr": get("lr"), "grad_norm": get("grad_norm"), "tokens_per_s": tps}))?;
+                }
+                let msg = format!("loss {:.4}  lr {:.2e}  {tps:.0} tok/s", get("loss"), get("lr"));
+                return Ok(Some((steps_done, total_steps, msg)));
+            }
+            Event::Log { message, .. } => writeln!(self.log, "{message}")?,
+            Event::Status { status, message, .. } => {
+                writeln!(self.log, "{}{}", status.as_str(), message.map(|m| format!(" ({m})")).unwrap_or_default())?
+            }
+            Event::Op { .. } => {}
+        }
+        Ok(None)
+    }
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
+    // Everything is validated before anything is written: the spec, then the data with
+    // the model's tokenizer and template.
     let spec = Spec::load(&a.spec)?;
+    let (_, leaves) = experiment::read_spec(&a.spec)?;
+    if leaves.len() != 1 {
+        bail!(
+            "{} expands to {} configurations; `furnace train` trains one (use `furnace run {}` for a sweep)",
+            a.spec.display(),
+            leaves.len(),
+            a.spec.display()
+        );
+    }
+    let leaf = leaves[0].spec.clone();
     let dtype = spec.weight_dtype()?;
     let base = if spec.model.base.is_empty() { DEFAULT_MODEL.to_string() } else { spec.model.base.clone() };
     eprintln!("loading {base} ({dtype:?} base)");
@@ -98,96 +195,99 @@ pub fn run(a: TrainArgs) -> Result<()> {
         train.skipped,
         eval.as_ref().map(|e| format!(", eval: {} examples", e.examples.len())).unwrap_or_default()
     );
-    let frozen = FrozenBase::new(&loaded.model)?;
-    let exp_dir = a.runs_dir.join(&spec.experiment.name);
-    let config = spec.train_config(&train.examples);
+    drop((train, eval));
 
-    // Everything is validated; only now does anything get written.
-    let (run_dir, mut trainer) = match &a.resume {
+    let name = &spec.experiment.name;
+    let pointer_dir = a.runs_dir.join(name);
+    let (exp, run_id, resumed_at) = match &a.resume {
         Some(r) => {
-            let run = if r.is_empty() {
-                let name = std::fs::read_to_string(exp_dir.join("latest"))
-                    .with_context(|| format!("no run to resume in {}", exp_dir.display()))?;
-                exp_dir.join(name.trim())
+            let db = a.runs_dir.join(furnace_exp::store::DB_FILE);
+            if !db.exists() {
+                bail!("no run to resume in {}: nothing was trained there (no {})", a.runs_dir.display(), db.display());
+            }
+            let store = Store::open(&db)?;
+            let run_dir = if r.is_empty() {
+                let rel = std::fs::read_to_string(pointer_dir.join("latest")).with_context(|| format!("no run to resume in {}", pointer_dir.display()))?;
+                pointer_dir.join(rel.trim())
             } else {
                 PathBuf::from(r)
             };
-            let ckpt = last_checkpoint(&run).with_context(|| format!("{} has no checkpoint to resume from", run.display()))?;
-            eprintln!("resuming {} from {}", run.display(), ckpt.display());
-            let t = Trainer::resume(&loaded.model, &ckpt, config, &train.examples)?;
-            (run, t)
+            let (exp_name, id) = locate_run(&store, &run_dir)?;
+            let run = store.run(id)?;
+            let Some(step) = run.checkpoint_step else { bail!("{} has no checkpoint to resume from", run_dir.display()) };
+            let exp = Experiment::open(&a.runs_dir, &exp_name)?;
+            exp.continue_run(id, &leaf)?;
+            eprintln!("resuming {} from {}", run_dir.display(), run_dir.join("checkpoints").join(format!("step-{step}")).display());
+            let before = store.metrics(id)?.into_iter().find(|m| m.step == step && m.name == "eval_loss").map(|m| (step, m.value));
+            (exp, id, Some(before))
         }
         None => {
-            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-            let mut run = exp_dir.join(format!("run-{stamp}"));
-            let mut k = 1;
-            while run.exists() {
-                k += 1;
-                run = exp_dir.join(format!("run-{stamp}-{k}"));
-            }
-            std::fs::create_dir_all(run.join("checkpoints"))?;
-            std::fs::copy(&a.spec, run.join("spec.toml"))?;
-            std::fs::write(run.join("resolved.json"), serde_json::to_string_pretty(&spec)?)?;
-            let lora = TrainableLora::new(&loaded.model, spec.lora_config(), spec.init(), spec.experiment.seed)?;
-            let t = Trainer::new(config, lora, &train.examples)?;
-            (run, t)
+            let exp = Experiment::create(&a.runs_dir, &a.spec)?;
+            let id = exp.runs()?.first().map(|r| r.id).context("the experiment has no run")?;
+            let run_dir = exp.run_dir(id);
+            std::fs::create_dir_all(run_dir.join("checkpoints"))?;
+            std::fs::copy(&a.spec, run_dir.join("spec.toml"))?;
+            std::fs::write(run_dir.join("resolved.json"), serde_json::to_string_pretty(&spec)?)?;
+            (exp, id, None)
         }
     };
-    let run_name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    std::fs::write(exp_dir.join("latest"), format!("{run_name}\n"))?;
-    let open = |name: &str| std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join(name));
-    let (mut metrics, mut log) = (open("metrics.jsonl")?, open("train.log")?);
+    let run_dir = exp.run_dir(run_id);
+    // `<runs>/<name>/latest` names the newest run of this spec, relative to that folder.
+    let rel = if exp.row().dir == pointer_dir { PathBuf::from(format!("run-{run_id}")) } else { Path::new("..").join(&exp.row().name).join(format!("run-{run_id}")) };
+    std::fs::create_dir_all(&pointer_dir)?;
+    std::fs::write(pointer_dir.join("latest"), format!("{}\n", rel.display()))?;
+    let mut view = RunView::open(&run_dir, &spec)?;
 
     let before_samples = if a.resume.is_none() { samples(&loaded, &spec, a.samples)? } else { Vec::new() };
-    let eval_before = match &eval {
-        Some(e) => Some(eval_loss(&frozen, Some(&trainer.lora), &e.examples)?),
-        None => None,
-    };
-    if let Some(l) = eval_before {
-        log_line(&mut log, &mut metrics, serde_json::json!({"step": trainer.steps_done(), "eval_loss": l, "eval_ppl": l.exp()}))?;
+    let mut eval_before = None;
+    if let Some(Some((step, l))) = resumed_at {
+        view.eval_line(step, l)?;
+        eval_before = Some(l);
     }
 
-    let total = trainer.total_steps();
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
-    bar.set_position(trainer.steps_done() as u64);
-    let t = &spec.trainer;
-    let started = Instant::now();
-    let mut tokens_total = 0usize;
-    while !trainer.finished() {
-        let s = trainer.step(&frozen, &train.examples)?;
-        tokens_total += s.tokens;
-        let tps = tokens_total as f64 / started.elapsed().as_secs_f64();
-        bar.set_position(s.step as u64);
-        bar.set_message(format!("loss {:.4}  lr {:.2e}  {tps:.0} tok/s", s.loss, s.lr));
-        if s.step % t.log_every == 0 || trainer.finished() {
-            log_line(&mut log, &mut metrics, serde_json::json!({"step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": tps}))?;
-        }
-        if let Some(e) = &eval {
-            if t.eval_every > 0 && s.step % t.eval_every == 0 && !trainer.finished() {
-                let l = eval_loss(&frozen, Some(&trainer.lora), &e.examples)?;
-                log_line(&mut log, &mut metrics, serde_json::json!({"step": s.step, "eval_loss": l, "eval_ppl": l.exp()}))?;
+    // The model loaded here is the one the driver trains on (no second load).
+    let mut handoff = Some(loaded.clone());
+    let mut running = exp.start(StartOptions {
+        fit: FitOptions { eval_at_start: true, ..Default::default() },
+        loader: Box::new(move |name: &str, dtype| match handoff.take() {
+            Some(m) => Ok(m),
+            None => load(name, dtype).map_err(|e| furnace_exp::Error::Invalid(format!("{e:#}"))),
+        }),
+        events: None,
+    })?;
+    let bar = ProgressBar::hidden();
+    let mut shown = false;
+    while let Some(ev) = running.next_event() {
+        if let Event::Metric { step: 0, ref name, value, .. } = ev {
+            if name == "eval_loss" {
+                eval_before = Some(value);
             }
         }
-        if t.save_every > 0 && s.step % t.save_every == 0 && !trainer.finished() {
-            trainer.save_checkpoint(&run_dir.join("checkpoints").join(format!("step-{}", s.step)), &base)?;
+        if let Some((done, total, msg)) = view.show(ev)? {
+            if !shown {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                );
+                shown = true;
+            }
+            bar.set_length(total.max(1) as u64);
+            bar.set_position(done as u64);
+            bar.set_message(msg);
         }
     }
+    let summary = running.wait()?;
     bar.finish();
-    trainer.save_checkpoint(&run_dir.join("checkpoints").join(format!("step-{}", trainer.steps_done())), &base)?;
-    trainer.lora.save_peft(&run_dir.join("adapter"), &base)?;
-    let eval_after = match &eval {
-        Some(e) => {
-            let l = eval_loss(&frozen, Some(&trainer.lora), &e.examples)?;
-            log_line(&mut log, &mut metrics, serde_json::json!({"step": trainer.steps_done(), "eval_loss": l, "eval_ppl": l.exp()}))?;
-            Some(l)
-        }
-        None => None,
-    };
-    loaded.model.attach_adapter(&trainer.lora.to_adapter()?)?;
+    let run = summary.runs.iter().find(|r| r.id == run_id).context("the run left the store")?;
+    if run.status != RunStatus::Completed {
+        bail!("run {} ended {}: {}", run_id, run.status.as_str(), run.error.clone().unwrap_or_default());
+    }
+    let final_step = run.steps_done;
+    let eval_after = exp.store().metrics(run_id)?.into_iter().find(|m| m.step == final_step && m.name == "eval_loss").map(|m| m.value);
+
+    let adapter = furnace_model::PeftAdapter::load(&run_dir.join("adapter"))?;
+    loaded.model.attach_adapter(&adapter)?;
     let after_samples = samples(&loaded, &spec, a.samples)?;
     println!("run: {}", run_dir.display());
     println!("adapter: {}", run_dir.join("adapter").display());
