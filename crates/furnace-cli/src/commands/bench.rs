@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};
 use furnace_model::{Logits, SeqInput, WeightDType};
+use std::collections::HashMap;
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -18,9 +19,10 @@ pub enum BenchCmd {
     /// 256 xorshift token ids, LoRA r=16 (alpha 32) on all seven projections, AdamW.
     Train(TrainBenchArgs),
     /// A sweep of 8 LoRA configurations (r in {8, 16, 32, 64} x learning rate in {1e-4,
-    /// 3e-4}) for one epoch over a fixed dataset: all fused into shared passes, then one
-    /// after another; prints wall time, tokens/s summed over runs, peak RSS and the time
-    /// until every configuration has an eval loss.
+    /// 3e-4}) for one epoch over a fixed dataset, through the experiment driver of `furnace
+    /// run`: one experiment of all eight (fused passes), then eight experiments one after
+    /// another; prints wall time, tokens/s summed over runs, peak RSS and the time until
+    /// every configuration has an eval loss.
     Sweep(SweepBenchArgs),
 }
 
@@ -44,7 +46,8 @@ pub struct SweepBenchArgs {
     /// Examples per micro-batch of every run.
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// Eval points per epoch (the first one is the "every config has an eval loss" time).
+    /// Data chunks per epoch, each ending with an eval (the first is the "every config has an
+    /// eval loss" time).
     #[arg(long, default_value_t = 4)]
     evals: usize,
     /// fused, sequential, or both (each in its own process, so peak RSS is its own).
@@ -115,7 +118,9 @@ fn bench_train(a: TrainBenchArgs) -> Result<()> {
     let mut times = Vec::new();
     for step in 0..a.warmup + a.steps {
         let t = Instant::now();
-        let s = trainer.step(&frozen, &examples)?;
+        // The step the experiment driver takes (run_fit steps every run through
+        // `fused_step`; here one run).
+        let s = furnace_train::fused_step(&frozen, &mut [&mut trainer], &examples)?.remove(0);
         let dt = t.elapsed().as_secs_f64();
         eprintln!("step {step} loss {:.4} ms {:.0}", s.loss, dt * 1e3);
         if step >= a.warmup {
@@ -303,74 +308,95 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
 /// loss, final eval loss per run)`.
 type SweepOutcome = (f64, usize, f64, Vec<f64>);
 
+/// The sweep's configurations: (rank, learning rate).
+const SWEEP: [(usize, f64); 8] = [(8, 1e-4), (8, 3e-4), (16, 1e-4), (16, 3e-4), (32, 1e-4), (32, 3e-4), (64, 1e-4), (64, 3e-4)];
+
+/// A spec for `configs` (one `[[group]]` each: rank, alpha = 2 x rank, learning rate).
+fn sweep_spec(a: &SweepBenchArgs, train: &std::path::Path, configs: &[(usize, f64)]) -> Result<String> {
+    let abs = |p: &std::path::Path| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string().replace('\\', "/")) };
+    let quantize = match a.dtype {
+        WeightDType::F32 => "none",
+        WeightDType::Bf16 => "bf16",
+        WeightDType::Quantized => "q4",
+    };
+    let mut spec = format!(
+        "[experiment]\nname = \"bench-sweep\"\nseed = 42\nnum_chunks = {}\n\n[data]\ntrain = \"{}\"\neval = \"{}\"\n\n\
+         [model]\nbase = \"{}\"\nquantize = \"{quantize}\"\n\n[lora]\nr = 8\nalpha = 16\ntargets = [\"all-linear\"]\n\n\
+         [trainer]\nlearning_rate = 1e-4\nepochs = 1\nbatch_size = {}\nmax_seq_len = 256\nschedule = \"linear\"\n",
+        a.evals.max(1),
+        abs(train)?,
+        abs(&a.eval)?,
+        a.model.replace('\\', "/"),
+        a.batch
+    );
+    for (r, lr) in configs {
+        spec.push_str(&format!("\n[[group]]\n[group.lora]\nr = {r}\nalpha = {}\n[group.trainer]\nlearning_rate = {lr:e}\n", 2 * r));
+    }
+    Ok(spec)
+}
+
+/// The sweep through the experiment driver (`Experiment::start`, as `furnace run`): fused,
+/// one experiment of all eight configs; sequential, eight one-config experiments one after
+/// another. Evals come at chunk ends (`--evals` chunks).
 fn run_sweep(a: &SweepBenchArgs, fused: bool) -> Result<SweepOutcome> {
-    use furnace_train::{eval_loss, fused_step, load_dataset, AdamWConfig, DataOptions, FrozenBase, LoraInit, ScheduleKind, TrainConfig, TrainableLora, Trainer};
-    let loaded = load(&a.model, a.dtype)?;
-    let tpl = loaded.chat_template.clone().ok_or_else(|| anyhow::anyhow!("{} has no chat template", a.model))?;
-    let opts = DataOptions { max_seq_len: 256, ..Default::default() };
-    let mut train = load_dataset(&a.train, &loaded.tokenizer, &tpl, &opts)?.examples;
-    if let Some(n) = a.limit {
-        train.truncate(n.max(1));
-    }
-    let eval = load_dataset(&a.eval, &loaded.tokenizer, &tpl, &opts)?.examples;
-    let base = FrozenBase::new(&loaded.model)?;
-    let mut runs = Vec::new();
-    for r in [8usize, 16, 32, 64] {
-        for lr in [1e-4, 3e-4] {
-            let cfg = serde_json::from_value(serde_json::json!({"r": r, "lora_alpha": 2 * r, "target_modules": ["all-linear"]}))?;
-            let lora = TrainableLora::new(&loaded.model, cfg, LoraInit::KaimingUniform, 42)?;
-            let tc = TrainConfig {
-                optimizer: AdamWConfig { lr, ..Default::default() },
-                schedule: ScheduleKind::Linear,
-                batch_size: a.batch,
-                epochs: 1,
-                ..Default::default()
-            };
-            runs.push(Trainer::new(tc, lora, &train)?);
+    use furnace_exp::{Event, Experiment, FitOptions, StartOptions};
+    let dir = tempfile::tempdir()?;
+    let train = match a.limit {
+        Some(n) => {
+            let path = dir.path().join("train.jsonl");
+            let rows: Vec<String> = furnace_train::data::read_rows(&a.train)?
+                .into_iter()
+                .filter_map(|(_, r)| r.ok())
+                .take(n.max(1))
+                .map(|r| r.to_string())
+                .collect();
+            std::fs::write(&path, rows.join("\n") + "\n")?;
+            path
         }
-    }
-    let steps = runs[0].total_steps();
-    let every = steps.div_ceil(a.evals.max(1)).max(1);
-    let n = runs.len();
-    let mut last = vec![f64::NAN; n];
-    let mut evaluated = vec![false; n];
+        None => a.train.clone(),
+    };
+    let loaded = load(&a.model, a.dtype)?;
+    let specs: Vec<String> = if fused {
+        vec![sweep_spec(a, &train, &SWEEP)?]
+    } else {
+        SWEEP.iter().map(|c| sweep_spec(a, &train, std::slice::from_ref(c))).collect::<Result<_>>()?
+    };
+    let runs_dir = dir.path().join("runs");
+    let mut last: HashMap<i64, f64> = HashMap::new();
     let mut first_all = None;
     let mut tokens = 0usize;
     let t0 = Instant::now();
-    let after_step = |k: usize, t: &Trainer, last: &mut Vec<f64>, evaluated: &mut Vec<bool>| -> Result<()> {
-        if t.steps_done().is_multiple_of(every) || t.finished() {
-            last[k] = eval_loss(&base, Some(&t.lora), &eval)?;
-            evaluated[k] = true;
-        }
-        Ok(())
-    };
-    if fused {
-        while runs.iter().any(|t| !t.finished()) {
-            let mut active: Vec<&mut Trainer> = runs.iter_mut().filter(|t| !t.finished()).collect();
-            for s in fused_step(&base, &mut active, &train)? {
-                tokens += s.tokens;
-            }
-            for (k, t) in runs.iter().enumerate() {
-                after_step(k, t, &mut last, &mut evaluated)?;
-            }
-            if first_all.is_none() && evaluated.iter().all(|&e| e) {
-                first_all = Some(t0.elapsed().as_secs_f64());
-            }
-            eprintln!("fused step {}/{steps}", runs[0].steps_done());
-        }
-    } else {
-        for (k, run) in runs.iter_mut().enumerate() {
-            while !run.finished() {
-                tokens += run.step(&base, &train)?.tokens;
-                after_step(k, run, &mut last, &mut evaluated)?;
-                if first_all.is_none() && evaluated.iter().all(|&e| e) {
-                    first_all = Some(t0.elapsed().as_secs_f64());
+    for (k, text) in specs.iter().enumerate() {
+        let spec_path = dir.path().join(format!("sweep-{k}.toml"));
+        std::fs::write(&spec_path, text)?;
+        let exp = Experiment::create(&runs_dir, &spec_path)?;
+        let model = loaded.clone();
+        let mut running = exp.start(StartOptions {
+            fit: FitOptions::default(),
+            loader: Box::new(move |_: &str, _| Ok(model.clone())),
+            events: None,
+        })?;
+        while let Some(ev) = running.next_event() {
+            match ev {
+                Event::Metric { run_id, name, value, .. } if name == "eval_loss" => {
+                    last.insert(run_id, value);
+                    if first_all.is_none() && last.len() == SWEEP.len() {
+                        first_all = Some(t0.elapsed().as_secs_f64());
+                    }
                 }
+                Event::Metric { name, value, .. } if name == "tokens" => tokens += value as usize,
+                Event::Progress { steps_done, total_steps, .. } if fused => eprint!("\rfused step {steps_done}/{total_steps}   "),
+                _ => {}
             }
-            eprintln!("sequential run {}/{n} done", k + 1);
+        }
+        running.wait()?;
+        if !fused {
+            eprintln!("sequential run {}/{} done", k + 1, specs.len());
         }
     }
-    Ok((t0.elapsed().as_secs_f64(), tokens, first_all.unwrap_or(f64::NAN), last))
+    eprintln!();
+    let evals = last.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_values().collect();
+    Ok((t0.elapsed().as_secs_f64(), tokens, first_all.unwrap_or(f64::NAN), evals))
 }
 
 fn bench_sweep(a: SweepBenchArgs) -> Result<()> {
