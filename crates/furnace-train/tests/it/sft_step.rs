@@ -3,7 +3,7 @@
 
 use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
 use furnace_train::{engine, FrozenBase, TrainableLora};
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -1,7 +1,7 @@
 //! The `furnace` binary end to end: real model, real processes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use furnace_testutil::testdata;
 use std::process::{Command, Output};
 
 fn furnace(args: &[&str]) -> Output {
@@ -9,10 +9,6 @@ fn furnace(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run furnace")
-}
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
 }
 
 fn stdout(o: &Output) -> String {

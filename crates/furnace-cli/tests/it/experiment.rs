@@ -3,15 +3,12 @@
 //! then `runs`, `results` and `ops` on the finished experiment.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use furnace_testutil::repo_root as root;
 use furnace_exp::{RunStatus, Store};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn furnace(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_furnace"));

@@ -2,11 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
+use furnace_testutil::testdata;
 use std::process::Command;
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
 
 fn spec(dir: &Path, r: usize, max_steps: usize, train: &str) -> PathBuf {
     let p = dir.join(format!("spec-{r}-{max_steps}.toml"));

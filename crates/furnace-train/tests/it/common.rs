@@ -1,20 +1,7 @@
 //! Shared helpers of the training tests: fixture paths, the real model, the SFT fixture.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
-use std::path::PathBuf;
-
-pub fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
-
-/// The SmolLM2 GGUF from the furnace cache; fails loudly when it is missing.
-pub fn smollm2() -> PathBuf {
-    let cache = furnace_hub::Cache::from_env().expect("cache");
-    match cache.cached("smollm2-135m-instruct") {
-        Some(l) => l.path().to_path_buf(),
-        None => panic!("the real model is not cached in {}: run `cargo run --release --bin furnace -- model pull smollm2-135m-instruct` (the README's test command does this)", cache.root().display()),
-    }
-}
+pub use furnace_testutil::{smollm2_gguf as smollm2, testdata};
 
 /// `(input_ids, labels, loss)` of the sft_step fixture.
 pub fn sft_case() -> (Vec<u32>, Vec<i64>, f64) {

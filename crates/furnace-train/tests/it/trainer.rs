@@ -1,7 +1,7 @@
 //! The training loop: gradient accumulation equivalence, exact resume from a checkpoint.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use furnace_model::lora::LoraConfig;

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{smollm_gguf_spec, testdata, tokenizer_cases};
 use furnace_text::{Error, Tokenizer};

@@ -2,24 +2,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
 use furnace_text::GgufTokenizerSpec;
 use serde_json::Value;
 
-/// The workspace's `testdata/` folder.
-pub fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
-
-/// Reads a JSON-lines fixture.
-pub fn read_jsonl(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(testdata().join(name)).unwrap();
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+pub use furnace_testutil::{jsonl as read_jsonl, testdata};
 
 /// `(text, ids)` pairs of tokenizer_cases.jsonl.
 pub fn tokenizer_cases() -> Vec<(String, Vec<u32>)> {

@@ -5,7 +5,7 @@
 use furnace_model::lora::LoraConfig;
 use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
 use furnace_train::*;
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{read_jsonl, testdata};
 use furnace_text::{ChatMessage, ChatTemplate, Error};

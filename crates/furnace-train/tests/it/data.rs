@@ -1,7 +1,7 @@
 //! Dataset loading: file formats, row forms, completion-only masks, truncation, bad rows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use furnace_text::{ChatTemplate, Tokenizer};

@@ -1,0 +1,8 @@
+//! The `furnace` binary end to end: real model, real processes.
+//!
+//! One test binary for the crate (fewer binaries to link); one module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod experiment;
+mod train;
