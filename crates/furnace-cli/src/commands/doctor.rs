@@ -30,7 +30,7 @@ pub fn run(threads: usize) -> Result<()> {
         furnace_model::threads::physical_cores(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    println!("candle: 0.11 (cuda feature: {})", cfg!(feature = "cuda"));
+    println!("candle: 0.11 (CPU)");
     let cache = cache()?;
     println!("cache: {}", cache.root().display());
     let models = cache.list()?;
