@@ -17,13 +17,25 @@ pub enum Error {
     Io(String),
     /// Training failed.
     #[error(transparent)]
-    Train(#[from] furnace_train::Error),
-    /// A spec is invalid.
+    Train(furnace_train::Error),
+    /// A spec is invalid (a [`furnace_train::Error`] that
+    /// [`is_spec`](furnace_train::Error::is_spec)).
     #[error(transparent)]
-    Spec(#[from] furnace_train::SpecError),
+    Spec(furnace_train::Error),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] furnace_model::Error),
+}
+
+/// A spec problem becomes [`Error::Spec`], anything else [`Error::Train`].
+impl From<furnace_train::Error> for Error {
+    fn from(e: furnace_train::Error) -> Self {
+        if e.is_spec() {
+            Self::Spec(e)
+        } else {
+            Self::Train(e)
+        }
+    }
 }
 
 impl From<rusqlite::Error> for Error {

@@ -1,17 +1,43 @@
 //! The one error type of the training crate.
 
-/// What can go wrong while training.
+use std::path::PathBuf;
+
+/// What can go wrong while reading a spec or training.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Invalid input (empty sequence, mismatched labels, nothing to learn from).
     #[error("{0}")]
     Input(String),
+    /// A spec value is out of range or not allowed; the key names it exactly.
+    #[error("{key}: {msg}")]
+    Spec {
+        /// The key, e.g. `lora.r` (`group[1].lora.r` in a `[[group]]`).
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A spec file cannot be read or is not valid TOML for a spec.
+    #[error("{path}: {msg}")]
+    SpecParse {
+        /// The spec file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
     /// The model failed.
     #[error(transparent)]
     Model(#[from] furnace_model::Error),
     /// A tensor operation failed.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Whether the spec is at fault ([`Error::Spec`], [`Error::SpecParse`]): the user's
+    /// input, not the training.
+    pub fn is_spec(&self) -> bool {
+        matches!(self, Self::Spec { .. } | Self::SpecParse { .. })
+    }
 }
 
 /// Result alias of this crate.

@@ -8,7 +8,8 @@
 //! ranges with a seed. A `[[group]]` holds `[group.lora]`, `[group.trainer]`, `[group.model]`
 //! tables whose keys override the top-level ones; errors name `group[i].section.key`.
 
-use crate::spec::{Spec, SpecError};
+use crate::error::{Error, Result};
+use crate::spec::Spec;
 use furnace_model::rng::Rng;
 use std::path::Path;
 use toml::{Table, Value};
@@ -34,15 +35,15 @@ pub struct Leaf {
     pub spec: Spec,
 }
 
-fn invalid(key: &str, msg: impl Into<String>) -> SpecError {
-    SpecError::Invalid { key: key.into(), msg: msg.into() }
+fn invalid(key: &str, msg: impl Into<String>) -> Error {
+    Error::Spec { key: key.into(), msg: msg.into() }
 }
 
 fn num(v: &Value) -> Option<f64> {
     v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
 }
 
-fn parse_knob(path: &str, t: &Table) -> Result<Knob, SpecError> {
+fn parse_knob(path: &str, t: &Table) -> Result<Knob> {
     if let Some(unknown) = t.keys().find(|k| !["list", "range", "log", "dtype", "step"].contains(&k.as_str())) {
         return Err(invalid(path, format!("unknown knob key '{unknown}' (expected list, or range with log, dtype, step)")));
     }
@@ -106,8 +107,8 @@ impl Knob {
 }
 
 /// Expands spec text (from `path`, which anchors relative data paths) into its leaf specs.
-pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>, SpecError> {
-    let parse_err = |msg: String| SpecError::Parse { path: path.into(), msg };
+pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
+    let parse_err = |msg: String| Error::SpecParse { path: path.into(), msg };
     let mut root: Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
     let search = match root.remove("search") {
         Some(Value::Table(t)) => t,
@@ -132,7 +133,7 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>, SpecError> {
                 Value::Table(t) => Ok(Some(t)),
                 _ => Err(invalid(&format!("group[{i}]"), "must be a table")),
             })
-            .collect::<Result<_, _>>()?,
+            .collect::<Result<_>>()?,
         Some(_) => return Err(invalid("group", "must be a non-empty [[group]] list")),
     };
     let grouped = groups.len() > 1 || groups[0].is_some();
@@ -207,8 +208,9 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>, SpecError> {
             }
             let text = toml::to_string(&t).map_err(|e| parse_err(e.to_string()))?;
             let spec = Spec::parse(&text, path).map_err(|e| match e {
-                SpecError::Invalid { key, msg } => SpecError::Invalid { key: format!("{prefix}{key}"), msg },
-                SpecError::Parse { path, msg } => SpecError::Parse { path, msg: format!("{prefix}{msg}") },
+                Error::Spec { key, msg } => Error::Spec { key: format!("{prefix}{key}"), msg },
+                Error::SpecParse { path, msg } => Error::SpecParse { path, msg: format!("{prefix}{msg}") },
+                other => other,
             })?;
             leaves.push(Leaf { group: gi, knobs: taken, spec });
         }

@@ -23,5 +23,5 @@ pub use engine::{train_pass, AdapterRef, FrozenBase, PassResult, SeqRef, IGNORE_
 pub use error::{Error, Result};
 pub use lora::{LoraInit, LoraPair, TrainableLora};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
-pub use spec::{Spec, SpecError};
+pub use spec::Spec;
 pub use trainer::{eval_loss, fused_step, DataPosition, StepMetrics, TrainConfig, Trainer, FUSED_MAX_ROWS};

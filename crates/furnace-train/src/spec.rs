@@ -3,6 +3,7 @@
 //! starts, and an error names the exact key (`lora.r: must be > 0`).
 
 use crate::data::{Columns, DataOptions};
+use crate::error::{Error, Result};
 use crate::lora::LoraInit;
 use crate::optim::{AdamWConfig, ScheduleKind};
 use crate::trainer::TrainConfig;
@@ -10,27 +11,6 @@ use furnace_model::lora::LoraConfig;
 use furnace_model::WeightDType;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// A spec problem.
-#[derive(Debug, thiserror::Error)]
-pub enum SpecError {
-    /// The file cannot be read or is not valid TOML for a spec.
-    #[error("{path}: {msg}")]
-    Parse {
-        /// The spec file.
-        path: PathBuf,
-        /// What is wrong.
-        msg: String,
-    },
-    /// A value is out of range.
-    #[error("{key}: {msg}")]
-    Invalid {
-        /// The key, e.g. `lora.r`.
-        key: String,
-        /// What is wrong.
-        msg: String,
-    },
-}
 
 /// `[experiment]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,20 +208,20 @@ fn default_clip() -> f64 {
     1.0
 }
 
-fn invalid(key: &str, msg: impl Into<String>) -> SpecError {
-    SpecError::Invalid { key: key.into(), msg: msg.into() }
+fn invalid(key: &str, msg: impl Into<String>) -> Error {
+    Error::Spec { key: key.into(), msg: msg.into() }
 }
 
 impl Spec {
     /// Reads and validates a spec; relative data paths become relative to its folder.
-    pub fn load(path: &Path) -> Result<Self, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|e| SpecError::Parse { path: path.into(), msg: e.to_string() })?;
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::SpecParse { path: path.into(), msg: e.to_string() })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates spec text read from `path` (which anchors relative data paths).
-    pub fn parse(text: &str, path: &Path) -> Result<Self, SpecError> {
-        let mut spec: Spec = toml::from_str(text).map_err(|e| SpecError::Parse { path: path.into(), msg: e.to_string() })?;
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let mut spec: Spec = toml::from_str(text).map_err(|e| Error::SpecParse { path: path.into(), msg: e.to_string() })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if spec.data.train.is_relative() {
             spec.data.train = base.join(&spec.data.train);
@@ -256,7 +236,7 @@ impl Spec {
     }
 
     /// Checks every value.
-    pub fn validate(&self) -> Result<(), SpecError> {
+    pub fn validate(&self) -> Result<()> {
         if self.experiment.name.trim().is_empty() || self.experiment.name.contains(['/', '\\']) {
             return Err(invalid("experiment.name", "must be a non-empty name without slashes"));
         }
@@ -311,7 +291,7 @@ impl Spec {
     }
 
     /// How the base weights are held.
-    pub fn weight_dtype(&self) -> Result<WeightDType, SpecError> {
+    pub fn weight_dtype(&self) -> Result<WeightDType> {
         match self.model.quantize.as_str() {
             "none" | "f32" => Ok(WeightDType::F32),
             "bf16" => Ok(WeightDType::Bf16),
@@ -320,7 +300,7 @@ impl Spec {
         }
     }
 
-    fn lora_init(&self) -> Result<LoraInit, SpecError> {
+    fn lora_init(&self) -> Result<LoraInit> {
         match self.lora.init.as_str() {
             "kaiming" | "default" => Ok(LoraInit::KaimingUniform),
             "gaussian" => Ok(LoraInit::Gaussian),
@@ -328,7 +308,7 @@ impl Spec {
         }
     }
 
-    fn schedule(&self) -> Result<ScheduleKind, SpecError> {
+    fn schedule(&self) -> Result<ScheduleKind> {
         match self.trainer.schedule.as_str() {
             "constant" => Ok(ScheduleKind::Constant),
             "linear" => Ok(ScheduleKind::Linear),
