@@ -1,7 +1,8 @@
 //! Hyperparallel experiments: the runs (leaf configs) of an experiment train together on
 //! one frozen base in fused passes, chunk by chunk, steered live by ops (stop, resume,
 //! delete, clone-modify) and by a policy (ASHA); everything durable lives in a SQLite
-//! store, and a JSON/SSE server exposes it while the experiment runs.
+//! store, and live [`Event`]s go out on a broadcast channel (furnace-server streams them
+//! and serves the store over HTTP; this crate has no HTTP).
 #![deny(missing_docs)]
 
 pub mod asha;
@@ -10,7 +11,6 @@ pub mod events;
 pub mod experiment;
 pub mod fit;
 pub mod ops;
-pub mod server;
 pub mod store;
 
 pub use error::{Error, Result};

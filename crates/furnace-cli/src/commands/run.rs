@@ -6,8 +6,8 @@ use crate::human::{label, print_runs};
 use crate::models::load;
 use anyhow::{bail, Result};
 use clap::Args;
-use furnace_exp::server::{self, ServerOptions};
 use furnace_exp::{experiment, Event, Experiment, FitOptions, RunRow, RunStatus, StartOptions, Store};
+use furnace_server::ServerOptions;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -33,7 +33,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
     /// Port of the API server (0: any free port).
-    #[arg(long, default_value_t = server::DEFAULT_PORT)]
+    #[arg(long, default_value_t = furnace_server::DEFAULT_PORT)]
     port: u16,
     /// Bearer token the API requires (needed to bind anything but loopback).
     #[arg(long)]
@@ -67,7 +67,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         None
     } else {
         let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token: a.token.clone() };
-        let h = server::start(store.path().to_path_buf(), opts, events.clone())?;
+        let h = furnace_server::start(store.path().to_path_buf(), opts, events.clone())?;
         eprintln!("API on http://{}/api (live events: /api/events)", h.addr);
         Some(h)
     };

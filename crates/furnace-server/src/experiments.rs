@@ -1,0 +1,152 @@
+//! The experiments router: JSON views of the store (experiments, runs, metrics, ops),
+//! `POST /api/ops` to record control ops (checked now, applied by the trainer at the
+//! run's next optimizer step), and `GET /api/events`, the live [`Event`]s as server-sent
+//! events.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /api/experiments` | every experiment |
+//! | `GET /api/experiments/{name}[?all=true]` | `{"experiment": .., "runs": [..]}` (deleted runs with `all`) |
+//! | `GET /api/experiments/{name}/runs[?all=true]` | its runs |
+//! | `GET /api/experiments/{name}/ops` | its ops |
+//! | `GET /api/runs/{id}` | one run |
+//! | `GET /api/runs/{id}/metrics[?name=loss]` | its metrics |
+//! | `POST /api/ops` | `202 {"op_id": .., "status": "pending"}` |
+//! | `GET /api/events` | `text/event-stream` of [`Event`]s |
+
+use crate::error::{ApiError, ApiResult};
+use crate::sse;
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use furnace_exp::{ops, Event, OpKind, RunRow, RunStatus};
+use serde::Deserialize;
+
+/// The routes of this module (state supplied by the app).
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/experiments", get(list_experiments))
+        .route("/api/experiments/{name}", get(get_experiment))
+        .route("/api/experiments/{name}/runs", get(experiment_runs))
+        .route("/api/experiments/{name}/ops", get(experiment_ops))
+        .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/metrics", get(run_metrics))
+        .route("/api/ops", post(post_op))
+        .route("/api/events", get(events))
+}
+
+fn parse_id(s: &str) -> ApiResult<i64> {
+    s.parse()
+        .map_err(|_| ApiError::bad_request(format!("'{s}' is not a run id (expected a number)")))
+}
+
+/// `?all=true` shows deleted runs too.
+#[derive(Debug, Default, Deserialize)]
+struct ViewQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+/// `?name=loss` picks one metric.
+#[derive(Debug, Default, Deserialize)]
+struct MetricQuery {
+    name: Option<String>,
+}
+
+fn query<T>(q: std::result::Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(q)| q).map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn visible(runs: Vec<RunRow>, all: bool) -> Vec<RunRow> {
+    runs.into_iter().filter(|r| all || r.status != RunStatus::Deleted).collect()
+}
+
+async fn list_experiments(State(st): State<AppState>) -> ApiResult<Response> {
+    let rows = st.with_store(|s| s.experiments()).await?;
+    Ok(Json(rows).into_response())
+}
+
+async fn get_experiment(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    q: std::result::Result<Query<ViewQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let all = query(q)?.all;
+    let (exp, runs) = st
+        .with_store(move |s| {
+            let e = s.experiment(&name)?;
+            let runs = s.runs(e.id)?;
+            Ok((e, runs))
+        })
+        .await?;
+    Ok(Json(serde_json::json!({ "experiment": exp, "runs": visible(runs, all) })).into_response())
+}
+
+async fn experiment_runs(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    q: std::result::Result<Query<ViewQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let all = query(q)?.all;
+    let runs = st.with_store(move |s| s.runs(s.experiment(&name)?.id)).await?;
+    Ok(Json(visible(runs, all)).into_response())
+}
+
+async fn experiment_ops(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let ops = st.with_store(move |s| s.ops(s.experiment(&name)?.id)).await?;
+    Ok(Json(ops).into_response())
+}
+
+async fn get_run(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let run = st.with_store(move |s| s.run(id)).await?;
+    Ok(Json(run).into_response())
+}
+
+async fn run_metrics(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    q: std::result::Result<Query<MetricQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let name = query(q)?.name;
+    let mut rows = st
+        .with_store(move |s| {
+            s.run(id)?;
+            s.metrics(id)
+        })
+        .await?;
+    if let Some(n) = name {
+        rows.retain(|m| m.name == n);
+    }
+    Ok(Json(rows).into_response())
+}
+
+/// The body of `POST /api/ops`: `{"run": 3, "op": "clone", "set": ["lora.r=64"], "warm": false}`.
+#[derive(Debug, Deserialize)]
+struct OpRequest {
+    run: i64,
+    #[serde(flatten)]
+    kind: OpKind,
+}
+
+async fn post_op(State(st): State<AppState>, body: std::result::Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let req: OpRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "bad op request: {e} (expected JSON like {{\"run\": 3, \"op\": \"stop\"}}; op is stop, resume, delete or clone \
+             with \"set\": [\"lora.r=64\"] and \"warm\": false)"
+        ))
+    })?;
+    let id = st.with_store(move |s| ops::submit(s, req.run, &req.kind, "api")).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "op_id": id, "status": "pending" }))).into_response())
+}
+
+async fn events(State(st): State<AppState>) -> Response {
+    sse::stream::<Event>(st.events().subscribe(), st.shutdown()).into_response()
+}

@@ -1,0 +1,187 @@
+//! Everything HTTP in furnace: one axum app built from routers, served on its own thread
+//! with its own tokio runtime.
+//!
+//! Today the app has one router, `experiments`: JSON views of the
+//! experiment store (experiments, runs, metrics, ops), `POST /api/ops` to record control
+//! ops, and `GET /api/events`, a server-sent-event stream of the live
+//! [`furnace_exp::Event`]s. The dashboard and an OpenAI-compatible API plug in later as
+//! further routers next to it in [`app`].
+//!
+//! What every router shares lives in one module each: the handlers' state (`state`),
+//! bearer-token auth (`auth`; required off loopback, see [`check_options`]), JSON error
+//! answers (`error`; every error is `{"error": "..."}`) and server-sent events (`sse`).
+//!
+//! The server never trains and never blocks training: handlers read the store or record
+//! ops (which the trainer applies), on tokio's blocking pool, so a bad request cannot
+//! disturb training.
+#![deny(missing_docs)]
+
+mod auth;
+mod error;
+mod experiments;
+mod sse;
+mod state;
+
+pub use error::{Error, Result};
+
+use axum::routing::get;
+use axum::{Json, Router};
+use furnace_exp::EventSender;
+use state::AppState;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The port the server listens on by default.
+pub const DEFAULT_PORT: u16 = 8851;
+
+/// How long a stopping server waits for open requests before it closes them.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Where and how the server listens.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The address to bind (port 0: any free port).
+    pub addr: SocketAddr,
+    /// The bearer token every request must carry (required off loopback).
+    pub token: Option<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            token: None,
+        }
+    }
+}
+
+/// Checks the options: an address other than loopback needs a (non-empty) token, since
+/// anyone who can reach the server could otherwise stop or delete runs.
+pub fn check_options(o: &ServerOptions) -> Result<()> {
+    if o.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(Error::Invalid("--token must not be empty".into()));
+    }
+    if !o.addr.ip().is_loopback() && o.token.is_none() {
+        return Err(Error::Invalid(format!(
+            "binding {} needs --token <secret>: off loopback anyone who can reach the server could stop or delete runs \
+             (or bind 127.0.0.1 and tunnel to it)",
+            o.addr
+        )));
+    }
+    Ok(())
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ok": true }))
+}
+
+/// The whole app over one state: every router, the JSON fallbacks, and auth in front of
+/// all of it (unknown routes included, so they reveal nothing without the token).
+fn build(state: AppState) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .merge(experiments::router())
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .fallback(error::not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
+        .with_state(state)
+}
+
+/// The app as a router over the store at `db` (opened on first use), streaming `events`;
+/// with a `token`, every request must carry `Authorization: Bearer <token>`. Event
+/// streams of this router end when their client goes (a server from [`start`] also ends
+/// them when it stops).
+pub fn app(db: PathBuf, events: EventSender, token: Option<String>) -> Router {
+    // No shutdown signal: nothing ever sends on it.
+    let (_, rx) = watch::channel(false);
+    build(AppState::new(db, events, token, rx))
+}
+
+/// A running server; dropping it stops it too.
+pub struct ServerHandle {
+    /// The address it listens on (the real port when asked for port 0).
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Stops the server: no new connections, open requests get a few seconds to finish,
+    /// event streams end; returns when its thread is done.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+
+    fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the server on its own thread with its own runtime, serving [`app`] over the
+/// store at `db`. It binds before returning, so a taken port is an [`Error::Listen`]
+/// here.
+pub fn start(db: PathBuf, opts: ServerOptions, events: EventSender) -> Result<ServerHandle> {
+    check_options(&opts)?;
+    let addr = opts.addr;
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
+    let socket = |source| Error::Socket { addr, source };
+    let bound = listener.local_addr().map_err(socket)?;
+    listener.set_nonblocking(true).map_err(socket)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("furnace-server")
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Start { what: "runtime", source })?;
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::TcpListener::from_std(listener).map_err(socket)?
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = build(AppState::new(db, events, opts.token, stop_rx.clone()));
+    let thread = std::thread::Builder::new()
+        .name("furnace-server".into())
+        .spawn(move || {
+            let stopped = |mut rx: watch::Receiver<bool>| async move {
+                // An error means the handle is gone: stop as well.
+                let _ = rx.wait_for(|down| *down).await;
+            };
+            let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+            let res = rt.block_on(async {
+                tokio::select! {
+                    r = serve => r,
+                    _ = async { stopped(stop_rx).await; tokio::time::sleep(GRACE).await } => Ok(()),
+                }
+            });
+            if let Err(e) = res {
+                eprintln!("furnace server on {bound}: {e}");
+            }
+            rt.shutdown_timeout(Duration::from_secs(2));
+        })
+        .map_err(|source| Error::Start { what: "thread", source })?;
+    Ok(ServerHandle {
+        addr: bound,
+        stop: stop_tx,
+        thread: Some(thread),
+    })
+}

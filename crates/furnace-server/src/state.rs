@@ -1,0 +1,81 @@
+//! The state every handler shares: the store (one connection, used on the blocking pool),
+//! the live event channel, the token, and the server's stop signal.
+
+use crate::error::{ApiError, ApiResult};
+use axum::http::StatusCode;
+use furnace_exp::{EventSender, Store};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// The shared state of the handlers (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The store file.
+    db: PathBuf,
+    /// One connection, opened on first use (dropped after a store error, to reopen).
+    store: Mutex<Option<Store>>,
+    events: EventSender,
+    token: Option<String>,
+    /// Turns true when the server stops (ends the event streams).
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AppState {
+    /// State over the store at `db` (opened on first use).
+    pub fn new(db: PathBuf, events: EventSender, token: Option<String>, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                store: Mutex::new(None),
+                events,
+                token,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The token requests must carry, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.inner.token.as_deref()
+    }
+
+    /// The live events.
+    pub fn events(&self) -> &EventSender {
+        &self.inner.events
+    }
+
+    /// Turns true when the server stops.
+    pub fn shutdown(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.clone()
+    }
+
+    /// Runs `f` on the store on the blocking pool. A store (SQLite) error drops the
+    /// connection, so the next request opens a fresh one.
+    pub async fn with_store<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> furnace_exp::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut guard = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+            let store = match guard.take() {
+                Some(s) => s,
+                None => Store::open(&inner.db)?,
+            };
+            let r = f(&store);
+            if !matches!(r, Err(furnace_exp::Error::Store(_))) {
+                *guard = Some(store);
+            }
+            r
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))?;
+        Ok(r?)
+    }
+}
