@@ -1,29 +1,25 @@
 //! Experiments on tiny-llama: every run trained chunk by chunk in fused passes, each op
 //! taking effect at the next optimizer step, ASHA, and resuming after an interruption with
 //! complete, non-duplicated metrics.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use furnace_exp::store::MetricRow;
 use furnace_exp::{experiment, ops, run_fit, Event, ExperimentRow, FitOptions, OpKind, RunRow, RunStatus, Store};
 use furnace_model::{LoadedModel, WeightDType};
+use furnace_testutil::{repo_root, testdata};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// A spec over 24 training rows and 6 eval rows of the extraction task, on tiny-llama.
 fn setup(dir: &Path, lora: &str, extra: &str, lr: &str, chunks: usize) -> PathBuf {
     let rows = |file: &str, n: usize| -> String {
-        let text = std::fs::read_to_string(root().join("data/extract").join(file)).unwrap();
+        let text = std::fs::read_to_string(repo_root().join("data/extract").join(file)).unwrap();
         text.lines().take(n).map(|l| format!("{l}\n")).collect()
     };
     std::fs::write(dir.join("train.jsonl"), rows("train.jsonl", 24)).unwrap();
     std::fs::write(dir.join("eval.jsonl"), rows("eval.jsonl", 6)).unwrap();
-    let base = root().join("testdata/tiny-llama");
+    let base = testdata().join("tiny-llama");
     let spec = format!(
         r#"
 [experiment]

@@ -1,0 +1,4 @@
+//! furnace-exp's integration tests: one test binary, a module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fit;
