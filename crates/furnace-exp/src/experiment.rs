@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// The spec file's text and its leaf configs, every one validated.
 pub fn read_spec(spec_path: &Path) -> Result<(String, Vec<Leaf>)> {
-    let text = std::fs::read_to_string(spec_path).map_err(|e| Error::Io(format!("reading {}: {e}", spec_path.display())))?;
+    let text = std::fs::read_to_string(spec_path).map_err(Error::io("reading", spec_path))?;
     let mut leaves = expand(&text, spec_path)?;
     if leaves.is_empty() {
         return Err(Error::Invalid(format!("{}: the spec expands to no runs", spec_path.display())));
@@ -42,9 +42,9 @@ pub fn create(store: &Store, spec_path: &Path) -> Result<ExperimentRow> {
     let (text, leaves) = read_spec(spec_path)?;
     let e = &leaves[0].spec.experiment;
     let exp = store.create_experiment(&e.name, &e.mode, &absolute(spec_path), &text)?;
-    std::fs::create_dir_all(&exp.dir).map_err(|err| Error::Io(format!("creating {}: {err}", exp.dir.display())))?;
+    std::fs::create_dir_all(&exp.dir).map_err(Error::io("creating", &exp.dir))?;
     for leaf in &leaves {
-        let config = serde_json::to_value(&leaf.spec).map_err(|err| Error::Store(err.to_string()))?;
+        let config = serde_json::to_value(&leaf.spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
         let knobs: serde_json::Map<String, serde_json::Value> = leaf.knobs.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect();
         store.add_run(exp.id, &config, &serde_json::Value::Object(knobs), leaf.group as i64, 0, 0, None)?;
     }
@@ -63,7 +63,7 @@ pub fn interrupted(store: &Store, spec_path: &Path) -> Result<Option<ExperimentR
 pub fn find(store: &Store, name: Option<&str>) -> Result<ExperimentRow> {
     match name {
         Some(n) => store.experiment(n),
-        None => store.experiments()?.pop().ok_or_else(|| Error::NotFound("no experiments yet: start one with `furnace run spec.toml`".into())),
+        None => store.experiments()?.pop().ok_or(Error::NoExperiments),
     }
 }
 
@@ -111,12 +111,12 @@ impl Experiment {
     pub fn continue_run(&self, run_id: i64, spec: &furnace_train::Spec) -> Result<()> {
         let run = self.store.run(run_id)?;
         if run.experiment_id != self.row.id {
-            return Err(Error::NotFound(format!("run {run_id} is not in experiment {}", self.row.name)));
+            return Err(Error::RunNotInExperiment { run: run_id, experiment: self.row.name.clone() });
         }
         if run.status == crate::RunStatus::Deleted {
             return Err(Error::Invalid(format!("run {run_id} is deleted")));
         }
-        let config = serde_json::to_value(spec).map_err(|e| Error::Store(e.to_string()))?;
+        let config = serde_json::to_value(spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
         self.store.set_run_config(run_id, &config)?;
         if matches!(run.status, crate::RunStatus::Completed | crate::RunStatus::Stopped | crate::RunStatus::Failed) {
             self.store.set_run_status(run_id, crate::RunStatus::Ongoing, None)?;
@@ -153,7 +153,7 @@ impl Experiment {
         let join = std::thread::Builder::new()
             .name("furnace-train".into())
             .spawn(move || crate::run_fit(&store, &row, &mut *loader, &fit, &sender))
-            .map_err(|e| Error::Io(format!("starting the training thread: {e}")))?;
+            .map_err(Error::Thread)?;
         Ok(Running { events: rx, join, sender: events, cancel })
     }
 
@@ -167,7 +167,7 @@ impl Experiment {
     pub fn op(&self, run_id: i64, op: &crate::OpKind) -> Result<i64> {
         let run = self.store.run(run_id)?;
         if run.experiment_id != self.row.id {
-            return Err(Error::NotFound(format!("run {run_id} is not in experiment {}", self.row.name)));
+            return Err(Error::RunNotInExperiment { run: run_id, experiment: self.row.name.clone() });
         }
         crate::ops::submit(&self.store, run_id, op, "library")
     }
@@ -232,6 +232,6 @@ impl Running {
 
     /// Waits for training to end.
     pub fn wait(self) -> Result<FitSummary> {
-        self.join.join().map_err(|_| Error::Invalid("the training thread panicked".into()))?
+        self.join.join().map_err(|_| Error::Panicked)?
     }
 }

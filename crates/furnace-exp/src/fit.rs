@@ -121,12 +121,10 @@ impl Loaded {
         if let Some(d) = self.data.get(&len) {
             return Ok(d.clone());
         }
-        let template = self.model.chat_template.clone().ok_or_else(|| {
-            Error::Invalid(format!("{} has no chat template: training rows are formatted with it", spec.model.base))
-        })?;
+        let template = self.model.chat_template.clone().ok_or_else(|| Error::NoChatTemplate { model: spec.model.base.clone() })?;
         let opts = spec.data_options();
         let load = |p: &Path| -> Result<Arc<Vec<Example>>> {
-            let d = load_dataset(p, &self.model.tokenizer, &template, &opts).map_err(|e| Error::Invalid(e.to_string()))?;
+            let d = load_dataset(p, &self.model.tokenizer, &template, &opts)?;
             Ok(Arc::new(d.examples))
         };
         let train = load(&spec.data.train)?;
@@ -165,7 +163,7 @@ struct Fit<'a, 'l> {
 }
 
 fn spec_of(row: &RunRow) -> Result<Spec> {
-    serde_json::from_value(row.config.clone()).map_err(|e| Error::Store(format!("run {}: stored config: {e}", row.id)))
+    serde_json::from_value(row.config.clone()).map_err(|source| Error::StoredConfig { run: row.id, source })
 }
 
 /// Trains every unfinished run of `exp` (see the module docs), applying ops as they come,
@@ -173,23 +171,18 @@ fn spec_of(row: &RunRow) -> Result<Spec> {
 pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts: &FitOptions, events: &EventSender) -> Result<FitSummary> {
     // One driver per experiment: a second `furnace run` of it would train the same runs
     // twice. The OS drops the lock when the process dies, even by kill -9.
-    std::fs::create_dir_all(&exp.dir).map_err(|e| Error::Io(format!("creating {}: {e}", exp.dir.display())))?;
+    std::fs::create_dir_all(&exp.dir).map_err(Error::io("creating", &exp.dir))?;
     let lock_path = exp.dir.join(".lock");
     let lock = std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| Error::Io(format!("opening {}: {e}", lock_path.display())))?;
+        .map_err(Error::io("opening", &lock_path))?;
     match lock.try_lock() {
         Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(Error::Invalid(format!(
-                "experiment {} is being run by another furnace process; steer it with `furnace ops` or wait for it to end",
-                exp.name
-            )))
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(Error::Io(format!("locking {}: {e}", lock_path.display()))),
+        Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Busy { experiment: exp.name.clone() }),
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("locking", &lock_path)(e)),
     }
     let mut store = store.reopen()?;
     store.set_experiment_status(exp.id, "running")?;
@@ -209,7 +202,7 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
         let spec = spec_of(&row)?;
         runs.insert(row.id, Live { row, spec, trainer: None });
     }
-    let first = runs.values().next().map(|l| l.spec.experiment.clone()).ok_or_else(|| Error::Invalid(format!("experiment {} has no runs", exp.name)))?;
+    let first = runs.values().next().map(|l| l.spec.experiment.clone()).ok_or_else(|| Error::NoRuns { experiment: exp.name.clone() })?;
     let mut fit = Fit {
         store,
         exp: exp.clone(),
@@ -303,7 +296,7 @@ impl Fit<'_, '_> {
                 l.trainer = None;
             }
         }
-        let spec = self.runs.values().find(|l| &group_key(&l.spec) == key).map(|l| l.spec.clone()).ok_or_else(|| Error::Invalid("no run for the group".into()))?;
+        let spec = self.runs.values().find(|l| &group_key(&l.spec) == key).map(|l| l.spec.clone()).ok_or(Error::Internal("no run for the group"))?;
         let dtype = spec.weight_dtype()?;
         self.log(format!("loading {} ({dtype:?} base)", key.0));
         let model = (self.loader)(&key.0, dtype)?;
@@ -316,7 +309,7 @@ impl Fit<'_, '_> {
     }
 
     fn loaded(&mut self) -> Result<&mut Loaded> {
-        self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))
+        self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))
     }
 
     /// Builds (or keeps) a run's trainer: from its own checkpoint, from its warm parent's
@@ -325,7 +318,7 @@ impl Fit<'_, '_> {
         if self.runs.get(&id).is_some_and(|l| l.trainer.is_some()) {
             return Ok(());
         }
-        let live = self.runs.get(&id).ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+        let live = self.runs.get(&id).ok_or(Error::RunNotFound { run: id })?;
         let (spec, row) = (live.spec.clone(), live.row.clone());
         let exp = self.exp.clone();
         let loaded = self.loaded()?;
@@ -356,7 +349,7 @@ impl Fit<'_, '_> {
     /// A run's eval loss now (`None` without eval data or state).
     fn evaluate(&mut self, id: i64) -> Result<Option<f64>> {
         let Some(spec) = self.runs.get(&id).map(|l| l.spec.clone()) else { return Ok(None) };
-        let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
+        let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
         let (_, eval) = loaded.data(&spec)?;
         let lora = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).map(|t| &t.lora);
         Ok(match (&eval, lora) {
@@ -472,8 +465,8 @@ impl Fit<'_, '_> {
             }
         }
         for (_, group) in by_len {
-            let spec = self.runs.get(&group[0]).map(|l| l.spec.clone()).ok_or_else(|| Error::NotFound("run".into()))?;
-            let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
+            let spec = self.runs.get(&group[0]).map(|l| l.spec.clone()).ok_or(Error::RunNotFound { run: group[0] })?;
+            let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
             let (train, _) = loaded.data(&spec)?;
             let mut taken: Vec<(i64, Trainer)> = group.iter().filter_map(|id| self.runs.get_mut(id).and_then(|l| l.trainer.take().map(|t| (*id, t)))).collect();
             let result = {
@@ -665,7 +658,7 @@ impl Fit<'_, '_> {
     /// not loaded, in the middle of a round).
     fn apply_op(&mut self, op: &OpRow, between_rounds: bool) -> Result<Option<(String, Option<i64>)>> {
         let id = op.run_id;
-        let status = self.runs.get(&id).map(|l| l.row.status).ok_or_else(|| Error::NotFound(format!("run {id} is not in experiment {}", self.exp.name)))?;
+        let status = self.runs.get(&id).map(|l| l.row.status).ok_or_else(|| Error::RunNotInExperiment { run: id, experiment: self.exp.name.clone() })?;
         match &op.kind {
             OpKind::Stop => {
                 if !status.is_active() {
@@ -697,14 +690,14 @@ impl Fit<'_, '_> {
                 if status == RunStatus::Deleted {
                     return Err(Error::Invalid(format!("run {id} is deleted; it cannot be cloned")));
                 }
-                let parent = self.runs.get(&id).map(|l| (l.row.clone(), l.spec.clone())).ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+                let parent = self.runs.get(&id).map(|l| (l.row.clone(), l.spec.clone())).ok_or(Error::RunNotFound { run: id })?;
                 let spec = apply_overrides(&parent.0.config, set)?;
                 let mut knobs = parent.0.knobs.as_object().cloned().unwrap_or_default();
                 for s in set {
                     let (section, key, value) = crate::ops::parse_set(s)?;
                     knobs.insert(format!("{section}.{key}"), value);
                 }
-                let config = serde_json::to_value(&spec).map_err(|e| Error::Store(e.to_string()))?;
+                let config = serde_json::to_value(&spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
                 if !*warm {
                     let new = self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, false)))?;
                     let row = self.store.run(new)?;
@@ -721,7 +714,7 @@ impl Fit<'_, '_> {
                     self.ensure_group(&group_key(&parent.1))?;
                 }
                 self.ensure_trainer(id)?;
-                let loaded = self.loaded.as_mut().ok_or_else(|| Error::Invalid("internal: no base loaded".into()))?;
+                let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
                 let (train, _) = loaded.data(&spec)?;
                 let pt = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).ok_or_else(|| Error::Invalid(format!("run {id} has no state to clone")))?;
                 let child = pt.fork(spec.train_config(&train), spec.lora_config(), &train)?;

@@ -59,7 +59,7 @@ pub fn check(run: &RunRow, op: &OpKind) -> Result<()> {
         OpKind::Clone { set, warm } => {
             let spec = apply_overrides(&run.config, set)?;
             if *warm {
-                let parent: Spec = serde_json::from_value(run.config.clone()).map_err(|e| Error::Store(e.to_string()))?;
+                let parent: Spec = serde_json::from_value(run.config.clone()).map_err(|source| Error::StoredConfig { run: run.id, source })?;
                 check_warm(&parent, &spec)?;
             }
             Ok(())

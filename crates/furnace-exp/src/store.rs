@@ -55,7 +55,7 @@ impl RunStatus {
             "completed" => Self::Completed,
             "failed" => Self::Failed,
             "deleted" => Self::Deleted,
-            o => return Err(Error::Store(format!("unknown run status '{o}'"))),
+            o => return Err(Error::StoredStatus { status: o.to_string() }),
         })
     }
 
@@ -295,7 +295,7 @@ fn finish_run((mut row, status): (RunRow, String)) -> Result<RunRow> {
 }
 
 fn finish_op((mut row, kind): (OpRow, String)) -> Result<OpRow> {
-    row.kind = serde_json::from_str(&kind).map_err(|e| Error::Store(format!("op {}: {e}", row.id)))?;
+    row.kind = serde_json::from_str(&kind).map_err(|source| Error::StoredOp { op: row.id, source })?;
     Ok(row)
 }
 
@@ -303,7 +303,7 @@ impl Store {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -366,7 +366,7 @@ impl Store {
             .query_row(&format!("SELECT {EXPERIMENT_COLS} FROM experiments WHERE name = ?1"), [name], experiment_row)
             .optional()?
             .map(|e| self.located(e))
-            .ok_or_else(|| Error::NotFound(format!("no experiment named '{name}'")))
+            .ok_or_else(|| Error::ExperimentNotFound { name: name.to_string() })
     }
 
     /// The experiment with this id.
@@ -375,7 +375,7 @@ impl Store {
             .query_row(&format!("SELECT {EXPERIMENT_COLS} FROM experiments WHERE id = ?1"), [id], experiment_row)
             .optional()?
             .map(|e| self.located(e))
-            .ok_or_else(|| Error::NotFound(format!("no experiment {id}")))
+            .ok_or(Error::ExperimentIdNotFound { id })
     }
 
     /// All experiments, oldest first.
@@ -440,7 +440,7 @@ impl Store {
             .conn
             .query_row(&format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"), [id], run_row)
             .optional()?
-            .ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+            .ok_or(Error::RunNotFound { run: id })?;
         finish_run(r)
     }
 
@@ -537,7 +537,7 @@ impl Store {
     /// exist.
     pub fn add_op(&self, run_id: i64, kind: &OpKind, source: &str) -> Result<i64> {
         let run = self.run(run_id)?;
-        let k = serde_json::to_string(kind).map_err(|e| Error::Store(e.to_string()))?;
+        let k = serde_json::to_string(kind).map_err(|source| Error::Encode { what: "an op", source })?;
         self.conn.execute(
             "INSERT INTO ops(experiment_id, run_id, kind, source, status, created) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
             params![run.experiment_id, run_id, k, source, now()],
@@ -564,7 +564,7 @@ impl Store {
 
     /// One op.
     pub fn op(&self, id: i64) -> Result<OpRow> {
-        self.ops_where("id = ?1", id)?.pop().ok_or_else(|| Error::NotFound(format!("no op {id}")))
+        self.ops_where("id = ?1", id)?.pop().ok_or(Error::OpNotFound { op: id })
     }
 
     fn ops_where(&self, cond: &str, id: i64) -> Result<Vec<OpRow>> {

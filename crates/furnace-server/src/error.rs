@@ -52,15 +52,36 @@ impl ApiError {
     }
 }
 
-/// The status of a failed store call: the client's mistake (400), something that does
-/// not exist (404), or ours (500).
+/// The status of a failed store call: something that does not exist (404), the client's
+/// mistake (400), or ours (500).
 impl From<furnace_exp::Error> for ApiError {
     fn from(e: furnace_exp::Error) -> Self {
         use furnace_exp::Error as E;
         let status = match &e {
-            E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::Invalid(_) | E::Spec(_) => StatusCode::BAD_REQUEST,
-            E::Store(_) | E::Io(_) | E::Train(_) | E::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            E::ExperimentNotFound { .. }
+            | E::ExperimentIdNotFound { .. }
+            | E::NoExperiments
+            | E::RunNotFound { .. }
+            | E::RunNotInExperiment { .. }
+            | E::OpNotFound { .. } => StatusCode::NOT_FOUND,
+            E::Invalid(_)
+            | E::Spec(_)
+            | E::NoRuns { .. }
+            | E::Busy { .. }
+            | E::Load { .. }
+            | E::NoChatTemplate { .. }
+            | E::Data(_) => StatusCode::BAD_REQUEST,
+            E::Sqlite(_)
+            | E::StoredConfig { .. }
+            | E::StoredOp { .. }
+            | E::StoredStatus { .. }
+            | E::Encode { .. }
+            | E::Io { .. }
+            | E::Thread(_)
+            | E::Panicked
+            | E::Internal(_)
+            | E::Train(_)
+            | E::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())
     }

@@ -54,8 +54,8 @@ impl AppState {
         self.inner.shutdown.clone()
     }
 
-    /// Runs `f` on the store on the blocking pool. A store (SQLite) error drops the
-    /// connection, so the next request opens a fresh one.
+    /// Runs `f` on the store on the blocking pool. An SQLite error drops the connection,
+    /// so the next request opens a fresh one.
     pub async fn with_store<T, F>(&self, f: F) -> ApiResult<T>
     where
         T: Send + 'static,
@@ -69,7 +69,7 @@ impl AppState {
                 None => Store::open(&inner.db)?,
             };
             let r = f(&store);
-            if !matches!(r, Err(furnace_exp::Error::Store(_))) {
+            if !matches!(r, Err(furnace_exp::Error::Sqlite(_))) {
                 *guard = Some(store);
             }
             r

@@ -74,7 +74,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let experiment = Experiment::open(&a.dir.runs_dir, &exp.name)?;
     let mut running = experiment.start(StartOptions {
         fit: FitOptions { memory_budget: a.memory_budget, ..Default::default() },
-        loader: Box::new(|name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Invalid(format!("{e:#}")))),
+        loader: Box::new(|name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") })),
         events: Some(events),
     })?;
     let mut display = Display::new(&store, exp.id)?;

@@ -251,7 +251,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         fit: FitOptions { eval_at_start: true, ..Default::default() },
         loader: Box::new(move |name: &str, dtype| match handoff.take() {
             Some(m) => Ok(m),
-            None => load(name, dtype).map_err(|e| furnace_exp::Error::Invalid(format!("{e:#}"))),
+            None => load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") }),
         }),
         events: None,
     })?;
