@@ -104,9 +104,10 @@ pub enum Error {
         /// The model as the spec names it.
         model: String,
     },
-    /// A dataset failed to load (the file, and the row when one row is bad).
+    /// A dataset failed to load (the file, and the row when one row is bad): a
+    /// [`furnace_train::Error`] that [`is_data`](furnace_train::Error::is_data).
     #[error(transparent)]
-    Data(#[from] furnace_train::DataError),
+    Data(furnace_train::Error),
     /// A file or folder could not be read, written, created or locked.
     #[error("{op} {path}: {source}")]
     Io {
@@ -146,11 +147,14 @@ impl Error {
     }
 }
 
-/// A spec problem becomes [`Error::Spec`], anything else [`Error::Train`].
+/// A spec problem becomes [`Error::Spec`], a data problem [`Error::Data`], anything else
+/// [`Error::Train`].
 impl From<furnace_train::Error> for Error {
     fn from(e: furnace_train::Error) -> Self {
         if e.is_spec() {
             Self::Spec(e)
+        } else if e.is_data() {
+            Self::Data(e)
         } else {
             Self::Train(e)
         }

@@ -6,9 +6,13 @@
 //! line, or is skipped and counted when `skip_bad_rows` is on.
 
 use crate::engine::IGNORE_INDEX;
+use crate::error::{Error, Result};
+
+/// A result whose error is a message about one row (its file and line are added later).
+type RowResult<T> = std::result::Result<T, String>;
 use furnace_text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Column names of the row forms (defaults are the usual names).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -89,36 +93,13 @@ pub struct Dataset {
     pub truncated: usize,
 }
 
-/// A data problem, located in the file.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    /// The file cannot be read or parsed as a whole.
-    #[error("{path}: {msg}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        msg: String,
-    },
-    /// One row is bad.
-    #[error("{path}:{line}: {msg}")]
-    Row {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line (JSONL, CSV) or row index + 1 (JSON).
-        line: usize,
-        /// What is wrong.
-        msg: String,
-    },
-}
-
 /// A raw row with its line number; a JSONL line that is not JSON is an `Err` row, so that
 /// `skip_bad_rows` can skip it like any other bad row.
 pub type RawRow = (usize, std::result::Result<Value, String>);
 
 /// Reads raw rows (JSON objects) with their line numbers.
-pub fn read_rows(path: &Path) -> Result<Vec<RawRow>, DataError> {
-    let file_err = |msg: String| DataError::File { path: path.to_path_buf(), msg };
+pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+    let file_err = |msg: String| Error::DataFile { path: path.to_path_buf(), msg };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     if ext == "parquet" {
         return read_parquet(path);
@@ -171,9 +152,9 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>, DataError> {
 
 /// Rows of a Parquet file as JSON objects (row index + 1 as the line). Nested columns
 /// (a `messages` list of structs) become JSON lists and objects.
-fn read_parquet(path: &Path) -> Result<Vec<RawRow>, DataError> {
+fn read_parquet(path: &Path) -> Result<Vec<RawRow>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let file_err = |msg: String| DataError::File { path: path.to_path_buf(), msg };
+    let file_err = |msg: String| Error::DataFile { path: path.to_path_buf(), msg };
     let file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
     let reader = SerializedFileReader::new(file).map_err(|e| file_err(format!("not a readable Parquet file: {e}")))?;
     let iter = reader.get_row_iter(None).map_err(|e| file_err(format!("cannot read rows: {e}")))?;
@@ -196,7 +177,7 @@ fn text_field(row: &Value, key: &str) -> Option<String> {
 }
 
 /// The conversation of a row: everything before the completion, and the completion.
-fn row_messages(row: &Value, c: &Columns) -> Result<(Vec<ChatMessage>, String), String> {
+fn row_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, String)> {
     if !row.is_object() {
         return Err("a row must be a JSON object".into());
     }
@@ -239,7 +220,7 @@ fn row_messages(row: &Value, c: &Columns) -> Result<(Vec<ChatMessage>, String), 
 }
 
 /// Tokenizes one row into an example.
-pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<(Example, bool), String> {
+pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> RowResult<(Example, bool)> {
     let (mut msgs, completion) = row_messages(row, &opts.columns)?;
     let (bos, eos) = (tok.bos_token(), tok.eos_token());
     let prompt_text = template.render(&msgs, true, bos, eos).map_err(|e| e.to_string())?;
@@ -273,7 +254,7 @@ pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &
 }
 
 /// Loads and tokenizes a dataset file.
-pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<Dataset, DataError> {
+pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<Dataset> {
     let mut examples = Vec::new();
     let (mut skipped, mut truncated) = (0, 0);
     for (line, row) in read_rows(path)? {
@@ -283,11 +264,11 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts:
                 examples.push(ex);
             }
             Err(_) if opts.skip_bad_rows => skipped += 1,
-            Err(msg) => return Err(DataError::Row { path: path.to_path_buf(), line, msg }),
+            Err(msg) => return Err(Error::DataRow { path: path.to_path_buf(), line, msg }),
         }
     }
     if examples.is_empty() {
-        return Err(DataError::File {
+        return Err(Error::DataFile {
             path: path.to_path_buf(),
             msg: format!("no usable rows ({skipped} bad rows skipped)"),
         });

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// What can go wrong while reading a spec or training.
+/// What can go wrong while reading a spec or data, or training.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Invalid input (empty sequence, mismatched labels, nothing to learn from).
@@ -24,6 +24,24 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// A data file cannot be read or parsed as a whole (or holds no examples).
+    #[error("{path}: {msg}")]
+    DataFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// One row of a data file is bad.
+    #[error("{path}:{line}: {msg}")]
+    DataRow {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (JSONL, CSV) or row index + 1 (JSON).
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
     /// The model failed.
     #[error(transparent)]
     Model(#[from] furnace_model::Error),
@@ -37,6 +55,11 @@ impl Error {
     /// input, not the training.
     pub fn is_spec(&self) -> bool {
         matches!(self, Self::Spec { .. } | Self::SpecParse { .. })
+    }
+
+    /// Whether a data file is at fault ([`Error::DataFile`], [`Error::DataRow`]).
+    pub fn is_data(&self) -> bool {
+        matches!(self, Self::DataFile { .. } | Self::DataRow { .. })
     }
 }
 

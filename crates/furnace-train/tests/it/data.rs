@@ -5,7 +5,7 @@ use crate::common;
 
 use common::*;
 use furnace_text::{ChatTemplate, Tokenizer};
-use furnace_train::{load_dataset, Columns, DataError, DataOptions, IGNORE_INDEX};
+use furnace_train::{load_dataset, Columns, DataOptions, Error, IGNORE_INDEX};
 use std::path::PathBuf;
 
 fn text() -> (Tokenizer, ChatTemplate) {
@@ -58,7 +58,7 @@ fn parquet_rows_name_their_row_when_bad() {
     let missing = testdata().join("parquet").join("missing.parquet");
     let opts = DataOptions::default();
     match load_dataset(&missing, &tok, &tpl, &opts) {
-        Err(DataError::Row { line, .. }) => assert_eq!(line, 2),
+        Err(Error::DataRow { line, .. }) => assert_eq!(line, 2),
         other => panic!("expected a bad row 2, got {other:?}"),
     }
     let ok = load_dataset(&missing, &tok, &tpl, &DataOptions { skip_bad_rows: true, ..opts.clone() }).unwrap();
@@ -66,7 +66,7 @@ fn parquet_rows_name_their_row_when_bad() {
     // Not Parquet at all.
     let dir = tempfile::tempdir().unwrap();
     let fake = write(&dir, "fake.parquet", "prompt,completion\n");
-    assert!(matches!(load_dataset(&fake, &tok, &tpl, &opts), Err(DataError::File { ref msg, .. }) if msg.contains("Parquet")));
+    assert!(matches!(load_dataset(&fake, &tok, &tpl, &opts), Err(Error::DataFile { ref msg, .. }) if msg.contains("Parquet")));
 }
 
 #[test]
@@ -75,10 +75,10 @@ fn bad_rows_name_file_and_line_or_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let opts = DataOptions::default();
     let empty = write(&dir, "empty.jsonl", "\n");
-    assert!(matches!(load_dataset(&empty, &tok, &tpl, &opts), Err(DataError::File { ref msg, .. }) if msg.contains("empty")));
+    assert!(matches!(load_dataset(&empty, &tok, &tpl, &opts), Err(Error::DataFile { ref msg, .. }) if msg.contains("empty")));
     let bad = write(&dir, "bad.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"question\": \"a\"}\nnot json\n");
     match load_dataset(&bad, &tok, &tpl, &opts) {
-        Err(e @ DataError::Row { line: 2, .. }) => assert!(e.to_string().contains("bad.jsonl:2: missing columns"), "{e}"),
+        Err(e @ Error::DataRow { line: 2, .. }) => assert!(e.to_string().contains("bad.jsonl:2: missing columns"), "{e}"),
         other => panic!("unexpected {other:?}"),
     }
     let skip = write(&dir, "skip.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"question\": \"a\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\nnot json\n");
