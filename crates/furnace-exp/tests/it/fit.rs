@@ -399,3 +399,56 @@ fn a_warm_clone_cut_short_by_a_crash_is_made_again_from_its_pending_op() {
     assert!(clone.warm && clone.status == RunStatus::Completed);
     assert_eq!(store.op(op).unwrap().new_run_id, Some(clone.id));
 }
+
+#[test]
+fn start_streams_every_event_and_a_cancelled_experiment_finishes_when_started_again() {
+    let (dir, store, exp) = new_experiment("r = { list = [2, 4] }", "");
+    let e = furnace_exp::Experiment::open(&dir.path().join("runs"), &exp.name).unwrap();
+    let opts = || furnace_exp::StartOptions { fit: FitOptions::default(), loader: Box::new(loader()), events: None };
+    // Cancelled at its first optimizer step: runs stay unfinished.
+    let mut running = e.start(opts()).unwrap();
+    while let Some(ev) = running.next_event() {
+        if matches!(ev, Event::Progress { .. }) {
+            running.cancel();
+        }
+    }
+    let summary = running.wait().unwrap();
+    assert!(summary.cancelled);
+    assert!(summary.runs.iter().all(|r| r.status.is_active()), "{:?}", summary.runs);
+    // Started again: every step of every run is reported once, in order, to the end.
+    let mut running = e.start(opts()).unwrap();
+    let mut steps: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    let mut totals = BTreeMap::new();
+    while let Some(ev) = running.next_event() {
+        if let Event::Progress { run_id, steps_done, total_steps, .. } = ev {
+            steps.entry(run_id).or_default().push(steps_done);
+            totals.insert(run_id, total_steps);
+        }
+    }
+    let summary = running.wait().unwrap();
+    assert!(!summary.cancelled);
+    assert_eq!(steps.len(), 2);
+    for r in &summary.runs {
+        assert_eq!(r.status, RunStatus::Completed);
+        assert_eq!(steps[&r.id], (1..=totals[&r.id]).collect::<Vec<_>>(), "run {}", r.id);
+        assert_complete(&store, r);
+    }
+}
+
+#[test]
+fn eval_every_save_every_and_an_eval_before_the_first_step() {
+    // 24 examples in 2 chunks, batch 2 x 2: 3 steps per chunk, 6 in all.
+    let (dir, store, exp) = experiment_with("r = 4", "", "1e-2\neval_every = 2\nsave_every = 2", 2);
+    let opts = FitOptions { eval_at_start: true, ..Default::default() };
+    let runs = fit(&store, &exp, &opts);
+    assert_eq!(runs[0].status, RunStatus::Completed);
+    let s = series(&store, runs[0].id);
+    // Before training, every 2 steps, and at each chunk end (3, 6).
+    assert_eq!(s["eval_loss"].keys().copied().collect::<Vec<_>>(), [0, 2, 3, 4, 6]);
+    assert!(s["eval_loss"][&6] < s["eval_loss"][&0], "{:?}", s["eval_loss"]);
+    // Checkpoints at multiples of save_every are kept; the chunk-end one at step 3 is not.
+    let ckpts = dir.path().join("runs").join(&exp.name).join(format!("run-{}", runs[0].id)).join("checkpoints");
+    let mut kept: Vec<String> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    kept.sort();
+    assert_eq!(kept, ["step-2", "step-4", "step-6"]);
+}
