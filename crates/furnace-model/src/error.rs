@@ -62,6 +62,25 @@ pub enum Error {
     /// A LoRA adapter that cannot be used, with the reason.
     #[error("LoRA adapter: {0}")]
     Adapter(String),
+    /// Loading the model at `path` failed; the message names the file, then the cause.
+    #[error("loading {}: {error}", path.display())]
+    LoadModel {
+        /// The model file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        error: Box<Error>,
+    },
+    /// Loading the adapter directory at `path` failed.
+    #[error("loading adapter {}: {error}", path.display())]
+    LoadAdapter {
+        /// The adapter directory.
+        path: PathBuf,
+        /// What went wrong.
+        error: Box<Error>,
+    },
+    /// Finding a model by name failed (unknown alias, not cached, pull failed, ...).
+    #[error(transparent)]
+    Hub(#[from] furnace_hub::Error),
     /// Tokenizer or chat-template failure.
     #[error(transparent)]
     Text(#[from] furnace_text::Error),

@@ -1,5 +1,6 @@
-//! Loading a model from a path: a `.gguf` file or an HF model directory, together with its
-//! tokenizer and chat template.
+//! Loading a model from a path (a `.gguf` file or an HF model directory) or by name (an
+//! alias of the furnace-hub cache, fetched when needed, or a path), together with its
+//! tokenizer and chat template; and loading PEFT adapter directories.
 
 use crate::config::{LlamaConfig, RopeStyle};
 use candle_core::quantized::{QStorage, QTensor};
@@ -9,7 +10,9 @@ use crate::gguf::{gguf_name, GgufFile};
 use crate::hf;
 use crate::linear::{RawWeight, WeightDType};
 use crate::llama::{Llama, WeightSource};
+use crate::lora::PeftAdapter;
 use candle_core::Tensor;
+use furnace_hub::{Cache, ModelLocation};
 use furnace_text::{ChatTemplate, Tokenizer};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -287,6 +290,37 @@ impl LoadedModel {
         }
         Err(Error::NotAModel(path.to_path_buf()))
     }
+}
+
+/// Resolves a model name to a local path through the furnace-hub cache (`$FURNACE_HOME`):
+/// a cached alias, an alias not cached yet (pulled now, with progress lines sent to
+/// `progress`), a `.gguf` file or an HF model directory.
+pub fn resolve_name(name: &str, progress: &mut dyn FnMut(&str)) -> Result<ModelLocation> {
+    let cache = Cache::from_env()?;
+    if let Some(loc) = cache.cached(name) {
+        return Ok(loc);
+    }
+    Ok(cache.resolve_or_pull(name, progress)?)
+}
+
+/// Resolves `name` ([`resolve_name`]) and loads the model with weights held as `dtype`.
+/// A load failure names the file: `loading <path>: <cause>`.
+pub fn load_by_name(name: &str, dtype: WeightDType, progress: &mut dyn FnMut(&str)) -> Result<LoadedModel> {
+    let loc = resolve_name(name, progress)?;
+    let path = loc.path();
+    LoadedModel::load(path, dtype).map_err(|e| Error::LoadModel {
+        path: path.to_path_buf(),
+        error: Box::new(e),
+    })
+}
+
+/// Reads a PEFT LoRA adapter directory ([`PeftAdapter::load`]); a failure names the
+/// directory: `loading adapter <dir>: <cause>`.
+pub fn load_adapter(dir: &Path) -> Result<PeftAdapter> {
+    PeftAdapter::load(dir).map_err(|e| Error::LoadAdapter {
+        path: dir.to_path_buf(),
+        error: Box::new(e),
+    })
 }
 
 fn check_vocab(cfg: &LlamaConfig, tok: &Tokenizer) -> Result<()> {
