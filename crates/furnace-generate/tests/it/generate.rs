@@ -3,41 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use furnace_generate::{generate, Engine, EngineOptions, Error, Event, FinishReason, Request, SamplingParams};
-use furnace_model::{LoadedModel, WeightDType};
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
-
-fn smollm2() -> &'static LoadedModel {
-    static M: OnceLock<LoadedModel> = OnceLock::new();
-    M.get_or_init(|| {
-        let cache = furnace_hub::Cache::from_env().expect("cache");
-        let path = match cache.cached("smollm2-135m-instruct") {
-            Some(l) => l.path().to_path_buf(),
-            None => panic!("the real model is not cached in {}: run `cargo run --release -p furnace-cli -- model pull smollm2-135m-instruct` (the README's test command does this)", cache.root().display()),
-        };
-        LoadedModel::load(&path, WeightDType::F32).expect("load smollm2")
-    })
-}
-
-fn tiny() -> LoadedModel {
-    LoadedModel::load(&testdata().join("tiny-llama"), WeightDType::F32).expect("tiny-llama")
-}
-
-fn greedy_cases() -> Vec<(Vec<u32>, Vec<u32>, String)> {
-    std::fs::read_to_string(testdata().join("greedy_cases.jsonl"))
-        .expect("greedy_cases")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json");
-            let ids = |k: &str| v[k].as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect::<Vec<_>>();
-            (ids("prompt_ids"), ids("new_ids"), v["text"].as_str().expect("text").to_string())
-        })
-        .collect()
-}
+use crate::common::{greedy_cases, smollm2, tiny};
 
 #[test]
 fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Result<()> {

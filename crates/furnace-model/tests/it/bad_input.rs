@@ -1,13 +1,11 @@
 //! Bad input gives a clear error, never a panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::*;
 use furnace_model::{Error, LoadedModel, WeightDType};
+use furnace_testutil::{smollm2_gguf, testdata};
 use std::path::Path;
 
 fn load_err(path: &Path) -> Error {

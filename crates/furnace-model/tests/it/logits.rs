@@ -1,10 +1,9 @@
 //! Logits of our model against the transformers reference fixtures, at every position.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::max_abs_diff;
 use furnace_model::{LoadedModel, Logits, SeqInput, WeightDType};
+use furnace_testutil::{ids, jsonl, smollm2_gguf, testdata};
 
 #[test]
 fn smollm2_gguf_dequantized_logits_match_reference() -> anyhow::Result<()> {

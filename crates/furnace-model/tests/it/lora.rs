@@ -1,9 +1,8 @@
 //! PEFT LoRA adapters: loading, attaching, logits against the PEFT reference.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::max_abs_diff;
+use furnace_testutil::{ids, jsonl, smollm2_gguf, testdata};
 use furnace_model::{Error, LoadedModel, PeftAdapter, WeightDType};
 
 #[test]

@@ -1,0 +1,5 @@
+//! furnace-generate's integration tests, one binary: a module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod generate;

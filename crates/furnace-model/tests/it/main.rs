@@ -1,0 +1,8 @@
+//! furnace-model's integration tests, one binary: a module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod bad_input;
+mod common;
+mod kernels;
+mod logits;
+mod lora;
