@@ -212,6 +212,7 @@ impl<'m> Engine<'m> {
                     tokens: &prompt[*prefilled..end],
                     cache,
                     logits: if end == prompt.len() { Logits::Last } else { Logits::None },
+                    adapter: None,
                 });
             } else {
                 let last = generated.len() - 1;
@@ -219,6 +220,7 @@ impl<'m> Engine<'m> {
                     tokens: &generated[last..],
                     cache,
                     logits: Logits::Last,
+                    adapter: None,
                 });
             }
         }

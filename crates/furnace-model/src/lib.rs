@@ -5,8 +5,9 @@
 //! Data flow: [`LoadedModel::load`] reads a file ([`gguf`] or [`hf`]) into a
 //! [`LlamaConfig`] and a [`Llama`] whose projections are [`Linear`] layers (f32, bf16 or
 //! block-quantized); [`load_by_name`] does the same for an alias (fetched into the
-//! furnace-hub cache when needed) or a path. [`Llama::forward`] takes new tokens of many sequences with their
-//! [`SeqCache`]s and returns the logits each asked for.
+//! furnace-hub cache when needed) or a path. [`Llama::forward`] takes new tokens of many
+//! sequences with their [`SeqCache`]s, each with its own LoRA adapter or none
+//! ([`Llama::add_adapter`]), and returns the logits each asked for.
 #![deny(missing_docs)]
 
 pub mod config;
@@ -28,4 +29,4 @@ pub use kv_cache::SeqCache;
 pub use linear::{Linear, LinearWeight, RawWeight, WeightDType};
 pub use llama::{Llama, Logits, SeqInput};
 pub use load::{inspect, load_adapter, load_by_name, resolve_name, LoadedModel, ModelInfo};
-pub use lora::{LoraConfig, LoraWeights, PeftAdapter};
+pub use lora::{AdapterId, AdapterRows, LoraConfig, LoraWeights, PeftAdapter};

@@ -1,10 +1,11 @@
 //! Linear layers of the model, in one of three storage forms. Every projection of the model
-//! goes through [`Linear::forward`], which is where LoRA adapters and the frozen-base
-//! training op attach later without touching the model code.
+//! goes through [`Linear::forward`] (or [`Linear::forward_many`]), which is also where LoRA
+//! adapters apply: the base product runs once over all rows, then each registered adapter's
+//! low-rank update is added to the rows that run with it ([`AdapterRows`]).
 
 use crate::error::Result;
 use crate::kernels::{self, Bf16Matrix};
-use crate::lora::LoraWeights;
+use crate::lora::{AdapterId, AdapterRows, LoraWeights};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -99,8 +100,9 @@ pub struct Linear {
     pub in_features: usize,
     /// Output features.
     pub out_features: usize,
-    /// An attached LoRA adapter, added to the output.
-    pub lora: Option<LoraWeights>,
+    /// The factors of every registered adapter that targets this layer, by adapter
+    /// ([`crate::Llama::add_adapter`]).
+    pub lora: Vec<(AdapterId, LoraWeights)>,
 }
 
 fn fast_cpu_kernel(t: GgmlDType) -> bool {
@@ -152,7 +154,7 @@ impl Linear {
                             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
                             in_features,
                             out_features,
-                            lora: None,
+                            lora: Vec::new(),
                         })
                     }
                 };
@@ -176,12 +178,13 @@ impl Linear {
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
             in_features,
             out_features,
-            lora: None,
+            lora: Vec::new(),
         })
     }
 
-    /// Applies the layer to `x: [rows, in]` (f32), returning `[rows, out]` (f32).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Applies the layer to `x: [rows, in]` (f32), returning `[rows, out]` (f32); each
+    /// adapter of `adapters` that targets this layer adds its update to its own rows.
+    pub fn forward(&self, x: &Tensor, adapters: &AdapterRows) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
@@ -194,10 +197,12 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        Ok(match &self.lora {
-            Some(l) => (y + l.delta(x)?)?,
-            None => y,
-        })
+        if !adapters.touches(&self.lora) {
+            return Ok(y);
+        }
+        let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
+        adapters.add_updates(&self.lora, x, &mut ys, self.out_features)?;
+        Ok(Tensor::from_vec(ys, (rows, self.out_features), x.device())?)
     }
 
     /// The packed bf16 weight this layer multiplies batches of `rows` with, if any.
@@ -210,9 +215,10 @@ impl Linear {
     }
 
     /// Applies several layers to the same input, returning each output as a row-major
-    /// `Vec` (`[rows, out]`). When all of them use the packed kernel, the input is converted
-    /// once and the products share one parallel region.
-    pub fn forward_many(x: &Tensor, layers: &[&Linear]) -> Result<Vec<Vec<f32>>> {
+    /// `Vec` (`[rows, out]`), with adapters as in [`Linear::forward`]. When all of them use
+    /// the packed kernel, the input is converted once and the products share one parallel
+    /// region.
+    pub fn forward_many(x: &Tensor, layers: &[&Linear], adapters: &AdapterRows) -> Result<Vec<Vec<f32>>> {
         let rows = x.dim(0)?;
         let packed: Option<Vec<&Bf16Matrix>> = layers.iter().map(|l| l.packed_for(rows)).collect();
         match packed {
@@ -226,16 +232,13 @@ impl Linear {
                             row.iter_mut().zip(&b).for_each(|(o, v)| *o += v);
                         }
                     }
-                    if let Some(lora) = &l.lora {
-                        let d = lora.delta(x)?.flatten_all()?.to_vec1::<f32>()?;
-                        y.iter_mut().zip(&d).for_each(|(o, v)| *o += v);
-                    }
+                    adapters.add_updates(&l.lora, x, y, l.out_features)?;
                 }
                 Ok(ys)
             }
             _ => layers
                 .iter()
-                .map(|l| Ok(l.forward(x)?.flatten_all()?.to_vec1::<f32>()?))
+                .map(|l| Ok(l.forward(x, adapters)?.flatten_all()?.to_vec1::<f32>()?))
                 .collect(),
         }
     }

@@ -5,12 +5,14 @@
 //! The forward pass is *ragged*: one call carries new tokens of many sequences, each with
 //! its own [`SeqCache`]. Linear layers and the MLP run once over all rows; attention runs
 //! per sequence. Generation (one token per sequence) and prefill (whole prompts) are the
-//! same call, which is what continuous batching needs.
+//! same call, which is what continuous batching needs. Each sequence names the LoRA adapter
+//! it runs with, if any ([`crate::lora`]), so one pass serves sequences of many adapters.
 
 use crate::config::{rope_inv_freq, LlamaConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::kv_cache::SeqCache;
 use crate::linear::{Linear, RawWeight, WeightDType};
+use crate::lora::{AdapterId, AdapterRows};
 use crate::kernels::attention::{decode_attention, rope_inplace};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -56,10 +58,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// `down(silu(gate(x)) * up(x))`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `down(silu(gate(x)) * up(x))`, with the adapters of `adapters` on their rows.
+    pub fn forward(&self, x: &Tensor, adapters: &AdapterRows) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        let mut gu = Linear::forward_many(x, &[&self.gate_proj, &self.up_proj])?;
+        let mut gu = Linear::forward_many(x, &[&self.gate_proj, &self.up_proj], adapters)?;
         let u = gu.pop().unwrap_or_default();
         let mut g = gu.pop().unwrap_or_default();
         // SwiGLU in place: silu(g) * u.
@@ -67,7 +69,7 @@ impl Mlp {
             *a = *a / (1.0 + (-*a).exp()) * b;
         }
         let h = Tensor::from_vec(g, (rows, self.gate_proj.out_features), x.device())?;
-        self.down_proj.forward(&h)
+        self.down_proj.forward(&h, adapters)
     }
 }
 
@@ -133,6 +135,9 @@ pub struct SeqInput<'a> {
     pub cache: &'a mut SeqCache,
     /// Which logits to return.
     pub logits: Logits,
+    /// The registered adapter this sequence runs with ([`Llama::add_adapter`]), or `None`
+    /// for the base model.
+    pub adapter: Option<AdapterId>,
 }
 
 /// A llama-family causal language model. Cloning is cheap: weights are shared.
@@ -153,6 +158,10 @@ pub struct Llama {
     /// RoPE tables `[positions, head_dim / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Registered adapters, oldest first (their factors live in the layers).
+    pub(crate) adapters: Vec<AdapterId>,
+    /// The id the next registered adapter gets.
+    pub(crate) next_adapter: u64,
 }
 
 /// Source of weights by HF name.
@@ -248,6 +257,8 @@ impl Llama {
             dtype,
             cos,
             sin,
+            adapters: Vec::new(),
+            next_adapter: 0,
         })
     }
 
@@ -257,13 +268,20 @@ impl Llama {
         SeqCache::new(c.num_layers, c.num_kv_heads, c.head_dim, c.max_position_embeddings)
     }
 
-    /// Logits `[ids.len(), vocab]` at every position of one sequence, from scratch.
+    /// Logits `[ids.len(), vocab]` at every position of one sequence, from scratch, with
+    /// the base model.
     pub fn logits_all(&self, ids: &[u32]) -> Result<Tensor> {
+        self.logits_all_with(ids, None)
+    }
+
+    /// [`Llama::logits_all`] with a registered adapter (or none).
+    pub fn logits_all_with(&self, ids: &[u32], adapter: Option<AdapterId>) -> Result<Tensor> {
         let mut cache = self.new_cache();
         let mut out = self.forward(&mut [SeqInput {
             tokens: ids,
             cache: &mut cache,
             logits: Logits::All,
+            adapter,
         }])?;
         out.pop()
             .flatten()
@@ -294,6 +312,9 @@ impl Llama {
                 return Err(Error::Config("a sequence in the batch has no new tokens".into()));
             }
             s.cache.check_room(s.tokens.len())?;
+            if let Some(id) = s.adapter.filter(|id| !self.has_adapter(*id)) {
+                return Err(Error::Adapter(format!("{id} is not registered in this model")));
+            }
         }
         for s in batch.iter_mut() {
             s.cache.reserve(s.tokens.len())?;
@@ -307,13 +328,14 @@ impl Llama {
         }
         let n = all_ids.len();
         let ids = Tensor::from_vec(all_ids, n, &Device::Cpu)?;
+        let adapters = AdapterRows::from_sequences(batch.iter().map(|s| (s.adapter, s.tokens.len())))?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (li, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x)?;
-            let attn = self.attention(li, &block.self_attn, &h, batch)?;
-            x = (x + block.self_attn.o_proj.forward(&attn)?)?;
+            let attn = self.attention(li, &block.self_attn, &h, batch, &adapters)?;
+            x = (x + block.self_attn.o_proj.forward(&attn, &adapters)?)?;
             let h = block.post_attention_layernorm.forward(&x)?;
-            x = (x + block.mlp.forward(&h)?)?;
+            x = (x + block.mlp.forward(&h, &adapters)?)?;
         }
         for s in batch.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -342,7 +364,7 @@ impl Llama {
         } else {
             x.index_select(&Tensor::from_vec(rows, nrows, &Device::Cpu)?, 0)?
         };
-        let logits = self.lm_head.forward(&self.norm.forward(&sel)?)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&sel)?, &AdapterRows::none())?;
         spans
             .into_iter()
             .map(|(start, len)| {
@@ -355,13 +377,20 @@ impl Llama {
             .collect()
     }
 
-    fn attention(&self, layer: usize, a: &Attention, h: &Tensor, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
+    fn attention(
+        &self,
+        layer: usize,
+        a: &Attention,
+        h: &Tensor,
+        batch: &mut [SeqInput<'_>],
+        adapters: &AdapterRows,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (qw, kw) = (nh * hd, nkv * hd);
         let half = hd / 2;
         let interleaved = c.rope_style == RopeStyle::Interleaved;
-        let mut qkv = Linear::forward_many(h, &[&a.q_proj, &a.k_proj, &a.v_proj])?;
+        let mut qkv = Linear::forward_many(h, &[&a.q_proj, &a.k_proj, &a.v_proj], adapters)?;
         let v = qkv.pop().unwrap_or_default();
         let mut k = qkv.pop().unwrap_or_default();
         let mut q = qkv.pop().unwrap_or_default();

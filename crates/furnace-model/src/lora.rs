@@ -1,5 +1,12 @@
 //! LoRA adapters in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`),
-//! attached to a model's [`Linear`] layers: `y = W x + (alpha / r) B A x`.
+//! registered in a model's [`Linear`] layers: `y = W x + (alpha / r) B A x`.
+//!
+//! A model holds any number of adapters at once. [`Llama::add_adapter`] gives each an
+//! [`AdapterId`], and every targeted [`Linear`] keeps that adapter's factors next to the
+//! others'. Each sequence of a ragged forward pass names the adapter it runs with (or none);
+//! [`AdapterRows`] says which rows of the pass belong to which adapter, and each layer adds
+//! an adapter's low-rank update to that adapter's rows only, after the base product that
+//! runs once over all rows. Rows without an adapter get the base model exactly.
 //!
 //! Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021), and
 //! PEFT's `LoraModel`. Key names follow PEFT, e.g.
@@ -13,6 +20,7 @@ use crate::llama::Llama;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::fmt;
 use std::path::Path;
 
 /// The projections LoRA can target, in PEFT's names.
@@ -161,14 +169,115 @@ impl PeftAdapter {
     }
 }
 
+/// Identifies an adapter registered in a [`Llama`] by [`Llama::add_adapter`]. A model never
+/// reuses an id, so an id that was removed stays unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterId(u64);
+
+impl fmt::Display for AdapterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "adapter #{}", self.0)
+    }
+}
+
+/// The rows of one forward pass that run with one adapter.
+#[derive(Debug)]
+struct RowGroup {
+    adapter: AdapterId,
+    /// Row indices, ascending.
+    rows: Vec<u32>,
+    /// The rows as an index tensor, when they are not one contiguous span.
+    index: Option<Tensor>,
+}
+
+impl RowGroup {
+    /// The rows of `x` that belong to this group.
+    fn select(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.index {
+            Some(index) => x.index_select(index, 0)?,
+            None => x.narrow(0, self.rows[0] as usize, self.rows.len())?,
+        })
+    }
+}
+
+/// Which rows of a forward pass run with which adapter. Rows in no group run with the base
+/// weights only. Built once per pass and handed to every [`Linear`] of it.
+#[derive(Debug, Default)]
+pub struct AdapterRows {
+    groups: Vec<RowGroup>,
+}
+
+impl AdapterRows {
+    /// Every row runs with the base weights only.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The rows of a ragged batch: its sequences in order, each as (its adapter, its number
+    /// of rows). Rows of sequences with the same adapter form one group, wherever they are.
+    pub fn from_sequences(seqs: impl IntoIterator<Item = (Option<AdapterId>, usize)>) -> Result<Self> {
+        let mut grouped: Vec<(AdapterId, Vec<u32>)> = Vec::new();
+        let mut row = 0usize;
+        for (adapter, n) in seqs {
+            let span = row as u32..(row + n) as u32;
+            row += n;
+            let Some(id) = adapter else { continue };
+            match grouped.iter_mut().find(|(a, _)| *a == id) {
+                Some((_, rows)) => rows.extend(span),
+                None => grouped.push((id, span.collect())),
+            }
+        }
+        let groups = grouped
+            .into_iter()
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(adapter, rows)| {
+                let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
+                let index = if contiguous {
+                    None
+                } else {
+                    Some(Tensor::from_slice(&rows, rows.len(), &Device::Cpu)?)
+                };
+                Ok(RowGroup { adapter, rows, index })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { groups })
+    }
+
+    /// Whether no row runs with an adapter.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Whether any group's adapter has factors in `lora` (a layer's adapters).
+    pub(crate) fn touches(&self, lora: &[(AdapterId, LoraWeights)]) -> bool {
+        self.groups.iter().any(|g| lora.iter().any(|(id, _)| *id == g.adapter))
+    }
+
+    /// Adds each adapter's update `scale * (x A^T) B^T` to its own rows of `y`
+    /// (`[rows, out]`, row-major), for the adapters in `lora` (a layer's adapters).
+    pub(crate) fn add_updates(&self, lora: &[(AdapterId, LoraWeights)], x: &Tensor, y: &mut [f32], out: usize) -> Result<()> {
+        for g in &self.groups {
+            let Some((_, w)) = lora.iter().find(|(id, _)| *id == g.adapter) else { continue };
+            let d = w.delta(&g.select(x)?)?.flatten_all()?.to_vec1::<f32>()?;
+            for (&r, dr) in g.rows.iter().zip(d.chunks_exact(out)) {
+                let r = r as usize;
+                y[r * out..(r + 1) * out].iter_mut().zip(dr).for_each(|(o, v)| *o += v);
+            }
+        }
+        Ok(())
+    }
+}
+
 fn module_mut<'a>(model: &'a mut Llama, layer: usize, module: &str) -> Option<&'a mut Linear> {
     model.layers.get_mut(layer)?.projection_mut(module)
 }
 
 impl Llama {
-    /// Attaches a PEFT adapter to every targeted layer (replacing any attached before).
-    /// Shapes are checked before anything changes, so a bad adapter leaves the model as it was.
-    pub fn attach_adapter(&mut self, adapter: &PeftAdapter) -> Result<()> {
+    /// Registers a PEFT adapter: every layer it targets keeps its factors, and sequences
+    /// that name the returned id in [`crate::SeqInput::adapter`] run with it. Other
+    /// sequences, and adapters registered before, are unaffected. Shapes are checked before
+    /// anything changes, so a bad adapter leaves the model as it was.
+    pub fn add_adapter(&mut self, adapter: &PeftAdapter) -> Result<AdapterId> {
         let cfg = &adapter.config;
         let scale = cfg.scale();
         let mut staged = Vec::new();
@@ -199,23 +308,40 @@ impl Llama {
                 staged.push((layer, module, LoraWeights { a, b, scale }));
             }
         }
-        self.detach_adapter();
+        let id = AdapterId(self.next_adapter);
+        self.next_adapter += 1;
         for (layer, module, w) in staged {
             if let Some(lin) = module_mut(self, layer, &module) {
-                lin.lora = Some(w);
+                lin.lora.push((id, w));
             }
         }
-        Ok(())
+        self.adapters.push(id);
+        Ok(id)
     }
 
-    /// Removes every attached adapter.
-    pub fn detach_adapter(&mut self) {
+    /// Removes an adapter's factors from every layer. Returns whether it was registered.
+    pub fn remove_adapter(&mut self, id: AdapterId) -> bool {
+        let Some(pos) = self.adapters.iter().position(|a| *a == id) else {
+            return false;
+        };
+        self.adapters.remove(pos);
         for layer in 0..self.layers.len() {
             for module in TARGETS {
                 if let Some(lin) = module_mut(self, layer, module) {
-                    lin.lora = None;
+                    lin.lora.retain(|(a, _)| *a != id);
                 }
             }
         }
+        true
+    }
+
+    /// The registered adapters, oldest first.
+    pub fn adapters(&self) -> &[AdapterId] {
+        &self.adapters
+    }
+
+    /// Whether `id` is registered.
+    pub fn has_adapter(&self, id: AdapterId) -> bool {
+        self.adapters.contains(&id)
     }
 }

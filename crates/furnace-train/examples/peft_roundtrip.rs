@@ -15,9 +15,9 @@ fn main() -> anyhow::Result<()> {
         p.b.iter_mut().for_each(|v| *v = 0.1);
     }
     lora.save_peft(&out.join("adapter"), "tiny-llama")?;
-    m.model.attach_adapter(&lora.to_adapter()?)?;
+    let adapter = m.model.add_adapter(&lora.to_adapter()?)?;
     let ids = [1604u32, 3987, 46477, 24, 94, 727];
-    let logits = m.model.logits_all(&ids)?.to_vec2::<f32>()?;
+    let logits = m.model.logits_all_with(&ids, Some(adapter))?.to_vec2::<f32>()?;
     std::fs::write(out.join("logits.json"), serde_json::to_string(&serde_json::json!({"ids": ids, "logits": logits}))?)?;
     println!("{}", out.display());
     Ok(())

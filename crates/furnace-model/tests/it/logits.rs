@@ -42,7 +42,7 @@ fn check_tiny(dir: &str) -> anyhow::Result<()> {
         // The KV-cached incremental forward gives the same logits, token by token.
         let mut cache = m.model.new_cache();
         for (i, &id) in ids.iter().enumerate() {
-            let out = m.model.forward(&mut [SeqInput { tokens: &[id], cache: &mut cache, logits: Logits::Last }])?;
+            let out = m.model.forward(&mut [SeqInput { tokens: &[id], cache: &mut cache, logits: Logits::Last, adapter: None }])?;
             let row = out[0].clone().expect("logits");
             let diff = max_abs_diff(&row, &got.narrow(0, i, 1)?);
             assert!(diff < 1e-4, "{dir}: incremental position {i} differs by {diff}");
@@ -72,8 +72,8 @@ fn ragged_batch_equals_sequences_alone() -> anyhow::Result<()> {
     let alone_b = m.model.logits_all(&b)?;
     let (mut ca, mut cb) = (m.model.new_cache(), m.model.new_cache());
     let out = m.model.forward(&mut [
-        SeqInput { tokens: &a, cache: &mut ca, logits: Logits::All },
-        SeqInput { tokens: &b, cache: &mut cb, logits: Logits::Last },
+        SeqInput { tokens: &a, cache: &mut ca, logits: Logits::All, adapter: None },
+        SeqInput { tokens: &b, cache: &mut cb, logits: Logits::Last, adapter: None },
     ])?;
     let oa = out[0].clone().expect("a");
     let ob = out[1].clone().expect("b");

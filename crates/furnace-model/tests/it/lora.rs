@@ -1,4 +1,4 @@
-//! PEFT LoRA adapters: loading, attaching, logits against the PEFT reference.
+//! PEFT LoRA adapters: loading, registering, logits against the PEFT reference.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common::max_abs_diff;
@@ -14,14 +14,16 @@ fn peft_adapter_logits_match_reference() -> anyhow::Result<()> {
     let adapter = PeftAdapter::load(&testdata().join(case["adapter_dir"].as_str().expect("dir")))?;
     assert_eq!(adapter.config.r, 8);
     assert_eq!(adapter.config.scale(), 2.0);
-    m.model.attach_adapter(&adapter)?;
-    let got = m.model.logits_all(&ids)?;
+    let id = m.model.add_adapter(&adapter)?;
+    let got = m.model.logits_all_with(&ids, Some(id))?;
     let reference = candle_core::safetensors::load(testdata().join("lora_logits.safetensors"), &candle_core::Device::Cpu)?;
     let diff = max_abs_diff(&got, &reference["logits"]);
     assert!(diff < 1e-3, "max |diff| = {diff}");
     assert!(max_abs_diff(&got, &base) > 0.1, "the adapter changes the logits");
-    // Detaching restores the base model exactly.
-    m.model.detach_adapter();
+    // Sequences without the adapter get the base model exactly, and so does the model once
+    // the adapter is removed.
+    assert_eq!(max_abs_diff(&m.model.logits_all(&ids)?, &base), 0.0);
+    assert!(m.model.remove_adapter(id));
     assert_eq!(max_abs_diff(&m.model.logits_all(&ids)?, &base), 0.0);
     Ok(())
 }
@@ -34,9 +36,9 @@ fn adapter_applies_in_every_weight_storage() -> anyhow::Result<()> {
     let reference = candle_core::safetensors::load(testdata().join("lora_logits.safetensors"), &candle_core::Device::Cpu)?;
     for dt in [WeightDType::Bf16, WeightDType::Quantized] {
         let mut m = LoadedModel::load(&smollm2_gguf(), dt)?;
-        m.model.attach_adapter(&adapter)?;
+        let adapter_id = m.model.add_adapter(&adapter)?;
         // Prefill (many rows) and the KV-cached single-row path both carry the adapter.
-        let all = m.model.logits_all(&ids)?;
+        let all = m.model.logits_all_with(&ids, Some(adapter_id))?;
         let diff = max_abs_diff(&all, &reference["logits"]);
         // bf16 activations and Q8_0 weights move logits by up to ~1 on a 49k vocabulary;
         // the answer ("Paris" after "The capital of France is") must still be the reference's.
@@ -46,7 +48,7 @@ fn adapter_applies_in_every_weight_storage() -> anyhow::Result<()> {
         let mut cache = m.model.new_cache();
         let mut last = None;
         for &id in &ids {
-            last = m.model.forward(&mut [furnace_model::SeqInput { tokens: &[id], cache: &mut cache, logits: furnace_model::Logits::Last }])?.pop().flatten();
+            last = m.model.forward(&mut [furnace_model::SeqInput { tokens: &[id], cache: &mut cache, logits: furnace_model::Logits::Last, adapter: Some(adapter_id) }])?.pop().flatten();
         }
         let d = max_abs_diff(&last.expect("logits"), &reference["logits"].narrow(0, ids.len() - 1, 1)?);
         assert!(d < 1.5, "{dt:?} incremental: {d}");
@@ -82,8 +84,9 @@ fn bad_adapters_are_clear_errors_and_leave_the_model_alone() -> anyhow::Result<(
     write(&c)?;
     let adapter = PeftAdapter::load(dir.path())?;
     let mut m = LoadedModel::load(&testdata().join("tiny-llama"), WeightDType::F32)?;
-    let e = m.model.attach_adapter(&adapter).expect_err("shape error");
+    let e = m.model.add_adapter(&adapter).expect_err("shape error");
     assert!(e.to_string().contains("do not fit"), "{e}");
-    assert!(m.model.layers[0].self_attn.q_proj.lora.is_none());
+    assert!(m.model.layers[0].self_attn.q_proj.lora.is_empty());
+    assert!(m.model.adapters().is_empty());
     Ok(())
 }
