@@ -3,24 +3,33 @@
 //! still in prefill and one token of every sequence in decode; sequences that finish leave
 //! and waiting ones join at the next step (continuous batching). Each sequence has its own
 //! sampling parameters, RNG and stop conditions, so its tokens do not depend on its
-//! neighbours.
+//! neighbours, and may run with its own LoRA adapter (registered in the model, named in the
+//! engine): the model applies each adapter to its own rows of the pass.
+//!
+//! [`Engine`] borrows its model and is driven by its caller, on the caller's thread. The
+//! scheduling and sampling state lives in `Batch`, which takes the model as an argument of
+//! each call; [`crate::service`] runs the same `Batch` on a thread that owns the model.
 
 use crate::error::{Error, Result};
 use crate::sampling::{sample, Rng, SamplingParams};
-use furnace_model::{Llama, Logits, SeqCache, SeqInput};
+use furnace_model::{AdapterId, Llama, Logits, SeqCache, SeqInput};
 use furnace_text::{IncrementalDecoder, Tokenizer};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Identifies a request inside one engine (its submission index).
 pub type SeqId = usize;
 
 /// One generation request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Request {
     /// Prompt token ids (chat template already applied).
     pub prompt: Vec<u32>,
     /// Sampling and stopping.
     pub params: SamplingParams,
+    /// The LoRA adapter to generate with, by name ([`Engine::name_adapter`], or an adapter
+    /// loaded into the service: [`crate::EngineHandle::load_adapter`]); `None` for the base
+    /// model.
+    pub adapter: Option<String>,
 }
 
 /// Why a sequence stopped.
@@ -33,6 +42,11 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached, or the context is full.
     Length,
+    /// Aborted by the caller, or by the service shutting down.
+    Abort,
+    /// The engine failed while the sequence ran (the message says how); the text generated
+    /// so far comes with the event.
+    Error(String),
 }
 
 /// What happened to one sequence during a step.
@@ -106,24 +120,57 @@ struct Seq {
     /// Bytes of `text` already emitted.
     emitted: usize,
     finish: Option<FinishReason>,
+    /// The adapter the sequence runs with.
+    adapter: Option<AdapterId>,
 }
 
-/// The generation engine over one model.
-pub struct Engine<'m> {
-    model: &'m Llama,
+impl Seq {
+    /// Ends the sequence: releases the text still held back and emits `Finished`.
+    fn finish(&mut self, reason: FinishReason, on_event: &mut dyn FnMut(Event)) {
+        // A stop string already cut the text; otherwise release what the decoder held back
+        // (an incomplete character at the very end). The decoder has decoded these ids
+        // before, so this does not fail; if it did, the held-back bytes are lost, never the
+        // event.
+        if reason != FinishReason::Stop {
+            if let Ok(tail) = self.decoder.flush() {
+                self.text.push_str(&tail);
+            }
+        }
+        let rest = self.text[self.emitted.min(self.text.len())..].to_string();
+        self.emitted = self.text.len();
+        on_event(Event::Finished {
+            seq: self.id,
+            text: rest,
+            reason: reason.clone(),
+        });
+        self.finish = Some(reason);
+    }
+
+    fn into_output(self) -> Output {
+        Output {
+            prompt_ids: self.prompt,
+            new_ids: self.generated,
+            text: self.text,
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+        }
+    }
+}
+
+/// The queue, the running batch and the finished outputs of one engine: everything but the
+/// model, which every call that computes takes as an argument. [`Engine`] pairs it with a
+/// borrowed model; the service's thread pairs it with the model it owns.
+pub(crate) struct Batch {
     tokenizer: Tokenizer,
     opts: EngineOptions,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
-    done: Vec<Option<Output>>,
+    done: BTreeMap<SeqId, Output>,
     next_id: SeqId,
 }
 
-impl<'m> Engine<'m> {
-    /// A new engine; the tokenizer decodes text and knows the end-of-sequence ids.
-    pub fn new(model: &'m Llama, tokenizer: &Tokenizer, opts: EngineOptions) -> Self {
+impl Batch {
+    pub(crate) fn new(tokenizer: &Tokenizer, opts: EngineOptions) -> Self {
         Self {
-            model,
             tokenizer: tokenizer.clone(),
             opts: EngineOptions {
                 max_batch: opts.max_batch.max(1),
@@ -131,35 +178,41 @@ impl<'m> Engine<'m> {
             },
             waiting: VecDeque::new(),
             running: Vec::new(),
-            done: Vec::new(),
+            done: BTreeMap::new(),
             next_id: 0,
         }
     }
 
-    /// Queues a request; errors (empty prompt, prompt longer than the context, bad
-    /// parameters) are reported here, before any compute.
-    pub fn add(&mut self, req: Request) -> Result<SeqId> {
+    /// Checks a request against the model (empty prompt, prompt longer than the context,
+    /// bad parameters, ids outside the vocabulary); its adapter is the caller's business.
+    pub(crate) fn check(&self, model: &Llama, req: &Request) -> Result<()> {
         req.params.validate().map_err(Error::InvalidParams)?;
         if req.prompt.is_empty() {
             return Err(Error::EmptyPrompt);
         }
-        let max = self.model.config.max_position_embeddings;
+        let max = model.config.max_position_embeddings;
         if req.prompt.len() >= max {
             return Err(Error::PromptTooLong {
                 len: req.prompt.len(),
                 max,
             });
         }
-        let vocab = self.model.config.vocab_size;
+        let vocab = model.config.vocab_size;
         if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::Model(furnace_model::Error::TokenOutOfRange { id: bad, vocab }));
         }
+        Ok(())
+    }
+
+    /// Checks and queues a request that runs with `adapter` (registered in `model`).
+    pub(crate) fn add(&mut self, model: &Llama, req: Request, adapter: Option<AdapterId>) -> Result<SeqId> {
+        self.check(model, &req)?;
         let id = self.next_id;
         self.next_id += 1;
         let seed = req.params.seed.unwrap_or_else(clock_seed);
         self.waiting.push_back(Seq {
             id,
-            cache: self.model.new_cache(),
+            cache: model.new_cache(),
             prompt: req.prompt,
             rng: Rng::new(seed),
             params: req.params,
@@ -169,24 +222,29 @@ impl<'m> Engine<'m> {
             text: String::new(),
             emitted: 0,
             finish: None,
+            adapter,
         });
-        self.done.push(None);
         Ok(id)
     }
 
-    /// Whether any request is waiting or running.
-    pub fn has_work(&self) -> bool {
+    pub(crate) fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
-    /// Sequences in the running batch.
-    pub fn running(&self) -> usize {
+    pub(crate) fn running(&self) -> usize {
         self.running.len()
     }
 
-    /// Runs one forward pass over the running batch (admitting waiting requests first) and
-    /// reports what happened through `on_event`.
-    pub fn step(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+    /// Queued and running sequences that run with `adapter`.
+    pub(crate) fn adapter_users(&self, adapter: AdapterId) -> usize {
+        self.waiting
+            .iter()
+            .chain(&self.running)
+            .filter(|s| s.adapter == Some(adapter))
+            .count()
+    }
+
+    pub(crate) fn step(&mut self, model: &Llama, on_event: &mut dyn FnMut(Event)) -> Result<()> {
         while self.running.len() < self.opts.max_batch {
             match self.waiting.pop_front() {
                 Some(s) => self.running.push(s),
@@ -204,6 +262,7 @@ impl<'m> Engine<'m> {
                 prefilled,
                 generated,
                 cache,
+                adapter,
                 ..
             } = s;
             if *prefilled < prompt.len() {
@@ -212,7 +271,7 @@ impl<'m> Engine<'m> {
                     tokens: &prompt[*prefilled..end],
                     cache,
                     logits: if end == prompt.len() { Logits::Last } else { Logits::None },
-                    adapter: None,
+                    adapter: *adapter,
                 });
             } else {
                 let last = generated.len() - 1;
@@ -220,11 +279,11 @@ impl<'m> Engine<'m> {
                     tokens: &generated[last..],
                     cache,
                     logits: Logits::Last,
-                    adapter: None,
+                    adapter: *adapter,
                 });
             }
         }
-        let logits = self.model.forward(&mut inputs)?;
+        let logits = model.forward(&mut inputs)?;
         drop(inputs);
         for (s, l) in self.running.iter_mut().zip(logits) {
             if s.prefilled < s.prompt.len() {
@@ -241,61 +300,157 @@ impl<'m> Engine<'m> {
                 sample(&mut row, &s.params, &seen, &mut s.rng)
             };
             s.generated.push(id);
+            let mut finish = None;
             let is_eos = s.params.stop_at_eos && self.tokenizer.is_eos(id);
             if is_eos {
-                s.finish = Some(FinishReason::Eos);
+                finish = Some(FinishReason::Eos);
             } else {
                 s.text.push_str(&s.decoder.push(id)?);
                 if let Some(cut) = find_stop(&s.text, &s.params.stop) {
                     s.text.truncate(cut);
-                    s.finish = Some(FinishReason::Stop);
+                    finish = Some(FinishReason::Stop);
                 }
             }
-            if s.finish.is_none()
+            if finish.is_none()
                 && (s.generated.len() >= s.params.max_tokens
                     || s.cache.len() + 1 >= s.cache.max_len())
             {
-                s.finish = Some(FinishReason::Length);
+                finish = Some(FinishReason::Length);
             }
-            if s.finish.is_none() {
-                let safe = s.text.len() - stop_prefix_overlap(&s.text, &s.params.stop);
-                let text = s.text[s.emitted..safe.max(s.emitted)].to_string();
-                s.emitted = safe.max(s.emitted);
-                on_event(Event::Token { seq: s.id, id, text });
-            } else {
-                // A stop string already cut the text; otherwise release what the decoder
-                // held back (an incomplete character at the very end).
-                if s.finish != Some(FinishReason::Stop) {
-                    s.text.push_str(&s.decoder.flush()?);
+            match finish {
+                None => {
+                    let safe = s.text.len() - stop_prefix_overlap(&s.text, &s.params.stop);
+                    let text = s.text[s.emitted..safe.max(s.emitted)].to_string();
+                    s.emitted = safe.max(s.emitted);
+                    on_event(Event::Token { seq: s.id, id, text });
                 }
-                on_event(Event::Token { seq: s.id, id, text: String::new() });
-                let rest = s.text[s.emitted.min(s.text.len())..].to_string();
-                s.emitted = s.text.len();
-                on_event(Event::Finished {
-                    seq: s.id,
-                    text: rest,
-                    reason: s.finish.clone().unwrap_or(FinishReason::Length),
-                });
+                Some(reason) => {
+                    on_event(Event::Token { seq: s.id, id, text: String::new() });
+                    s.finish(reason, on_event);
+                }
             }
         }
+        self.retire_finished();
+        Ok(())
+    }
+
+    /// Moves finished running sequences to the outputs.
+    fn retire_finished(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].finish.is_some() {
                 let s = self.running.swap_remove(i);
-                let slot = &mut self.done[s.id];
-                *slot = Some(Output {
-                    prompt_ids: s.prompt,
-                    new_ids: s.generated,
-                    text: s.text,
-                    finish_reason: s.finish.unwrap_or(FinishReason::Length),
-                });
+                self.done.insert(s.id, s.into_output());
             } else {
                 i += 1;
             }
         }
         // Keep submission order among running sequences (swap_remove reorders).
         self.running.sort_by_key(|s| s.id);
+    }
+
+    /// Ends a queued or running sequence with [`FinishReason::Abort`]; false when no such
+    /// sequence is waiting or running.
+    pub(crate) fn abort(&mut self, id: SeqId, on_event: &mut dyn FnMut(Event)) -> bool {
+        let s = match self.running.iter().position(|s| s.id == id) {
+            Some(i) => self.running.remove(i),
+            None => match self.waiting.iter().position(|s| s.id == id) {
+                Some(i) => match self.waiting.remove(i) {
+                    Some(s) => s,
+                    None => return false,
+                },
+                None => return false,
+            },
+        };
+        self.end(s, FinishReason::Abort, on_event);
+        true
+    }
+
+    /// Ends every running sequence, and every queued one too when `waiting`, with `reason`
+    /// (a sequence that already finished keeps its own).
+    pub(crate) fn end_all(&mut self, waiting: bool, reason: FinishReason, on_event: &mut dyn FnMut(Event)) {
+        let mut ended: Vec<Seq> = self.running.drain(..).collect();
+        if waiting {
+            ended.extend(self.waiting.drain(..));
+        }
+        ended.sort_by_key(|s| s.id);
+        for s in ended {
+            self.end(s, reason.clone(), on_event);
+        }
+    }
+
+    fn end(&mut self, mut s: Seq, reason: FinishReason, on_event: &mut dyn FnMut(Event)) {
+        if s.finish.is_none() {
+            s.finish(reason, on_event);
+        }
+        self.done.insert(s.id, s.into_output());
+    }
+
+    pub(crate) fn take_finished(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.done).into_values().collect()
+    }
+}
+
+/// The generation engine over a borrowed model, driven on the caller's thread.
+pub struct Engine<'m> {
+    model: &'m Llama,
+    batch: Batch,
+    /// Adapter names requests may use, with their ids in the model.
+    adapters: HashMap<String, AdapterId>,
+}
+
+impl<'m> Engine<'m> {
+    /// A new engine; the tokenizer decodes text and knows the end-of-sequence ids.
+    pub fn new(model: &'m Llama, tokenizer: &Tokenizer, opts: EngineOptions) -> Self {
+        Self {
+            model,
+            batch: Batch::new(tokenizer, opts),
+            adapters: HashMap::new(),
+        }
+    }
+
+    /// Lets requests name an adapter registered in the model ([`Llama::add_adapter`]) as
+    /// `name` ([`Request::adapter`]).
+    pub fn name_adapter(&mut self, name: impl Into<String>, id: AdapterId) -> Result<()> {
+        if !self.model.has_adapter(id) {
+            return Err(Error::Model(furnace_model::Error::Adapter(format!("{id} is not registered in the model"))));
+        }
+        self.adapters.insert(name.into(), id);
         Ok(())
+    }
+
+    /// Queues a request; errors (empty prompt, prompt longer than the context, bad
+    /// parameters, an adapter name the engine does not know) are reported here, before any
+    /// compute.
+    pub fn add(&mut self, req: Request) -> Result<SeqId> {
+        let adapter = match &req.adapter {
+            Some(name) => Some(*self.adapters.get(name).ok_or_else(|| Error::UnknownAdapter(name.clone()))?),
+            None => None,
+        };
+        self.batch.add(self.model, req, adapter)
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        self.batch.has_work()
+    }
+
+    /// Sequences in the running batch.
+    pub fn running(&self) -> usize {
+        self.batch.running()
+    }
+
+    /// Runs one forward pass over the running batch (admitting waiting requests first) and
+    /// reports what happened through `on_event`.
+    pub fn step(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        self.batch.step(self.model, on_event)
+    }
+
+    /// Ends a waiting or running request now: it reports [`Event::Finished`] with
+    /// [`FinishReason::Abort`] and its output so far is kept. False when no such request
+    /// is waiting or running.
+    pub fn abort(&mut self, id: SeqId, on_event: &mut dyn FnMut(Event)) -> bool {
+        self.batch.abort(id, on_event)
     }
 
     /// Runs until every queued request has finished; returns outputs in submission order.
@@ -308,7 +463,7 @@ impl<'m> Engine<'m> {
 
     /// Removes and returns every finished output, in submission order.
     pub fn take_finished(&mut self) -> Vec<Output> {
-        self.done.iter_mut().filter_map(Option::take).collect()
+        self.batch.take_finished()
     }
 }
 

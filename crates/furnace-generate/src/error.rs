@@ -17,6 +17,33 @@ pub enum Error {
     /// A sampling parameter is out of range.
     #[error("invalid sampling parameters: {0}")]
     InvalidParams(String),
+    /// A request names an adapter the engine does not know.
+    #[error("no adapter named '{0}' is loaded")]
+    UnknownAdapter(String),
+    /// An adapter cannot be unloaded or replaced while requests use it.
+    #[error("adapter '{name}' is in use by {requests} request(s): abort them or wait for them to finish")]
+    AdapterInUse {
+        /// The adapter.
+        name: String,
+        /// Queued and running requests that use it.
+        requests: usize,
+    },
+    /// Making an adapter resident would exceed the budget, and every resident adapter is in
+    /// use.
+    #[error("all {budget} resident adapters are in use by requests: wait for one to finish, or allow more resident adapters")]
+    AdapterBudget {
+        /// Most adapters resident at once.
+        budget: usize,
+    },
+    /// The engine thread has stopped (shut down, or every handle was dropped).
+    #[error("the engine has stopped")]
+    Stopped,
+    /// The engine thread panicked.
+    #[error("the engine thread panicked")]
+    Panicked,
+    /// The engine thread could not be started.
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(std::io::Error),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] furnace_model::Error),

@@ -16,7 +16,7 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
     }
     // Alone.
     for (prompt, new_ids, text) in &cases {
-        let out = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()) }], EngineOptions::default())?;
+        let out = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None }], EngineOptions::default())?;
         assert_eq!(&out[0].new_ids, new_ids);
         assert_eq!(&out[0].text, &text.trim_end_matches("<|im_end|>").to_string());
     }
@@ -26,10 +26,10 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
     let others = ["Hi", "Tell me a long story about a dragon and a knight who became friends.", "1+1="];
     for (i, (prompt, new_ids, _)) in cases.iter().enumerate() {
         let other = m.tokenizer.encode(others[i % others.len()], false)?;
-        reqs.push(Request { prompt: other, params: SamplingParams::greedy(5 + 7 * i) });
-        reqs.push(Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()) });
+        reqs.push(Request { prompt: other, params: SamplingParams::greedy(5 + 7 * i), adapter: None });
+        reqs.push(Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None });
     }
-    reqs.push(Request { prompt: m.tokenizer.encode(others[2], false)?, params: SamplingParams { temperature: 0.8, seed: Some(3), max_tokens: 9, ..Default::default() } });
+    reqs.push(Request { prompt: m.tokenizer.encode(others[2], false)?, params: SamplingParams { temperature: 0.8, seed: Some(3), max_tokens: 9, ..Default::default() }, adapter: None });
     let out = generate(&m.model, &m.tokenizer, reqs, EngineOptions { max_batch: 3, prefill_chunk: 16 })?;
     for (i, (_, new_ids, _)) in cases.iter().enumerate() {
         assert_eq!(&out[2 * i + 1].new_ids, new_ids, "case {i} in a batch");
@@ -45,16 +45,16 @@ fn seeded_sampling_is_reproducible_and_batch_independent() -> anyhow::Result<()>
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| generate(&m.model, &m.tokenizer, vec![Request { prompt: p.clone(), params: params(i as u64) }], EngineOptions::default()).expect("gen")[0].new_ids.clone())
+        .map(|(i, p)| generate(&m.model, &m.tokenizer, vec![Request { prompt: p.clone(), params: params(i as u64), adapter: None }], EngineOptions::default()).expect("gen")[0].new_ids.clone())
         .collect();
-    let again = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompts[0].clone(), params: params(0) }], EngineOptions::default())?;
+    let again = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompts[0].clone(), params: params(0), adapter: None }], EngineOptions::default())?;
     assert_eq!(again[0].new_ids, alone[0], "same seed, same tokens");
-    let other_seed = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompts[0].clone(), params: params(99) }], EngineOptions::default())?;
+    let other_seed = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompts[0].clone(), params: params(99), adapter: None }], EngineOptions::default())?;
     assert_ne!(other_seed[0].new_ids, alone[0], "another seed, other tokens");
     let batch = generate(
         &m.model,
         &m.tokenizer,
-        prompts.iter().enumerate().map(|(i, p)| Request { prompt: p.clone(), params: params(i as u64) }).collect(),
+        prompts.iter().enumerate().map(|(i, p)| Request { prompt: p.clone(), params: params(i as u64), adapter: None }).collect(),
         EngineOptions { max_batch: 2, prefill_chunk: 2 },
     )?;
     for i in 0..prompts.len() {
@@ -72,7 +72,7 @@ fn stop_strings_cut_the_text_and_streaming_matches_the_output() -> anyhow::Resul
     // The reference answer is "The capital of France is Paris." — stop at " is".
     assert!(text.starts_with("The capital of France is"));
     let mut engine = Engine::new(&m.model, &m.tokenizer, EngineOptions::default());
-    engine.add(Request { prompt, params: SamplingParams { stop: vec![" is".into()], ..SamplingParams::greedy(24) } })?;
+    engine.add(Request { prompt, params: SamplingParams { stop: vec![" is".into()], ..SamplingParams::greedy(24) }, adapter: None })?;
     let mut streamed = String::new();
     let mut finished = None;
     let out = engine.run(&mut |ev| match ev {
@@ -93,14 +93,14 @@ fn stop_strings_cut_the_text_and_streaming_matches_the_output() -> anyhow::Resul
 fn bad_requests_are_clear_errors() {
     let m = tiny();
     let mut e = Engine::new(&m.model, &m.tokenizer, EngineOptions::default());
-    assert!(matches!(e.add(Request { prompt: vec![], params: SamplingParams::default() }), Err(Error::EmptyPrompt)));
+    assert!(matches!(e.add(Request { prompt: vec![], params: SamplingParams::default(), adapter: None }), Err(Error::EmptyPrompt)));
     let max = m.model.config.max_position_embeddings;
-    match e.add(Request { prompt: vec![5; max + 10], params: SamplingParams::default() }) {
+    match e.add(Request { prompt: vec![5; max + 10], params: SamplingParams::default(), adapter: None }) {
         Err(err @ Error::PromptTooLong { .. }) => assert!(err.to_string().contains(&max.to_string())),
         other => panic!("unexpected {:?}", other.err()),
     }
     assert!(matches!(
-        e.add(Request { prompt: vec![5], params: SamplingParams { top_p: 0.0, ..Default::default() } }),
+        e.add(Request { prompt: vec![5], params: SamplingParams { top_p: 0.0, ..Default::default() }, adapter: None }),
         Err(Error::InvalidParams(_))
     ));
     assert!(!e.has_work(), "rejected requests are not queued");
@@ -110,7 +110,7 @@ fn bad_requests_are_clear_errors() {
 fn generation_stops_when_the_context_is_full() -> anyhow::Result<()> {
     let m = tiny();
     let max = m.model.config.max_position_embeddings;
-    let out = generate(&m.model, &m.tokenizer, vec![Request { prompt: vec![5; max - 3], params: SamplingParams { max_tokens: 100, stop_at_eos: false, ..Default::default() } }], EngineOptions::default())?;
+    let out = generate(&m.model, &m.tokenizer, vec![Request { prompt: vec![5; max - 3], params: SamplingParams { max_tokens: 100, stop_at_eos: false, ..Default::default() }, adapter: None }], EngineOptions::default())?;
     assert_eq!(out[0].finish_reason, FinishReason::Length);
     assert!(out[0].new_ids.len() <= 3);
     Ok(())
