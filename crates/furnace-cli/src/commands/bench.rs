@@ -220,6 +220,7 @@ fn decode_rate(
                 stop_at_eos: false,
                 ..SamplingParams::greedy(new)
             },
+            adapter: None,
         })?;
     }
     // First step: prefill of every prompt plus the first new token.
@@ -258,6 +259,7 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
             tokens: &prompt[..prompt.len().min(32)],
             cache: &mut cache,
             logits: Logits::Last,
+            adapter: None,
         }])?;
     }
     let mut prefill = Vec::new();
@@ -268,6 +270,7 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
             tokens: &prompt,
             cache: &mut cache,
             logits: Logits::Last,
+            adapter: None,
         }])?;
         prefill.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
     }

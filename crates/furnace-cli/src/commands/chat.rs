@@ -1,11 +1,12 @@
-//! `furnace chat`: an interactive chat in the terminal.
+//! `furnace chat`: an interactive chat in the terminal, on the serving engine (the same as
+//! `furnace generate`'s).
 
 use crate::args::{ModelArg, SamplingArgs};
-use crate::commands::generate::prompt_ids;
-use crate::models::load_with_adapter;
+use crate::commands::generate::{prompt_ids, start_engine, stream};
+use crate::models::load;
 use anyhow::Result;
 use clap::Args;
-use furnace_generate::{Engine, EngineOptions, Event, Request};
+use furnace_generate::Request;
 use furnace_model::WeightDType;
 use furnace_text::ChatMessage;
 use std::io::{BufRead, Write};
@@ -21,7 +22,7 @@ pub struct ChatArgs {
     /// How weights are held: f32, bf16, quantized.
     #[arg(long, default_value = "quantized")]
     dtype: WeightDType,
-    /// Apply a PEFT LoRA adapter directory.
+    /// Chat with a PEFT LoRA adapter directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[command(flatten)]
@@ -29,7 +30,8 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let loaded = load_with_adapter(&a.model.model, a.dtype, a.adapter.as_ref())?;
+    let loaded = load(&a.model.model, a.dtype)?;
+    let (engine, adapter) = start_engine(&loaded, a.adapter.as_deref())?;
     let mut history: Vec<ChatMessage> = Vec::new();
     let reset = |h: &mut Vec<ChatMessage>| {
         h.clear();
@@ -59,25 +61,25 @@ pub fn run(a: ChatArgs) -> Result<()> {
         }
         history.push(ChatMessage::new("user", line));
         let ids = prompt_ids(&loaded, &history, None)?;
-        let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, EngineOptions::default());
-        if let Err(e) = engine.add(Request {
+        let request = Request {
             prompt: ids,
             params: a.sampling.params(),
-        }) {
-            eprintln!("error: {e}");
-            history.pop();
-            continue;
-        }
-        let outputs = engine.run(&mut |ev| {
-            let text = match &ev {
-                Event::Token { text, .. } | Event::Finished { text, .. } => text,
-            };
+            adapter: adapter.clone(),
+        };
+        let reply = match stream(&engine, request, &mut |text| {
             let _ = out.write_all(text.as_bytes());
             let _ = out.flush();
-        })?;
+        }) {
+            Ok(o) => o.text,
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+                continue;
+            }
+        };
         println!();
-        let reply = outputs.into_iter().next().map(|o| o.text).unwrap_or_default();
         history.push(ChatMessage::new("assistant", reply));
     }
+    engine.shutdown()?;
     Ok(())
 }

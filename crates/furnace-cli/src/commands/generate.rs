@@ -1,14 +1,16 @@
-//! `furnace generate`: one reply to one prompt, streamed to stdout.
+//! `furnace generate`: one reply to one prompt, streamed to stdout, by the serving engine
+//! (`furnace_generate::EngineHandle`), which `furnace chat` uses too.
 
 use crate::args::{ModelArg, SamplingArgs};
-use crate::models::load_with_adapter;
-use anyhow::{bail, Context, Result};
+use crate::models::load;
+use anyhow::{bail, Result};
 use clap::Args;
-use furnace_generate::{Engine, EngineOptions, Event, Request};
+use furnace_generate::{EngineHandle, Event, Output, Request, ServiceOptions};
 use furnace_model::{LoadedModel, WeightDType};
 use furnace_text::ChatMessage;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -26,7 +28,8 @@ pub struct GenerateArgs {
     /// Print {"prompt_ids", "new_ids", "text"} as JSON instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Apply a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// Generate with a PEFT LoRA adapter directory (adapter_config.json +
+    /// adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[command(flatten)]
@@ -53,33 +56,75 @@ pub fn prompt_ids(loaded: &LoadedModel, history: &[ChatMessage], raw_text: Optio
     Ok(loaded.tokenizer.encode(&rendered, false)?)
 }
 
+/// Starts the serving engine over (a clone of, sharing the weights) the model; with
+/// `adapter`, registers that PEFT adapter directory and returns the name requests select it
+/// by.
+pub fn start_engine(loaded: &LoadedModel, adapter: Option<&Path>) -> Result<(EngineHandle, Option<String>)> {
+    let engine = EngineHandle::spawn(loaded.model.clone(), &loaded.tokenizer, ServiceOptions::default())?;
+    let name = match adapter {
+        Some(dir) => {
+            let name = dir.display().to_string();
+            engine.load_adapter(&name, dir)?;
+            Some(name)
+        }
+        None => None,
+    };
+    Ok((engine, name))
+}
+
+/// Runs one request on the engine, handing each piece of text to `on_text` as it is
+/// generated; returns the whole output.
+pub fn stream(engine: &EngineHandle, request: Request, on_text: &mut dyn FnMut(&str)) -> Result<Output> {
+    let (tx, rx) = mpsc::channel();
+    let prompt_ids = request.prompt.clone();
+    engine.submit(
+        request,
+        Box::new(move |ev| {
+            // The receiver lives until the request finishes.
+            let _ = tx.send(ev);
+        }),
+    )?;
+    let (mut new_ids, mut text) = (Vec::new(), String::new());
+    for ev in rx {
+        let (piece, reason) = match ev {
+            Event::Token { id, text, .. } => {
+                new_ids.push(id);
+                (text, None)
+            }
+            Event::Finished { text, reason, .. } => (text, Some(reason)),
+        };
+        on_text(&piece);
+        text.push_str(&piece);
+        if let Some(finish_reason) = reason {
+            return Ok(Output { prompt_ids, new_ids, text, finish_reason });
+        }
+    }
+    bail!("the engine stopped before the request finished")
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let loaded = load_with_adapter(&a.model.model, a.dtype, a.adapter.as_ref())?;
+    let loaded = load(&a.model.model, a.dtype)?;
     let mut history = Vec::new();
     if let Some(s) = &a.system {
         history.push(ChatMessage::new("system", s.clone()));
     }
     history.push(ChatMessage::new("user", a.prompt.clone()));
     let ids = prompt_ids(&loaded, &history, a.raw.then_some(a.prompt.as_str()))?;
-    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, EngineOptions::default());
-    engine.add(Request {
+    let (engine, adapter) = start_engine(&loaded, a.adapter.as_deref())?;
+    let request = Request {
         prompt: ids,
         params: a.sampling.params(),
-    })?;
+        adapter,
+    };
     let json = a.json;
     let mut out = std::io::stdout();
-    let outputs = engine.run(&mut |ev| {
-        if json {
-            return;
+    let o = stream(&engine, request, &mut |text| {
+        if !json {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
         }
-        let text = match &ev {
-            Event::Token { text, .. } => text,
-            Event::Finished { text, .. } => text,
-        };
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
     })?;
-    let o = outputs.into_iter().next().context("no output")?;
+    engine.shutdown()?;
     if json {
         println!(
             "{}",

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use furnace_exp::{experiment, Event, Experiment, FitOptions, RunStatus, StartOptions, Store};
 use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};
+use furnace_model::AdapterId;
 use furnace_text::ChatMessage;
 use furnace_train::{load_dataset, Spec};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -34,14 +35,19 @@ pub struct TrainArgs {
     samples: usize,
 }
 
-/// Greedy answers of the model to the first `n` eval rows' prompts.
-fn samples(loaded: &furnace_model::LoadedModel, spec: &Spec, n: usize) -> Result<Vec<(String, String)>> {
+/// Greedy answers of the model (with `adapter`, registered in it, if given) to the first
+/// `n` eval rows' prompts.
+fn samples(loaded: &furnace_model::LoadedModel, adapter: Option<AdapterId>, spec: &Spec, n: usize) -> Result<Vec<(String, String)>> {
     let Some(eval) = &spec.data.eval else { return Ok(Vec::new()) };
     let Some(tpl) = &loaded.chat_template else { return Ok(Vec::new()) };
     let rows = furnace_train::data::read_rows(eval)?;
     let c = &spec.data.columns;
     let mut out = Vec::new();
     let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, EngineOptions::default());
+    const TRAINED: &str = "trained";
+    if let Some(id) = adapter {
+        engine.name_adapter(TRAINED, id)?;
+    }
     for (_, row) in rows.into_iter().take(n) {
         let Ok(row) = row else { continue };
         let get = |k: &str| row.get(k).and_then(|v| v.as_str()).map(str::to_string);
@@ -52,7 +58,11 @@ fn samples(loaded: &furnace_model::LoadedModel, spec: &Spec, n: usize) -> Result
         }
         msgs.push(ChatMessage::new("user", prompt.clone()));
         let text = tpl.render(&msgs, true, loaded.tokenizer.bos_token(), loaded.tokenizer.eos_token())?;
-        engine.add(Request { prompt: loaded.tokenizer.encode(&text, false)?, params: SamplingParams::greedy(48) })?;
+        engine.add(Request {
+            prompt: loaded.tokenizer.encode(&text, false)?,
+            params: SamplingParams::greedy(48),
+            adapter: adapter.map(|_| TRAINED.to_string()),
+        })?;
         out.push((prompt, String::new()));
     }
     for (o, slot) in engine.run(&mut |_| {})?.into_iter().zip(out.iter_mut()) {
@@ -238,7 +248,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     std::fs::write(pointer_dir.join("latest"), format!("{}\n", rel.display()))?;
     let mut view = RunView::open(&run_dir, &spec)?;
 
-    let before_samples = if a.resume.is_none() { samples(&loaded, &spec, a.samples)? } else { Vec::new() };
+    let before_samples = if a.resume.is_none() { samples(&loaded, None, &spec, a.samples)? } else { Vec::new() };
     let mut eval_before = None;
     if let Some(Some((step, l))) = resumed_at {
         view.eval_line(step, l)?;
@@ -286,9 +296,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let final_step = run.steps_done;
     let eval_after = exp.store().metrics(run_id)?.into_iter().find(|m| m.step == final_step && m.name == "eval_loss").map(|m| m.value);
 
-    let adapter = furnace_model::PeftAdapter::load(&run_dir.join("adapter"))?;
-    loaded.model.attach_adapter(&adapter)?;
-    let after_samples = samples(&loaded, &spec, a.samples)?;
+    let trained = loaded.model.add_adapter(&furnace_model::load_adapter(&run_dir.join("adapter"))?)?;
+    let after_samples = samples(&loaded, Some(trained), &spec, a.samples)?;
     println!("run: {}", run_dir.display());
     println!("adapter: {}", run_dir.join("adapter").display());
     if let (Some(b), Some(af)) = (eval_before, eval_after) {
