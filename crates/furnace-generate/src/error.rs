@@ -38,8 +38,8 @@ pub enum Error {
     /// The engine thread has stopped (shut down, or every handle was dropped).
     #[error("the engine has stopped")]
     Stopped,
-    /// The engine thread panicked.
-    #[error("the engine thread panicked")]
+    /// The engine thread, or a step on it, panicked.
+    #[error("the engine panicked")]
     Panicked,
     /// The engine thread could not be started.
     #[error("cannot start the engine thread: {0}")]

@@ -17,7 +17,7 @@
 //!   (it stays registered and is read again from its directory when a request names it).
 //! - The thread stops on [`EngineHandle::shutdown`] or when every handle has been dropped.
 //!   Nothing ends silently: every request still queued or running gets
-//!   [`FinishReason::Abort`]. If a step fails, the sequences in it get
+//!   [`FinishReason::Abort`]. If a step fails (or panics), the sequences in it get
 //!   [`FinishReason::Error`] and the engine goes on with the queue.
 //!
 //! Each step is [`crate::Engine`]'s step: the thread runs the same batch logic over the
@@ -413,7 +413,9 @@ impl Worker {
     fn step(&mut self) {
         let sinks = &mut self.sinks;
         let mut send = |e| sinks.send(e);
-        if let Err(e) = self.batch.step(&self.model, &mut send) {
+        // A step that fails, or panics (a bug), costs its sequences, not the engine.
+        let stepped = catch_unwind(AssertUnwindSafe(|| self.batch.step(&self.model, &mut send)));
+        if let Err(e) = stepped.unwrap_or(Err(Error::Panicked)) {
             // The pass may have left the running sequences' caches half-written: end them.
             self.batch.end_all(false, FinishReason::Error(e.to_string()), &mut send);
         }

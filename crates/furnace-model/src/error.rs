@@ -78,9 +78,10 @@ pub enum Error {
         /// What went wrong.
         error: Box<Error>,
     },
-    /// Finding a model by name failed (unknown alias, not cached, pull failed, ...).
+    /// Finding a model by name failed (unknown alias, not cached, pull failed, ...); boxed,
+    /// as the hub's errors are large.
     #[error(transparent)]
-    Hub(#[from] furnace_hub::Error),
+    Hub(Box<furnace_hub::Error>),
     /// Tokenizer or chat-template failure.
     #[error(transparent)]
     Text(#[from] furnace_text::Error),
@@ -95,6 +96,12 @@ pub enum Error {
         /// The parse error.
         source: serde_json::Error,
     },
+}
+
+impl From<furnace_hub::Error> for Error {
+    fn from(e: furnace_hub::Error) -> Self {
+        Error::Hub(Box::new(e))
+    }
 }
 
 /// Result alias of this crate.
