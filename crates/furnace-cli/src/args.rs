@@ -94,7 +94,11 @@ pub fn open_store(dir: &RunsDir) -> Result<Store> {
 pub fn existing_store(dir: &RunsDir) -> Result<Store> {
     let db = dir.runs_dir.join(furnace_exp::store::DB_FILE);
     if !db.exists() {
-        bail!("no experiments in {} (no {}): start one with `furnace run spec.toml`, or point --runs-dir at its folder", dir.runs_dir.display(), db.display());
+        bail!(
+            "no experiments in {} (no {}): start one with `furnace run spec.toml`, or point --runs-dir at its folder",
+            dir.runs_dir.display(),
+            db.display()
+        );
     }
     open_store(dir)
 }

@@ -32,7 +32,9 @@ pub fn human_count(n: u64) -> String {
 /// A short label of a run: its knob values.
 pub fn label(run: &RunRow) -> String {
     match run.knobs.as_object() {
-        Some(m) if !m.is_empty() => m.iter().map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k))).collect::<Vec<_>>().join(" "),
+        Some(m) if !m.is_empty() => {
+            m.iter().map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k))).collect::<Vec<_>>().join(" ")
+        }
         _ => String::from("-"),
     }
 }
@@ -45,7 +47,11 @@ fn last_metrics(store: &Store, run: i64) -> Result<BTreeMap<String, f64>> {
 /// The runs table of `furnace runs` and the end of `furnace run`.
 pub fn print_runs(store: &Store, runs: &[RunRow], all: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}  {:>6}  config", "run", "status", "steps", "chunks", "loss", "eval_loss", "parent")?;
+    writeln!(
+        out,
+        "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}  {:>6}  config",
+        "run", "status", "steps", "chunks", "loss", "eval_loss", "parent"
+    )?;
     for r in runs.iter().filter(|r| all || r.status != RunStatus::Deleted) {
         let m = last_metrics(store, r.id)?;
         let f = |k: &str| m.get(k).map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());

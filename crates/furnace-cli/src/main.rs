@@ -71,10 +71,7 @@ fn keep_allocator_pages() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else { return };
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(VAR, "-1")
-        .exec();
+    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).env(VAR, "-1").exec();
     // exec only returns on failure: carry on with the default allocator settings.
     eprintln!("note: could not re-execute with {VAR}=-1: {err}");
 }
@@ -104,9 +101,7 @@ fn main() {
     keep_allocator_pages();
     quiet_broken_pipe();
     let cli = Cli::parse();
-    let threads = cli
-        .threads
-        .unwrap_or_else(furnace_model::threads::physical_cores);
+    let threads = cli.threads.unwrap_or_else(furnace_model::threads::physical_cores);
     furnace_model::threads::configure_threads(threads);
     let result = match cli.command {
         Command::Model { cmd } => model::run(cmd),
@@ -122,9 +117,8 @@ fn main() {
         Command::Bench { cmd } => bench::run(cmd),
     };
     if let Err(e) = result {
-        let broken_pipe = e
-            .chain()
-            .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+        let broken_pipe =
+            e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
         if broken_pipe {
             std::process::exit(141);
         }
@@ -132,4 +126,3 @@ fn main() {
         std::process::exit(1);
     }
 }
-

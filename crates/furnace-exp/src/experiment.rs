@@ -158,7 +158,12 @@ impl Experiment {
     }
 
     /// Trains the unfinished runs on this thread (see [`crate::run_fit`]).
-    pub fn run_fit(&self, loader: &mut crate::Loader<'_>, opts: &crate::FitOptions, events: &crate::EventSender) -> Result<crate::FitSummary> {
+    pub fn run_fit(
+        &self,
+        loader: &mut crate::Loader<'_>,
+        opts: &crate::FitOptions,
+        events: &crate::EventSender,
+    ) -> Result<crate::FitSummary> {
         crate::run_fit(&self.store, &self.row, loader, opts, events)
     }
 

@@ -78,11 +78,7 @@ pub fn lora_params(model: &furnace_model::Llama, spec: &Spec) -> usize {
         .layers
         .iter()
         .map(|layer| {
-            targets
-                .iter()
-                .filter_map(|t| layer.projection(t))
-                .map(|lin| cfg.r * (lin.in_features + lin.out_features))
-                .sum::<usize>()
+            targets.iter().filter_map(|t| layer.projection(t)).map(|lin| cfg.r * (lin.in_features + lin.out_features)).sum::<usize>()
         })
         .sum()
 }
@@ -173,12 +169,8 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
     // twice. The OS drops the lock when the process dies, even by kill -9.
     std::fs::create_dir_all(&exp.dir).map_err(Error::io("creating", &exp.dir))?;
     let lock_path = exp.dir.join(".lock");
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(Error::io("opening", &lock_path))?;
+    let lock =
+        std::fs::File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(Error::io("opening", &lock_path))?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Busy { experiment: exp.name.clone() }),
@@ -264,7 +256,8 @@ impl Fit<'_, '_> {
                 // A base that cannot load fails its runs, not the experiment.
                 let msg = format!("loading {} ({}): {e}", key.0, key.1);
                 self.log(msg.clone());
-                let ids: Vec<i64> = self.runs.values().filter(|l| l.row.status.is_active() && group_key(&l.spec) == key).map(|l| l.row.id).collect();
+                let ids: Vec<i64> =
+                    self.runs.values().filter(|l| l.row.status.is_active() && group_key(&l.spec) == key).map(|l| l.row.id).collect();
                 for id in ids {
                     self.set_status(id, RunStatus::Failed, Some(msg.clone()))?;
                 }
@@ -296,7 +289,12 @@ impl Fit<'_, '_> {
                 l.trainer = None;
             }
         }
-        let spec = self.runs.values().find(|l| &group_key(&l.spec) == key).map(|l| l.spec.clone()).ok_or(Error::Internal("no run for the group"))?;
+        let spec = self
+            .runs
+            .values()
+            .find(|l| &group_key(&l.spec) == key)
+            .map(|l| l.spec.clone())
+            .ok_or(Error::Internal("no run for the group"))?;
         let dtype = spec.weight_dtype()?;
         self.log(format!("loading {} ({dtype:?} base)", key.0));
         let model = (self.loader)(&key.0, dtype)?;
@@ -362,7 +360,13 @@ impl Fit<'_, '_> {
     fn record(&mut self, id: i64, step: i64, chunks: i64, values: &[(&str, f64)]) -> Result<()> {
         self.store.record_step(id, step, chunks, values)?;
         for (name, value) in values {
-            let _ = self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step, name: (*name).into(), value: *value });
+            let _ = self.events.send(Event::Metric {
+                experiment: self.exp.name.clone(),
+                run_id: id,
+                step,
+                name: (*name).into(),
+                value: *value,
+            });
         }
         Ok(())
     }
@@ -442,7 +446,9 @@ impl Fit<'_, '_> {
             let stepping: Vec<i64> = members
                 .iter()
                 .copied()
-                .filter(|id| self.runs.get(id).and_then(|l| l.trainer.as_ref()).is_some_and(|t| (t.chunks_done() as i64) < target && !t.finished()))
+                .filter(|id| {
+                    self.runs.get(id).and_then(|l| l.trainer.as_ref()).is_some_and(|t| (t.chunks_done() as i64) < target && !t.finished())
+                })
                 .collect();
             if stepping.is_empty() {
                 break;
@@ -468,7 +474,8 @@ impl Fit<'_, '_> {
             let spec = self.runs.get(&group[0]).map(|l| l.spec.clone()).ok_or(Error::RunNotFound { run: group[0] })?;
             let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
             let (train, _) = loaded.data(&spec)?;
-            let mut taken: Vec<(i64, Trainer)> = group.iter().filter_map(|id| self.runs.get_mut(id).and_then(|l| l.trainer.take().map(|t| (*id, t)))).collect();
+            let mut taken: Vec<(i64, Trainer)> =
+                group.iter().filter_map(|id| self.runs.get_mut(id).and_then(|l| l.trainer.take().map(|t| (*id, t)))).collect();
             let result = {
                 let mut refs: Vec<&mut Trainer> = taken.iter_mut().map(|(_, t)| t).collect();
                 fused_step(&loaded.frozen, &mut refs, &train)
@@ -658,7 +665,11 @@ impl Fit<'_, '_> {
     /// not loaded, in the middle of a round).
     fn apply_op(&mut self, op: &OpRow, between_rounds: bool) -> Result<Option<(String, Option<i64>)>> {
         let id = op.run_id;
-        let status = self.runs.get(&id).map(|l| l.row.status).ok_or_else(|| Error::RunNotInExperiment { run: id, experiment: self.exp.name.clone() })?;
+        let status = self
+            .runs
+            .get(&id)
+            .map(|l| l.row.status)
+            .ok_or_else(|| Error::RunNotInExperiment { run: id, experiment: self.exp.name.clone() })?;
         match &op.kind {
             OpKind::Stop => {
                 if !status.is_active() {
@@ -699,7 +710,15 @@ impl Fit<'_, '_> {
                 }
                 let config = serde_json::to_value(&spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
                 if !*warm {
-                    let new = self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, false)))?;
+                    let new = self.store.add_run(
+                        self.exp.id,
+                        &config,
+                        &serde_json::Value::Object(knobs),
+                        parent.0.group,
+                        0,
+                        0,
+                        Some((id, false)),
+                    )?;
                     let row = self.store.run(new)?;
                     self.runs.insert(new, Live { row, spec, trainer: None });
                     return Ok(Some((format!("cold clone: run {new}"), Some(new))));
@@ -716,10 +735,15 @@ impl Fit<'_, '_> {
                 self.ensure_trainer(id)?;
                 let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
                 let (train, _) = loaded.data(&spec)?;
-                let pt = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).ok_or_else(|| Error::Invalid(format!("run {id} has no state to clone")))?;
+                let pt = self
+                    .runs
+                    .get(&id)
+                    .and_then(|l| l.trainer.as_ref())
+                    .ok_or_else(|| Error::Invalid(format!("run {id} has no state to clone")))?;
                 let child = pt.fork(spec.train_config(&train), spec.lora_config(), &train)?;
                 let (steps, chunks) = (child.steps_done() as i64, child.chunks_done() as i64);
-                let new = self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, true)))?;
+                let new =
+                    self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, true)))?;
                 let row = self.store.run(new)?;
                 self.runs.insert(new, Live { row, spec, trainer: None });
                 self.register(new, child, &train)?;

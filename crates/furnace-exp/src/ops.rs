@@ -59,7 +59,8 @@ pub fn check(run: &RunRow, op: &OpKind) -> Result<()> {
         OpKind::Clone { set, warm } => {
             let spec = apply_overrides(&run.config, set)?;
             if *warm {
-                let parent: Spec = serde_json::from_value(run.config.clone()).map_err(|source| Error::StoredConfig { run: run.id, source })?;
+                let parent: Spec =
+                    serde_json::from_value(run.config.clone()).map_err(|source| Error::StoredConfig { run: run.id, source })?;
                 check_warm(&parent, &spec)?;
             }
             Ok(())
@@ -83,7 +84,9 @@ pub fn check_warm(parent: &Spec, child: &Spec) -> Result<()> {
         None
     };
     match why {
-        Some(w) => Err(Error::Invalid(format!("a warm clone continues its parent's adapter and optimizer state, but {w}: clone without --warm (cold) instead"))),
+        Some(w) => Err(Error::Invalid(format!(
+            "a warm clone continues its parent's adapter and optimizer state, but {w}: clone without --warm (cold) instead"
+        ))),
         None => Ok(()),
     }
 }

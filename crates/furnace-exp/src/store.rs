@@ -477,7 +477,10 @@ impl Store {
     pub fn remove_unstarted_run(&mut self, id: i64) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM metrics WHERE run_id = ?1", [id])?;
-        tx.execute("DELETE FROM runs WHERE id = ?1 AND checkpoint_step IS NULL AND NOT EXISTS (SELECT 1 FROM ops WHERE run_id = ?1)", [id])?;
+        tx.execute(
+            "DELETE FROM runs WHERE id = ?1 AND checkpoint_step IS NULL AND NOT EXISTS (SELECT 1 FROM ops WHERE run_id = ?1)",
+            [id],
+        )?;
         tx.commit()?;
         Ok(())
     }

@@ -98,10 +98,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self {
-            max_batch: 16,
-            prefill_chunk: 512,
-        }
+        Self { max_batch: 16, prefill_chunk: 512 }
     }
 }
 
@@ -138,11 +135,7 @@ impl Seq {
         }
         let rest = self.text[self.emitted.min(self.text.len())..].to_string();
         self.emitted = self.text.len();
-        on_event(Event::Finished {
-            seq: self.id,
-            text: rest,
-            reason: reason.clone(),
-        });
+        on_event(Event::Finished { seq: self.id, text: rest, reason: reason.clone() });
         self.finish = Some(reason);
     }
 
@@ -172,10 +165,7 @@ impl Batch {
     pub(crate) fn new(tokenizer: &Tokenizer, opts: EngineOptions) -> Self {
         Self {
             tokenizer: tokenizer.clone(),
-            opts: EngineOptions {
-                max_batch: opts.max_batch.max(1),
-                prefill_chunk: opts.prefill_chunk.max(1),
-            },
+            opts: EngineOptions { max_batch: opts.max_batch.max(1), prefill_chunk: opts.prefill_chunk.max(1) },
             waiting: VecDeque::new(),
             running: Vec::new(),
             done: BTreeMap::new(),
@@ -192,10 +182,7 @@ impl Batch {
         }
         let max = model.config.max_position_embeddings;
         if req.prompt.len() >= max {
-            return Err(Error::PromptTooLong {
-                len: req.prompt.len(),
-                max,
-            });
+            return Err(Error::PromptTooLong { len: req.prompt.len(), max });
         }
         let vocab = model.config.vocab_size;
         if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
@@ -237,11 +224,7 @@ impl Batch {
 
     /// Queued and running sequences that run with `adapter`.
     pub(crate) fn adapter_users(&self, adapter: AdapterId) -> usize {
-        self.waiting
-            .iter()
-            .chain(&self.running)
-            .filter(|s| s.adapter == Some(adapter))
-            .count()
+        self.waiting.iter().chain(&self.running).filter(|s| s.adapter == Some(adapter)).count()
     }
 
     pub(crate) fn step(&mut self, model: &Llama, on_event: &mut dyn FnMut(Event)) -> Result<()> {
@@ -257,14 +240,7 @@ impl Batch {
         let chunk = self.opts.prefill_chunk;
         let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(self.running.len());
         for s in self.running.iter_mut() {
-            let Seq {
-                prompt,
-                prefilled,
-                generated,
-                cache,
-                adapter,
-                ..
-            } = s;
+            let Seq { prompt, prefilled, generated, cache, adapter, .. } = s;
             if *prefilled < prompt.len() {
                 let end = (*prefilled + chunk).min(prompt.len());
                 inputs.push(SeqInput {
@@ -275,12 +251,7 @@ impl Batch {
                 });
             } else {
                 let last = generated.len() - 1;
-                inputs.push(SeqInput {
-                    tokens: &generated[last..],
-                    cache,
-                    logits: Logits::Last,
-                    adapter: *adapter,
-                });
+                inputs.push(SeqInput { tokens: &generated[last..], cache, logits: Logits::Last, adapter: *adapter });
             }
         }
         let logits = model.forward(&mut inputs)?;
@@ -292,11 +263,8 @@ impl Batch {
             let Some(l) = l else { continue };
             let mut row = l.squeeze(0)?.to_vec1::<f32>()?;
             let id = {
-                let seen: Vec<u32> = if s.params.repetition_penalty != 1.0 {
-                    s.prompt.iter().chain(&s.generated).copied().collect()
-                } else {
-                    Vec::new()
-                };
+                let seen: Vec<u32> =
+                    if s.params.repetition_penalty != 1.0 { s.prompt.iter().chain(&s.generated).copied().collect() } else { Vec::new() };
                 sample(&mut row, &s.params, &seen, &mut s.rng)
             };
             s.generated.push(id);
@@ -311,10 +279,7 @@ impl Batch {
                     finish = Some(FinishReason::Stop);
                 }
             }
-            if finish.is_none()
-                && (s.generated.len() >= s.params.max_tokens
-                    || s.cache.len() + 1 >= s.cache.max_len())
-            {
+            if finish.is_none() && (s.generated.len() >= s.params.max_tokens || s.cache.len() + 1 >= s.cache.max_len()) {
                 finish = Some(FinishReason::Length);
             }
             match finish {
@@ -402,11 +367,7 @@ pub struct Engine<'m> {
 impl<'m> Engine<'m> {
     /// A new engine; the tokenizer decodes text and knows the end-of-sequence ids.
     pub fn new(model: &'m Llama, tokenizer: &Tokenizer, opts: EngineOptions) -> Self {
-        Self {
-            model,
-            batch: Batch::new(tokenizer, opts),
-            adapters: HashMap::new(),
-        }
+        Self { model, batch: Batch::new(tokenizer, opts), adapters: HashMap::new() }
     }
 
     /// Lets requests name an adapter registered in the model ([`Llama::add_adapter`]) as
@@ -477,10 +438,7 @@ pub fn generate(model: &Llama, tokenizer: &Tokenizer, requests: Vec<Request>, op
 }
 
 fn clock_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0x5EED)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x5EED)
 }
 
 /// Byte offset of the first stop string in `text`.

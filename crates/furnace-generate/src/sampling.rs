@@ -43,10 +43,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding of at most `max_tokens`.
     pub fn greedy(max_tokens: usize) -> Self {
-        Self {
-            max_tokens,
-            ..Self::default()
-        }
+        Self { max_tokens, ..Self::default() }
     }
 
     /// Checks the values, with a message naming the bad one.
@@ -58,10 +55,7 @@ impl SamplingParams {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
         }
         if self.stop.iter().any(String::is_empty) {
             return Err("stop strings must not be empty".into());
@@ -106,11 +100,7 @@ pub fn sample(logits: &mut [f32], p: &SamplingParams, seen: &[u32], rng: &mut Rn
         return argmax(logits);
     }
     let inv_t = 1.0 / p.temperature;
-    let mut cand: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l * inv_t))
-        .collect();
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
     // Descending by logit, ties by id, so the order is deterministic.
     let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if p.top_k > 0 && p.top_k < cand.len() {

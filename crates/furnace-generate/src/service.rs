@@ -53,10 +53,7 @@ pub struct ServiceOptions {
 
 impl Default for ServiceOptions {
     fn default() -> Self {
-        Self {
-            engine: EngineOptions::default(),
-            max_adapters: 8,
-        }
+        Self { engine: EngineOptions::default(), max_adapters: 8 }
     }
 }
 
@@ -74,24 +71,11 @@ pub struct AdapterInfo {
 }
 
 enum Command {
-    Submit {
-        request: Request,
-        sink: Sink,
-        reply: Sender<Result<RequestId>>,
-    },
+    Submit { request: Request, sink: Sink, reply: Sender<Result<RequestId>> },
     Abort(RequestId),
-    LoadAdapter {
-        name: String,
-        dir: PathBuf,
-        reply: Sender<Result<()>>,
-    },
-    UnloadAdapter {
-        name: String,
-        reply: Sender<Result<()>>,
-    },
-    ListAdapters {
-        reply: Sender<Vec<AdapterInfo>>,
-    },
+    LoadAdapter { name: String, dir: PathBuf, reply: Sender<Result<()>> },
+    UnloadAdapter { name: String, reply: Sender<Result<()>> },
+    ListAdapters { reply: Sender<Vec<AdapterInfo>> },
     Shutdown,
 }
 
@@ -114,14 +98,8 @@ impl EngineHandle {
             sinks: Sinks::default(),
             registry: Registry::new(opts.max_adapters),
         };
-        let thread = std::thread::Builder::new()
-            .name("furnace-engine".into())
-            .spawn(move || worker.run(rx))
-            .map_err(Error::Spawn)?;
-        Ok(Self {
-            tx,
-            thread: Arc::new(Mutex::new(Some(thread))),
-        })
+        let thread = std::thread::Builder::new().name("furnace-engine".into()).spawn(move || worker.run(rx)).map_err(Error::Spawn)?;
+        Ok(Self { tx, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
     /// Sends a command that answers, and waits for the answer.
@@ -147,19 +125,12 @@ impl EngineHandle {
     /// and checking it against the model now). A name already registered is replaced,
     /// unless requests use it.
     pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<()> {
-        self.call(|reply| Command::LoadAdapter {
-            name: name.to_string(),
-            dir: dir.to_path_buf(),
-            reply,
-        })?
+        self.call(|reply| Command::LoadAdapter { name: name.to_string(), dir: dir.to_path_buf(), reply })?
     }
 
     /// Removes the adapter registered as `name`; an error while requests use it.
     pub fn unload_adapter(&self, name: &str) -> Result<()> {
-        self.call(|reply| Command::UnloadAdapter {
-            name: name.to_string(),
-            reply,
-        })?
+        self.call(|reply| Command::UnloadAdapter { name: name.to_string(), reply })?
     }
 
     /// The registered adapters, by name.
@@ -223,11 +194,7 @@ struct Entry {
 
 impl Registry {
     fn new(budget: usize) -> Self {
-        Self {
-            budget: budget.max(1),
-            entries: BTreeMap::new(),
-            clock: 0,
-        }
+        Self { budget: budget.max(1), entries: BTreeMap::new(), clock: 0 }
     }
 
     fn tick(&mut self) -> u64 {
@@ -266,10 +233,7 @@ impl Registry {
             if let Some(id) = old.resident {
                 let requests = batch.adapter_users(id);
                 if requests > 0 {
-                    return Err(Error::AdapterInUse {
-                        name: name.to_string(),
-                        requests,
-                    });
+                    return Err(Error::AdapterInUse { name: name.to_string(), requests });
                 }
                 model.remove_adapter(id);
                 old.resident = None;
@@ -278,14 +242,7 @@ impl Registry {
         // On failure a replaced adapter stays registered with its old directory.
         let id = self.make_resident(&dir, model, batch)?;
         let last_used = self.tick();
-        self.entries.insert(
-            name.to_string(),
-            Entry {
-                dir,
-                resident: Some(id),
-                last_used,
-            },
-        );
+        self.entries.insert(name.to_string(), Entry { dir, resident: Some(id), last_used });
         Ok(())
     }
 
@@ -310,10 +267,7 @@ impl Registry {
         if let Some(id) = entry.resident {
             let requests = batch.adapter_users(id);
             if requests > 0 {
-                return Err(Error::AdapterInUse {
-                    name: name.to_string(),
-                    requests,
-                });
+                return Err(Error::AdapterInUse { name: name.to_string(), requests });
             }
             model.remove_adapter(id);
         }

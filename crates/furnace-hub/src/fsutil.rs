@@ -24,10 +24,7 @@ const STALE_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 /// A name that is unique across processes and threads: `pid-nanos-counter`.
 pub(crate) fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{}-{}-{}", std::process::id(), nanos, n)
 }
@@ -76,11 +73,7 @@ impl Drop for ScratchDir {
 /// Copies `reader` into a new file at `dest`, flushes it to disk and returns
 /// the lowercase-hex SHA-256 and the byte count of what was written.
 /// Errors reading from `reader` are mapped with `read_err`.
-pub(crate) fn copy_hashing(
-    reader: &mut dyn Read,
-    dest: &Path,
-    read_err: &dyn Fn(io::Error) -> Error,
-) -> Result<(String, u64)> {
+pub(crate) fn copy_hashing(reader: &mut dyn Read, dest: &Path, read_err: &dyn Fn(io::Error) -> Error) -> Result<(String, u64)> {
     let mut file = fs::File::create(dest).map_err(io_err("create", dest))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -134,12 +127,8 @@ pub(crate) fn remove_stale(dir: &Path, prefixes: &[&str]) {
         if !prefixes.iter().any(|p| name.starts_with(p)) {
             continue;
         }
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| now.duration_since(t).ok())
-            .is_some_and(|age| age > STALE_AFTER);
+        let old =
+            entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age > STALE_AFTER);
         if old {
             let path = entry.path();
             if path.is_dir() {

@@ -77,18 +77,10 @@ impl Manifest {
         {
             return false;
         }
-        let listed = |f: &crate::alias::AliasFile| {
-            self.files
-                .iter()
-                .any(|m| m.path == f.path && m.sha256.eq_ignore_ascii_case(f.sha256))
-        };
+        let listed = |f: &crate::alias::AliasFile| self.files.iter().any(|m| m.path == f.path && m.sha256.eq_ignore_ascii_case(f.sha256));
         if !alias.files.iter().all(listed) {
             return false;
         }
-        self.files.iter().all(|m| {
-            fs::metadata(dir.join(&m.path))
-                .map(|md| md.is_file() && md.len() == m.size)
-                .unwrap_or(false)
-        })
+        self.files.iter().all(|m| fs::metadata(dir.join(&m.path)).map(|md| md.is_file() && md.len() == m.size).unwrap_or(false))
     }
 }

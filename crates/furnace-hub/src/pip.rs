@@ -18,15 +18,7 @@ const TAIL_CHARS: usize = 4000;
 pub(crate) fn download_wheel(python: &OsStr, alias: &Alias, dest: &Path) -> Result<PathBuf> {
     let requirement = alias.requirement();
     let output = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--only-binary=:all:",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "--only-binary=:all:"])
         .arg(&requirement)
         .arg("-d")
         .arg(dest)
@@ -40,11 +32,7 @@ pub(crate) fn download_wheel(python: &OsStr, alias: &Alias, dest: &Path) -> Resu
         })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let text = if stderr.trim().is_empty() {
-            String::from_utf8_lossy(&output.stdout).into_owned()
-        } else {
-            stderr.into_owned()
-        };
+        let text = if stderr.trim().is_empty() { String::from_utf8_lossy(&output.stdout).into_owned() } else { stderr.into_owned() };
         return Err(Error::PipFailed {
             python: python.to_string_lossy().into_owned(),
             alias: alias.name.to_string(),
@@ -96,11 +84,7 @@ fn find_wheel(alias: &Alias, dir: &Path) -> Result<PathBuf> {
     match (matching, wheels.as_slice()) {
         (Some(p), _) => Ok(p.clone()),
         (None, [only]) => Ok(only.clone()),
-        _ => Err(Error::WheelNotFound {
-            alias: alias.name.to_string(),
-            requirement: alias.requirement(),
-            dir: dir.to_path_buf(),
-        }),
+        _ => Err(Error::WheelNotFound { alias: alias.name.to_string(), requirement: alias.requirement(), dir: dir.to_path_buf() }),
     }
 }
 

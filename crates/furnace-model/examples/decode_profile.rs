@@ -10,14 +10,16 @@ fn main() -> anyhow::Result<()> {
     let mut caches: Vec<_> = (0..batch).map(|_| m.model.new_cache()).collect();
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| (0..16).map(|i| (100 + 7 * i + 13 * b) as u32).collect()).collect();
     {
-        let mut inputs: Vec<SeqInput> = caches.iter_mut().zip(&prompts).map(|(c, p)| SeqInput { tokens: p, cache: c, logits: Logits::Last, adapter: None }).collect();
+        let mut inputs: Vec<SeqInput> =
+            caches.iter_mut().zip(&prompts).map(|(c, p)| SeqInput { tokens: p, cache: c, logits: Logits::Last, adapter: None }).collect();
         m.model.forward(&mut inputs)?;
     }
     let tok = vec![[42u32]; batch];
     let steps = 64;
     let t = Instant::now();
     for _ in 0..steps {
-        let mut inputs: Vec<SeqInput> = caches.iter_mut().zip(&tok).map(|(c, p)| SeqInput { tokens: p, cache: c, logits: Logits::Last, adapter: None }).collect();
+        let mut inputs: Vec<SeqInput> =
+            caches.iter_mut().zip(&tok).map(|(c, p)| SeqInput { tokens: p, cache: c, logits: Logits::Last, adapter: None }).collect();
         let out = m.model.forward(&mut inputs)?;
         for o in out.into_iter().flatten() {
             std::hint::black_box(o.squeeze(0)?.to_vec1::<f32>()?);

@@ -81,12 +81,8 @@ impl LlamaConfig {
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return bad("layers, hidden size and vocabulary must be non-zero".into());
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads)
-        {
-            return bad(format!(
-                "{} attention heads are not a multiple of {} key/value heads",
-                self.num_heads, self.num_kv_heads
-            ));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad(format!("{} attention heads are not a multiple of {} key/value heads", self.num_heads, self.num_kv_heads));
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} must be even", self.head_dim));
@@ -99,19 +95,13 @@ impl LlamaConfig {
 
     /// Reads an HF `config.json` value (llama, mistral, qwen2).
     pub fn from_hf_json(v: &Value) -> Result<Self> {
-        let arch = v
-            .get("model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::Config("config.json has no model_type".into()))?
-            .to_string();
+        let arch =
+            v.get("model_type").and_then(Value::as_str).ok_or_else(|| Error::Config("config.json has no model_type".into()))?.to_string();
         if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
             return Err(Error::UnknownArchitecture(arch));
         }
         let usize_key = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or_else(|| Error::Config(format!("config.json lacks integer '{k}'")))
+            v.get(k).and_then(Value::as_u64).map(|x| x as usize).ok_or_else(|| Error::Config(format!("config.json lacks integer '{k}'")))
         };
         let hidden_size = usize_key("hidden_size")?;
         let num_heads = usize_key("num_attention_heads")?;
@@ -123,11 +113,8 @@ impl LlamaConfig {
         // transformers 5 nests rope settings in `rope_parameters`; older files use
         // `rope_theta` and `rope_scaling` at the top level.
         let rope_params = v.get("rope_parameters").filter(|p| p.is_object());
-        let rope_theta = rope_params
-            .and_then(|p| p.get("rope_theta"))
-            .or_else(|| v.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            rope_params.and_then(|p| p.get("rope_theta")).or_else(|| v.get("rope_theta")).and_then(Value::as_f64).unwrap_or(10_000.0);
         let scaling_obj = v.get("rope_scaling").filter(|p| p.is_object()).or(rope_params);
         let rope_scaling = match scaling_obj {
             Some(s) => parse_hf_rope_scaling(s)?,
@@ -139,12 +126,8 @@ impl LlamaConfig {
             vocab_size: usize_key("vocab_size")?,
             rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
             max_position_embeddings: usize_key("max_position_embeddings").unwrap_or(4096),
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            attention_bias: arch == "qwen2"
-                || v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            attention_bias: arch == "qwen2" || v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
             architecture: arch,
             hidden_size,
             num_heads,
@@ -160,54 +143,32 @@ impl LlamaConfig {
 }
 
 fn parse_hf_rope_scaling(s: &Value) -> Result<RopeScaling> {
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let f = |k: &str| s.get(k).and_then(Value::as_f64);
     Ok(match kind {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear {
-            factor: f("factor").unwrap_or(1.0),
-        },
+        "linear" => RopeScaling::Linear { factor: f("factor").unwrap_or(1.0) },
         "llama3" => RopeScaling::Llama3 {
             factor: f("factor").unwrap_or(8.0),
             low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
             high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
-            original_max_position_embeddings: s
-                .get("original_max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(8192) as usize,
+            original_max_position_embeddings: s.get("original_max_position_embeddings").and_then(Value::as_u64).unwrap_or(8192) as usize,
         },
-        other => {
-            return Err(Error::Config(format!(
-                "rope scaling '{other}' is not supported (supported: default, linear, llama3)"
-            )))
-        }
+        other => return Err(Error::Config(format!("rope scaling '{other}' is not supported (supported: default, linear, llama3)"))),
     })
 }
 
 /// Inverse frequencies of RoPE for one head, after scaling.
 pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     let d = cfg.head_dim;
-    let base: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
-        .collect();
+    let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
     match &cfg.rope_scaling {
         RopeScaling::None => base.iter().map(|&x| x as f32).collect(),
         RopeScaling::Linear { factor } => base.iter().map(|&x| (x / factor) as f32).collect(),
-        RopeScaling::Factors(fs) => base
-            .iter()
-            .zip(fs.iter().chain(std::iter::repeat(&1.0)))
-            .map(|(&x, &f)| (x / f as f64) as f32)
-            .collect(),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
+        RopeScaling::Factors(fs) => {
+            base.iter().zip(fs.iter().chain(std::iter::repeat(&1.0))).map(|(&x, &f)| (x / f as f64) as f32).collect()
+        }
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             let old = *original_max_position_embeddings as f64;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
@@ -219,8 +180,7 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
                     } else if wavelen > low_wavelen {
                         freq / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * freq / factor + smooth * freq
                     };
                     f as f32

@@ -26,40 +26,25 @@ impl GgufFile {
         let file = File::open(path).map_err(io_err(path))?;
         let file_len = file.metadata().map_err(io_err(path))?.len();
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| Error::Gguf {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        let this = Self {
-            path: path.to_path_buf(),
-            content,
-            reader,
-            file_len,
-        };
+        let content = Content::read(&mut reader).map_err(|e| Error::Gguf { path: path.to_path_buf(), msg: e.to_string() })?;
+        let this = Self { path: path.to_path_buf(), content, reader, file_len };
         for (name, info) in &this.content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
             if elems % bs != 0 {
-                return Err(this.err(format!(
-                    "tensor '{name}' has {elems} elements, not a multiple of its block size {bs}"
-                )));
+                return Err(this.err(format!("tensor '{name}' has {elems} elements, not a multiple of its block size {bs}")));
             }
             let bytes = (elems / bs) as u64 * info.ggml_dtype.type_size() as u64;
             let end = this.content.tensor_data_offset + info.offset + bytes;
             if end > file_len {
-                return Err(this.err(format!(
-                    "truncated: tensor '{name}' ends at byte {end} but the file has {file_len} bytes"
-                )));
+                return Err(this.err(format!("truncated: tensor '{name}' ends at byte {end} but the file has {file_len} bytes")));
             }
         }
         Ok(this)
     }
 
     fn err(&self, msg: String) -> Error {
-        Error::Gguf {
-            path: self.path.clone(),
-            msg,
-        }
+        Error::Gguf { path: self.path.clone(), msg }
     }
 
     /// The file's path.
@@ -112,9 +97,7 @@ impl GgufFile {
     }
 
     fn usize_key(&self, key: &str) -> Result<usize> {
-        self.num_key(key)
-            .map(|v| v as usize)
-            .ok_or_else(|| self.err(format!("metadata '{key}' is missing or not a number")))
+        self.num_key(key).map(|v| v as usize).ok_or_else(|| self.err(format!("metadata '{key}' is missing or not a number")))
     }
 
     fn bool_key(&self, key: &str) -> Option<bool> {
@@ -159,10 +142,7 @@ impl GgufFile {
 
     /// Names, shapes (row-major, outermost first) and types of all tensors.
     pub fn tensor_infos(&self) -> impl Iterator<Item = (&str, &[usize], GgmlDType)> {
-        self.content
-            .tensor_infos
-            .iter()
-            .map(|(n, i)| (n.as_str(), i.shape.dims(), i.ggml_dtype))
+        self.content.tensor_infos.iter().map(|(n, i)| (n.as_str(), i.shape.dims(), i.ggml_dtype))
     }
 
     /// Whether a tensor exists.
@@ -177,10 +157,7 @@ impl GgufFile {
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| Error::Gguf {
-                path: self.path.clone(),
-                msg: format!("tensor '{name}': {e}"),
-            })
+            .map_err(|e| Error::Gguf { path: self.path.clone(), msg: format!("tensor '{name}': {e}") })
     }
 
     /// The architecture hyperparameters.
@@ -192,9 +169,7 @@ impl GgufFile {
         let k = |s: &str| format!("{arch}.{s}");
         let hidden_size = self.usize_key(&k("embedding_length"))?;
         let num_heads = self.usize_key(&k("attention.head_count"))?;
-        let num_kv_heads = self
-            .usize_key(&k("attention.head_count_kv"))
-            .unwrap_or(num_heads);
+        let num_kv_heads = self.usize_key(&k("attention.head_count_kv")).unwrap_or(num_heads);
         let head_dim = self
             .usize_key(&k("attention.key_length"))
             .or_else(|_| self.usize_key(&k("rope.dimension_count")))
@@ -207,12 +182,10 @@ impl GgufFile {
             },
         };
         let mut rope_scaling = match self.get(&k("rope.scaling.type")) {
-            Some(Value::String(t)) if t == "linear" => RopeScaling::Linear {
-                factor: self.num_key(&k("rope.scaling.factor")).unwrap_or(1.0),
-            },
-            Some(Value::String(t)) if t != "none" => {
-                return Err(self.err(format!("rope scaling '{t}' is not supported")))
+            Some(Value::String(t)) if t == "linear" => {
+                RopeScaling::Linear { factor: self.num_key(&k("rope.scaling.factor")).unwrap_or(1.0) }
             }
+            Some(Value::String(t)) if t != "none" => return Err(self.err(format!("rope scaling '{t}' is not supported"))),
             _ => RopeScaling::None,
         };
         if self.has_tensor("rope_freqs.weight") {
@@ -222,20 +195,14 @@ impl GgufFile {
         let cfg = LlamaConfig {
             intermediate_size: self.usize_key(&k("feed_forward_length"))?,
             num_layers: self.usize_key(&k("block_count"))?,
-            rms_norm_eps: self
-                .num_key(&k("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
+            rms_norm_eps: self.num_key(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
             rope_theta: self.num_key(&k("rope.freq_base")).unwrap_or(10_000.0),
             max_position_embeddings: self.usize_key(&k("context_length")).unwrap_or(4096),
             tie_word_embeddings: !self.has_tensor("output.weight"),
             attention_bias: self.has_tensor("blk.0.attn_q.bias"),
             // llama.cpp permutes the q/k rows of llama-style models for its interleaved
             // RoPE; qwen2 keeps HF's layout and uses the NEOX (half-split) form.
-            rope_style: if arch == "qwen2" {
-                RopeStyle::HalfSplit
-            } else {
-                RopeStyle::Interleaved
-            },
+            rope_style: if arch == "qwen2" { RopeStyle::HalfSplit } else { RopeStyle::Interleaved },
             architecture: arch,
             hidden_size,
             num_heads,
@@ -250,33 +217,22 @@ impl GgufFile {
 
     /// The tokenizer metadata, for [`furnace_text::Tokenizer::from_gguf`].
     pub fn tokenizer_spec(&self) -> Result<GgufTokenizerSpec> {
-        let model = self.str_key("tokenizer.ggml.model").map_err(|_| {
-            self.err("it holds no tokenizer (tokenizer.ggml.model is missing)".into())
-        })?;
+        let model =
+            self.str_key("tokenizer.ggml.model").map_err(|_| self.err("it holds no tokenizer (tokenizer.ggml.model is missing)".into()))?;
         let id = |key: &str| self.num_key(key).map(|v| v as u32);
         Ok(GgufTokenizerSpec {
             model,
             pre: self.str_key("tokenizer.ggml.pre").ok(),
             tokens: self.str_array("tokenizer.ggml.tokens")?,
-            token_types: self
-                .num_array("tokenizer.ggml.token_type")
-                .into_iter()
-                .map(|v| v as i32)
-                .collect(),
+            token_types: self.num_array("tokenizer.ggml.token_type").into_iter().map(|v| v as i32).collect(),
             merges: self.str_array("tokenizer.ggml.merges")?,
-            scores: self
-                .num_array("tokenizer.ggml.scores")
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
+            scores: self.num_array("tokenizer.ggml.scores").into_iter().map(|v| v as f32).collect(),
             bos_id: id("tokenizer.ggml.bos_token_id"),
             eos_id: id("tokenizer.ggml.eos_token_id"),
             unk_id: id("tokenizer.ggml.unknown_token_id"),
             pad_id: id("tokenizer.ggml.padding_token_id"),
             add_bos: self.bool_key("tokenizer.ggml.add_bos_token").unwrap_or(false),
-            add_space_prefix: self
-                .bool_key("tokenizer.ggml.add_space_prefix")
-                .unwrap_or(true),
+            add_space_prefix: self.bool_key("tokenizer.ggml.add_space_prefix").unwrap_or(true),
         })
     }
 

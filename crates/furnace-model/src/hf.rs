@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| Error::Json { path, source })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path, source })?;
     LlamaConfig::from_hf_json(&v)
 }
 
@@ -21,19 +20,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index.clone(),
-            source,
-        })?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::Config(format!("{}: no weight_map", index.display())))?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|f| f.as_str())
-            .map(|f| dir.join(f))
-            .collect();
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+        let map =
+            v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config(format!("{}: no weight_map", index.display())))?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -55,14 +45,10 @@ pub fn load_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in safetensors_files(dir)? {
         if !f.exists() {
-            return Err(Error::Io {
-                path: f,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard is missing"),
-            });
+            return Err(Error::Io { path: f, source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard is missing") });
         }
-        let part = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| Error::Config(
-            format!("{}: cannot read safetensors: {e}", f.display()),
-        ))?;
+        let part = candle_core::safetensors::load(&f, &Device::Cpu)
+            .map_err(|e| Error::Config(format!("{}: cannot read safetensors: {e}", f.display())))?;
         all.extend(part);
     }
     Ok(all)

@@ -21,14 +21,7 @@ pub struct SeqCache {
 impl SeqCache {
     /// An empty cache for a model with these dimensions; `max_len` is the context length.
     pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize, max_len: usize) -> Self {
-        Self {
-            k: vec![Vec::new(); num_layers],
-            v: vec![Vec::new(); num_layers],
-            len: 0,
-            capacity: 0,
-            max_len,
-            width: kv_heads * head_dim,
-        }
+        Self { k: vec![Vec::new(); num_layers], v: vec![Vec::new(); num_layers], len: 0, capacity: 0, max_len, width: kv_heads * head_dim }
     }
 
     /// Tokens already in the cache (the position of the next token).
@@ -60,10 +53,7 @@ impl SeqCache {
     /// Checks that `extra` more tokens fit in the context.
     pub fn check_room(&self, extra: usize) -> Result<()> {
         if self.len + extra > self.max_len {
-            return Err(Error::ContextOverflow {
-                len: self.len + extra,
-                max: self.max_len,
-            });
+            return Err(Error::ContextOverflow { len: self.len + extra, max: self.max_len });
         }
         Ok(())
     }

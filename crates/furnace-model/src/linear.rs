@@ -173,13 +173,7 @@ impl Linear {
                 }
             }
         };
-        Ok(Self {
-            weight,
-            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
-            in_features,
-            out_features,
-            lora: Vec::new(),
-        })
+        Ok(Self { weight, bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?, in_features, out_features, lora: Vec::new() })
     }
 
     /// Applies the layer to `x: [rows, in]` (f32), returning `[rows, out]` (f32); each
@@ -236,10 +230,7 @@ impl Linear {
                 }
                 Ok(ys)
             }
-            _ => layers
-                .iter()
-                .map(|l| Ok(l.forward(x, adapters)?.flatten_all()?.to_vec1::<f32>()?))
-                .collect(),
+            _ => layers.iter().map(|l| Ok(l.forward(x, adapters)?.flatten_all()?.to_vec1::<f32>()?)).collect(),
         }
     }
 
@@ -257,9 +248,7 @@ impl Linear {
             LinearWeight::Q8_0 { tensor, packed, .. } => tensor.storage_size_in_bytes() + packed.bytes(),
             LinearWeight::Quantized(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                    t.elem_count() * t.dtype().size_in_bytes()
-                }
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
             },
         }
     }

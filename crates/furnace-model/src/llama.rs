@@ -10,10 +10,10 @@
 
 use crate::config::{rope_inv_freq, LlamaConfig, RopeStyle};
 use crate::error::{Error, Result};
+use crate::kernels::attention::{decode_attention, rope_inplace};
 use crate::kv_cache::SeqCache;
 use crate::linear::{Linear, RawWeight, WeightDType};
 use crate::lora::{AdapterId, AdapterRows};
-use crate::kernels::attention::{decode_attention, rope_inplace};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
@@ -171,18 +171,13 @@ pub trait WeightSource {
 }
 
 fn required(src: &mut dyn WeightSource, name: &str) -> Result<RawWeight> {
-    src.get(name)?
-        .ok_or_else(|| Error::MissingWeight(name.to_string()))
+    src.get(name)?.ok_or_else(|| Error::MissingWeight(name.to_string()))
 }
 
 fn check_shape(name: &str, w: &RawWeight, expected: &[usize]) -> Result<()> {
     let got = w.dims();
     if got != expected {
-        return Err(Error::WeightShape {
-            name: name.to_string(),
-            got,
-            expected: expected.to_vec(),
-        });
+        return Err(Error::WeightShape { name: name.to_string(), got, expected: expected.to_vec() });
     }
     Ok(())
 }
@@ -197,10 +192,7 @@ impl Llama {
         let norm = |src: &mut dyn WeightSource, name: &str| -> Result<RmsNorm> {
             let w = required(src, name)?;
             check_shape(name, &w, &[h])?;
-            Ok(RmsNorm {
-                weight: w.to_f32()?,
-                eps: c.rms_norm_eps as f32,
-            })
+            Ok(RmsNorm { weight: w.to_f32()?, eps: c.rms_norm_eps as f32 })
         };
         let linear = |src: &mut dyn WeightSource, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let wname = format!("{name}.weight");
@@ -248,18 +240,7 @@ impl Llama {
             (true, _) => Linear::new(embed_raw, None, dtype)?,
         };
         let (cos, sin) = rope_tables(c)?;
-        Ok(Self {
-            config,
-            embed_tokens,
-            layers,
-            norm: norm_f,
-            lm_head,
-            dtype,
-            cos,
-            sin,
-            adapters: Vec::new(),
-            next_adapter: 0,
-        })
+        Ok(Self { config, embed_tokens, layers, norm: norm_f, lm_head, dtype, cos, sin, adapters: Vec::new(), next_adapter: 0 })
     }
 
     /// A fresh, empty cache for one sequence.
@@ -277,15 +258,8 @@ impl Llama {
     /// [`Llama::logits_all`] with a registered adapter (or none).
     pub fn logits_all_with(&self, ids: &[u32], adapter: Option<AdapterId>) -> Result<Tensor> {
         let mut cache = self.new_cache();
-        let mut out = self.forward(&mut [SeqInput {
-            tokens: ids,
-            cache: &mut cache,
-            logits: Logits::All,
-            adapter,
-        }])?;
-        out.pop()
-            .flatten()
-            .ok_or_else(|| Error::Config("empty input".into()))
+        let mut out = self.forward(&mut [SeqInput { tokens: ids, cache: &mut cache, logits: Logits::All, adapter }])?;
+        out.pop().flatten().ok_or_else(|| Error::Config("empty input".into()))
     }
 
     /// Runs new tokens of several sequences through the model in one pass, appending to each
@@ -359,32 +333,12 @@ impl Llama {
             return Ok(batch.iter().map(|_| None).collect());
         }
         let nrows = rows.len();
-        let sel = if nrows == n {
-            x
-        } else {
-            x.index_select(&Tensor::from_vec(rows, nrows, &Device::Cpu)?, 0)?
-        };
+        let sel = if nrows == n { x } else { x.index_select(&Tensor::from_vec(rows, nrows, &Device::Cpu)?, 0)? };
         let logits = self.lm_head.forward(&self.norm.forward(&sel)?, &AdapterRows::none())?;
-        spans
-            .into_iter()
-            .map(|(start, len)| {
-                if len == 0 {
-                    Ok(None)
-                } else {
-                    Ok(Some(logits.narrow(0, start, len)?))
-                }
-            })
-            .collect()
+        spans.into_iter().map(|(start, len)| if len == 0 { Ok(None) } else { Ok(Some(logits.narrow(0, start, len)?)) }).collect()
     }
 
-    fn attention(
-        &self,
-        layer: usize,
-        a: &Attention,
-        h: &Tensor,
-        batch: &mut [SeqInput<'_>],
-        adapters: &AdapterRows,
-    ) -> Result<Tensor> {
+    fn attention(&self, layer: usize, a: &Attention, h: &Tensor, batch: &mut [SeqInput<'_>], adapters: &AdapterRows) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (qw, kw) = (nh * hd, nkv * hd);
@@ -493,4 +447,3 @@ fn rope_tables(c: &LlamaConfig) -> Result<(Vec<f32>, Vec<f32>)> {
     debug_assert_eq!(cos.len(), n * half);
     Ok((cos, sin))
 }
-

@@ -3,14 +3,14 @@
 //! tokenizer and chat template; and loading PEFT adapter directories.
 
 use crate::config::{LlamaConfig, RopeStyle};
-use candle_core::quantized::{QStorage, QTensor};
-use candle_core::Device;
 use crate::error::{Error, Result};
 use crate::gguf::{gguf_name, GgufFile};
 use crate::hf;
 use crate::linear::{RawWeight, WeightDType};
 use crate::llama::{Llama, WeightSource};
 use crate::lora::PeftAdapter;
+use candle_core::quantized::{QStorage, QTensor};
+use candle_core::Device;
 use candle_core::Tensor;
 use furnace_hub::{Cache, ModelLocation};
 use furnace_text::{ChatTemplate, Tokenizer};
@@ -86,9 +86,7 @@ fn unpermute_rows(t: &QTensor, heads: usize) -> Result<QTensor> {
     let dims = t.shape().dims();
     let (rows, cols) = (dims[0], dims[dims.len() - 1]);
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        return Err(Error::Config(format!(
-            "cannot un-permute a {rows}-row q/k weight over {heads} heads"
-        )));
+        return Err(Error::Config(format!("cannot un-permute a {rows}-row q/k weight over {heads} heads")));
     }
     let dtype = t.dtype();
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
@@ -101,8 +99,7 @@ fn unpermute_rows(t: &QTensor, heads: usize) -> Result<QTensor> {
             for b in 0..half {
                 let dst = h * hd + a * half + b;
                 let src = h * hd + 2 * b + a;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
@@ -119,10 +116,7 @@ impl WeightSource for HfSource {
 }
 
 fn is_gguf(path: &Path) -> bool {
-    path.is_file()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// Reads a model's facts without loading its weights.
@@ -134,10 +128,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     if path.is_dir() && path.join("config.json").exists() {
         let cfg_path = path.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(crate::error::io_err(&cfg_path))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: cfg_path,
-            source,
-        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: cfg_path, source })?;
         let mut size = 0u64;
         let mut params = 0u64;
         let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
@@ -153,19 +144,12 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
         return Ok(ModelInfo {
             path: path.to_path_buf(),
             format: "hf-dir",
-            architecture: v
-                .get("model_type")
-                .and_then(|x| x.as_str())
-                .unwrap_or("?")
-                .to_string(),
+            architecture: v.get("model_type").and_then(|x| x.as_str()).unwrap_or("?").to_string(),
             name: None,
             params,
             quantization: dominant(dtypes),
             size_bytes: size,
-            context_length: v
-                .get("max_position_embeddings")
-                .and_then(|x| x.as_u64())
-                .unwrap_or(0) as usize,
+            context_length: v.get("max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(0) as usize,
         });
     }
     Err(Error::NotAModel(path.to_path_buf()))
@@ -180,10 +164,7 @@ fn safetensors_header_stats(path: &Path) -> Result<(u64, HashMap<String, u64>)> 
     let n = u64::from_le_bytes(len).min(100_000_000) as usize;
     let mut buf = vec![0u8; n];
     f.read_exact(&mut buf).map_err(crate::error::io_err(path))?;
-    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
     let mut total = 0u64;
     let mut by = HashMap::new();
     if let Some(obj) = v.as_object() {
@@ -191,11 +172,7 @@ fn safetensors_header_stats(path: &Path) -> Result<(u64, HashMap<String, u64>)> 
             if k == "__metadata__" {
                 continue;
             }
-            let shape: u64 = t
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .map(|a| a.iter().filter_map(|d| d.as_u64()).product())
-                .unwrap_or(0);
+            let shape: u64 = t.get("shape").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_u64()).product()).unwrap_or(0);
             total += shape;
             let dt = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
             *by.entry(dt.to_string()).or_default() += shape;
@@ -234,11 +211,7 @@ fn gguf_info(g: &GgufFile) -> Result<ModelInfo> {
 
 /// The storage type holding the most elements.
 fn dominant(counts: BTreeMap<String, u64>) -> String {
-    counts
-        .into_iter()
-        .max_by_key(|(_, c)| *c)
-        .map(|(k, _)| k)
-        .unwrap_or_else(|| "?".into())
+    counts.into_iter().max_by_key(|(_, c)| *c).map(|(k, _)| k).unwrap_or_else(|| "?".into())
 }
 
 impl LoadedModel {
@@ -251,21 +224,12 @@ impl LoadedModel {
             let tokenizer = Tokenizer::from_gguf(&g.tokenizer_spec()?)?;
             let chat_template = g.chat_template().map(|s| ChatTemplate::new(&s)).transpose()?;
             let mut config = config;
-            let permuted_heads = (config.rope_style == RopeStyle::Interleaved)
-                .then_some((config.num_heads, config.num_kv_heads));
+            let permuted_heads = (config.rope_style == RopeStyle::Interleaved).then_some((config.num_heads, config.num_kv_heads));
             config.rope_style = RopeStyle::HalfSplit;
-            let mut src = GgufSource {
-                file: &mut g,
-                permuted_heads,
-            };
+            let mut src = GgufSource { file: &mut g, permuted_heads };
             let model = Llama::load(config, &mut src, dtype)?;
             check_vocab(&model.config, &tokenizer)?;
-            return Ok(Self {
-                model,
-                tokenizer,
-                chat_template,
-                info,
-            });
+            return Ok(Self { model, tokenizer, chat_template, info });
         }
         if path.is_dir() && path.join("config.json").exists() {
             let config = hf::read_config(path)?;
@@ -275,12 +239,7 @@ impl LoadedModel {
             let mut src = HfSource(hf::load_tensors(path)?);
             let model = Llama::load(config, &mut src, dtype)?;
             check_vocab(&model.config, &tokenizer)?;
-            return Ok(Self {
-                model,
-                tokenizer,
-                chat_template,
-                info,
-            });
+            return Ok(Self { model, tokenizer, chat_template, info });
         }
         if !path.exists() {
             return Err(Error::Io {
@@ -308,28 +267,18 @@ pub fn resolve_name(name: &str, progress: &mut dyn FnMut(&str)) -> Result<ModelL
 pub fn load_by_name(name: &str, dtype: WeightDType, progress: &mut dyn FnMut(&str)) -> Result<LoadedModel> {
     let loc = resolve_name(name, progress)?;
     let path = loc.path();
-    LoadedModel::load(path, dtype).map_err(|e| Error::LoadModel {
-        path: path.to_path_buf(),
-        error: Box::new(e),
-    })
+    LoadedModel::load(path, dtype).map_err(|e| Error::LoadModel { path: path.to_path_buf(), error: Box::new(e) })
 }
 
 /// Reads a PEFT LoRA adapter directory ([`PeftAdapter::load`]); a failure names the
 /// directory: `loading adapter <dir>: <cause>`.
 pub fn load_adapter(dir: &Path) -> Result<PeftAdapter> {
-    PeftAdapter::load(dir).map_err(|e| Error::LoadAdapter {
-        path: dir.to_path_buf(),
-        error: Box::new(e),
-    })
+    PeftAdapter::load(dir).map_err(|e| Error::LoadAdapter { path: dir.to_path_buf(), error: Box::new(e) })
 }
 
 fn check_vocab(cfg: &LlamaConfig, tok: &Tokenizer) -> Result<()> {
     if tok.vocab_size() > cfg.vocab_size {
-        return Err(Error::Config(format!(
-            "tokenizer has {} tokens but the model's vocabulary is {}",
-            tok.vocab_size(),
-            cfg.vocab_size
-        )));
+        return Err(Error::Config(format!("tokenizer has {} tokens but the model's vocabulary is {}", tok.vocab_size(), cfg.vocab_size)));
     }
     Ok(())
 }

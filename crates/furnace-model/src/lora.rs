@@ -97,7 +97,9 @@ impl LoraConfig {
         }
         for t in self.targets() {
             if !TARGETS.contains(&t.as_str()) {
-                return bad(format!("target module '{t}' does not exist in llama-family models (expected some of {TARGETS:?} or all-linear)"));
+                return bad(format!(
+                    "target module '{t}' does not exist in llama-family models (expected some of {TARGETS:?} or all-linear)"
+                ));
             }
         }
         Ok(())
@@ -132,11 +134,7 @@ pub struct PeftAdapter {
 
 /// PEFT's key for a factor (`"A"` or `"B"`) of `module` in `layer`.
 pub fn peft_key(layer: usize, module: &str, factor: &str) -> String {
-    let group = if matches!(module, "gate_proj" | "up_proj" | "down_proj") {
-        "mlp"
-    } else {
-        "self_attn"
-    };
+    let group = if matches!(module, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
     format!("base_model.model.model.layers.{layer}.{group}.{module}.lora_{factor}.weight")
 }
 
@@ -145,10 +143,7 @@ impl PeftAdapter {
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
         if !cfg_path.exists() {
-            return Err(Error::Adapter(format!(
-                "{} has no adapter_config.json: expected a PEFT LoRA adapter directory",
-                dir.display()
-            )));
+            return Err(Error::Adapter(format!("{} has no adapter_config.json: expected a PEFT LoRA adapter directory", dir.display())));
         }
         let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
         let config: LoraConfig = serde_json::from_str(&text).map_err(|source| Error::Json { path: cfg_path, source })?;
@@ -157,8 +152,7 @@ impl PeftAdapter {
         if !st.exists() {
             return Err(Error::Adapter(format!("{} has no adapter_model.safetensors", dir.display())));
         }
-        let raw = candle_core::safetensors::load(&st, &Device::Cpu)
-            .map_err(|e| Error::Adapter(format!("{}: {e}", st.display())))?;
+        let raw = candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| Error::Adapter(format!("{}: {e}", st.display())))?;
         // PEFT writes `...lora_A.weight`; in-memory state dicts carry the adapter name
         // (`...lora_A.default.weight`): accept both.
         let tensors = raw
@@ -232,11 +226,7 @@ impl AdapterRows {
             .filter(|(_, rows)| !rows.is_empty())
             .map(|(adapter, rows)| {
                 let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
-                let index = if contiguous {
-                    None
-                } else {
-                    Some(Tensor::from_slice(&rows, rows.len(), &Device::Cpu)?)
-                };
+                let index = if contiguous { None } else { Some(Tensor::from_slice(&rows, rows.len(), &Device::Cpu)?) };
                 Ok(RowGroup { adapter, rows, index })
             })
             .collect::<Result<_>>()?;
@@ -287,13 +277,7 @@ impl Llama {
                     return Err(Error::Adapter(format!("the model has no module {module}")));
                 };
                 let (ka, kb) = (peft_key(layer, &module, "A"), peft_key(layer, &module, "B"));
-                let get = |k: &str| {
-                    adapter
-                        .tensors
-                        .get(k)
-                        .cloned()
-                        .ok_or_else(|| Error::Adapter(format!("adapter lacks '{k}'")))
-                };
+                let get = |k: &str| adapter.tensors.get(k).cloned().ok_or_else(|| Error::Adapter(format!("adapter lacks '{k}'")));
                 let (a, b) = (get(&ka)?, get(&kb)?);
                 if a.dims() != [cfg.r, lin.in_features] || b.dims() != [lin.out_features, cfg.r] {
                     return Err(Error::Adapter(format!(

@@ -7,11 +7,7 @@
 
 /// Physical cores of this machine.
 pub fn physical_cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(physical_core_count().unwrap_or(usize::MAX))
-        .max(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(physical_core_count().unwrap_or(usize::MAX)).max(1)
 }
 
 fn physical_core_count() -> Option<usize> {

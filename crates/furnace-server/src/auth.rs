@@ -25,11 +25,7 @@ pub(crate) async fn require_token(State(st): State<AppState>, req: Request, next
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
-            return ApiError(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong token: send Authorization: Bearer <token>".into(),
-            )
-            .into_response();
+            return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong token: send Authorization: Bearer <token>".into()).into_response();
         }
     }
     next.run(req).await

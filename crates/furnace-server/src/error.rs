@@ -64,13 +64,9 @@ impl From<furnace_exp::Error> for ApiError {
             | E::RunNotFound { .. }
             | E::RunNotInExperiment { .. }
             | E::OpNotFound { .. } => StatusCode::NOT_FOUND,
-            E::Invalid(_)
-            | E::Spec(_)
-            | E::NoRuns { .. }
-            | E::Busy { .. }
-            | E::Load { .. }
-            | E::NoChatTemplate { .. }
-            | E::Data(_) => StatusCode::BAD_REQUEST,
+            E::Invalid(_) | E::Spec(_) | E::NoRuns { .. } | E::Busy { .. } | E::Load { .. } | E::NoChatTemplate { .. } | E::Data(_) => {
+                StatusCode::BAD_REQUEST
+            }
             E::Sqlite(_)
             | E::StoredConfig { .. }
             | E::StoredOp { .. }
@@ -98,16 +94,10 @@ pub(crate) type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// The answer to a path no router has.
 pub(crate) async fn not_found(req: Request) -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        format!("no route {} {} (the API is under /api)", req.method(), req.uri().path()),
-    )
+    ApiError(StatusCode::NOT_FOUND, format!("no route {} {} (the API is under /api)", req.method(), req.uri().path()))
 }
 
 /// The answer to a known path with a method it does not take.
 pub(crate) async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    )
+    ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {}", req.method(), req.uri().path()))
 }

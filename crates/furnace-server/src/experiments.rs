@@ -41,8 +41,7 @@ pub(crate) fn router() -> Router<AppState> {
 }
 
 fn parse_id(s: &str) -> ApiResult<i64> {
-    s.parse()
-        .map_err(|_| ApiError::bad_request(format!("'{s}' is not a run id (expected a number)")))
+    s.parse().map_err(|_| ApiError::bad_request(format!("'{s}' is not a run id (expected a number)")))
 }
 
 /// `?all=true` shows deleted runs too.

@@ -51,10 +51,7 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
-            token: None,
-        }
+        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None }
     }
 }
 
@@ -131,9 +128,7 @@ impl Drop for ServerHandle {
 
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerHandle")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("ServerHandle").field("addr", &self.addr).finish_non_exhaustive()
     }
 }
 
@@ -179,9 +174,5 @@ pub fn start(db: PathBuf, opts: ServerOptions, events: EventSender) -> Result<Se
             rt.shutdown_timeout(Duration::from_secs(2));
         })
         .map_err(|source| Error::Start { what: "thread", source })?;
-    Ok(ServerHandle {
-        addr: bound,
-        stop: stop_tx,
-        thread: Some(thread),
-    })
+    Ok(ServerHandle { addr: bound, stop: stop_tx, thread: Some(thread) })
 }

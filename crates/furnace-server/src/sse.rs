@@ -43,12 +43,9 @@ where
         Err(BroadcastStreamRecvError::Lagged(n)) => Item::Event(SseEvent::default().comment(format!("skipped {n} events"))),
     });
     let stop = WatchStream::new(shutdown).map(|down| if down { Item::End } else { Item::Skip });
-    let stream = live
-        .merge(stop)
-        .take_while(|i| !matches!(i, Item::End))
-        .filter_map(|i| match i {
-            Item::Event(e) => Some(Ok(e)),
-            Item::Skip | Item::End => None,
-        });
+    let stream = live.merge(stop).take_while(|i| !matches!(i, Item::End)).filter_map(|i| match i {
+        Item::Event(e) => Some(Ok(e)),
+        Item::Skip | Item::End => None,
+    });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -28,15 +28,7 @@ struct Inner {
 impl AppState {
     /// State over the store at `db` (opened on first use).
     pub fn new(db: PathBuf, events: EventSender, token: Option<String>, shutdown: watch::Receiver<bool>) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                db,
-                store: Mutex::new(None),
-                events,
-                token,
-                shutdown,
-            }),
-        }
+        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, shutdown }) }
     }
 
     /// The token requests must carry, if any.

@@ -39,18 +39,10 @@ pub fn smollm2_gguf() -> PathBuf {
 pub fn jsonl(name: &str) -> Vec<serde_json::Value> {
     let path = testdata().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("fixture json"))
-        .collect()
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("fixture json")).collect()
 }
 
 /// A JSON array of token ids under `key`.
 pub fn ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("fixture: '{key}' is not an array"))
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v[key].as_array().unwrap_or_else(|| panic!("fixture: '{key}' is not an array")).iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }

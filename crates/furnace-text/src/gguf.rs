@@ -55,7 +55,8 @@ pub struct GgufTokenizerSpec {
 const SPM_SPACE: &str = "\u{2581}";
 
 /// Llama 3's pre-tokenization regex (digits in groups of up to three).
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pre-tokenization regex (single digits).
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// DeepSeek V3's pre-tokenization regexes, applied one after the other.
@@ -71,8 +72,7 @@ impl GgufTokenizerSpec {
     }
 
     fn token(&self, id: Option<u32>) -> Option<&str> {
-        id.and_then(|id| self.tokens.get(id as usize))
-            .map(String::as_str)
+        id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str)
     }
 
     /// The `tokenizer.json` document equivalent to this metadata.
@@ -80,12 +80,7 @@ impl GgufTokenizerSpec {
         if self.tokens.is_empty() {
             return Err(Error::InvalidGguf("tokenizer.ggml.tokens is empty".into()));
         }
-        for (name, id) in [
-            ("bos", self.bos_id),
-            ("eos", self.eos_id),
-            ("unknown", self.unk_id),
-            ("padding", self.pad_id),
-        ] {
+        for (name, id) in [("bos", self.bos_id), ("eos", self.eos_id), ("unknown", self.unk_id), ("padding", self.pad_id)] {
             if let Some(id) = id {
                 if id as usize >= self.tokens.len() {
                     return Err(Error::InvalidGguf(format!(
@@ -129,11 +124,8 @@ impl GgufTokenizerSpec {
             })
         };
         if self.token_types.is_empty() {
-            let mut ids: Vec<usize> = [self.unk_id, self.bos_id, self.eos_id, self.pad_id]
-                .into_iter()
-                .flatten()
-                .map(|id| id as usize)
-                .collect();
+            let mut ids: Vec<usize> =
+                [self.unk_id, self.bos_id, self.eos_id, self.pad_id].into_iter().flatten().map(|id| id as usize).collect();
             ids.sort_unstable();
             ids.dedup();
             return ids.into_iter().map(|id| entry(id, true)).collect();
@@ -237,10 +229,7 @@ impl GgufTokenizerSpec {
     /// SentencePiece (BPE flavour, as Llama/Mistral/Gemma use) with byte fallback.
     fn sentencepiece_parts(&self) -> Result<(Value, Value, Value, Value)> {
         let merges: Vec<Value> = if self.merges.is_empty() {
-            self.merges_from_scores()
-                .into_iter()
-                .map(|(a, b)| json!([a, b]))
-                .collect()
+            self.merges_from_scores().into_iter().map(|(a, b)| json!([a, b])).collect()
         } else {
             self.merges
                 .iter()
@@ -248,9 +237,7 @@ impl GgufTokenizerSpec {
                     merge
                         .split_once(' ')
                         .map(|(a, b)| json!([a, b]))
-                        .ok_or_else(|| {
-                            Error::InvalidGguf(format!("merge {merge:?} is not \"a b\""))
-                        })
+                        .ok_or_else(|| Error::InvalidGguf(format!("merge {merge:?} is not \"a b\"")))
                 })
                 .collect::<Result<_>>()?
         };
@@ -322,9 +309,6 @@ impl GgufTokenizerSpec {
         }
         // Stable: equal scores keep the order built above.
         merges.sort_by(|a, b| b.2.total_cmp(&a.2));
-        merges
-            .into_iter()
-            .map(|(left, right, _)| (self.tokens[left].clone(), self.tokens[right].clone()))
-            .collect()
+        merges.into_iter().map(|(left, right, _)| (self.tokens[left].clone(), self.tokens[right].clone())).collect()
     }
 }

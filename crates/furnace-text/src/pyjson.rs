@@ -21,12 +21,7 @@ struct Options {
 
 /// The `tojson` filter: `value | tojson(ensure_ascii=False, indent=None, separators=None, sort_keys=False)`,
 /// as in Hugging Face's filter (`ensure_ascii` and `indent` may also be positional).
-pub(crate) fn tojson(
-    value: &Value,
-    ensure_ascii: Option<Value>,
-    indent: Option<Value>,
-    kwargs: Kwargs,
-) -> Result<Value, Error> {
+pub(crate) fn tojson(value: &Value, ensure_ascii: Option<Value>, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
     let pick = |positional: Option<Value>, name: &str| -> Result<Option<Value>, Error> {
         match positional {
             Some(v) => Ok(Some(v)),
@@ -40,37 +35,18 @@ pub(crate) fn tojson(
         Some(v) => match v.kind() {
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
             ValueKind::Number => {
-                let width = v.as_i64().ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: indent must be an integer",
-                    )
-                })?;
+                let width = v.as_i64().ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer"))?;
                 Some(" ".repeat(usize::try_from(width).unwrap_or(0)))
             }
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "tojson: indent must be an integer or a string",
-                ))
-            }
+            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
         },
     };
     let (item_separator, key_separator) = match pick(None, "separators")? {
         Some(v) if !(v.is_none() || v.is_undefined()) => {
-            let parts: Vec<String> = v
-                .try_iter()?
-                .map(|part| part.as_str().map(str::to_string))
-                .collect::<Option<_>>()
-                .unwrap_or_default();
+            let parts: Vec<String> = v.try_iter()?.map(|part| part.as_str().map(str::to_string)).collect::<Option<_>>().unwrap_or_default();
             match <[String; 2]>::try_from(parts) {
                 Ok([item, key]) => (item, key),
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: separators must be two strings",
-                    ))
-                }
+                Err(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")),
             }
         }
         // Python's defaults: no space before the newline when indenting.
@@ -79,13 +55,7 @@ pub(crate) fn tojson(
     };
     let sort_keys = pick(None, "sort_keys")?.is_some_and(|v| v.is_true());
     kwargs.assert_all_used()?;
-    let options = Options {
-        ensure_ascii,
-        indent,
-        item_separator,
-        key_separator,
-        sort_keys,
-    };
+    let options = Options { ensure_ascii, indent, item_separator, key_separator, sort_keys };
     let mut out = String::new();
     write_value(&mut out, value, &options, 0)?;
     Ok(Value::from(out))
@@ -100,22 +70,13 @@ fn newline(out: &mut String, options: &Options, depth: usize) {
     }
 }
 
-fn write_value(
-    out: &mut String,
-    value: &Value,
-    options: &Options,
-    depth: usize,
-) -> Result<(), Error> {
+fn write_value(out: &mut String, value: &Value, options: &Options, depth: usize) -> Result<(), Error> {
     match value.kind() {
         // Undefined is written as null rather than failing like Python would.
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => write_number(out, value),
-        ValueKind::String => write_str(
-            out,
-            value.as_str().unwrap_or_default(),
-            options.ensure_ascii,
-        ),
+        ValueKind::String => write_str(out, value.as_str().unwrap_or_default(), options.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -159,12 +120,7 @@ fn write_value(
             newline(out, options, depth);
             out.push('}');
         }
-        ValueKind::Invalid => {
-            return Err(Error::new(
-                ErrorKind::BadSerialization,
-                format!("tojson: cannot serialize {value}"),
-            ))
-        }
+        ValueKind::Invalid => return Err(Error::new(ErrorKind::BadSerialization, format!("tojson: cannot serialize {value}"))),
         // Bytes, plain objects and future kinds: their string form.
         _ => write_str(out, &value.to_string(), options.ensure_ascii),
     }
@@ -182,10 +138,7 @@ fn key_string(key: &Value) -> Result<String, Error> {
             write_number(&mut s, key);
             Ok(s)
         }
-        kind => Err(Error::new(
-            ErrorKind::BadSerialization,
-            format!("tojson: keys must be str, int, float, bool or None, not {kind}"),
-        )),
+        kind => Err(Error::new(ErrorKind::BadSerialization, format!("tojson: keys must be str, int, float, bool or None, not {kind}"))),
     }
 }
 
@@ -196,9 +149,7 @@ fn write_number(out: &mut String, value: &Value) {
         match f64::try_from(value.clone()) {
             // `json.dumps` writes the non-finite values as JavaScript does.
             Ok(f) if f.is_nan() => out.push_str("NaN"),
-            Ok(f) if f.is_infinite() => {
-                out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" })
-            }
+            Ok(f) if f.is_infinite() => out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" }),
             Ok(f) => out.push_str(&python_float_repr(f)),
             Err(_) => {
                 let _ = write!(out, "{value}");
@@ -253,12 +204,7 @@ pub(crate) fn python_float_repr(f: f64) -> String {
             out.push('.');
             out.push_str(&digits[1..]);
         }
-        let _ = write!(
-            out,
-            "e{}{:02}",
-            if exponent < 0 { '-' } else { '+' },
-            exponent.unsigned_abs()
-        );
+        let _ = write!(out, "e{}{:02}", if exponent < 0 { '-' } else { '+' }, exponent.unsigned_abs());
     }
     out
 }

@@ -28,13 +28,7 @@ pub struct IncrementalDecoder {
 impl IncrementalDecoder {
     /// A decoder over `tokenizer`; `skip_special` leaves special tokens out.
     pub fn new(tokenizer: Tokenizer, skip_special: bool) -> Self {
-        IncrementalDecoder {
-            tokenizer,
-            skip_special,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        IncrementalDecoder { tokenizer, skip_special, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// Adds one token id and returns the text it completes (possibly empty).

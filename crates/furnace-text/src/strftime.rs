@@ -7,29 +7,9 @@
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
+const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+const MONTHS: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
 
 /// A broken-down UTC time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,18 +134,8 @@ impl DateTime {
                 'S' => num(&mut out, i64::from(self.second), 2, '0'),
                 'f' => num(&mut out, i64::from(self.micros), 6, '0'),
                 'j' => num(&mut out, i64::from(self.yday + 1), 3, '0'),
-                'U' => num(
-                    &mut out,
-                    i64::from((self.yday + 7 - self.weekday) / 7),
-                    2,
-                    '0',
-                ),
-                'W' => num(
-                    &mut out,
-                    i64::from((self.yday + 7 - (self.weekday + 6) % 7) / 7),
-                    2,
-                    '0',
-                ),
+                'U' => num(&mut out, i64::from((self.yday + 7 - self.weekday) / 7), 2, '0'),
+                'W' => num(&mut out, i64::from((self.yday + 7 - (self.weekday + 6) % 7) / 7), 2, '0'),
                 's' => num(&mut out, self.unix, 1, '0'),
                 'z' => out.push_str("+0000"),
                 'Z' => out.push_str("UTC"),
@@ -205,32 +175,14 @@ mod tests {
         // 2024-07-26 13:05:09 UTC, a Friday.
         let t = DateTime::from_unix(1_721_999_109, 42);
         assert_eq!(t.format("%d %b %Y"), "26 Jul 2024");
-        assert_eq!(
-            t.format("%A %B %-d, %Y %H:%M:%S %p"),
-            "Friday July 26, 2024 13:05:09 PM"
-        );
-        assert_eq!(
-            t.format("%F %T %j %f %% %q"),
-            "2024-07-26 13:05:09 208 000042 % %q"
-        );
-        assert_eq!(
-            t.format("%I %y %e %a %c"),
-            "01 24 26 Fri Fri Jul 26 13:05:09 2024"
-        );
+        assert_eq!(t.format("%A %B %-d, %Y %H:%M:%S %p"), "Friday July 26, 2024 13:05:09 PM");
+        assert_eq!(t.format("%F %T %j %f %% %q"), "2024-07-26 13:05:09 208 000042 % %q");
+        assert_eq!(t.format("%I %y %e %a %c"), "01 24 26 Fri Fri Jul 26 13:05:09 2024");
         assert_eq!(t.format("%U %W %u %w"), "29 30 5 5");
-        assert_eq!(
-            DateTime::from_unix(1_704_499_200, 0).format("%F %a %U %W"),
-            "2024-01-06 Sat 00 01"
-        );
+        assert_eq!(DateTime::from_unix(1_704_499_200, 0).format("%F %a %U %W"), "2024-01-06 Sat 00 01");
         // Leap day and the epoch.
-        assert_eq!(
-            DateTime::from_unix(951_782_400, 0).format("%F %a %j"),
-            "2000-02-29 Tue 060"
-        );
-        assert_eq!(
-            DateTime::from_unix(0, 0).format("%F %A %U %W"),
-            "1970-01-01 Thursday 00 00"
-        );
+        assert_eq!(DateTime::from_unix(951_782_400, 0).format("%F %a %j"), "2000-02-29 Tue 060");
+        assert_eq!(DateTime::from_unix(0, 0).format("%F %A %U %W"), "1970-01-01 Thursday 00 00");
         assert_eq!(DateTime::from_unix(-86_400, 0).format("%F"), "1969-12-31");
     }
 }

@@ -30,10 +30,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -79,14 +76,10 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // Print booleans, none and floats the way Python does (`True`, `None`, `1e+20`).
         env.set_formatter(|out, state, value| match value.kind() {
-            ValueKind::Bool => out
-                .write_str(if value.is_true() { "True" } else { "False" })
-                .map_err(minijinja::Error::from),
+            ValueKind::Bool => out.write_str(if value.is_true() { "True" } else { "False" }).map_err(minijinja::Error::from),
             ValueKind::None => out.write_str("None").map_err(minijinja::Error::from),
             ValueKind::Number if !value.is_integer() => match f64::try_from(value.clone()) {
-                Ok(f) => out
-                    .write_str(&crate::pyjson::python_float_repr(f))
-                    .map_err(minijinja::Error::from),
+                Ok(f) => out.write_str(&crate::pyjson::python_float_repr(f)).map_err(minijinja::Error::from),
                 Err(_) => minijinja::escape_formatter(out, state, value),
             },
             _ => minijinja::escape_formatter(out, state, value),
@@ -96,23 +89,12 @@ impl ChatTemplate {
                 Some(s) => s.to_string(),
                 None => message.to_string(),
             };
-            Err::<Value, _>(
-                minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
-                    .with_source(Raised(message)),
-            )
+            Err::<Value, _>(minijinja::Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(Raised(message)))
         });
-        env.add_function("strftime_now", |format: &str| {
-            crate::strftime::strftime_now(format)
-        });
+        env.add_function("strftime_now", |format: &str| crate::strftime::strftime_now(format));
         env.add_filter("tojson", crate::pyjson::tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| Error::Template(describe(&e)))?;
-        Ok(ChatTemplate {
-            inner: Arc::new(Inner {
-                env,
-                source: source.to_string(),
-            }),
-        })
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| Error::Template(describe(&e)))?;
+        Ok(ChatTemplate { inner: Arc::new(Inner { env, source: source.to_string() }) })
     }
 
     /// The chat template of a Hugging Face model directory: `chat_template.jinja`,
@@ -148,17 +130,9 @@ impl ChatTemplate {
     ) -> Result<String> {
         let messages: Vec<Value> = messages
             .iter()
-            .map(|m| {
-                Value::from_pairs([
-                    ("role", Value::from(m.role.as_str())),
-                    ("content", Value::from(m.content.as_str())),
-                ])
-            })
+            .map(|m| Value::from_pairs([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
             .collect();
-        let mut context = vec![
-            ("messages", Value::from(messages)),
-            ("add_generation_prompt", Value::from(add_generation_prompt)),
-        ];
+        let mut context = vec![("messages", Value::from(messages)), ("add_generation_prompt", Value::from(add_generation_prompt))];
         if let Some(bos) = bos_token {
             context.push(("bos_token", Value::from(bos)));
         }
@@ -173,9 +147,7 @@ impl ChatTemplate {
     /// Object key order is kept, so `tojson` writes keys as given.
     pub fn render_value(&self, context: serde_json::Value) -> Result<String> {
         if !context.is_object() {
-            return Err(Error::Template(
-                "the template context must be a JSON object".to_string(),
-            ));
+            return Err(Error::Template("the template context must be a JSON object".to_string()));
         }
         self.render_minijinja(json_to_value(&context))
     }
@@ -186,25 +158,17 @@ impl ChatTemplate {
     }
 
     fn render_minijinja(&self, context: Value) -> Result<String> {
-        let template = self
-            .inner
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| Error::Template(describe(&e)))?;
-        template
-            .render(context)
-            .map_err(|e| match raised_message(&e) {
-                Some(message) => Error::TemplateRaised(message),
-                None => Error::Template(describe(&e)),
-            })
+        let template = self.inner.env.get_template(TEMPLATE_NAME).map_err(|e| Error::Template(describe(&e)))?;
+        template.render(context).map_err(|e| match raised_message(&e) {
+            Some(message) => Error::TemplateRaised(message),
+            None => Error::Template(describe(&e)),
+        })
     }
 }
 
 impl fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("source", &self.inner.source)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("source", &self.inner.source).finish_non_exhaustive()
     }
 }
 
@@ -264,8 +228,6 @@ fn json_to_value(json: &serde_json::Value) -> Value {
         }
         J::String(s) => Value::from(s.as_str()),
         J::Array(items) => items.iter().map(json_to_value).collect(),
-        J::Object(map) => {
-            Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
-        }
+        J::Object(map) => Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v)))),
     }
 }

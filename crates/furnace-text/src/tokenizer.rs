@@ -57,12 +57,8 @@ struct SpecialConfig {
 
 impl Tokenizer {
     fn build(hf: tokenizers::Tokenizer, config: SpecialConfig) -> Result<Self> {
-        let mut special_ids: HashSet<u32> = hf
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, token)| token.special)
-            .map(|(id, _)| id)
-            .collect();
+        let mut special_ids: HashSet<u32> =
+            hf.get_added_tokens_decoder().into_iter().filter(|(_, token)| token.special).map(|(id, _)| id).collect();
         special_ids.extend(config.bos_id);
         special_ids.extend(config.eos_ids.iter().copied());
         special_ids.extend(config.pad_id);
@@ -74,12 +70,8 @@ impl Tokenizer {
             }
             _ => false,
         };
-        let bos_token = config
-            .bos_token
-            .or_else(|| config.bos_id.and_then(|id| hf.id_to_token(id)));
-        let eos_token = config
-            .eos_token
-            .or_else(|| config.eos_ids.first().and_then(|&id| hf.id_to_token(id)));
+        let bos_token = config.bos_token.or_else(|| config.bos_id.and_then(|id| hf.id_to_token(id)));
+        let eos_token = config.eos_token.or_else(|| config.eos_ids.first().and_then(|&id| hf.id_to_token(id)));
         Ok(Tokenizer {
             inner: Arc::new(Inner {
                 hf,
@@ -121,10 +113,7 @@ impl Tokenizer {
     /// use [`Tokenizer::from_hf_dir`] for a model directory.
     pub fn from_file(path: &Path) -> Result<Self> {
         let hf = load_tokenizer_json(path)?;
-        let config = SpecialConfig {
-            use_post_processor: true,
-            ..SpecialConfig::default()
-        };
+        let config = SpecialConfig { use_post_processor: true, ..SpecialConfig::default() };
         Self::build(hf, config)
     }
 
@@ -155,15 +144,8 @@ impl Tokenizer {
             .or_else(|| mc("bos_token_id").and_then(|v| id_list(v).first().copied()));
 
         let eos_token = tc("eos_token").and_then(token_content);
-        let mut eos_ids: Vec<u32> = eos_token
-            .as_deref()
-            .and_then(|t| hf.token_to_id(t))
-            .into_iter()
-            .collect();
-        let generation_eos = gc("eos_token_id")
-            .or_else(|| mc("eos_token_id"))
-            .map(id_list)
-            .unwrap_or_default();
+        let mut eos_ids: Vec<u32> = eos_token.as_deref().and_then(|t| hf.token_to_id(t)).into_iter().collect();
+        let generation_eos = gc("eos_token_id").or_else(|| mc("eos_token_id")).map(id_list).unwrap_or_default();
         for id in generation_eos {
             if !eos_ids.contains(&id) {
                 eos_ids.push(id);
@@ -174,12 +156,8 @@ impl Tokenizer {
             .and_then(token_content)
             .and_then(|t| hf.token_to_id(&t))
             .or_else(|| gc("pad_token_id").and_then(|v| id_list(v).first().copied()));
-        let unk_id = tc("unk_token")
-            .and_then(token_content)
-            .and_then(|t| hf.token_to_id(&t));
-        let add_bos = tc("add_bos_token")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let unk_id = tc("unk_token").and_then(token_content).and_then(|t| hf.token_to_id(&t));
+        let add_bos = tc("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
 
         let config = SpecialConfig {
             bos_id,
@@ -201,10 +179,7 @@ impl Tokenizer {
     /// `tokenizer.json` files) and BOS is prepended when the model wants it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let inner = &self.inner;
-        let encoding = inner
-            .hf
-            .encode(text, add_special && inner.use_post_processor)
-            .map_err(Error::Tokenizer)?;
+        let encoding = inner.hf.encode(text, add_special && inner.use_post_processor).map_err(Error::Tokenizer)?;
         let mut ids = encoding.get_ids().to_vec();
         if add_special && inner.add_bos && !inner.post_processor_adds_bos {
             if let Some(bos) = inner.bos_id {
@@ -216,10 +191,7 @@ impl Tokenizer {
 
     /// Decodes token ids into text; with `skip_special`, special tokens are left out.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .hf
-            .decode(ids, skip_special)
-            .map_err(Error::Tokenizer)
+        self.inner.hf.decode(ids, skip_special).map_err(Error::Tokenizer)
     }
 
     /// The number of tokens, added tokens included.
@@ -304,10 +276,7 @@ impl fmt::Debug for Tokenizer {
 
 fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    tokenizers::Tokenizer::from_str(&text).map_err(|source| Error::LoadTokenizer {
-        path: path.to_path_buf(),
-        source,
-    })
+    tokenizers::Tokenizer::from_str(&text).map_err(|source| Error::LoadTokenizer { path: path.to_path_buf(), source })
 }
 
 /// Parses a JSON file, or `None` when it does not exist.
@@ -316,9 +285,7 @@ pub(crate) fn read_optional_json(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::json(path, e))
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::json(path, e))
 }
 
 /// A special token given as `"<s>"` or as an added-token object `{"content": "<s>", ..}`.

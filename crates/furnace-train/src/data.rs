@@ -64,12 +64,7 @@ pub struct DataOptions {
 
 impl Default for DataOptions {
     fn default() -> Self {
-        Self {
-            columns: Columns::default(),
-            max_seq_len: 512,
-            completion_only: true,
-            skip_bad_rows: false,
-        }
+        Self { columns: Columns::default(), max_seq_len: 512, completion_only: true, skip_bad_rows: false }
     }
 }
 
@@ -158,10 +153,8 @@ fn read_parquet(path: &Path) -> Result<Vec<RawRow>> {
     let file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
     let reader = SerializedFileReader::new(file).map_err(|e| file_err(format!("not a readable Parquet file: {e}")))?;
     let iter = reader.get_row_iter(None).map_err(|e| file_err(format!("cannot read rows: {e}")))?;
-    let rows: Vec<RawRow> = iter
-        .enumerate()
-        .map(|(i, row)| (i + 1, row.map(|r| r.to_json_value()).map_err(|e| format!("unreadable row: {e}"))))
-        .collect();
+    let rows: Vec<RawRow> =
+        iter.enumerate().map(|(i, row)| (i + 1, row.map(|r| r.to_json_value()).map_err(|e| format!("unreadable row: {e}")))).collect();
     if rows.is_empty() {
         return Err(file_err("the dataset is empty".into()));
     }
@@ -268,10 +261,7 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts:
         }
     }
     if examples.is_empty() {
-        return Err(Error::DataFile {
-            path: path.to_path_buf(),
-            msg: format!("no usable rows ({skipped} bad rows skipped)"),
-        });
+        return Err(Error::DataFile { path: path.to_path_buf(), msg: format!("no usable rows ({skipped} bad rows skipped)") });
     }
     Ok(Dataset { examples, skipped, truncated })
 }

@@ -203,10 +203,7 @@ impl TrainableLora {
 /// crash never leaves a half-written directory under that name.
 pub(crate) fn replace_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
     let io = |e: std::io::Error| crate::Error::Input(format!("writing {}: {e}", dir.display()));
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let parent = dir.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).map_err(io)?;
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));

@@ -272,7 +272,12 @@ impl Spec {
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             return Err(invalid("trainer.learning_rate", "must be > 0"));
         }
-        for (k, v) in [("trainer.batch_size", t.batch_size), ("trainer.grad_accum", t.grad_accum), ("trainer.max_seq_len", t.max_seq_len), ("trainer.log_every", t.log_every)] {
+        for (k, v) in [
+            ("trainer.batch_size", t.batch_size),
+            ("trainer.grad_accum", t.grad_accum),
+            ("trainer.max_seq_len", t.max_seq_len),
+            ("trainer.log_every", t.log_every),
+        ] {
             if v == 0 {
                 return Err(invalid(k, "must be > 0"));
             }
@@ -372,10 +377,7 @@ impl Spec {
             num_chunks: self.num_chunks(examples.len()),
             chunk_seed: self.experiment.seed,
         };
-        let total = t
-            .max_steps
-            .unwrap_or_else(|| crate::Trainer::steps_per_epoch(&cfg, examples) * t.epochs.max(1))
-            .max(1);
+        let total = t.max_steps.unwrap_or_else(|| crate::Trainer::steps_per_epoch(&cfg, examples) * t.epochs.max(1)).max(1);
         cfg.max_steps = Some(total);
         cfg.warmup_steps = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
         cfg

@@ -95,10 +95,7 @@ pub fn eval_loss(base: &FrozenBase, lora: Option<&TrainableLora>, examples: &[Ex
     let adapters: Vec<AdapterRef> = lora.map(|lora| AdapterRef { lora, dropout_seed: 0 }).into_iter().collect();
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in examples.chunks(EVAL_BATCH) {
-        let seqs: Vec<SeqRef> = chunk
-            .iter()
-            .map(|e| SeqRef { ids: &e.ids, labels: &e.labels, adapter: 0, loss_weight: 0.0 })
-            .collect();
+        let seqs: Vec<SeqRef> = chunk.iter().map(|e| SeqRef { ids: &e.ids, labels: &e.labels, adapter: 0, loss_weight: 0.0 }).collect();
         let r = engine::eval_pass(base, &adapters, &seqs)?;
         sum += r.loss_sum.iter().sum::<f64>();
         n += r.tokens.iter().sum::<usize>();
@@ -285,15 +282,9 @@ impl Trainer {
             )));
         }
         let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
-        let total_steps = config
-            .max_steps
-            .unwrap_or_else(|| steps_per_chunk(&config, &lengths).iter().sum::<usize>() * config.epochs.max(1));
-        let schedule = Schedule {
-            kind: config.schedule,
-            lr: config.optimizer.lr,
-            warmup_steps: config.warmup_steps,
-            total_steps,
-        };
+        let total_steps =
+            config.max_steps.unwrap_or_else(|| steps_per_chunk(&config, &lengths).iter().sum::<usize>() * config.epochs.max(1));
+        let schedule = Schedule { kind: config.schedule, lr: config.optimizer.lr, warmup_steps: config.warmup_steps, total_steps };
         let sizes: Vec<usize> = lora.named().iter().map(|(_, _, v)| v.len()).collect();
         let opt = AdamW::new(&sizes, config.optimizer.clone());
         let order = epoch_order(&config, &lengths, 0);
@@ -440,11 +431,8 @@ impl Trainer {
         while batches.len() < self.config.grad_accum && (batches.is_empty() || self.offset < end) {
             batches.push(self.next_micro_batch());
         }
-        let total: usize = batches
-            .iter()
-            .flatten()
-            .map(|&i| examples[i].labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count())
-            .sum();
+        let total: usize =
+            batches.iter().flatten().map(|&i| examples[i].labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
         if total == 0 {
             return Err(Error::Input("this step's examples have no completion tokens".into()));
         }
@@ -494,10 +482,9 @@ impl Trainer {
     pub fn resume(model: &Llama, dir: &Path, config: TrainConfig, examples: &[Example]) -> Result<Self> {
         let n_examples = examples.len();
         let bad = |m: String| Error::Input(format!("checkpoint {}: {m}", dir.display()));
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| bad(e.to_string()))?,
-        )
-        .map_err(|e| bad(e.to_string()))?;
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
         let get = |k: &str| state.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(format!("no '{k}'")));
         if get("n_examples")? != n_examples {
             return Err(bad(format!("it was written for {} examples, the data has {n_examples}", get("n_examples")?)));

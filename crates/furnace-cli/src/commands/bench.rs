@@ -93,10 +93,8 @@ fn bench_train(a: TrainBenchArgs) -> Result<()> {
     let loaded = load(&a.model, a.dtype)?;
     let vocab = loaded.model.config.vocab_size as u64;
     let ids = xorshift_ids(a.batch * a.seq, vocab, 42);
-    let examples: Vec<Example> = ids
-        .chunks(a.seq)
-        .map(|c| Example { ids: c.to_vec(), labels: c.iter().map(|&t| t as i64).collect() })
-        .collect();
+    let examples: Vec<Example> =
+        ids.chunks(a.seq).map(|c| Example { ids: c.to_vec(), labels: c.iter().map(|&t| t as i64).collect() }).collect();
     let cfg = serde_json::from_value(serde_json::json!({
         "r": a.rank, "lora_alpha": 2 * a.rank,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -197,29 +195,13 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// Decode tokens/s of `batch` sequences generating `new` tokens each, counting only the
 /// steps after every prompt is in the cache.
-fn decode_rate(
-    loaded: &furnace_model::LoadedModel,
-    batch: usize,
-    new: usize,
-    prompt_len: usize,
-) -> Result<f64> {
+fn decode_rate(loaded: &furnace_model::LoadedModel, batch: usize, new: usize, prompt_len: usize) -> Result<f64> {
     let vocab = loaded.model.config.vocab_size as u64;
-    let mut engine = Engine::new(
-        &loaded.model,
-        &loaded.tokenizer,
-        EngineOptions {
-            max_batch: batch,
-            prefill_chunk: 4096,
-        },
-    );
+    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, EngineOptions { max_batch: batch, prefill_chunk: 4096 });
     for b in 0..batch {
         engine.add(Request {
             prompt: xorshift_ids(prompt_len, vocab, 7 + b as u64),
-            params: SamplingParams {
-                max_tokens: new,
-                stop_at_eos: false,
-                ..SamplingParams::greedy(new)
-            },
+            params: SamplingParams { max_tokens: new, stop_at_eos: false, ..SamplingParams::greedy(new) },
             adapter: None,
         })?;
     }
@@ -266,12 +248,7 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
     for _ in 0..repeat {
         let mut cache = loaded.model.new_cache();
         let t = Instant::now();
-        loaded.model.forward(&mut [SeqInput {
-            tokens: &prompt,
-            cache: &mut cache,
-            logits: Logits::Last,
-            adapter: None,
-        }])?;
+        loaded.model.forward(&mut [SeqInput { tokens: &prompt, cache: &mut cache, logits: Logits::Last, adapter: None }])?;
         prefill.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
     }
     let mut dec1 = Vec::new();
@@ -293,15 +270,8 @@ fn bench_generate(a: GenBenchArgs) -> Result<()> {
     } else {
         println!("model: {} ({:?} weights, loaded in {load_s:.1}s)", a.model, a.dtype);
         println!("prefill ({} tokens):        {p:8.1} tokens/s", a.prompt_len);
-        println!(
-            "decode batch 1 ({} new after {} prompt): {d1:8.1} tokens/s",
-            a.new_tokens, a.decode_prompt_len
-        );
-        println!(
-            "decode batch {} (aggregate): {db:8.1} tokens/s  ({:.2}x batch 1)",
-            a.batch,
-            db / d1
-        );
+        println!("decode batch 1 ({} new after {} prompt): {d1:8.1} tokens/s", a.new_tokens, a.decode_prompt_len);
+        println!("decode batch {} (aggregate): {db:8.1} tokens/s  ({:.2}x batch 1)", a.batch, db / d1);
         println!("(median of {repeat} repeats)");
     }
     Ok(())
@@ -374,11 +344,8 @@ fn run_sweep(a: &SweepBenchArgs, fused: bool) -> Result<SweepOutcome> {
         std::fs::write(&spec_path, text)?;
         let exp = Experiment::create(&runs_dir, &spec_path)?;
         let model = loaded.clone();
-        let mut running = exp.start(StartOptions {
-            fit: FitOptions::default(),
-            loader: Box::new(move |_: &str, _| Ok(model.clone())),
-            events: None,
-        })?;
+        let mut running =
+            exp.start(StartOptions { fit: FitOptions::default(), loader: Box::new(move |_: &str, _| Ok(model.clone())), events: None })?;
         while let Some(ev) = running.next_event() {
             match ev {
                 Event::Metric { run_id, name, value, .. } if name == "eval_loss" => {
@@ -442,10 +409,7 @@ fn bench_sweep(a: SweepBenchArgs) -> Result<()> {
             anyhow::bail!("the {mode} sweep failed");
         }
         let get = |k: &str| -> f64 {
-            text.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(f64::NAN)
+            text.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
         };
         results.push((get("wall_s"), get("peak_rss_gb"), get("first_eval_all_s")));
     }

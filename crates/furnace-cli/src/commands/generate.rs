@@ -47,12 +47,7 @@ pub fn prompt_ids(loaded: &LoadedModel, history: &[ChatMessage], raw_text: Optio
     let Some(template) = &loaded.chat_template else {
         bail!("this model has no chat template: use --raw to feed the prompt as-is");
     };
-    let rendered = template.render(
-        history,
-        true,
-        loaded.tokenizer.bos_token(),
-        loaded.tokenizer.eos_token(),
-    )?;
+    let rendered = template.render(history, true, loaded.tokenizer.bos_token(), loaded.tokenizer.eos_token())?;
     Ok(loaded.tokenizer.encode(&rendered, false)?)
 }
 
@@ -111,11 +106,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     history.push(ChatMessage::new("user", a.prompt.clone()));
     let ids = prompt_ids(&loaded, &history, a.raw.then_some(a.prompt.as_str()))?;
     let (engine, adapter) = start_engine(&loaded, a.adapter.as_deref())?;
-    let request = Request {
-        prompt: ids,
-        params: a.sampling.params(),
-        adapter,
-    };
+    let request = Request { prompt: ids, params: a.sampling.params(), adapter };
     let json = a.json;
     let mut out = std::io::stdout();
     let o = stream(&engine, request, &mut |text| {

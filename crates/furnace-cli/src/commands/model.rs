@@ -38,10 +38,7 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
         }
         ModelCmd::List { aliases } => {
             let models = cache.list()?;
-            println!(
-                "{:<24} {:<7} {:<8} {:>9} {:<8} {:>10}  path",
-                "alias", "format", "arch", "params", "quant", "size"
-            );
+            println!("{:<24} {:<7} {:<8} {:>9} {:<8} {:>10}  path", "alias", "format", "arch", "params", "quant", "size");
             for m in &models {
                 let info = furnace_model::inspect(m.location.path());
                 let (arch, params, quant) = match &info {

@@ -31,7 +31,8 @@ pub struct ResultsArgs {
 pub fn run(a: ResultsArgs) -> Result<()> {
     let store = existing_store(&a.dir)?;
     let exp = experiment::find(&store, a.experiment.as_deref())?;
-    let visible: HashMap<i64, RunStatus> = store.runs(exp.id)?.into_iter().filter(|r| a.all || r.status != RunStatus::Deleted).map(|r| (r.id, r.status)).collect();
+    let visible: HashMap<i64, RunStatus> =
+        store.runs(exp.id)?.into_iter().filter(|r| a.all || r.status != RunStatus::Deleted).map(|r| (r.id, r.status)).collect();
     // One row per (run, step), one column per metric.
     let mut rows: BTreeMap<(i64, i64), (f64, BTreeMap<String, f64>)> = BTreeMap::new();
     let mut names: Vec<String> = Vec::new();

@@ -74,7 +74,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     let experiment = Experiment::open(&a.dir.runs_dir, &exp.name)?;
     let mut running = experiment.start(StartOptions {
         fit: FitOptions { memory_budget: a.memory_budget, ..Default::default() },
-        loader: Box::new(|name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") })),
+        loader: Box::new(|name: &str, dtype| {
+            load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") })
+        }),
         events: Some(events),
     })?;
     let mut display = Display::new(&store, exp.id)?;
@@ -113,7 +115,8 @@ impl Display {
         let multi = &self.multi;
         self.bars.entry(run.id).or_insert_with(|| {
             let b = multi.add(ProgressBar::new(run.total_steps.max(1) as u64));
-            let style = ProgressStyle::with_template("run {prefix:>3} {bar:24} {pos:>4}/{len:4} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template("run {prefix:>3} {bar:24} {pos:>4}/{len:4} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
             b.set_style(style);
             b.set_prefix(run.id.to_string());
             b.set_position(run.steps_done as u64);

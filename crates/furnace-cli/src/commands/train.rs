@@ -87,7 +87,12 @@ fn locate_run(store: &Store, run_dir: &Path) -> Result<(String, i64)> {
     };
     let parent = run_dir.parent().unwrap_or(Path::new("."));
     if !same(parent, &exp.dir) {
-        bail!("{} is not a run folder of the store {} (run {id} lives in {})", run_dir.display(), store.path().display(), exp.dir.display());
+        bail!(
+            "{} is not a run folder of the store {} (run {id} lives in {})",
+            run_dir.display(),
+            store.path().display(),
+            exp.dir.display()
+        );
     }
     Ok((exp.name, id))
 }
@@ -217,7 +222,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
             let store = Store::open(&db)?;
             let run_dir = if r.is_empty() {
-                let rel = std::fs::read_to_string(pointer_dir.join("latest")).with_context(|| format!("no run to resume in {}", pointer_dir.display()))?;
+                let rel = std::fs::read_to_string(pointer_dir.join("latest"))
+                    .with_context(|| format!("no run to resume in {}", pointer_dir.display()))?;
                 pointer_dir.join(rel.trim())
             } else {
                 PathBuf::from(r)
@@ -243,7 +249,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let run_dir = exp.run_dir(run_id);
     // `<runs>/<name>/latest` names the newest run of this spec, relative to that folder.
-    let rel = if exp.row().dir == pointer_dir { PathBuf::from(format!("run-{run_id}")) } else { Path::new("..").join(&exp.row().name).join(format!("run-{run_id}")) };
+    let rel = if exp.row().dir == pointer_dir {
+        PathBuf::from(format!("run-{run_id}"))
+    } else {
+        Path::new("..").join(&exp.row().name).join(format!("run-{run_id}"))
+    };
     std::fs::create_dir_all(&pointer_dir)?;
     std::fs::write(pointer_dir.join("latest"), format!("{}\n", rel.display()))?;
     let mut view = RunView::open(&run_dir, &spec)?;

@@ -5,10 +5,7 @@ use furnace_testutil::testdata;
 use std::process::{Command, Output};
 
 fn furnace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_furnace"))
-        .args(args)
-        .output()
-        .expect("run furnace")
+    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).output().expect("run furnace")
 }
 
 fn stdout(o: &Output) -> String {

@@ -3,8 +3,8 @@
 //! then `runs`, `results` and `ops` on the finished experiment.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use furnace_testutil::repo_root as root;
 use furnace_exp::{RunStatus, Store};
+use furnace_testutil::repo_root as root;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -127,7 +127,8 @@ fn killed_mid_chunk_then_run_again_continues_with_every_metric_once() {
     // Views of the finished experiment.
     let runs = ok(furnace(d, &["runs", "demo"]).output().unwrap());
     assert_eq!(runs.matches("completed").count(), 2, "{runs}");
-    let json: serde_json::Value = serde_json::from_str(&ok(furnace(d, &["results", "demo", "--format", "json"]).output().unwrap())).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(furnace(d, &["results", "demo", "--format", "json"]).output().unwrap())).unwrap();
     let rows = json.as_array().unwrap();
     let total: i64 = store.runs(store.experiment("demo").unwrap().id).unwrap().iter().map(|r| r.total_steps).sum();
     assert_eq!(rows.len() as i64, total, "one row per run and step");

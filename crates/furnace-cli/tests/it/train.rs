@@ -1,8 +1,8 @@
 //! `furnace train` end to end on the tiny checkpoint: run folder, metrics, resume, bad specs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use furnace_testutil::testdata;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn spec(dir: &Path, r: usize, max_steps: usize, train: &str) -> PathBuf {
@@ -49,11 +49,25 @@ fn train_writes_a_run_folder_and_resumes() {
     assert!(out.contains("eval loss:") && out.contains("before:") && out.contains("after:"), "{out}");
     let exp = dir.path().join("runs/tiny");
     let run = exp.join(std::fs::read_to_string(exp.join("latest")).unwrap().trim());
-    for f in ["spec.toml", "resolved.json", "metrics.jsonl", "train.log", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/step-2/trainer_state.json", "checkpoints/step-4/optimizer.safetensors"] {
+    for f in [
+        "spec.toml",
+        "resolved.json",
+        "metrics.jsonl",
+        "train.log",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoints/step-2/trainer_state.json",
+        "checkpoints/step-4/optimizer.safetensors",
+    ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v.get("loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, [1, 2, 3, 4]);
     assert_eq!(metrics.lines().filter(|l| l.contains("eval_loss")).count(), 2, "before and after");
     // Resume the finished run with more steps: it continues from step 4.
@@ -61,7 +75,12 @@ fn train_writes_a_run_folder_and_resumes() {
     let o = furnace(dir.path(), &["train", more.to_str().unwrap(), "--resume", "--samples", "0"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v.get("loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, [1, 2, 3, 4, 5, 6], "no step lost or repeated");
 }
 

@@ -197,7 +197,10 @@ fn bad_ops_are_refused_and_recorded() {
     assert!(err.contains("without --warm"), "{err}");
     assert!(ops::submit(&store, a, &OpKind::Resume, "test").is_err());
     assert!(ops::submit(&store, 999, &OpKind::Stop, "test").is_err());
-    assert!(ops::submit(&store, a, &OpKind::Clone { set: vec!["lora.r=0".into()], warm: false }, "test").unwrap_err().to_string().contains("lora.r"));
+    assert!(ops::submit(&store, a, &OpKind::Clone { set: vec!["lora.r=0".into()], warm: false }, "test")
+        .unwrap_err()
+        .to_string()
+        .contains("lora.r"));
     assert!(ops::submit(&store, a, &OpKind::Clone { set: vec!["data.train=x".into()], warm: false }, "test").is_err());
     // ...and again when applied (a raw record bypassing the check is rejected, not fatal).
     let op = store.add_op(a, &OpKind::Clone { set: vec!["lora.r=8".into()], warm: true }, "test").unwrap();

@@ -2,8 +2,8 @@
 //! guarantees: a sequence gets the same tokens in a batch as alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use furnace_generate::{generate, Engine, EngineOptions, Error, Event, FinishReason, Request, SamplingParams};
 use crate::common::{greedy_cases, smollm2, tiny};
+use furnace_generate::{generate, Engine, EngineOptions, Error, Event, FinishReason, Request, SamplingParams};
 
 #[test]
 fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Result<()> {
@@ -16,7 +16,12 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
     }
     // Alone.
     for (prompt, new_ids, text) in &cases {
-        let out = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None }], EngineOptions::default())?;
+        let out = generate(
+            &m.model,
+            &m.tokenizer,
+            vec![Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None }],
+            EngineOptions::default(),
+        )?;
         assert_eq!(&out[0].new_ids, new_ids);
         assert_eq!(&out[0].text, &text.trim_end_matches("<|im_end|>").to_string());
     }
@@ -29,7 +34,11 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
         reqs.push(Request { prompt: other, params: SamplingParams::greedy(5 + 7 * i), adapter: None });
         reqs.push(Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None });
     }
-    reqs.push(Request { prompt: m.tokenizer.encode(others[2], false)?, params: SamplingParams { temperature: 0.8, seed: Some(3), max_tokens: 9, ..Default::default() }, adapter: None });
+    reqs.push(Request {
+        prompt: m.tokenizer.encode(others[2], false)?,
+        params: SamplingParams { temperature: 0.8, seed: Some(3), max_tokens: 9, ..Default::default() },
+        adapter: None,
+    });
     let out = generate(&m.model, &m.tokenizer, reqs, EngineOptions { max_batch: 3, prefill_chunk: 16 })?;
     for (i, (_, new_ids, _)) in cases.iter().enumerate() {
         assert_eq!(&out[2 * i + 1].new_ids, new_ids, "case {i} in a batch");
@@ -40,16 +49,44 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
 #[test]
 fn seeded_sampling_is_reproducible_and_batch_independent() -> anyhow::Result<()> {
     let m = tiny();
-    let params = |seed| SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 50, seed: Some(seed), max_tokens: 12, stop_at_eos: false, ..Default::default() };
+    let params = |seed| SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 50,
+        seed: Some(seed),
+        max_tokens: 12,
+        stop_at_eos: false,
+        ..Default::default()
+    };
     let prompts: Vec<Vec<u32>> = vec![vec![1604, 3987, 46477], vec![504, 3575, 282, 4649, 314], vec![6403]];
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| generate(&m.model, &m.tokenizer, vec![Request { prompt: p.clone(), params: params(i as u64), adapter: None }], EngineOptions::default()).expect("gen")[0].new_ids.clone())
+        .map(|(i, p)| {
+            generate(
+                &m.model,
+                &m.tokenizer,
+                vec![Request { prompt: p.clone(), params: params(i as u64), adapter: None }],
+                EngineOptions::default(),
+            )
+            .expect("gen")[0]
+                .new_ids
+                .clone()
+        })
         .collect();
-    let again = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompts[0].clone(), params: params(0), adapter: None }], EngineOptions::default())?;
+    let again = generate(
+        &m.model,
+        &m.tokenizer,
+        vec![Request { prompt: prompts[0].clone(), params: params(0), adapter: None }],
+        EngineOptions::default(),
+    )?;
     assert_eq!(again[0].new_ids, alone[0], "same seed, same tokens");
-    let other_seed = generate(&m.model, &m.tokenizer, vec![Request { prompt: prompts[0].clone(), params: params(99), adapter: None }], EngineOptions::default())?;
+    let other_seed = generate(
+        &m.model,
+        &m.tokenizer,
+        vec![Request { prompt: prompts[0].clone(), params: params(99), adapter: None }],
+        EngineOptions::default(),
+    )?;
     assert_ne!(other_seed[0].new_ids, alone[0], "another seed, other tokens");
     let batch = generate(
         &m.model,
@@ -110,7 +147,16 @@ fn bad_requests_are_clear_errors() {
 fn generation_stops_when_the_context_is_full() -> anyhow::Result<()> {
     let m = tiny();
     let max = m.model.config.max_position_embeddings;
-    let out = generate(&m.model, &m.tokenizer, vec![Request { prompt: vec![5; max - 3], params: SamplingParams { max_tokens: 100, stop_at_eos: false, ..Default::default() }, adapter: None }], EngineOptions::default())?;
+    let out = generate(
+        &m.model,
+        &m.tokenizer,
+        vec![Request {
+            prompt: vec![5; max - 3],
+            params: SamplingParams { max_tokens: 100, stop_at_eos: false, ..Default::default() },
+            adapter: None,
+        }],
+        EngineOptions::default(),
+    )?;
     assert_eq!(out[0].finish_reason, FinishReason::Length);
     assert!(out[0].new_ids.len() <= 3);
     Ok(())

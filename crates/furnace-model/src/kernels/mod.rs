@@ -59,11 +59,8 @@ pub fn matmul_nt_many_with(x: &[f32], m: usize, ws: &[&Bf16Matrix], use_simd: bo
         }
     }
     let per_task = PANELS_PER_TASK * PANEL;
-    let tasks: Vec<(usize, usize)> = ws
-        .iter()
-        .enumerate()
-        .flat_map(|(wi, w)| (0..w.n.div_ceil(per_task)).map(move |t| (wi, t * per_task)))
-        .collect();
+    let tasks: Vec<(usize, usize)> =
+        ws.iter().enumerate().flat_map(|(wi, w)| (0..w.n.div_ceil(per_task)).map(move |t| (wi, t * per_task))).collect();
     // Each task computes a block of output columns for all rows into its own buffer
     // ([m, cols]); the blocks are then copied into their outputs.
     let blocks: Vec<(usize, usize, usize, Vec<f32>)> = tasks

@@ -47,11 +47,8 @@ fn check_batch_equals_alone(model: &Llama, seqs: &[Seq], next: u32, tol: f32, wh
 
 /// The fixture adapter with its B factors scaled: another adapter of the same shapes.
 fn scaled(a: &PeftAdapter, factor: f64) -> PeftAdapter {
-    let tensors = a
-        .tensors
-        .iter()
-        .map(|(k, v)| (k.clone(), if k.contains("lora_B") { (v * factor).expect("scale") } else { v.clone() }))
-        .collect();
+    let tensors =
+        a.tensors.iter().map(|(k, v)| (k.clone(), if k.contains("lora_B") { (v * factor).expect("scale") } else { v.clone() })).collect();
     PeftAdapter { config: a.config.clone(), tensors }
 }
 

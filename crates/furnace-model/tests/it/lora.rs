@@ -2,8 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common::max_abs_diff;
-use furnace_testutil::{ids, jsonl, smollm2_gguf, testdata};
 use furnace_model::{Error, LoadedModel, PeftAdapter, WeightDType};
+use furnace_testutil::{ids, jsonl, smollm2_gguf, testdata};
 
 #[test]
 fn peft_adapter_logits_match_reference() -> anyhow::Result<()> {
@@ -48,7 +48,16 @@ fn adapter_applies_in_every_weight_storage() -> anyhow::Result<()> {
         let mut cache = m.model.new_cache();
         let mut last = None;
         for &id in &ids {
-            last = m.model.forward(&mut [furnace_model::SeqInput { tokens: &[id], cache: &mut cache, logits: furnace_model::Logits::Last, adapter: Some(adapter_id) }])?.pop().flatten();
+            last = m
+                .model
+                .forward(&mut [furnace_model::SeqInput {
+                    tokens: &[id],
+                    cache: &mut cache,
+                    logits: furnace_model::Logits::Last,
+                    adapter: Some(adapter_id),
+                }])?
+                .pop()
+                .flatten();
         }
         let d = max_abs_diff(&last.expect("logits"), &reference["logits"].narrow(0, ids.len() - 1, 1)?);
         assert!(d < 1.5, "{dt:?} incremental: {d}");

@@ -32,14 +32,7 @@ async fn api_lists_experiments_runs_and_metrics() {
     let (s, v) = call(&app, "GET", "/api/experiments/exp/runs", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(ids(&v), vec![a, b]);
-    let (_, v) = call(
-        &app,
-        "GET",
-        "/api/experiments/exp/runs?all=true",
-        None,
-        None,
-    )
-    .await;
+    let (_, v) = call(&app, "GET", "/api/experiments/exp/runs?all=true", None, None).await;
     assert_eq!(ids(&v), vec![a, b, deleted]);
 
     let (s, v) = call(&app, "GET", &format!("/api/runs/{a}"), None, None).await;
@@ -57,37 +50,11 @@ async fn api_lists_experiments_runs_and_metrics() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| {
-            (
-                m["step"].as_i64().unwrap(),
-                m["name"].as_str().unwrap().to_string(),
-                m["value"].as_f64().unwrap(),
-            )
-        })
+        .map(|m| (m["step"].as_i64().unwrap(), m["name"].as_str().unwrap().to_string(), m["value"].as_f64().unwrap()))
         .collect();
-    assert_eq!(
-        got,
-        vec![
-            (1, "loss".into(), 2.5),
-            (1, "lr".into(), 1e-4),
-            (2, "loss".into(), 2.0),
-            (2, "lr".into(), 2e-4)
-        ]
-    );
-    let (_, v) = call(
-        &app,
-        "GET",
-        &format!("/api/runs/{a}/metrics?name=loss"),
-        None,
-        None,
-    )
-    .await;
-    let losses: Vec<f64> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["value"].as_f64().unwrap())
-        .collect();
+    assert_eq!(got, vec![(1, "loss".into(), 2.5), (1, "lr".into(), 1e-4), (2, "loss".into(), 2.0), (2, "lr".into(), 2e-4)]);
+    let (_, v) = call(&app, "GET", &format!("/api/runs/{a}/metrics?name=loss"), None, None).await;
+    let losses: Vec<f64> = v.as_array().unwrap().iter().map(|m| m["value"].as_f64().unwrap()).collect();
     assert_eq!(losses, vec![2.5, 2.0]);
     let (s, v) = call(&app, "GET", &format!("/api/runs/{b}/metrics"), None, None).await;
     assert_eq!((s, v), (StatusCode::OK, json!([])));
@@ -113,11 +80,7 @@ async fn bad_ids_unknown_things_and_wrong_methods_are_json_errors() {
     let (s, _) = call(&app, "GET", "/api/runs/999/metrics", None, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
-    for uri in [
-        "/api/experiments/nope",
-        "/api/experiments/nope/runs",
-        "/api/experiments/nope/ops",
-    ] {
+    for uri in ["/api/experiments/nope", "/api/experiments/nope/runs", "/api/experiments/nope/ops"] {
         let (s, v) = call(&app, "GET", uri, None, None).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
         assert!(error_of(&v).contains("nope"), "{v}");
@@ -148,14 +111,7 @@ async fn post_stop_op_is_recorded_pending() {
     let app = f.router(None);
     let [a, b, _] = f.runs;
 
-    let (s, v) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&format!(r#"{{"run": {a}, "op": "stop"}}"#)),
-    )
-    .await;
+    let (s, v) = call(&app, "POST", "/api/ops", None, Some(&format!(r#"{{"run": {a}, "op": "stop"}}"#))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
     assert_eq!(v["status"], "pending");
     let op_id = v["op_id"].as_i64().unwrap();
@@ -167,27 +123,11 @@ async fn post_stop_op_is_recorded_pending() {
     assert_eq!(pending[0].kind, OpKind::Stop);
     assert_eq!(pending[0].source, "api");
 
-    let (s, _) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&format!(r#"{{"run": {b}, "op": "delete"}}"#)),
-    )
-    .await;
+    let (s, _) = call(&app, "POST", "/api/ops", None, Some(&format!(r#"{{"run": {b}, "op": "delete"}}"#))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
     let (_, v) = call(&app, "GET", "/api/experiments/exp/ops", None, None).await;
-    let kinds: Vec<(i64, &str)> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            (
-                o["run_id"].as_i64().unwrap(),
-                o["kind"]["op"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let kinds: Vec<(i64, &str)> =
+        v.as_array().unwrap().iter().map(|o| (o["run_id"].as_i64().unwrap(), o["kind"]["op"].as_str().unwrap())).collect();
     assert_eq!(kinds, vec![(a, "stop"), (b, "delete")]);
     // Ops are only recorded: the runs themselves are untouched until the trainer applies them.
     assert_eq!(f.store().run(a).unwrap().status, RunStatus::New);
@@ -223,53 +163,20 @@ async fn post_op_checks_the_run() {
     let app = f.router(None);
     let [a, _, deleted] = f.runs;
 
-    let (s, v) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(r#"{"run": 999, "op": "stop"}"#),
-    )
-    .await;
+    let (s, v) = call(&app, "POST", "/api/ops", None, Some(r#"{"run": 999, "op": "stop"}"#)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(error_of(&v).contains("999"), "{v}");
 
-    let (s, v) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&format!(r#"{{"run": {a}, "op": "resume"}}"#)),
-    )
-    .await;
+    let (s, v) = call(&app, "POST", "/api/ops", None, Some(&format!(r#"{{"run": {a}, "op": "resume"}}"#))).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(
-        error_of(&v).contains("only a stopped run can resume"),
-        "{v}"
-    );
+    assert!(error_of(&v).contains("only a stopped run can resume"), "{v}");
 
-    let (s, v) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&format!(r#"{{"run": {deleted}, "op": "delete"}}"#)),
-    )
-    .await;
+    let (s, v) = call(&app, "POST", "/api/ops", None, Some(&format!(r#"{{"run": {deleted}, "op": "delete"}}"#))).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(error_of(&v).contains("already deleted"), "{v}");
 
-    f.store()
-        .set_run_status(a, RunStatus::Stopped, None)
-        .unwrap();
-    let (s, _) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&format!(r#"{{"run": {a}, "op": "resume"}}"#)),
-    )
-    .await;
+    f.store().set_run_status(a, RunStatus::Stopped, None).unwrap();
+    let (s, _) = call(&app, "POST", "/api/ops", None, Some(&format!(r#"{{"run": {a}, "op": "resume"}}"#))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
     let ops = f.store().ops(f.exp.id).unwrap();
     assert_eq!(ops.len(), 1);
@@ -281,9 +188,7 @@ async fn post_clone_checks_the_overrides() {
     let f = fixture();
     let app = f.router(None);
     let a = f.runs[0];
-    let clone = |set: &str, warm: bool| {
-        format!(r#"{{"run": {a}, "op": "clone", "set": [{set}], "warm": {warm}}}"#)
-    };
+    let clone = |set: &str, warm: bool| format!(r#"{{"run": {a}, "op": "clone", "set": [{set}], "warm": {warm}}}"#);
 
     for (set, warm, needle) in [
         (r#""lora.r=0""#, false, "lora.r"),
@@ -299,57 +204,21 @@ async fn post_clone_checks_the_overrides() {
     }
     assert!(f.store().ops(f.exp.id).unwrap().is_empty());
 
-    let (s, v) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&clone(r#""lora.r=8", "trainer.learning_rate=1e-3""#, false)),
-    )
-    .await;
+    let (s, v) = call(&app, "POST", "/api/ops", None, Some(&clone(r#""lora.r=8", "trainer.learning_rate=1e-3""#, false))).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let (s, _) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&clone(r#""lora.alpha=16""#, true)),
-    )
-    .await;
+    let (s, _) = call(&app, "POST", "/api/ops", None, Some(&clone(r#""lora.alpha=16""#, true))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
     // `set` and `warm` may be left out.
-    let (s, _) = call(
-        &app,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&format!(r#"{{"run": {a}, "op": "clone"}}"#)),
-    )
-    .await;
+    let (s, _) = call(&app, "POST", "/api/ops", None, Some(&format!(r#"{{"run": {a}, "op": "clone"}}"#))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
 
-    let kinds: Vec<OpKind> = f
-        .store()
-        .pending_ops(f.exp.id)
-        .unwrap()
-        .into_iter()
-        .map(|o| o.kind)
-        .collect();
+    let kinds: Vec<OpKind> = f.store().pending_ops(f.exp.id).unwrap().into_iter().map(|o| o.kind).collect();
     assert_eq!(
         kinds,
         vec![
-            OpKind::Clone {
-                set: vec!["lora.r=8".into(), "trainer.learning_rate=1e-3".into()],
-                warm: false
-            },
-            OpKind::Clone {
-                set: vec!["lora.alpha=16".into()],
-                warm: true
-            },
-            OpKind::Clone {
-                set: vec![],
-                warm: false
-            },
+            OpKind::Clone { set: vec!["lora.r=8".into(), "trainer.learning_rate=1e-3".into()], warm: false },
+            OpKind::Clone { set: vec!["lora.alpha=16".into()], warm: true },
+            OpKind::Clone { set: vec![], warm: false },
         ]
     );
 }

@@ -17,10 +17,7 @@ async fn token_guards_every_request() {
     for uri in ["/api/health", "/api/experiments", "/api/nothing"] {
         let (s, v) = call(&app, "GET", uri, None, None).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}");
-        assert_eq!(
-            error_of(&v),
-            "missing or wrong token: send Authorization: Bearer <token>"
-        );
+        assert_eq!(error_of(&v), "missing or wrong token: send Authorization: Bearer <token>");
         for wrong in ["s3cre", "s3cret!", "S3CRET", ""] {
             let (s, _) = call(&app, "GET", uri, Some(wrong), None).await;
             assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri} with {wrong:?}");
@@ -29,10 +26,7 @@ async fn token_guards_every_request() {
     let stop = format!(r#"{{"run": {a}, "op": "stop"}}"#);
     let (s, _) = call(&app, "POST", "/api/ops", Some("nope"), Some(&stop)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(
-        f.store().ops(f.exp.id).unwrap().is_empty(),
-        "an unauthorized op is not recorded"
-    );
+    assert!(f.store().ops(f.exp.id).unwrap().is_empty(), "an unauthorized op is not recorded");
 
     let (s, v) = call(&app, "GET", "/api/experiments", Some("s3cret"), None).await;
     assert_eq!(s, StatusCode::OK);
@@ -50,10 +44,7 @@ async fn token_guards_every_request() {
 #[test]
 fn loopback_with_token_refuses_requests_without_it() {
     let f = fixture();
-    let opts = ServerOptions {
-        token: Some("tok".into()),
-        ..loopback()
-    };
+    let opts = ServerOptions { token: Some("tok".into()), ..loopback() };
     let h = furnace_server::start(f.db.clone(), opts, events::channel()).unwrap();
     let (s, v) = http(h.addr, "GET", "/api/experiments", None, None);
     assert_eq!(s, 401);
@@ -68,39 +59,17 @@ fn loopback_with_token_refuses_requests_without_it() {
 
 #[test]
 fn check_options_needs_a_token_off_loopback() {
-    let open = ServerOptions {
-        addr: "0.0.0.0:8851".parse().unwrap(),
-        token: None,
-    };
+    let open = ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None };
     match furnace_server::check_options(&open) {
         Err(Error::Invalid(m)) => {
             assert!(m.contains("0.0.0.0:8851") && m.contains("--token"), "{m}")
         }
         o => panic!("{o:?}"),
     }
-    assert!(matches!(
-        furnace_server::start(PathBuf::from("unused.db"), open.clone(), events::channel()),
-        Err(Error::Invalid(_))
-    ));
-    furnace_server::check_options(&ServerOptions {
-        token: Some("t".into()),
-        ..open.clone()
-    })
-    .unwrap();
-    assert!(furnace_server::check_options(&ServerOptions {
-        token: Some(" ".into()),
-        ..open
-    })
-    .is_err());
-    furnace_server::check_options(&ServerOptions {
-        addr: "127.0.0.1:8851".parse().unwrap(),
-        token: None,
-    })
-    .unwrap();
-    furnace_server::check_options(&ServerOptions {
-        addr: "[::1]:8851".parse().unwrap(),
-        token: None,
-    })
-    .unwrap();
+    assert!(matches!(furnace_server::start(PathBuf::from("unused.db"), open.clone(), events::channel()), Err(Error::Invalid(_))));
+    furnace_server::check_options(&ServerOptions { token: Some("t".into()), ..open.clone() }).unwrap();
+    assert!(furnace_server::check_options(&ServerOptions { token: Some(" ".into()), ..open }).is_err());
+    furnace_server::check_options(&ServerOptions { addr: "127.0.0.1:8851".parse().unwrap(), token: None }).unwrap();
+    furnace_server::check_options(&ServerOptions { addr: "[::1]:8851".parse().unwrap(), token: None }).unwrap();
     assert_eq!(furnace_server::DEFAULT_PORT, 8851);
 }

@@ -14,20 +14,11 @@ use tokio_stream::StreamExt;
 use tower::ServiceExt;
 
 fn metric(step: i64) -> Event {
-    Event::Metric {
-        experiment: "exp".into(),
-        run_id: 1,
-        step,
-        name: "loss".into(),
-        value: step as f64 / 2.0,
-    }
+    Event::Metric { experiment: "exp".into(), run_id: 1, step, name: "loss".into(), value: step as f64 / 2.0 }
 }
 
 /// Reads the event stream until `want` arrives (text up to and including it).
-async fn read_until(
-    stream: &mut (impl tokio_stream::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
-    want: &str,
-) -> String {
+async fn read_until(stream: &mut (impl tokio_stream::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin), want: &str) -> String {
     let mut text = String::new();
     let read = async {
         while !text.contains(want) {
@@ -35,9 +26,7 @@ async fn read_until(
             text.push_str(std::str::from_utf8(&chunk).unwrap());
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .unwrap_or_else(|_| panic!("no {want:?} in {text:?}"));
+    tokio::time::timeout(Duration::from_secs(10), read).await.unwrap_or_else(|_| panic!("no {want:?} in {text:?}"));
     text
 }
 
@@ -46,10 +35,7 @@ async fn event_stream_skips_what_a_slow_client_missed_and_goes_on() {
     let f = fixture();
     let tx = tokio::sync::broadcast::channel(2).0;
     let app = furnace_server::app(f.db.clone(), tx.clone(), None);
-    let resp = app
-        .oneshot(Request::get("/api/events").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    let resp = app.oneshot(Request::get("/api/events").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     assert_eq!(tx.receiver_count(), 1);
@@ -59,27 +45,15 @@ async fn event_stream_skips_what_a_slow_client_missed_and_goes_on() {
     let mut body = resp.into_body().into_data_stream();
     let text = read_until(&mut body, r#""step":5"#).await;
     assert!(text.contains("skipped 3 events"), "{text}");
-    assert!(
-        !text.contains(r#""step":1"#) && text.contains(r#""step":4"#),
-        "{text}"
-    );
+    assert!(!text.contains(r#""step":1"#) && text.contains(r#""step":4"#), "{text}");
     assert!(text.contains("event: metric\n"), "{text}");
 
-    tx.send(Event::Status {
-        experiment: "exp".into(),
-        run_id: 2,
-        status: RunStatus::Stopped,
-        message: Some("asha".into()),
-    })
-    .unwrap();
+    tx.send(Event::Status { experiment: "exp".into(), run_id: 2, status: RunStatus::Stopped, message: Some("asha".into()) }).unwrap();
     let text = read_until(&mut body, "asha").await;
     assert!(text.contains("event: status\n"), "{text}");
     let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
     let v: Value = serde_json::from_str(data).unwrap();
-    assert_eq!(
-        v,
-        json!({ "type": "status", "experiment": "exp", "run_id": 2, "status": "stopped", "message": "asha" })
-    );
+    assert_eq!(v, json!({ "type": "status", "experiment": "exp", "run_id": 2, "status": "stopped", "message": "asha" }));
 }
 
 #[test]
@@ -88,26 +62,15 @@ fn loopback_streams_events_and_shutdown_ends_the_stream() {
     let tx = events::channel();
     let h = furnace_server::start(f.db.clone(), loopback(), tx.clone()).unwrap();
     let mut s = connect(h.addr);
-    write!(
-        s,
-        "GET /api/events HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-        h.addr
-    )
-    .unwrap();
+    write!(s, "GET /api/events HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", h.addr).unwrap();
 
     // Wait for the response head: the stream is subscribed by then.
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + IO_TIMEOUT;
     let mut read_more = |got: &mut Vec<u8>| {
-        assert!(
-            Instant::now() < deadline,
-            "timed out; got {:?}",
-            String::from_utf8_lossy(got)
-        );
-        let n = s
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("read: {e}; got {:?}", String::from_utf8_lossy(got)));
+        assert!(Instant::now() < deadline, "timed out; got {:?}", String::from_utf8_lossy(got));
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("read: {e}; got {:?}", String::from_utf8_lossy(got)));
         got.extend_from_slice(&buf[..n]);
         n
     };
@@ -116,11 +79,7 @@ fn loopback_streams_events_and_shutdown_ends_the_stream() {
     }
     let head = String::from_utf8_lossy(&got).to_string();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/event-stream"),
-        "{head}"
-    );
+    assert!(head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{head}");
     assert_eq!(tx.receiver_count(), 1);
 
     let ev = Event::Op {
@@ -142,11 +101,7 @@ fn loopback_streams_events_and_shutdown_ends_the_stream() {
     // Shutdown ends the open stream promptly rather than waiting on it.
     let t = Instant::now();
     h.shutdown();
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "shutdown took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(4), "shutdown took {:?}", t.elapsed());
     while read_more(&mut got) > 0 {}
     assert_eq!(tx.receiver_count(), 0);
 }

@@ -32,48 +32,26 @@ fn dechunk(mut body: &str) -> String {
 }
 
 /// One raw HTTP/1.1 exchange: the status and the body as JSON.
-pub fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (u16, Value) {
+pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
     let mut s = connect(addr);
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     let body = body.unwrap_or("");
-    req.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    ));
+    req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
     s.write_all(req.as_bytes()).unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("bad response {resp:?}"));
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or_else(|| panic!("bad response {resp:?}"));
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    let v = serde_json::from_str(&body)
-        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body:?}"));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body:?}"));
     (status, v)
 }
 
 pub fn loopback() -> ServerOptions {
-    ServerOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        token: None,
-    }
+    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None }
 }
 
 #[test]
@@ -90,19 +68,10 @@ fn loopback_serves_json_and_records_ops() {
     assert_eq!(s, 200);
     assert_eq!(ids(&v), f.runs[..2].to_vec());
 
-    let (s, v) = http(
-        h.addr,
-        "POST",
-        "/api/ops",
-        None,
-        Some(&format!(r#"{{"run": {}, "op": "stop"}}"#, f.runs[1])),
-    );
+    let (s, v) = http(h.addr, "POST", "/api/ops", None, Some(&format!(r#"{{"run": {}, "op": "stop"}}"#, f.runs[1])));
     assert_eq!(s, 202, "{v}");
     let op = f.store().op(v["op_id"].as_i64().unwrap()).unwrap();
-    assert_eq!(
-        (op.run_id, op.kind, op.status.as_str()),
-        (f.runs[1], OpKind::Stop, "pending")
-    );
+    assert_eq!((op.run_id, op.kind, op.status.as_str()), (f.runs[1], OpKind::Stop, "pending"));
 
     let (s, v) = http(h.addr, "POST", "/api/ops", None, Some("{"));
     assert_eq!(s, 400);
@@ -113,10 +82,7 @@ fn loopback_serves_json_and_records_ops() {
 
     let addr = h.addr;
     h.shutdown();
-    assert!(
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
-        "stopped server still accepts"
-    );
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(), "stopped server still accepts");
 }
 
 #[test]
@@ -124,11 +90,7 @@ fn start_on_a_taken_port_is_an_io_error_naming_it() {
     let f = fixture();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    match furnace_server::start(
-        f.db.clone(),
-        ServerOptions { addr, token: None },
-        events::channel(),
-    ) {
+    match furnace_server::start(f.db.clone(), ServerOptions { addr, token: None }, events::channel()) {
         Err(e @ Error::Listen { .. }) => {
             let m = e.to_string();
             assert!(m.contains(&addr.to_string()) && m.contains("--port"), "{m}")

@@ -56,76 +56,36 @@ pub fn fixture() -> Fixture {
     let db = dir.path().join("furnace.db");
     let spec_path = dir.path().join("spec.toml");
     let mut store = Store::open(&db).unwrap();
-    let exp = store
-        .create_experiment("exp", "fit", &spec_path, SPEC)
-        .unwrap();
+    let exp = store.create_experiment("exp", "fit", &spec_path, SPEC).unwrap();
     let spec = furnace_train::Spec::parse(SPEC, &spec_path).unwrap();
     let config = serde_json::to_value(&spec).unwrap();
-    let add = |r: i64| {
-        store
-            .add_run(exp.id, &config, &json!({ "lora.r": r }), 0, 10, 4, None)
-            .unwrap()
-    };
+    let add = |r: i64| store.add_run(exp.id, &config, &json!({ "lora.r": r }), 0, 10, 4, None).unwrap();
     let runs = [add(4), add(4), add(4)];
-    store
-        .set_run_status(runs[2], RunStatus::Deleted, None)
-        .unwrap();
-    store
-        .record_step(runs[0], 1, 0, &[("loss", 2.5), ("lr", 1e-4)])
-        .unwrap();
-    store
-        .record_step(runs[0], 2, 1, &[("loss", 2.0), ("lr", 2e-4)])
-        .unwrap();
-    Fixture {
-        _dir: dir,
-        db,
-        exp,
-        runs,
-    }
+    store.set_run_status(runs[2], RunStatus::Deleted, None).unwrap();
+    store.record_step(runs[0], 1, 0, &[("loss", 2.5), ("lr", 1e-4)]).unwrap();
+    store.record_step(runs[0], 2, 1, &[("loss", 2.0), ("lr", 2e-4)]).unwrap();
+    Fixture { _dir: dir, db, exp, runs }
 }
 
 /// One request through the router; the answer must be JSON.
-pub async fn call(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (StatusCode, Value) {
+pub async fn call(app: &Router, method: &str, uri: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let req = req
-        .body(
-            body.map(|b| Body::from(b.to_string()))
-                .unwrap_or_else(Body::empty),
-        )
-        .unwrap();
+    let req = req.body(body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty)).unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let v = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-        panic!(
-            "{method} {uri}: answer is not JSON ({e}): {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{method} {uri}: answer is not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
     (status, v)
 }
 
 pub fn error_of(v: &Value) -> &str {
-    v["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error message in {v}"))
+    v["error"].as_str().unwrap_or_else(|| panic!("no error message in {v}"))
 }
 
 pub fn ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_i64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|r| r["id"].as_i64().unwrap()).collect()
 }

@@ -24,9 +24,7 @@ fn fixture_cases_render_exactly() {
         let messages = messages_of(case);
         let add = case["add_generation_prompt"].as_bool().unwrap();
         let want = case["rendered"].as_str().unwrap();
-        let got = template
-            .render(&messages, add, Some("<|im_start|>"), Some("<|im_end|>"))
-            .unwrap();
+        let got = template.render(&messages, add, Some("<|im_start|>"), Some("<|im_end|>")).unwrap();
         assert_eq!(got, want);
         // The same through an arbitrary JSON context.
         let context = json!({
@@ -45,18 +43,9 @@ fn from_hf_dir_tokenizer_config_string_and_list() {
     assert!(ChatTemplate::from_hf_dir(dir.path()).unwrap().is_none());
 
     let config = dir.path().join("tokenizer_config.json");
-    std::fs::write(
-        &config,
-        r#"{"chat_template": "S{{ messages[0].content }}"}"#,
-    )
-    .unwrap();
+    std::fs::write(&config, r#"{"chat_template": "S{{ messages[0].content }}"}"#).unwrap();
     let template = ChatTemplate::from_hf_dir(dir.path()).unwrap().unwrap();
-    assert_eq!(
-        template
-            .render(&[ChatMessage::new("user", "x")], false, None, None)
-            .unwrap(),
-        "Sx"
-    );
+    assert_eq!(template.render(&[ChatMessage::new("user", "x")], false, None, None).unwrap(), "Sx");
 
     std::fs::write(
         &config,
@@ -68,12 +57,7 @@ fn from_hf_dir_tokenizer_config_string_and_list() {
     .unwrap();
     let template = ChatTemplate::from_hf_dir(dir.path()).unwrap().unwrap();
     assert_eq!(template.source(), "D{{ messages|length }}");
-    assert_eq!(
-        template
-            .render(&[ChatMessage::new("user", "x")], false, None, None)
-            .unwrap(),
-        "D1"
-    );
+    assert_eq!(template.render(&[ChatMessage::new("user", "x")], false, None, None).unwrap(), "D1");
 
     // chat_template.jinja takes precedence.
     std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
@@ -82,11 +66,7 @@ fn from_hf_dir_tokenizer_config_string_and_list() {
 
     // A config without a template.
     let other = tempfile::tempdir().unwrap();
-    std::fs::write(
-        other.path().join("tokenizer_config.json"),
-        r#"{"eos_token": "x"}"#,
-    )
-    .unwrap();
+    std::fs::write(other.path().join("tokenizer_config.json"), r#"{"eos_token": "x"}"#).unwrap();
     assert!(ChatTemplate::from_hf_dir(other.path()).unwrap().is_none());
 }
 
@@ -98,25 +78,16 @@ fn raise_exception_is_a_clear_error() {
          {% endif %}{{ m.content }}{% endfor %}",
     )
     .unwrap();
-    let ok = template
-        .render(&[ChatMessage::new("user", "hi")], false, None, None)
-        .unwrap();
+    let ok = template.render(&[ChatMessage::new("user", "hi")], false, None, None).unwrap();
     assert_eq!(ok, "hi");
-    let err = template
-        .render(&[ChatMessage::new("system", "x")], false, None, None)
-        .unwrap_err();
+    let err = template.render(&[ChatMessage::new("system", "x")], false, None, None).unwrap_err();
     match &err {
         Error::TemplateRaised(message) => {
-            assert_eq!(
-                message,
-                "Conversation roles must be user/assistant, got system"
-            )
+            assert_eq!(message, "Conversation roles must be user/assistant, got system")
         }
         other => panic!("unexpected error {other:?}"),
     }
-    assert!(err
-        .to_string()
-        .contains("Conversation roles must be user/assistant"));
+    assert!(err.to_string().contains("Conversation roles must be user/assistant"));
 }
 
 #[test]
@@ -126,23 +97,15 @@ fn syntax_errors_are_clear() {
         Error::Template(message) => assert!(message.contains("syntax error"), "{message}"),
         other => panic!("unexpected error {other:?}"),
     }
-    assert!(matches!(
-        ChatTemplate::new("{{ a + }}"),
-        Err(Error::Template(_))
-    ));
+    assert!(matches!(ChatTemplate::new("{{ a + }}"), Err(Error::Template(_))));
     // Runtime errors other than raise_exception are Error::Template too.
     let template = ChatTemplate::new("{{ messages[0].content.missing.deeper }}").unwrap();
-    let err = template
-        .render(&[ChatMessage::new("user", "x")], false, None, None)
-        .unwrap_err();
+    let err = template.render(&[ChatMessage::new("user", "x")], false, None, None).unwrap_err();
     assert!(matches!(err, Error::Template(_)), "{err:?}");
 }
 
 fn render(source: &str, context: serde_json::Value) -> String {
-    ChatTemplate::new(source)
-        .unwrap()
-        .render_value(context)
-        .unwrap()
+    ChatTemplate::new(source).unwrap().render_value(context).unwrap()
 }
 
 #[test]
@@ -156,31 +119,16 @@ fn tojson_like_python() {
         r#"[{"name": "get_weather", "parameters": {"z": 1, "a": 2.5, "b": [true, null], "e": {}}}]"#
     );
     assert_eq!(
-        render(
-            "{{ tools[0].parameters | tojson(indent=2) }}",
-            context.clone()
-        ),
+        render("{{ tools[0].parameters | tojson(indent=2) }}", context.clone()),
         "{\n  \"z\": 1,\n  \"a\": 2.5,\n  \"b\": [\n    true,\n    null\n  ],\n  \"e\": {}\n}"
     );
+    assert_eq!(render("{{ text | tojson }}", context.clone()), r#""<b> & 'é'\n\"q\"""#);
+    assert_eq!(render("{{ text | tojson(ensure_ascii=true) }}", context.clone()), r#""<b> & '\u00e9'\n\"q\"""#);
     assert_eq!(
-        render("{{ text | tojson }}", context.clone()),
-        r#""<b> & 'é'\n\"q\"""#
-    );
-    assert_eq!(
-        render("{{ text | tojson(ensure_ascii=true) }}", context.clone()),
-        r#""<b> & '\u00e9'\n\"q\"""#
-    );
-    assert_eq!(
-        render(
-            "{{ tools[0].parameters | tojson(sort_keys=true, separators=[',', ':']) }}",
-            context
-        ),
+        render("{{ tools[0].parameters | tojson(sort_keys=true, separators=[',', ':']) }}", context),
         r#"{"a":2.5,"b":[true,null],"e":{},"z":1}"#
     );
-    assert_eq!(
-        render("{{ {'x': 1.0, 'y': 3} | tojson }}", json!({})),
-        r#"{"x": 1.0, "y": 3}"#
-    );
+    assert_eq!(render("{{ {'x': 1.0, 'y': 3} | tojson }}", json!({})), r#"{"x": 1.0, "y": 3}"#);
 }
 
 #[test]
@@ -192,24 +140,12 @@ fn python_string_methods_and_loops() {
             {"role": "assistant", "content": "<think>x</think>done"},
         ],
     });
+    assert_eq!(render("[{{ messages[0].content.strip() }}]", context.clone()), "[be brief]");
     assert_eq!(
-        render("[{{ messages[0].content.strip() }}]", context.clone()),
-        "[be brief]"
-    );
-    assert_eq!(
-        render(
-            "{% for m in messages %}{{ m.role.upper() }}{% if not loop.last %},{% endif %}{% endfor %}",
-            context.clone()
-        ),
+        render("{% for m in messages %}{{ m.role.upper() }}{% if not loop.last %},{% endif %}{% endfor %}", context.clone()),
         "SYSTEM,USER,ASSISTANT"
     );
-    assert_eq!(
-        render(
-            "{{ messages[1].content.split(',') | join('|') }}",
-            context.clone()
-        ),
-        "a|b|c"
-    );
+    assert_eq!(render("{{ messages[1].content.split(',') | join('|') }}", context.clone()), "a|b|c");
     assert_eq!(
         render(
             "{% if messages[2].content.startswith('<think>') %}{{ messages[2].content.split('</think>')[-1] }}{% endif %}",
@@ -225,10 +161,7 @@ fn python_string_methods_and_loops() {
         "F012L"
     );
     assert_eq!(
-        render(
-            "{% for m in messages %}{% if m.role == 'user' %}{% break %}{% endif %}{{ m.role }}{% endfor %}",
-            context.clone()
-        ),
+        render("{% for m in messages %}{% if m.role == 'user' %}{% break %}{% endif %}{{ m.role }}{% endfor %}", context.clone()),
         "system"
     );
     assert_eq!(
@@ -249,16 +182,8 @@ fn undefined_is_lenient() {
     )
     .unwrap();
     let messages = [ChatMessage::new("user", "hi")];
-    assert_eq!(
-        template.render(&messages, false, None, None).unwrap(),
-        "N[][]"
-    );
-    assert_eq!(
-        template
-            .render(&messages, false, Some("<s>"), None)
-            .unwrap(),
-        "N[][]B"
-    );
+    assert_eq!(template.render(&messages, false, None, None).unwrap(), "N[][]");
+    assert_eq!(template.render(&messages, false, Some("<s>"), None).unwrap(), "N[][]B");
     let with_tools = json!({"messages": [{"role": "user", "content": "hi"}], "tools": []});
     assert_eq!(template.render_value(with_tools).unwrap(), "T[][]");
 }
@@ -267,42 +192,26 @@ fn undefined_is_lenient() {
 fn whitespace_control_like_hf() {
     // trim_blocks + lstrip_blocks, and a single trailing newline is dropped.
     let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n<{{ m.content }}>\n    {% endif %}\n{% endfor %}\n";
-    let messages = [
-        ChatMessage::new("user", "a"),
-        ChatMessage::new("bot", "b"),
-        ChatMessage::new("user", "c"),
-    ];
+    let messages = [ChatMessage::new("user", "a"), ChatMessage::new("bot", "b"), ChatMessage::new("user", "c")];
     let template = ChatTemplate::new(source).unwrap();
-    assert_eq!(
-        template.render(&messages, false, None, None).unwrap(),
-        "<a>\n<c>\n"
-    );
+    assert_eq!(template.render(&messages, false, None, None).unwrap(), "<a>\n<c>\n");
     assert_eq!(render("x\n", json!({})), "x");
     assert_eq!(render("{{- '  a  ' -}}\n\n", json!({})), "  a  ");
 }
 
 #[test]
 fn strftime_now_and_generation_prompt() {
-    let year: i32 = render("{{ strftime_now('%Y') }}", json!({}))
-        .parse()
-        .unwrap();
+    let year: i32 = render("{{ strftime_now('%Y') }}", json!({})).parse().unwrap();
     assert!(year >= 2024);
     let date = render("{{ strftime_now('%d %b %Y') }}", json!({}));
     assert_eq!(date.len(), 11, "{date}");
-    let template =
-        ChatTemplate::new("{% if add_generation_prompt %}G{% endif %}{{ eos_token }}").unwrap();
-    assert_eq!(
-        template.render(&[], true, None, Some("</s>")).unwrap(),
-        "G</s>"
-    );
+    let template = ChatTemplate::new("{% if add_generation_prompt %}G{% endif %}{{ eos_token }}").unwrap();
+    assert_eq!(template.render(&[], true, None, Some("</s>")).unwrap(), "G</s>");
     assert_eq!(template.render(&[], false, None, None).unwrap(), "");
 }
 
 #[test]
 fn render_value_needs_an_object() {
     let template = ChatTemplate::new("x").unwrap();
-    assert!(matches!(
-        template.render_value(json!([1])),
-        Err(Error::Template(_))
-    ));
+    assert!(matches!(template.render_value(json!([1])), Err(Error::Template(_))));
 }

@@ -13,12 +13,7 @@ pub fn tokenizer_cases() -> Vec<(String, Vec<u32>)> {
         .into_iter()
         .map(|case| {
             let text = case["text"].as_str().unwrap().to_string();
-            let ids = case["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let ids = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             (text, ids)
         })
         .collect()
@@ -28,12 +23,8 @@ pub fn tokenizer_cases() -> Vec<(String, Vec<u32>)> {
 pub fn smollm_gguf_spec() -> GgufTokenizerSpec {
     let path = testdata().join("tiny-llama/tokenizer.json");
     let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut by_id: Vec<(u64, String)> = json["model"]["vocab"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(token, id)| (id.as_u64().unwrap(), token.clone()))
-        .collect();
+    let mut by_id: Vec<(u64, String)> =
+        json["model"]["vocab"].as_object().unwrap().iter().map(|(token, id)| (id.as_u64().unwrap(), token.clone())).collect();
     for added in json["added_tokens"].as_array().unwrap() {
         let id = added["id"].as_u64().unwrap();
         if !by_id.iter().any(|(i, _)| *i == id) {
@@ -51,19 +42,13 @@ pub fn smollm_gguf_spec() -> GgufTokenizerSpec {
         .iter()
         .map(|m| match m {
             Value::String(s) => s.clone(),
-            Value::Array(pair) => format!(
-                "{} {}",
-                pair[0].as_str().unwrap(),
-                pair[1].as_str().unwrap()
-            ),
+            Value::Array(pair) => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
             other => panic!("unexpected merge {other}"),
         })
         .collect();
     let n_special = json["added_tokens"].as_array().unwrap().len();
     assert_eq!(n_special, 17);
-    let token_types = (0..tokens.len())
-        .map(|id| if id < n_special { 3 } else { 1 })
-        .collect();
+    let token_types = (0..tokens.len()).map(|id| if id < n_special { 3 } else { 1 }).collect();
     GgufTokenizerSpec {
         model: "gpt2".into(),
         pre: Some("smollm".into()),

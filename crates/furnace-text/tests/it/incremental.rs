@@ -24,17 +24,10 @@ fn check(tokenizer: &Tokenizer) {
         for skip_special in [false, true] {
             let (pieces, rest) = stream(tokenizer, ids, skip_special);
             for piece in &pieces {
-                assert!(
-                    !piece.contains('\u{FFFD}'),
-                    "{text:?}: push emitted {piece:?}"
-                );
+                assert!(!piece.contains('\u{FFFD}'), "{text:?}: push emitted {piece:?}");
             }
             let streamed = pieces.concat() + &rest;
-            assert_eq!(
-                streamed,
-                tokenizer.decode(ids, skip_special).unwrap(),
-                "{text:?}"
-            );
+            assert_eq!(streamed, tokenizer.decode(ids, skip_special).unwrap(), "{text:?}");
             if !skip_special {
                 assert_eq!(&streamed, text);
             }

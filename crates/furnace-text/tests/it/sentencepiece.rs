@@ -82,12 +82,7 @@ fn byte_fallback_for_unknown_characters() {
     let ids = tokenizer.encode("hé", false).unwrap();
     assert_eq!(ids, vec![id("▁"), id("h"), id("<0xC3>"), id("<0xA9>")]);
     assert_eq!(tokenizer.decode(&ids, false).unwrap(), "hé");
-    for text in [
-        "hello wörld 🎉",
-        "  two  spaces",
-        "line\nbreak",
-        "hello world",
-    ] {
+    for text in ["hello wörld 🎉", "  two  spaces", "line\nbreak", "hello world"] {
         let ids = tokenizer.encode(text, false).unwrap();
         assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
         // Streaming gives the same text and never half a character.

@@ -34,15 +34,10 @@ fn check_smollm_specials(tokenizer: &Tokenizer) {
         assert!(tokenizer.is_special(id), "id {id} should be special");
     }
     assert!(!tokenizer.is_special(4093));
-    let ids = tokenizer
-        .encode("<|im_start|>user\nhi<|im_end|>", false)
-        .unwrap();
+    let ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
     assert_eq!(tokenizer.decode(&ids, true).unwrap(), "user\nhi");
     // add_bos is false for SmolLM2: add_special changes nothing.
-    assert_eq!(
-        tokenizer.encode("Hello, world!", true).unwrap(),
-        vec![19556, 28, 905, 17]
-    );
+    assert_eq!(tokenizer.encode("Hello, world!", true).unwrap(), vec![19556, 28, 905, 17]);
 }
 
 #[test]
@@ -55,10 +50,7 @@ fn hf_dir_matches_reference_ids() {
 #[test]
 fn tiny_qwen2_dir_loads() {
     let tokenizer = Tokenizer::from_hf_dir(&testdata().join("tiny-qwen2")).unwrap();
-    assert_eq!(
-        tokenizer.encode("Hello, world!", false).unwrap(),
-        vec![19556, 28, 905, 17]
-    );
+    assert_eq!(tokenizer.encode("Hello, world!", false).unwrap(), vec![19556, 28, 905, 17]);
     assert_eq!(tokenizer.eos_ids(), &[2]);
 }
 
@@ -78,14 +70,8 @@ fn gguf_and_hf_decode_every_token_alike() {
         assert_eq!(hf.is_special(id), gguf.is_special(id), "special {id}");
     }
     let all: Vec<u32> = (0..hf.vocab_size() as u32).step_by(7).collect();
-    assert_eq!(
-        hf.decode(&all, false).unwrap(),
-        gguf.decode(&all, false).unwrap()
-    );
-    assert_eq!(
-        hf.decode(&all, true).unwrap(),
-        gguf.decode(&all, true).unwrap()
-    );
+    assert_eq!(hf.decode(&all, false).unwrap(), gguf.decode(&all, false).unwrap());
+    assert_eq!(hf.decode(&all, true).unwrap(), gguf.decode(&all, true).unwrap());
 }
 
 #[test]
@@ -93,15 +79,7 @@ fn other_pre_tokenizers_build() {
     // The vocabulary is SmolLM2's, so only check that every family's pipeline builds
     // (its regexes compile) and round-trips text.
     let text = "Hello 12345 wörld!\n\n  日本語のテキスト <|im_start|>x";
-    for pre in [
-        "llama-bpe",
-        "qwen2",
-        "deepseek-v3",
-        "starcoder",
-        "gpt2",
-        "default",
-        "unknown-pre",
-    ] {
+    for pre in ["llama-bpe", "qwen2", "deepseek-v3", "starcoder", "gpt2", "default", "unknown-pre"] {
         let mut spec = smollm_gguf_spec();
         spec.pre = Some(pre.to_string());
         let tokenizer = Tokenizer::from_gguf(&spec).unwrap();
@@ -113,10 +91,7 @@ fn other_pre_tokenizers_build() {
     let mut spec = smollm_gguf_spec();
     spec.pre = Some("qwen2".into());
     let qwen = Tokenizer::from_gguf(&spec).unwrap();
-    assert_eq!(
-        qwen.encode("12345", false).unwrap(),
-        vec![33, 34, 35, 36, 37]
-    );
+    assert_eq!(qwen.encode("12345", false).unwrap(), vec![33, 34, 35, 36, 37]);
 }
 
 #[test]
@@ -136,25 +111,16 @@ fn gguf_errors() {
     assert!(matches!(Tokenizer::from_gguf(&spec), Err(Error::UnsupportedModel(m)) if m == "bert"));
     let mut spec = smollm_gguf_spec();
     spec.bos_id = Some(10_000_000);
-    assert!(matches!(
-        Tokenizer::from_gguf(&spec),
-        Err(Error::InvalidGguf(_))
-    ));
+    assert!(matches!(Tokenizer::from_gguf(&spec), Err(Error::InvalidGguf(_))));
     let mut spec = smollm_gguf_spec();
     spec.merges.push("nospace".into());
-    assert!(matches!(
-        Tokenizer::from_gguf(&spec),
-        Err(Error::InvalidGguf(_))
-    ));
+    assert!(matches!(Tokenizer::from_gguf(&spec), Err(Error::InvalidGguf(_))));
 }
 
 #[test]
 fn from_file_loads_tokenizer_json() {
     let tokenizer = Tokenizer::from_file(&testdata().join("tiny-llama/tokenizer.json")).unwrap();
-    assert_eq!(
-        tokenizer.encode("Hello, world!", false).unwrap(),
-        vec![19556, 28, 905, 17]
-    );
+    assert_eq!(tokenizer.encode("Hello, world!", false).unwrap(), vec![19556, 28, 905, 17]);
     assert_eq!(tokenizer.bos_id(), None);
     assert!(tokenizer.eos_ids().is_empty());
     assert!(tokenizer.is_special(2));
@@ -175,11 +141,7 @@ fn missing_tokenizer_json_is_a_clear_error() {
 #[test]
 fn hf_dir_reads_configs() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        testdata().join("tiny-llama/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
+    std::fs::copy(testdata().join("tiny-llama/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
         r#"{"add_bos_token": true,
@@ -188,11 +150,7 @@ fn hf_dir_reads_configs() {
             "pad_token": null}"#,
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        r#"{"eos_token_id": [0, 2]}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [0, 2]}"#).unwrap();
     let tokenizer = Tokenizer::from_hf_dir(dir.path()).unwrap();
     assert_eq!(tokenizer.bos_id(), Some(1));
     assert_eq!(tokenizer.bos_token(), Some("<|im_start|>"));
@@ -203,16 +161,8 @@ fn hf_dir_reads_configs() {
     assert_eq!(tokenizer.encode("a", false).unwrap(), vec![81]);
 
     // A single eos id in generation_config.json, tokens as plain strings.
-    std::fs::write(
-        dir.path().join("tokenizer_config.json"),
-        r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        r#"{"eos_token_id": 0}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}"#).unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": 0}"#).unwrap();
     let tokenizer = Tokenizer::from_hf_dir(dir.path()).unwrap();
     assert_eq!(tokenizer.eos_ids(), &[2, 0]);
     assert_eq!(tokenizer.encode("a", true).unwrap(), vec![81]);
@@ -231,7 +181,5 @@ fn tokenizer_is_send_sync_and_cheap_to_clone() {
     assert_send_sync::<furnace_text::ChatTemplate>();
     let tokenizer = Tokenizer::from_hf_dir(&testdata().join("tiny-llama")).unwrap();
     let clone = tokenizer.clone();
-    std::thread::spawn(move || clone.encode("hi", false).unwrap())
-        .join()
-        .unwrap();
+    std::thread::spawn(move || clone.encode("hi", false).unwrap()).join().unwrap();
 }

@@ -57,10 +57,8 @@ impl FrozenGroup {
     pub fn new(linears: &[&Linear]) -> Result<Self> {
         let inp = linears.first().map(|l| l.in_features).unwrap_or(0);
         let outs: Vec<usize> = linears.iter().map(|l| l.out_features).collect();
-        let bias = linears
-            .iter()
-            .map(|l| l.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bias =
+            linears.iter().map(|l| l.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()).collect::<candle_core::Result<Vec<_>>>()?;
         let dense: Vec<Tensor> = linears
             .iter()
             .filter_map(|l| match &l.weight {
@@ -107,9 +105,7 @@ impl FrozenGroup {
         let mut ys = match &self.form {
             Form::F32(ws) => {
                 let xt = Tensor::from_slice(x, (m, self.inp), &Device::Cpu)?;
-                ws.iter()
-                    .map(|w| Ok(xt.matmul(&w.t()?)?.flatten_all()?.to_vec1()?))
-                    .collect::<Result<Vec<_>>>()?
+                ws.iter().map(|w| Ok(xt.matmul(&w.t()?)?.flatten_all()?.to_vec1()?)).collect::<Result<Vec<_>>>()?
             }
             Form::Bf16 { fwd, .. } => {
                 let ws: Vec<&Bf16Matrix> = fwd.iter().map(|w| w.as_ref()).collect();

@@ -187,11 +187,7 @@ fn layout(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result
 /// Checks that an adapter's factors fit the base's projections.
 pub fn check_adapter(base: &FrozenBase, lora: &TrainableLora) -> Result<()> {
     if lora.layers.len() != base.layers.len() {
-        return Err(Error::Input(format!(
-            "the adapter has {} layers, the model {}",
-            lora.layers.len(),
-            base.layers.len()
-        )));
+        return Err(Error::Input(format!("the adapter has {} layers, the model {}", lora.layers.len(), base.layers.len())));
     }
     for (li, (pairs, layer)) in lora.layers.iter().zip(&base.layers).enumerate() {
         let dims = [
@@ -405,20 +401,7 @@ fn forward_layers(
         add_into(&mut d, &x2);
         let x3 = d;
         if train {
-            tapes.push(LayerTape {
-                x,
-                rstd1,
-                q,
-                k,
-                v,
-                probs,
-                attn,
-                x2,
-                rstd2,
-                g,
-                u,
-                p: vec![pq, pk, pv, po, pg, pu, pd],
-            });
+            tapes.push(LayerTape { x, rstd1, q, k, v, probs, attn, x2, rstd2, g, u, p: vec![pq, pk, pv, po, pg, pu, pd] });
         }
         x = x3;
     }
@@ -440,7 +423,13 @@ fn loss_rows(seqs: &[SeqRef], lay: &Layout) -> Vec<(usize, u32, f32, usize)> {
 
 /// Runs the LM head and the cross-entropy over the labelled rows of `hf`, in chunks;
 /// returns per-adapter loss sums and counts, and with `train` the gradient for `hf`.
-fn head_loss(base: &FrozenBase, hf: &[f32], rows: &[(usize, u32, f32, usize)], n_adapters: usize, train: bool) -> Result<(Vec<f64>, Vec<usize>, Vec<f32>)> {
+fn head_loss(
+    base: &FrozenBase,
+    hf: &[f32],
+    rows: &[(usize, u32, f32, usize)],
+    n_adapters: usize,
+    train: bool,
+) -> Result<(Vec<f64>, Vec<usize>, Vec<f32>)> {
     let h = base.config.hidden_size;
     let vocab = base.config.vocab_size;
     let mut loss = vec![0f64; n_adapters];

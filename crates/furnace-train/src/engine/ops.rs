@@ -40,10 +40,8 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / h;
     let mut y = vec![0f32; x.len()];
     let mut rstd = vec![0f32; rows];
-    y.par_chunks_mut(h * ROWS_PER_TASK)
-        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
-        .zip(x.par_chunks(h * ROWS_PER_TASK))
-        .for_each(|((ys, rs), xs)| {
+    y.par_chunks_mut(h * ROWS_PER_TASK).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).zip(x.par_chunks(h * ROWS_PER_TASK)).for_each(
+        |((ys, rs), xs)| {
             for ((yr, r), xr) in ys.chunks_mut(h).zip(rs.iter_mut()).zip(xs.chunks(h)) {
                 let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
                 *r = 1.0 / (ms + eps).sqrt();
@@ -51,7 +49,8 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
                     *o = v * *r * g;
                 }
             }
-        });
+        },
+    );
     (y, rstd)
 }
 
@@ -71,17 +70,13 @@ pub fn rms_norm_apply(x: &[f32], w: &[f32], rstd: &[f32]) -> Vec<f32> {
 /// `dx += rstd * (g - x * rstd^2 * mean(g * x))` with `g = dy * w`.
 pub fn rms_norm_backward(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32]) {
     let h = w.len();
-    dx.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .zip(dy.par_chunks(h))
-        .zip(rstd.par_iter())
-        .for_each(|(((dxr, xr), dyr), &r)| {
-            let dot: f32 = dyr.iter().zip(w).zip(xr).map(|((d, g), v)| d * g * v).sum();
-            let c = r * r * dot / h as f32;
-            for (((o, &d), &g), &v) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
-                *o += r * (d * g - v * c);
-            }
-        });
+    dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(dy.par_chunks(h)).zip(rstd.par_iter()).for_each(|(((dxr, xr), dyr), &r)| {
+        let dot: f32 = dyr.iter().zip(w).zip(xr).map(|((d, g), v)| d * g * v).sum();
+        let c = r * r * dot / h as f32;
+        for (((o, &d), &g), &v) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
+            *o += r * (d * g - v * c);
+        }
+    });
 }
 
 /// RoPE tables for positions `0..len`: `(cos, sin)`, each `[len, half]`.
@@ -439,16 +434,15 @@ pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
 pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let mut dg = vec![0f32; g.len()];
     let mut du = vec![0f32; g.len()];
-    dg.par_chunks_mut(4096)
-        .zip(du.par_chunks_mut(4096))
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(da.par_chunks(4096)))
-        .for_each(|((dg, du), ((g, u), da))| {
+    dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(da.par_chunks(4096))).for_each(
+        |((dg, du), ((g, u), da))| {
             for i in 0..g.len() {
                 let s = sigmoid(g[i]);
                 du[i] = da[i] * g[i] * s;
                 dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
             }
-        });
+        },
+    );
     (dg, du)
 }
 
@@ -457,11 +451,8 @@ pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32]) -> (Vec<f32>, Vec<f32>)
 /// `weight * (softmax(z) - onehot(t))` of `sum_i weight_i * loss_i`.
 pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[u32], weights: &[f32], grad: bool) -> Vec<f64> {
     let mut losses = vec![0f64; targets.len()];
-    logits
-        .par_chunks_mut(vocab)
-        .zip(losses.par_iter_mut())
-        .zip(targets.par_iter().zip(weights.par_iter()))
-        .for_each(|((z, loss), (&t, &w))| {
+    logits.par_chunks_mut(vocab).zip(losses.par_iter_mut()).zip(targets.par_iter().zip(weights.par_iter())).for_each(
+        |((z, loss), (&t, &w))| {
             let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let zt = z[t as usize];
             // exp(z - max) in place, summed in blocks of f32 lanes accumulated in f64.
@@ -473,7 +464,8 @@ pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[u32], weights:
                 z.iter_mut().for_each(|v| *v *= f);
                 z[t as usize] -= w;
             }
-        });
+        },
+    );
     losses
 }
 
@@ -495,10 +487,13 @@ fn sum_outer(u: &[f32], uw: usize, v: &[f32], vw: usize) -> Vec<f32> {
                 acc
             },
         )
-        .reduce(|| vec![0f32; uw * vw], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        })
+        .reduce(
+            || vec![0f32; uw * vw],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
 }
 
 /// LoRA's down projection `p = z A^T` for `z: [n, inp]`, `A: [r, inp]`; returns `[n, r]`.
@@ -524,7 +519,17 @@ pub fn lora_up_add(y: &mut [f32], out: usize, p: &[f32], r: usize, b: &[f32], s:
 /// Gradients of `y = s (z A^T) B^T` given `dy`, from the saved `p = z A^T`: returns
 /// `(dA [r, inp], dB [out, r], dz [n, inp])`.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward(z: &[f32], inp: usize, a: &[f32], r: usize, b: &[f32], out: usize, s: f32, p: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn lora_backward(
+    z: &[f32],
+    inp: usize,
+    a: &[f32],
+    r: usize,
+    b: &[f32],
+    out: usize,
+    s: f32,
+    p: &[f32],
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = p.len() / r.max(1);
     // dp = s dy B: [n, r] (B is already the [out][r] "transposed" operand of `dots`).
     let mut dp = vec![0f32; n * r];

@@ -30,7 +30,11 @@ fn row_forms_and_file_formats_give_the_same_examples() {
     let dir = tempfile::tempdir().unwrap();
     let chat = write(&dir, "chat.jsonl", "{\"messages\": [{\"role\": \"system\", \"content\": \"Be terse.\"}, {\"role\": \"user\", \"content\": \"Capital of France?\"}, {\"role\": \"assistant\", \"content\": \"Paris.\"}]}\n\n");
     let pc = write(&dir, "pc.json", r#"[{"system": "Be terse.", "prompt": "Capital of France?", "completion": "Paris."}]"#);
-    let ins = write(&dir, "ins.json", r#"{"data": [{"system": "Be terse.", "instruction": "Capital of France?", "input": "", "output": "Paris."}]}"#);
+    let ins = write(
+        &dir,
+        "ins.json",
+        r#"{"data": [{"system": "Be terse.", "instruction": "Capital of France?", "input": "", "output": "Paris."}]}"#,
+    );
     let csv = write(&dir, "rows.csv", "system,prompt,completion\nBe terse.,Capital of France?,Paris.\n");
     let opts = DataOptions::default();
     let a = load_dataset(&chat, &tok, &tpl, &opts).unwrap();

@@ -40,11 +40,8 @@ fn grid_is_the_cartesian_product_of_lists() {
 
 #[test]
 fn random_search_samples_distinct_configs_from_lists_and_ranges() {
-    let text = spec(
-        "learning_rate = { range = [1e-5, 1e-3], log = true }",
-        "[search]\nkind = \"random\"\nnum_runs = 5\nseed = 7",
-    )
-    .replace("batch_size = 4", "batch_size = { range = [2, 8], dtype = \"int\", step = 2 }");
+    let text = spec("learning_rate = { range = [1e-5, 1e-3], log = true }", "[search]\nkind = \"random\"\nnum_runs = 5\nseed = 7")
+        .replace("batch_size = 4", "batch_size = { range = [2, 8], dtype = \"int\", step = 2 }");
     let a = expand(&text, &spec_path()).unwrap();
     assert_eq!(a.len(), 5);
     for l in &a {

@@ -1,9 +1,9 @@
 //! One SFT step against the PEFT reference: logits, loss and LoRA gradients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::common;
 use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
 use furnace_train::{engine, FrozenBase, TrainableLora};
-use crate::common;
 
 use common::*;
 

@@ -2,10 +2,10 @@
 //! training pass, and a loss that falls when training the real model.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::common;
 use furnace_model::lora::LoraConfig;
 use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
 use furnace_train::*;
-use crate::common;
 
 use common::*;
 
@@ -124,7 +124,9 @@ fn gradients_match_finite_differences() -> anyhow::Result<()> {
     let labels = [-100i64, -100, 46477, 24, 94, 727];
     check_fd(&base, &nonzero_lora(&m, config(2)), &ids, &labels)?;
     // rsLoRA scaling and a subset of modules.
-    let rs: LoraConfig = serde_json::from_value(serde_json::json!({"r": 3, "lora_alpha": 5, "use_rslora": true, "target_modules": ["k_proj", "o_proj", "up_proj", "down_proj"]}))?;
+    let rs: LoraConfig = serde_json::from_value(
+        serde_json::json!({"r": 3, "lora_alpha": 5, "use_rslora": true, "target_modules": ["k_proj", "o_proj", "up_proj", "down_proj"]}),
+    )?;
     check_fd(&base, &nonzero_lora(&m, rs), &ids, &labels)?;
     // Grouped-query attention with biases (qwen2).
     let q = LoadedModel::load(&testdata().join("tiny-qwen2"), WeightDType::F32)?;
@@ -163,7 +165,8 @@ fn sequences_in_one_batch_do_not_see_each_other() -> anyhow::Result<()> {
 fn dropout_masks_inputs_of_the_adapter_only_when_training() -> anyhow::Result<()> {
     let m = tiny();
     let base = FrozenBase::new(&m.model)?;
-    let cfg: LoraConfig = serde_json::from_value(serde_json::json!({"r": 2, "lora_alpha": 4, "lora_dropout": 0.3, "target_modules": ["all-linear"]}))?;
+    let cfg: LoraConfig =
+        serde_json::from_value(serde_json::json!({"r": 2, "lora_alpha": 4, "lora_dropout": 0.3, "target_modules": ["all-linear"]}))?;
     let lora = nonzero_lora(&m, cfg);
     let ids = [1604u32, 3987, 46477, 24, 94, 727];
     let labels = [-100i64, -100, 46477, 24, 94, 727];

@@ -35,7 +35,8 @@ fn config() -> TrainConfig {
 }
 
 fn new_trainer(m: &LoadedModel, cfg: TrainConfig) -> Trainer {
-    let lc: LoraConfig = serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})).unwrap();
+    let lc: LoraConfig =
+        serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})).unwrap();
     let lora = TrainableLora::new(&m.model, lc, LoraInit::KaimingUniform, 5).unwrap();
     Trainer::new(cfg, lora, &examples()).unwrap()
 }
@@ -156,7 +157,14 @@ fn runs_trained_in_one_fused_pass_match_runs_trained_alone() -> anyhow::Result<(
             0 => (serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}), config()),
             1 => (
                 serde_json::json!({"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["all-linear"]}),
-                TrainConfig { batch_size: 3, grad_accum: 1, seed: 9, schedule: ScheduleKind::Linear, optimizer: AdamWConfig { lr: 3e-3, ..Default::default() }, ..config() },
+                TrainConfig {
+                    batch_size: 3,
+                    grad_accum: 1,
+                    seed: 9,
+                    schedule: ScheduleKind::Linear,
+                    optimizer: AdamWConfig { lr: 3e-3, ..Default::default() },
+                    ..config()
+                },
             ),
             _ => (
                 serde_json::json!({"r": 2, "lora_alpha": 16, "use_rslora": true, "target_modules": ["o_proj", "up_proj"]}),
@@ -205,7 +213,9 @@ fn fused_runs_over_the_row_budget_split_into_several_passes_with_the_same_result
     let m = tiny();
     let base = FrozenBase::new(&m.model)?;
     let make = |k: u64| {
-        let lc: LoraConfig = serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})).unwrap();
+        let lc: LoraConfig =
+            serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
+                .unwrap();
         let lora = TrainableLora::new(&m.model, lc, LoraInit::KaimingUniform, k).unwrap();
         Trainer::new(TrainConfig { batch_size: 1, grad_accum: 1, max_steps: Some(2), seed: k, ..config() }, lora, &data).unwrap()
     };
@@ -270,7 +280,11 @@ fn a_warm_fork_continues_exactly_where_its_parent_stands() -> anyhow::Result<()>
         assert_eq!(a, b);
     }
     // Another learning rate changes the next steps but not the position.
-    let mut hot = parent.fork(TrainConfig { optimizer: AdamWConfig { lr: 5e-2, ..cfg.optimizer.clone() }, ..cfg.clone() }, parent.lora.config.clone(), &ex)?;
+    let mut hot = parent.fork(
+        TrainConfig { optimizer: AdamWConfig { lr: 5e-2, ..cfg.optimizer.clone() }, ..cfg.clone() },
+        parent.lora.config.clone(),
+        &ex,
+    )?;
     let (a, b) = (parent.step(&frozen, &ex)?, hot.step(&frozen, &ex)?);
     assert_eq!((a.step, a.tokens), (b.step, b.tokens));
     assert!(a.lr != b.lr);
