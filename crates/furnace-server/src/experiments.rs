@@ -127,11 +127,39 @@ async fn run_metrics(
 }
 
 /// The body of `POST /api/ops`: `{"run": 3, "op": "clone", "set": ["lora.r=64"], "warm": false}`.
+/// A field the op does not take is an error (`"sets"` must not pass as a clone with no
+/// overrides).
 #[derive(Debug, Deserialize)]
-struct OpRequest {
-    run: i64,
-    #[serde(flatten)]
-    kind: OpKind,
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum OpRequest {
+    Stop {
+        run: i64,
+    },
+    Resume {
+        run: i64,
+    },
+    Delete {
+        run: i64,
+    },
+    Clone {
+        run: i64,
+        #[serde(default)]
+        set: Vec<String>,
+        #[serde(default)]
+        warm: bool,
+    },
+}
+
+impl OpRequest {
+    /// The run and what to do with it.
+    fn into_op(self) -> (i64, OpKind) {
+        match self {
+            Self::Stop { run } => (run, OpKind::Stop),
+            Self::Resume { run } => (run, OpKind::Resume),
+            Self::Delete { run } => (run, OpKind::Delete),
+            Self::Clone { run, set, warm } => (run, OpKind::Clone { set, warm }),
+        }
+    }
 }
 
 async fn post_op(State(st): State<AppState>, body: std::result::Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -142,7 +170,8 @@ async fn post_op(State(st): State<AppState>, body: std::result::Result<Bytes, By
              with \"set\": [\"lora.r=64\"] and \"warm\": false)"
         ))
     })?;
-    let id = st.with_store(move |s| ops::submit(s, req.run, &req.kind, "api")).await?;
+    let (run, kind) = req.into_op();
+    let id = st.with_store(move |s| ops::submit(s, run, &kind, "api")).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "op_id": id, "status": "pending" }))).into_response())
 }
 

@@ -222,3 +222,22 @@ async fn post_clone_checks_the_overrides() {
         ]
     );
 }
+
+#[tokio::test]
+async fn op_bodies_reject_unknown_fields() {
+    let f = fixture();
+    let app = f.router(None);
+    let a = f.runs[0];
+    for (body, field) in [
+        (format!(r#"{{"run": {a}, "op": "clone", "sets": ["lora.r=8"]}}"#), "sets"),
+        (format!(r#"{{"run": {a}, "op": "clone", "set": ["lora.r=8"], "hot": true}}"#), "hot"),
+        (format!(r#"{{"run": {a}, "op": "stop", "force": true}}"#), "force"),
+        (format!(r#"{{"run": {a}, "op": "delete", "set": []}}"#), "set"),
+        (format!(r#"{{"run": {a}, "run_id": 2, "op": "resume"}}"#), "run_id"),
+    ] {
+        let (s, v) = call(&app, "POST", "/api/ops", None, Some(&body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(error_of(&v).contains(&format!("unknown field `{field}`")), "{body}: {v}");
+    }
+    assert!(f.store().ops(f.exp.id).unwrap().is_empty(), "no op from a body with unknown fields");
+}
