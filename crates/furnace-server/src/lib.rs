@@ -8,8 +8,12 @@
 //! further routers next to it in [`app`].
 //!
 //! What every router shares lives in one module each: the handlers' state (`state`),
-//! bearer-token auth (`auth`; required off loopback, see [`check_options`]), JSON error
-//! answers (`error`; every error is `{"error": "..."}`) and server-sent events (`sse`).
+//! the guard around the whole app (`guard`: the `Host` must name this server, else 421;
+//! an `Origin` must be the server's own, else 403; a `POST` must be
+//! `Content-Type: application/json`, else 415; security headers on every answer), bearer-token
+//! auth (`auth`; required off loopback, see [`check_options`]), JSON error answers (`error`; every
+//! error is `{"error": "..."}`) and server-sent events (`sse`). Request bodies are limited
+//! to [`BODY_LIMIT`] bytes (413 beyond).
 //!
 //! The server never trains and never blocks training: handlers read the store or record
 //! ops (which the trainer applies), on tokio's blocking pool, so a bad request cannot
@@ -19,11 +23,13 @@
 mod auth;
 mod error;
 mod experiments;
+mod guard;
 mod sse;
 mod state;
 
 pub use error::{Error, Result};
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::{Json, Router};
 use furnace_exp::EventSender;
@@ -36,6 +42,9 @@ use tokio::sync::watch;
 
 /// The port the server listens on by default.
 pub const DEFAULT_PORT: u16 = 8851;
+
+/// The largest request body the server reads, in bytes (1 MiB); a larger one is a 413.
+pub const BODY_LIMIT: usize = 1 << 20;
 
 /// How long a stopping server waits for open requests before it closes them.
 const GRACE: Duration = Duration::from_secs(5);
@@ -75,8 +84,10 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "ok": true }))
 }
 
-/// The whole app over one state: every router, the JSON fallbacks, and auth in front of
-/// all of it (unknown routes included, so they reveal nothing without the token).
+/// The whole app over one state: every router, the JSON fallbacks, auth in front of all
+/// of it (unknown routes included, so they reveal nothing without the token), the body
+/// limit, and the guard around everything (so its checks and headers cover auth's
+/// answers and every router merged here).
 fn build(state: AppState) -> Router {
     Router::new()
         .route("/api/health", get(health))
@@ -84,17 +95,20 @@ fn build(state: AppState) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard::guard))
         .with_state(state)
 }
 
-/// The app as a router over the store at `db` (opened on first use), streaming `events`;
-/// with a `token`, every request must carry `Authorization: Bearer <token>`. Event
-/// streams of this router end when their client goes (a server from [`start`] also ends
-/// them when it stops).
-pub fn app(db: PathBuf, events: EventSender, token: Option<String>) -> Router {
+/// The app as a router over the store at `db` (opened on first use), streaming `events`,
+/// as a server bound to `opts.addr` serves it: requests must name that port in `Host`
+/// (see the crate docs for the rest), and with `opts.token`, carry
+/// `Authorization: Bearer <token>`. Event streams of this router end when their client
+/// goes (a server from [`start`] also ends them when it stops).
+pub fn app(db: PathBuf, events: EventSender, opts: ServerOptions) -> Router {
     // No shutdown signal: nothing ever sends on it.
     let (_, rx) = watch::channel(false);
-    build(AppState::new(db, events, token, rx))
+    build(AppState::new(db, events, opts.token, opts.addr, rx))
 }
 
 /// A running server; dropping it stops it too.
@@ -153,7 +167,7 @@ pub fn start(db: PathBuf, opts: ServerOptions, events: EventSender) -> Result<Se
         tokio::net::TcpListener::from_std(listener).map_err(socket)?
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = build(AppState::new(db, events, opts.token, stop_rx.clone()));
+    let app = build(AppState::new(db, events, opts.token, bound, stop_rx.clone()));
     let thread = std::thread::Builder::new()
         .name("furnace-server".into())
         .spawn(move || {

@@ -1,9 +1,12 @@
 //! The state every handler shares: the store (one connection, used on the blocking pool),
-//! the live event channel, the token, and the server's stop signal.
+//! the live event channel, the token, the hosts the server answers to, and the server's
+//! stop signal.
 
 use crate::error::{ApiError, ApiResult};
+use crate::guard::Hosts;
 use axum::http::StatusCode;
 use furnace_exp::{EventSender, Store};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -21,19 +24,26 @@ struct Inner {
     store: Mutex<Option<Store>>,
     events: EventSender,
     token: Option<String>,
+    hosts: Hosts,
     /// Turns true when the server stops (ends the event streams).
     shutdown: watch::Receiver<bool>,
 }
 
 impl AppState {
-    /// State over the store at `db` (opened on first use).
-    pub fn new(db: PathBuf, events: EventSender, token: Option<String>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, shutdown }) }
+    /// State over the store at `db` (opened on first use), for a server bound to `addr`.
+    pub fn new(db: PathBuf, events: EventSender, token: Option<String>, addr: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
+        let hosts = Hosts::new(addr, token.is_some());
+        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, shutdown }) }
     }
 
     /// The token requests must carry, if any.
     pub fn token(&self) -> Option<&str> {
         self.inner.token.as_deref()
+    }
+
+    /// The hosts the server answers to.
+    pub fn hosts(&self) -> &Hosts {
+        &self.inner.hosts
     }
 
     /// The live events.

@@ -1,8 +1,8 @@
 //! `GET /api/events`: the live events as server-sent events, in-process and over
 //! loopback (where stopping the server ends the stream).
 
-use crate::fixture;
 use crate::loopback::{connect, loopback, IO_TIMEOUT};
+use crate::{fixture, options, ADDR};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use furnace_exp::events::{self, Event};
@@ -34,8 +34,8 @@ async fn read_until(stream: &mut (impl tokio_stream::Stream<Item = Result<axum::
 async fn event_stream_skips_what_a_slow_client_missed_and_goes_on() {
     let f = fixture();
     let tx = tokio::sync::broadcast::channel(2).0;
-    let app = furnace_server::app(f.db.clone(), tx.clone(), None);
-    let resp = app.oneshot(Request::get("/api/events").body(Body::empty()).unwrap()).await.unwrap();
+    let app = furnace_server::app(f.db.clone(), tx.clone(), options(None));
+    let resp = app.oneshot(Request::get("/api/events").header("host", ADDR).body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     assert_eq!(tx.receiver_count(), 1);

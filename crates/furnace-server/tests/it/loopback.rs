@@ -33,21 +33,30 @@ fn dechunk(mut body: &str) -> String {
 
 /// One raw HTTP/1.1 exchange: the status and the body as JSON.
 pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
-    let mut s = connect(addr);
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut head = format!("Host: {addr}\r\n");
     if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
-    let body = body.unwrap_or("");
-    req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+    head.push_str("Content-Type: application/json\r\n");
+    let (status, _, v) = exchange(addr, method, path, &head, body.unwrap_or(""));
+    (status, v)
+}
+
+/// One raw HTTP/1.1 exchange with exactly the header lines `head` (each ending in
+/// `\r\n`; `Connection` and `Content-Length` are added): the status, the response head
+/// (lowercased) and the body as JSON.
+pub fn exchange(addr: SocketAddr, method: &str, path: &str, head: &str, body: &str) -> (u16, String, Value) {
+    let mut s = connect(addr);
+    let req = format!("{method} {path} HTTP/1.1\r\n{head}Connection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or_else(|| panic!("bad response {resp:?}"));
+    let head = head.to_ascii_lowercase();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let body = if head.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
     let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body:?}"));
-    (status, v)
+    (status, head, v)
 }
 
 pub fn loopback() -> ServerOptions {

@@ -5,12 +5,14 @@
 mod api;
 mod auth;
 mod events;
+mod guard;
 mod loopback;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use furnace_exp::{ExperimentRow, RunStatus, Store};
+use furnace_server::ServerOptions;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use tower::ServiceExt;
@@ -33,6 +35,13 @@ alpha = 8
 max_steps = 10
 "#;
 
+/// Where the in-process app is served (what `call` names in `Host`).
+pub const ADDR: &str = "127.0.0.1:8851";
+
+pub fn options(token: Option<&str>) -> ServerOptions {
+    ServerOptions { addr: ADDR.parse().unwrap(), token: token.map(String::from) }
+}
+
 pub struct Fixture {
     _dir: tempfile::TempDir,
     pub db: PathBuf,
@@ -46,8 +55,9 @@ impl Fixture {
         Store::open(&self.db).unwrap()
     }
 
+    /// The app as a server on [`ADDR`] serves it.
     pub fn router(&self, token: Option<&str>) -> Router {
-        furnace_server::app(self.db.clone(), furnace_exp::events::channel(), token.map(String::from))
+        furnace_server::app(self.db.clone(), furnace_exp::events::channel(), options(token))
     }
 }
 
@@ -67,19 +77,40 @@ pub fn fixture() -> Fixture {
     Fixture { _dir: dir, db, exp, runs }
 }
 
-/// One request through the router; the answer must be JSON.
+/// One request through the router, as a client on loopback sends it (`Host: ADDR`, a JSON
+/// body when there is one); the answer must be JSON.
 pub async fn call(app: &Router, method: &str, uri: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
-    let mut req = Request::builder().method(method).uri(uri);
+    let mut headers = vec![("host", ADDR.to_string())];
     if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
+        headers.push(("authorization", format!("Bearer {t}")));
     }
-    let req = req.body(body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty)).unwrap();
+    if body.is_some() {
+        headers.push(("content-type", "application/json".into()));
+    }
+    let (status, _, v) = call_with(app, method, uri, &headers, body.map(|b| b.as_bytes().to_vec())).await;
+    (status, v)
+}
+
+/// One request with exactly these headers: the status, the answer's headers and its JSON.
+pub async fn call_with(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, String)],
+    body: Option<Vec<u8>>,
+) -> (StatusCode, HeaderMap, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let req = req.body(body.map(Body::from).unwrap_or_else(Body::empty)).unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
+    let head = resp.headers().clone();
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
     let v = serde_json::from_slice(&bytes)
         .unwrap_or_else(|e| panic!("{method} {uri}: answer is not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
-    (status, v)
+    (status, head, v)
 }
 
 pub fn error_of(v: &Value) -> &str {
