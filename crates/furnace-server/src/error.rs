@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +14,14 @@ pub enum Error {
     /// Bad options: no token off loopback, an empty token.
     #[error("{0}")]
     Invalid(String),
+    /// The token file cannot be read.
+    #[error("--token-file {}: {source}", path.display())]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The address cannot be bound (taken, not ours, not allowed).
     #[error("cannot listen on {addr}: {source} (is another furnace server running there? pick another port with --port)")]
     Listen {

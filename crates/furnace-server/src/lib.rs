@@ -11,7 +11,8 @@
 //! the guard around the whole app (`guard`: the `Host` must name this server, else 421;
 //! an `Origin` must be the server's own, else 403; a `POST` must be
 //! `Content-Type: application/json`, else 415; security headers on every answer), bearer-token
-//! auth (`auth`; required off loopback, see [`check_options`]), JSON error answers (`error`; every
+//! auth (`auth`; required off loopback, see [`check_options`]; the token from a flag, a
+//! file or `FURNACE_TOKEN`, see [`resolve_token`]), JSON error answers (`error`; every
 //! error is `{"error": "..."}`) and server-sent events (`sse`). Request bodies are limited
 //! to [`BODY_LIMIT`] bytes (413 beyond).
 //!
@@ -27,6 +28,7 @@ mod guard;
 mod sse;
 mod state;
 
+pub use auth::{resolve_token, TOKEN_ENV};
 pub use error::{Error, Result};
 
 use axum::extract::DefaultBodyLimit;
@@ -49,13 +51,19 @@ pub const BODY_LIMIT: usize = 1 << 20;
 /// How long a stopping server waits for open requests before it closes them.
 const GRACE: Duration = Duration::from_secs(5);
 
-/// Where and how the server listens.
-#[derive(Debug, Clone)]
+/// Where and how the server listens. Its `Debug` output does not show the token.
+#[derive(Clone)]
 pub struct ServerOptions {
     /// The address to bind (port 0: any free port).
     pub addr: SocketAddr,
     /// The bearer token every request must carry (required off loopback).
     pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions").field("addr", &self.addr).field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
+    }
 }
 
 impl Default for ServerOptions {

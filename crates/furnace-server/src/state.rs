@@ -2,6 +2,7 @@
 //! the live event channel, the token, the hosts the server answers to, and the server's
 //! stop signal.
 
+use crate::auth::Token;
 use crate::error::{ApiError, ApiResult};
 use crate::guard::Hosts;
 use axum::http::StatusCode;
@@ -23,7 +24,7 @@ struct Inner {
     /// One connection, opened on first use (dropped after a store error, to reopen).
     store: Mutex<Option<Store>>,
     events: EventSender,
-    token: Option<String>,
+    token: Option<Token>,
     hosts: Hosts,
     /// Turns true when the server stops (ends the event streams).
     shutdown: watch::Receiver<bool>,
@@ -33,12 +34,13 @@ impl AppState {
     /// State over the store at `db` (opened on first use), for a server bound to `addr`.
     pub fn new(db: PathBuf, events: EventSender, token: Option<String>, addr: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
         let hosts = Hosts::new(addr, token.is_some());
+        let token = token.map(Token::new);
         Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, shutdown }) }
     }
 
     /// The token requests must carry, if any.
-    pub fn token(&self) -> Option<&str> {
-        self.inner.token.as_deref()
+    pub fn token(&self) -> Option<&Token> {
+        self.inner.token.as_ref()
     }
 
     /// The hosts the server answers to.

@@ -35,9 +35,14 @@ pub struct RunArgs {
     /// Port of the API server (0: any free port).
     #[arg(long, default_value_t = furnace_server::DEFAULT_PORT)]
     port: u16,
-    /// Bearer token the API requires (needed to bind anything but loopback).
+    /// Bearer token the API requires (needed to bind anything but loopback). Shows in
+    /// `ps`: prefer --token-file or FURNACE_TOKEN. Precedence: --token, --token-file,
+    /// FURNACE_TOKEN.
     #[arg(long)]
     token: Option<String>,
+    /// Read the API's bearer token from this file (surrounding whitespace dropped).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Do not start the API server.
     #[arg(long)]
     no_server: bool,
@@ -45,7 +50,24 @@ pub struct RunArgs {
     dir: RunsDir,
 }
 
+/// The server's options, checked before anything is created (`None` with --no-server).
+fn server_options(a: &RunArgs) -> Result<Option<ServerOptions>> {
+    if a.no_server {
+        return Ok(None);
+    }
+    let env = match std::env::var(furnace_server::TOKEN_ENV) {
+        Ok(t) => Some(t),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{} is not valid UTF-8", furnace_server::TOKEN_ENV),
+    };
+    let token = furnace_server::resolve_token(a.token.clone(), a.token_file.as_deref(), env)?;
+    let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token };
+    furnace_server::check_options(&opts)?;
+    Ok(Some(opts))
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
+    let server_opts = server_options(&a)?;
     let store = open_store(&a.dir)?;
     let exp = match (&a.experiment, &a.spec) {
         (Some(name), _) => store.experiment(name)?,
@@ -63,13 +85,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         (None, None) => bail!("give a spec (furnace run spec.toml) or --experiment NAME to continue one"),
     };
     let events = furnace_exp::events::channel();
-    let server = if a.no_server {
-        None
-    } else {
-        let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token: a.token.clone() };
+    let server = if let Some(opts) = server_opts {
         let h = furnace_server::start(store.path().to_path_buf(), opts, events.clone())?;
         eprintln!("API on http://{}/api (live events: /api/events)", h.addr);
         Some(h)
+    } else {
+        None
     };
     let experiment = Experiment::open(&a.dir.runs_dir, &exp.name)?;
     let mut running = experiment.start(StartOptions {

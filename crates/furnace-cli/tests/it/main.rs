@@ -3,6 +3,7 @@
 //! One test binary for the crate (fewer binaries to link); one module per area.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod api;
 mod cli;
 mod experiment;
 mod train;

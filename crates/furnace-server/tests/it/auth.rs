@@ -73,3 +73,54 @@ fn check_options_needs_a_token_off_loopback() {
     furnace_server::check_options(&ServerOptions { addr: "[::1]:8851".parse().unwrap(), token: None }).unwrap();
     assert_eq!(furnace_server::DEFAULT_PORT, 8851);
 }
+
+#[test]
+fn token_resolution_precedence_and_errors() {
+    use furnace_server::resolve_token;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "from-file\n").unwrap();
+    let s = |v: &str| Some(v.to_string());
+
+    assert_eq!(resolve_token(None, None, None).unwrap(), None);
+    assert_eq!(resolve_token(s("flag"), Some(&file), s("env")).unwrap(), s("flag"));
+    assert_eq!(resolve_token(None, Some(&file), s("env")).unwrap(), s("from-file"), "the file's newline is dropped");
+    assert_eq!(resolve_token(None, None, s("env")).unwrap(), s("env"));
+    std::fs::write(&file, "  crlf-token \r\n").unwrap();
+    assert_eq!(resolve_token(None, Some(&file), None).unwrap(), s("crlf-token"));
+
+    // Empty tokens are errors, wherever they come from.
+    std::fs::write(&file, "\n").unwrap();
+    match resolve_token(None, Some(&file), s("env")) {
+        Err(Error::Invalid(m)) => assert!(m.contains("--token-file") && m.contains(&file.display().to_string()), "{m}"),
+        o => panic!("{o:?}"),
+    }
+    match resolve_token(None, None, s("")) {
+        Err(Error::Invalid(m)) => assert!(m.contains("FURNACE_TOKEN"), "{m}"),
+        o => panic!("{o:?}"),
+    }
+    assert!(matches!(resolve_token(s(" "), None, None), Err(Error::Invalid(_))));
+    let missing = dir.path().join("missing");
+    match resolve_token(None, Some(&missing), s("env")) {
+        Err(e @ Error::TokenFile { .. }) => assert!(e.to_string().contains(&missing.display().to_string()), "{e}"),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(furnace_server::TOKEN_ENV, "FURNACE_TOKEN");
+}
+
+#[tokio::test]
+async fn the_token_is_never_shown() {
+    let secret = "tok-4f1c9a";
+    let opts = ServerOptions { token: Some(secret.into()), ..loopback() };
+    let shown = format!("{opts:?}");
+    assert!(!shown.contains(secret) && shown.contains("<redacted>") && shown.contains("127.0.0.1"), "{shown}");
+
+    // Not in the answers to wrong tokens either.
+    let f = fixture();
+    let app = f.router(Some(secret));
+    for given in ["tok-4f1c9", "tok-4f1c9a-", secret.to_uppercase().as_str()] {
+        let (s, v) = call(&app, "GET", "/api/experiments", Some(given), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(!v.to_string().contains("tok-4f1c9"), "{v}");
+    }
+}
