@@ -2,11 +2,12 @@
 //! pages the user visits away from a server on loopback, which has no token by default.
 //!
 //! - **Host** (DNS rebinding): the `Host` header, and the authority of an absolute request
-//!   target, must name this server: `localhost`, `127.0.0.1` or `[::1]` with the bound
-//!   port (no port means 80). Bound off loopback (which needs a token), the bound address
-//!   with that port is accepted too, and any host with that port when bound to an
-//!   unspecified address (`0.0.0.0`, `::`), where the token is the only guard. Otherwise
-//!   421 Misdirected Request; no `Host` at all is a 400.
+//!   target, must name this server: `localhost`, `127.0.0.1`, `[::1]` or the bound address
+//!   itself (`127.0.0.2`, or `10.0.0.5` off loopback, which needs a token), each with the
+//!   bound port (no port means 80). Bound to an unspecified address (`0.0.0.0`, `::`,
+//!   with a token, the only guard there) any host with that port is accepted. Otherwise
+//!   421 Misdirected Request; no `Host` at all is a 400. (An IP literal cannot be
+//!   rebound: a page whose host is the server's own address is served by the server.)
 //! - **Origin** (cross-site requests): a request that carries `Origin` must come from the
 //!   server's own origin, `http://` and an authority the Host rule accepts; otherwise 403
 //!   (`Origin: null` included).
@@ -35,7 +36,7 @@ const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 pub(crate) struct Hosts {
     port: u16,
     /// The bound address as a host (`10.0.0.5`, `[fe80::1]`), accepted next to the
-    /// loopback names: bound off loopback, with a token.
+    /// loopback names (`None` when it is one of them, or unspecified).
     own: Option<String>,
     /// Bound to an unspecified address with a token: any host name (the port still counts).
     any: bool,
@@ -45,18 +46,12 @@ impl Hosts {
     /// The hosts of a server bound to `addr` (its real port), with or without a token.
     pub fn new(addr: SocketAddr, token: bool) -> Self {
         let ip = addr.ip();
-        let (own, any) = if !token || ip.is_loopback() {
-            (None, false)
-        } else if ip.is_unspecified() {
-            (None, true)
-        } else {
-            let host = match ip {
-                IpAddr::V4(a) => a.to_string(),
-                IpAddr::V6(a) => format!("[{a}]"),
-            };
-            (Some(host), false)
+        let host = match ip {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
         };
-        Self { port: addr.port(), own, any }
+        let own = (!ip.is_unspecified() && !LOOPBACK_NAMES.contains(&host.as_str())).then_some(host);
+        Self { port: addr.port(), own, any: token && ip.is_unspecified() }
     }
 
     /// Whether `authority` names this server.
@@ -189,16 +184,21 @@ mod tests {
     }
 
     #[test]
-    fn off_loopback_with_a_token_its_own_address_too() {
+    fn its_own_address_too() {
         let h = Hosts::new("10.1.2.3:8851".parse().unwrap(), true);
         assert!(h.allows("10.1.2.3:8851") && h.allows("localhost:8851"));
-        assert!(!h.allows("10.1.2.4:8851") && !h.allows("10.1.2.3:1"));
+        assert!(!h.allows("10.1.2.4:8851") && !h.allows("10.1.2.3:1") && !h.allows("evil.example:8851"));
+        assert_eq!(h.describe(), "localhost, 127.0.0.1, [::1], 10.1.2.3 on port 8851");
         let h = Hosts::new("[fe80::1]:8851".parse().unwrap(), true);
         assert!(h.allows("[fe80::1]:8851") && !h.allows("[fe80::2]:8851"));
-        // Without a token (an in-process app) only the loopback names.
-        assert!(!Hosts::new("10.1.2.3:8851".parse().unwrap(), false).allows("10.1.2.3:8851"));
-        // Unspecified: the token is the guard, any host on the port.
+        let h = Hosts::new("127.0.0.2:8851".parse().unwrap(), false);
+        assert!(h.allows("127.0.0.2:8851") && h.allows("localhost:8851") && !h.allows("127.0.0.3:8851"));
+        assert_eq!(Hosts::new("[::1]:8851".parse().unwrap(), false).describe(), "localhost, 127.0.0.1, [::1] on port 8851");
+        // Unspecified: the token is the guard, any host on the port; without one (only an
+        // in-process app can be), the loopback names.
         let h = Hosts::new("0.0.0.0:8851".parse().unwrap(), true);
         assert!(h.allows("myhost.lan:8851") && !h.allows("myhost.lan:9000"));
+        let h = Hosts::new("[::]:8851".parse().unwrap(), false);
+        assert!(h.allows("localhost:8851") && !h.allows("myhost.lan:8851") && !h.allows("[::]:8851"));
     }
 }
