@@ -90,7 +90,7 @@ fn check(hosts: &Hosts, req: &Request) -> Result<(), ApiError> {
         ApiError(
             StatusCode::MISDIRECTED_REQUEST,
             format!(
-                "this server answers to {} (the request named {given:?}; open it as http://127.0.0.1:{})",
+                "this server answers to {} (the request named {given:?}; open it as http://localhost:{})",
                 hosts.describe(),
                 hosts.port
             ),
