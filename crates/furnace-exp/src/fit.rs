@@ -20,7 +20,7 @@ use crate::ops::{apply_overrides, check_warm};
 use crate::store::{ExperimentRow, NewClone, OpKind, OpRow, RunRow, RunStatus, Store};
 use furnace_model::{LoadedModel, WeightDType};
 use furnace_train::{eval_loss, fused_step, load_dataset, Example, FrozenBase, Spec, TrainableLora, Trainer};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -239,6 +239,7 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
         budget: opts.memory_budget,
         policy: (first.policy.clone(), first.eta),
     };
+    fit.replay_asha()?;
     let cancelled = fit.drive()?;
     drop(lock);
     let done = fit.runs.values().all(|l| !l.row.status.is_active());
@@ -586,13 +587,41 @@ impl Fit<'_, '_> {
             }
         }
         if self.policy.0 == "asha" && any_reached {
-            self.asha(rung)?;
+            self.asha(rung, &HashSet::new())?;
         }
         Ok(())
     }
 
-    /// ASHA at `rung`: of all runs whose eval at this rung is known, the worst stop.
-    fn asha(&mut self, rung: i64) -> Result<()> {
+    /// At startup, ASHA again at each rung where active runs sit with their checkpoint: a
+    /// decision a crash cut off between a rung's checkpoint and its stop is taken (the
+    /// same one: the scores are stored). A run with a stop op recorded at that step (a
+    /// stopped run someone resumed) is not stopped again.
+    fn replay_asha(&mut self) -> Result<()> {
+        if self.policy.0 != "asha" {
+            return Ok(());
+        }
+        let stopped: HashSet<(i64, i64)> = self
+            .store
+            .ops(self.exp.id)?
+            .into_iter()
+            .filter(|o| o.kind == OpKind::Stop && o.status == "applied")
+            .filter_map(|o| o.applied_step.map(|s| (o.run_id, s)))
+            .collect();
+        let rungs: BTreeSet<i64> = self
+            .runs
+            .values()
+            .filter(|l| l.row.status.is_active() && l.row.chunks_done > 0 && l.row.checkpoint_step == Some(l.row.steps_done))
+            .map(|l| l.row.chunks_done)
+            .collect();
+        for rung in rungs {
+            self.asha(rung, &stopped)?;
+        }
+        Ok(())
+    }
+
+    /// ASHA at `rung`: of all runs whose eval at this rung is known, the worst stop
+    /// (except those at a (run, step) in `spare`).
+    fn asha(&mut self, rung: i64, spare: &HashSet<(i64, i64)>) -> Result<()> {
         // Every run that reached the rung (also those that went on or were stopped since)
         // takes part, so a late run is compared with all that came before it.
         let mut reached = Vec::new();
@@ -607,7 +636,11 @@ impl Fit<'_, '_> {
             }
         }
         for id in asha::to_stop(&reached, self.policy.1) {
-            if self.runs.get(&id).is_some_and(|l| l.row.status.is_active() && l.row.chunks_done == rung) {
+            if self
+                .runs
+                .get(&id)
+                .is_some_and(|l| l.row.status.is_active() && l.row.chunks_done == rung && !spare.contains(&(id, l.row.steps_done)))
+            {
                 let step = self.runs.get(&id).map(|l| l.row.steps_done).unwrap_or(0);
                 let msg = format!("asha: not in the best 1/{} at rung {rung} (chunk boundary)", self.policy.1);
                 let op = self.store.add_applied_op(id, &OpKind::Stop, "policy", step, &msg, RunStatus::Stopped)?;

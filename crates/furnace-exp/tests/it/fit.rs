@@ -525,11 +525,17 @@ fn an_asha_stop_and_its_op_are_recorded_together() {
     assert!(store.ops(exp.id).unwrap().is_empty(), "no stop op without the stopped run");
     no_crash(&store);
     let runs = fit(&store, &exp, &FitOptions::default());
-    for op in store.ops(exp.id).unwrap() {
+    // The decision is taken on restart, once, with the same outcome as without the crash.
+    let recorded = store.ops(exp.id).unwrap();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    for op in recorded {
         let run = runs.iter().find(|r| r.id == op.run_id).unwrap();
-        assert_eq!((op.status.as_str(), run.status), ("applied", RunStatus::Stopped));
+        assert_eq!((op.status.as_str(), run.status, run.chunks_done), ("applied", RunStatus::Stopped, 1));
     }
     assert!(runs.iter().all(|r| !r.status.is_active()));
+    let (_d1, store1, exp1) = experiment_with("r = 2", "policy = \"asha\"\neta = 2\n", "{ list = [1e-4, 3e-2] }", 2);
+    let reference = fit(&store1, &exp1, &FitOptions::default());
+    assert_eq!(runs.iter().map(|r| r.status).collect::<Vec<_>>(), reference.iter().map(|r| r.status).collect::<Vec<_>>());
 }
 
 #[test]
