@@ -347,8 +347,12 @@ impl Store {
     }
 
     /// Creates an experiment named `name`, or `name_1`, `name_2`, ... when taken; its
-    /// folder is `<folder of the database>/<unique name>`.
+    /// folder is `<folder of the database>/<unique name>`. A name that is not a plain
+    /// folder name ([`furnace_train::spec::check_name`]) is an error naming
+    /// `experiment.name`.
     pub fn create_experiment(&self, name: &str, mode: &str, spec_path: &Path, spec: &str) -> Result<ExperimentRow> {
+        // The name becomes a folder: never `..`, a path or a hidden folder.
+        furnace_train::spec::check_name(name)?;
         let root = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
         // Read (is the name taken?) then write: one immediate transaction, so two
         // processes never take the same name.

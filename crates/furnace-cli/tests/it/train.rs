@@ -137,3 +137,20 @@ fn resume_drops_the_view_lines_written_after_the_checkpoint() {
     let log = std::fs::read_to_string(run.join("train.log")).unwrap();
     assert!(!log.contains("\"loss\": 99.0"), "{log}");
 }
+
+#[test]
+fn an_experiment_name_that_is_not_a_folder_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("eval.jsonl"), "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    let s = spec(dir.path(), 4, 2, "eval.jsonl");
+    std::fs::write(&s, std::fs::read_to_string(&s).unwrap().replace("name = \"tiny\"", "name = \"..\"")).unwrap();
+    for cmd in ["train", "run"] {
+        let o = furnace(dir.path(), &[cmd, s.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("experiment.name"), "{cmd}: {err}");
+        // `furnace run` opens the store first; no experiment is recorded.
+        let store = dir.path().join("runs/furnace.db");
+        assert!(cmd == "run" || !store.exists(), "{cmd} wrote a store");
+    }
+}
