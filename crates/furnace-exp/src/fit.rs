@@ -8,10 +8,13 @@
 //! policy (ASHA) may stop some. Groups of different bases take turns at chunk boundaries,
 //! swapping the loaded model.
 //!
-//! Durability: metrics and progress go to the store with every step; a checkpoint records
-//! the step it holds. After a crash, [`run_fit`] rewinds each unfinished run to its
-//! checkpoint (dropping the later metrics, which it computes again), so nothing is lost or
-//! doubled.
+//! Durability: metrics and progress go to the store with every step, in one transaction;
+//! an op's effect and its applied mark are one transaction; a checkpoint is a new folder,
+//! complete before the store names it, and the folder the store names is never
+//! overwritten. After a crash, [`run_fit`] sweeps half-written folders, rewinds each
+//! unfinished run to its checkpoint (dropping the later metrics, which it computes again)
+//! and takes again an ASHA decision the crash cut off, so nothing is lost or doubled
+//! (ARCHITECTURE.md, Invariants).
 
 use crate::asha;
 use crate::error::{Error, Result};
