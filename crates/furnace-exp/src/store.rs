@@ -524,6 +524,26 @@ impl Store {
         Ok(())
     }
 
+    /// Lets a run train further under `config`: its stored config becomes `config`, a
+    /// completed, stopped or failed run becomes ongoing and its experiment running, in one
+    /// transaction. A deleted run is an error.
+    pub fn continue_run(&self, id: i64, config: &serde_json::Value) -> Result<()> {
+        let tx = self.write_tx()?;
+        let status: String =
+            tx.query_row("SELECT status FROM runs WHERE id = ?1", [id], |r| r.get(0)).optional()?.ok_or(Error::RunNotFound { run: id })?;
+        let status = RunStatus::parse(&status)?;
+        if status == RunStatus::Deleted {
+            return Err(Error::Invalid(format!("run {id} is deleted")));
+        }
+        tx.execute("UPDATE runs SET config = ?2 WHERE id = ?1", params![id, config.to_string()])?;
+        if matches!(status, RunStatus::Completed | RunStatus::Stopped | RunStatus::Failed) {
+            set_status(&tx, id, RunStatus::Ongoing, None)?;
+        }
+        tx.execute("UPDATE experiments SET status = 'running' WHERE id = (SELECT experiment_id FROM runs WHERE id = ?1)", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records a run's step and chunk totals (known once its data is loaded).
     pub fn set_totals(&self, id: i64, total_steps: i64, total_chunks: i64) -> Result<()> {
         self.conn.execute("UPDATE runs SET total_steps = ?2, total_chunks = ?3 WHERE id = ?1", params![id, total_steps, total_chunks])?;
