@@ -598,26 +598,37 @@ impl Fit<'_, '_> {
     /// At startup, ASHA again at each rung where active runs sit with their checkpoint: a
     /// decision a crash cut off between a rung's checkpoint and its stop is taken (the
     /// same one: the scores are stored). A run with a stop op recorded at that step (a
-    /// stopped run someone resumed) is not stopped again.
+    /// stopped run someone resumed), or checkpointed past the end of its chunk, is spared.
     fn replay_asha(&mut self) -> Result<()> {
         if self.policy.0 != "asha" {
             return Ok(());
         }
-        let stopped: HashSet<(i64, i64)> = self
+        let mut spare: HashSet<(i64, i64)> = self
             .store
             .ops(self.exp.id)?
             .into_iter()
             .filter(|o| o.kind == OpKind::Stop && o.status == "applied")
             .filter_map(|o| o.applied_step.map(|s| (o.run_id, s)))
             .collect();
-        let rungs: BTreeSet<i64> = self
+        let mut rungs = BTreeSet::new();
+        let sitting: Vec<(i64, i64, i64)> = self
             .runs
             .values()
             .filter(|l| l.row.status.is_active() && l.row.chunks_done > 0 && l.row.checkpoint_step == Some(l.row.steps_done))
-            .map(|l| l.row.chunks_done)
+            .map(|l| (l.row.id, l.row.chunks_done, l.row.steps_done))
             .collect();
+        for (id, chunks, steps) in sitting {
+            // Only a run at the very step that ended its chunk sits at the rung (one
+            // checkpointed further into the next chunk went on past ASHA's decision).
+            let at_rung = self.store.metrics(id)?.iter().any(|m| m.name == "chunk" && m.value as i64 == chunks && m.step == steps);
+            if at_rung {
+                rungs.insert(chunks);
+            } else {
+                spare.insert((id, steps));
+            }
+        }
         for rung in rungs {
-            self.asha(rung, &stopped)?;
+            self.asha(rung, &spare)?;
         }
         Ok(())
     }
