@@ -113,15 +113,9 @@ impl Experiment {
         if run.experiment_id != self.row.id {
             return Err(Error::RunNotInExperiment { run: run_id, experiment: self.row.name.clone() });
         }
-        if run.status == crate::RunStatus::Deleted {
-            return Err(Error::Invalid(format!("run {run_id} is deleted")));
-        }
         let config = serde_json::to_value(spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
-        self.store.set_run_config(run_id, &config)?;
-        if matches!(run.status, crate::RunStatus::Completed | crate::RunStatus::Stopped | crate::RunStatus::Failed) {
-            self.store.set_run_status(run_id, crate::RunStatus::Ongoing, None)?;
-        }
-        self.store.set_experiment_status(self.row.id, "running")
+        // Config, status and the experiment's status: one transaction.
+        self.store.continue_run(run_id, &config)
     }
 
     /// Its record (name, mode, folder, status).

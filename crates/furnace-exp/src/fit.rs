@@ -8,19 +8,22 @@
 //! policy (ASHA) may stop some. Groups of different bases take turns at chunk boundaries,
 //! swapping the loaded model.
 //!
-//! Durability: metrics and progress go to the store with every step; a checkpoint records
-//! the step it holds. After a crash, [`run_fit`] rewinds each unfinished run to its
-//! checkpoint (dropping the later metrics, which it computes again), so nothing is lost or
-//! doubled.
+//! Durability: metrics and progress go to the store with every step, in one transaction;
+//! an op's effect and its applied mark are one transaction; a checkpoint is a new folder,
+//! complete before the store names it, and the folder the store names is never
+//! overwritten. After a crash, [`run_fit`] sweeps half-written folders, rewinds each
+//! unfinished run to its checkpoint (dropping the later metrics, which it computes again)
+//! and takes again an ASHA decision the crash cut off, so nothing is lost or doubled
+//! (ARCHITECTURE.md, Invariants).
 
 use crate::asha;
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSender};
 use crate::ops::{apply_overrides, check_warm};
-use crate::store::{ExperimentRow, OpKind, OpRow, RunRow, RunStatus, Store};
+use crate::store::{ExperimentRow, NewClone, OpKind, OpRow, RunRow, RunStatus, Store};
 use furnace_model::{LoadedModel, WeightDType};
 use furnace_train::{eval_loss, fused_step, load_dataset, Example, FrozenBase, Spec, TrainableLora, Trainer};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -90,6 +93,39 @@ pub fn run_dir(exp: &ExperimentRow, run_id: i64) -> PathBuf {
 
 fn checkpoint_dir(exp: &ExperimentRow, run_id: i64, step: i64) -> PathBuf {
     run_dir(exp, run_id).join("checkpoints").join(format!("step-{step}"))
+}
+
+/// Writes the checkpoint of run `id` at its trainer's step as a new folder `step-N`
+/// (written as `step-N.partial-*`, synced, renamed). `named` is the checkpoint step the
+/// store names: that folder is never touched. A `step-N` the store does not name is a
+/// leftover of a crashed attempt (training is deterministic, but the config may have
+/// changed since), so it is replaced.
+fn write_checkpoint(exp: &ExperimentRow, id: i64, t: &Trainer, base: &str, named: Option<i64>) -> Result<()> {
+    let step = t.steps_done() as i64;
+    if named == Some(step) {
+        return Err(Error::Internal("the store names this checkpoint already"));
+    }
+    let dir = checkpoint_dir(exp, id, step);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(Error::io("removing", &dir))?;
+    }
+    t.save_checkpoint(&dir, base)?;
+    Ok(())
+}
+
+/// Removes what a crash left half-done in an experiment's run folders: `*.partial-*`
+/// folders (a checkpoint or adapter being written) and `*.old-*` ones (an adapter being
+/// replaced; put back when its replacement is missing).
+fn sweep(exp: &ExperimentRow) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(&exp.dir) else { return Ok(()) };
+    for run in entries.flatten() {
+        let path = run.path();
+        if run.file_name().to_string_lossy().starts_with("run-") && path.is_dir() {
+            furnace_train::sweep_partials(&path)?;
+            furnace_train::sweep_partials(&path.join("checkpoints"))?;
+        }
+    }
+    Ok(())
 }
 
 /// The base a run trains on: (model, quantization).
@@ -178,13 +214,13 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
     }
     let mut store = store.reopen()?;
     store.set_experiment_status(exp.id, "running")?;
+    sweep(exp)?;
     // Unfinished runs continue from their last checkpoint.
     let mut runs = BTreeMap::new();
     for row in store.runs(exp.id)? {
-        // A warm clone is checkpointed as it is made; one without a checkpoint was cut
-        // short by a crash, and its still-pending op makes it again.
-        if row.warm && row.checkpoint_step.is_none() && row.status == RunStatus::New {
-            store.remove_unstarted_run(row.id)?;
+        // A warm clone is recorded with its checkpoint; one without (a store of an older
+        // furnace that a crash cut short) is taken away and its op makes it again.
+        if row.warm && row.checkpoint_step.is_none() && row.status == RunStatus::New && store.remove_unstarted_run(row.id)? {
             continue;
         }
         if matches!(row.status, RunStatus::New | RunStatus::Ongoing | RunStatus::Stopped) {
@@ -206,6 +242,7 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
         budget: opts.memory_budget,
         policy: (first.policy.clone(), first.eta),
     };
+    fit.replay_asha()?;
     let cancelled = fit.drive()?;
     drop(lock);
     let done = fit.runs.values().all(|l| !l.row.status.is_active());
@@ -224,11 +261,16 @@ impl Fit<'_, '_> {
 
     fn set_status(&mut self, id: i64, status: RunStatus, message: Option<String>) -> Result<()> {
         self.store.set_run_status(id, status, if status == RunStatus::Failed { message.as_deref() } else { None })?;
+        self.status_set(id, status, message);
+        Ok(())
+    }
+
+    /// Takes a status the store already holds into the scheduler and publishes it.
+    fn status_set(&mut self, id: i64, status: RunStatus, message: Option<String>) {
         if let Some(l) = self.runs.get_mut(&id) {
             l.row.status = status;
         }
         let _ = self.events.send(Event::Status { experiment: self.exp.name.clone(), run_id: id, status, message });
-        Ok(())
     }
 
     /// The main loop; returns whether it was cancelled.
@@ -548,13 +590,52 @@ impl Fit<'_, '_> {
             }
         }
         if self.policy.0 == "asha" && any_reached {
-            self.asha(rung)?;
+            self.asha(rung, &HashSet::new())?;
         }
         Ok(())
     }
 
-    /// ASHA at `rung`: of all runs whose eval at this rung is known, the worst stop.
-    fn asha(&mut self, rung: i64) -> Result<()> {
+    /// At startup, ASHA again at each rung where active runs sit with their checkpoint: a
+    /// decision a crash cut off between a rung's checkpoint and its stop is taken (the
+    /// same one: the scores are stored). A run with a stop op recorded at that step (a
+    /// stopped run someone resumed), or checkpointed past the end of its chunk, is spared.
+    fn replay_asha(&mut self) -> Result<()> {
+        if self.policy.0 != "asha" {
+            return Ok(());
+        }
+        let mut spare: HashSet<(i64, i64)> = self
+            .store
+            .ops(self.exp.id)?
+            .into_iter()
+            .filter(|o| o.kind == OpKind::Stop && o.status == "applied")
+            .filter_map(|o| o.applied_step.map(|s| (o.run_id, s)))
+            .collect();
+        let mut rungs = BTreeSet::new();
+        let sitting: Vec<(i64, i64, i64)> = self
+            .runs
+            .values()
+            .filter(|l| l.row.status.is_active() && l.row.chunks_done > 0 && l.row.checkpoint_step == Some(l.row.steps_done))
+            .map(|l| (l.row.id, l.row.chunks_done, l.row.steps_done))
+            .collect();
+        for (id, chunks, steps) in sitting {
+            // Only a run at the very step that ended its chunk sits at the rung (one
+            // checkpointed further into the next chunk went on past ASHA's decision).
+            let at_rung = self.store.metrics(id)?.iter().any(|m| m.name == "chunk" && m.value as i64 == chunks && m.step == steps);
+            if at_rung {
+                rungs.insert(chunks);
+            } else {
+                spare.insert((id, steps));
+            }
+        }
+        for rung in rungs {
+            self.asha(rung, &spare)?;
+        }
+        Ok(())
+    }
+
+    /// ASHA at `rung`: of all runs whose eval at this rung is known, the worst stop
+    /// (except those at a (run, step) in `spare`).
+    fn asha(&mut self, rung: i64, spare: &HashSet<(i64, i64)>) -> Result<()> {
         // Every run that reached the rung (also those that went on or were stopped since)
         // takes part, so a late run is compared with all that came before it.
         let mut reached = Vec::new();
@@ -569,11 +650,15 @@ impl Fit<'_, '_> {
             }
         }
         for id in asha::to_stop(&reached, self.policy.1) {
-            if self.runs.get(&id).is_some_and(|l| l.row.status.is_active() && l.row.chunks_done == rung) {
+            if self
+                .runs
+                .get(&id)
+                .is_some_and(|l| l.row.status.is_active() && l.row.chunks_done == rung && !spare.contains(&(id, l.row.steps_done)))
+            {
                 let step = self.runs.get(&id).map(|l| l.row.steps_done).unwrap_or(0);
                 let msg = format!("asha: not in the best 1/{} at rung {rung} (chunk boundary)", self.policy.1);
-                let op = self.store.add_applied_op(id, &OpKind::Stop, "policy", step, &msg)?;
-                self.set_status(id, RunStatus::Stopped, Some(msg.clone()))?;
+                let op = self.store.add_applied_op(id, &OpKind::Stop, "policy", step, &msg, RunStatus::Stopped)?;
+                self.status_set(id, RunStatus::Stopped, Some(msg.clone()));
                 let _ = self.events.send(Event::Op {
                     experiment: self.exp.name.clone(),
                     op_id: op,
@@ -607,9 +692,13 @@ impl Fit<'_, '_> {
         let Some(t) = live.trainer.as_ref() else { return Ok(()) };
         let step = t.steps_done() as i64;
         let chunks = t.chunks_done() as i64;
-        let dir = checkpoint_dir(&self.exp, id, step);
-        t.save_checkpoint(&dir, &live.spec.model.base)?;
         let old = live.row.checkpoint_step;
+        if old == Some(step) {
+            // The store names this step's checkpoint and the state has not moved since:
+            // never overwrite the folder the store names.
+            return Ok(());
+        }
+        write_checkpoint(&self.exp, id, t, &live.spec.model.base, old)?;
         let every = live.spec.trainer.save_every as i64;
         self.store.set_checkpoint(id, step, chunks)?;
         if let Some(l) = self.runs.get_mut(&id) {
@@ -618,6 +707,14 @@ impl Fit<'_, '_> {
         if let Some(o) = old.filter(|&o| o != step && (every == 0 || o % every != 0)) {
             let _ = std::fs::remove_dir_all(checkpoint_dir(&self.exp, id, o));
         }
+        Ok(())
+    }
+
+    /// Marks a stop/resume/delete op applied and sets its run's status, in one
+    /// transaction.
+    fn status_op(&mut self, op: &OpRow, status: RunStatus, what: &str, step: Option<i64>) -> Result<()> {
+        self.store.apply_status_op(op.id, op.run_id, status, what, step)?;
+        self.status_set(op.run_id, status, Some(format!("{what} by op {}", op.id)));
         Ok(())
     }
 
@@ -638,13 +735,18 @@ impl Fit<'_, '_> {
         let mut joined = Vec::new();
         for op in self.store.pending_ops(self.exp.id)? {
             let step = self.runs.get(&op.run_id).map(|l| l.row.steps_done);
-            let (applied, msg, new_run) = match self.apply_op(&op, between_rounds) {
+            // An applied op is marked in the same transaction as its effect (apply_op);
+            // a rejected one here.
+            let (applied, msg, new_run) = match self.apply_op(&op, between_rounds, step) {
                 // Stays pending until the round ends.
                 Ok(None) => continue,
                 Ok(Some((msg, new_run))) => (true, msg, new_run),
-                Err(e) => (false, e.to_string(), None),
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.store.finish_op(op.id, false, Some(&msg), None, step)?;
+                    (false, msg, None)
+                }
             };
-            self.store.finish_op(op.id, applied, Some(&msg), new_run, step)?;
             let outcome = if applied { "applied" } else { "rejected" };
             self.log(format!("op {} ({} run {}) {outcome}: {msg}", op.id, op.kind.name(), op.run_id));
             let _ = self.events.send(Event::Op {
@@ -663,7 +765,8 @@ impl Fit<'_, '_> {
 
     /// Applies one op: `Ok(None)` leaves it pending (a warm clone whose parent's base is
     /// not loaded, in the middle of a round).
-    fn apply_op(&mut self, op: &OpRow, between_rounds: bool) -> Result<Option<(String, Option<i64>)>> {
+    /// An applied op is marked applied in the transaction that records its effect.
+    fn apply_op(&mut self, op: &OpRow, between_rounds: bool, step: Option<i64>) -> Result<Option<(String, Option<i64>)>> {
         let id = op.run_id;
         let status = self
             .runs
@@ -677,14 +780,14 @@ impl Fit<'_, '_> {
                 }
                 // Its state is kept: in memory, and on disk for a restart.
                 self.checkpoint(id)?;
-                self.set_status(id, RunStatus::Stopped, Some(format!("stopped by op {}", op.id)))?;
+                self.status_op(op, RunStatus::Stopped, "stopped", step)?;
                 Ok(Some(("stopped".into(), None)))
             }
             OpKind::Resume => {
                 if status != RunStatus::Stopped {
                     return Err(Error::Invalid(format!("run {id} is {}; only a stopped run can resume", status.as_str())));
                 }
-                self.set_status(id, RunStatus::Ongoing, Some(format!("resumed by op {}", op.id)))?;
+                self.status_op(op, RunStatus::Ongoing, "resumed", step)?;
                 Ok(Some(("resumed".into(), None)))
             }
             OpKind::Delete => {
@@ -694,7 +797,7 @@ impl Fit<'_, '_> {
                 if let Some(l) = self.runs.get_mut(&id) {
                     l.trainer = None;
                 }
-                self.set_status(id, RunStatus::Deleted, Some(format!("deleted by op {}", op.id)))?;
+                self.status_op(op, RunStatus::Deleted, "deleted (files kept)", step)?;
                 Ok(Some(("deleted (files kept)".into(), None)))
             }
             OpKind::Clone { set, warm } => {
@@ -709,16 +812,18 @@ impl Fit<'_, '_> {
                     knobs.insert(format!("{section}.{key}"), value);
                 }
                 let config = serde_json::to_value(&spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
+                let knobs = serde_json::Value::Object(knobs);
                 if !*warm {
-                    let new = self.store.add_run(
-                        self.exp.id,
-                        &config,
-                        &serde_json::Value::Object(knobs),
-                        parent.0.group,
-                        0,
-                        0,
-                        Some((id, false)),
-                    )?;
+                    // The run and the op's applied mark: one transaction.
+                    let clone = NewClone {
+                        config: &config,
+                        knobs: &knobs,
+                        group: parent.0.group,
+                        warm: None,
+                        message: "cold clone: run {run}",
+                        step,
+                    };
+                    let new = self.store.apply_clone_op(op, &clone, &mut |_| Ok(()))?;
                     let row = self.store.run(new)?;
                     self.runs.insert(new, Live { row, spec, trainer: None });
                     return Ok(Some((format!("cold clone: run {new}"), Some(new))));
@@ -742,15 +847,18 @@ impl Fit<'_, '_> {
                     .ok_or_else(|| Error::Invalid(format!("run {id} has no state to clone")))?;
                 let child = pt.fork(spec.train_config(&train), spec.lora_config(), &train)?;
                 let (steps, chunks) = (child.steps_done() as i64, child.chunks_done() as i64);
-                let new =
-                    self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), parent.0.group, 0, 0, Some((id, true)))?;
+                // The run (ongoing, at the fork point), its checkpoint and the op's applied
+                // mark: one transaction, the checkpoint written before it commits. After a
+                // crash the clone resumes from the fork point, or its op makes it again.
+                let msg = format!("warm clone: run {{run}} continues from step {steps} of run {id}");
+                let clone =
+                    NewClone { config: &config, knobs: &knobs, group: parent.0.group, warm: Some((steps, chunks)), message: &msg, step };
+                let (exp, base) = (self.exp.clone(), spec.model.base.clone());
+                let new = self.store.apply_clone_op(op, &clone, &mut |new| write_checkpoint(&exp, new, &child, &base, None))?;
                 let row = self.store.run(new)?;
                 self.runs.insert(new, Live { row, spec, trainer: None });
                 self.register(new, child, &train)?;
-                self.store.record_step(new, steps, chunks, &[])?;
-                // Durable at once: after a crash the clone resumes from the fork point.
-                self.checkpoint(new)?;
-                self.set_status(new, RunStatus::Ongoing, Some(format!("warm clone of run {id} at step {steps}")))?;
+                self.status_set(new, RunStatus::Ongoing, Some(format!("warm clone of run {id} at step {steps}")));
                 Ok(Some((format!("warm clone: run {new} continues from step {steps} of run {id}"), Some(new))))
             }
         }

@@ -5,7 +5,7 @@
 //! A [`Store`] wraps one connection; every thread opens its own.
 
 use crate::error::{Error, Result};
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -324,6 +324,13 @@ impl Store {
         Self::open(&self.path)
     }
 
+    /// A write transaction, begun IMMEDIATE: it takes the write lock first, so a commit
+    /// of another connection between its reads and its writes cannot fail it
+    /// (`SQLITE_BUSY_SNAPSHOT`); a busy lock is waited for (the busy timeout).
+    fn write_tx(&self) -> Result<Transaction<'_>> {
+        Ok(Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?)
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -340,11 +347,18 @@ impl Store {
     }
 
     /// Creates an experiment named `name`, or `name_1`, `name_2`, ... when taken; its
-    /// folder is `<folder of the database>/<unique name>`.
+    /// folder is `<folder of the database>/<unique name>`. A name that is not a plain
+    /// folder name ([`furnace_train::spec::check_name`]) is an error naming
+    /// `experiment.name`.
     pub fn create_experiment(&self, name: &str, mode: &str, spec_path: &Path, spec: &str) -> Result<ExperimentRow> {
+        // The name becomes a folder: never `..`, a path or a hidden folder.
+        furnace_train::spec::check_name(name)?;
         let root = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        // Read (is the name taken?) then write: one immediate transaction, so two
+        // processes never take the same name.
+        let tx = self.write_tx()?;
         let taken = |n: &str| -> Result<bool> {
-            Ok(self.conn.query_row("SELECT 1 FROM experiments WHERE name = ?1", [n], |_| Ok(())).optional()?.is_some())
+            Ok(tx.query_row("SELECT 1 FROM experiments WHERE name = ?1", [n], |_| Ok(())).optional()?.is_some())
         };
         let mut unique = name.to_string();
         let mut k = 0;
@@ -353,10 +367,11 @@ impl Store {
             unique = format!("{name}_{k}");
         }
         let dir = root.join(&unique);
-        self.conn.execute(
+        tx.execute(
             "INSERT INTO experiments(name, base_name, mode, dir, spec_path, spec, status, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
             params![unique, name, mode, dir.to_string_lossy(), spec_path.to_string_lossy(), spec, now()],
         )?;
+        tx.commit()?;
         self.experiment(&unique)
     }
 
@@ -459,7 +474,7 @@ impl Store {
 
     /// Records a run's progress and its metrics of one step, in one transaction.
     pub fn record_step(&mut self, id: i64, steps_done: i64, chunks_done: i64, metrics: &[(&str, f64)]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write_tx()?;
         tx.execute("UPDATE runs SET steps_done = ?2, chunks_done = ?3 WHERE id = ?1", params![id, steps_done, chunks_done])?;
         let t = now();
         for (name, value) in metrics {
@@ -472,22 +487,60 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a run that never started and has no metrics or ops of its own (a warm
-    /// clone whose creation a crash cut short; its op is still pending and makes it again).
-    pub fn remove_unstarted_run(&mut self, id: i64) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM metrics WHERE run_id = ?1", [id])?;
+    /// Takes away a warm clone that a crash cut short before its checkpoint (a store
+    /// written by an older furnace, which made the run, its checkpoint and the op's
+    /// applied mark one after another): an op that names it as its new run goes back to
+    /// pending, so the clone is made again from that op, once. The row is removed when no
+    /// op targets it; otherwise it stays, `deleted` with the reason, and the ops that
+    /// target it are rejected when applied. Returns whether the row was removed. A run
+    /// with a checkpoint or not `new` is left alone.
+    pub fn remove_unstarted_run(&mut self, id: i64) -> Result<bool> {
+        let tx = self.write_tx()?;
+        let status: Option<String> =
+            tx.query_row("SELECT status FROM runs WHERE id = ?1 AND checkpoint_step IS NULL", [id], |r| r.get(0)).optional()?;
+        if status.as_deref() != Some(RunStatus::New.as_str()) {
+            return Ok(false);
+        }
         tx.execute(
-            "DELETE FROM runs WHERE id = ?1 AND checkpoint_step IS NULL AND NOT EXISTS (SELECT 1 FROM ops WHERE run_id = ?1)",
+            "UPDATE ops SET status = 'pending', message = NULL, new_run_id = NULL, applied_step = NULL WHERE new_run_id = ?1",
             [id],
         )?;
+        tx.execute("DELETE FROM metrics WHERE run_id = ?1", [id])?;
+        let removed =
+            tx.execute("DELETE FROM runs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM ops WHERE run_id = ?1 OR new_run_id = ?1)", [id])? > 0;
+        if !removed {
+            tx.execute(
+                "UPDATE runs SET status = 'deleted', error = ?2 WHERE id = ?1",
+                params![id, "a warm clone cut short by a crash before its checkpoint; its op makes it again"],
+            )?;
+        }
         tx.commit()?;
-        Ok(())
+        Ok(removed)
     }
 
     /// Replaces a run's stored config (the leaf spec as JSON).
     pub fn set_run_config(&self, id: i64, config: &serde_json::Value) -> Result<()> {
         self.conn.execute("UPDATE runs SET config = ?2 WHERE id = ?1", params![id, config.to_string()])?;
+        Ok(())
+    }
+
+    /// Lets a run train further under `config`: its stored config becomes `config`, a
+    /// completed, stopped or failed run becomes ongoing and its experiment running, in one
+    /// transaction. A deleted run is an error.
+    pub fn continue_run(&self, id: i64, config: &serde_json::Value) -> Result<()> {
+        let tx = self.write_tx()?;
+        let status: String =
+            tx.query_row("SELECT status FROM runs WHERE id = ?1", [id], |r| r.get(0)).optional()?.ok_or(Error::RunNotFound { run: id })?;
+        let status = RunStatus::parse(&status)?;
+        if status == RunStatus::Deleted {
+            return Err(Error::Invalid(format!("run {id} is deleted")));
+        }
+        tx.execute("UPDATE runs SET config = ?2 WHERE id = ?1", params![id, config.to_string()])?;
+        if matches!(status, RunStatus::Completed | RunStatus::Stopped | RunStatus::Failed) {
+            set_status(&tx, id, RunStatus::Ongoing, None)?;
+        }
+        tx.execute("UPDATE experiments SET status = 'running' WHERE id = (SELECT experiment_id FROM runs WHERE id = ?1)", [id])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -507,9 +560,11 @@ impl Store {
     /// Rolls a run back to its last checkpoint (or to the start): drops the metrics of
     /// later steps, which the resumed run computes again, so none is lost or doubled.
     pub fn rewind(&mut self, id: i64) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write_tx()?;
         let (step, chunks): (Option<i64>, i64) =
             tx.query_row("SELECT checkpoint_step, checkpoint_chunks FROM runs WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        #[cfg(test)]
+        tests::between_read_and_write();
         let s = step.unwrap_or(0);
         tx.execute("DELETE FROM metrics WHERE run_id = ?1 AND step > ?2", params![id, s])?;
         tx.execute("UPDATE runs SET steps_done = ?2, chunks_done = ?3 WHERE id = ?1", params![id, s, chunks])?;
@@ -539,20 +594,75 @@ impl Store {
     /// Records an op, pending until the trainer applies it; returns its id. The run must
     /// exist.
     pub fn add_op(&self, run_id: i64, kind: &OpKind, source: &str) -> Result<i64> {
-        let run = self.run(run_id)?;
-        let k = serde_json::to_string(kind).map_err(|source| Error::Encode { what: "an op", source })?;
-        self.conn.execute(
-            "INSERT INTO ops(experiment_id, run_id, kind, source, status, created) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
-            params![run.experiment_id, run_id, k, source, now()],
-        )?;
-        Ok(self.conn.last_insert_rowid())
+        let tx = self.write_tx()?;
+        let id = insert_op(&tx, run_id, kind, source)?;
+        tx.commit()?;
+        Ok(id)
     }
 
-    /// Records an op that already took effect (the policy's).
-    pub fn add_applied_op(&self, run_id: i64, kind: &OpKind, source: &str, step: i64, message: &str) -> Result<i64> {
-        let id = self.add_op(run_id, kind, source)?;
-        self.finish_op(id, true, Some(message), None, Some(step))?;
+    /// Records an op that already took effect (the policy's), and the run status it set,
+    /// in one transaction: a crash leaves both or neither.
+    pub fn add_applied_op(&self, run_id: i64, kind: &OpKind, source: &str, step: i64, message: &str, status: RunStatus) -> Result<i64> {
+        let tx = self.write_tx()?;
+        let id = insert_op(&tx, run_id, kind, source)?;
+        mark_op(&tx, id, true, Some(message), None, Some(step))?;
+        set_status(&tx, run_id, status, Some(message))?;
+        tx.commit()?;
         Ok(id)
+    }
+
+    /// Marks a pending op applied and sets the status it gives its run, in one
+    /// transaction (stop, resume, delete): a crash leaves both or neither.
+    pub fn apply_status_op(&self, op: i64, run_id: i64, status: RunStatus, message: &str, step: Option<i64>) -> Result<()> {
+        let tx = self.write_tx()?;
+        mark_op(&tx, op, true, Some(message), None, step)?;
+        set_status(&tx, run_id, status, Some(message))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies a clone op: adds its run and marks the op applied (naming the run) in one
+    /// transaction, so a crash leaves both or neither and the op never makes a second
+    /// run. A warm clone comes with the progress it starts from and its checkpoint:
+    /// `write_checkpoint(new run id)` writes that checkpoint (complete) inside the
+    /// transaction, before the store names it; when it fails, nothing is recorded.
+    /// Returns the new run's id.
+    pub fn apply_clone_op(&self, op: &OpRow, clone: &NewClone<'_>, write_checkpoint: &mut dyn FnMut(i64) -> Result<()>) -> Result<i64> {
+        let tx = self.write_tx()?;
+        let status: Option<String> = tx.query_row("SELECT status FROM ops WHERE id = ?1", [op.id], |r| r.get(0)).optional()?;
+        if status.as_deref() != Some("pending") {
+            return Err(Error::Invalid(format!("op {} is not pending", op.id)));
+        }
+        let (steps, chunks, ckpt, run_status) = match clone.warm {
+            Some((s, c)) => (s, c, Some(s), RunStatus::Ongoing),
+            None => (0, 0, None, RunStatus::New),
+        };
+        tx.execute(
+            "INSERT INTO runs(experiment_id, config, knobs, grp, status, steps_done, chunks_done, checkpoint_step, checkpoint_chunks, \
+             parent_id, warm, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                op.experiment_id,
+                clone.config.to_string(),
+                clone.knobs.to_string(),
+                clone.group,
+                run_status.as_str(),
+                steps,
+                chunks,
+                ckpt,
+                chunks,
+                op.run_id,
+                clone.warm.is_some() as i64,
+                now()
+            ],
+        )?;
+        let new = tx.last_insert_rowid();
+        if clone.warm.is_some() {
+            write_checkpoint(new)?;
+        }
+        let message = clone.message.replace("{run}", &new.to_string());
+        mark_op(&tx, op.id, true, Some(&message), Some(new), clone.step)?;
+        tx.commit()?;
+        Ok(new)
     }
 
     /// An experiment's ops still to apply, oldest first.
@@ -578,10 +688,97 @@ impl Store {
 
     /// Marks an op applied or rejected.
     pub fn finish_op(&self, id: i64, applied: bool, message: Option<&str>, new_run: Option<i64>, step: Option<i64>) -> Result<()> {
-        self.conn.execute(
-            "UPDATE ops SET status = ?2, message = ?3, new_run_id = ?4, applied_step = ?5 WHERE id = ?1",
-            params![id, if applied { "applied" } else { "rejected" }, message, new_run, step],
-        )?;
-        Ok(())
+        mark_op(&self.conn, id, applied, message, new_run, step)
+    }
+}
+
+/// The run a clone op adds (see [`Store::apply_clone_op`]).
+#[derive(Debug, Clone)]
+pub struct NewClone<'a> {
+    /// Its leaf config (JSON).
+    pub config: &'a serde_json::Value,
+    /// Its knobs.
+    pub knobs: &'a serde_json::Value,
+    /// Config group index.
+    pub group: i64,
+    /// A warm clone's starting point: (steps done, chunks done), which its checkpoint
+    /// holds; `None` for a cold clone (a `new` run).
+    pub warm: Option<(i64, i64)>,
+    /// The op's message; `{run}` becomes the new run's id.
+    pub message: &'a str,
+    /// The parent's optimizer step when the op took effect.
+    pub step: Option<i64>,
+}
+
+fn insert_op(conn: &Connection, run_id: i64, kind: &OpKind, source: &str) -> Result<i64> {
+    let experiment_id: i64 = conn
+        .query_row("SELECT experiment_id FROM runs WHERE id = ?1", [run_id], |r| r.get(0))
+        .optional()?
+        .ok_or(Error::RunNotFound { run: run_id })?;
+    let k = serde_json::to_string(kind).map_err(|source| Error::Encode { what: "an op", source })?;
+    conn.execute(
+        "INSERT INTO ops(experiment_id, run_id, kind, source, status, created) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+        params![experiment_id, run_id, k, source, now()],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn mark_op(conn: &Connection, id: i64, applied: bool, message: Option<&str>, new_run: Option<i64>, step: Option<i64>) -> Result<()> {
+    conn.execute(
+        "UPDATE ops SET status = ?2, message = ?3, new_run_id = ?4, applied_step = ?5 WHERE id = ?1",
+        params![id, if applied { "applied" } else { "rejected" }, message, new_run, step],
+    )?;
+    Ok(())
+}
+
+/// Sets a run's status; the message is kept as its error for `failed` only.
+fn set_status(conn: &Connection, id: i64, status: RunStatus, message: Option<&str>) -> Result<()> {
+    let error = if status == RunStatus::Failed { message } else { None };
+    conn.execute("UPDATE runs SET status = ?2, error = ?3 WHERE id = ?1", params![id, status.as_str(), error])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        static BETWEEN: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    /// Runs the hook a test set for the moment between a transaction's read and its write.
+    pub(super) fn between_read_and_write() {
+        if let Some(hook) = BETWEEN.with(|h| h.borrow_mut().take()) {
+            hook();
+        }
+    }
+
+    #[test]
+    fn a_commit_of_another_connection_during_rewind_does_not_fail_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in(dir.path()).unwrap();
+        let spec = dir.path().join("spec.toml");
+        let exp = store.create_experiment("e", "fit", &spec, "").unwrap();
+        let a = store.add_run(exp.id, &serde_json::json!({}), &serde_json::json!({}), 0, 4, 2, None).unwrap();
+        let b = store.add_run(exp.id, &serde_json::json!({}), &serde_json::json!({}), 0, 4, 2, None).unwrap();
+        let mut rewinder = store.reopen().unwrap();
+        rewinder.record_step(a, 3, 1, &[("loss", 1.0)]).unwrap();
+        rewinder.set_checkpoint(a, 2, 1).unwrap();
+        // The server records an op from its own connection while the rewind has read.
+        let other = store.reopen().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        BETWEEN.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                std::thread::spawn(move || tx.send(other.add_op(b, &OpKind::Stop, "api").map(|_| ())).unwrap());
+                // Long enough for a commit that nothing holds back.
+                std::thread::sleep(Duration::from_millis(300));
+            }))
+        });
+        rewinder.rewind(a).unwrap();
+        rx.recv().unwrap().unwrap();
+        assert_eq!(store.run(a).unwrap().steps_done, 2);
+        assert!(store.metrics(a).unwrap().is_empty());
+        assert_eq!(store.pending_ops(exp.id).unwrap().len(), 1);
     }
 }

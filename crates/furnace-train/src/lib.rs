@@ -21,7 +21,7 @@ pub mod trainer;
 pub use data::{load_dataset, Columns, DataOptions, Dataset, Example};
 pub use engine::{train_pass, AdapterRef, FrozenBase, PassResult, SeqRef, IGNORE_INDEX};
 pub use error::{Error, Result};
-pub use lora::{LoraInit, LoraPair, TrainableLora};
+pub use lora::{sweep_partials, LoraInit, LoraPair, TrainableLora};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
 pub use spec::Spec;
 pub use trainer::{eval_loss, fused_step, DataPosition, StepMetrics, TrainConfig, Trainer, FUSED_MAX_ROWS};

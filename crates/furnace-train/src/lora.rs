@@ -199,25 +199,126 @@ impl TrainableLora {
     }
 }
 
-/// Replaces `dir` as a whole with what `fill` writes into a sibling temp directory, so a
-/// crash never leaves a half-written directory under that name.
-pub(crate) fn replace_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
-    let io = |e: std::io::Error| crate::Error::Input(format!("writing {}: {e}", dir.display()));
+fn io_err<'a>(what: &str, path: &'a std::path::Path) -> impl Fn(std::io::Error) -> Error + 'a {
+    let what = what.to_string();
+    move |e| Error::Input(format!("{what} {}: {e}", path.display()))
+}
+
+/// Flushes every file under `dir`, then the folders themselves (so their entries are
+/// durable before a rename names them).
+fn sync_tree(dir: &std::path::Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(io_err("reading", dir))? {
+        let entry = entry.map_err(io_err("reading", dir))?;
+        let path = entry.path();
+        if entry.file_type().map_err(io_err("reading", &path))?.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err("syncing", &path))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Flushes a folder's entries (a no-op where folders cannot be opened as files).
+fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err("syncing", dir))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Writes a new folder `dir` (which must not exist) with what `fill` writes into
+/// `<dir>.partial-<pid>`: every file and folder is synced, then it is renamed to `dir`
+/// and the parent synced, so `dir` either does not exist or is complete, even after a
+/// crash or power loss.
+pub(crate) fn write_new_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
+    if dir.exists() {
+        return Err(Error::Input(format!("writing {}: it exists already (a folder is never overwritten)", dir.display())));
+    }
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let parent = dir.parent().unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io)?;
+    std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+    let tmp = parent.join(format!("{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
+    let written = fill(&tmp).and_then(|()| sync_tree(&tmp));
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, dir).map_err(io_err("renaming into", dir))?;
+    sync_dir(parent)
+}
+
+/// Replaces `dir` as a whole with what `fill` writes into a sibling temp directory (synced
+/// before it is renamed in), so a crash never leaves a half-written directory under that
+/// name. Between the two renames the old one is at `.<name>.old-<pid>`; [`sweep_partials`]
+/// puts it back when a crash left `dir` missing.
+pub(crate) fn replace_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = dir.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io)?;
-    if let Err(e) = fill(&tmp) {
+    std::fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
+    if let Err(e) = fill(&tmp).and_then(|()| sync_tree(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
-        std::fs::rename(dir, &old).map_err(io)?;
+        std::fs::rename(dir, &old).map_err(io_err("renaming", dir))?;
     }
-    std::fs::rename(&tmp, dir).map_err(io)?;
+    std::fs::rename(&tmp, dir).map_err(io_err("renaming into", dir))?;
+    sync_dir(parent)?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// Cleans up after a crash in `dir` (a run folder, a checkpoints folder): removes the
+/// `*.partial-*` folders a write left behind, and for each `.<name>.old-*` folder puts it
+/// back as `<name>` when that is missing (a crash between [`replace_dir`]'s renames), or
+/// removes it. A missing `dir` is fine.
+pub fn sweep_partials(dir: &std::path::Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.contains(".partial-") {
+            std::fs::remove_dir_all(&path).map_err(io_err("removing", &path))?;
+        } else if let Some((live, _)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".old-")) {
+            let target = dir.join(live);
+            if target.exists() {
+                std::fs::remove_dir_all(&path).map_err(io_err("removing", &path))?;
+            } else {
+                std::fs::rename(&path, &target).map_err(io_err("renaming into", &target))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_folder_never_overwrites_and_a_sweep_cleans_up_after_a_crash() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("step-2");
+        write_new_dir(&dir, |tmp| std::fs::write(tmp.join("f"), "one").map_err(|e| Error::Input(e.to_string()))).unwrap();
+        assert!(write_new_dir(&dir, |tmp| std::fs::write(tmp.join("f"), "two").map_err(|e| Error::Input(e.to_string()))).is_err());
+        assert_eq!(std::fs::read_to_string(dir.join("f")).unwrap(), "one");
+        // A kill while writing, and one between replace_dir's renames.
+        std::fs::create_dir_all(d.path().join("step-4.partial-7")).unwrap();
+        std::fs::create_dir_all(d.path().join(".adapter.old-7")).unwrap();
+        std::fs::write(d.path().join(".adapter.old-7/f"), "old").unwrap();
+        sweep_partials(d.path()).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["adapter", "step-2"]);
+        assert_eq!(std::fs::read_to_string(d.path().join("adapter/f")).unwrap(), "old");
+    }
 }

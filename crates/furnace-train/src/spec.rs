@@ -208,6 +208,21 @@ fn default_clip() -> f64 {
     1.0
 }
 
+/// The longest experiment name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// An experiment name becomes a folder name (`<runs>/<name>`, `<runs>/<name>_1`): letters,
+/// digits, `-`, `_` and `.` (not first, so never `.`, `..` or a hidden folder), at most
+/// [`MAX_NAME_LEN`] characters.
+pub fn check_name(name: &str) -> Result<()> {
+    let what = "must be 1 to 64 letters, digits, '-', '_' or '.' (not first), a folder name";
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > MAX_NAME_LEN || name.starts_with('.') || !name.chars().all(ok_char) {
+        return Err(invalid("experiment.name", format!("{name:?} {what}")));
+    }
+    Ok(())
+}
+
 fn invalid(key: &str, msg: impl Into<String>) -> Error {
     Error::Spec { key: key.into(), msg: msg.into() }
 }
@@ -237,9 +252,7 @@ impl Spec {
 
     /// Checks every value.
     pub fn validate(&self) -> Result<()> {
-        if self.experiment.name.trim().is_empty() || self.experiment.name.contains(['/', '\\']) {
-            return Err(invalid("experiment.name", "must be a non-empty name without slashes"));
-        }
+        check_name(&self.experiment.name)?;
         let e = &self.experiment;
         if e.mode != "fit" {
             return Err(invalid("experiment.mode", format!("'{}' is not available yet (fit only)", e.mode)));

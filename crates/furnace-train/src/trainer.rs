@@ -455,7 +455,9 @@ impl Trainer {
     }
 
     /// Writes a checkpoint: `adapter/` in PEFT's format plus `trainer_state.json` and
-    /// `optimizer.safetensors`; the directory is replaced as a whole.
+    /// `optimizer.safetensors`, into a new folder `dir`. An existing `dir` is never
+    /// overwritten (an error): it is written as `<dir>.partial-<pid>`, synced (files and
+    /// folders) and renamed, so `dir` exists only complete.
     pub fn save_checkpoint(&self, dir: &Path, base_model: &str) -> Result<()> {
         let (m, v) = self.opt.moments();
         let mut tensors = HashMap::new();
@@ -468,7 +470,7 @@ impl Trainer {
             "step": self.opt.step, "epoch": self.epoch, "offset": self.offset,
             "n_examples": self.lengths.len(), "seed": self.config.seed, "params": m.len(),
         });
-        crate::lora::replace_dir(dir, |tmp| {
+        crate::lora::write_new_dir(dir, |tmp| {
             self.lora.save_peft(&tmp.join("adapter"), base_model)?;
             candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
             std::fs::write(tmp.join("trainer_state.json"), state.to_string())

@@ -111,10 +111,47 @@ struct RunView {
     started: Instant,
 }
 
+/// The `step` of a line of `metrics.jsonl` / `train.log` (`None`: not a JSON line, or a
+/// line a kill cut short).
+fn line_step(line: &str) -> Option<i64> {
+    serde_json::from_str::<serde_json::Value>(line).ok()?.get("step")?.as_i64()
+}
+
+/// Keeps the lines of `path` that `keep` accepts (the file is replaced whole: written
+/// beside it, then renamed); returns the kept lines. A missing file is empty.
+fn keep_lines(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let kept: Vec<String> = text.lines().filter(|l| keep(l)).map(str::to_string).collect();
+    let tmp = path.with_extension("rewrite");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    for l in &kept {
+        writeln!(f, "{l}")?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(kept)
+}
+
 impl RunView {
-    fn open(run_dir: &Path, spec: &Spec) -> Result<Self> {
+    /// Opens the view for appending. On a resume from the checkpoint of step `resumed`,
+    /// the lines of later steps (written before a crash or kill, and trained again now)
+    /// are dropped first, so no step appears twice; returns whether an eval line of step
+    /// `resumed` is already there.
+    fn open(run_dir: &Path, spec: &Spec, resumed: Option<i64>) -> Result<(Self, bool)> {
+        let mut has_eval = false;
+        if let Some(step) = resumed {
+            // metrics.jsonl is JSON lines only (a cut-short line goes); train.log keeps its
+            // text lines.
+            let kept = keep_lines(&run_dir.join("metrics.jsonl"), |l| line_step(l).is_some_and(|s| s <= step))?;
+            has_eval = kept.iter().any(|l| l.contains("eval_loss") && line_step(l) == Some(step));
+            keep_lines(&run_dir.join("train.log"), |l| line_step(l).is_none_or(|s| s <= step))?;
+        }
         let open = |name: &str| std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join(name));
-        Ok(Self {
+        let view = Self {
             metrics: open("metrics.jsonl")?,
             log: open("train.log")?,
             log_every: spec.trainer.log_every.max(1) as i64,
@@ -123,7 +160,8 @@ impl RunView {
             step_values: BTreeMap::new(),
             tokens: 0.0,
             started: Instant::now(),
-        })
+        };
+        Ok((view, has_eval))
     }
 
     fn line(&mut self, v: serde_json::Value) -> Result<()> {
@@ -234,8 +272,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let exp = Experiment::open(&a.runs_dir, &exp_name)?;
             exp.continue_run(id, &leaf)?;
             eprintln!("resuming {} from {}", run_dir.display(), run_dir.join("checkpoints").join(format!("step-{step}")).display());
-            let before = store.metrics(id)?.into_iter().find(|m| m.step == step && m.name == "eval_loss").map(|m| (step, m.value));
-            (exp, id, Some(before))
+            let before = store.metrics(id)?.into_iter().find(|m| m.step == step && m.name == "eval_loss").map(|m| m.value);
+            (exp, id, Some((step, before)))
         }
         None => {
             let exp = Experiment::create(&a.runs_dir, &a.spec)?;
@@ -256,12 +294,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&pointer_dir)?;
     std::fs::write(pointer_dir.join("latest"), format!("{}\n", rel.display()))?;
-    let mut view = RunView::open(&run_dir, &spec)?;
+    let resumed_step = resumed_at.as_ref().map(|(step, _)| *step);
+    let (mut view, has_eval) = RunView::open(&run_dir, &spec, resumed_step)?;
 
     let before_samples = if a.resume.is_none() { samples(&loaded, None, &spec, a.samples)? } else { Vec::new() };
     let mut eval_before = None;
-    if let Some(Some((step, l))) = resumed_at {
-        view.eval_line(step, l)?;
+    if let Some((step, Some(l))) = resumed_at {
+        if !has_eval {
+            view.eval_line(step, l)?;
+        }
         eval_before = Some(l);
     }
 

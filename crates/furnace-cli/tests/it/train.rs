@@ -104,3 +104,53 @@ fn bad_specs_and_data_fail_before_anything_is_written() {
         assert!(!dir.path().join("runs").exists(), "a failed start wrote a run folder");
     }
 }
+
+#[test]
+fn resume_drops_the_view_lines_written_after_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (0..6).map(|i| format!("{{\"prompt\": \"What is {i} plus {i}?\", \"completion\": \"{}\"}}\n", 2 * i)).collect();
+    std::fs::write(dir.path().join("train.jsonl"), &rows).unwrap();
+    std::fs::write(dir.path().join("eval.jsonl"), &rows).unwrap();
+    let s = spec(dir.path(), 4, 4, "train.jsonl");
+    let o = furnace(dir.path(), &["train", s.to_str().unwrap(), "--samples", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exp = dir.path().join("runs/tiny");
+    let run = exp.join(std::fs::read_to_string(exp.join("latest")).unwrap().trim());
+    // What a kill after step 5 (checkpoint at 4) leaves in the view, and a cut-short line.
+    let mut f = std::fs::OpenOptions::new().append(true).open(run.join("metrics.jsonl")).unwrap();
+    use std::io::Write;
+    writeln!(f, "{{\"step\": 5, \"loss\": 99.0, \"lr\": 0.01, \"grad_norm\": 1.0, \"tokens_per_s\": 1.0}}").unwrap();
+    write!(f, "{{\"step\": 6, \"lo").unwrap();
+    drop(f);
+    let mut log = std::fs::OpenOptions::new().append(true).open(run.join("train.log")).unwrap();
+    writeln!(log, "{{\"step\": 5, \"loss\": 99.0, \"lr\": 0.01, \"grad_norm\": 1.0, \"tokens_per_s\": 1.0}}").unwrap();
+    drop(log);
+    let more = spec(dir.path(), 4, 6, "train.jsonl");
+    let o = furnace(dir.path(), &["train", more.to_str().unwrap(), "--resume", "--samples", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps = |key: &str| -> Vec<u64> { lines.iter().filter(|v| v.get(key).is_some()).map(|v| v["step"].as_u64().unwrap()).collect() };
+    assert_eq!(steps("loss"), [1, 2, 3, 4, 5, 6], "{metrics}");
+    assert!(lines.iter().all(|v| v.get("loss").is_none_or(|l| l.as_f64().unwrap() < 99.0)), "{metrics}");
+    assert_eq!(steps("eval_loss"), [0, 4, 6], "{metrics}");
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(!log.contains("\"loss\": 99.0"), "{log}");
+}
+
+#[test]
+fn an_experiment_name_that_is_not_a_folder_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("eval.jsonl"), "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    let s = spec(dir.path(), 4, 2, "eval.jsonl");
+    std::fs::write(&s, std::fs::read_to_string(&s).unwrap().replace("name = \"tiny\"", "name = \"..\"")).unwrap();
+    for cmd in ["train", "run"] {
+        let o = furnace(dir.path(), &[cmd, s.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("experiment.name"), "{cmd}: {err}");
+        // `furnace run` opens the store first; no experiment is recorded.
+        let store = dir.path().join("runs/furnace.db");
+        assert!(cmd == "run" || !store.exists(), "{cmd} wrote a store");
+    }
+}

@@ -455,3 +455,135 @@ fn eval_every_save_every_and_an_eval_before_the_first_step() {
     kept.sort();
     assert_eq!(kept, ["step-2", "step-4", "step-6"]);
 }
+
+/// A trigger that fails the store write a crash would interrupt: the driver stops there
+/// with an error, as a killed process would, and what it committed before stays.
+fn crash_at(store: &Store, when: &str) {
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    conn.execute_batch(&format!(
+        "DROP TRIGGER IF EXISTS crash; CREATE TRIGGER crash {when} BEGIN SELECT RAISE(ABORT, 'simulated crash'); END;"
+    ))
+    .unwrap();
+}
+
+fn no_crash(store: &Store) {
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    conn.execute_batch("DROP TRIGGER IF EXISTS crash;").unwrap();
+}
+
+fn crashed_fit(store: &Store, exp: &ExperimentRow) -> String {
+    let events = furnace_exp::events::channel();
+    let err = run_fit(store, exp, &mut loader(), &FitOptions::default(), &events).unwrap_err().to_string();
+    assert!(err.contains("simulated crash"), "{err}");
+    err
+}
+
+#[test]
+fn a_crash_while_an_op_is_applied_leaves_it_to_apply_once_on_restart() {
+    let (_d, store, exp) = new_experiment("r = 2", "");
+    let a = store.runs(exp.id).unwrap()[0].id;
+    let cold = ops::submit(&store, a, &OpKind::Clone { set: vec!["lora.r=4".into()], warm: false }, "test").unwrap();
+    let warm = ops::submit(&store, a, &OpKind::Clone { set: vec!["trainer.learning_rate=2e-2".into()], warm: true }, "test").unwrap();
+    let stop = ops::submit(&store, a, &OpKind::Stop, "test").unwrap();
+    // A crash as each op is marked applied: its effect is not in the store either.
+    for (k, op) in [cold, warm, stop].into_iter().enumerate() {
+        crash_at(&store, &format!("BEFORE UPDATE OF status ON ops WHEN NEW.id = {op} AND NEW.status <> 'pending'"));
+        crashed_fit(&store, &exp);
+        let runs = store.runs(exp.id).unwrap();
+        assert_eq!(runs.len(), 1 + k.min(2), "one run per applied clone op: {runs:?}");
+        assert_eq!(store.op(op).unwrap().status, "pending");
+        assert!(runs.iter().all(|r| r.status.is_active()), "{runs:?}");
+        // A warm clone is recorded with its checkpoint.
+        for r in runs.iter().filter(|r| r.warm) {
+            let step = r.checkpoint_step.expect("a warm clone has its checkpoint");
+            assert!(exp.dir.join(format!("run-{}/checkpoints/step-{step}/trainer_state.json", r.id)).exists());
+        }
+    }
+    no_crash(&store);
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    let recorded = store.ops(exp.id).unwrap();
+    assert!(recorded.iter().all(|o| o.status == "applied"), "{recorded:?}");
+    let made: Vec<Option<i64>> = recorded.iter().map(|o| o.new_run_id).collect();
+    assert_eq!(made, vec![Some(runs[1].id), Some(runs[2].id), None]);
+    assert_eq!((runs[1].warm, runs[1].config["lora"]["r"].as_i64()), (false, Some(4)));
+    assert!(runs[2].warm);
+    assert_eq!(runs[0].status, RunStatus::Stopped);
+    for r in &runs[1..] {
+        assert_eq!(r.status, RunStatus::Completed);
+        assert_complete(&store, r);
+    }
+}
+
+#[test]
+fn an_asha_stop_and_its_op_are_recorded_together() {
+    let (_d, store, exp) = experiment_with("r = 2", "policy = \"asha\"\neta = 2\n", "{ list = [1e-4, 3e-2] }", 2);
+    // A crash as the policy's stop sets the run's status.
+    crash_at(&store, "BEFORE UPDATE OF status ON runs WHEN NEW.status = 'stopped'");
+    crashed_fit(&store, &exp);
+    assert!(store.ops(exp.id).unwrap().is_empty(), "no stop op without the stopped run");
+    no_crash(&store);
+    let runs = fit(&store, &exp, &FitOptions::default());
+    // The decision is taken on restart, once, with the same outcome as without the crash.
+    let recorded = store.ops(exp.id).unwrap();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    for op in recorded {
+        let run = runs.iter().find(|r| r.id == op.run_id).unwrap();
+        assert_eq!((op.status.as_str(), run.status, run.chunks_done), ("applied", RunStatus::Stopped, 1));
+    }
+    assert!(runs.iter().all(|r| !r.status.is_active()));
+    let (_d1, store1, exp1) = experiment_with("r = 2", "policy = \"asha\"\neta = 2\n", "{ list = [1e-4, 3e-2] }", 2);
+    let reference = fit(&store1, &exp1, &FitOptions::default());
+    assert_eq!(runs.iter().map(|r| r.status).collect::<Vec<_>>(), reference.iter().map(|r| r.status).collect::<Vec<_>>());
+}
+
+#[test]
+fn leftovers_of_a_crashed_checkpoint_write_are_swept_and_never_named() {
+    let (_d, store, exp) = experiment_with("r = 2", "", "1e-2", 2);
+    let run = store.runs(exp.id).unwrap()[0].id;
+    // Cancelled after step 4; the store names the checkpoint of step 3.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c = cancel.clone();
+    let opts = FitOptions {
+        cancel: Some(cancel.clone()),
+        on_step: Some(Arc::new(move |_, step| c.store(step == 4, Ordering::Relaxed))),
+        ..Default::default()
+    };
+    assert!(run_fit(&store, &exp, &mut loader(), &opts, &furnace_exp::events::channel()).unwrap().cancelled);
+    assert_eq!(store.run(run).unwrap().checkpoint_step, Some(3));
+    let ckpts = exp.dir.join(format!("run-{run}/checkpoints"));
+    // What a kill leaves: a half-written folder, and a step folder the store never named.
+    std::fs::create_dir_all(ckpts.join("step-4.partial-999")).unwrap();
+    std::fs::write(ckpts.join("step-4.partial-999/trainer_state.json"), "{").unwrap();
+    std::fs::create_dir_all(ckpts.join("step-6")).unwrap();
+    std::fs::write(ckpts.join("step-6/trainer_state.json"), "{").unwrap();
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert_eq!((runs[0].status, runs[0].checkpoint_step), (RunStatus::Completed, Some(6)));
+    assert_complete(&store, &runs[0]);
+    let mut left: Vec<String> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["step-6"]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpts.join("step-6/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 6);
+}
+
+#[test]
+fn a_cut_short_warm_clone_that_an_op_targets_is_marked_deleted_not_left_new() {
+    let (_d, store, exp) = new_experiment("r = 2", "");
+    let parent = store.runs(exp.id).unwrap()[0].clone();
+    let op = store.add_op(parent.id, &OpKind::Clone { set: vec!["trainer.learning_rate=2e-2".into()], warm: true }, "test").unwrap();
+    let orphan = store.add_run(exp.id, &parent.config, &parent.knobs, 0, 0, 0, Some((parent.id, true))).unwrap();
+    // Someone asked to stop the half-made clone before the crash.
+    let stop = store.add_op(orphan, &OpKind::Stop, "api").unwrap();
+    let runs = fit(&store, &exp, &FitOptions::default());
+    let o = runs.iter().find(|r| r.id == orphan).expect("kept: an op names it");
+    assert_eq!(o.status, RunStatus::Deleted);
+    assert!(o.error.as_deref().unwrap_or("").contains("cut short"), "{o:?}");
+    assert_eq!(store.op(stop).unwrap().status, "rejected");
+    let clones: Vec<&RunRow> = runs.iter().filter(|r| r.parent_id == Some(parent.id) && r.id != orphan).collect();
+    assert_eq!(clones.len(), 1);
+    assert_eq!(clones[0].status, RunStatus::Completed);
+    assert_eq!(store.op(op).unwrap().new_run_id, Some(clones[0].id));
+}

@@ -86,3 +86,16 @@ fn groups_join_one_experiment_with_their_own_overrides() {
     let got: Vec<(usize, usize, f64)> = leaves.iter().map(|l| (l.group, l.spec.lora.r, l.spec.trainer.learning_rate)).collect();
     assert_eq!(got, vec![(0, 8, 1e-3), (0, 16, 1e-3), (1, 32, 5e-4)]);
 }
+
+#[test]
+fn experiment_names_that_are_not_plain_folder_names_are_refused() {
+    for bad in ["..", ".", ".hidden", "a/b", "a\\\\b", "a\\u0000b", "", "has space", &"x".repeat(65)] {
+        let text = spec("", "").replace("name = \"extract\"", &format!("name = \"{bad}\""));
+        let e = err(&text);
+        assert!(e.starts_with("experiment.name: "), "{bad:?}: {e}");
+    }
+    for good in ["extract", "run-2.v3", "A_b-C", &"x".repeat(64)] {
+        let text = spec("", "").replace("name = \"extract\"", &format!("name = \"{good}\""));
+        assert!(expand(&text, &spec_path()).is_ok(), "{good:?}");
+    }
+}
