@@ -265,6 +265,30 @@ impl Fit<'_, '_> {
         Ok(())
     }
 
+    /// Fails run `id` with `message` (stored as its error, sent as a Status event) and
+    /// drops its state; the experiment goes on.
+    fn fail(&mut self, id: i64, message: String) -> Result<()> {
+        self.log(format!("run {id} failed: {message}"));
+        if let Some(l) = self.runs.get_mut(&id) {
+            l.trainer = None;
+        }
+        self.set_status(id, RunStatus::Failed, Some(message))
+    }
+
+    /// Keeps an error of one run inside that run: `Ok(Some(v))` on success; on an error
+    /// of the store itself (not the run's fault) the error; otherwise the run fails with
+    /// "`what`: error" and `Ok(None)`.
+    fn contain<T>(&mut self, id: i64, what: &str, r: Result<T>) -> Result<Option<T>> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e @ Error::Sqlite(_)) => Err(e),
+            Err(e) => {
+                self.fail(id, format!("{what}: {e}"))?;
+                Ok(None)
+            }
+        }
+    }
+
     /// Takes a status the store already holds into the scheduler and publishes it.
     fn status_set(&mut self, id: i64, status: RunStatus, message: Option<String>) {
         if let Some(l) = self.runs.get_mut(&id) {
@@ -457,9 +481,9 @@ impl Fit<'_, '_> {
         let mut ready = Vec::new();
         for id in admitted {
             // Bad data or a bad checkpoint fails that run only.
-            match self.ensure_trainer(id) {
-                Ok(()) => ready.push(id),
-                Err(e) => self.set_status(id, RunStatus::Failed, Some(e.to_string()))?,
+            let built = self.ensure_trainer(id);
+            if self.contain(id, "preparing the run", built)?.is_some() {
+                ready.push(id);
             }
         }
         Ok(ready)
@@ -560,12 +584,16 @@ impl Fit<'_, '_> {
             let Some(t) = self.runs.get(&id).map(|l| l.spec.trainer.clone()) else { continue };
             let chunks = self.runs.get(&id).map(|l| l.row.chunks_done).unwrap_or(0);
             if t.eval_every > 0 && step % t.eval_every == 0 {
-                if let Some(l) = self.evaluate(id)? {
-                    self.record(id, step as i64, chunks, &[("eval_loss", l)])?;
+                let score = self.evaluate(id);
+                match self.contain(id, &format!("evaluating at step {step}"), score)? {
+                    None => continue,
+                    Some(Some(l)) => self.record(id, step as i64, chunks, &[("eval_loss", l)])?,
+                    Some(None) => {}
                 }
             }
             if t.save_every > 0 && step % t.save_every == 0 {
-                self.checkpoint(id)?;
+                let saved = self.checkpoint(id);
+                self.contain(id, &format!("checkpoint at step {step}"), saved)?;
             }
         }
         Ok(())
@@ -577,14 +605,20 @@ impl Fit<'_, '_> {
         for &id in members {
             let Some(t) = self.runs.get(&id).and_then(|l| l.trainer.as_ref()) else { continue };
             let (step, chunks, finished) = (t.steps_done() as i64, t.chunks_done() as i64, t.finished());
-            let score = self.evaluate(id)?;
+            // An error of one run (its eval, its checkpoint, its adapter) fails that run.
+            let score = self.evaluate(id);
+            let Some(score) = self.contain(id, &format!("evaluating at step {step}"), score)? else { continue };
             // `chunk` marks the rung a step ends; ASHA reads the eval loss there.
             let mut values = vec![("chunk", chunks as f64)];
             values.extend(score.map(|l| ("eval_loss", l)));
             self.record(id, step, chunks, &values)?;
-            self.checkpoint(id)?;
+            let saved = self.checkpoint(id);
+            if self.contain(id, &format!("checkpoint at step {step}"), saved)?.is_none() {
+                continue;
+            }
             if finished {
-                self.finish(id)?;
+                let done = self.finish(id);
+                self.contain(id, "saving the adapter", done)?;
             } else if chunks >= rung {
                 any_reached = true;
             }
@@ -721,9 +755,10 @@ impl Fit<'_, '_> {
     /// A run that took all its steps: its adapter is saved and it is completed.
     fn finish(&mut self, id: i64) -> Result<()> {
         if let Some(live) = self.runs.get_mut(&id) {
-            if let Some(t) = live.trainer.take() {
+            if let Some(t) = live.trainer.as_ref() {
                 t.lora.save_peft(&run_dir(&self.exp, id).join("adapter"), &live.spec.model.base)?;
             }
+            live.trainer = None;
         }
         self.set_status(id, RunStatus::Completed, None)
     }

@@ -587,3 +587,50 @@ fn a_cut_short_warm_clone_that_an_op_targets_is_marked_deleted_not_left_new() {
     assert_eq!(clones[0].status, RunStatus::Completed);
     assert_eq!(store.op(op).unwrap().new_run_id, Some(clones[0].id));
 }
+
+/// Runs `run_fit` to its end; returns the runs and the messages of the `failed` Status
+/// events, by run.
+fn fit_with_failures(store: &Store, exp: &ExperimentRow, opts: &FitOptions) -> (Vec<RunRow>, BTreeMap<i64, String>) {
+    let events = furnace_exp::events::channel();
+    let mut rx = events.subscribe();
+    let runs = run_fit(store, exp, &mut loader(), opts, &events).unwrap().runs;
+    let mut failed = BTreeMap::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Status { run_id, status: RunStatus::Failed, message, .. } = ev {
+            failed.insert(run_id, message.unwrap_or_default());
+        }
+    }
+    (runs, failed)
+}
+
+/// Run `bad` failed with a stored message containing each of `needles`, the same message
+/// sent as its Status event; every other run completed with complete metrics.
+fn assert_only_failed(store: &Store, runs: &[RunRow], failed: &BTreeMap<i64, String>, bad: i64, needles: &[&str]) {
+    let row = runs.iter().find(|r| r.id == bad).unwrap();
+    assert_eq!(row.status, RunStatus::Failed, "{row:?}");
+    let msg = row.error.clone().unwrap_or_default();
+    for n in needles {
+        assert!(msg.contains(n), "run {bad}: {msg:?} lacks {n:?}");
+    }
+    assert_eq!(failed.get(&bad), Some(&msg), "the Status event carries the reason");
+    for r in runs.iter().filter(|r| r.id != bad) {
+        assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+        assert_complete(store, r);
+    }
+    assert_eq!(store.experiment(&store.experiment_by_id(runs[0].experiment_id).unwrap().name).unwrap().status, "done");
+}
+
+#[test]
+fn a_checkpoint_that_cannot_be_written_fails_that_run_only() {
+    let (_d, store, exp) = new_experiment("r = { list = [2, 4] }", "");
+    let bad = store.runs(exp.id).unwrap()[0].id;
+    // A regular file where the run's checkpoints folder goes.
+    let run_dir = exp.dir.join(format!("run-{bad}"));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(run_dir.join("checkpoints"), "not a folder").unwrap();
+    let (runs, failed) = fit_with_failures(&store, &exp, &FitOptions::default());
+    assert_only_failed(&store, &runs, &failed, bad, &["checkpoint at step 3", "checkpoints"]);
+    // Nothing of it is retried on the next call: the experiment is done.
+    let again = fit(&store, &exp, &FitOptions::default());
+    assert_eq!(again.iter().map(|r| r.status).collect::<Vec<_>>(), vec![RunStatus::Failed, RunStatus::Completed]);
+}
