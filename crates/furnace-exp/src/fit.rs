@@ -22,7 +22,7 @@ use crate::events::{Event, EventSender};
 use crate::ops::{apply_overrides, check_warm};
 use crate::store::{ExperimentRow, NewClone, OpKind, OpRow, RunRow, RunStatus, Store};
 use furnace_model::{LoadedModel, WeightDType};
-use furnace_train::{eval_loss, fused_step, load_dataset, Example, FrozenBase, Spec, TrainableLora, Trainer};
+use furnace_train::{eval_loss, fused_step, load_dataset, Example, FrozenBase, Spec, StepMetrics, TrainableLora, Trainer};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -192,6 +192,19 @@ struct Fit<'a, 'l> {
     loaded: Option<Loaded>,
     budget: Option<u64>,
     policy: (String, usize),
+}
+
+/// Why a step's metrics mean the run diverged (a loss or grad norm that is NaN or
+/// infinite), if they do.
+fn diverged(m: &StepMetrics) -> Option<String> {
+    let (what, value) = if !m.loss.is_finite() {
+        ("loss", m.loss)
+    } else if !m.grad_norm.is_finite() {
+        ("grad norm", m.grad_norm)
+    } else {
+        return None;
+    };
+    Some(format!("{what} became {value} at step {}; lower the learning rate", m.step))
 }
 
 fn spec_of(row: &RunRow) -> Result<Spec> {
@@ -410,16 +423,21 @@ impl Fit<'_, '_> {
         Ok(())
     }
 
-    /// A run's eval loss now (`None` without eval data or state).
+    /// A run's eval loss now (`None` without eval data or state); one that is NaN or
+    /// infinite is an error (the run diverged).
     fn evaluate(&mut self, id: i64) -> Result<Option<f64>> {
         let Some(spec) = self.runs.get(&id).map(|l| l.spec.clone()) else { return Ok(None) };
         let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
         let (_, eval) = loaded.data(&spec)?;
         let lora = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).map(|t| &t.lora);
-        Ok(match (&eval, lora) {
-            (Some(e), Some(lora)) if !e.is_empty() => Some(eval_loss(&loaded.frozen, Some(lora), e)?),
-            _ => None,
-        })
+        let loss = match (&eval, lora) {
+            (Some(e), Some(lora)) if !e.is_empty() => eval_loss(&loaded.frozen, Some(lora), e)?,
+            _ => return Ok(None),
+        };
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!("the eval loss became {loss}; lower the learning rate")));
+        }
+        Ok(Some(loss))
     }
 
     /// Stores a run's progress and metrics of one step and publishes the metrics.
@@ -550,27 +568,7 @@ impl Fit<'_, '_> {
             match result {
                 Ok(metrics) => {
                     for ((id, t), m) in outcome.into_iter().zip(metrics) {
-                        let chunks = t.chunks_done() as i64;
-                        if chunks < target && !t.finished() {
-                            stepped.push((id, m.step));
-                        }
-                        let values = [("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
-                        self.record(id, m.step as i64, chunks, &values)?;
-                        if let Some(hook) = &self.opts.on_step {
-                            hook(id, m.step as i64);
-                        }
-                        if let Some(l) = self.runs.get_mut(&id) {
-                            l.row.steps_done = m.step as i64;
-                            l.row.chunks_done = chunks;
-                            let _ = self.events.send(Event::Progress {
-                                experiment: self.exp.name.clone(),
-                                run_id: id,
-                                steps_done: l.row.steps_done,
-                                total_steps: l.row.total_steps,
-                                chunks_done: chunks,
-                            });
-                            l.trainer = Some(t);
-                        }
+                        self.took_step(id, t, &m, target, &mut stepped)?;
                     }
                 }
                 Err(e) => {
@@ -595,6 +593,39 @@ impl Fit<'_, '_> {
                 let saved = self.checkpoint(id);
                 self.contain(id, &format!("checkpoint at step {step}"), saved)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Takes run `id`'s step `m` (its trainer `t` after it): a loss or grad norm that is
+    /// not finite fails the run (nothing of that step is stored: SQLite keeps no NaN and
+    /// JSON has no infinity); otherwise the metrics and progress are recorded and
+    /// published and `(id, step)` joins `stepped` when the chunk goes on.
+    fn took_step(&mut self, id: i64, t: Trainer, m: &StepMetrics, target: i64, stepped: &mut Vec<(i64, usize)>) -> Result<()> {
+        if let Some(msg) = diverged(m) {
+            drop(t);
+            return self.fail(id, msg);
+        }
+        let chunks = t.chunks_done() as i64;
+        if chunks < target && !t.finished() {
+            stepped.push((id, m.step));
+        }
+        let values = [("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
+        self.record(id, m.step as i64, chunks, &values)?;
+        if let Some(hook) = &self.opts.on_step {
+            hook(id, m.step as i64);
+        }
+        if let Some(l) = self.runs.get_mut(&id) {
+            l.row.steps_done = m.step as i64;
+            l.row.chunks_done = chunks;
+            let _ = self.events.send(Event::Progress {
+                experiment: self.exp.name.clone(),
+                run_id: id,
+                steps_done: l.row.steps_done,
+                total_steps: l.row.total_steps,
+                chunks_done: chunks,
+            });
+            l.trainer = Some(t);
         }
         Ok(())
     }

@@ -634,3 +634,17 @@ fn a_checkpoint_that_cannot_be_written_fails_that_run_only() {
     let again = fit(&store, &exp, &FitOptions::default());
     assert_eq!(again.iter().map(|r| r.status).collect::<Vec<_>>(), vec![RunStatus::Failed, RunStatus::Completed]);
 }
+
+#[test]
+fn a_loss_that_becomes_nan_fails_that_run_only() {
+    let (_d, store, exp) = experiment_with("r = 2", "", "{ list = [1e-2, 1e39] }", 2);
+    let bad = store.runs(exp.id).unwrap()[1].id;
+    let (runs, failed) = fit_with_failures(&store, &exp, &FitOptions::default());
+    assert_only_failed(&store, &runs, &failed, bad, &["became", "at step", "lower the learning rate"]);
+    // Nothing that is not a number was stored; the steps before the failure were.
+    let metrics = store.metrics(bad).unwrap();
+    assert!(metrics.iter().all(|m| m.value.is_finite()), "{metrics:?}");
+    let loss = &series(&store, bad)["loss"];
+    let failed_at: i64 = runs[1].error.as_deref().unwrap().split("at step ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+    assert_eq!(loss.keys().copied().collect::<Vec<_>>(), (1..failed_at).collect::<Vec<_>>());
+}
