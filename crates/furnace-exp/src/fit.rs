@@ -207,6 +207,24 @@ fn diverged(m: &StepMetrics) -> Option<String> {
     Some(format!("{what} became {value} at step {}; lower the learning rate", m.step))
 }
 
+/// One fused step of `trainers` (the runs `ids`, in order): [`fused_step`], where tests can
+/// inject a failure.
+fn step_runs(
+    base: &FrozenBase,
+    ids: &[i64],
+    trainers: &mut [&mut Trainer],
+    train: &[Example],
+) -> std::result::Result<Vec<StepMetrics>, furnace_train::Error> {
+    let result = fused_step(base, trainers, train);
+    #[cfg(test)]
+    if let Some(e) = result.as_ref().ok().and_then(|m| tests::injected_failure(ids, m)) {
+        return Err(e);
+    }
+    #[cfg(not(test))]
+    let _ = ids;
+    result
+}
+
 fn spec_of(row: &RunRow) -> Result<Spec> {
     serde_json::from_value(row.config.clone()).map_err(|source| Error::StoredConfig { run: row.id, source })
 }
@@ -560,20 +578,32 @@ impl Fit<'_, '_> {
             let (train, _) = loaded.data(&spec)?;
             let mut taken: Vec<(i64, Trainer)> =
                 group.iter().filter_map(|id| self.runs.get_mut(id).and_then(|l| l.trainer.take().map(|t| (*id, t)))).collect();
+            let ids: Vec<i64> = taken.iter().map(|(id, _)| *id).collect();
             let result = {
                 let mut refs: Vec<&mut Trainer> = taken.iter_mut().map(|(_, t)| t).collect();
-                fused_step(&loaded.frozen, &mut refs, &train)
+                step_runs(&loaded.frozen, &ids, &mut refs, &train)
             };
-            let outcome: Vec<(i64, Trainer)> = taken;
             match result {
                 Ok(metrics) => {
-                    for ((id, t), m) in outcome.into_iter().zip(metrics) {
+                    for ((id, t), m) in taken.into_iter().zip(metrics) {
                         self.took_step(id, t, &m, target, &mut stepped)?;
                     }
                 }
+                Err(e) if taken.len() == 1 => {
+                    for (id, _) in taken {
+                        let step = self.runs.get(&id).map(|l| l.row.steps_done + 1).unwrap_or(0);
+                        self.fail(id, format!("step {step}: {e}"))?;
+                    }
+                }
                 Err(e) => {
-                    for (id, _) in outcome {
-                        self.set_status(id, RunStatus::Failed, Some(e.to_string()))?;
+                    // One run's error must not fail the others: each is retried alone, and
+                    // only those that fail alone fail.
+                    self.log(format!("a fused step of runs {ids:?} failed ({e}); retrying each run alone"));
+                    for (id, t) in taken {
+                        drop(t);
+                        if let Some((t, m)) = self.alone(id, &e)? {
+                            self.took_step(id, t, &m, target, &mut stepped)?;
+                        }
                     }
                 }
             }
@@ -595,6 +625,51 @@ impl Fit<'_, '_> {
             }
         }
         Ok(())
+    }
+
+    /// Retries run `id`'s coming step alone (`fused_step` with its trainer only) after a
+    /// fused step with other runs failed with `fused_err`. Returns its trainer and the
+    /// metrics of that step, or `None` when it failed alone too (the run is failed then).
+    ///
+    /// `fused_step` does not leave its trainers untouched when it fails: every trainer's
+    /// plan takes its micro-batches (advancing its data position) before the first pass,
+    /// and the optimizer steps are applied one trainer after another, so an error leaves
+    /// some trainers part-way through the step. So the run's state is not reused: it is
+    /// rebuilt from its last checkpoint (or from the start), as a restart would, and
+    /// replayed alone up to the step that failed (training is deterministic: the replayed
+    /// steps are those already recorded, stored again as computed now).
+    fn alone(&mut self, id: i64, fused_err: &furnace_train::Error) -> Result<Option<(Trainer, StepMetrics)>> {
+        let Some(live) = self.runs.get_mut(&id) else { return Ok(None) };
+        live.trainer = None;
+        let upto = live.row.steps_done as usize + 1;
+        let spec = live.spec.clone();
+        let built = self.ensure_trainer(id);
+        let what = format!("rebuilding the run from its checkpoint after a fused step failed ({fused_err})");
+        if self.contain(id, &what, built)?.is_none() {
+            return Ok(None);
+        }
+        let mut t = self.runs.get_mut(&id).and_then(|l| l.trainer.take()).ok_or(Error::Internal("no trainer after building it"))?;
+        let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
+        let (train, _) = loaded.data(&spec)?;
+        let failure = loop {
+            match step_runs(&loaded.frozen, &[id], &mut [&mut t], &train) {
+                Ok(metrics) => {
+                    let m = metrics.into_iter().next().ok_or(Error::Internal("no metrics of a step"))?;
+                    if m.step >= upto {
+                        return Ok(Some((t, m)));
+                    }
+                    if let Some(msg) = diverged(&m) {
+                        break msg;
+                    }
+                    let values = [("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
+                    self.store.record_step(id, m.step as i64, t.chunks_done() as i64, &values)?;
+                }
+                Err(e) => break format!("step {upto} failed in a fused step ({fused_err}) and alone: {e}"),
+            }
+        };
+        drop(t);
+        self.fail(id, failure)?;
+        Ok(None)
     }
 
     /// Takes run `id`'s step `m` (its trainer `t` after it): a loss or grad norm that is
@@ -928,5 +1003,79 @@ impl Fit<'_, '_> {
                 Ok(Some((format!("warm clone: run {new} continues from step {steps} of run {id}"), Some(new))))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// (run, step): a fused step that takes this run to this step fails, after it ran.
+        static FAIL_AT: Cell<Option<(i64, usize)>> = const { Cell::new(None) };
+    }
+
+    /// The failure a test injected into the step of `ids` that gave `metrics`, if any.
+    pub(super) fn injected_failure(ids: &[i64], metrics: &[StepMetrics]) -> Option<furnace_train::Error> {
+        let (run, step) = FAIL_AT.with(Cell::get)?;
+        let hit = ids.iter().zip(metrics).any(|(&id, m)| id == run && m.step == step);
+        hit.then(|| furnace_train::Error::Input(format!("injected failure of run {run} at step {step}")))
+    }
+
+    /// An experiment over 24 rows of the extraction task on tiny-llama, two runs (r = 2, 4).
+    fn experiment(dir: &Path) -> (Store, ExperimentRow) {
+        let rows = |file: &str, n: usize| -> String {
+            let text = std::fs::read_to_string(furnace_testutil::repo_root().join("data/extract").join(file)).unwrap();
+            text.lines().take(n).map(|l| format!("{l}\n")).collect()
+        };
+        std::fs::write(dir.join("train.jsonl"), rows("train.jsonl", 24)).unwrap();
+        std::fs::write(dir.join("eval.jsonl"), rows("eval.jsonl", 6)).unwrap();
+        let base = furnace_testutil::testdata().join("tiny-llama").display().to_string().replace('\\', "/");
+        let spec = format!(
+            "[experiment]\nname = \"exp\"\nseed = 3\nnum_chunks = 2\n\n[data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\n\n\
+             [model]\nbase = \"{base}\"\n\n[lora]\nalpha = 16\ntargets = [\"q_proj\", \"v_proj\"]\nr = {{ list = [2, 4] }}\n\n\
+             [trainer]\nlearning_rate = 1e-2\nbatch_size = 2\ngrad_accum = 2\nmax_seq_len = 96\nschedule = \"constant\"\n"
+        );
+        std::fs::write(dir.join("spec.toml"), spec).unwrap();
+        let store = Store::open_in(&dir.join("runs")).unwrap();
+        let exp = crate::experiment::create(&store, &dir.join("spec.toml")).unwrap();
+        (store, exp)
+    }
+
+    fn fit(store: &Store, exp: &ExperimentRow) -> Vec<RunRow> {
+        let mut load = |name: &str, dtype| Ok(LoadedModel::load(Path::new(name), dtype)?);
+        run_fit(store, exp, &mut load, &FitOptions::default(), &crate::events::channel()).unwrap().runs
+    }
+
+    fn losses(store: &Store, run: i64) -> Vec<(i64, f64)> {
+        store.metrics(run).unwrap().into_iter().filter(|m| m.name == "loss").map(|m| (m.step, m.value)).collect()
+    }
+
+    #[test]
+    fn a_failed_fused_step_is_retried_alone_and_fails_only_the_run_that_fails_alone() {
+        let (d, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (store, exp) = experiment(d.path());
+        let (ref_store, ref_exp) = experiment(d1.path());
+        let reference = fit(&ref_store, &ref_exp);
+        let runs = store.runs(exp.id).unwrap();
+        let (good, bad) = (runs[0].id, runs[1].id);
+        // Step 5 of the r=4 run fails, after the fused step moved both trainers (the good
+        // one's state is then one step on, which the retry must not build on).
+        FAIL_AT.with(|f| f.set(Some((bad, 5))));
+        let runs = fit(&store, &exp);
+        FAIL_AT.with(|f| f.set(None));
+        assert_eq!(runs[1].status, RunStatus::Failed, "{:?}", runs[1]);
+        let msg = runs[1].error.clone().unwrap();
+        assert!(msg.contains("step 5") && msg.contains("injected failure") && msg.contains("alone"), "{msg}");
+        assert_eq!(runs[0].status, RunStatus::Completed, "{:?}", runs[0]);
+        // The good run took exactly the steps it takes without the failure.
+        let (got, want) = (losses(&store, good), losses(&ref_store, reference[0].id));
+        assert_eq!(got.iter().map(|s| s.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+        for ((step, a), (_, b)) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4 * b.abs(), "step {step}: {a} vs {b}");
+        }
+        // The bad run's steps before the failure stay.
+        assert_eq!(losses(&store, bad).iter().map(|s| s.0).collect::<Vec<_>>(), (1..=4).collect::<Vec<_>>());
     }
 }
