@@ -248,7 +248,11 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
     sweep(exp)?;
     // Unfinished runs continue from their last checkpoint.
     let mut runs = BTreeMap::new();
-    for row in store.runs(exp.id)? {
+    let rows = store.runs(exp.id)?;
+    if rows.is_empty() {
+        return Err(Error::NoRuns { experiment: exp.name.clone() });
+    }
+    for row in rows {
         // A warm clone is recorded with its checkpoint; one without (a store of an older
         // furnace that a crash cut short) is taken away and its op makes it again.
         if row.warm && row.checkpoint_step.is_none() && row.status == RunStatus::New && store.remove_unstarted_run(row.id)? {
@@ -258,21 +262,36 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
             store.rewind(row.id)?;
         }
         let row = store.run(row.id)?;
-        let spec = spec_of(&row)?;
+        // A config that does not read back fails its run, not the experiment: an
+        // unfinished run is marked failed with the reason; a deleted, completed or failed
+        // one keeps its status. Neither is scheduled.
+        let spec = match spec_of(&row) {
+            Ok(spec) => spec,
+            Err(e) => {
+                if matches!(row.status, RunStatus::New | RunStatus::Ongoing | RunStatus::Stopped) {
+                    // The store reads text that is not JSON as null.
+                    let msg = if row.config.is_null() {
+                        format!("store: run {}: its stored config is not JSON; the run cannot train", row.id)
+                    } else {
+                        format!("{e}; the run cannot train")
+                    };
+                    store.set_run_status(row.id, RunStatus::Failed, Some(&msg))?;
+                    let _ = events.send(Event::Status {
+                        experiment: exp.name.clone(),
+                        run_id: row.id,
+                        status: RunStatus::Failed,
+                        message: Some(msg),
+                    });
+                }
+                continue;
+            }
+        };
         runs.insert(row.id, Live { row, spec, trainer: None });
     }
-    let first = runs.values().next().map(|l| l.spec.experiment.clone()).ok_or_else(|| Error::NoRuns { experiment: exp.name.clone() })?;
-    let mut fit = Fit {
-        store,
-        exp: exp.clone(),
-        events,
-        loader,
-        opts,
-        runs,
-        loaded: None,
-        budget: opts.memory_budget,
-        policy: (first.policy.clone(), first.eta),
-    };
+    // The policy is the experiment's: every run's spec has the same `[experiment]`.
+    let first = runs.values().next().map(|l| l.spec.experiment.clone());
+    let policy = first.map(|e| (e.policy, e.eta)).unwrap_or_else(|| ("none".into(), 2));
+    let mut fit = Fit { store, exp: exp.clone(), events, loader, opts, runs, loaded: None, budget: opts.memory_budget, policy };
     fit.replay_asha()?;
     let cancelled = fit.drive()?;
     drop(lock);

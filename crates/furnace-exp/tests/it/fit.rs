@@ -648,3 +648,18 @@ fn a_loss_that_becomes_nan_fails_that_run_only() {
     let failed_at: i64 = runs[1].error.as_deref().unwrap().split("at step ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
     assert_eq!(loss.keys().copied().collect::<Vec<_>>(), (1..failed_at).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_stored_config_that_does_not_read_fails_its_run_not_the_experiment() {
+    let (_d, store, exp) = new_experiment("r = { list = [2, 4, 8] }", "");
+    let ids: Vec<i64> = store.runs(exp.id).unwrap().iter().map(|r| r.id).collect();
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    // Not JSON; and a deleted run's config that is JSON but not a spec.
+    conn.execute("UPDATE runs SET config = '{not json' WHERE id = ?1", [ids[0]]).unwrap();
+    conn.execute("UPDATE runs SET config = '{\"lora\": 1}', status = 'deleted' WHERE id = ?1", [ids[1]]).unwrap();
+    let (runs, failed) = fit_with_failures(&store, &exp, &FitOptions::default());
+    assert_eq!(runs[1].status, RunStatus::Deleted, "a deleted run is skipped");
+    assert!(!failed.contains_key(&ids[1]));
+    let others: Vec<RunRow> = runs.iter().filter(|r| r.id != ids[1]).cloned().collect();
+    assert_only_failed(&store, &others, &failed, ids[0], &["stored config", "not JSON"]);
+}
