@@ -38,7 +38,8 @@ pub type StepHook = Arc<dyn Fn(i64, i64) + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct FitOptions {
     /// Bytes the runs' own state (adapter, gradients, optimizer moments) may take at
-    /// once; `None`: 70% of the memory available when the base is loaded.
+    /// once; `None`: 70% of the memory available, measured as each base loads. A run
+    /// whose own state alone exceeds a budget given here fails without training.
     pub memory_budget: Option<u64>,
     /// Set to stop after the current optimizer step (runs stay unfinished and resume from
     /// their checkpoints on the next call).
@@ -63,6 +64,18 @@ impl std::fmt::Debug for FitOptions {
 /// Bytes of one run's own state: factors, gradients and two optimizer moments in f32.
 pub fn run_bytes(params: usize) -> u64 {
     16 * params as u64
+}
+
+/// `bytes` for people: `1.5 MB`, `2.0 GB`.
+fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
 }
 
 /// Memory available now (Linux `MemAvailable`), if known.
@@ -415,7 +428,9 @@ impl Fit<'_, '_> {
         self.log(format!("loading {} ({dtype:?} base)", key.0));
         let model = (self.loader)(&key.0, dtype)?;
         let frozen = FrozenBase::new(&model.model)?;
-        if self.budget.is_none() {
+        // Measured for each base as it loads (what another base took is given back, other
+        // processes come and go); an explicit budget stays as given.
+        if self.opts.memory_budget.is_none() {
             self.budget = available_memory().map(|a| a / 10 * 7);
         }
         self.loaded = Some(Loaded { key: key.clone(), model, frozen, data: HashMap::new() });
@@ -509,8 +524,10 @@ impl Fit<'_, '_> {
         Ok(())
     }
 
-    /// The members that fit the memory budget (at least one), in order; the others wait
-    /// and their trainers are dropped (they are checkpointed).
+    /// The members that fit the memory budget, in order; the others wait and their
+    /// trainers are dropped (they are checkpointed). Under a measured budget at least one
+    /// is admitted; a run whose own state alone exceeds an explicit budget
+    /// (`FitOptions::memory_budget`) never fits it, so it fails saying what it needs.
     fn admit(&mut self, members: &[i64]) -> Result<Vec<i64>> {
         let mut admitted = Vec::new();
         let mut used = 0u64;
@@ -519,6 +536,16 @@ impl Fit<'_, '_> {
                 (Some(l), Some(b)) => run_bytes(lora_params(&b.model.model, &l.spec)),
                 _ => 0,
             };
+            if let Some(budget) = self.opts.memory_budget.filter(|&b| bytes > b) {
+                let msg = format!(
+                    "its adapter, gradients and optimizer state need {} ({bytes} bytes), more than the memory budget of {} ({budget} bytes); \
+                     raise --memory-budget or lower lora.r",
+                    human_bytes(bytes),
+                    human_bytes(budget)
+                );
+                self.fail(id, msg)?;
+                continue;
+            }
             if admitted.is_empty() || self.budget.is_none_or(|b| used + bytes <= b) {
                 used += bytes;
                 admitted.push(id);

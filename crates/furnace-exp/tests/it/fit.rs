@@ -117,9 +117,11 @@ fn every_config_trains_chunk_by_chunk_and_matches_training_alone() {
             assert!(close(fused[name][step], *v), "{name} at step {step}: fused {} alone {v}", fused[name][step]);
         }
     }
-    // A tiny memory budget admits one run at a time: same results.
+    // A memory budget that fits one run at a time (the r=4 run's state alone) gives the
+    // same results.
     let (_d2, store2, exp2) = new_experiment("r = { list = [2, 4] }", "");
-    let one_by_one = fit(&store2, &exp2, &FitOptions { memory_budget: Some(1), ..Default::default() });
+    let one_by_one = fit(&store2, &exp2, &FitOptions { memory_budget: Some(run_state_bytes(4)), ..Default::default() });
+    assert!(one_by_one.iter().all(|r| r.status == RunStatus::Completed), "{one_by_one:?}");
     assert_same(&series(&store2, one_by_one[1].id)["loss"], &fused["loss"]);
 }
 
@@ -662,4 +664,22 @@ fn a_stored_config_that_does_not_read_fails_its_run_not_the_experiment() {
     assert!(!failed.contains_key(&ids[1]));
     let others: Vec<RunRow> = runs.iter().filter(|r| r.id != ids[1]).cloned().collect();
     assert_only_failed(&store, &others, &failed, ids[0], &["stored config", "not JSON"]);
+}
+
+/// Bytes of a run's own state on tiny-llama with LoRA rank `r` on q_proj (64 -> 64) and
+/// v_proj (64 -> 32) of 2 layers: 16 bytes per parameter.
+fn run_state_bytes(r: u64) -> u64 {
+    16 * 2 * r * ((64 + 64) + (64 + 32))
+}
+
+#[test]
+fn a_run_that_alone_exceeds_an_explicit_memory_budget_fails_and_the_others_train() {
+    let (_d, store, exp) = new_experiment("r = { list = [2, 8] }", "");
+    let big = store.runs(exp.id).unwrap()[1].id;
+    let budget = run_state_bytes(4);
+    let opts = FitOptions { memory_budget: Some(budget), ..Default::default() };
+    let (runs, failed) = fit_with_failures(&store, &exp, &opts);
+    let needs = run_state_bytes(8).to_string();
+    assert_only_failed(&store, &runs, &failed, big, &[&needs, &budget.to_string(), "memory budget"]);
+    assert!(store.metrics(big).unwrap().is_empty(), "it never trained");
 }
