@@ -15,6 +15,12 @@
 //! unfinished run to its checkpoint (dropping the later metrics, which it computes again)
 //! and takes again an ASHA decision the crash cut off, so nothing is lost or doubled
 //! (ARCHITECTURE.md, Invariants).
+//!
+//! Failures stay inside the run that failed: an error building, evaluating,
+//! checkpointing or finishing one run, a loss that becomes NaN or infinite, a stored
+//! config that does not read, or a run too big for an explicit memory budget marks that
+//! run `failed` with the reason and the others go on; a fused step that fails is retried
+//! with each run alone. Only errors of the store itself end [`run_fit`] with an error.
 
 use crate::asha;
 use crate::error::{Error, Result};

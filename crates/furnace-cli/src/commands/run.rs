@@ -26,7 +26,8 @@ pub struct RunArgs {
     #[arg(long)]
     fresh: bool,
     /// Memory the runs' own state may take at once (e.g. 8G, 512M); runs beyond it wait
-    /// their turn. Default: 70% of the memory available after loading the base.
+    /// their turn, and a run that alone needs more fails. Default: 70% of the memory
+    /// available, measured as each base loads.
     #[arg(long, value_parser = parse_bytes)]
     memory_budget: Option<u64>,
     /// Address of the API server.
