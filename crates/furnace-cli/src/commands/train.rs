@@ -232,6 +232,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let base = if spec.model.base.is_empty() { DEFAULT_MODEL.to_string() } else { spec.model.base.clone() };
     eprintln!("loading {base} ({dtype:?} base)");
     let mut loaded = load(&base, dtype)?;
+    spec.check_against(&loaded.model.config)?;
     let Some(template) = loaded.chat_template.clone() else {
         bail!("{base} has no chat template: training rows are formatted with it");
     };
