@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod args;
 mod commands;
 mod human;
+mod interrupt;
 mod models;
 
 use commands::{bench, chat, doctor, generate, model, ops, results, run, runs, tokenize, train};
@@ -117,6 +118,10 @@ fn main() {
         Command::Bench { cmd } => bench::run(cmd),
     };
     if let Err(e) = result {
+        if let Some(i) = e.downcast_ref::<interrupt::Interrupted>() {
+            eprintln!("{i}");
+            std::process::exit(interrupt::EXIT_CODE);
+        }
         let broken_pipe =
             e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
         if broken_pipe {

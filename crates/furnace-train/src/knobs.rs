@@ -17,6 +17,14 @@ use toml::{Table, Value};
 /// Sections whose scalar settings may be knobs.
 const KNOB_SECTIONS: [&str; 3] = ["lora", "trainer", "model"];
 
+/// The most configs a spec may expand into (a grid's leaves, a random search's
+/// `num_runs`, summed over its groups).
+pub const MAX_RUNS: usize = 10_000;
+/// The most values a list knob may hold.
+pub const MAX_LIST_LEN: usize = 10_000;
+/// The largest magnitude of a range knob's bounds and step.
+pub const MAX_RANGE: f64 = 1e15;
+
 /// A knob's values.
 #[derive(Debug, Clone, PartialEq)]
 enum Knob {
@@ -48,12 +56,19 @@ fn parse_knob(path: &str, t: &Table) -> Result<Knob> {
         return Err(invalid(path, format!("unknown knob key '{unknown}' (expected list, or range with log, dtype, step)")));
     }
     match (t.get("list"), t.get("range")) {
+        (Some(Value::Array(l)), None) if l.len() > MAX_LIST_LEN => {
+            Err(invalid(path, format!("a list knob holds at most {MAX_LIST_LEN} values, not {}", l.len())))
+        }
         (Some(Value::Array(l)), None) if !l.is_empty() => Ok(Knob::List(l.clone())),
         (Some(_), None) => Err(invalid(path, "a list knob needs a non-empty array: { list = [a, b] }")),
         (None, Some(Value::Array(r))) => {
             let (Some(lo), Some(hi)) = (r.first().and_then(num), r.get(1).and_then(num)) else {
                 return Err(invalid(path, "a range knob needs two numbers: { range = [low, high] }"));
             };
+            let bounded = |v: f64| v.is_finite() && v.abs() <= MAX_RANGE;
+            if !bounded(lo) || !bounded(hi) {
+                return Err(invalid(path, format!("range bounds must be finite, at most {MAX_RANGE:e} in magnitude")));
+            }
             if r.len() != 2 || lo > hi {
                 return Err(invalid(path, "a range needs [low, high] with low <= high"));
             }
@@ -67,7 +82,7 @@ fn parse_knob(path: &str, t: &Table) -> Result<Knob> {
                 Some(o) => return Err(invalid(path, format!("dtype '{o}' is not int or float"))),
             };
             let step = t.get("step").and_then(num).unwrap_or(if int { 1.0 } else { 0.0 });
-            if step < 0.0 || (int && step < 1.0) {
+            if !bounded(step) || step < 0.0 || (int && step < 1.0) {
                 return Err(invalid(path, "step must be positive (and at least 1 for ints)"));
             }
             Ok(Knob::Range { lo, hi, log, int, step })
@@ -81,7 +96,7 @@ impl Knob {
     fn count(&self) -> Option<usize> {
         match self {
             Knob::List(l) => Some(l.len()),
-            Knob::Range { lo, hi, step, .. } if *step > 0.0 => Some(((hi - lo) / step).floor() as usize + 1),
+            Knob::Range { lo, hi, step, .. } if *step > 0.0 => Some((((hi - lo) / step).floor() as usize).saturating_add(1)),
             Knob::Range { .. } => None,
         }
     }
@@ -91,7 +106,7 @@ impl Knob {
             Knob::List(l) => l[(rng.next_u64() % l.len() as u64) as usize].clone(),
             &Knob::Range { lo, hi, log, int, step } => {
                 if step > 0.0 {
-                    let n = ((hi - lo) / step).floor() as u64 + 1;
+                    let n = (((hi - lo) / step).floor() as u64).saturating_add(1);
                     let v = lo + step * (rng.next_u64() % n) as f64;
                     return if int { Value::Integer(v.round() as i64) } else { Value::Float(v) };
                 }
@@ -123,6 +138,9 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
     }
     if kind == "random" && num_runs <= 0 {
         return Err(invalid("search.num_runs", "a random search needs num_runs > 0"));
+    }
+    if num_runs > MAX_RUNS as i64 {
+        return Err(invalid("search.num_runs", format!("must be at most {MAX_RUNS}")));
     }
     let groups: Vec<Option<Table>> = match root.remove("group") {
         None => vec![None],
@@ -168,6 +186,16 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
             }
         }
         let combos: Vec<Vec<Value>> = if kind == "grid" {
+            // Counted before anything is built: at most MAX_RUNS leaves in all.
+            let grid = knobs.iter().try_fold(1usize, |acc, (_, _, k)| acc.checked_mul(k.count().unwrap_or(1)));
+            if grid.and_then(|n| n.checked_add(leaves.len())).is_none_or(|n| n > MAX_RUNS) {
+                let n = grid.map(|n| n.to_string()).unwrap_or_else(|| "more than 2^64".into());
+                let earlier = if leaves.is_empty() { String::new() } else { format!(" (after {} of earlier groups)", leaves.len()) };
+                return Err(invalid(
+                    &format!("{prefix}search"),
+                    format!("the grid expands to {n} configs{earlier}; at most {MAX_RUNS} in all"),
+                ));
+            }
             let mut combos = vec![Vec::new()];
             for (_, _, k) in &knobs {
                 let Knob::List(l) = k else { continue };
@@ -176,6 +204,12 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
             combos
         } else {
             let want = num_runs as usize;
+            if want.saturating_add(leaves.len()) > MAX_RUNS {
+                return Err(invalid(
+                    &format!("{prefix}search.num_runs"),
+                    format!("{want} runs after {} of earlier groups: at most {MAX_RUNS} in all", leaves.len()),
+                ));
+            }
             let finite: Option<usize> = knobs.iter().try_fold(1usize, |acc, (_, _, k)| k.count().map(|c| acc.saturating_mul(c)));
             if let Some(n) = finite {
                 if n < want {

@@ -8,6 +8,7 @@ use crate::lora::LoraInit;
 use crate::optim::{AdamWConfig, ScheduleKind};
 use crate::trainer::TrainConfig;
 use furnace_model::lora::LoraConfig;
+use furnace_model::LlamaConfig;
 use furnace_model::WeightDType;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -227,6 +228,31 @@ fn invalid(key: &str, msg: impl Into<String>) -> Error {
     Error::Spec { key: key.into(), msg: msg.into() }
 }
 
+/// The largest `lora.r`.
+pub const MAX_LORA_R: usize = 4096;
+/// The largest `trainer.max_seq_len` (2^20 tokens).
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+/// The largest `trainer.batch_size`.
+pub const MAX_BATCH_SIZE: usize = 65_536;
+/// The largest `trainer.grad_accum`.
+pub const MAX_GRAD_ACCUM: usize = 65_536;
+/// The largest `experiment.num_chunks`.
+pub const MAX_NUM_CHUNKS: usize = 100_000;
+/// The largest `trainer.epochs`.
+pub const MAX_EPOCHS: usize = 100_000;
+/// The largest `trainer.max_steps` (and step counts: warmup, eval, log, save intervals).
+pub const MAX_STEPS: usize = 100_000_000;
+/// The largest `experiment.eta`.
+pub const MAX_ETA: usize = 10_000;
+
+/// `v` at most `max`, or the error `key: must be at most max`.
+fn at_most(key: &str, v: usize, max: usize) -> Result<()> {
+    if v > max {
+        return Err(invalid(key, format!("must be at most {max}")));
+    }
+    Ok(())
+}
+
 impl Spec {
     /// Reads and validates a spec; relative data paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Self> {
@@ -266,10 +292,13 @@ impl Spec {
         if e.eta < 2 {
             return Err(invalid("experiment.eta", "must be >= 2 (keep the best 1/eta of the runs at each rung)"));
         }
+        at_most("experiment.eta", e.eta, MAX_ETA)?;
+        at_most("experiment.num_chunks", e.num_chunks.unwrap_or(1), MAX_NUM_CHUNKS)?;
         self.weight_dtype()?;
         if self.lora.r == 0 {
             return Err(invalid("lora.r", "must be > 0"));
         }
+        at_most("lora.r", self.lora.r, MAX_LORA_R)?;
         if self.lora.alpha.is_nan() || self.lora.alpha <= 0.0 {
             return Err(invalid("lora.alpha", "must be > 0"));
         }
@@ -298,6 +327,24 @@ impl Spec {
         if t.max_steps == Some(0) || (t.max_steps.is_none() && t.epochs == 0) {
             return Err(invalid("trainer.epochs", "epochs (or max_steps) must be > 0"));
         }
+        for (k, v, max) in [
+            ("trainer.batch_size", t.batch_size, MAX_BATCH_SIZE),
+            ("trainer.grad_accum", t.grad_accum, MAX_GRAD_ACCUM),
+            ("trainer.max_seq_len", t.max_seq_len, MAX_SEQ_LEN),
+            ("trainer.epochs", t.epochs, MAX_EPOCHS),
+            ("trainer.max_steps", t.max_steps.unwrap_or(1), MAX_STEPS),
+            ("trainer.warmup_steps", t.warmup_steps, MAX_STEPS),
+            ("trainer.eval_every", t.eval_every, MAX_STEPS),
+            ("trainer.log_every", t.log_every, MAX_STEPS),
+            ("trainer.save_every", t.save_every, MAX_STEPS),
+        ] {
+            at_most(k, v, max)?;
+        }
+        // Tokens of one optimizer step (and, packed, of one micro-batch): never overflows.
+        t.batch_size
+            .checked_mul(t.grad_accum)
+            .and_then(|n| n.checked_mul(t.max_seq_len))
+            .ok_or_else(|| invalid("trainer.batch_size", "batch_size x grad_accum x max_seq_len overflows"))?;
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             return Err(invalid("trainer.warmup_ratio", "must be in [0, 1)"));
         }
@@ -305,6 +352,37 @@ impl Spec {
             return Err(invalid("trainer.weight_decay", "weight_decay and max_grad_norm must be >= 0"));
         }
         self.schedule()?;
+        Ok(())
+    }
+
+    /// Checks the spec against the model it trains, once that is loaded: `lora.r` at most
+    /// the smaller dimension of every targeted projection, `trainer.max_seq_len` at most the
+    /// model's context (`max_position_embeddings`).
+    pub fn check_against(&self, model: &LlamaConfig) -> Result<()> {
+        let q = model.num_heads.saturating_mul(model.head_dim);
+        let kv = model.num_kv_heads.saturating_mul(model.head_dim);
+        let (h, i) = (model.hidden_size, model.intermediate_size);
+        for target in self.lora_config().targets() {
+            let (d_in, d_out) = match target.as_str() {
+                "q_proj" => (h, q),
+                "k_proj" | "v_proj" => (h, kv),
+                "o_proj" => (q, h),
+                "gate_proj" | "up_proj" => (h, i),
+                "down_proj" => (i, h),
+                _ => continue,
+            };
+            let max = d_in.min(d_out);
+            if self.lora.r > max {
+                return Err(invalid(
+                    "lora.r",
+                    format!("must be at most {max} (the smaller dimension of {target}, {d_out}x{d_in}, in this model)"),
+                ));
+            }
+        }
+        let ctx = model.max_position_embeddings;
+        if ctx > 0 && self.trainer.max_seq_len > ctx {
+            return Err(invalid("trainer.max_seq_len", format!("must be at most {ctx} (the model's context, max_position_embeddings)")));
+        }
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -94,8 +94,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         None
     };
     let experiment = Experiment::open(&a.dir.runs_dir, &exp.name)?;
+    let cancel = crate::interrupt::install()?;
     let mut running = experiment.start(StartOptions {
-        fit: FitOptions { memory_budget: a.memory_budget, ..Default::default() },
+        fit: FitOptions { memory_budget: a.memory_budget, cancel: Some(cancel), ..Default::default() },
         loader: Box::new(|name: &str, dtype| {
             load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") })
         }),
@@ -111,6 +112,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         h.shutdown();
     }
     print_runs(&store, &summary.runs, false)?;
+    if summary.cancelled {
+        let mut resume = format!("furnace run --experiment {}", exp.name);
+        if a.dir.runs_dir != Path::new("runs") {
+            resume.push_str(&format!(" --runs-dir {}", a.dir.runs_dir.display()));
+        }
+        return Err(crate::interrupt::Interrupted { resume }.into());
+    }
     Ok(())
 }
 

@@ -232,6 +232,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let base = if spec.model.base.is_empty() { DEFAULT_MODEL.to_string() } else { spec.model.base.clone() };
     eprintln!("loading {base} ({dtype:?} base)");
     let mut loaded = load(&base, dtype)?;
+    spec.check_against(&loaded.model.config)?;
     let Some(template) = loaded.chat_template.clone() else {
         bail!("{base} has no chat template: training rows are formatted with it");
     };
@@ -308,8 +309,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     // The model loaded here is the one the driver trains on (no second load).
     let mut handoff = Some(loaded.clone());
+    let cancel = crate::interrupt::install()?;
     let mut running = exp.start(StartOptions {
-        fit: FitOptions { eval_at_start: true, ..Default::default() },
+        fit: FitOptions { eval_at_start: true, cancel: Some(cancel), ..Default::default() },
         loader: Box::new(move |name: &str, dtype| match handoff.take() {
             Some(m) => Ok(m),
             None => load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") }),
@@ -340,6 +342,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let summary = running.wait()?;
     bar.finish();
+    if summary.cancelled {
+        let mut resume = format!("furnace train {} --resume", a.spec.display());
+        if a.runs_dir != Path::new("runs") {
+            resume.push_str(&format!(" --runs-dir {}", a.runs_dir.display()));
+        }
+        return Err(crate::interrupt::Interrupted { resume }.into());
+    }
     let run = summary.runs.iter().find(|r| r.id == run_id).context("the run left the store")?;
     if run.status != RunStatus::Completed {
         bail!("run {} ended {}: {}", run_id, run.status.as_str(), run.error.clone().unwrap_or_default());

@@ -152,3 +152,39 @@ fn killed_mid_chunk_then_run_again_continues_with_every_metric_once() {
     let listed = ok(furnace(d, &["ops", "list", "demo"]).output().unwrap());
     assert!(listed.contains("applied") && listed.contains("trainer.learning_rate=3e-2"), "{listed}");
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_with_130_and_run_experiment_finishes_with_every_metric_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let mut child = furnace(d, &["run", "spec.toml", "--no-server"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until a run has trained some steps, then Ctrl-C.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        assert!(Instant::now() < deadline, "no progress within the time limit");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be interrupted; make it longer");
+        if let Ok(store) = Store::open_in(&d.join("runs")) {
+            if let Ok(exp) = store.experiment("demo") {
+                if store.runs(exp.id).unwrap().iter().any(|r| r.steps_done >= 2) {
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted; resume with: furnace run --experiment demo"), "{err}");
+    let store = Store::open_in(&d.join("runs")).unwrap();
+    let exp = store.experiment("demo").unwrap();
+    assert_eq!(exp.status, "running");
+    assert!(store.runs(exp.id).unwrap().iter().any(|r| r.status != RunStatus::Completed), "interrupted before the end");
+
+    ok(furnace(d, &["run", "--experiment", "demo", "--no-server"]).output().unwrap());
+    let done = series(&store, "demo");
+    assert_eq!(done.len(), 2);
+}

@@ -154,3 +154,51 @@ fn an_experiment_name_that_is_not_a_folder_name_is_refused() {
         assert!(cmd == "run" || !store.exists(), "{cmd} wrote a store");
     }
 }
+
+#[test]
+fn sigterm_stops_train_with_130_and_resume_finishes_with_every_step_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rows: String = (0..6).map(|i| format!("{{\"prompt\": \"What is {i} plus {i}?\", \"completion\": \"{}\"}}\n", 2 * i)).collect();
+    std::fs::write(d.join("train.jsonl"), &rows).unwrap();
+    std::fs::write(d.join("eval.jsonl"), &rows).unwrap();
+    let s = spec(d, 4, 60, "train.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_furnace"))
+        .current_dir(d)
+        .args(["train", s.to_str().unwrap(), "--samples", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let steps = |metrics: &str| -> Vec<u64> {
+        metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect()
+    };
+    let exp = d.join("runs/tiny");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no progress within the time limit");
+        assert!(child.try_wait().unwrap().is_none(), "training finished before it could be interrupted; make it longer");
+        let run = std::fs::read_to_string(exp.join("latest")).ok().map(|r| exp.join(r.trim()));
+        if let Some(text) = run.and_then(|r| std::fs::read_to_string(r.join("metrics.jsonl")).ok()) {
+            if steps(&text).len() >= 3 {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains(&format!("interrupted; resume with: furnace train {} --resume", s.display())), "{err}");
+    let o = furnace(d, &["train", s.to_str().unwrap(), "--resume", "--samples", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = exp.join(std::fs::read_to_string(exp.join("latest")).unwrap().trim());
+    let got = steps(&std::fs::read_to_string(run.join("metrics.jsonl")).unwrap());
+    assert_eq!(got, (1..=60).collect::<Vec<u64>>());
+}

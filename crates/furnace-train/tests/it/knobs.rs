@@ -99,3 +99,94 @@ fn experiment_names_that_are_not_plain_folder_names_are_refused() {
         assert!(expand(&text, &spec_path()).is_ok(), "{good:?}");
     }
 }
+
+#[test]
+fn every_size_has_an_upper_bound_named_by_its_key() {
+    let base = spec("", "");
+    let cases: [(&str, &str, &str); 13] = [
+        ("r = 16", "r = 4097", "lora.r: must be at most 4096"),
+        ("max_seq_len = 128", "max_seq_len = 1048577", "trainer.max_seq_len: must be at most 1048576"),
+        ("batch_size = 4", "batch_size = 65537", "trainer.batch_size: must be at most 65536"),
+        ("batch_size = 4", "batch_size = 4\ngrad_accum = 65537", "trainer.grad_accum: must be at most 65536"),
+        ("epochs = 1", "epochs = 100001", "trainer.epochs: must be at most 100000"),
+        ("epochs = 1", "epochs = 1\nmax_steps = 100000001", "trainer.max_steps: must be at most 100000000"),
+        ("warmup_steps = 4", "warmup_steps = 100000001", "trainer.warmup_steps: must be at most 100000000"),
+        ("eval_every = 24", "eval_every = 100000001", "trainer.eval_every: must be at most 100000000"),
+        ("log_every = 4", "log_every = 100000001", "trainer.log_every: must be at most 100000000"),
+        ("save_every = 24", "save_every = 100000001", "trainer.save_every: must be at most 100000000"),
+        ("seed = 42", "seed = 42\nnum_chunks = 100001", "experiment.num_chunks: must be at most 100000"),
+        ("seed = 42", "seed = 42\neta = 10001", "experiment.eta: must be at most 10000"),
+        ("seed = 42", "seed = 42\neta = 1", "experiment.eta: must be >= 2"),
+    ];
+    for (from, to, want) in cases {
+        let e = err(&base.replace(from, to));
+        assert!(e.starts_with(want), "{to}: {e}");
+    }
+    // At the bounds: accepted.
+    for (from, to) in
+        [("r = 16", "r = 4096"), ("batch_size = 4", "batch_size = 65536\ngrad_accum = 65536"), ("epochs = 1", "epochs = 100000")]
+    {
+        assert!(expand(&base.replace(from, to), &spec_path()).is_ok(), "{to}");
+    }
+    // The product of the three is computed with checked arithmetic (it fits on 64 bits
+    // at the bounds, so this holds there too).
+    let at_bounds =
+        base.replace("batch_size = 4", "batch_size = 65536\ngrad_accum = 65536").replace("max_seq_len = 128", "max_seq_len = 1048576");
+    let r = expand(&at_bounds, &spec_path());
+    assert!(r.is_ok() || r.unwrap_err().to_string().contains("overflows"));
+}
+
+#[test]
+fn knobs_grids_and_searches_are_bounded() {
+    // A grid of 101 x 100 = 10,100 leaves: refused before any is built, naming the count.
+    let list = |n: usize| (1..=n).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    let big = spec("", "")
+        .replace("r = 16", &format!("r = {{ list = [{}] }}", list(101)))
+        .replace("batch_size = 4", &format!("batch_size = {{ list = [{}] }}", list(100)));
+    let e = err(&big);
+    assert!(e.starts_with("search: the grid expands to 10100 configs"), "{e}");
+    // Lists are bounded; huge products do not overflow.
+    let long = spec("", "").replace("r = 16", &format!("r = {{ list = [{}] }}", list(10_001)));
+    assert!(err(&long).starts_with("lora.r: a list knob holds at most 10000 values"), "{}", err(&long));
+    // Over all groups together.
+    let groups = format!(
+        "[[group]]\n[group.lora]\nr = 8\n\n[[group]]\n[group.lora]\nr = {{ list = [{}] }}\n[group.trainer]\nbatch_size = {{ list = [{}] }}\n",
+        list(100),
+        list(100)
+    );
+    let e = err(&spec("", &groups));
+    assert!(e.starts_with("group[1].search: the grid expands to 10000 configs (after 1 of earlier groups)"), "{e}");
+    // Random search: num_runs and range bounds.
+    let runs = spec("", "[search]\nkind = \"random\"\nnum_runs = 10001");
+    assert_eq!(err(&runs), "search.num_runs: must be at most 10000");
+    for bad in ["range = [0, inf]", "range = [nan, 1.0]", "range = [1.0, 1e300]", "range = [1.0, 2.0], step = inf"] {
+        let text = spec(&format!("learning_rate = {{ {bad} }}"), "[search]\nkind = \"random\"\nnum_runs = 1");
+        let e = err(&text);
+        assert!(e.starts_with("trainer.learning_rate: "), "{bad}: {e}");
+    }
+    // A range with a tiny step counts its values without overflowing.
+    let fine = spec("learning_rate = { range = [0.0, 1e15], step = 1e-300 }", "[search]\nkind = \"random\"\nnum_runs = 2");
+    assert!(expand(&fine, &spec_path()).is_ok_and(|l| l.len() == 2));
+}
+
+#[test]
+fn check_against_bounds_rank_and_context_by_the_model() {
+    let path = furnace_testutil::testdata().join("tiny-llama/config.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cfg = furnace_model::LlamaConfig::from_hf_json(&v).unwrap();
+    // tiny-llama: hidden 64, intermediate 128, 4 heads and 2 kv heads of 16, context 512.
+    let leaf = |from: &str, to: &str| expand(&spec("", "").replace(from, to), &spec_path()).unwrap().remove(0).spec;
+    assert!(leaf("r = 16", "r = 32").check_against(&cfg).is_ok());
+    let e = leaf("r = 16", "r = 33").check_against(&cfg).unwrap_err().to_string();
+    assert!(e.starts_with("lora.r: must be at most 32 (the smaller dimension of k_proj"), "{e}");
+    // Only the targeted projections count: q_proj is 64x64.
+    let q = leaf("targets = [\"all-linear\"]", "targets = [\"q_proj\"]");
+    let mut q64 = q.clone();
+    q64.lora.r = 64;
+    assert!(q64.check_against(&cfg).is_ok());
+    q64.lora.r = 65;
+    assert!(q64.check_against(&cfg).unwrap_err().to_string().starts_with("lora.r: must be at most 64"));
+    let e = leaf("max_seq_len = 128", "max_seq_len = 513").check_against(&cfg).unwrap_err().to_string();
+    assert!(e.starts_with("trainer.max_seq_len: must be at most 512"), "{e}");
+    assert!(leaf("max_seq_len = 128", "max_seq_len = 512").check_against(&cfg).is_ok());
+}
