@@ -39,7 +39,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat interactively with a model (type /exit to quit, /reset to clear the history).
     Chat(chat::ChatArgs),
-    /// Train one LoRA configuration from a spec (TOML) into a run folder.
+    /// Train one LoRA configuration from a spec (TOML): a one-run experiment (see `furnace
+    /// runs`) whose run folder holds metrics.jsonl, checkpoints and the final adapter.
     Train(train::TrainArgs),
     /// Run an experiment: every config of a spec (knobs, [[group]]s) trains together in
     /// fused passes, chunk by chunk, with live control and an HTTP API. Continues an
