@@ -29,7 +29,7 @@ use crate::ops::{apply_overrides, check_warm};
 use crate::store::{ExperimentRow, NewClone, OpKind, OpRow, RunRow, RunStatus, Store};
 use furnace_model::{LoadedModel, WeightDType};
 use furnace_train::{eval_loss, fused_step, load_dataset, Example, FrozenBase, Spec, StepMetrics, TrainableLora, Trainer};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -311,7 +311,6 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
     let first = runs.values().next().map(|l| l.spec.experiment.clone());
     let policy = first.map(|e| (e.policy, e.eta)).unwrap_or_else(|| ("none".into(), 2));
     let mut fit = Fit { store, exp: exp.clone(), events, loader, opts, runs, loaded: None, budget: opts.memory_budget, policy };
-    fit.replay_asha()?;
     let cancelled = fit.drive()?;
     drop(lock);
     let done = fit.runs.values().all(|l| !l.row.status.is_active());
@@ -375,6 +374,7 @@ impl Fit<'_, '_> {
             if self.cancelled() {
                 return Ok(true);
             }
+            self.asha()?;
             // Least progress first: the active run with the fewest chunks done picks the
             // group, and that group's runs at the same progress train the next chunk.
             let Some(lead) = self
@@ -538,6 +538,18 @@ impl Fit<'_, '_> {
         let mut admitted = Vec::new();
         let mut used = 0u64;
         for &id in members {
+            // Sizes the spec alone cannot bound: the rank against the projections and the
+            // sequence length against the context of this base.
+            let fits_model = match (self.runs.get(&id), self.loaded.as_ref()) {
+                (Some(l), Some(b)) => {
+                    l.spec.check_against(&b.model.model.config).map_err(|e| format!("{e}; the run cannot train on {}", l.spec.model.base))
+                }
+                _ => Ok(()),
+            };
+            if let Err(msg) = fits_model {
+                self.fail(id, msg)?;
+                continue;
+            }
             let bytes = match (self.runs.get(&id), self.loaded.as_ref()) {
                 (Some(l), Some(b)) => run_bytes(lora_params(&b.model.model, &l.spec)),
                 _ => 0,
@@ -595,6 +607,7 @@ impl Fit<'_, '_> {
             }
             members.retain(|id| self.runs.get(id).is_some_and(|l| l.row.status.is_active() && l.trainer.is_some()));
             if self.cancelled() {
+                self.stop_here(&members, target)?;
                 return Ok(true);
             }
             let stepping: Vec<i64> = members
@@ -609,8 +622,30 @@ impl Fit<'_, '_> {
             }
             self.fused(&stepping, target)?;
         }
-        self.end_chunk(&members, target)?;
+        self.end_chunk(&members)?;
         Ok(false)
+    }
+
+    /// On cancel (the first Ctrl-C), keeps the work done: the runs in `members` that ended
+    /// the chunk end it (eval, checkpoint, completion) and the others are checkpointed at
+    /// the step they are at, so a resume redoes nothing.
+    fn stop_here(&mut self, members: &[i64], target: i64) -> Result<()> {
+        let (mut ended, mut inside) = (Vec::new(), Vec::new());
+        for &id in members {
+            let Some(t) = self.runs.get(&id).and_then(|l| l.trainer.as_ref()) else { continue };
+            if t.chunks_done() as i64 >= target || t.finished() {
+                ended.push(id);
+            } else {
+                inside.push(id);
+            }
+        }
+        self.end_chunk(&ended)?;
+        for id in inside {
+            let step = self.runs.get(&id).map(|l| l.row.steps_done).unwrap_or(0);
+            let saved = self.checkpoint(id);
+            self.contain(id, &format!("checkpoint at step {step}"), saved)?;
+        }
+        Ok(())
     }
 
     /// One optimizer step of each run in `ids`, fused per dataset; then the evals and
@@ -757,9 +792,9 @@ impl Fit<'_, '_> {
         Ok(())
     }
 
-    /// The end of a chunk for `members`: eval loss, checkpoint, completion, policy.
-    fn end_chunk(&mut self, members: &[i64], rung: i64) -> Result<()> {
-        let mut any_reached = false;
+    /// The end of a chunk for `members`: eval loss, checkpoint, completion (the policy
+    /// decides in the drive loop, once every run that will reach this rung has).
+    fn end_chunk(&mut self, members: &[i64]) -> Result<()> {
         for &id in members {
             let Some(t) = self.runs.get(&id).and_then(|l| l.trainer.as_ref()) else { continue };
             let (step, chunks, finished) = (t.steps_done() as i64, t.chunks_done() as i64, t.finished());
@@ -777,103 +812,110 @@ impl Fit<'_, '_> {
             if finished {
                 let done = self.finish(id);
                 self.contain(id, "saving the adapter", done)?;
-            } else if chunks >= rung {
-                any_reached = true;
             }
-        }
-        if self.policy.0 == "asha" && any_reached {
-            self.asha(rung, &HashSet::new())?;
         }
         Ok(())
     }
 
-    /// At startup, ASHA again at each rung where active runs sit with their checkpoint: a
-    /// decision a crash cut off between a rung's checkpoint and its stop is taken (the
-    /// same one: the scores are stored). A run with a stop op recorded at that step (a
-    /// stopped run someone resumed), or checkpointed past the end of its chunk, is spared.
-    fn replay_asha(&mut self) -> Result<()> {
+    /// ASHA as published (Li et al., "A System for Massively Parallel Hyperparameter
+    /// Tuning"): a run that reaches a rung (the end of a chunk) is promoted to the next
+    /// chunk if it ranks in the best `1/eta` of all runs that reached that rung, and paused
+    /// otherwise; a paused run is promoted later when it ranks there (a run that reaches
+    /// the rung later, such as a clone, can raise the number kept).
+    ///
+    /// Decisions at a rung are taken only once no active run has fewer chunks done (least
+    /// progress trains first), so every run that reaches the rung by then takes part
+    /// whatever the memory budget admits at once. They are a function of the stored
+    /// scores and ops, so after a crash the same decisions are taken again, once: a pause
+    /// is a stop op of the policy and a promotion a resume op, each recorded with the run's
+    /// status in one transaction.
+    ///
+    /// Spared: a run resumed at its current step (by a person, or promoted before) and a
+    /// run that went on past its rung (checkpointed inside the next chunk).
+    fn asha(&mut self) -> Result<()> {
         if self.policy.0 != "asha" {
             return Ok(());
         }
-        let mut spare: HashSet<(i64, i64)> = self
-            .store
-            .ops(self.exp.id)?
-            .into_iter()
-            .filter(|o| o.kind == OpKind::Stop && o.status == "applied")
-            .filter_map(|o| o.applied_step.map(|s| (o.run_id, s)))
-            .collect();
-        let mut rungs = BTreeSet::new();
-        let sitting: Vec<(i64, i64, i64)> = self
-            .runs
-            .values()
-            .filter(|l| l.row.status.is_active() && l.row.chunks_done > 0 && l.row.checkpoint_step == Some(l.row.steps_done))
-            .map(|l| (l.row.id, l.row.chunks_done, l.row.steps_done))
-            .collect();
-        for (id, chunks, steps) in sitting {
-            // Only a run at the very step that ended its chunk sits at the rung (one
-            // checkpointed further into the next chunk went on past ASHA's decision).
-            let at_rung = self.store.metrics(id)?.iter().any(|m| m.name == "chunk" && m.value as i64 == chunks && m.step == steps);
-            if at_rung {
-                rungs.insert(chunks);
-            } else {
-                spare.insert((id, steps));
-            }
+        let frontier = self.runs.values().filter(|l| l.row.status.is_active()).map(|l| l.row.chunks_done).min().unwrap_or(i64::MAX);
+        let top = self.runs.values().map(|l| l.row.chunks_done).max().unwrap_or(0).min(frontier);
+        if top < 1 {
+            return Ok(());
         }
-        for rung in rungs {
-            self.asha(rung, &spare)?;
+        let ops = self.store.ops(self.exp.id)?;
+        for rung in 1..=top {
+            let mut reached = Vec::new();
+            let mut sitting = Vec::new();
+            let ids: Vec<i64> = self.runs.keys().copied().collect();
+            for id in ids {
+                let Some(live) = self.runs.get(&id) else { continue };
+                if live.row.status == RunStatus::Deleted {
+                    continue;
+                }
+                let (status, steps, chunks) = (live.row.status, live.row.steps_done, live.row.chunks_done);
+                let Some((score, rung_step)) = self.rung_score(id, rung)? else { continue };
+                reached.push((id, score));
+                if chunks == rung && steps == rung_step {
+                    sitting.push((id, status, steps));
+                }
+            }
+            if sitting.is_empty() {
+                continue;
+            }
+            let stop: HashSet<i64> = asha::to_stop(&reached, self.policy.1).into_iter().collect();
+            let n = reached.len();
+            let eta = self.policy.1;
+            for (id, status, step) in sitting {
+                // The last op that set this run's status at this step, if any.
+                let last = ops
+                    .iter()
+                    .filter(|o| o.run_id == id && o.status == "applied" && o.applied_step == Some(step))
+                    .filter(|o| matches!(o.kind, OpKind::Stop | OpKind::Resume))
+                    .max_by_key(|o| o.id);
+                let resumed = last.is_some_and(|o| o.kind == OpKind::Resume);
+                let paused_by_policy = last.is_some_and(|o| o.kind == OpKind::Stop && o.source == "policy");
+                if status.is_active() && rung == frontier && stop.contains(&id) && !resumed {
+                    let msg = format!(
+                        "asha: paused at rung {rung}: not in the best 1/{eta} of the {n} runs that reached it \
+                         (promoted if it ranks there later)"
+                    );
+                    self.policy_op(id, OpKind::Stop, step, msg, RunStatus::Stopped)?;
+                } else if status == RunStatus::Stopped && paused_by_policy && !stop.contains(&id) {
+                    let msg = format!("asha: promoted at rung {rung}: in the best 1/{eta} of the {n} runs that reached it");
+                    self.policy_op(id, OpKind::Resume, step, msg, RunStatus::Ongoing)?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// ASHA at `rung`: of all runs whose eval at this rung is known, the worst stop
-    /// (except those at a (run, step) in `spare`).
-    fn asha(&mut self, rung: i64, spare: &HashSet<(i64, i64)>) -> Result<()> {
-        // Every run that reached the rung (also those that went on or were stopped since)
-        // takes part, so a late run is compared with all that came before it.
-        let mut reached = Vec::new();
-        let ids: Vec<i64> = self.runs.keys().copied().collect();
-        for id in ids {
-            let Some(live) = self.runs.get(&id) else { continue };
-            if live.row.status == RunStatus::Deleted {
-                continue;
-            }
-            if let Some(score) = self.rung_score(id, rung)? {
-                reached.push((id, score));
-            }
-        }
-        for id in asha::to_stop(&reached, self.policy.1) {
-            if self
-                .runs
-                .get(&id)
-                .is_some_and(|l| l.row.status.is_active() && l.row.chunks_done == rung && !spare.contains(&(id, l.row.steps_done)))
-            {
-                let step = self.runs.get(&id).map(|l| l.row.steps_done).unwrap_or(0);
-                let msg = format!("asha: not in the best 1/{} at rung {rung} (chunk boundary)", self.policy.1);
-                let op = self.store.add_applied_op(id, &OpKind::Stop, "policy", step, &msg, RunStatus::Stopped)?;
-                self.status_set(id, RunStatus::Stopped, Some(msg.clone()));
-                let _ = self.events.send(Event::Op {
-                    experiment: self.exp.name.clone(),
-                    op_id: op,
-                    run_id: id,
-                    op: "stop".into(),
-                    status: "applied".into(),
-                    message: Some(msg),
-                    new_run_id: None,
-                });
-            }
-        }
+    /// Records an op the policy applied to run `id` with the status it sets (one
+    /// transaction) and publishes both.
+    fn policy_op(&mut self, id: i64, kind: OpKind, step: i64, msg: String, status: RunStatus) -> Result<()> {
+        self.log(format!("run {id}: {msg}"));
+        let op = self.store.add_applied_op(id, &kind, "policy", step, &msg, status)?;
+        self.status_set(id, status, Some(msg.clone()));
+        let _ = self.events.send(Event::Op {
+            experiment: self.exp.name.clone(),
+            op_id: op,
+            run_id: id,
+            op: kind.name().into(),
+            status: "applied".into(),
+            message: Some(msg),
+            new_run_id: None,
+        });
         Ok(())
     }
 
     /// A run's eval loss at the end of chunk `rung` (its training loss there without
-    /// eval data), if it got there.
-    fn rung_score(&self, id: i64, rung: i64) -> Result<Option<f64>> {
+    /// eval data) and the step that ended the chunk, if it got there.
+    fn rung_score(&self, id: i64, rung: i64) -> Result<Option<(f64, i64)>> {
         let metrics = self.store.metrics(id)?;
         let Some(step) = metrics.iter().find(|m| m.name == "chunk" && m.value as i64 == rung).map(|m| m.step) else {
             return Ok(None);
         };
         let at = |name: &str| metrics.iter().find(|m| m.step == step && m.name == name).map(|m| m.value);
-        Ok(at("eval_loss").or_else(|| at("loss")))
+        // A run without a loss there (none recorded) ranks last.
+        Ok(Some((at("eval_loss").or_else(|| at("loss")).unwrap_or(f64::INFINITY), step)))
     }
 
     /// Writes a run's checkpoint (atomically) and records it; older ones are removed,

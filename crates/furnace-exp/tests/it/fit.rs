@@ -239,6 +239,67 @@ fn asha_stops_the_worst_runs_at_each_rung() {
     assert_eq!(policy_ops.len(), 3);
 }
 
+/// Each run's (status, chunks done), and the policy's ops as (run index, op, step), with
+/// runs named by their index so two experiments compare.
+fn asha_outcome(store: &Store, exp: &ExperimentRow, runs: &[RunRow]) -> (Vec<(RunStatus, i64)>, Vec<(usize, String, Option<i64>)>) {
+    let index = |id: i64| runs.iter().position(|r| r.id == id).unwrap();
+    let ops = store.ops(exp.id).unwrap().into_iter().filter(|o| o.source == "policy");
+    let ops = ops.map(|o| (index(o.run_id), o.kind.name().to_string(), o.applied_step)).collect();
+    (runs.iter().map(|r| (r.status, r.chunks_done)).collect(), ops)
+}
+
+#[test]
+fn asha_decisions_do_not_depend_on_the_memory_budget() {
+    // Four runs, a budget that admits one at a time: each rung is judged once every run
+    // reached it, not on the first run alone.
+    let make = || experiment_with("r = 2", "policy = \"asha\"\neta = 2\n", "{ list = [3e-2, 1e-2, 3e-3, 1e-4] }", 3);
+    let (_d, store, exp) = make();
+    let all = fit(&store, &exp, &FitOptions::default());
+    let (_d1, store1, exp1) = make();
+    let one = fit(&store1, &exp1, &FitOptions { memory_budget: Some(run_state_bytes(2)), ..Default::default() });
+    let (want, got) = (asha_outcome(&store, &exp, &all), asha_outcome(&store1, &exp1, &one));
+    assert_eq!(got, want);
+    // Rung 1 keeps 2 of 4, rung 2 keeps 1 of 2: three pauses, one run completes.
+    assert_eq!(want.1.len(), 3, "{want:?}");
+    assert_eq!(want.0.iter().filter(|s| s.0 == RunStatus::Completed).count(), 1, "{want:?}");
+}
+
+#[test]
+fn a_paused_run_is_promoted_when_a_later_run_reaching_the_rung_makes_room() {
+    // Three runs: rung 1 keeps 1 of 3. A cold clone submitted later reaches rung 1 too;
+    // then 2 of 4 are kept, so the best paused run is promoted and trains on.
+    let (_d, store, exp) = experiment_with("r = 2", "policy = \"asha\"\neta = 2\n", "{ list = [3e-2, 1e-2, 1e-4] }", 3);
+    let ids: Vec<i64> = store.runs(exp.id).unwrap().iter().map(|r| r.id).collect();
+    let clone = OpKind::Clone { set: vec!["trainer.learning_rate=1e-4".into()], warm: false };
+    // Chunk 1 ends at step 2: the first step 3 (of the run kept) comes after the rung-1
+    // decision; the clone is submitted then, once.
+    let (s, once, target) = (Mutex::new(store.reopen().unwrap()), AtomicBool::new(false), ids[2]);
+    let on_step = move |_: i64, step: i64| {
+        if step == 3 && !once.swap(true, Ordering::SeqCst) {
+            ops::submit(&s.lock().unwrap(), target, &clone, "test").unwrap();
+        }
+    };
+    let runs = fit(&store, &exp, &FitOptions { on_step: Some(Arc::new(on_step)), ..Default::default() });
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    let eval1 = |id: i64| series(&store, id)["eval_loss"][&2];
+    let mut rung1: Vec<(f64, i64)> = runs.iter().map(|r| (eval1(r.id), r.id)).collect();
+    rung1.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let ops = store.ops(exp.id).unwrap();
+    let policy = |id: i64| -> Vec<(String, Option<i64>)> {
+        ops.iter().filter(|o| o.source == "policy" && o.run_id == id).map(|o| (o.kind.name().to_string(), o.applied_step)).collect()
+    };
+    let (first, second) = (rung1[0].1, rung1[1].1);
+    let run = |id: i64| runs.iter().find(|r| r.id == id).unwrap();
+    assert!(run(first).chunks_done >= 2 && run(second).chunks_done >= 2, "{runs:?}");
+    if second != *runs.iter().map(|r| r.id).max().as_ref().unwrap() {
+        // The second best of the first three was paused at rung 1, then promoted.
+        assert_eq!(policy(second)[..2], [("stop".to_string(), Some(2)), ("resume".to_string(), Some(2))], "{ops:?}");
+    }
+    for &(_, id) in &rung1[2..] {
+        assert_eq!((run(id).status, run(id).chunks_done), (RunStatus::Stopped, 1), "run {id}");
+    }
+}
+
 #[test]
 fn an_interrupted_experiment_resumes_with_complete_metrics() {
     let (_d, store, exp) = new_experiment("r = { list = [2, 4] }", "");
@@ -258,9 +319,12 @@ fn an_interrupted_experiment_resumes_with_complete_metrics() {
     let events = furnace_exp::events::channel();
     let summary = run_fit(&store, &exp, &mut loader(), &opts, &events).unwrap();
     assert!(summary.cancelled);
-    // Metrics beyond the checkpoint (step 3) were written; they are redone, not doubled.
+    // A cancel (the first Ctrl-C) checkpoints every run at the step it is at (both stepped
+    // together), so the resume redoes nothing.
     assert!(series(&store, first)["loss"].contains_key(&4));
-    assert_eq!(store.run(first).unwrap().checkpoint_step, Some(3));
+    for r in store.runs(exp.id).unwrap() {
+        assert_eq!((r.steps_done, r.checkpoint_step), (4, Some(4)), "{r:?}");
+    }
     assert_eq!(experiment::interrupted(&store, &exp.spec_path).unwrap().map(|e| e.id), Some(exp.id));
     let mut rx = events.subscribe();
     let runs = run_fit(&store, &exp, &mut loader(), &FitOptions::default(), &events).unwrap().runs;
@@ -420,7 +484,10 @@ fn start_streams_every_event_and_a_cancelled_experiment_finishes_when_started_ag
     let summary = running.wait().unwrap();
     assert!(summary.cancelled);
     assert!(summary.runs.iter().all(|r| r.status.is_active()), "{:?}", summary.runs);
-    // Started again: every step of every run is reported once, in order, to the end.
+    // Checkpointed where they stopped.
+    let kept: BTreeMap<i64, i64> = summary.runs.iter().map(|r| (r.id, r.checkpoint_step.unwrap_or(0))).collect();
+    assert!(summary.runs.iter().all(|r| r.checkpoint_step == Some(r.steps_done)), "{:?}", summary.runs);
+    // Started again: every step after the checkpoint is reported once, in order, to the end.
     let mut running = e.start(opts()).unwrap();
     let mut steps: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let mut totals = BTreeMap::new();
@@ -435,7 +502,7 @@ fn start_streams_every_event_and_a_cancelled_experiment_finishes_when_started_ag
     assert_eq!(steps.len(), 2);
     for r in &summary.runs {
         assert_eq!(r.status, RunStatus::Completed);
-        assert_eq!(steps[&r.id], (1..=totals[&r.id]).collect::<Vec<_>>(), "run {}", r.id);
+        assert_eq!(steps[&r.id], (kept[&r.id] + 1..=totals[&r.id]).collect::<Vec<_>>(), "run {}", r.id);
         assert_complete(&store, r);
     }
 }
@@ -544,7 +611,7 @@ fn an_asha_stop_and_its_op_are_recorded_together() {
 fn leftovers_of_a_crashed_checkpoint_write_are_swept_and_never_named() {
     let (_d, store, exp) = experiment_with("r = 2", "", "1e-2", 2);
     let run = store.runs(exp.id).unwrap()[0].id;
-    // Cancelled after step 4; the store names the checkpoint of step 3.
+    // Cancelled after step 4, checkpointed there.
     let cancel = Arc::new(AtomicBool::new(false));
     let c = cancel.clone();
     let opts = FitOptions {
@@ -553,7 +620,7 @@ fn leftovers_of_a_crashed_checkpoint_write_are_swept_and_never_named() {
         ..Default::default()
     };
     assert!(run_fit(&store, &exp, &mut loader(), &opts, &furnace_exp::events::channel()).unwrap().cancelled);
-    assert_eq!(store.run(run).unwrap().checkpoint_step, Some(3));
+    assert_eq!(store.run(run).unwrap().checkpoint_step, Some(4));
     let ckpts = exp.dir.join(format!("run-{run}/checkpoints"));
     // What a kill leaves: a half-written folder, and a step folder the store never named.
     std::fs::create_dir_all(ckpts.join("step-4.partial-999")).unwrap();
