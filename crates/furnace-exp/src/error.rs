@@ -90,6 +90,9 @@ pub enum Error {
     /// A bad spec, op or argument (the message says which and why).
     #[error("{0}")]
     Invalid(String),
+    /// An op this client may not submit (the message says why and what allows it).
+    #[error("{0}")]
+    Forbidden(String),
     /// A base model failed to load (the message is the loader's).
     #[error("{message}")]
     Load {

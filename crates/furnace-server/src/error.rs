@@ -62,7 +62,7 @@ impl ApiError {
 }
 
 /// The status of a failed store call: something that does not exist (404), the client's
-/// mistake (400), or ours (500).
+/// mistake (400), something it may not do (403), or ours (500).
 impl From<furnace_exp::Error> for ApiError {
     fn from(e: furnace_exp::Error) -> Self {
         use furnace_exp::Error as E;
@@ -73,6 +73,7 @@ impl From<furnace_exp::Error> for ApiError {
             | E::RunNotFound { .. }
             | E::RunNotInExperiment { .. }
             | E::OpNotFound { .. } => StatusCode::NOT_FOUND,
+            E::Forbidden(_) => StatusCode::FORBIDDEN,
             E::Invalid(_) | E::Spec(_) | E::NoRuns { .. } | E::Busy { .. } | E::Load { .. } | E::NoChatTemplate { .. } | E::Data(_) => {
                 StatusCode::BAD_REQUEST
             }

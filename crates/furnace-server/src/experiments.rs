@@ -171,8 +171,42 @@ async fn post_op(State(st): State<AppState>, body: std::result::Result<Bytes, By
         ))
     })?;
     let (run, kind) = req.into_op();
-    let id = st.with_store(move |s| ops::submit(s, run, &kind, "api")).await?;
+    let allow_paths = st.allow_model_paths();
+    let id = st
+        .with_store(move |s| {
+            if let OpKind::Clone { set, .. } = &kind {
+                if !allow_paths {
+                    check_model_change(&s.run(run)?, set)?;
+                }
+            }
+            ops::submit(s, run, &kind, "api")
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "op_id": id, "status": "pending" }))).into_response())
+}
+
+/// From the API a clone may change `model.base` only to a built-in model alias, or keep
+/// its parent's: a path would let any client make the trainer read a file of its choice
+/// (`furnace run --allow-model-paths` lifts this).
+fn check_model_change(parent: &RunRow, set: &[String]) -> furnace_exp::Result<()> {
+    let parent_base = parent.config.get("model").and_then(|m| m.get("base")).and_then(|b| b.as_str());
+    for s in set {
+        let (section, key, value) = ops::parse_set(s)?;
+        if (section.as_str(), key.as_str()) != ("model", "base") {
+            continue;
+        }
+        let name = value.as_str().unwrap_or_default();
+        if furnace_hub::find_alias(name).is_some() || Some(name) == parent_base {
+            continue;
+        }
+        let known: Vec<&str> = furnace_hub::aliases().iter().map(|a| a.name).collect();
+        return Err(furnace_exp::Error::Forbidden(format!(
+            "--set {s}: from the API a clone may change model.base only to a built-in model ({}) or keep its parent's; \
+             start furnace run with --allow-model-paths to allow paths",
+            known.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 async fn events(State(st): State<AppState>) -> Response {

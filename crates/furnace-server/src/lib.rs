@@ -58,17 +58,25 @@ pub struct ServerOptions {
     pub addr: SocketAddr,
     /// The bearer token every request must carry (required off loopback).
     pub token: Option<String>,
+    /// Let clones from the API change `model.base` to any path; by default only to a
+    /// built-in model alias (or the parent's own base), so a request cannot make the
+    /// trainer read an arbitrary file.
+    pub allow_model_paths: bool,
 }
 
 impl std::fmt::Debug for ServerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerOptions").field("addr", &self.addr).field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
+        f.debug_struct("ServerOptions")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("allow_model_paths", &self.allow_model_paths)
+            .finish()
     }
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None }
+        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None, allow_model_paths: false }
     }
 }
 
@@ -116,7 +124,7 @@ fn build(state: AppState) -> Router {
 pub fn app(db: PathBuf, events: EventSender, opts: ServerOptions) -> Router {
     // No shutdown signal: nothing ever sends on it.
     let (_, rx) = watch::channel(false);
-    build(AppState::new(db, events, opts.token, opts.addr, rx))
+    build(AppState::new(db, events, opts, rx))
 }
 
 /// A running server; dropping it stops it too.
@@ -175,7 +183,7 @@ pub fn start(db: PathBuf, opts: ServerOptions, events: EventSender) -> Result<Se
         tokio::net::TcpListener::from_std(listener).map_err(socket)?
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = build(AppState::new(db, events, opts.token, bound, stop_rx.clone()));
+    let app = build(AppState::new(db, events, ServerOptions { addr: bound, ..opts }, stop_rx.clone()));
     let thread = std::thread::Builder::new()
         .name("furnace-server".into())
         .spawn(move || {

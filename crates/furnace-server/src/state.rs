@@ -5,9 +5,9 @@
 use crate::auth::Token;
 use crate::error::{ApiError, ApiResult};
 use crate::guard::Hosts;
+use crate::ServerOptions;
 use axum::http::StatusCode;
 use furnace_exp::{EventSender, Store};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -26,16 +26,25 @@ struct Inner {
     events: EventSender,
     token: Option<Token>,
     hosts: Hosts,
+    /// Clones may change `model.base` to a path (`ServerOptions::allow_model_paths`).
+    allow_model_paths: bool,
     /// Turns true when the server stops (ends the event streams).
     shutdown: watch::Receiver<bool>,
 }
 
 impl AppState {
-    /// State over the store at `db` (opened on first use), for a server bound to `addr`.
-    pub fn new(db: PathBuf, events: EventSender, token: Option<String>, addr: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
-        let hosts = Hosts::new(addr, token.is_some());
-        let token = token.map(Token::new);
-        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, shutdown }) }
+    /// State over the store at `db` (opened on first use), for a server bound to
+    /// `opts.addr`.
+    pub fn new(db: PathBuf, events: EventSender, opts: ServerOptions, shutdown: watch::Receiver<bool>) -> Self {
+        let hosts = Hosts::new(opts.addr, opts.token.is_some());
+        let token = opts.token.map(Token::new);
+        let allow_model_paths = opts.allow_model_paths;
+        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, allow_model_paths, shutdown }) }
+    }
+
+    /// Whether clones may change `model.base` to a path.
+    pub fn allow_model_paths(&self) -> bool {
+        self.inner.allow_model_paths
     }
 
     /// The token requests must carry, if any.

@@ -47,6 +47,11 @@ pub struct RunArgs {
     /// Do not start the API server.
     #[arg(long)]
     no_server: bool,
+    /// Let clones submitted through the API change model.base to any path (by default
+    /// only to a built-in model alias, so a request cannot make furnace read a file of
+    /// its choice).
+    #[arg(long)]
+    allow_model_paths: bool,
     #[command(flatten)]
     dir: RunsDir,
 }
@@ -62,7 +67,7 @@ fn server_options(a: &RunArgs) -> Result<Option<ServerOptions>> {
         Err(std::env::VarError::NotUnicode(_)) => bail!("{} is not valid UTF-8", furnace_server::TOKEN_ENV),
     };
     let token = furnace_server::resolve_token(a.token.clone(), a.token_file.as_deref(), env)?;
-    let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token };
+    let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token, allow_model_paths: a.allow_model_paths };
     furnace_server::check_options(&opts)?;
     Ok(Some(opts))
 }

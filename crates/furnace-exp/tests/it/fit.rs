@@ -740,6 +740,18 @@ fn run_state_bytes(r: u64) -> u64 {
 }
 
 #[test]
+fn a_run_too_big_for_its_base_fails_before_training_and_the_others_train() {
+    // tiny-llama's v_proj is 64 -> 32: a rank of 48 cannot factor it.
+    let (_d, store, exp) = new_experiment("r = { list = [2, 48] }", "");
+    let runs = fit(&store, &exp, &FitOptions::default());
+    assert_eq!(runs[0].status, RunStatus::Completed);
+    assert_eq!((runs[1].status, runs[1].steps_done), (RunStatus::Failed, 0));
+    let e = runs[1].error.as_deref().unwrap();
+    assert!(e.contains("lora.r: must be at most 32") && e.contains("v_proj"), "{e}");
+    assert!(store.metrics(runs[1].id).unwrap().is_empty());
+}
+
+#[test]
 fn a_run_that_alone_exceeds_an_explicit_memory_budget_fails_and_the_others_train() {
     let (_d, store, exp) = new_experiment("r = { list = [2, 8] }", "");
     let big = store.runs(exp.id).unwrap()[1].id;

@@ -1,8 +1,9 @@
 //! The JSON views and `POST /api/ops`, in-process: listings, errors, op checks.
 
-use crate::{call, error_of, fixture, ids, SPEC};
+use crate::{call, error_of, fixture, ids, options, SPEC};
 use axum::http::StatusCode;
 use furnace_exp::{OpKind, RunStatus};
+use furnace_server::ServerOptions;
 use serde_json::json;
 
 #[tokio::test]
@@ -221,6 +222,32 @@ async fn post_clone_checks_the_overrides() {
             OpKind::Clone { set: vec![], warm: false },
         ]
     );
+}
+
+#[tokio::test]
+async fn clones_from_the_api_change_the_base_only_to_a_built_in_model_unless_paths_are_allowed() {
+    let f = fixture();
+    let a = f.runs[0];
+    let clone = |base: &str| format!(r#"{{"run": {a}, "op": "clone", "set": ["model.base={base}"]}}"#);
+    let app = f.router(None);
+    for path in ["/etc/passwd", "../other/model.gguf", "\\\"/tmp/x\\\""] {
+        let (s, v) = call(&app, "POST", "/api/ops", None, Some(&clone(path))).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {v}");
+        let e = error_of(&v);
+        assert!(e.contains("model.base") && e.contains("--allow-model-paths") && e.contains("smollm2-135m-instruct"), "{e}");
+    }
+    assert!(f.store().ops(f.exp.id).unwrap().is_empty());
+    // A built-in alias, and the parent's own base, are fine.
+    for base in ["smollm2-135m-instruct", "x"] {
+        let (s, v) = call(&app, "POST", "/api/ops", None, Some(&clone(base))).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{base}: {v}");
+    }
+    // `furnace run --allow-model-paths`.
+    let open =
+        furnace_server::app(f.db.clone(), furnace_exp::events::channel(), ServerOptions { allow_model_paths: true, ..options(None) });
+    let (s, v) = call(&open, "POST", "/api/ops", None, Some(&clone("/models/mine"))).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(f.store().pending_ops(f.exp.id).unwrap().len(), 3);
 }
 
 #[tokio::test]

@@ -59,7 +59,7 @@ fn loopback_with_token_refuses_requests_without_it() {
 
 #[test]
 fn check_options_needs_a_token_off_loopback() {
-    let open = ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None };
+    let open = ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false };
     match furnace_server::check_options(&open) {
         Err(Error::Invalid(m)) => {
             assert!(m.contains("0.0.0.0:8851") && m.contains("--token"), "{m}")
@@ -69,8 +69,9 @@ fn check_options_needs_a_token_off_loopback() {
     assert!(matches!(furnace_server::start(PathBuf::from("unused.db"), open.clone(), events::channel()), Err(Error::Invalid(_))));
     furnace_server::check_options(&ServerOptions { token: Some("t".into()), ..open.clone() }).unwrap();
     assert!(furnace_server::check_options(&ServerOptions { token: Some(" ".into()), ..open }).is_err());
-    furnace_server::check_options(&ServerOptions { addr: "127.0.0.1:8851".parse().unwrap(), token: None }).unwrap();
-    furnace_server::check_options(&ServerOptions { addr: "[::1]:8851".parse().unwrap(), token: None }).unwrap();
+    furnace_server::check_options(&ServerOptions { addr: "127.0.0.1:8851".parse().unwrap(), token: None, allow_model_paths: false })
+        .unwrap();
+    furnace_server::check_options(&ServerOptions { addr: "[::1]:8851".parse().unwrap(), token: None, allow_model_paths: false }).unwrap();
     assert_eq!(furnace_server::DEFAULT_PORT, 8851);
 }
 
