@@ -241,7 +241,9 @@ fn asha_stops_the_worst_runs_at_each_rung() {
 
 /// Each run's (status, chunks done), and the policy's ops as (run index, op, step), with
 /// runs named by their index so two experiments compare.
-fn asha_outcome(store: &Store, exp: &ExperimentRow, runs: &[RunRow]) -> (Vec<(RunStatus, i64)>, Vec<(usize, String, Option<i64>)>) {
+type AshaOutcome = (Vec<(RunStatus, i64)>, Vec<(usize, String, Option<i64>)>);
+
+fn asha_outcome(store: &Store, exp: &ExperimentRow, runs: &[RunRow]) -> AshaOutcome {
     let index = |id: i64| runs.iter().position(|r| r.id == id).unwrap();
     let ops = store.ops(exp.id).unwrap().into_iter().filter(|o| o.source == "policy");
     let ops = ops.map(|o| (index(o.run_id), o.kind.name().to_string(), o.applied_step)).collect();
