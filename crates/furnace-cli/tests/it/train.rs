@@ -196,6 +196,10 @@ fn sigterm_stops_train_with_130_and_resume_finishes_with_every_step_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains(&format!("interrupted; resume with: furnace train {} --resume", s.display())), "{err}");
+    // It checkpointed at the last step it logged: the resume redoes nothing.
+    let run = exp.join(std::fs::read_to_string(exp.join("latest")).unwrap().trim());
+    let last = *steps(&std::fs::read_to_string(run.join("metrics.jsonl")).unwrap()).last().unwrap();
+    assert!(run.join(format!("checkpoints/step-{last}/trainer_state.json")).is_file(), "no checkpoint at step {last}");
     let o = furnace(d, &["train", s.to_str().unwrap(), "--resume", "--samples", "0"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let run = exp.join(std::fs::read_to_string(exp.join("latest")).unwrap().trim());
