@@ -15,4 +15,6 @@ fi
 
 cargo build --workspace --all-targets --locked
 ./target/debug/furnace model pull smollm2-135m-instruct
+# TensorBoard and MLflow, which the tracking tests read furnace's output back with (cached).
+./scripts/py-venv.sh
 cargo test --workspace --locked "$@"

@@ -161,6 +161,75 @@ pub struct Spec {
     pub lora: LoraSpec,
     /// `[trainer]`.
     pub trainer: TrainerSpec,
+    /// `[tracking]` (optional): where runs are also logged (MLflow, TensorBoard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<TrackingSpec>,
+}
+
+/// `[tracking]`: external trackers every run of the experiment is logged to, from the
+/// store, without ever slowing training (`furnace run --mlflow URL --tensorboard DIR`
+/// override it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackingSpec {
+    /// An MLflow tracking server, `http://host:port` (its REST API, `/api/2.0/mlflow`).
+    pub mlflow: Option<String>,
+    /// The MLflow experiment's name (default: the furnace experiment's).
+    pub mlflow_experiment: Option<String>,
+    /// A folder for TensorBoard event files (`DIR/<experiment>/run-<id>/`); relative paths
+    /// are relative to the spec file.
+    pub tensorboard: Option<PathBuf>,
+}
+
+/// The longest `tracking.mlflow` URL.
+pub const MAX_URL_LEN: usize = 2048;
+/// The longest `tracking.tensorboard` path.
+pub const MAX_PATH_LEN: usize = 4096;
+/// The longest `tracking.mlflow_experiment` name (MLflow's own limit is 500).
+pub const MAX_TRACKING_NAME_LEN: usize = 256;
+
+impl TrackingSpec {
+    /// Checks every value: the URL is `http://` or `https://` with a host and no spaces or
+    /// control characters, lengths are bounded, the folder is not empty.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(url) = &self.mlflow {
+            check_tracking_url(url)?;
+        }
+        if let Some(name) = &self.mlflow_experiment {
+            if name.trim().is_empty() || name.len() > MAX_TRACKING_NAME_LEN || name.chars().any(char::is_control) {
+                return Err(invalid(
+                    "tracking.mlflow_experiment",
+                    format!("must be 1 to {MAX_TRACKING_NAME_LEN} characters, no control characters"),
+                ));
+            }
+        }
+        if let Some(dir) = &self.tensorboard {
+            let s = dir.as_os_str();
+            if s.is_empty() || s.len() > MAX_PATH_LEN {
+                return Err(invalid("tracking.tensorboard", format!("must be a folder path of 1 to {MAX_PATH_LEN} bytes")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks an MLflow tracking URL (`tracking.mlflow`, `furnace run --mlflow`): `http://` or
+/// `https://`, a host, at most [`MAX_URL_LEN`] characters, no whitespace, control
+/// characters, query or fragment.
+pub fn check_tracking_url(url: &str) -> Result<()> {
+    let key = "tracking.mlflow";
+    if url.len() > MAX_URL_LEN {
+        return Err(invalid(key, format!("must be at most {MAX_URL_LEN} characters")));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) || url.contains(['?', '#']) {
+        return Err(invalid(key, format!("{url:?} must not hold spaces, control characters, '?' or '#'")));
+    }
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    let host = rest.map(|r| r.split('/').next().unwrap_or("")).unwrap_or("");
+    if host.is_empty() || host.starts_with(':') || host.contains('@') {
+        return Err(invalid(key, format!("{url:?} is not an http:// or https:// URL with a host (http://127.0.0.1:5000)")));
+    }
+    Ok(())
 }
 
 fn default_seed() -> u64 {
@@ -272,6 +341,11 @@ impl Spec {
                 spec.data.eval = Some(base.join(e));
             }
         }
+        if let Some(dir) = spec.tracking.as_mut().and_then(|t| t.tensorboard.as_mut()) {
+            if dir.is_relative() && !dir.as_os_str().is_empty() {
+                *dir = base.join(&*dir);
+            }
+        }
         spec.validate()?;
         Ok(spec)
     }
@@ -352,6 +426,9 @@ impl Spec {
             return Err(invalid("trainer.weight_decay", "weight_decay and max_grad_norm must be >= 0"));
         }
         self.schedule()?;
+        if let Some(t) = &self.tracking {
+            t.validate()?;
+        }
         Ok(())
     }
 

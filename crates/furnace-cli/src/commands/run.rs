@@ -52,6 +52,14 @@ pub struct RunArgs {
     /// its choice).
     #[arg(long)]
     allow_model_paths: bool,
+    /// Log every run to this MLflow tracking server (http://host:port), overriding the
+    /// spec's [tracking] mlflow.
+    #[arg(long, value_name = "URL")]
+    mlflow: Option<String>,
+    /// Write TensorBoard event files under DIR/<experiment>/run-<id>/, overriding the
+    /// spec's [tracking] tensorboard.
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
     #[command(flatten)]
     dir: RunsDir,
 }
@@ -67,13 +75,38 @@ fn server_options(a: &RunArgs) -> Result<Option<ServerOptions>> {
         Err(std::env::VarError::NotUnicode(_)) => bail!("{} is not valid UTF-8", furnace_server::TOKEN_ENV),
     };
     let token = furnace_server::resolve_token(a.token.clone(), a.token_file.as_deref(), env)?;
-    let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token, allow_model_paths: a.allow_model_paths };
+    let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token, allow_model_paths: a.allow_model_paths, ..Default::default() };
     furnace_server::check_options(&opts)?;
     Ok(Some(opts))
 }
 
+/// The tracking backends: the experiment's spec's [tracking], overridden by the flags.
+fn track_options(a: &RunArgs, exp: &furnace_exp::ExperimentRow) -> Result<furnace_track::TrackOptions> {
+    let spec =
+        furnace_train::knobs::expand(&exp.spec, &exp.spec_path)?.into_iter().next().and_then(|l| l.spec.tracking).unwrap_or_default();
+    let mut opts = furnace_track::TrackOptions {
+        mlflow: spec.mlflow,
+        mlflow_experiment: spec.mlflow_experiment,
+        tensorboard: spec.tensorboard,
+        ..Default::default()
+    };
+    if let Some(url) = &a.mlflow {
+        furnace_train::spec::check_tracking_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
+        opts.mlflow = Some(url.clone());
+    }
+    if let Some(dir) = &a.tensorboard {
+        let check = furnace_train::spec::TrackingSpec { tensorboard: Some(dir.clone()), ..Default::default() };
+        check.validate().map_err(|e| anyhow::anyhow!("--tensorboard: {e}"))?;
+        opts.tensorboard = Some(dir.clone());
+    }
+    Ok(opts)
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
     let server_opts = server_options(&a)?;
+    if let Some(url) = &a.mlflow {
+        furnace_train::spec::check_tracking_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
+    }
     let store = open_store(&a.dir)?;
     let exp = match (&a.experiment, &a.spec) {
         (Some(name), _) => store.experiment(name)?,
@@ -99,6 +132,23 @@ pub fn run(a: RunArgs) -> Result<()> {
         None
     };
     let experiment = Experiment::open(&a.dir.runs_dir, &exp.name)?;
+    let track = track_options(&a, &exp)?;
+    let tracker = if track.is_empty() {
+        None
+    } else {
+        let sink = events.clone();
+        let name = exp.name.clone();
+        let log = Box::new(move |message: String| {
+            let _ = sink.send(Event::Log { experiment: name.clone(), message });
+        });
+        if let Some(url) = &track.mlflow {
+            eprintln!("tracking runs in MLflow at {url}");
+        }
+        if let Some(dir) = &track.tensorboard {
+            eprintln!("TensorBoard event files in {}", dir.join(&exp.name).display());
+        }
+        Some(furnace_track::Tracker::start(store.path(), &exp.name, track, log)?)
+    };
     let cancel = crate::interrupt::install()?;
     let mut running = experiment.start(StartOptions {
         fit: FitOptions { memory_budget: a.memory_budget, cancel: Some(cancel), ..Default::default() },
@@ -109,10 +159,19 @@ pub fn run(a: RunArgs) -> Result<()> {
     })?;
     let mut display = Display::new(&store, exp.id)?;
     while let Some(ev) = running.next_event() {
+        if let (Some(t), Event::Status { .. }) = (&tracker, &ev) {
+            t.nudge();
+        }
         display.show(&store, ev)?;
     }
     let summary = running.wait()?;
     display.finish();
+    if let Some(t) = tracker {
+        // Bounded: a tracking server that is down costs at most this wait.
+        for line in t.finish(std::time::Duration::from_secs(10))?.unsent {
+            eprintln!("warning: {line}");
+        }
+    }
     if let Some(h) = server {
         h.shutdown();
     }
@@ -128,7 +187,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 /// One progress line per run.
-struct Display {
+pub(crate) struct Display {
     multi: MultiProgress,
     bars: HashMap<i64, ProgressBar>,
     last: HashMap<i64, (Option<f64>, Option<f64>)>,
@@ -136,7 +195,7 @@ struct Display {
 }
 
 impl Display {
-    fn new(store: &Store, exp: i64) -> Result<Self> {
+    pub(crate) fn new(store: &Store, exp: i64) -> Result<Self> {
         let mut d = Self { multi: MultiProgress::new(), bars: HashMap::new(), last: HashMap::new(), tty: std::io::stderr().is_terminal() };
         for r in store.runs(exp)? {
             if r.status != RunStatus::Deleted {
@@ -168,7 +227,7 @@ impl Display {
         }
     }
 
-    fn show(&mut self, store: &Store, ev: Event) -> Result<()> {
+    pub(crate) fn show(&mut self, store: &Store, ev: Event) -> Result<()> {
         match ev {
             Event::Progress { run_id, steps_done, total_steps, chunks_done, .. } => {
                 let run = store.run(run_id)?;
@@ -206,7 +265,7 @@ impl Display {
         Ok(())
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         for b in self.bars.values() {
             if !b.is_finished() {
                 b.abandon();

@@ -10,4 +10,5 @@ mod knobs;
 mod ops_grad;
 mod sft_step;
 mod train;
+mod tracking;
 mod trainer;
