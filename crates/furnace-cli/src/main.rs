@@ -10,7 +10,7 @@ mod human;
 mod interrupt;
 mod models;
 
-use commands::{bench, chat, doctor, generate, model, ops, results, run, runs, tokenize, train};
+use commands::{bench, chat, doctor, generate, model, ops, results, run, runs, tokenize, train, ui};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -52,6 +52,9 @@ enum Command {
     Results(results::ResultsArgs),
     /// Steer a running experiment: stop, resume, delete or clone-modify a run.
     Ops(ops::OpsArgs),
+    /// Serve the dashboard over a runs folder: watch and steer experiments in the browser
+    /// and start new ones from it (they train here, one after another).
+    Ui(ui::UiArgs),
     /// Report CPU features, threads, cached models and versions.
     Doctor,
     /// Measure speed (prints tokens/s).
@@ -115,6 +118,7 @@ fn main() {
         Command::Runs(a) => runs::run(a),
         Command::Results(a) => results::run(a),
         Command::Ops(a) => ops::run(a),
+        Command::Ui(a) => ui::run(a),
         Command::Doctor => doctor::run(threads),
         Command::Bench { cmd } => bench::run(cmd),
     };

@@ -16,16 +16,24 @@ use std::time::Duration;
 /// The spec file's text and its leaf configs, every one validated.
 pub fn read_spec(spec_path: &Path) -> Result<(String, Vec<Leaf>)> {
     let text = std::fs::read_to_string(spec_path).map_err(Error::io("reading", spec_path))?;
-    let mut leaves = expand(&text, spec_path)?;
+    let leaves = leaves_of(&text, spec_path)?;
+    Ok((text, leaves))
+}
+
+/// The leaf configs of spec text, every one validated, as `furnace run` checks a spec
+/// file at `anchor` (relative data paths are relative to its folder; the file itself
+/// need not exist).
+pub fn leaves_of(text: &str, anchor: &Path) -> Result<Vec<Leaf>> {
+    let mut leaves = expand(text, anchor)?;
     if leaves.is_empty() {
-        return Err(Error::Invalid(format!("{}: the spec expands to no runs", spec_path.display())));
+        return Err(Error::Invalid(format!("{}: the spec expands to no runs", anchor.display())));
     }
     for leaf in &mut leaves {
         let d = &mut leaf.spec.data;
         d.train = absolute(&d.train);
         d.eval = d.eval.as_deref().map(absolute);
     }
-    Ok((text, leaves))
+    Ok(leaves)
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -40,10 +48,21 @@ fn toml_to_json(v: &toml::Value) -> serde_json::Value {
 /// when taken), its folder next to the store, and one `new` run per leaf config.
 pub fn create(store: &Store, spec_path: &Path) -> Result<ExperimentRow> {
     let (text, leaves) = read_spec(spec_path)?;
+    create_from_leaves(store, &text, spec_path, &leaves)
+}
+
+/// Creates an experiment from spec text (the dashboard's form), checked as [`create`]
+/// checks a file at `anchor`.
+pub fn create_from_text(store: &Store, text: &str, anchor: &Path) -> Result<ExperimentRow> {
+    let leaves = leaves_of(text, anchor)?;
+    create_from_leaves(store, text, anchor, &leaves)
+}
+
+fn create_from_leaves(store: &Store, text: &str, spec_path: &Path, leaves: &[Leaf]) -> Result<ExperimentRow> {
     let e = &leaves[0].spec.experiment;
-    let exp = store.create_experiment(&e.name, &e.mode, &absolute(spec_path), &text)?;
+    let exp = store.create_experiment(&e.name, &e.mode, &absolute(spec_path), text)?;
     std::fs::create_dir_all(&exp.dir).map_err(Error::io("creating", &exp.dir))?;
-    for leaf in &leaves {
+    for leaf in leaves {
         let config = serde_json::to_value(&leaf.spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
         let knobs: serde_json::Map<String, serde_json::Value> = leaf.knobs.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect();
         store.add_run(exp.id, &config, &serde_json::Value::Object(knobs), leaf.group as i64, 0, 0, None)?;

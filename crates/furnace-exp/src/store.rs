@@ -121,6 +121,23 @@ pub struct RunRow {
     pub created: f64,
 }
 
+/// One metric of one run, summed up ([`Store::metric_summary`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricSummary {
+    /// Run.
+    pub run_id: i64,
+    /// Metric name.
+    pub name: String,
+    /// How many values.
+    pub count: i64,
+    /// The highest step with a value.
+    pub last_step: i64,
+    /// The value at that step.
+    pub last: f64,
+    /// The smallest value.
+    pub min: f64,
+}
+
 /// One metric value.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MetricRow {
@@ -580,6 +597,30 @@ impl Store {
     /// The metrics of every run of an experiment, by run, step, name.
     pub fn experiment_metrics(&self, experiment_id: i64) -> Result<Vec<MetricRow>> {
         self.metrics_where("run_id IN (SELECT id FROM runs WHERE experiment_id = ?1)", experiment_id)
+    }
+
+    /// For each (run, metric) of an experiment: how many values, the latest (at the
+    /// highest step) and the smallest, computed in SQL (the dashboard's runs table).
+    pub fn metric_summary(&self, experiment_id: i64) -> Result<Vec<MetricSummary>> {
+        let mut st = self.conn.prepare(
+            "SELECT m.run_id, m.name, COUNT(*), MAX(m.step), MIN(m.value),
+                    (SELECT l.value FROM metrics l WHERE l.run_id = m.run_id AND l.name = m.name ORDER BY l.step DESC LIMIT 1)
+             FROM metrics m WHERE m.run_id IN (SELECT id FROM runs WHERE experiment_id = ?1)
+             GROUP BY m.run_id, m.name ORDER BY m.run_id, m.name",
+        )?;
+        let rows = st
+            .query_map([experiment_id], |r| {
+                Ok(MetricSummary { run_id: r.get(0)?, name: r.get(1)?, count: r.get(2)?, last_step: r.get(3)?, min: r.get(4)?, last: r.get(5)? })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// The values of metric `name` of a run, by step.
+    pub fn metric_series(&self, run_id: i64, name: &str) -> Result<Vec<(i64, f64)>> {
+        let mut st = self.conn.prepare("SELECT step, value FROM metrics WHERE run_id = ?1 AND name = ?2 ORDER BY step")?;
+        let rows = st.query_map(params![run_id, name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 
     fn metrics_where(&self, cond: &str, id: i64) -> Result<Vec<MetricRow>> {

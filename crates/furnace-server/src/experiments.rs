@@ -192,21 +192,26 @@ fn check_model_change(parent: &RunRow, set: &[String]) -> furnace_exp::Result<()
     let parent_base = parent.config.get("model").and_then(|m| m.get("base")).and_then(|b| b.as_str());
     for s in set {
         let (section, key, value) = ops::parse_set(s)?;
-        if (section.as_str(), key.as_str()) != ("model", "base") {
-            continue;
+        if (section.as_str(), key.as_str()) == ("model", "base") {
+            check_base(value.as_str().unwrap_or_default(), parent_base, &format!("--set {s}"))?;
         }
-        let name = value.as_str().unwrap_or_default();
-        if furnace_hub::find_alias(name).is_some() || Some(name) == parent_base {
-            continue;
-        }
-        let known: Vec<&str> = furnace_hub::aliases().iter().map(|a| a.name).collect();
-        return Err(furnace_exp::Error::Forbidden(format!(
-            "--set {s}: from the API a clone may change model.base only to a built-in model ({}) or keep its parent's; \
-             start furnace run with --allow-model-paths to allow paths",
-            known.join(", ")
-        )));
     }
     Ok(())
+}
+
+/// A base model named through the API (`what` says where): a built-in model alias, or
+/// `same` (what the parent already uses); anything else is [`furnace_exp::Error::Forbidden`].
+pub(crate) fn check_base(name: &str, same: Option<&str>, what: &str) -> furnace_exp::Result<()> {
+    if furnace_hub::find_alias(name).is_some() || Some(name) == same {
+        return Ok(());
+    }
+    let known: Vec<&str> = furnace_hub::aliases().iter().map(|a| a.name).collect();
+    Err(furnace_exp::Error::Forbidden(format!(
+        "{what}: through the API a base model may only be a built-in model ({}){}; \
+         start the server (furnace run / furnace ui) with --allow-model-paths to allow paths",
+        known.join(", "),
+        if same.is_some() { " or the parent's" } else { "" }
+    )))
 }
 
 async fn events(State(st): State<AppState>) -> Response {

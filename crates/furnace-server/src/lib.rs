@@ -22,11 +22,13 @@
 #![deny(missing_docs)]
 
 mod auth;
+mod dashboard;
 mod error;
 mod experiments;
 mod guard;
 mod sse;
 mod state;
+mod ui;
 
 pub use auth::{resolve_token, TOKEN_ENV};
 pub use error::{Error, Result};
@@ -62,6 +64,16 @@ pub struct ServerOptions {
     /// built-in model alias (or the parent's own base), so a request cannot make the
     /// trainer read an arbitrary file.
     pub allow_model_paths: bool,
+    /// Starts experiments created from the dashboard (`POST /api/experiments`); without
+    /// one that route answers 409.
+    pub launcher: Option<std::sync::Arc<dyn Launcher>>,
+}
+
+/// What trains an experiment the dashboard created: `furnace run` and `furnace ui` queue
+/// it behind what they are training.
+pub trait Launcher: Send + Sync {
+    /// Trains experiment `name` (already in the store) as soon as it can; returns at once.
+    fn launch(&self, name: &str) -> std::result::Result<(), String>;
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -70,13 +82,14 @@ impl std::fmt::Debug for ServerOptions {
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("allow_model_paths", &self.allow_model_paths)
+            .field("launcher", &self.launcher.is_some())
             .finish()
     }
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None, allow_model_paths: false }
+        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None, allow_model_paths: false, launcher: None }
     }
 }
 
@@ -108,6 +121,9 @@ fn build(state: AppState) -> Router {
     Router::new()
         .route("/api/health", get(health))
         .merge(experiments::router())
+        .merge(dashboard::router())
+        .merge(auth::router())
+        .merge(ui::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))

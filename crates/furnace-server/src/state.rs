@@ -5,7 +5,8 @@
 use crate::auth::Token;
 use crate::error::{ApiError, ApiResult};
 use crate::guard::Hosts;
-use crate::ServerOptions;
+use crate::{Launcher, ServerOptions};
+use std::collections::HashSet;
 use axum::http::StatusCode;
 use furnace_exp::{EventSender, Store};
 use std::path::PathBuf;
@@ -28,6 +29,10 @@ struct Inner {
     hosts: Hosts,
     /// Clones may change `model.base` to a path (`ServerOptions::allow_model_paths`).
     allow_model_paths: bool,
+    /// Starts experiments the dashboard creates.
+    launcher: Option<Arc<dyn Launcher>>,
+    /// The dashboard's login sessions (random ids given as an HttpOnly cookie).
+    sessions: Mutex<HashSet<String>>,
     /// Turns true when the server stops (ends the event streams).
     shutdown: watch::Receiver<bool>,
 }
@@ -38,8 +43,30 @@ impl AppState {
     pub fn new(db: PathBuf, events: EventSender, opts: ServerOptions, shutdown: watch::Receiver<bool>) -> Self {
         let hosts = Hosts::new(opts.addr, opts.token.is_some());
         let token = opts.token.map(Token::new);
-        let allow_model_paths = opts.allow_model_paths;
-        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, allow_model_paths, shutdown }) }
+        let (allow_model_paths, launcher) = (opts.allow_model_paths, opts.launcher);
+        let sessions = Mutex::new(HashSet::new());
+        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, allow_model_paths, launcher, sessions, shutdown }) }
+    }
+
+    /// What starts experiments the dashboard creates, if anything.
+    pub fn launcher(&self) -> Option<Arc<dyn Launcher>> {
+        self.inner.launcher.clone()
+    }
+
+    /// Remembers a login session.
+    pub fn add_session(&self, id: String) {
+        self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+    }
+
+    /// Forgets a login session.
+    pub fn remove_session(&self, id: &str) {
+        self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    /// Whether `id` is a live login session (compared in constant time with each).
+    pub fn has_session(&self, id: &str) -> bool {
+        let sessions = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.iter().fold(false, |found, s| found | crate::auth::Token::new(s.clone()).matches(id))
     }
 
     /// Whether clones may change `model.base` to a path.

@@ -1,0 +1,567 @@
+// furnace dashboard: experiments, one experiment's runs with live plots and IC ops, a
+// run's details, and a spec editor that starts experiments. Plain DOM, no framework; the
+// data comes from the JSON API and the live event stream (/api/events).
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const main = () => $("#main");
+const PALETTE = ["#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#e03131", "#5f3dc4", "#66a80f", "#c2255c"];
+const colorOf = (id) => PALETTE[Math.abs(Number(id)) % PALETTE.length];
+const PLOT_METRICS = ["loss", "eval_loss", "lr", "grad_norm"];
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+// One call to the API: JSON in and out; a 401 shows the login.
+async function api(path, { method = "GET", body } = {}) {
+  const init = { method, headers: {}, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, init);
+  let data = null;
+  try { data = await r.json(); } catch (_) { /* not JSON */ }
+  if (r.status === 401 && path !== "/api/login") {
+    showLogin();
+    throw new ApiError(401, "log in first");
+  }
+  if (!r.ok) throw new ApiError(r.status, (data && data.error) || r.statusText);
+  return data;
+}
+
+// Builds an element: el("td", {class: "num", onclick: f}, child, "text", ...).
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "class") e.className = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k === "text") e.textContent = v;
+    else if (k === "style") e.style.cssText = v; // CSSOM: allowed by the page's CSP, unlike a style attribute
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const fmtNum = (v) => (v === undefined || v === null || !Number.isFinite(v) ? "–"
+  : Number.isInteger(v) && Math.abs(v) < 1e9 ? String(v)
+  : Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(3) : v.toFixed(4));
+// Replaces the page's content (null and false children are left out).
+const mount = (...nodes) => main().replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined && n !== false));
+const fmtTime = (s) => (s ? new Date(s * 1000).toLocaleString() : "–");
+const statusBadge = (s) => el("span", { class: `status ${s}`, dataset: { status: s } }, s);
+const knobText = (v) => (v === undefined ? "–" : typeof v === "string" ? v : JSON.stringify(v));
+
+function debounce(f, ms) {
+  let t = null;
+  return (...a) => { clearTimeout(t); t = setTimeout(() => f(...a), ms); };
+}
+
+// ---- live events -------------------------------------------------------------------
+
+const live = { source: null, handlers: new Set() };
+
+function connectEvents() {
+  if (live.source) live.source.close();
+  const es = new EventSource("/api/events");
+  live.source = es;
+  const badge = $("#live");
+  es.onopen = () => { badge.textContent = "live"; badge.classList.add("on"); };
+  es.onerror = () => { badge.textContent = "reconnecting…"; badge.classList.remove("on"); };
+  for (const type of ["metric", "status", "op", "log", "progress"]) {
+    es.addEventListener(type, (m) => {
+      let ev;
+      try { ev = JSON.parse(m.data); } catch (_) { return; }
+      for (const h of live.handlers) h(ev);
+    });
+  }
+}
+
+// The page's handler of live events (replaced when the page changes).
+function onEvents(handler) {
+  live.handlers.clear();
+  if (handler) live.handlers.add(handler);
+}
+
+// ---- login -------------------------------------------------------------------------
+
+function showLogin() {
+  onEvents(null);
+  const err = el("div", { class: "err", id: "login-error" });
+  const input = el("input", { type: "password", id: "login-token", autocomplete: "current-password", placeholder: "token", size: 40 });
+  const submit = async (e) => {
+    e.preventDefault();
+    try {
+      await api("/api/login", { method: "POST", body: { token: input.value } });
+      $("#logout").hidden = false;
+      connectEvents();
+      route();
+    } catch (x) { err.textContent = x.message; }
+  };
+  mount(
+    el("h1", {}, "Log in"),
+    el("p", { class: "muted" }, "This server needs its token (from --token-file or FURNACE_TOKEN where it was started)."),
+    el("form", { class: "panel", id: "login-form", onsubmit: submit }, input, " ", el("button", { class: "primary", type: "submit" }, "Log in"), err),
+  );
+  input.focus();
+}
+
+// ---- experiments -------------------------------------------------------------------
+
+async function pageExperiments() {
+  const rows = await api("/api/summary");
+  const body = el("tbody");
+  for (const r of rows.slice().reverse()) {
+    const e = r.experiment;
+    const counts = Object.entries(r.by_status).map(([s, n]) => el("span", {}, statusBadge(s), ` ${n} `));
+    const best = r.best ? `${fmtNum(r.best.value)} (run ${r.best.run_id})` : "–";
+    body.append(el("tr", { dataset: { experiment: e.name } },
+      el("td", {}, el("a", { href: `#/e/${encodeURIComponent(e.name)}` }, e.name)),
+      el("td", {}, e.mode), el("td", {}, statusBadge(e.status)),
+      el("td", { class: "num" }, r.runs), el("td", {}, counts),
+      el("td", {}, fmtTime(e.created)), el("td", { class: "num" }, best)));
+  }
+  mount(
+    el("h1", {}, "Experiments"),
+    rows.length ? el("div", { class: "table-wrap" }, el("table", { id: "experiments" },
+      el("thead", {}, el("tr", {}, ["Name", "Mode", "Status", "Runs", "By status", "Started", "Best eval loss"].map((h) => el("th", {}, h)))), body))
+      : el("p", { class: "muted" }, "No experiments yet. ", el("a", { href: "#/new" }, "Start one"), " or run furnace run SPEC.toml."),
+  );
+  onEvents(debounce((ev) => { if (ev.type === "status" || ev.type === "op") route(); }, 500));
+  ready();
+}
+
+// ---- one experiment ----------------------------------------------------------------
+
+function experimentPage(name) {
+  const st = {
+    name, table: null, series: {}, selected: null, sort: { key: "id", dir: 1 }, filter: "", status: "visible",
+    plots: {}, log: [], editing: null, confirming: null,
+  };
+
+  const root = el("div", { id: "experiment" });
+  const tableWrap = el("div", { class: "table-wrap" });
+  const opsWrap = el("div", { class: "table-wrap" });
+  const clonePanel = el("div", { id: "clone-panel" });
+  const plotsEl = el("div", { class: "plots", id: "plots" });
+  const logEl = el("pre", { class: "log", id: "log" });
+  const header = el("div");
+  const filterInput = el("input", { type: "search", id: "filter", placeholder: "filter runs (any cell)", oninput: (e) => { st.filter = e.target.value.toLowerCase(); renderTable(); } });
+  const statusSel = el("select", { id: "status-filter", onchange: (e) => { st.status = e.target.value; renderTable(); } },
+    ...[["visible", "not deleted"], ["all", "all"], ["active", "new / ongoing"], ["completed", "completed"], ["stopped", "stopped"], ["failed", "failed"], ["deleted", "deleted"]]
+      .map(([v, t]) => el("option", { value: v }, t)));
+  for (const m of PLOT_METRICS) st.plots[m] = new FurnacePlot.Plot(plotsEl, m);
+  root.append(header,
+    el("div", { class: "toolbar" }, filterInput, statusSel,
+      el("button", { type: "button", onclick: () => { st.selected = null; renderTable(); renderPlots(); } }, "Plot all"),
+      el("button", { type: "button", onclick: () => { st.selected = new Set(); renderTable(); renderPlots(); } }, "Plot none")),
+    tableWrap, clonePanel, el("h2", {}, "Metrics"), plotsEl, el("h2", {}, "Ops"), opsWrap, el("h2", {}, "Log"), logEl);
+
+  const runsShown = () => st.table.runs.filter((r) => {
+    if (st.status === "visible" && r.status === "deleted") return false;
+    if (st.status === "active" && !(r.status === "new" || r.status === "ongoing")) return false;
+    if (!["visible", "all", "active"].includes(st.status) && r.status !== st.status) return false;
+    if (!st.filter) return true;
+    return rowCells(r).some((c) => String(c).toLowerCase().includes(st.filter));
+  });
+  const isSelected = (id) => st.selected === null || st.selected.has(id);
+  const metric = (r, name, field) => (r.metrics && r.metrics[name] ? r.metrics[name][field] : undefined);
+
+  function columns() {
+    const cols = [
+      { key: "id", label: "Run", num: true, get: (r) => r.id },
+      { key: "status", label: "Status", get: (r) => r.status },
+      { key: "steps", label: "Steps", num: true, get: (r) => r.steps_done },
+      { key: "chunks", label: "Chunks", num: true, get: (r) => r.chunks_done },
+    ];
+    for (const k of st.table.knobs) cols.push({ key: `knob:${k}`, label: k, knob: k, get: (r) => (r.knobs ? r.knobs[k] : undefined) });
+    cols.push(
+      { key: "loss", label: "Loss", num: true, get: (r) => metric(r, "loss", "last") },
+      { key: "eval", label: "Eval loss", num: true, get: (r) => metric(r, "eval_loss", "last") },
+      { key: "best", label: "Best eval", num: true, get: (r) => metric(r, "eval_loss", "min") },
+      { key: "parent", label: "Parent", num: true, get: (r) => r.parent_id },
+    );
+    return cols;
+  }
+  const rowCells = (r) => columns().map((c) => knobText(c.get(r)));
+
+  function renderHeader() {
+    const e = st.table.experiment;
+    header.replaceChildren(
+      el("h1", {}, `Experiment ${e.name} `, statusBadge(e.status)),
+      el("div", { class: "muted" }, `${e.mode} · started ${fmtTime(e.created)} · ${st.table.runs.length} runs · spec ${e.spec_path}`),
+    );
+  }
+
+  function actionButtons(r) {
+    const box = el("span", { class: "actions" });
+    const op = async (body, what) => {
+      try {
+        await api("/api/ops", { method: "POST", body });
+        log(`op ${what} run ${r.id}: submitted (applied at its next optimizer step)`);
+        refresh();
+      } catch (x) { log(`op ${what} run ${r.id} refused: ${x.message}`); alertBox(x.message); }
+    };
+    if (st.confirming === r.id) {
+      box.append(el("span", { class: "confirm" }, `Delete run ${r.id}?`),
+        el("button", { type: "button", class: "danger", dataset: { action: "confirm-delete", run: r.id }, onclick: () => { st.confirming = null; op({ run: r.id, op: "delete" }, "delete"); } }, "Delete"),
+        el("button", { type: "button", dataset: { action: "cancel-delete", run: r.id }, onclick: () => { st.confirming = null; renderTable(); } }, "Cancel"));
+      return box;
+    }
+    if (r.status === "new" || r.status === "ongoing") box.append(el("button", { type: "button", dataset: { action: "stop", run: r.id }, onclick: () => op({ run: r.id, op: "stop" }, "stop") }, "Stop"));
+    if (r.status === "stopped") box.append(el("button", { type: "button", dataset: { action: "resume", run: r.id }, onclick: () => op({ run: r.id, op: "resume" }, "resume") }, "Resume"));
+    if (r.status !== "deleted") {
+      box.append(el("button", { type: "button", dataset: { action: "clone", run: r.id }, onclick: () => openClone(r) }, "Clone"));
+      box.append(el("button", { type: "button", class: "danger", dataset: { action: "delete", run: r.id }, onclick: () => { st.confirming = r.id; renderTable(); } }, "Delete"));
+    }
+    return box;
+  }
+
+  function renderTable() {
+    const cols = columns();
+    let runs = runsShown();
+    const col = cols.find((c) => c.key === st.sort.key) || cols[0];
+    runs = runs.slice().sort((a, b) => {
+      const x = col.get(a), y = col.get(b);
+      if (x === y) return a.id - b.id;
+      if (x === undefined || x === null) return 1;
+      if (y === undefined || y === null) return -1;
+      return (typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y))) * st.sort.dir;
+    });
+    const head = el("tr", {}, el("th", {}, el("input", { type: "checkbox", title: "plot every run", checked: st.selected === null, onchange: (e) => { st.selected = e.target.checked ? null : new Set(); renderTable(); renderPlots(); } })),
+      cols.map((c) => el("th", {
+        class: `sortable ${c.num ? "num" : ""} ${st.sort.key === c.key ? (st.sort.dir > 0 ? "sorted-asc" : "sorted-desc") : ""}`,
+        dataset: { sort: c.key },
+        onclick: () => { st.sort = { key: c.key, dir: st.sort.key === c.key ? -st.sort.dir : 1 }; renderTable(); },
+      }, c.label)), el("th", {}, "Actions"));
+    const body = el("tbody");
+    for (const r of runs) {
+      const pct = r.total_steps ? Math.min(100, (100 * r.steps_done) / r.total_steps) : 0;
+      const check = el("input", { type: "checkbox", checked: isSelected(r.id), dataset: { plot: r.id }, onchange: (e) => {
+        if (st.selected === null) st.selected = new Set(st.table.runs.map((x) => x.id));
+        if (e.target.checked) st.selected.add(r.id); else st.selected.delete(r.id);
+        renderPlots();
+      } });
+      const cells = cols.map((c) => {
+        const v = c.get(r);
+        if (c.key === "id") return el("td", { class: "num" }, el("a", { href: `#/r/${r.id}`, style: `color:${colorOf(r.id)}` }, `${r.id}`));
+        if (c.key === "status") return el("td", { title: r.error || "" }, statusBadge(r.status));
+        if (c.key === "steps") return el("td", { class: "num", dataset: { cell: "steps" } }, el("span", { class: "bar" }, el("span", { style: `width:${pct}%` })), `${r.steps_done}/${r.total_steps || "?"}`);
+        if (c.key === "chunks") return el("td", { class: "num", dataset: { cell: "chunks" } }, `${r.chunks_done}/${r.total_chunks || "?"}`);
+        if (c.key === "parent") return el("td", { class: "num" }, v ? el("a", { href: `#/r/${v}` }, `${v}${r.warm ? " (warm)" : ""}`) : "–");
+        if (c.num) return el("td", { class: "num", dataset: { cell: c.key } }, fmtNum(v));
+        return el("td", {}, knobText(v));
+      });
+      body.append(el("tr", { dataset: { run: r.id, status: r.status }, class: isSelected(r.id) ? "selected-row" : "" }, el("td", {}, check), cells, el("td", {}, actionButtons(r))));
+    }
+    tableWrap.replaceChildren(el("table", { id: "runs" }, el("thead", {}, head), body));
+  }
+
+  function renderOps() {
+    const ops = st.table.ops.slice().reverse();
+    if (!ops.length) { opsWrap.replaceChildren(el("p", { class: "muted", style: "margin:8px" }, "No ops yet.")); return; }
+    opsWrap.replaceChildren(el("table", { id: "ops" },
+      el("thead", {}, el("tr", {}, ["Op", "Run", "Kind", "From", "Status", "Step", "Result"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, ops.map((o) => el("tr", { dataset: { op: o.id, status: o.status } },
+        el("td", { class: "num" }, o.id), el("td", { class: "num" }, o.run_id),
+        el("td", {}, o.kind.op + (o.kind.set && o.kind.set.length ? ` ${o.kind.set.join(" ")}` : "") + (o.kind.warm ? " (warm)" : "")),
+        el("td", {}, o.source), el("td", {}, statusBadge(o.status)), el("td", { class: "num" }, o.applied_step ?? "–"),
+        el("td", {}, o.message || (o.new_run_id ? `run ${o.new_run_id}` : "")))))));
+  }
+
+  function renderPlots() {
+    for (const m of PLOT_METRICS) {
+      const list = [];
+      for (const r of st.table.runs) {
+        if (r.status === "deleted" || !isSelected(r.id)) continue;
+        const s = st.series[r.id] && st.series[r.id][m];
+        if (!s) continue;
+        list.push({ id: r.id, label: `run ${r.id}`, color: colorOf(r.id), x: s.step, y: s.value, lo: s.lo, hi: s.hi });
+      }
+      st.plots[m].setSeries(list);
+    }
+  }
+
+  function log(line) {
+    st.log.push(`${new Date().toLocaleTimeString()}  ${line}`);
+    if (st.log.length > 300) st.log.splice(0, st.log.length - 300);
+    logEl.textContent = st.log.join("\n");
+    logEl.scrollTop = logEl.scrollHeight;
+  }
+
+  function alertBox(msg) {
+    clonePanel.replaceChildren(el("div", { class: "panel err", id: "op-error" }, msg));
+  }
+
+  // Clone-modify: the parent's knobs pre-filled, extra settings, warm start.
+  function openClone(r) {
+    st.editing = r.id;
+    const inputs = {};
+    const errs = {};
+    const fields = Object.entries(r.knobs || {}).map(([k, v]) => {
+      inputs[k] = el("input", { type: "text", name: k, value: knobText(v), dataset: { knob: k, original: knobText(v) }, size: 30 });
+      errs[k] = el("div", { class: "err", dataset: { errorFor: k } });
+      return el("div", { class: "field" }, el("label", { for: `knob-${k}` }, k), el("div", {}, inputs[k], errs[k]));
+    });
+    const extra = el("textarea", { id: "clone-extra", rows: 3, placeholder: "more settings, one per line: trainer.max_steps=200" });
+    const extraErr = el("div", { class: "err", id: "clone-error" });
+    const warm = el("input", { type: "checkbox", id: "clone-warm" });
+    const submit = async (e) => {
+      e.preventDefault();
+      for (const x of Object.values(errs)) x.textContent = "";
+      extraErr.textContent = "";
+      const set = [];
+      for (const [k, i] of Object.entries(inputs)) if (i.value.trim() !== i.dataset.original) set.push(`${k}=${i.value.trim()}`);
+      for (const line of extra.value.split("\n").map((l) => l.trim()).filter(Boolean)) set.push(line);
+      try {
+        const res = await api("/api/ops", { method: "POST", body: { run: r.id, op: "clone", set, warm: warm.checked } });
+        log(`op ${res.op_id} clone of run ${r.id} (${set.join(", ") || "no changes"}${warm.checked ? ", warm" : ""}): pending until the next optimizer step`);
+        st.editing = null;
+        clonePanel.replaceChildren(el("div", { class: "panel ok-msg", id: "clone-ok" }, `Clone of run ${r.id} submitted (op ${res.op_id}); it appears in the table when applied.`));
+        refresh();
+      } catch (x) {
+        // The server names the setting it refused: show the message next to that field.
+        const key = Object.keys(inputs).find((k) => x.message.includes(k));
+        (key ? errs[key] : extraErr).textContent = x.message;
+      }
+    };
+    clonePanel.replaceChildren(el("form", { class: "panel", id: "clone-form", onsubmit: submit },
+      el("h2", { style: "margin-top:0" }, `Clone run ${r.id} with changes`),
+      fields.length ? fields : el("p", { class: "muted" }, "This run has no knobs; add settings below."),
+      el("div", { class: "field" }, el("label", { for: "clone-extra" }, "other settings"), el("div", {}, extra)),
+      el("div", { class: "field" }, el("label", { for: "clone-warm" }, "warm start"), el("div", {}, warm, " continue the parent's adapter, optimizer state and data position (same rank, targets and base)")),
+      extraErr,
+      el("div", { class: "toolbar" }, el("button", { type: "submit", class: "primary", id: "clone-submit" }, "Clone"),
+        el("button", { type: "button", onclick: () => { st.editing = null; clonePanel.replaceChildren(); } }, "Cancel"))));
+    clonePanel.scrollIntoView({ block: "nearest" });
+  }
+
+  async function loadTable() {
+    st.table = await api(`/api/experiments/${encodeURIComponent(name)}/table`);
+  }
+
+  async function loadSeries() {
+    const s = await api(`/api/experiments/${encodeURIComponent(name)}/series?names=${PLOT_METRICS.join(",")}&points=1000`);
+    st.series = s.runs;
+  }
+
+  const refresh = debounce(async () => {
+    try { await loadTable(); renderHeader(); renderTable(); renderOps(); renderPlots(); } catch (x) { log(`refresh failed: ${x.message}`); }
+  }, 250);
+
+  function onEvent(ev) {
+    if (ev.experiment !== name) return;
+    if (ev.type === "metric") {
+      const runSeries = (st.series[ev.run_id] ||= {});
+      const s = (runSeries[ev.name] ||= { step: [], value: [] });
+      const n = s.step.length;
+      if (n && s.step[n - 1] >= ev.step) {
+        // A step redone after a resume replaces what was there.
+        const i = s.step.findIndex((x) => x >= ev.step);
+        s.step.length = i; s.value.length = i;
+      }
+      s.step.push(ev.step); s.value.push(ev.value);
+      const r = st.table.runs.find((x) => x.id === ev.run_id);
+      if (r) {
+        const m = ((r.metrics ||= {})[ev.name] ||= { last: ev.value, min: ev.value });
+        m.last = ev.value; m.min = Math.min(m.min, ev.value);
+        const cell = tableWrap.querySelector(`tr[data-run="${ev.run_id}"] td[data-cell="${ev.name === "loss" ? "loss" : ev.name === "eval_loss" ? "eval" : "-"}"]`);
+        if (cell) cell.textContent = fmtNum(ev.value);
+      }
+      if (PLOT_METRICS.includes(ev.name)) renderPlots();
+    } else if (ev.type === "progress") {
+      const r = st.table.runs.find((x) => x.id === ev.run_id);
+      if (!r) { refresh(); return; }
+      Object.assign(r, { steps_done: ev.steps_done, total_steps: ev.total_steps, chunks_done: ev.chunks_done });
+      const row = tableWrap.querySelector(`tr[data-run="${ev.run_id}"]`);
+      if (row) {
+        const pct = r.total_steps ? Math.min(100, (100 * r.steps_done) / r.total_steps) : 0;
+        const steps = row.querySelector('td[data-cell="steps"]');
+        if (steps) steps.replaceChildren(el("span", { class: "bar" }, el("span", { style: `width:${pct}%` })), `${r.steps_done}/${r.total_steps}`);
+        const chunks = row.querySelector('td[data-cell="chunks"]');
+        if (chunks) chunks.textContent = `${r.chunks_done}/${r.total_chunks || "?"}`;
+      }
+    } else if (ev.type === "status") {
+      log(`run ${ev.run_id}: ${ev.status}${ev.message ? ` (${ev.message})` : ""}`);
+      refresh();
+    } else if (ev.type === "op") {
+      log(`op ${ev.op_id} ${ev.op} run ${ev.run_id}: ${ev.status}${ev.message ? ` (${ev.message})` : ""}`);
+      refresh();
+    } else if (ev.type === "log") {
+      log(ev.message);
+    }
+  }
+
+  return {
+    async show() {
+      await Promise.all([loadTable(), loadSeries()]);
+      mount(root);
+      renderHeader(); renderTable(); renderOps(); renderPlots();
+      onEvents(onEvent);
+      log(`watching ${name}`);
+      requestAnimationFrame(ready);
+    },
+  };
+}
+
+// ---- one run -----------------------------------------------------------------------
+
+async function pageRun(id) {
+  const [d, metrics] = await Promise.all([api(`/api/runs/${id}/detail`), api(`/api/runs/${id}/metrics`)]);
+  const r = d.run;
+  const kv = (rows) => el("table", { class: "kv" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", { class: "mono" }, v)))));
+  const link = (x) => el("a", { href: `#/r/${x}` }, `run ${x}`);
+  const names = [...new Set(metrics.map((m) => m.name))].sort();
+  const bySteps = new Map();
+  for (const m of metrics) {
+    if (!bySteps.has(m.step)) bySteps.set(m.step, {});
+    bySteps.get(m.step)[m.name] = m.value;
+  }
+  const steps = [...bySteps.keys()].sort((a, b) => b - a);
+  const metricsTable = el("table", { id: "run-metrics" },
+    el("thead", {}, el("tr", {}, el("th", { class: "num" }, "step"), names.map((n) => el("th", { class: "num" }, n)))),
+    el("tbody", {}, steps.slice(0, 500).map((s) => el("tr", {}, el("td", { class: "num" }, s), names.map((n) => el("td", { class: "num" }, fmtNum(bySteps.get(s)[n])))))));
+  const samples = Array.isArray(d.samples) ? d.samples : [];
+  mount(
+    el("h1", {}, `Run ${r.id} `, statusBadge(r.status)),
+    el("div", { class: "muted" }, "experiment ", el("a", { href: `#/e/${encodeURIComponent(d.experiment)}` }, d.experiment)),
+    r.error ? el("div", { class: "panel err" }, r.error) : null,
+    el("div", { class: "grid2" },
+      el("div", {},
+        el("h2", {}, "Progress and lineage"),
+        kv([
+          ["steps", `${r.steps_done}/${r.total_steps}`], ["chunks", `${r.chunks_done}/${r.total_chunks}`],
+          ["checkpoint step", r.checkpoint_step ?? "–"], ["knobs", JSON.stringify(r.knobs)],
+          ["parent", d.lineage.length ? el("span", {}, d.lineage.map((x, i) => [i ? " ← " : "", link(x)])) : "–"],
+          ["warm start", r.warm ? "yes" : "no"],
+          ["children", d.children.length ? el("span", {}, d.children.map((x, i) => [i ? ", " : "", link(x)])) : "–"],
+          ["run folder", d.paths.dir], ["checkpoint", d.paths.checkpoint ?? "–"], ["adapter", d.paths.adapter ?? "not yet (written when the run completes)"],
+        ]),
+        el("h2", {}, "Ops"),
+        d.ops.length ? el("ul", {}, d.ops.map((o) => el("li", {}, `op ${o.id} ${o.kind.op} (${o.source}): ${o.status}${o.message ? ` — ${o.message}` : ""}`))) : el("p", { class: "muted" }, "none"),
+        samples.length ? el("div", {}, el("h2", {}, "Generations before and after training"),
+          samples.map((s) => el("div", { class: "panel" }, el("div", { class: "mono" }, s.prompt), el("div", {}, el("b", {}, "before: "), s.before ?? "–"), el("div", {}, el("b", {}, "after: "), s.after ?? "–")))) : null,
+        d.log ? el("div", {}, el("h2", {}, "Log (last lines)"), el("pre", { class: "log" }, d.log.join("\n"))) : null,
+      ),
+      el("div", {}, el("h2", {}, "Resolved config"), el("pre", { class: "log", id: "run-config" }, JSON.stringify(r.config, null, 2))),
+    ),
+    el("h2", {}, `Metrics (${metrics.length} values${steps.length > 500 ? ", latest 500 steps shown" : ""})`),
+    el("div", { class: "table-wrap" }, metricsTable),
+  );
+  onEvents(debounce((ev) => { if (ev.run_id === Number(id) && ev.type !== "metric") route(); }, 1000));
+  ready();
+}
+
+// ---- new experiment ----------------------------------------------------------------
+
+const TEMPLATE = `[experiment]
+name = "sweep"
+num_chunks = 2
+policy = "none"        # or "asha"
+
+[data]
+train = "data/extract/train.jsonl"
+eval = "data/extract/eval.jsonl"
+
+[model]
+base = "smollm2-135m-instruct"
+
+[lora]
+r = { list = [8, 16] }
+alpha = 16
+
+[trainer]
+learning_rate = { list = [1e-4, 3e-4] }
+max_steps = 20
+`;
+
+function pageNew() {
+  const editor = el("textarea", { id: "spec", rows: 24, spellcheck: "false" });
+  editor.value = sessionStorage.getItem("furnace-spec") || TEMPLATE;
+  const status = el("div", { id: "spec-status" });
+  const submitErr = el("div", { class: "err", id: "submit-error" });
+  const check = debounce(async () => {
+    sessionStorage.setItem("furnace-spec", editor.value);
+    try {
+      const r = await api("/api/specs/check", { method: "POST", body: { spec: editor.value } });
+      status.className = "ok-msg";
+      status.textContent = `valid: experiment ${r.name}, ${r.runs} run${r.runs === 1 ? "" : "s"}`;
+    } catch (x) {
+      status.className = "err";
+      status.textContent = x.message;
+    }
+  }, 350);
+  editor.addEventListener("input", check);
+  const submit = async (e) => {
+    e.preventDefault();
+    submitErr.textContent = "";
+    try {
+      const r = await api("/api/experiments", { method: "POST", body: { spec: editor.value } });
+      sessionStorage.removeItem("furnace-spec");
+      location.hash = `#/e/${encodeURIComponent(r.experiment)}`;
+    } catch (x) { submitErr.textContent = x.message; }
+  };
+  mount(
+    el("h1", {}, "New experiment"),
+    el("p", { class: "muted" }, "The spec is checked as you type, exactly as furnace run checks a file. Knobs take ",
+      el("code", {}, "{ list = [...] }"), " or ", el("code", {}, "{ range = [lo, hi], ... }"), "; relative data paths are relative to the folder the server runs in."),
+    el("form", { id: "new-form", onsubmit: submit }, editor, status,
+      el("div", { class: "toolbar" }, el("button", { type: "submit", class: "primary", id: "spec-submit" }, "Start experiment"), submitErr)),
+  );
+  onEvents(null);
+  check();
+  ready();
+}
+
+// ---- routing -----------------------------------------------------------------------
+
+function ready() {
+  document.body.dataset.ready = String(Date.now());
+  if (!window.furnaceFirstPaint) window.furnaceFirstPaint = performance.now();
+}
+
+async function route() {
+  delete document.body.dataset.ready;
+  const h = location.hash || "#/";
+  const parts = h.slice(2).split("/").map(decodeURIComponent);
+  try {
+    if (parts[0] === "e" && parts[1]) await experimentPage(parts[1]).show();
+    else if (parts[0] === "r" && parts[1]) await pageRun(parts[1]);
+    else if (parts[0] === "new") pageNew();
+    else await pageExperiments();
+  } catch (x) {
+    if (x.status === 401) return;
+    mount(el("h1", {}, "Something went wrong"), el("div", { class: "panel err", id: "page-error" }, x.message));
+    ready();
+  }
+}
+
+function initTheme() {
+  const saved = localStorage.getItem("furnace-theme");
+  const dark = saved ? saved === "dark" : window.matchMedia && window.matchMedia("(prefers-color-scheme: dark)").matches;
+  document.documentElement.dataset.theme = dark ? "dark" : "light";
+  $("#theme").addEventListener("click", () => {
+    const next = document.documentElement.dataset.theme === "dark" ? "light" : "dark";
+    document.documentElement.dataset.theme = next;
+    localStorage.setItem("furnace-theme", next);
+    route();
+  });
+}
+
+$("#logout").addEventListener("click", async () => {
+  try { await api("/api/logout", { method: "POST", body: {} }); } catch (_) { /* gone already */ }
+  $("#logout").hidden = true;
+  showLogin();
+});
+
+window.addEventListener("hashchange", route);
+initTheme();
+connectEvents();
+route();
