@@ -247,7 +247,7 @@ impl Worker {
             if !b.dirty.is_empty() {
                 report.unsent.push(format!(
                     "{}: {unsent} metric values and the state of {} runs not delivered ({}); they stay in the store and are \
-                     sent when the experiment is tracked again (furnace run --experiment {})",
+                     sent when the experiment is tracked again (furnace run --experiment {} with the same tracking)",
                     b.name(),
                     b.dirty.len(),
                     b.last_error.as_deref().unwrap_or("no time left"),
