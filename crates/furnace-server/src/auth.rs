@@ -140,7 +140,8 @@ fn new_session() -> std::result::Result<String, ApiError> {
 async fn login(State(st): State<AppState>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
     let result = (|| {
         let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
-        let req: Login = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad login: {e} (expected {{\"token\": \"...\"}})")))?;
+        let req: Login = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("bad login: {e} (expected {{\"token\": \"...\"}})")))?;
         let Some(token) = st.token() else {
             return Ok(Json(serde_json::json!({ "ok": true, "token_required": false })).into_response());
         };
@@ -163,7 +164,8 @@ async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Response {
         st.remove_session(s);
     }
     let mut resp = Json(serde_json::json!({ "ok": true })).into_response();
-    resp.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_static("furnace_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"));
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, HeaderValue::from_static("furnace_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"));
     resp
 }
 

@@ -268,8 +268,9 @@ struct SpecRequest {
 
 fn spec_request(body: std::result::Result<Bytes, BytesRejection>) -> ApiResult<SpecRequest> {
     let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("bad spec request: {e} (expected JSON like {{\"spec\": \"[experiment]\\nname = ...\"}})")))
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("bad spec request: {e} (expected JSON like {{\"spec\": \"[experiment]\\nname = ...\"}})"))
+    })
 }
 
 /// Where relative data paths of a spec from the dashboard are anchored: a file named
@@ -315,7 +316,9 @@ async fn create_experiment(State(st): State<AppState>, body: std::result::Result
             Ok((e, n))
         })
         .await?;
-    launcher.launch(&exp.name).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("experiment {} was created but did not start: {e}", exp.name)))?;
+    launcher
+        .launch(&exp.name)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("experiment {} was created but did not start: {e}", exp.name)))?;
     Ok((StatusCode::CREATED, Json(json!({ "experiment": exp.name, "runs": runs }))).into_response())
 }
 

@@ -6,9 +6,9 @@ use crate::auth::Token;
 use crate::error::{ApiError, ApiResult};
 use crate::guard::Hosts;
 use crate::{Launcher, ServerOptions};
-use std::collections::HashSet;
 use axum::http::StatusCode;
 use furnace_exp::{EventSender, Store};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -45,7 +45,9 @@ impl AppState {
         let token = opts.token.map(Token::new);
         let (allow_model_paths, launcher) = (opts.allow_model_paths, opts.launcher);
         let sessions = Mutex::new(HashSet::new());
-        Self { inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, allow_model_paths, launcher, sessions, shutdown }) }
+        Self {
+            inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, allow_model_paths, launcher, sessions, shutdown }),
+        }
     }
 
     /// What starts experiments the dashboard creates, if anything.

@@ -94,7 +94,7 @@ async fn bad_ids_unknown_things_and_wrong_methods_are_json_errors() {
     let (s, v) = call(&app, "GET", "/api/nothing/here", None, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(error_of(&v).contains("/api/nothing/here"), "{v}");
-    let (s, v) = call(&app, "GET", "/", None, None).await;
+    let (s, v) = call(&app, "GET", "/nothing", None, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     error_of(&v);
 

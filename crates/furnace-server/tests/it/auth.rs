@@ -17,7 +17,7 @@ async fn token_guards_every_request() {
     for uri in ["/api/health", "/api/experiments", "/api/nothing"] {
         let (s, v) = call(&app, "GET", uri, None, None).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}");
-        assert_eq!(error_of(&v), "missing or wrong token: send Authorization: Bearer <token>");
+        assert_eq!(error_of(&v), "missing or wrong token: send Authorization: Bearer <token>, or log in");
         for wrong in ["s3cre", "s3cret!", "S3CRET", ""] {
             let (s, _) = call(&app, "GET", uri, Some(wrong), None).await;
             assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri} with {wrong:?}");
@@ -59,7 +59,7 @@ fn loopback_with_token_refuses_requests_without_it() {
 
 #[test]
 fn check_options_needs_a_token_off_loopback() {
-    let open = ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false };
+    let open = ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false, launcher: None };
     match furnace_server::check_options(&open) {
         Err(Error::Invalid(m)) => {
             assert!(m.contains("0.0.0.0:8851") && m.contains("--token"), "{m}")
@@ -69,9 +69,20 @@ fn check_options_needs_a_token_off_loopback() {
     assert!(matches!(furnace_server::start(PathBuf::from("unused.db"), open.clone(), events::channel()), Err(Error::Invalid(_))));
     furnace_server::check_options(&ServerOptions { token: Some("t".into()), ..open.clone() }).unwrap();
     assert!(furnace_server::check_options(&ServerOptions { token: Some(" ".into()), ..open }).is_err());
-    furnace_server::check_options(&ServerOptions { addr: "127.0.0.1:8851".parse().unwrap(), token: None, allow_model_paths: false })
-        .unwrap();
-    furnace_server::check_options(&ServerOptions { addr: "[::1]:8851".parse().unwrap(), token: None, allow_model_paths: false }).unwrap();
+    furnace_server::check_options(&ServerOptions {
+        addr: "127.0.0.1:8851".parse().unwrap(),
+        token: None,
+        allow_model_paths: false,
+        launcher: None,
+    })
+    .unwrap();
+    furnace_server::check_options(&ServerOptions {
+        addr: "[::1]:8851".parse().unwrap(),
+        token: None,
+        allow_model_paths: false,
+        launcher: None,
+    })
+    .unwrap();
     assert_eq!(furnace_server::DEFAULT_PORT, 8851);
 }
 

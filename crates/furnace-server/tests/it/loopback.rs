@@ -60,7 +60,7 @@ pub fn exchange(addr: SocketAddr, method: &str, path: &str, head: &str, body: &s
 }
 
 pub fn loopback() -> ServerOptions {
-    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None, allow_model_paths: false }
+    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None, allow_model_paths: false, launcher: None }
 }
 
 #[test]
@@ -99,7 +99,11 @@ fn start_on_a_taken_port_is_an_io_error_naming_it() {
     let f = fixture();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    match furnace_server::start(f.db.clone(), ServerOptions { addr, token: None, allow_model_paths: false }, events::channel()) {
+    match furnace_server::start(
+        f.db.clone(),
+        ServerOptions { addr, token: None, allow_model_paths: false, launcher: None },
+        events::channel(),
+    ) {
         Err(e @ Error::Listen { .. }) => {
             let m = e.to_string();
             assert!(m.contains(&addr.to_string()) && m.contains("--port"), "{m}")

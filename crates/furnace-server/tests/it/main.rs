@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+mod dashboard;
 mod events;
 mod guard;
 mod loopback;
@@ -39,7 +40,7 @@ max_steps = 10
 pub const ADDR: &str = "127.0.0.1:8851";
 
 pub fn options(token: Option<&str>) -> ServerOptions {
-    ServerOptions { addr: ADDR.parse().unwrap(), token: token.map(String::from), allow_model_paths: false }
+    ServerOptions { addr: ADDR.parse().unwrap(), token: token.map(String::from), allow_model_paths: false, launcher: None }
 }
 
 pub struct Fixture {
