@@ -610,7 +610,14 @@ impl Store {
         )?;
         let rows = st
             .query_map([experiment_id], |r| {
-                Ok(MetricSummary { run_id: r.get(0)?, name: r.get(1)?, count: r.get(2)?, last_step: r.get(3)?, min: r.get(4)?, last: r.get(5)? })
+                Ok(MetricSummary {
+                    run_id: r.get(0)?,
+                    name: r.get(1)?,
+                    count: r.get(2)?,
+                    last_step: r.get(3)?,
+                    min: r.get(4)?,
+                    last: r.get(5)?,
+                })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)

@@ -115,6 +115,9 @@ const FurnacePlot = (() => {
       const muted = css.getPropertyValue("--muted").trim(), grid = css.getPropertyValue("--grid").trim();
       const b = this.bounds();
       this.frame = null;
+      // What is drawn, for people's tools and tests: series and points.
+      this.root.dataset.series = String(this.series.filter((s) => s.x.length).length);
+      this.root.dataset.points = String(this.series.reduce((n, s) => n + s.x.length, 0));
       this.legend.replaceChildren(...this.series.filter((s) => s.x.length).map((s) => {
         const span = document.createElement("span");
         const i = document.createElement("i");

@@ -1,13 +1,15 @@
-//! Experiments the dashboard starts (`POST /api/experiments`): the server's launcher puts
-//! their names in a queue, and the command that serves the dashboard trains them one after
-//! another (`furnace run` after its own experiment, `furnace ui` for as long as it runs),
-//! with the same live display, Ctrl-C handling and memory budget as `furnace run`.
+//! Training one stored experiment the way `furnace run` does (live display, tracking,
+//! Ctrl-C), and the experiments the dashboard starts (`POST /api/experiments`): the
+//! server's launcher puts their names in a queue, and the command that serves the
+//! dashboard trains them one after another (`furnace run` after its own experiment,
+//! `furnace ui` for as long as it runs).
 
 use super::run::Display;
 use crate::models::load;
 use anyhow::Result;
-use furnace_exp::{EventSender, Experiment, FitOptions, FitSummary, StartOptions, Store};
-use std::path::Path;
+use furnace_exp::{Event, EventSender, Experiment, ExperimentRow, FitOptions, FitSummary, StartOptions, Store};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -25,14 +27,54 @@ pub fn queue() -> (Arc<LaunchQueue>, mpsc::Receiver<String>) {
 
 impl furnace_server::Launcher for LaunchQueue {
     fn launch(&self, name: &str) -> std::result::Result<(), String> {
-        self.tx
-            .send(name.to_string())
-            .map_err(|_| format!("the trainer has stopped; train it with furnace run --experiment {name}"))
+        self.tx.send(name.to_string()).map_err(|_| format!("the trainer has stopped; train it with furnace run --experiment {name}"))
     }
 }
 
+/// How people open a server at `addr` in a browser (`localhost` for loopback, which the
+/// server's Host check accepts).
+pub fn dashboard_host(addr: SocketAddr) -> String {
+    if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Tracking backends given on the command line (they override the spec's `[tracking]`).
+#[derive(Debug, Clone, Default)]
+pub struct TrackFlags {
+    /// `--mlflow URL`.
+    pub mlflow: Option<String>,
+    /// `--tensorboard DIR`.
+    pub tensorboard: Option<PathBuf>,
+}
+
+/// The tracking backends of an experiment: its spec's `[tracking]`, overridden by the flags.
+fn track_options(flags: &TrackFlags, exp: &ExperimentRow) -> Result<furnace_track::TrackOptions> {
+    let spec =
+        furnace_train::knobs::expand(&exp.spec, &exp.spec_path)?.into_iter().next().and_then(|l| l.spec.tracking).unwrap_or_default();
+    let mut opts = furnace_track::TrackOptions {
+        mlflow: spec.mlflow,
+        mlflow_experiment: spec.mlflow_experiment,
+        tensorboard: spec.tensorboard,
+        ..Default::default()
+    };
+    if let Some(url) = &flags.mlflow {
+        furnace_train::spec::check_tracking_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
+        opts.mlflow = Some(url.clone());
+    }
+    if let Some(dir) = &flags.tensorboard {
+        let check = furnace_train::spec::TrackingSpec { tensorboard: Some(dir.clone()), ..Default::default() };
+        check.validate().map_err(|e| anyhow::anyhow!("--tensorboard: {e}"))?;
+        opts.tensorboard = Some(dir.clone());
+    }
+    Ok(opts)
+}
+
 /// Trains experiment `name` of the store in `runs_dir` to its end (or until `cancel`),
-/// showing a progress line per run; publishes its events on `events`.
+/// showing a progress line per run and sending its runs to the tracking backends;
+/// publishes its events on `events`.
 pub fn train_experiment(
     store: &Store,
     runs_dir: &Path,
@@ -40,9 +82,27 @@ pub fn train_experiment(
     memory_budget: Option<u64>,
     cancel: Arc<AtomicBool>,
     events: &EventSender,
+    flags: &TrackFlags,
 ) -> Result<FitSummary> {
     let experiment = Experiment::open(runs_dir, name)?;
     let exp = store.experiment(name)?;
+    let track = track_options(flags, &exp)?;
+    let tracker = if track.is_empty() {
+        None
+    } else {
+        let sink = events.clone();
+        let exp_name = exp.name.clone();
+        let log = Box::new(move |message: String| {
+            let _ = sink.send(Event::Log { experiment: exp_name.clone(), message });
+        });
+        if let Some(url) = &track.mlflow {
+            eprintln!("tracking runs in MLflow at {url}");
+        }
+        if let Some(dir) = &track.tensorboard {
+            eprintln!("TensorBoard event files in {}", dir.join(&exp.name).display());
+        }
+        Some(furnace_track::Tracker::start(store.path(), &exp.name, track, log)?)
+    };
     let mut running = experiment.start(StartOptions {
         fit: FitOptions { memory_budget, cancel: Some(cancel), ..Default::default() },
         loader: Box::new(|name: &str, dtype| {
@@ -52,9 +112,18 @@ pub fn train_experiment(
     })?;
     let mut display = Display::new(store, exp.id)?;
     while let Some(ev) = running.next_event() {
+        if let (Some(t), Event::Status { .. }) = (&tracker, &ev) {
+            t.nudge();
+        }
         display.show(store, ev)?;
     }
     let summary = running.wait()?;
     display.finish();
+    if let Some(t) = tracker {
+        // Bounded: a tracking server that is down costs at most this wait.
+        for line in t.finish(std::time::Duration::from_secs(10))?.unsent {
+            eprintln!("warning: {line}");
+        }
+    }
     Ok(summary)
 }

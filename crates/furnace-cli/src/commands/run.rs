@@ -1,12 +1,12 @@
 //! `furnace run`: every config of a spec trains together, with live progress and the API
 //! server; continues an interrupted experiment.
 
+use super::launch::{dashboard_host, queue, train_experiment, TrackFlags};
 use crate::args::{open_store, parse_bytes, RunsDir};
 use crate::human::{label, print_runs};
-use crate::models::load;
 use anyhow::{bail, Result};
 use clap::Args;
-use furnace_exp::{experiment, Event, Experiment, FitOptions, RunRow, RunStatus, StartOptions, Store};
+use furnace_exp::{experiment, Event, RunRow, RunStatus, Store};
 use furnace_server::ServerOptions;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -80,28 +80,6 @@ fn server_options(a: &RunArgs) -> Result<Option<ServerOptions>> {
     Ok(Some(opts))
 }
 
-/// The tracking backends: the experiment's spec's [tracking], overridden by the flags.
-fn track_options(a: &RunArgs, exp: &furnace_exp::ExperimentRow) -> Result<furnace_track::TrackOptions> {
-    let spec =
-        furnace_train::knobs::expand(&exp.spec, &exp.spec_path)?.into_iter().next().and_then(|l| l.spec.tracking).unwrap_or_default();
-    let mut opts = furnace_track::TrackOptions {
-        mlflow: spec.mlflow,
-        mlflow_experiment: spec.mlflow_experiment,
-        tensorboard: spec.tensorboard,
-        ..Default::default()
-    };
-    if let Some(url) = &a.mlflow {
-        furnace_train::spec::check_tracking_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
-        opts.mlflow = Some(url.clone());
-    }
-    if let Some(dir) = &a.tensorboard {
-        let check = furnace_train::spec::TrackingSpec { tensorboard: Some(dir.clone()), ..Default::default() };
-        check.validate().map_err(|e| anyhow::anyhow!("--tensorboard: {e}"))?;
-        opts.tensorboard = Some(dir.clone());
-    }
-    Ok(opts)
-}
-
 pub fn run(a: RunArgs) -> Result<()> {
     let server_opts = server_options(&a)?;
     if let Some(url) = &a.mlflow {
@@ -124,60 +102,33 @@ pub fn run(a: RunArgs) -> Result<()> {
         (None, None) => bail!("give a spec (furnace run spec.toml) or --experiment NAME to continue one"),
     };
     let events = furnace_exp::events::channel();
-    let server = if let Some(opts) = server_opts {
-        let h = furnace_server::start(store.path().to_path_buf(), opts, events.clone())?;
-        eprintln!("API on http://{}/api (live events: /api/events)", h.addr);
-        Some(h)
+    let (launcher, rx) = queue();
+    let (server, queued) = if let Some(opts) = server_opts {
+        let h = furnace_server::start(store.path().to_path_buf(), ServerOptions { launcher: Some(launcher), ..opts }, events.clone())?;
+        eprintln!("API on http://{}/api (live events: /api/events); dashboard on http://{}/", h.addr, dashboard_host(h.addr));
+        (Some(h), Some(rx))
     } else {
-        None
-    };
-    let experiment = Experiment::open(&a.dir.runs_dir, &exp.name)?;
-    let track = track_options(&a, &exp)?;
-    let tracker = if track.is_empty() {
-        None
-    } else {
-        let sink = events.clone();
-        let name = exp.name.clone();
-        let log = Box::new(move |message: String| {
-            let _ = sink.send(Event::Log { experiment: name.clone(), message });
-        });
-        if let Some(url) = &track.mlflow {
-            eprintln!("tracking runs in MLflow at {url}");
-        }
-        if let Some(dir) = &track.tensorboard {
-            eprintln!("TensorBoard event files in {}", dir.join(&exp.name).display());
-        }
-        Some(furnace_track::Tracker::start(store.path(), &exp.name, track, log)?)
+        (None, None)
     };
     let cancel = crate::interrupt::install()?;
-    let mut running = experiment.start(StartOptions {
-        fit: FitOptions { memory_budget: a.memory_budget, cancel: Some(cancel), ..Default::default() },
-        loader: Box::new(|name: &str, dtype| {
-            load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") })
-        }),
-        events: Some(events),
-    })?;
-    let mut display = Display::new(&store, exp.id)?;
-    while let Some(ev) = running.next_event() {
-        if let (Some(t), Event::Status { .. }) = (&tracker, &ev) {
-            t.nudge();
-        }
-        display.show(&store, ev)?;
-    }
-    let summary = running.wait()?;
-    display.finish();
-    if let Some(t) = tracker {
-        // Bounded: a tracking server that is down costs at most this wait.
-        for line in t.finish(std::time::Duration::from_secs(10))?.unsent {
-            eprintln!("warning: {line}");
-        }
+    let flags = TrackFlags { mlflow: a.mlflow.clone(), tensorboard: a.tensorboard.clone() };
+    let train = |name: &str| train_experiment(&store, &a.dir.runs_dir, name, a.memory_budget, cancel.clone(), &events, &flags);
+    let mut current = exp.name.clone();
+    let mut summary = train(&current)?;
+    // Experiments started from the dashboard meanwhile train next, one after another.
+    while !summary.cancelled {
+        let Some(next) = queued.as_ref().and_then(|rx| rx.try_recv().ok()) else { break };
+        print_runs(&store, &summary.runs, false)?;
+        eprintln!("training experiment {next} (started from the dashboard)");
+        summary = train(&next)?;
+        current = next;
     }
     if let Some(h) = server {
         h.shutdown();
     }
     print_runs(&store, &summary.runs, false)?;
     if summary.cancelled {
-        let mut resume = format!("furnace run --experiment {}", exp.name);
+        let mut resume = format!("furnace run --experiment {current}");
         if a.dir.runs_dir != Path::new("runs") {
             resume.push_str(&format!(" --runs-dir {}", a.dir.runs_dir.display()));
         }

@@ -2,7 +2,7 @@
 //! when nothing trains) and trains the experiments started from the dashboard, one after
 //! another, until Ctrl-C.
 
-use super::launch::{queue, train_experiment};
+use super::launch::{dashboard_host, queue, train_experiment, TrackFlags};
 use crate::args::{open_store, parse_bytes, RunsDir};
 use crate::human::print_runs;
 use anyhow::{bail, Result};
@@ -47,13 +47,13 @@ pub fn run(a: UiArgs) -> Result<()> {
     };
     let token = furnace_server::resolve_token(a.token.clone(), a.token_file.as_deref(), env)?;
     let (launcher, rx) = queue();
-    let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token, allow_model_paths: a.allow_model_paths, launcher: Some(launcher) };
+    let opts =
+        ServerOptions { addr: SocketAddr::new(a.host, a.port), token, allow_model_paths: a.allow_model_paths, launcher: Some(launcher) };
     furnace_server::check_options(&opts)?;
     let store = open_store(&a.dir)?;
     let events = furnace_exp::events::channel();
     let server = furnace_server::start(store.path().to_path_buf(), opts, events.clone())?;
-    let host = if server.addr.ip().is_loopback() { format!("localhost:{}", server.addr.port()) } else { server.addr.to_string() };
-    eprintln!("dashboard on http://{host}/ (runs in {}; Ctrl-C to stop)", a.dir.runs_dir.display());
+    eprintln!("dashboard on http://{}/ (runs in {}; Ctrl-C to stop)", dashboard_host(server.addr), a.dir.runs_dir.display());
     let cancel = crate::interrupt::install()?;
     loop {
         if cancel.load(Ordering::SeqCst) {
@@ -65,7 +65,7 @@ pub fn run(a: UiArgs) -> Result<()> {
             Err(RecvTimeoutError::Disconnected) => break,
         };
         eprintln!("training experiment {name} (started from the dashboard)");
-        match train_experiment(&store, &a.dir.runs_dir, &name, a.memory_budget, cancel.clone(), &events) {
+        match train_experiment(&store, &a.dir.runs_dir, &name, a.memory_budget, cancel.clone(), &events, &TrackFlags::default()) {
             Ok(summary) => {
                 print_runs(&store, &summary.runs, false)?;
                 if summary.cancelled {
