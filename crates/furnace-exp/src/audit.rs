@@ -50,6 +50,22 @@ fn series(metrics: &[MetricRow]) -> Series {
     metrics.iter().map(|m| ((m.step, m.name.clone()), m.value)).collect()
 }
 
+/// A run's config with its data files by name only (the same experiment made in another
+/// folder reads its own copies).
+fn portable(config: &serde_json::Value) -> serde_json::Value {
+    let mut c = config.clone();
+    if let Some(data) = c.get_mut("data").and_then(|d| d.as_object_mut()) {
+        for key in ["train", "eval"] {
+            if let Some(v) = data.get_mut(key) {
+                if let Some(name) = v.as_str().and_then(|p| std::path::Path::new(p).file_name()).map(|n| n.to_string_lossy().into_owned()) {
+                    *v = name.into();
+                }
+            }
+        }
+    }
+    c
+}
+
 fn close(a: f64, b: f64, tol: f64) -> bool {
     a == b || (a - b).abs() <= tol * a.abs().max(b.abs())
 }
@@ -151,7 +167,7 @@ pub fn check(store: &Store, exp: &ExperimentRow, audit: &Audit<'_>) -> Result<Ve
         if audit.strict {
             rruns.get(i)
         } else {
-            rruns.iter().find(|r| r.parent_id.is_none() && r.config == run.config)
+            rruns.iter().find(|r| r.parent_id.is_none() && portable(&r.config) == portable(&run.config))
         }
     };
     if audit.strict && runs.len() != rruns.len() {
@@ -167,7 +183,7 @@ pub fn check(store: &Store, exp: &ExperimentRow, audit: &Audit<'_>) -> Result<Ve
         };
         to_ref.insert(run.id, r.id);
         if audit.strict {
-            let same = run.config == r.config
+            let same = portable(&run.config) == portable(&r.config)
                 && run.knobs == r.knobs
                 && run.status == r.status
                 && run.steps_done == r.steps_done

@@ -360,6 +360,19 @@ impl Store {
     /// folder name ([`furnace_train::spec::check_name`]) is an error naming
     /// `experiment.name`.
     pub fn create_experiment(&self, name: &str, mode: &str, spec_path: &Path, spec: &str) -> Result<ExperimentRow> {
+        self.create_experiment_with_runs(name, mode, spec_path, spec, &[])
+    }
+
+    /// [`Store::create_experiment`] with its runs (`new`, each a (config, knobs, group)),
+    /// in one transaction: a crash leaves the experiment with all its runs or nothing.
+    pub fn create_experiment_with_runs(
+        &self,
+        name: &str,
+        mode: &str,
+        spec_path: &Path,
+        spec: &str,
+        runs: &[(serde_json::Value, serde_json::Value, i64)],
+    ) -> Result<ExperimentRow> {
         // The name becomes a folder: never `..`, a path or a hidden folder.
         furnace_train::spec::check_name(name)?;
         let root = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -380,6 +393,13 @@ impl Store {
             "INSERT INTO experiments(name, base_name, mode, dir, spec_path, spec, status, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
             params![unique, name, mode, dir.to_string_lossy(), spec_path.to_string_lossy(), spec, now()],
         )?;
+        let id = tx.last_insert_rowid();
+        for (config, knobs, group) in runs {
+            tx.execute(
+                "INSERT INTO runs(experiment_id, config, knobs, grp, status, created) VALUES (?1, ?2, ?3, ?4, 'new', ?5)",
+                params![id, config.to_string(), knobs.to_string(), group, now()],
+            )?;
+        }
         commit(tx, "create_experiment")?;
         self.experiment(&unique)
     }

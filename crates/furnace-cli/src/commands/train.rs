@@ -176,15 +176,13 @@ fn write_run_files(run_dir: &Path, spec_path: &Path, spec: &Spec, missing_only: 
 impl RunView {
     /// Opens the view for appending. On a resume from the checkpoint of step `resumed`,
     /// the lines of later steps (written before a crash or kill, and trained again now)
-    /// are dropped first, so no step appears twice; returns whether an eval line of step
-    /// `resumed` is already there.
+    /// are dropped first, so no step appears twice.
     ///
     /// The lines of steps up to `resumed` that a kill kept from the view (the store
     /// committed them, the process died before this thread wrote them) are written from
     /// the store's metrics (`stored`), without `tokens_per_s`, which the store does not
     /// keep; lines stay in step order.
-    fn open(run_dir: &Path, spec: &Spec, resumed: Option<i64>, stored: Option<Stored<'_>>) -> Result<(Self, bool)> {
-        let mut has_eval = false;
+    fn open(run_dir: &Path, spec: &Spec, resumed: Option<i64>, stored: Option<Stored<'_>>) -> Result<Self> {
         let mut written = BTreeSet::new();
         let log_every = spec.trainer.log_every.max(1) as i64;
         let eval_every = spec.trainer.eval_every as i64;
@@ -220,7 +218,6 @@ impl RunView {
                 write_lines(&path, &kept)?;
             }
             written = kept.iter().filter_map(|l| line_key(l)).collect();
-            has_eval = written.contains(&(step, 1));
             keep_lines(&run_dir.join("train.log"), |l| line_step(l).is_none_or(|s| s <= step))?;
             furnace_hub::failpoint::hit("train.view_rewritten");
         }
@@ -236,7 +233,7 @@ impl RunView {
             started: Instant::now(),
             written,
         };
-        Ok((view, has_eval))
+        Ok(view)
     }
 
     fn line(&mut self, v: serde_json::Value) -> Result<()> {
@@ -394,14 +391,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let resumed_step = resumed_at.as_ref().map(|(step, _)| *step);
     let stored_view =
         stored.as_ref().map(|(metrics, total_steps): &(Vec<furnace_exp::MetricRow>, i64)| Stored { metrics, total_steps: *total_steps });
-    let (mut view, has_eval) = RunView::open(&run_dir, &spec, resumed_step, stored_view)?;
+    let mut view = RunView::open(&run_dir, &spec, resumed_step, stored_view)?;
 
     let before_samples = if a.resume.is_none() { samples(&loaded, None, &spec, a.samples)? } else { Vec::new() };
     let mut eval_before = None;
-    if let Some((step, Some(l))) = resumed_at {
-        if !has_eval {
-            view.eval_line(step, l)?;
-        }
+    // The eval at the checkpoint is the "before" of a resumed run (its line is in the view
+    // when an uninterrupted run writes one there).
+    if let Some((_, Some(l))) = resumed_at {
         eval_before = Some(l);
     }
 
