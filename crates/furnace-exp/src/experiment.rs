@@ -60,13 +60,15 @@ pub fn create_from_text(store: &Store, text: &str, anchor: &Path) -> Result<Expe
 
 fn create_from_leaves(store: &Store, text: &str, spec_path: &Path, leaves: &[Leaf]) -> Result<ExperimentRow> {
     let e = &leaves[0].spec.experiment;
-    let exp = store.create_experiment(&e.name, &e.mode, &absolute(spec_path), text)?;
-    std::fs::create_dir_all(&exp.dir).map_err(Error::io("creating", &exp.dir))?;
+    let mut runs = Vec::new();
     for leaf in leaves {
         let config = serde_json::to_value(&leaf.spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
         let knobs: serde_json::Map<String, serde_json::Value> = leaf.knobs.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect();
-        store.add_run(exp.id, &config, &serde_json::Value::Object(knobs), leaf.group as i64, 0, 0, None)?;
+        runs.push((config, serde_json::Value::Object(knobs), leaf.group as i64));
     }
+    // The experiment and its runs: one transaction (a kill never leaves it short of runs).
+    let exp = store.create_experiment_with_runs(&e.name, &e.mode, &absolute(spec_path), text, &runs)?;
+    std::fs::create_dir_all(&exp.dir).map_err(Error::io("creating", &exp.dir))?;
     Ok(exp)
 }
 

@@ -940,6 +940,7 @@ impl Fit<'_, '_> {
         }
         if let Some(o) = old.filter(|&o| o != step && (every == 0 || o % every != 0)) {
             let _ = std::fs::remove_dir_all(checkpoint_dir(&self.exp, id, o));
+            furnace_hub::failpoint::hit("checkpoint.old_removed");
         }
         Ok(())
     }

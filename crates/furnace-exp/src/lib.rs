@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod asha;
+pub mod audit;
 pub mod error;
 pub mod events;
 pub mod experiment;

@@ -348,6 +348,15 @@ impl Store {
         Ok(Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?)
     }
 
+    /// One statement outside a transaction (SQLite commits it on its own), between the
+    /// crash-injection points `store.<what>.before_commit` and `.after_commit`.
+    fn autocommit<T>(&self, what: &str, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        point(what, "before_commit");
+        let v = f(&self.conn)?;
+        point(what, "after_commit");
+        Ok(v)
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -368,6 +377,19 @@ impl Store {
     /// folder name ([`furnace_train::spec::check_name`]) is an error naming
     /// `experiment.name`.
     pub fn create_experiment(&self, name: &str, mode: &str, spec_path: &Path, spec: &str) -> Result<ExperimentRow> {
+        self.create_experiment_with_runs(name, mode, spec_path, spec, &[])
+    }
+
+    /// [`Store::create_experiment`] with its runs (`new`, each a (config, knobs, group)),
+    /// in one transaction: a crash leaves the experiment with all its runs or nothing.
+    pub fn create_experiment_with_runs(
+        &self,
+        name: &str,
+        mode: &str,
+        spec_path: &Path,
+        spec: &str,
+        runs: &[(serde_json::Value, serde_json::Value, i64)],
+    ) -> Result<ExperimentRow> {
         // The name becomes a folder: never `..`, a path or a hidden folder.
         furnace_train::spec::check_name(name)?;
         let root = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -388,7 +410,14 @@ impl Store {
             "INSERT INTO experiments(name, base_name, mode, dir, spec_path, spec, status, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
             params![unique, name, mode, dir.to_string_lossy(), spec_path.to_string_lossy(), spec, now()],
         )?;
-        tx.commit()?;
+        let id = tx.last_insert_rowid();
+        for (config, knobs, group) in runs {
+            tx.execute(
+                "INSERT INTO runs(experiment_id, config, knobs, grp, status, created) VALUES (?1, ?2, ?3, ?4, 'new', ?5)",
+                params![id, config.to_string(), knobs.to_string(), group, now()],
+            )?;
+        }
+        commit(tx, "create_experiment")?;
         self.experiment(&unique)
     }
 
@@ -432,7 +461,7 @@ impl Store {
 
     /// Sets an experiment's status (`running`, `done`).
     pub fn set_experiment_status(&self, id: i64, status: &str) -> Result<()> {
-        self.conn.execute("UPDATE experiments SET status = ?2 WHERE id = ?1", params![id, status])?;
+        self.autocommit("set_experiment_status", |c| c.execute("UPDATE experiments SET status = ?2 WHERE id = ?1", params![id, status]))?;
         Ok(())
     }
 
@@ -448,22 +477,24 @@ impl Store {
         total_chunks: i64,
         parent: Option<(i64, bool)>,
     ) -> Result<i64> {
-        self.conn.execute(
-            "INSERT INTO runs(experiment_id, config, knobs, grp, status, total_steps, total_chunks, parent_id, warm, created) \
+        self.autocommit("add_run", |c| {
+            c.execute(
+                "INSERT INTO runs(experiment_id, config, knobs, grp, status, total_steps, total_chunks, parent_id, warm, created) \
              VALUES (?1, ?2, ?3, ?4, 'new', ?5, ?6, ?7, ?8, ?9)",
-            params![
-                experiment_id,
-                config.to_string(),
-                knobs.to_string(),
-                group,
-                total_steps,
-                total_chunks,
-                parent.map(|p| p.0),
-                parent.is_some_and(|p| p.1) as i64,
-                now()
-            ],
-        )?;
-        Ok(self.conn.last_insert_rowid())
+                params![
+                    experiment_id,
+                    config.to_string(),
+                    knobs.to_string(),
+                    group,
+                    total_steps,
+                    total_chunks,
+                    parent.map(|p| p.0),
+                    parent.is_some_and(|p| p.1) as i64,
+                    now()
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
     }
 
     /// A run by id.
@@ -485,7 +516,9 @@ impl Store {
 
     /// Sets a run's status (and error message, for `failed`).
     pub fn set_run_status(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<()> {
-        self.conn.execute("UPDATE runs SET status = ?2, error = ?3 WHERE id = ?1", params![id, status.as_str(), error])?;
+        self.autocommit("set_run_status", |c| {
+            c.execute("UPDATE runs SET status = ?2, error = ?3 WHERE id = ?1", params![id, status.as_str(), error])
+        })?;
         Ok(())
     }
 
@@ -500,7 +533,7 @@ impl Store {
                 params![id, steps_done, name, value, t],
             )?;
         }
-        tx.commit()?;
+        commit(tx, "record_step")?;
         Ok(())
     }
 
@@ -531,13 +564,13 @@ impl Store {
                 params![id, "a warm clone cut short by a crash before its checkpoint; its op makes it again"],
             )?;
         }
-        tx.commit()?;
+        commit(tx, "remove_unstarted_run")?;
         Ok(removed)
     }
 
     /// Replaces a run's stored config (the leaf spec as JSON).
     pub fn set_run_config(&self, id: i64, config: &serde_json::Value) -> Result<()> {
-        self.conn.execute("UPDATE runs SET config = ?2 WHERE id = ?1", params![id, config.to_string()])?;
+        self.autocommit("set_run_config", |c| c.execute("UPDATE runs SET config = ?2 WHERE id = ?1", params![id, config.to_string()]))?;
         Ok(())
     }
 
@@ -557,20 +590,24 @@ impl Store {
             set_status(&tx, id, RunStatus::Ongoing, None)?;
         }
         tx.execute("UPDATE experiments SET status = 'running' WHERE id = (SELECT experiment_id FROM runs WHERE id = ?1)", [id])?;
-        tx.commit()?;
+        commit(tx, "continue_run")?;
         Ok(())
     }
 
     /// Records a run's step and chunk totals (known once its data is loaded).
     pub fn set_totals(&self, id: i64, total_steps: i64, total_chunks: i64) -> Result<()> {
-        self.conn.execute("UPDATE runs SET total_steps = ?2, total_chunks = ?3 WHERE id = ?1", params![id, total_steps, total_chunks])?;
+        self.autocommit("set_totals", |c| {
+            c.execute("UPDATE runs SET total_steps = ?2, total_chunks = ?3 WHERE id = ?1", params![id, total_steps, total_chunks])
+        })?;
         Ok(())
     }
 
     /// Records that a checkpoint of `step` (after `chunks` chunks) is written: the run
     /// resumes from it after a crash.
     pub fn set_checkpoint(&self, id: i64, step: i64, chunks: i64) -> Result<()> {
-        self.conn.execute("UPDATE runs SET checkpoint_step = ?2, checkpoint_chunks = ?3 WHERE id = ?1", params![id, step, chunks])?;
+        self.autocommit("set_checkpoint", |c| {
+            c.execute("UPDATE runs SET checkpoint_step = ?2, checkpoint_chunks = ?3 WHERE id = ?1", params![id, step, chunks])
+        })?;
         Ok(())
     }
 
@@ -585,7 +622,7 @@ impl Store {
         let s = step.unwrap_or(0);
         tx.execute("DELETE FROM metrics WHERE run_id = ?1 AND step > ?2", params![id, s])?;
         tx.execute("UPDATE runs SET steps_done = ?2, chunks_done = ?3 WHERE id = ?1", params![id, s, chunks])?;
-        tx.commit()?;
+        commit(tx, "rewind")?;
         Ok(())
     }
 
@@ -644,7 +681,7 @@ impl Store {
     pub fn add_op(&self, run_id: i64, kind: &OpKind, source: &str) -> Result<i64> {
         let tx = self.write_tx()?;
         let id = insert_op(&tx, run_id, kind, source)?;
-        tx.commit()?;
+        commit(tx, "add_op")?;
         Ok(id)
     }
 
@@ -655,7 +692,7 @@ impl Store {
         let id = insert_op(&tx, run_id, kind, source)?;
         mark_op(&tx, id, true, Some(message), None, Some(step))?;
         set_status(&tx, run_id, status, Some(message))?;
-        tx.commit()?;
+        commit(tx, "add_applied_op")?;
         Ok(id)
     }
 
@@ -665,7 +702,7 @@ impl Store {
         let tx = self.write_tx()?;
         mark_op(&tx, op, true, Some(message), None, step)?;
         set_status(&tx, run_id, status, Some(message))?;
-        tx.commit()?;
+        commit(tx, "apply_status_op")?;
         Ok(())
     }
 
@@ -709,7 +746,7 @@ impl Store {
         }
         let message = clone.message.replace("{run}", &new.to_string());
         mark_op(&tx, op.id, true, Some(&message), Some(new), clone.step)?;
-        tx.commit()?;
+        commit(tx, "apply_clone_op")?;
         Ok(new)
     }
 
@@ -736,7 +773,10 @@ impl Store {
 
     /// Marks an op applied or rejected.
     pub fn finish_op(&self, id: i64, applied: bool, message: Option<&str>, new_run: Option<i64>, step: Option<i64>) -> Result<()> {
-        mark_op(&self.conn, id, applied, message, new_run, step)
+        point("finish_op", "before_commit");
+        mark_op(&self.conn, id, applied, message, new_run, step)?;
+        point("finish_op", "after_commit");
+        Ok(())
     }
 }
 
@@ -756,6 +796,23 @@ pub struct NewClone<'a> {
     pub message: &'a str,
     /// The parent's optimizer step when the op took effect.
     pub step: Option<i64>,
+}
+
+/// The crash-injection point `store.<what>.<when>` ([`furnace_hub::failpoint`]).
+fn point(what: &str, when: &str) {
+    if furnace_hub::failpoint::active() {
+        furnace_hub::failpoint::hit(&format!("store.{what}.{when}"));
+    }
+}
+
+/// Commits a write transaction of the store method `what`, between the crash-injection
+/// points `store.<what>.before_commit` (everything written, nothing committed) and
+/// `store.<what>.after_commit`.
+fn commit(tx: Transaction<'_>, what: &str) -> Result<()> {
+    point(what, "before_commit");
+    tx.commit()?;
+    point(what, "after_commit");
+    Ok(())
 }
 
 fn insert_op(conn: &Connection, run_id: i64, kind: &OpKind, source: &str) -> Result<i64> {

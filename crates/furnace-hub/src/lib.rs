@@ -20,6 +20,7 @@
 mod alias;
 mod cache;
 mod error;
+pub mod failpoint;
 mod fsutil;
 mod manifest;
 mod pip;

@@ -175,6 +175,12 @@ impl TrainableLora {
     /// directory is replaced as a whole: files are written to a sibling temp directory first,
     /// so a crash never leaves a half-written adapter under `dir`.
     pub fn save_peft(&self, dir: &std::path::Path, base_model: &str) -> Result<()> {
+        self.write_peft(dir, base_model, false)
+    }
+
+    /// [`TrainableLora::save_peft`]; `fresh`: `dir` is inside a folder being written
+    /// (synced and renamed by its writer), so the files go straight into it.
+    pub(crate) fn write_peft(&self, dir: &std::path::Path, base_model: &str, fresh: bool) -> Result<()> {
         let mut cfg = serde_json::to_value(&self.config).map_err(|e| Error::Input(e.to_string()))?;
         if let Some(obj) = cfg.as_object_mut() {
             // PEFT expands `all-linear` when it builds a model and saves the expanded list;
@@ -190,12 +196,18 @@ impl TrainableLora {
         }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Input(e.to_string()))?;
         let tensors = self.to_adapter()?.tensors;
-        replace_dir(dir, |tmp| {
+        let write = |tmp: &std::path::Path| -> Result<()> {
             std::fs::write(tmp.join("adapter_config.json"), &text)
                 .map_err(|e| Error::Input(format!("writing adapter to {}: {e}", dir.display())))?;
             candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
             Ok(())
-        })
+        };
+        if fresh {
+            // Inside a folder being written (a checkpoint's): no old one to replace.
+            std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+            return write(dir);
+        }
+        replace_dir(dir, "adapter", write)
     }
 }
 
@@ -231,8 +243,10 @@ fn sync_dir(dir: &std::path::Path) -> Result<()> {
 /// Writes a new folder `dir` (which must not exist) with what `fill` writes into
 /// `<dir>.partial-<pid>`: every file and folder is synced, then it is renamed to `dir`
 /// and the parent synced, so `dir` either does not exist or is complete, even after a
-/// crash or power loss.
-pub(crate) fn write_new_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
+/// crash or power loss. `what` names its crash-injection points
+/// ([`furnace_hub::failpoint`]): `<what>.files_written` (not synced), `.before_rename`
+/// (synced), `.after_rename` (parent not synced yet).
+pub(crate) fn write_new_dir(dir: &std::path::Path, what: &str, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
     if dir.exists() {
         return Err(Error::Input(format!("writing {}: it exists already (a folder is never overwritten)", dir.display())));
     }
@@ -242,37 +256,59 @@ pub(crate) fn write_new_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path:
     let tmp = parent.join(format!("{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
-    let written = fill(&tmp).and_then(|()| sync_tree(&tmp));
+    let written = fill(&tmp).and_then(|()| {
+        point(what, "files_written");
+        sync_tree(&tmp)
+    });
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    point(what, "before_rename");
     std::fs::rename(&tmp, dir).map_err(io_err("renaming into", dir))?;
+    point(what, "after_rename");
     sync_dir(parent)
+}
+
+/// The crash-injection point `<what>.<when>` ([`furnace_hub::failpoint`]).
+fn point(what: &str, when: &str) {
+    if furnace_hub::failpoint::active() {
+        furnace_hub::failpoint::hit(&format!("{what}.{when}"));
+    }
 }
 
 /// Replaces `dir` as a whole with what `fill` writes into a sibling temp directory (synced
 /// before it is renamed in), so a crash never leaves a half-written directory under that
 /// name. Between the two renames the old one is at `.<name>.old-<pid>`; [`sweep_partials`]
-/// puts it back when a crash left `dir` missing.
-pub(crate) fn replace_dir(dir: &std::path::Path, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
+/// puts it back when a crash left `dir` missing. `what` names its crash-injection points:
+/// `<what>.files_written`, `.before_rename` (synced), `.between_renames` (the old one moved
+/// aside), `.after_rename` (the new one in place), `.old_removed`.
+pub(crate) fn replace_dir(dir: &std::path::Path, what: &str, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let parent = dir.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
-    if let Err(e) = fill(&tmp).and_then(|()| sync_tree(&tmp)) {
+    let written = fill(&tmp).and_then(|()| {
+        point(what, "files_written");
+        sync_tree(&tmp)
+    });
+    if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    point(what, "before_rename");
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(io_err("renaming", dir))?;
+        point(what, "between_renames");
     }
     std::fs::rename(&tmp, dir).map_err(io_err("renaming into", dir))?;
+    point(what, "after_rename");
     sync_dir(parent)?;
     let _ = std::fs::remove_dir_all(&old);
+    point(what, "old_removed");
     Ok(())
 }
 
@@ -287,12 +323,14 @@ pub fn sweep_partials(dir: &std::path::Path) -> Result<()> {
         let path = entry.path();
         if name.contains(".partial-") {
             std::fs::remove_dir_all(&path).map_err(io_err("removing", &path))?;
+            furnace_hub::failpoint::hit("sweep.removed_partial");
         } else if let Some((live, _)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".old-")) {
             let target = dir.join(live);
             if target.exists() {
                 std::fs::remove_dir_all(&path).map_err(io_err("removing", &path))?;
             } else {
                 std::fs::rename(&path, &target).map_err(io_err("renaming into", &target))?;
+                furnace_hub::failpoint::hit("sweep.restored_old");
             }
         }
     }
@@ -307,8 +345,8 @@ mod tests {
     fn a_new_folder_never_overwrites_and_a_sweep_cleans_up_after_a_crash() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("step-2");
-        write_new_dir(&dir, |tmp| std::fs::write(tmp.join("f"), "one").map_err(|e| Error::Input(e.to_string()))).unwrap();
-        assert!(write_new_dir(&dir, |tmp| std::fs::write(tmp.join("f"), "two").map_err(|e| Error::Input(e.to_string()))).is_err());
+        write_new_dir(&dir, "test", |tmp| std::fs::write(tmp.join("f"), "one").map_err(|e| Error::Input(e.to_string()))).unwrap();
+        assert!(write_new_dir(&dir, "test", |tmp| std::fs::write(tmp.join("f"), "two").map_err(|e| Error::Input(e.to_string()))).is_err());
         assert_eq!(std::fs::read_to_string(dir.join("f")).unwrap(), "one");
         // A kill while writing, and one between replace_dir's renames.
         std::fs::create_dir_all(d.path().join("step-4.partial-7")).unwrap();

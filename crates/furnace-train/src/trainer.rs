@@ -470,13 +470,31 @@ impl Trainer {
             "step": self.opt.step, "epoch": self.epoch, "offset": self.offset,
             "n_examples": self.lengths.len(), "seed": self.config.seed, "params": m.len(),
         });
-        crate::lora::write_new_dir(dir, |tmp| {
-            self.lora.save_peft(&tmp.join("adapter"), base_model)?;
+        crate::lora::write_new_dir(dir, "checkpoint", |tmp| {
+            self.lora.write_peft(&tmp.join("adapter"), base_model, true)?;
             candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
             std::fs::write(tmp.join("trainer_state.json"), state.to_string())
                 .map_err(|e| Error::Input(format!("writing checkpoint {}: {e}", dir.display())))?;
             Ok(())
         })
+    }
+
+    /// Reads a checkpoint folder whole without a model (its adapter, optimizer moments and
+    /// state, checked against each other) and returns its step: what [`Trainer::resume`]
+    /// loads, for audits that have no model at hand.
+    pub fn check_checkpoint(dir: &Path) -> Result<usize> {
+        let bad = |m: String| Error::Input(format!("checkpoint {}: {m}", dir.display()));
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        let get = |k: &str| state.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(format!("no '{k}'")));
+        let adapter = PeftAdapter::load(&dir.join("adapter"))?;
+        let opt_t = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
+        let n = get("params")?;
+        if adapter.tensors.len() != n || opt_t.len() != 2 * n {
+            return Err(bad(format!("{} factors, {} moments, {n} parameters in its state", adapter.tensors.len(), opt_t.len())));
+        }
+        get("step")
     }
 
     /// Rebuilds a trainer from a checkpoint: its adapter (checked against `model`), the

@@ -24,6 +24,12 @@ pub enum BenchCmd {
     /// another; prints wall time, tokens/s summed over runs, peak RSS and the time until
     /// every configuration has an eval loss.
     Sweep(SweepBenchArgs),
+    /// The durability soak test: an experiment whose driver (`furnace run`, a child
+    /// process) is SIGKILLed at `--kills` random moments and restarted, with ops recorded
+    /// at random times; checks that every run finishes, each metric exists once and equals
+    /// an uninterrupted run's, each op is applied once, no run is orphaned and every
+    /// checkpoint loads. Exits non-zero on any violation.
+    Chaos(super::chaos::ChaosArgs),
 }
 
 #[derive(Args, Clone)]
@@ -224,6 +230,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Generate(a) => bench_generate(a),
         BenchCmd::Train(a) => bench_train(a),
         BenchCmd::Sweep(a) => bench_sweep(a),
+        BenchCmd::Chaos(a) => super::chaos::run(a),
     }
 }
 

@@ -14,7 +14,7 @@ use furnace_model::AdapterId;
 use furnace_text::ChatMessage;
 use furnace_train::{load_dataset, Spec};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -109,6 +109,23 @@ struct RunView {
     step_values: BTreeMap<String, f64>,
     tokens: f64,
     started: Instant,
+    /// The (step, kind) of the lines in `metrics.jsonl` (kind 0: loss line, 1: eval line):
+    /// a line already there is not written again (a run resumed at its last step
+    /// evaluates that step again).
+    written: BTreeSet<(i64, u8)>,
+}
+
+/// A line's (step, kind): kind 0 for a loss line, 1 for an eval line.
+fn line_key(line: &str) -> Option<(i64, u8)> {
+    let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    let step = v.get("step")?.as_i64()?;
+    Some((step, if v.get("eval_loss").is_some() { 1 } else { 0 }))
+}
+
+/// What the store holds for a resumed run: its metrics and its step total then.
+struct Stored<'a> {
+    metrics: &'a [furnace_exp::MetricRow],
+    total_steps: i64,
 }
 
 /// The `step` of a line of `metrics.jsonl` / `train.log` (`None`: not a JSON line, or a
@@ -126,46 +143,107 @@ fn keep_lines(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let kept: Vec<String> = text.lines().filter(|l| keep(l)).map(str::to_string).collect();
+    write_lines(path, &kept)?;
+    Ok(kept)
+}
+
+/// Replaces `path` whole with `lines` (written beside it, synced, renamed).
+fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
     let tmp = path.with_extension("rewrite");
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    for l in &kept {
+    for l in lines {
         writeln!(f, "{l}")?;
     }
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(kept)
+    Ok(())
+}
+
+/// Writes the run folder's own files: `spec.toml` (a copy of the spec) and
+/// `resolved.json`, and its `checkpoints/` folder; `missing_only`: keeps those that exist.
+fn write_run_files(run_dir: &Path, spec_path: &Path, spec: &Spec, missing_only: bool) -> Result<()> {
+    std::fs::create_dir_all(run_dir.join("checkpoints"))?;
+    if !missing_only || !run_dir.join("spec.toml").exists() {
+        std::fs::copy(spec_path, run_dir.join("spec.toml"))?;
+    }
+    if !missing_only || !run_dir.join("resolved.json").exists() {
+        std::fs::write(run_dir.join("resolved.json"), serde_json::to_string_pretty(spec)?)?;
+    }
+    furnace_hub::failpoint::hit("train.run_folder_written");
+    Ok(())
 }
 
 impl RunView {
     /// Opens the view for appending. On a resume from the checkpoint of step `resumed`,
     /// the lines of later steps (written before a crash or kill, and trained again now)
-    /// are dropped first, so no step appears twice; returns whether an eval line of step
-    /// `resumed` is already there.
-    fn open(run_dir: &Path, spec: &Spec, resumed: Option<i64>) -> Result<(Self, bool)> {
-        let mut has_eval = false;
+    /// are dropped first, so no step appears twice.
+    ///
+    /// The lines of steps up to `resumed` that a kill kept from the view (the store
+    /// committed them, the process died before this thread wrote them) are written from
+    /// the store's metrics (`stored`), without `tokens_per_s`, which the store does not
+    /// keep; lines stay in step order.
+    fn open(run_dir: &Path, spec: &Spec, resumed: Option<i64>, stored: Option<Stored<'_>>) -> Result<Self> {
+        let mut written = BTreeSet::new();
+        let log_every = spec.trainer.log_every.max(1) as i64;
+        let eval_every = spec.trainer.eval_every as i64;
         if let Some(step) = resumed {
             // metrics.jsonl is JSON lines only (a cut-short line goes); train.log keeps its
             // text lines.
-            let kept = keep_lines(&run_dir.join("metrics.jsonl"), |l| line_step(l).is_some_and(|s| s <= step))?;
-            has_eval = kept.iter().any(|l| l.contains("eval_loss") && line_step(l) == Some(step));
+            let path = run_dir.join("metrics.jsonl");
+            let mut kept = keep_lines(&path, |l| line_step(l).is_some_and(|s| s <= step))?;
+            let have: BTreeSet<(i64, u8)> = kept.iter().filter_map(|l| line_key(l)).collect();
+            let mut missing = Vec::new();
+            if let Some(st) = stored {
+                let mut by_step: BTreeMap<i64, BTreeMap<&str, f64>> = BTreeMap::new();
+                for m in st.metrics.iter().filter(|m| m.step <= step) {
+                    by_step.entry(m.step).or_default().insert(m.name.as_str(), m.value);
+                }
+                for (s, v) in by_step {
+                    if let (Some(loss), false) = (v.get("loss"), have.contains(&(s, 0))) {
+                        if s % log_every == 0 || s == st.total_steps {
+                            let (lr, gn) = (v.get("lr").copied().unwrap_or(f64::NAN), v.get("grad_norm").copied().unwrap_or(f64::NAN));
+                            missing.push(serde_json::json!({"step": s, "loss": loss, "lr": lr, "grad_norm": gn}).to_string());
+                        }
+                    }
+                    if let (Some(l), false) = (v.get("eval_loss"), have.contains(&(s, 1))) {
+                        if s == 0 || (eval_every > 0 && s % eval_every == 0) || s == st.total_steps {
+                            missing.push(serde_json::json!({"step": s, "eval_loss": l, "eval_ppl": l.exp()}).to_string());
+                        }
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                kept.extend(missing);
+                kept.sort_by_key(|l| line_key(l));
+                write_lines(&path, &kept)?;
+            }
+            written = kept.iter().filter_map(|l| line_key(l)).collect();
             keep_lines(&run_dir.join("train.log"), |l| line_step(l).is_none_or(|s| s <= step))?;
+            furnace_hub::failpoint::hit("train.view_rewritten");
         }
         let open = |name: &str| std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join(name));
         let view = Self {
             metrics: open("metrics.jsonl")?,
             log: open("train.log")?,
-            log_every: spec.trainer.log_every.max(1) as i64,
-            eval_every: spec.trainer.eval_every as i64,
+            log_every,
+            eval_every,
             total: i64::MAX,
             step_values: BTreeMap::new(),
             tokens: 0.0,
             started: Instant::now(),
+            written,
         };
-        Ok((view, has_eval))
+        Ok(view)
     }
 
     fn line(&mut self, v: serde_json::Value) -> Result<()> {
+        let key = (v.get("step").and_then(|s| s.as_i64()).unwrap_or(-1), if v.get("eval_loss").is_some() { 1 } else { 0 });
+        if !self.written.insert(key) {
+            return Ok(());
+        }
+        // One write per line, so a kill cuts at most the line being written.
         writeln!(self.metrics, "{v}")?;
+        furnace_hub::failpoint::hit("train.metrics_line");
         writeln!(self.log, "{v}")?;
         Ok(())
     }
@@ -253,6 +331,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let name = &spec.experiment.name;
     let pointer_dir = a.runs_dir.join(name);
+    let mut stored = None;
     let (exp, run_id, resumed_at) = match &a.resume {
         Some(r) => {
             let db = a.runs_dir.join(furnace_exp::store::DB_FILE);
@@ -260,29 +339,42 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 bail!("no run to resume in {}: nothing was trained there (no {})", a.runs_dir.display(), db.display());
             }
             let store = Store::open(&db)?;
-            let run_dir = if r.is_empty() {
-                let rel = std::fs::read_to_string(pointer_dir.join("latest"))
-                    .with_context(|| format!("no run to resume in {}", pointer_dir.display()))?;
-                pointer_dir.join(rel.trim())
+            let (exp_name, id) = if r.is_empty() {
+                match std::fs::read_to_string(pointer_dir.join("latest")) {
+                    Ok(rel) => locate_run(&store, &pointer_dir.join(rel.trim()))?,
+                    // A kill between making the experiment and writing `latest`: the newest
+                    // experiment of this spec's name is the one to resume.
+                    Err(_) => {
+                        let e = store.latest_of(name)?.with_context(|| format!("no run to resume in {}", pointer_dir.display()))?;
+                        let id = store.runs(e.id)?.first().map(|r| r.id).context("the experiment has no run")?;
+                        (e.name, id)
+                    }
+                }
             } else {
-                PathBuf::from(r)
+                locate_run(&store, Path::new(r))?
             };
-            let (exp_name, id) = locate_run(&store, &run_dir)?;
             let run = store.run(id)?;
-            let Some(step) = run.checkpoint_step else { bail!("{} has no checkpoint to resume from", run_dir.display()) };
             let exp = Experiment::open(&a.runs_dir, &exp_name)?;
+            let run_dir = exp.run_dir(id);
             exp.continue_run(id, &leaf)?;
-            eprintln!("resuming {} from {}", run_dir.display(), run_dir.join("checkpoints").join(format!("step-{step}")).display());
-            let before = store.metrics(id)?.into_iter().find(|m| m.step == step && m.name == "eval_loss").map(|m| m.value);
+            // A run killed before its first checkpoint starts again from step 0.
+            let step = run.checkpoint_step.unwrap_or(0);
+            match run.checkpoint_step {
+                Some(step) => {
+                    eprintln!("resuming {} from {}", run_dir.display(), run_dir.join("checkpoints").join(format!("step-{step}")).display())
+                }
+                None => eprintln!("resuming {} from the start (it had no checkpoint yet)", run_dir.display()),
+            }
+            write_run_files(&run_dir, &a.spec, &spec, true)?;
+            let metrics = store.metrics(id)?;
+            let before = metrics.iter().find(|m| m.step == step && m.name == "eval_loss").map(|m| m.value);
+            stored = Some((metrics, run.total_steps));
             (exp, id, Some((step, before)))
         }
         None => {
             let exp = Experiment::create(&a.runs_dir, &a.spec)?;
             let id = exp.runs()?.first().map(|r| r.id).context("the experiment has no run")?;
-            let run_dir = exp.run_dir(id);
-            std::fs::create_dir_all(run_dir.join("checkpoints"))?;
-            std::fs::copy(&a.spec, run_dir.join("spec.toml"))?;
-            std::fs::write(run_dir.join("resolved.json"), serde_json::to_string_pretty(&spec)?)?;
+            write_run_files(&exp.run_dir(id), &a.spec, &spec, false)?;
             (exp, id, None)
         }
     };
@@ -294,16 +386,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Path::new("..").join(&exp.row().name).join(format!("run-{run_id}"))
     };
     std::fs::create_dir_all(&pointer_dir)?;
-    std::fs::write(pointer_dir.join("latest"), format!("{}\n", rel.display()))?;
+    write_lines(&pointer_dir.join("latest"), &[rel.display().to_string()])?;
+    furnace_hub::failpoint::hit("train.latest_written");
     let resumed_step = resumed_at.as_ref().map(|(step, _)| *step);
-    let (mut view, has_eval) = RunView::open(&run_dir, &spec, resumed_step)?;
+    let stored_view =
+        stored.as_ref().map(|(metrics, total_steps): &(Vec<furnace_exp::MetricRow>, i64)| Stored { metrics, total_steps: *total_steps });
+    let mut view = RunView::open(&run_dir, &spec, resumed_step, stored_view)?;
 
     let before_samples = if a.resume.is_none() { samples(&loaded, None, &spec, a.samples)? } else { Vec::new() };
     let mut eval_before = None;
-    if let Some((step, Some(l))) = resumed_at {
-        if !has_eval {
-            view.eval_line(step, l)?;
-        }
+    // The eval at the checkpoint is the "before" of a resumed run (its line is in the view
+    // when an uninterrupted run writes one there).
+    if let Some((_, Some(l))) = resumed_at {
         eval_before = Some(l);
     }
 

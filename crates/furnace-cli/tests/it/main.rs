@@ -5,5 +5,6 @@
 
 mod api;
 mod cli;
+mod crash;
 mod experiment;
 mod train;

@@ -1,5 +1,6 @@
 //! furnace-exp's integration tests: one test binary, a module per area.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod fit;
 mod ops;
