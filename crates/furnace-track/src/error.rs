@@ -8,6 +8,9 @@ pub enum Error {
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] furnace_exp::Error),
+    /// Reading new metric rows failed.
+    #[error("reading the store's metrics: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A file or folder operation failed.
     #[error("{op} {}: {source}", path.display())]
     Io {

@@ -66,6 +66,12 @@ impl TrackOptions {
     }
 }
 
+/// Checks that this client can use an MLflow tracking URL (`http://host[:port][/prefix]`;
+/// `https://` is not built in).
+pub fn check_url(url: &str) -> Result<()> {
+    http::BaseUrl::parse(url).map(|_| ())
+}
+
 /// What a backend sees of one poll.
 pub(crate) struct Snapshot<'a> {
     pub(crate) experiment: &'a ExperimentRow,
@@ -93,6 +99,13 @@ struct Backend {
 }
 
 impl Backend {
+    fn floor(&self, run: i64, p: &state::Persist) -> Option<i64> {
+        match &self.kind {
+            Kind::Mlflow(m) => m.floor(run, p),
+            Kind::Tensorboard(t) => t.floor(run, p),
+        }
+    }
+
     fn name(&self) -> String {
         match &self.kind {
             Kind::Mlflow(m) => m.name(),
@@ -138,6 +151,8 @@ impl Tracker {
     pub fn start(store_path: &Path, experiment: &str, opts: TrackOptions, log: LogSink) -> Result<Self> {
         let store = Store::open(store_path)?;
         let exp = store.experiment(experiment)?;
+        let db = rusqlite::Connection::open(store_path)?;
+        db.busy_timeout(Duration::from_secs(10))?;
         let now = Instant::now();
         let mut backends = Vec::new();
         if let Some(url) = &opts.mlflow {
@@ -153,7 +168,7 @@ impl Tracker {
             .collect();
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
-        let mut worker = Worker { store, exp, opts, backends, log, fingerprints: BTreeMap::new(), persist: None };
+        let mut worker = Worker { store, db, exp, opts, backends, log, fingerprints: BTreeMap::new(), persist: None };
         let thread = std::thread::Builder::new()
             .name("furnace-track".into())
             .spawn(move || {
@@ -196,6 +211,8 @@ type Fingerprint = (String, i64, i64, i64, i64, Option<i64>, Option<String>);
 
 struct Worker {
     store: Store,
+    /// Reads only the metric rows past what was delivered (`metrics_since`).
+    db: rusqlite::Connection,
     exp: ExperimentRow,
     opts: TrackOptions,
     backends: Vec<Backend>,
@@ -293,12 +310,17 @@ impl Worker {
         for (b, _) in self.backends.iter().zip(&due).filter(|(_, d)| **d) {
             wanted.extend(b.dirty.iter().copied());
         }
-        let mut metrics = BTreeMap::new();
-        for id in &wanted {
-            metrics.insert(*id, self.store.metrics(*id)?);
-        }
         let mut unsent = Vec::new();
         let Some(persist) = self.persist.as_mut() else { return Ok(unsent) };
+        let mut metrics = BTreeMap::new();
+        for id in &wanted {
+            // Rows from the highest step every due backend has reached (inclusive: an eval
+            // lands at the step of the last loss); the final pass reads everything.
+            let floors: Vec<Option<i64>> =
+                self.backends.iter().zip(&due).filter(|(b, d)| **d && b.dirty.contains(id)).map(|(b, _)| b.floor(*id, persist)).collect();
+            let floor = if finishing || floors.iter().any(Option::is_none) { None } else { floors.into_iter().flatten().min() };
+            metrics.insert(*id, metrics_since(&self.db, *id, floor)?);
+        }
         for (b, due) in self.backends.iter_mut().zip(due) {
             if due {
                 let dirty = b.dirty.clone();
@@ -347,4 +369,16 @@ impl Worker {
         }
         Ok(unsent)
     }
+}
+
+/// A run's metric rows at `floor` and after (all of them for `None`), by step then name.
+fn metrics_since(db: &rusqlite::Connection, run: i64, floor: Option<i64>) -> Result<Vec<MetricRow>> {
+    let mut st =
+        db.prepare_cached("SELECT run_id, step, name, value, time FROM metrics WHERE run_id = ?1 AND step >= ?2 ORDER BY step, name")?;
+    let rows = st
+        .query_map(rusqlite::params![run, floor.unwrap_or(i64::MIN)], |r| {
+            Ok(MetricRow { run_id: r.get(0)?, step: r.get(1)?, name: r.get(2)?, value: r.get(3)?, time: r.get(4)? })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
 }

@@ -304,6 +304,11 @@ impl Mlflow {
         Ok(())
     }
 
+    /// The highest step delivered of a run (None: nothing yet).
+    pub(crate) fn floor(&self, run: i64, p: &Persist) -> Option<i64> {
+        p.state.mlflow.get(&self.key)?.runs.get(&run)?.metrics.values().max().copied()
+    }
+
     /// Metric values of the snapshot not delivered yet.
     pub(crate) fn unsent(&self, snap: &Snapshot<'_>, p: &Persist) -> usize {
         let st = p.state.mlflow.get(&self.key);

@@ -96,6 +96,11 @@ impl Tensorboard {
         Ok(())
     }
 
+    /// The highest step written of a run (None: nothing yet).
+    pub(crate) fn floor(&self, run: i64, p: &Persist) -> Option<i64> {
+        p.state.tensorboard.get(&self.key)?.runs.get(&run)?.values().max().copied()
+    }
+
     pub(crate) fn unsent(&self, snap: &Snapshot<'_>, p: &Persist) -> usize {
         let st = p.state.tensorboard.get(&self.key);
         crate::mlflow::count_unsent(snap, |run| st.and_then(|s| s.runs.get(&run)))

@@ -9,6 +9,6 @@ mod data;
 mod knobs;
 mod ops_grad;
 mod sft_step;
-mod train;
 mod tracking;
+mod train;
 mod trainer;
