@@ -17,4 +17,6 @@ cargo build --workspace --all-targets --locked
 ./target/debug/furnace model pull smollm2-135m-instruct
 # TensorBoard and MLflow, which the tracking tests read furnace's output back with (cached).
 ./scripts/py-venv.sh
+# Headless Chromium and chromedriver, which the dashboard's browser tests drive.
+./scripts/browser.sh
 cargo test --workspace --locked "$@"

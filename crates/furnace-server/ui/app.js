@@ -390,6 +390,14 @@ function experimentPage(name) {
       }
     } else if (ev.type === "status") {
       log(`run ${ev.run_id}: ${ev.status}${ev.message ? ` (${ev.message})` : ""}`);
+      // Shown at once (the server may be gone by the time a refresh asks: furnace run
+      // stops serving when its last experiment ends), then refreshed.
+      const r = st.table.runs.find((x) => x.id === ev.run_id);
+      if (r) {
+        r.status = ev.status;
+        if (ev.status === "failed" && ev.message) r.error = ev.message;
+        renderTable();
+      }
       refresh();
     } else if (ev.type === "op") {
       log(`op ${ev.op_id} ${ev.op} run ${ev.run_id}: ${ev.status}${ev.message ? ` (${ev.message})` : ""}`);

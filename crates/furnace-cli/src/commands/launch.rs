@@ -69,6 +69,9 @@ fn track_options(flags: &TrackFlags, exp: &ExperimentRow) -> Result<furnace_trac
         check.validate().map_err(|e| anyhow::anyhow!("--tensorboard: {e}"))?;
         opts.tensorboard = Some(dir.clone());
     }
+    if let Some(url) = &opts.mlflow {
+        furnace_track::check_url(url).map_err(|e| anyhow::anyhow!("[tracking] mlflow: {e}"))?;
+    }
     Ok(opts)
 }
 

@@ -83,7 +83,7 @@ fn server_options(a: &RunArgs) -> Result<Option<ServerOptions>> {
 pub fn run(a: RunArgs) -> Result<()> {
     let server_opts = server_options(&a)?;
     if let Some(url) = &a.mlflow {
-        furnace_train::spec::check_tracking_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
+        furnace_track::check_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
     }
     let store = open_store(&a.dir)?;
     let exp = match (&a.experiment, &a.spec) {

@@ -6,5 +6,6 @@
 mod api;
 mod cli;
 mod crash;
+mod dashboard;
 mod experiment;
 mod train;
