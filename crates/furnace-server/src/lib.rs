@@ -26,6 +26,7 @@ mod dashboard;
 mod error;
 mod experiments;
 mod guard;
+mod playground;
 mod sse;
 mod state;
 mod ui;
@@ -122,6 +123,7 @@ fn build(state: AppState) -> Router {
         .route("/api/health", get(health))
         .merge(experiments::router())
         .merge(dashboard::router())
+        .merge(playground::router())
         .merge(auth::router())
         .merge(ui::router())
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -33,6 +33,8 @@ struct Inner {
     launcher: Option<Arc<dyn Launcher>>,
     /// The dashboard's login sessions (random ids given as an HttpOnly cookie).
     sessions: Mutex<HashSet<String>>,
+    /// The playground's engines (loaded on first use).
+    playground: Arc<crate::playground::Playground>,
     /// Turns true when the server stops (ends the event streams).
     shutdown: watch::Receiver<bool>,
 }
@@ -45,9 +47,26 @@ impl AppState {
         let token = opts.token.map(Token::new);
         let (allow_model_paths, launcher) = (opts.allow_model_paths, opts.launcher);
         let sessions = Mutex::new(HashSet::new());
+        let playground = Arc::default();
         Self {
-            inner: Arc::new(Inner { db, store: Mutex::new(None), events, token, hosts, allow_model_paths, launcher, sessions, shutdown }),
+            inner: Arc::new(Inner {
+                db,
+                store: Mutex::new(None),
+                events,
+                token,
+                hosts,
+                allow_model_paths,
+                launcher,
+                sessions,
+                playground,
+                shutdown,
+            }),
         }
+    }
+
+    /// The playground's engines.
+    pub fn playground(&self) -> Arc<crate::playground::Playground> {
+        self.inner.playground.clone()
     }
 
     /// What starts experiments the dashboard creates, if anything.

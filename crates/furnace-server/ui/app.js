@@ -528,6 +528,94 @@ function pageNew() {
   ready();
 }
 
+// ---- playground --------------------------------------------------------------------
+
+// Streams one chat request: calls onText with each piece; resolves with the `done` event.
+async function streamChat(body, onText) {
+  const r = await fetch("/api/playground/chat", { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  if (!r.ok) {
+    let msg = r.statusText;
+    try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
+    if (r.status === 401) showLogin();
+    throw new ApiError(r.status, msg);
+  }
+  const reader = r.body.getReader();
+  const dec = new TextDecoder();
+  let buf = "", done = null;
+  for (;;) {
+    const { value, done: end } = await reader.read();
+    if (end) break;
+    buf += dec.decode(value, { stream: true });
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      let name = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      if (!data) continue;
+      const ev = JSON.parse(data);
+      if (name === "text") onText(ev.text);
+      else if (name === "done") { if (ev.text) onText(ev.text); done = ev; }
+      else if (name === "error") throw new ApiError(500, ev.error);
+    }
+  }
+  return done;
+}
+
+async function pagePlay() {
+  const t = await api("/api/playground/targets");
+  const options = [el("option", { value: "" }, "— choose —")]
+    .concat(t.bases.map((b) => el("option", { value: JSON.stringify({ model: b.model }) }, `base: ${b.model}${b.quantize !== "none" ? ` (${b.quantize})` : ""}`)))
+    .concat(t.runs.map((r) => el("option", { value: JSON.stringify({ run: r.run }) }, `run ${r.run} (${r.experiment}) ${Object.entries(r.knobs || {}).map(([k, v]) => `${k}=${knobText(v)}`).join(" ")}`)));
+  const panes = [0, 1].map((i) => {
+    const select = el("select", { id: `target-${i}` }, options.map((o) => o.cloneNode(true)));
+    if (i === 0 && t.bases.length) select.selectedIndex = 1;
+    if (i === 1 && t.runs.length) select.selectedIndex = 1 + t.bases.length;
+    const transcript = el("div", { class: "log", id: `transcript-${i}`, style: "min-height:260px" });
+    const history = [];
+    return { select, transcript, history, root: el("div", { class: "panel" }, select, " ", el("button", { type: "button", onclick: () => { history.length = 0; transcript.replaceChildren(); } }, "Clear"), transcript) };
+  });
+  const prompt = el("textarea", { id: "play-prompt", rows: 3, placeholder: "a message for both (Enter sends, Shift+Enter for a new line)" });
+  const maxTokens = el("input", { type: "number", id: "play-max", min: 1, max: 2048, value: 128, style: "width:90px" });
+  const temp = el("input", { type: "number", id: "play-temp", min: 0, max: 5, step: 0.1, value: 0, style: "width:70px" });
+  const send = async () => {
+    const text = prompt.value.trim();
+    if (!text) return;
+    prompt.value = "";
+    await Promise.all(panes.map(async (p) => {
+      if (!p.select.value) return;
+      const target = JSON.parse(p.select.value);
+      p.history.push({ role: "user", content: text });
+      p.transcript.append(el("div", {}, el("b", {}, "you: "), text));
+      const out = el("span", { class: "reply" });
+      p.transcript.append(el("div", {}, el("b", {}, "model: "), out));
+      let reply = "";
+      try {
+        const done = await streamChat({ ...target, messages: p.history, max_tokens: Number(maxTokens.value), temperature: Number(temp.value) }, (piece) => { reply += piece; out.textContent = reply; });
+        p.history.push({ role: "assistant", content: reply });
+        p.transcript.append(el("div", { class: "muted", dataset: { done: "1" } }, `${done ? done.tokens : "?"} tokens, ${done ? done.finish_reason : "?"}`));
+      } catch (x) {
+        p.history.pop();
+        p.transcript.append(el("div", { class: "err", dataset: { done: "1" } }, x.message));
+      }
+      p.transcript.scrollTop = p.transcript.scrollHeight;
+    }));
+  };
+  prompt.addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
+  mount(
+    el("h1", {}, "Playground"),
+    el("p", { class: "muted" }, "Chat with a base model or a completed run's adapter; two side by side get the same messages. The first message to a base loads it (a few seconds)."),
+    el("div", { class: "grid2" }, panes.map((p) => p.root)),
+    el("div", { class: "toolbar" }, prompt),
+    el("div", { class: "toolbar" }, "max tokens ", maxTokens, " temperature ", temp, el("button", { type: "button", class: "primary", id: "play-send", onclick: send }, "Send")),
+  );
+  onEvents(null);
+  ready();
+}
+
 // ---- routing -----------------------------------------------------------------------
 
 function ready() {
@@ -543,6 +631,7 @@ async function route() {
     if (parts[0] === "e" && parts[1]) await experimentPage(parts[1]).show();
     else if (parts[0] === "r" && parts[1]) await pageRun(parts[1]);
     else if (parts[0] === "new") pageNew();
+    else if (parts[0] === "play") await pagePlay();
     else await pageExperiments();
   } catch (x) {
     if (x.status === 401) return;

@@ -346,3 +346,38 @@ async fn sixty_four_runs_and_100k_points_paint_quickly() {
     shot(&c, "7-64-runs").await;
     c.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_playground_answers_a_base_and_an_adapter_side_by_side() {
+    let d = tempfile::tempdir().unwrap();
+    data(d.path());
+    std::fs::write(d.path().join("spec.toml"), spec("chat", "r = 2", 2)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_furnace"))
+        .current_dir(d.path())
+        .args(["run", "spec.toml", "--no-server", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_furnace, url, _log) = start_furnace(d.path(), &["ui", "--port", "0"], &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#/play")).await.unwrap();
+    // The first pane chats with the base, the second with the run's adapter.
+    let targets = wait_for(&c, "the targets", "return [0, 1].map(i => document.querySelector('#target-' + i).value)", |v| {
+        v.as_array().is_some_and(|a| a.iter().all(|t| t.as_str().is_some_and(|s| !s.is_empty())))
+    })
+    .await;
+    assert!(targets[0].as_str().unwrap().contains("model") && targets[1].as_str().unwrap().contains("run"), "{targets}");
+    c.find(Locator::Css("#play-prompt")).await.unwrap().send_keys("Extract the name: Ada Lovelace wrote a program.").await.unwrap();
+    c.execute("document.querySelector('#play-max').value = 8; return true", vec![]).await.unwrap();
+    click(&c, "#play-send").await;
+    let replies = wait_for(&c, "both answers", "return [0, 1].map(i => document.querySelector('#transcript-' + i + ' [data-done]') ? document.querySelector('#transcript-' + i).textContent : null)", |v| {
+        v.as_array().is_some_and(|a| a.iter().all(|t| t.is_string()))
+    })
+    .await;
+    for r in replies.as_array().unwrap() {
+        let r = r.as_str().unwrap();
+        assert!(r.contains("you: Extract the name") && r.contains("model: ") && r.contains("tokens,"), "{r}");
+    }
+    shot(&c, "8-playground").await;
+    c.close().await.unwrap();
+}

@@ -8,6 +8,7 @@ mod dashboard;
 mod events;
 mod guard;
 mod loopback;
+mod playground;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
