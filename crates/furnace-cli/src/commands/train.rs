@@ -452,6 +452,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let trained = loaded.model.add_adapter(&furnace_model::load_adapter(&run_dir.join("adapter"))?)?;
     let after_samples = samples(&loaded, Some(trained), &spec, a.samples)?;
+    // The generations before and after, for the dashboard's run page too (written whole,
+    // then renamed into place).
+    if !after_samples.is_empty() {
+        let rows: Vec<serde_json::Value> = after_samples
+            .iter()
+            .enumerate()
+            .map(|(i, (prompt, after))| serde_json::json!({ "prompt": prompt, "before": before_samples.get(i).map(|b| &b.1), "after": after }))
+            .collect();
+        let tmp = run_dir.join(".samples.json.partial");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&rows)?)?;
+        std::fs::rename(&tmp, run_dir.join("samples.json"))?;
+    }
     println!("run: {}", run_dir.display());
     println!("adapter: {}", run_dir.join("adapter").display());
     if let (Some(b), Some(af)) = (eval_before, eval_after) {

@@ -61,6 +61,13 @@ fn train_writes_a_run_folder_and_resumes() {
     ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
+    // The generations before and after, as printed, for the dashboard's run page.
+    let samples: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("samples.json")).unwrap()).unwrap();
+    let first = &samples[0];
+    for key in ["prompt", "before", "after"] {
+        let v = first[key].as_str().unwrap_or_else(|| panic!("samples.json has no {key}: {samples}"));
+        assert!(out.contains(v.trim()), "{key} {v:?} is not what was printed: {out}");
+    }
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = metrics
         .lines()
