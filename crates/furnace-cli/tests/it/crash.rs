@@ -369,3 +369,51 @@ fn furnace_train_killed_at_every_durable_write_resumes_to_the_same_run_folder() 
     eprintln!("furnace train: {} kills in {:.0?}", cases.len(), started.elapsed());
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Four learning rates under ASHA (eta 2, 3 chunks): rung 1 pauses two runs, rung 2 one;
+/// each pause is a policy op recorded with the run's status.
+fn asha_experiment(dir: &Path) {
+    std::fs::write(dir.join("train.jsonl"), rows("train.jsonl", 24)).unwrap();
+    std::fs::write(dir.join("eval.jsonl"), rows("eval.jsonl", 3)).unwrap();
+    let spec = format!(
+        "[experiment]\nname = \"{EXP}\"\nnum_chunks = 3\npolicy = \"asha\"\neta = 2\n\n[data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\n\n\
+         [model]\nbase = \"{}\"\n\n[lora]\nr = 2\nalpha = 16\ntargets = [\"q_proj\", \"v_proj\"]\n\n\
+         [trainer]\nlearning_rate = {{ list = [3e-2, 1e-2, 3e-3, 1e-4] }}\nbatch_size = 2\ngrad_accum = 2\nmax_seq_len = 96\nschedule = \"constant\"\n",
+        root().join("testdata/tiny-llama").display().to_string().replace('\\', "/")
+    );
+    std::fs::write(dir.join("spec.toml"), spec).unwrap();
+    furnace_exp::Experiment::create(&dir.join("runs"), &dir.join("spec.toml")).unwrap();
+}
+
+#[test]
+fn asha_decisions_killed_as_they_are_recorded_are_taken_again_once() {
+    let reference = tempfile::tempdir().unwrap();
+    asha_experiment(reference.path());
+    let log = reference.path().join("points.log");
+    let o = furnace(reference.path(), RUN, None, Some(&log));
+    assert!(o.status.success(), "{}", text(&o));
+    let bad = audit(reference.path(), reference.path());
+    assert!(bad.is_empty(), "the reference itself: {bad:#?}");
+    let store = Store::open_in(&reference.path().join("runs")).unwrap();
+    let policy = store.ops(store.experiment(EXP).unwrap().id).unwrap().into_iter().filter(|o| o.source == "policy").count();
+    assert_eq!(policy, 3, "two pauses at rung 1, one at rung 2");
+    let passed = points(&log);
+    let mut failures = Vec::new();
+    let mut kills = 0;
+    for point in ["store.add_applied_op.before_commit", "store.add_applied_op.after_commit"] {
+        assert_eq!(passed.get(point), Some(&policy), "{point}: {passed:?}");
+        for k in 1..=policy {
+            let d = tempfile::tempdir().unwrap();
+            asha_experiment(d.path());
+            kills += 1;
+            let r = die_at(d.path(), RUN, point, k).and_then(|()| finish(d.path(), RUN)).map(|()| audit(d.path(), reference.path()));
+            match r {
+                Ok(bad) if bad.is_empty() => {}
+                Ok(bad) => failures.push(format!("killed at {point}:{k}: {bad:#?}")),
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    assert_eq!(kills, 6);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
