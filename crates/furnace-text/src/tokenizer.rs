@@ -112,7 +112,13 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` file. No BOS/EOS information is available this way;
     /// use [`Tokenizer::from_hf_dir`] for a model directory.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let hf = load_tokenizer_json(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Loads `tokenizer.json` text as [`Tokenizer::from_file`] does; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let hf = parse_tokenizer_json(text, path)?;
         let config = SpecialConfig { use_post_processor: true, ..SpecialConfig::default() };
         Self::build(hf, config)
     }
@@ -276,7 +282,16 @@ impl fmt::Debug for Tokenizer {
 
 fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    tokenizers::Tokenizer::from_str(&text).map_err(|source| Error::LoadTokenizer { path: path.to_path_buf(), source })
+    parse_tokenizer_json(&text, path)
+}
+
+fn parse_tokenizer_json(text: &str, path: &Path) -> Result<tokenizers::Tokenizer> {
+    // tokenizers 0.22 panics (`expect("Helper")`) when its `decoder` section fails to
+    // buffer: a syntax error, a number out of range, nesting past serde_json's limit. So
+    // the text is parsed into a JSON value first (where those are errors), and the
+    // tokenizer built from the value, which buffers without failing.
+    let value: Value = serde_json::from_str(text).map_err(|e| Error::json(path, e))?;
+    serde_json::from_value(value).map_err(|e| Error::LoadTokenizer { path: path.to_path_buf(), source: Box::new(e) })
 }
 
 /// Parses a JSON file, or `None` when it does not exist.
