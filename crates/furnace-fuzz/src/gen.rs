@@ -357,19 +357,21 @@ pub fn template_crafted(rng: &mut Rng) -> Vec<u8> {
             0 => format!("{{% for i in range({a}) %}}x{{% endfor %}}"),
             1 => format!("{{% for i in range({a}) %}}{{% for j in range({b}) %}}{{{{ i }}}}{{% endfor %}}{{% endfor %}}"),
             2 => "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}".to_string(),
-            3 => format!("{{{{ 'ab' * {a} }}}}"),
-            // Doubling a string: bounded here (2^24 bytes), see docs/fuzzing.md on why
+            // Repetition stays small: `messages * 9999999` is an open finding (see
+            // docs/fuzzing.md), and would stop the run as a hang.
+            3 => format!("{{{{ 'ab' * {} }}}}", small[rng.below(small.len())]),
+            // Doubling a string by recursion: bounded here (2^24 bytes), see docs/fuzzing.md on why
             // more is an open finding (minijinja does not limit `~`).
             4 => {
                 let d = if rng.one_in(16) { 24 } else { [4, 8, 12][rng.below(3)] };
-                format!("{{% set s = namespace(v='ab') %}}{{% for i in range({d}) %}}{{% set s.v = s.v ~ s.v %}}{{% endfor %}}{{{{ s.v|length }}}}")
+                format!("{{% macro f(s, n) %}}{{% if n > 0 %}}{{{{ f(s ~ s, n - 1) }}}}{{% else %}}{{{{ s|length }}}}{{% endif %}}{{% endmacro %}}{{{{ f('ab', {d}) }}}}")
             }
-            5 => format!("{{{{ messages * {a} }}}}"),
-            6 => format!("{{{{ (messages * {a}) | tojson }}}}"),
+            5 => format!("{{{{ messages * {} }}}}", small[rng.below(small.len())]),
+            6 => format!("{{{{ (messages * {}) | tojson }}}}", small[rng.below(small.len())]),
             7 => "{% for m in messages recursive %}{{ loop(messages) }}{% endfor %}".to_string(),
             8 => format!("{{{{ range({a}) | join(',') }}}}"),
             9 => format!("{{{{ {a} ** {b} }}}}"),
-            10 => format!("{{% for m in messages %}}{{{{ m['content'] * {a} }}}}{{% endfor %}}"),
+            10 => format!("{{% for m in messages %}}{{{{ m['content'] * {} }}}}{{% endfor %}}", small[rng.below(small.len())]),
             _ => format!("{{{{ '%s' | format({a}) }}}}{{{{ raise_exception('bad ' ~ {b}) }}}}"),
         };
         out.push_str(&s);

@@ -142,8 +142,13 @@ fn main() -> anyhow::Result<()> {
             })
         })?;
         let start = Instant::now();
+        let mut reported = Instant::now();
         while !worker.is_finished() {
             std::thread::sleep(Duration::from_millis(100));
+            if reported.elapsed() > Duration::from_secs(60) {
+                reported = Instant::now();
+                eprintln!("progress {name}: {} inputs in {:.0} s", progress.count.load(Ordering::Relaxed), start.elapsed().as_secs_f64());
+            }
             let began = progress.started_ms.load(Ordering::SeqCst);
             if began != u64::MAX && start.elapsed().as_millis() as u64 > began.saturating_add(args.hang.as_millis() as u64) {
                 let input = progress.input.lock().map(|i| i.clone()).unwrap_or_default();

@@ -166,6 +166,9 @@ pub fn run_target(
     let mut rng = Rng::new(seed ^ fnv(target.name));
     let mut stats = Stats::default();
     let start = Instant::now();
+    // For inputs that abort the process (a panic while unwinding, a stack overflow):
+    // each input is written here before it runs, so the last one is the culprit.
+    let trace = std::env::var_os("FURNACE_FUZZ_TRACE").map(std::path::PathBuf::from);
     for i in 0..iters {
         // The seeds themselves first, unmutated.
         let input = match seeds.get(i as usize) {
@@ -179,6 +182,9 @@ pub fn run_target(
             }
             p.started_ms.store(start.elapsed().as_millis() as u64, Ordering::SeqCst);
             p.count.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(t) = &trace {
+            let _ = std::fs::write(t, &input);
         }
         let ran = run_one(target, &input, limits);
         stats.runs += 1;

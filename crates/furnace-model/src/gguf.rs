@@ -178,8 +178,13 @@ impl GgufFile {
 
     /// Reads one tensor as stored.
     pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        if !self.has_tensor(name) {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(Error::MissingWeight(name.to_string()));
+        };
+        // candle views an empty buffer through a dangling, unaligned pointer, which aborts
+        // the process (debug) or is undefined behaviour (release): no weight is empty.
+        if info.shape.dims().contains(&0) {
+            return Err(self.err(format!("tensor '{name}' of shape {:?} has no elements", info.shape.dims())));
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)

@@ -40,8 +40,8 @@ const TEMPLATE_NAME: &str = "chat_template";
 
 /// The instruction budget of one render: far beyond any real chat template over a long
 /// conversation (a few thousand instructions per message), small enough that a template
-/// that loops forever fails within about a second.
-pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// that loops forever fails within a fraction of a second.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
 
 /// A compiled chat template. Cheap to clone and `Send + Sync`.
 #[derive(Clone)]
