@@ -281,7 +281,8 @@ fn run_spec(bytes: &[u8]) -> Outcome {
             leaf.spec.lora_config();
             leaf.spec.train_config(&[]);
         }
-        single.map_err(|e| e.to_string())?;
+        // A spec with knobs is not a single spec: `Spec::parse` ran for its panics only.
+        drop(single);
         Ok(())
     })();
     Outcome::of(r)

@@ -5,7 +5,7 @@ use furnace_fuzz::{run_target, Kind, Limits, Outcome};
 use std::time::Duration;
 
 /// Inputs per target: enough to reach the crafted shapes, small enough for `cargo test`.
-const CASES: u64 = 1500;
+const CASES: u64 = 3000;
 
 fn check(name: &'static str) {
     let stats = on_big_stack(move || {
