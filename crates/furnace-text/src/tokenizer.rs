@@ -185,7 +185,13 @@ impl Tokenizer {
     /// `tokenizer.json` files) and BOS is prepended when the model wants it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let inner = &self.inner;
-        let encoding = inner.hf.encode(text, add_special && inner.use_post_processor).map_err(Error::Tokenizer)?;
+        // tokenizers panics on some crafted but well-formed tokenizer.json files (found by
+        // furnace-fuzz: a post-processor naming a special token it lacks, BPE prefixes);
+        // such a panic is contained here and becomes an error.
+        let encode = || inner.hf.encode(text, add_special && inner.use_post_processor);
+        let encoding = std::panic::catch_unwind(std::panic::AssertUnwindSafe(encode))
+            .map_err(|p| Error::Tokenizer(format!("the tokenizer failed: {}", panic_message(&p)).into()))?
+            .map_err(Error::Tokenizer)?;
         let mut ids = encoding.get_ids().to_vec();
         if add_special && inner.add_bos && !inner.post_processor_adds_bos {
             if let Some(bos) = inner.bos_id {
@@ -291,7 +297,22 @@ fn parse_tokenizer_json(text: &str, path: &Path) -> Result<tokenizers::Tokenizer
     // the text is parsed into a JSON value first (where those are errors), and the
     // tokenizer built from the value, which buffers without failing.
     let value: Value = serde_json::from_str(text).map_err(|e| Error::json(path, e))?;
-    serde_json::from_value(value).map_err(|e| Error::LoadTokenizer { path: path.to_path_buf(), source: Box::new(e) })
+    let build = || serde_json::from_value(value);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+        .map_err(|p| Error::LoadTokenizer {
+            path: path.to_path_buf(),
+            source: format!("tokenizers panicked: {}", panic_message(&p)).into(),
+        })?
+        .map_err(|e| Error::LoadTokenizer { path: path.to_path_buf(), source: Box::new(e) })
+}
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic".to_string(),
+    }
 }
 
 /// Parses a JSON file, or `None` when it does not exist.

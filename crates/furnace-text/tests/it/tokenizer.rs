@@ -202,3 +202,22 @@ fn malformed_decoder_section_is_an_error_not_a_panic() {
     // The same document with a good decoder loads.
     Tokenizer::from_json(&base.replace("DECODER", r#"{"type":"Fuse"}"#), path).unwrap();
 }
+
+#[test]
+fn tokenizers_panics_on_crafted_files_are_errors() {
+    // Found by furnace-fuzz: tokenizers 0.22 panics encoding with these (a post-processor
+    // naming a special token it lacks; BPE byte offsets). Either loading or encoding fails.
+    let dir = testdata().join("fuzz-tokenizer-json");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let r = Tokenizer::from_json(&text, &path).and_then(|t| {
+            let ids = t.encode("Hello <s> world 123 héllo", true)?;
+            t.decode(&ids, false)
+        });
+        assert!(r.is_err(), "{}", path.display());
+        n += 1;
+    }
+    assert_eq!(n, 2);
+}
