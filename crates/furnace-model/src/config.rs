@@ -74,12 +74,42 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
 }
 
+/// Upper bounds on the sizes a config may declare (far above any llama-family model),
+/// checked before anything is sized by them, so a crafted file cannot ask for a huge
+/// allocation: `(name, max)` for layers, hidden size, intermediate size, heads, head
+/// dimension, vocabulary and context.
+pub const MAX_SIZES: [(&str, usize); 8] = [
+    ("layers", 4096),
+    ("hidden size", 1 << 17),
+    ("intermediate size", 1 << 20),
+    ("attention heads", 4096),
+    ("key/value heads", 4096),
+    ("head dimension", 1 << 14),
+    ("vocabulary", 1 << 24),
+    ("context length", 1 << 26),
+];
+
 impl LlamaConfig {
-    /// Checks the invariants the model code relies on.
+    /// Checks the invariants the model code relies on, and the bounds of [`MAX_SIZES`].
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return bad("layers, hidden size and vocabulary must be non-zero".into());
+        }
+        let sizes = [
+            self.num_layers,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+            self.max_position_embeddings,
+        ];
+        for ((name, max), v) in MAX_SIZES.iter().zip(sizes) {
+            if v > *max {
+                return bad(format!("{name} {v} is larger than the supported maximum {max}"));
+            }
         }
         if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!("{} attention heads are not a multiple of {} key/value heads", self.num_heads, self.num_kv_heads));

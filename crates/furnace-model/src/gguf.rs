@@ -9,14 +9,18 @@ use candle_core::Device;
 use furnace_text::GgufTokenizerSpec;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+/// What a GGUF file is read from: a buffered file, or bytes in memory.
+trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
 
 /// An opened GGUF file: parsed header and a reader for its tensors.
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: BufReader<File>,
+    reader: Box<dyn ReadSeek>,
     file_len: u64,
 }
 
@@ -25,19 +29,41 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
         let file_len = file.metadata().map_err(io_err(path))?.len();
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| Error::Gguf { path: path.to_path_buf(), msg: e.to_string() })?;
+        Self::from_reader(path, Box::new(BufReader::new(file)), file_len)
+    }
+
+    /// Parses GGUF bytes held in memory, exactly as [`GgufFile::open`] parses a file;
+    /// `path` only names them in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let file_len = bytes.len() as u64;
+        Self::from_reader(path, Box::new(Cursor::new(bytes)), file_len)
+    }
+
+    fn from_reader(path: &Path, mut reader: Box<dyn ReadSeek>, file_len: u64) -> Result<Self> {
+        let gguf_err = |msg: String| Error::Gguf { path: path.to_path_buf(), msg };
+        // candle divides by `general.alignment` (a panic when it is 0), so look first.
+        if scan_alignment(&mut reader, file_len).map_err(|e| gguf_err(e.to_string()))? == Some(0) {
+            return Err(gguf_err("general.alignment is 0 (it must be a positive number of bytes)".into()));
+        }
+        reader.seek(SeekFrom::Start(0)).map_err(|e| gguf_err(e.to_string()))?;
+        let content = Content::read(&mut reader).map_err(|e| gguf_err(e.to_string()))?;
         let this = Self { path: path.to_path_buf(), content, reader, file_len };
         for (name, info) in &this.content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
-            if elems % bs != 0 {
+            let dims = info.shape.dims();
+            // Checked: a crafted shape's element count or byte size may not fit in 64 bits.
+            let too_big = || this.err(format!("tensor '{name}' of shape {dims:?} is larger than any file"));
+            let elems = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(too_big)?;
+            let bs = info.ggml_dtype.block_size() as u64;
+            if bs == 0 || elems % bs != 0 {
                 return Err(this.err(format!("tensor '{name}' has {elems} elements, not a multiple of its block size {bs}")));
             }
-            let bytes = (elems / bs) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = this.content.tensor_data_offset + info.offset + bytes;
+            let bytes = (elems / bs).checked_mul(info.ggml_dtype.type_size() as u64).ok_or_else(too_big)?;
+            let end = this.content.tensor_data_offset.checked_add(info.offset).and_then(|s| s.checked_add(bytes)).ok_or_else(too_big)?;
             if end > file_len {
                 return Err(this.err(format!("truncated: tensor '{name}' ends at byte {end} but the file has {file_len} bytes")));
+            }
+            if usize::try_from(elems).is_err() {
+                return Err(too_big());
             }
         }
         Ok(this)
@@ -152,8 +178,13 @@ impl GgufFile {
 
     /// Reads one tensor as stored.
     pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        if !self.has_tensor(name) {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(Error::MissingWeight(name.to_string()));
+        };
+        // candle views an empty buffer through a dangling, unaligned pointer, which aborts
+        // the process (debug) or is undefined behaviour (release): no weight is empty.
+        if info.shape.dims().contains(&0) {
+            return Err(self.err(format!("tensor '{name}' of shape {:?} has no elements", info.shape.dims())));
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
@@ -177,7 +208,7 @@ impl GgufFile {
         let vocab_size = match self.usize_key(&k("vocab_size")) {
             Ok(v) => v,
             Err(_) => match self.content.tensor_infos.get("token_embd.weight") {
-                Some(i) => i.shape.dims()[0],
+                Some(i) => i.shape.dims().first().copied().ok_or_else(|| self.err("token_embd.weight has no dimensions".into()))?,
                 None => return Err(Error::MissingWeight("token_embd.weight".into())),
             },
         };
@@ -282,4 +313,113 @@ pub(crate) fn gguf_name(hf: &str) -> String {
             hf.to_string()
         }
     }
+}
+
+/// The integer `general.alignment` of a GGUF header (the types candle reads it from), found
+/// by walking the metadata without allocating more than one key; `None` when absent or
+/// when the header is malformed (candle's parser then names the problem).
+fn scan_alignment<R: Read + Seek>(r: &mut R, file_len: u64) -> std::io::Result<Option<u64>> {
+    fn u32_of<R: Read>(r: &mut R) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64_of<R: Read>(r: &mut R) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn len_of<R: Read>(r: &mut R, v1: bool) -> std::io::Result<u64> {
+        if v1 {
+            u32_of(r).map(u64::from)
+        } else {
+            u64_of(r)
+        }
+    }
+    /// Skips one value of type `t`; `false` when it does not fit in the file.
+    fn skip<R: Read + Seek>(r: &mut R, t: u32, v1: bool, file_len: u64, depth: usize) -> std::io::Result<bool> {
+        let fixed = |n: u64, r: &mut R| -> std::io::Result<bool> {
+            let pos = r.stream_position()?;
+            if n > file_len.saturating_sub(pos) {
+                return Ok(false);
+            }
+            r.seek(SeekFrom::Current(n as i64))?;
+            Ok(true)
+        };
+        match t {
+            0 | 1 | 7 => fixed(1, r),
+            2 | 3 => fixed(2, r),
+            4..=6 => fixed(4, r),
+            10..=12 => fixed(8, r),
+            8 => {
+                let n = len_of(r, v1)?;
+                fixed(n, r)
+            }
+            9 if depth < 64 => {
+                let et = u32_of(r)?;
+                let n = len_of(r, v1)?;
+                let size = match et {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    10..=12 => 8,
+                    _ => 0,
+                };
+                if size > 0 {
+                    return fixed(n.saturating_mul(size), r);
+                }
+                for _ in 0..n {
+                    if !skip(r, et, v1, file_len, depth + 1)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+    let Ok(magic) = u32_of(r) else { return Ok(None) };
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Ok(None);
+    }
+    let Ok(version) = u32_of(r) else { return Ok(None) };
+    let v1 = version == 1;
+    let (Ok(_tensors), Ok(kvs)) = (len_of(r, v1), len_of(r, v1)) else { return Ok(None) };
+    const KEY: &[u8] = b"general.alignment";
+    // candle keeps the last of duplicate keys.
+    let mut found = None;
+    for _ in 0..kvs {
+        let Ok(key_len) = len_of(r, v1) else { return Ok(found) };
+        let pos = r.stream_position()?;
+        if key_len > file_len.saturating_sub(pos) {
+            return Ok(found);
+        }
+        let is_key = key_len == KEY.len() as u64 && {
+            let mut key = [0u8; KEY.len()];
+            r.read_exact(&mut key)?;
+            key == KEY
+        };
+        if key_len != KEY.len() as u64 {
+            r.seek(SeekFrom::Current(key_len as i64))?;
+        }
+        let Ok(t) = u32_of(r) else { return Ok(found) };
+        if is_key && t <= 5 {
+            let mut b = [0u8; 4];
+            let n = 1 << (t / 2);
+            if r.read_exact(&mut b[..n]).is_err() {
+                return Ok(found);
+            }
+            // Signed types (odd): candle ignores a negative value (the default applies).
+            let negative = t % 2 == 1 && b[n - 1] & 0x80 != 0;
+            found = if negative { None } else { Some(u64::from(u32::from_le_bytes(b))) };
+            continue;
+        }
+        if is_key {
+            found = None;
+        }
+        if !skip(r, t, v1, file_len, 0).unwrap_or(false) {
+            return Ok(found);
+        }
+    }
+    Ok(found)
 }

@@ -47,9 +47,14 @@ pub fn load_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
         if !f.exists() {
             return Err(Error::Io { path: f, source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard is missing") });
         }
-        let part = candle_core::safetensors::load(&f, &Device::Cpu)
-            .map_err(|e| Error::Config(format!("{}: cannot read safetensors: {e}", f.display())))?;
-        all.extend(part);
+        let bytes = std::fs::read(&f).map_err(io_err(&f))?;
+        all.extend(read_safetensors(&bytes, &f)?);
     }
     Ok(all)
+}
+
+/// The tensors of one safetensors file held in memory (`path` names it in errors).
+pub fn read_safetensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .map_err(|e| Error::Config(format!("{}: cannot read safetensors: {e}", path.display())))
 }

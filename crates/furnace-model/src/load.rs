@@ -134,10 +134,15 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
         let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
         for f in hf::safetensors_files(path)? {
             size += std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
-            if let Ok((n, d)) = safetensors_header_stats(&f) {
-                params += n;
+            let stats = std::fs::File::open(&f)
+                .and_then(|file| Ok((file.metadata()?.len(), file)))
+                .map_err(crate::error::io_err(&f))
+                .and_then(|(len, file)| safetensors_header_stats(std::io::BufReader::new(file), len, &f));
+            if let Ok((n, d)) = stats {
+                params = params.saturating_add(n);
                 for (k, c) in d {
-                    *dtypes.entry(k).or_default() += c;
+                    let e = dtypes.entry(k).or_default();
+                    *e = e.saturating_add(c);
                 }
             }
         }
@@ -155,40 +160,58 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     Err(Error::NotAModel(path.to_path_buf()))
 }
 
-/// Parameter count and per-dtype element counts from a safetensors header.
-fn safetensors_header_stats(path: &Path) -> Result<(u64, HashMap<String, u64>)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(crate::error::io_err(path))?;
+/// The largest safetensors header [`safetensors_header_stats`] reads (the format's own limit).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Parameter count and per-dtype element counts from the safetensors header at the start
+/// of `r` (a file of `file_len` bytes, named `path` in errors). The header length is
+/// checked against the file before anything is allocated; counts saturate rather than
+/// overflow.
+pub fn safetensors_header_stats<R: std::io::Read>(mut r: R, file_len: u64, path: &Path) -> Result<(u64, HashMap<String, u64>)> {
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(crate::error::io_err(path))?;
-    let n = u64::from_le_bytes(len).min(100_000_000) as usize;
-    let mut buf = vec![0u8; n];
-    f.read_exact(&mut buf).map_err(crate::error::io_err(path))?;
+    r.read_exact(&mut len).map_err(crate::error::io_err(path))?;
+    let n = u64::from_le_bytes(len);
+    let available = file_len.saturating_sub(8);
+    if n > available || n > MAX_SAFETENSORS_HEADER {
+        return Err(Error::Config(format!(
+            "{}: safetensors header of {n} bytes does not fit (file of {file_len} bytes, at most {MAX_SAFETENSORS_HEADER})",
+            path.display()
+        )));
+    }
+    let mut buf = vec![0u8; n as usize];
+    r.read_exact(&mut buf).map_err(crate::error::io_err(path))?;
     let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
     let mut total = 0u64;
-    let mut by = HashMap::new();
+    let mut by: HashMap<String, u64> = HashMap::new();
     if let Some(obj) = v.as_object() {
         for (k, t) in obj {
             if k == "__metadata__" {
                 continue;
             }
-            let shape: u64 = t.get("shape").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_u64()).product()).unwrap_or(0);
-            total += shape;
+            let shape: u64 = t
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .map(|a| a.iter().filter_map(|d| d.as_u64()).fold(1u64, u64::saturating_mul))
+                .unwrap_or(0);
+            total = total.saturating_add(shape);
             let dt = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-            *by.entry(dt.to_string()).or_default() += shape;
+            let e = by.entry(dt.to_string()).or_default();
+            *e = e.saturating_add(shape);
         }
     }
     Ok((total, by))
 }
 
-fn gguf_info(g: &GgufFile) -> Result<ModelInfo> {
+/// What [`inspect`] reports for an opened GGUF file.
+pub fn gguf_info(g: &GgufFile) -> Result<ModelInfo> {
     let mut params = 0u64;
     let mut by: BTreeMap<String, u64> = BTreeMap::new();
     for (_, dims, dt) in g.tensor_infos() {
-        let n: u64 = dims.iter().map(|&d| d as u64).product();
-        params += n;
+        let n: u64 = dims.iter().map(|&d| d as u64).fold(1u64, u64::saturating_mul);
+        params = params.saturating_add(n);
         if dims.len() >= 2 {
-            *by.entry(format!("{dt:?}")).or_default() += n;
+            let e = by.entry(format!("{dt:?}")).or_default();
+            *e = e.saturating_add(n);
         }
     }
     let arch = g.architecture()?;

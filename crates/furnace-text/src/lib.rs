@@ -25,5 +25,5 @@ mod tokenizer;
 pub use error::{Error, Result};
 pub use gguf::GgufTokenizerSpec;
 pub use stream::IncrementalDecoder;
-pub use template::{ChatMessage, ChatTemplate};
+pub use template::{ChatMessage, ChatTemplate, TEMPLATE_FUEL};
 pub use tokenizer::Tokenizer;

@@ -38,6 +38,11 @@ impl ChatMessage {
 /// so no auto-escaping, like Hugging Face's environment).
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The instruction budget of one render: far beyond any real chat template over a long
+/// conversation (a few thousand instructions per message), small enough that a template
+/// that loops forever fails within a fraction of a second.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template. Cheap to clone and `Send + Sync`.
 #[derive(Clone)]
 pub struct ChatTemplate {
@@ -66,6 +71,9 @@ impl ChatTemplate {
     /// the template engine's message (including the line).
     pub fn new(source: &str) -> Result<Self> {
         let mut env = Environment::new();
+        // A crafted template (`range(10**9)`, loops in loops, deep recursion) runs out of
+        // fuel and fails instead of running for hours.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)

@@ -112,7 +112,13 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` file. No BOS/EOS information is available this way;
     /// use [`Tokenizer::from_hf_dir`] for a model directory.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let hf = load_tokenizer_json(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Loads `tokenizer.json` text as [`Tokenizer::from_file`] does; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let hf = parse_tokenizer_json(text, path)?;
         let config = SpecialConfig { use_post_processor: true, ..SpecialConfig::default() };
         Self::build(hf, config)
     }
@@ -179,7 +185,13 @@ impl Tokenizer {
     /// `tokenizer.json` files) and BOS is prepended when the model wants it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let inner = &self.inner;
-        let encoding = inner.hf.encode(text, add_special && inner.use_post_processor).map_err(Error::Tokenizer)?;
+        // tokenizers panics on some crafted but well-formed tokenizer.json files (found by
+        // furnace-fuzz: a post-processor naming a special token it lacks, BPE prefixes);
+        // such a panic is contained here and becomes an error.
+        let encode = || inner.hf.encode(text, add_special && inner.use_post_processor);
+        let encoding = std::panic::catch_unwind(std::panic::AssertUnwindSafe(encode))
+            .map_err(|p| Error::Tokenizer(format!("the tokenizer failed: {}", panic_message(&p)).into()))?
+            .map_err(Error::Tokenizer)?;
         let mut ids = encoding.get_ids().to_vec();
         if add_special && inner.add_bos && !inner.post_processor_adds_bos {
             if let Some(bos) = inner.bos_id {
@@ -276,7 +288,31 @@ impl fmt::Debug for Tokenizer {
 
 fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    tokenizers::Tokenizer::from_str(&text).map_err(|source| Error::LoadTokenizer { path: path.to_path_buf(), source })
+    parse_tokenizer_json(&text, path)
+}
+
+fn parse_tokenizer_json(text: &str, path: &Path) -> Result<tokenizers::Tokenizer> {
+    // tokenizers 0.22 panics (`expect("Helper")`) when its `decoder` section fails to
+    // buffer: a syntax error, a number out of range, nesting past serde_json's limit. So
+    // the text is parsed into a JSON value first (where those are errors), and the
+    // tokenizer built from the value, which buffers without failing.
+    let value: Value = serde_json::from_str(text).map_err(|e| Error::json(path, e))?;
+    let build = || serde_json::from_value(value);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+        .map_err(|p| Error::LoadTokenizer {
+            path: path.to_path_buf(),
+            source: format!("tokenizers panicked: {}", panic_message(&p)).into(),
+        })?
+        .map_err(|e| Error::LoadTokenizer { path: path.to_path_buf(), source: Box::new(e) })
+}
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic".to_string(),
+    }
 }
 
 /// Parses a JSON file, or `None` when it does not exist.

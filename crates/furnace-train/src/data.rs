@@ -95,11 +95,19 @@ pub type RawRow = (usize, std::result::Result<Value, String>);
 /// Reads raw rows (JSON objects) with their line numbers.
 pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
     let file_err = |msg: String| Error::DataFile { path: path.to_path_buf(), msg };
+    let bytes = std::fs::read(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+    read_rows_from_bytes(bytes, path)
+}
+
+/// Reads raw rows from the bytes of a dataset file, as [`read_rows`] reads the file at
+/// `path` (whose extension picks the format, and which names the file in errors).
+pub fn read_rows_from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Vec<RawRow>> {
+    let file_err = |msg: String| Error::DataFile { path: path.to_path_buf(), msg };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     if ext == "parquet" {
-        return read_parquet(path);
+        return read_parquet(bytes::Bytes::from(bytes), path);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| file_err(format!("cannot read: {e}")))?;
     let rows = match ext.as_str() {
         "jsonl" => {
             let mut rows = Vec::new();
@@ -145,16 +153,43 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
     Ok(rows)
 }
 
+/// The most rows a Parquet dataset may declare.
+pub const MAX_PARQUET_ROWS: u64 = 100_000_000;
+
+/// The fewest bytes a row group takes in a Parquet file (its column chunk metadata alone
+/// is larger), which bounds how many row groups a footer may declare.
+const MIN_ROW_GROUP_BYTES: u64 = 8;
+
 /// Rows of a Parquet file as JSON objects (row index + 1 as the line). Nested columns
 /// (a `messages` list of structs) become JSON lists and objects.
-fn read_parquet(path: &Path) -> Result<Vec<RawRow>> {
+fn read_parquet(bytes: bytes::Bytes, path: &Path) -> Result<Vec<RawRow>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file_err = |msg: String| Error::DataFile { path: path.to_path_buf(), msg };
-    let file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| file_err(format!("not a readable Parquet file: {e}")))?;
+    let len = bytes.len() as u64;
+    let reader = SerializedFileReader::new(bytes).map_err(|e| file_err(format!("not a readable Parquet file: {e}")))?;
+    // The footer's counts are the file's word: bound them before reading, since the row
+    // reader trusts them (a crafted footer declaring many row groups or rows runs for hours).
+    let meta = reader.metadata();
+    let groups = meta.num_row_groups() as u64;
+    if groups > len / MIN_ROW_GROUP_BYTES {
+        return Err(file_err(format!("the footer declares {groups} row groups, more than a {len}-byte file can hold")));
+    }
+    let mut declared = 0u64;
+    for (i, g) in meta.row_groups().iter().enumerate() {
+        let n = u64::try_from(g.num_rows()).map_err(|_| file_err(format!("row group {i} declares {} rows", g.num_rows())))?;
+        declared = declared.saturating_add(n);
+    }
+    if declared > MAX_PARQUET_ROWS {
+        return Err(file_err(format!("the footer declares {declared} rows, more than the {MAX_PARQUET_ROWS} a dataset may have")));
+    }
     let iter = reader.get_row_iter(None).map_err(|e| file_err(format!("cannot read rows: {e}")))?;
-    let rows: Vec<RawRow> =
-        iter.enumerate().map(|(i, row)| (i + 1, row.map(|r| r.to_json_value()).map_err(|e| format!("unreadable row: {e}")))).collect();
+    let mut rows: Vec<RawRow> = Vec::new();
+    for (i, row) in iter.enumerate() {
+        if i as u64 >= declared {
+            return Err(file_err(format!("more rows than the {declared} the footer declares")));
+        }
+        rows.push((i + 1, row.map(|r| r.to_json_value()).map_err(|e| format!("unreadable row: {e}"))));
+    }
     if rows.is_empty() {
         return Err(file_err("the dataset is empty".into()));
     }

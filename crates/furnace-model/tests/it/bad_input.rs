@@ -136,3 +136,99 @@ fn sequence_longer_than_context_is_an_error() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A GGUF v3 header with `general.architecture = llama`, `extra` metadata and one F32
+/// tensor `name` of `dims` (innermost first, as stored) at offset 0, then `data` bytes.
+fn crafted_gguf(extra: &[(&str, u32)], name: &str, dims: &[u64], data: usize) -> Vec<u8> {
+    let s = |out: &mut Vec<u8>, v: &str| {
+        out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        out.extend_from_slice(v.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&1u64.to_le_bytes());
+    out.extend_from_slice(&(1 + extra.len() as u64).to_le_bytes());
+    s(&mut out, "general.architecture");
+    out.extend_from_slice(&8u32.to_le_bytes());
+    s(&mut out, "llama");
+    for (k, v) in extra {
+        s(&mut out, k);
+        out.extend_from_slice(&4u32.to_le_bytes());
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    s(&mut out, name);
+    out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.resize(out.len().div_ceil(32) * 32 + data, 0);
+    out
+}
+
+fn gguf_err(bytes: Vec<u8>) -> String {
+    match furnace_model::gguf::GgufFile::from_bytes(Path::new("crafted.gguf"), bytes) {
+        Ok(_) => panic!("a crafted GGUF opened"),
+        Err(e) => {
+            assert!(matches!(e, Error::Gguf { .. }), "{e}");
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn gguf_alignment_zero_is_an_error_not_a_division_by_zero() {
+    // Found by furnace-fuzz: candle divides the data offset by `general.alignment`.
+    let msg = gguf_err(crafted_gguf(&[("general.alignment", 0)], "token_embd.weight", &[4, 2], 32));
+    assert!(msg.contains("general.alignment is 0"), "{msg}");
+    // A valid alignment still opens.
+    let ok = crafted_gguf(&[("general.alignment", 32)], "token_embd.weight", &[4, 2], 32);
+    furnace_model::gguf::GgufFile::from_bytes(Path::new("ok.gguf"), ok).unwrap();
+}
+
+#[test]
+fn gguf_tensor_sizes_that_overflow_are_an_error() {
+    // Found by furnace-fuzz: the element count and byte size of a crafted shape
+    // overflowed 64 bits (a panic in debug builds, a wrapped bounds check in release).
+    for dims in [vec![1u64 << 40, 1 << 40], vec![u64::MAX, 2], vec![1 << 62]] {
+        let msg = gguf_err(crafted_gguf(&[], "token_embd.weight", &dims, 0));
+        assert!(msg.contains("larger than any file") || msg.contains("truncated"), "{dims:?}: {msg}");
+    }
+}
+
+#[test]
+fn empty_gguf_tensor_is_an_error_not_an_abort() {
+    // Found by furnace-fuzz: candle builds a slice of an empty buffer through an
+    // unaligned dangling pointer, which aborts the process in debug builds.
+    let bytes = crafted_gguf(&[], "rope_freqs.weight", &[0], 0);
+    let mut g = furnace_model::gguf::GgufFile::from_bytes(Path::new("empty.gguf"), bytes).unwrap();
+    let e = g.tensor("rope_freqs.weight").map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("has no elements"), "{e}");
+}
+
+#[test]
+fn safetensors_header_length_is_checked_before_allocating() {
+    // Found by furnace-fuzz: the header length was trusted up to 100 MB and allocated
+    // before reading; shapes overflowed when multiplied.
+    let path = Path::new("crafted.safetensors");
+    let mut bytes = 99_999_999u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    let e = furnace_model::load::safetensors_header_stats(std::io::Cursor::new(&bytes), bytes.len() as u64, path).unwrap_err();
+    assert!(e.to_string().contains("does not fit"), "{e}");
+    let header = br#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,0]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    let (params, _) = furnace_model::load::safetensors_header_stats(std::io::Cursor::new(&bytes), bytes.len() as u64, path).unwrap();
+    assert_eq!(params, u64::MAX);
+}
+
+#[test]
+fn config_sizes_are_bounded() {
+    // Found by furnace-fuzz: a config.json with a huge head_dim passed validation and
+    // `rope_inv_freq` then asked for a huge allocation.
+    let v = serde_json::json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
+        "num_hidden_layers": 2, "vocab_size": 100, "head_dim": 1u64 << 40});
+    let e = furnace_model::LlamaConfig::from_hf_json(&v).unwrap_err();
+    assert!(e.to_string().contains("head dimension 1099511627776 is larger than the supported maximum"), "{e}");
+}

@@ -215,3 +215,13 @@ fn render_value_needs_an_object() {
     let template = ChatTemplate::new("x").unwrap();
     assert!(matches!(template.render_value(json!([1])), Err(Error::Template(_))));
 }
+
+#[test]
+fn a_template_that_loops_for_ever_runs_out_of_fuel() {
+    // Found by furnace-fuzz: nested loops over large ranges rendered for hours.
+    let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}").unwrap();
+    let start = std::time::Instant::now();
+    let e = t.render(&[ChatMessage::new("user", "hi")], true, None, None).unwrap_err();
+    assert!(e.to_string().contains("fuel"), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(20), "{:?}", start.elapsed());
+}

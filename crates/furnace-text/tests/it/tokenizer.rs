@@ -183,3 +183,41 @@ fn tokenizer_is_send_sync_and_cheap_to_clone() {
     let clone = tokenizer.clone();
     std::thread::spawn(move || clone.encode("hi", false).unwrap()).join().unwrap();
 }
+
+#[test]
+fn malformed_decoder_section_is_an_error_not_a_panic() {
+    // Found by furnace-fuzz: tokenizers 0.22 panics (`expect("Helper")`) when its
+    // `decoder` section does not buffer: a number out of range, nesting past the limit.
+    let path = std::path::Path::new("tokenizer.json");
+    let base = r#"{"version":"1.0","added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,
+        "decoder": DECODER,
+        "model":{"type":"WordLevel","vocab":{"a":0,"<unk>":1},"unk_token":"<unk>"}}"#;
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    for decoder in [r#"{"type":"Fuse","x":1e400}"#, deep.as_str(), r#"{"type":"Fuse","x":"#] {
+        let text = base.replace("DECODER", decoder);
+        let e = Tokenizer::from_json(&text, path).unwrap_err();
+        assert!(matches!(e, Error::Json { .. }), "{decoder}: {e}");
+        assert!(e.to_string().contains("tokenizer.json"), "{e}");
+    }
+    // The same document with a good decoder loads.
+    Tokenizer::from_json(&base.replace("DECODER", r#"{"type":"Fuse"}"#), path).unwrap();
+}
+
+#[test]
+fn tokenizers_panics_on_crafted_files_are_errors() {
+    // Found by furnace-fuzz: tokenizers 0.22 panics encoding with these (a post-processor
+    // naming a special token it lacks; BPE byte offsets). Either loading or encoding fails.
+    let dir = testdata().join("fuzz-tokenizer-json");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let r = Tokenizer::from_json(&text, &path).and_then(|t| {
+            let ids = t.encode("Hello <s> world 123 héllo", true)?;
+            t.decode(&ids, false)
+        });
+        assert!(r.is_err(), "{}", path.display());
+        n += 1;
+    }
+    assert_eq!(n, 2);
+}

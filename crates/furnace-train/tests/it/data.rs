@@ -111,3 +111,17 @@ fn long_examples_are_truncated_unless_nothing_is_left_to_learn() {
     let e = load_dataset(&p, &tok, &tpl, &DataOptions { max_seq_len: prompt_len, ..DataOptions::default() }).unwrap_err();
     assert!(e.to_string().contains("long.jsonl:1") && e.to_string().contains("max_seq_len"), "{e}");
 }
+
+#[test]
+fn parquet_that_yields_more_rows_than_declared_is_an_error_not_a_hang() {
+    // Found by furnace-fuzz (a mutated chat.parquet): the row reader kept producing rows
+    // past the footer's count; collecting them ran for minutes and grew without bound.
+    let path = testdata().join("parquet/endless-rows.parquet");
+    let start = std::time::Instant::now();
+    let e = furnace_train::data::read_rows(&path).unwrap_err();
+    assert!(e.to_string().contains("more rows than the 1 the footer declares"), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+    // The same reader from bytes, as the fuzzer calls it.
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(furnace_train::data::read_rows_from_bytes(bytes, &path).is_err());
+}
