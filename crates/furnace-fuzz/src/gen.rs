@@ -571,6 +571,16 @@ pub fn http_seeds() -> Vec<Vec<u8>> {
         "GET /api/runs/1\n",
         "GET /api/runs/1/metrics?name=loss\n",
         "GET /api/health\n",
+        "GET /api/summary\n",
+        "GET /api/experiments/fuzz/table\n",
+        "GET /api/experiments/fuzz/series?names=loss,lr&points=100&runs=1,2\n",
+        "GET /api/runs/1/detail\n",
+        "GET /api/playground/targets\n",
+        "POST /api/specs/check\n{\"spec\": \"[experiment]\\nname = \\\"a\\\"\\n[data]\\ntrain = \\\"t.jsonl\\\"\\n[model]\\nbase = \\\"smollm2-135m-instruct\\\"\\n[lora]\\nr = { list = [4, 8] }\\n\"}",
+        "POST /api/experiments\n{\"spec\": \"[experiment]\\nname = \\\"a\\\"\\n\"}",
+        "POST /api/login\n{\"token\": \"x\"}",
+        "GET /\n",
+        "GET /ui/app.js\n",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

@@ -43,7 +43,7 @@ fn build() -> anyhow::Result<App> {
     if let Ok(mut d) = DIR.lock() {
         *d = Some(dir);
     }
-    let opts = furnace_server::ServerOptions { addr: ADDR.parse()?, token: None };
+    let opts = furnace_server::ServerOptions { addr: ADDR.parse()?, ..Default::default() };
     let router = furnace_server::app(db, furnace_exp::events::channel(), opts);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     Ok(App { runtime, router })
