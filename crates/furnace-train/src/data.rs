@@ -162,7 +162,22 @@ const MIN_ROW_GROUP_BYTES: u64 = 8;
 
 /// Rows of a Parquet file as JSON objects (row index + 1 as the line). Nested columns
 /// (a `messages` list of structs) become JSON lists and objects.
+///
+/// The `parquet` crate asserts on some corrupt files instead of returning an error (found
+/// by furnace-fuzz: page sizes past the buffer, a dictionary page missing, negative column
+/// offsets, definition levels past the schema); such a panic is contained here and
+/// becomes an error naming the file.
 fn read_parquet(bytes: bytes::Bytes, path: &Path) -> Result<Vec<RawRow>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_parquet_unguarded(bytes, path))) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            Err(Error::DataFile { path: path.to_path_buf(), msg: format!("not a readable Parquet file: the reader failed ({msg})") })
+        }
+    }
+}
+
+fn read_parquet_unguarded(bytes: bytes::Bytes, path: &Path) -> Result<Vec<RawRow>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file_err = |msg: String| Error::DataFile { path: path.to_path_buf(), msg };
     let len = bytes.len() as u64;

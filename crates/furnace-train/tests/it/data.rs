@@ -125,3 +125,18 @@ fn parquet_that_yields_more_rows_than_declared_is_an_error_not_a_hang() {
     let bytes = std::fs::read(&path).unwrap();
     assert!(furnace_train::data::read_rows_from_bytes(bytes, &path).is_err());
 }
+
+#[test]
+fn parquet_files_the_reader_would_panic_on_are_errors() {
+    // Found by furnace-fuzz's 1M-input run: the parquet crate asserts (page sizes past the
+    // buffer, a missing dictionary page, negative column offsets, definition levels past
+    // the schema, a list type it does not expect) instead of returning an error.
+    let dir = testdata().join("parquet/fuzz");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert_eq!(files.len(), 5, "{files:?}");
+    for path in files {
+        let e = furnace_train::data::read_rows(&path).unwrap_err().to_string();
+        assert!(e.contains("not a readable Parquet file") && e.contains(&path.display().to_string()), "{}: {e}", path.display());
+    }
+}
