@@ -102,3 +102,48 @@ pub fn existing_store(dir: &RunsDir) -> Result<Store> {
     }
     open_store(dir)
 }
+
+/// Where and how the HTTP server (API and dashboard) listens: `furnace run` and
+/// `furnace ui` share these.
+#[derive(Args, Clone)]
+pub struct ServerArgs {
+    /// Address of the server (API and dashboard).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Port of the server (0: any free port).
+    #[arg(long, default_value_t = furnace_server::DEFAULT_PORT)]
+    pub port: u16,
+    /// Bearer token the API and the dashboard's login require (needed to bind anything but
+    /// loopback). Shows in `ps`: prefer --token-file or FURNACE_TOKEN. Precedence: --token,
+    /// --token-file, FURNACE_TOKEN.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Read the token from this file (surrounding whitespace dropped).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Let specs, clones and the playground reached through the server name any model
+    /// path as the base (by default only built-in model aliases, so a request cannot make
+    /// furnace read a file of its choice).
+    #[arg(long)]
+    pub allow_model_paths: bool,
+}
+
+impl ServerArgs {
+    /// The server's options (the token from the flags or the environment), checked.
+    pub fn options(&self) -> Result<furnace_server::ServerOptions> {
+        let env = match std::env::var(furnace_server::TOKEN_ENV) {
+            Ok(t) => Some(t),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => bail!("{} is not valid UTF-8", furnace_server::TOKEN_ENV),
+        };
+        let token = furnace_server::resolve_token(self.token.clone(), self.token_file.as_deref(), env)?;
+        let opts = furnace_server::ServerOptions {
+            addr: std::net::SocketAddr::new(self.host, self.port),
+            token,
+            allow_model_paths: self.allow_model_paths,
+            ..Default::default()
+        };
+        furnace_server::check_options(&opts)?;
+        Ok(opts)
+    }
+}

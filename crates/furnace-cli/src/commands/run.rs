@@ -2,7 +2,7 @@
 //! server; continues an interrupted experiment.
 
 use super::launch::{dashboard_host, queue, train_experiment, TrackFlags};
-use crate::args::{open_store, parse_bytes, RunsDir};
+use crate::args::{open_store, parse_bytes, RunsDir, ServerArgs};
 use crate::human::{label, print_runs};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -11,7 +11,6 @@ use furnace_server::ServerOptions;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -30,28 +29,11 @@ pub struct RunArgs {
     /// available, measured as each base loads.
     #[arg(long, value_parser = parse_bytes)]
     memory_budget: Option<u64>,
-    /// Address of the API server.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: IpAddr,
-    /// Port of the API server (0: any free port).
-    #[arg(long, default_value_t = furnace_server::DEFAULT_PORT)]
-    port: u16,
-    /// Bearer token the API requires (needed to bind anything but loopback). Shows in
-    /// `ps`: prefer --token-file or FURNACE_TOKEN. Precedence: --token, --token-file,
-    /// FURNACE_TOKEN.
-    #[arg(long)]
-    token: Option<String>,
-    /// Read the API's bearer token from this file (surrounding whitespace dropped).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Do not start the API server.
     #[arg(long)]
     no_server: bool,
-    /// Let clones submitted through the API change model.base to any path (by default
-    /// only to a built-in model alias, so a request cannot make furnace read a file of
-    /// its choice).
-    #[arg(long)]
-    allow_model_paths: bool,
     /// Log every run to this MLflow tracking server (http://host:port), overriding the
     /// spec's [tracking] mlflow.
     #[arg(long, value_name = "URL")]
@@ -69,14 +51,7 @@ fn server_options(a: &RunArgs) -> Result<Option<ServerOptions>> {
     if a.no_server {
         return Ok(None);
     }
-    let env = match std::env::var(furnace_server::TOKEN_ENV) {
-        Ok(t) => Some(t),
-        Err(std::env::VarError::NotPresent) => None,
-        Err(std::env::VarError::NotUnicode(_)) => bail!("{} is not valid UTF-8", furnace_server::TOKEN_ENV),
-    };
-    let token = furnace_server::resolve_token(a.token.clone(), a.token_file.as_deref(), env)?;
-    let opts = ServerOptions { addr: SocketAddr::new(a.host, a.port), token, allow_model_paths: a.allow_model_paths, ..Default::default() };
-    furnace_server::check_options(&opts)?;
+    let opts = a.server.options()?;
     Ok(Some(opts))
 }
 
