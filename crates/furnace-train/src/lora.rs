@@ -254,20 +254,28 @@ pub(crate) fn write_new_dir(dir: &std::path::Path, what: &str, fill: impl FnOnce
     let parent = dir.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
     let tmp = parent.join(format!("{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
-    let written = fill(&tmp).and_then(|()| {
-        point(what, "files_written");
-        sync_tree(&tmp)
-    });
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    point(what, "before_rename");
+    fill_synced(&tmp, what, fill)?;
     std::fs::rename(&tmp, dir).map_err(io_err("renaming into", dir))?;
     point(what, "after_rename");
     sync_dir(parent)
+}
+
+/// Writes a fresh directory `tmp` with `fill` and syncs it (files and folders); on an
+/// error it is removed. Passes `<what>.files_written` (not synced) and `.before_rename`
+/// (synced), for the caller's rename that follows.
+fn fill_synced(tmp: &std::path::Path, what: &str, fill: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
+    let _ = std::fs::remove_dir_all(tmp);
+    std::fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
+    let written = fill(tmp).and_then(|()| {
+        point(what, "files_written");
+        sync_tree(tmp)
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(tmp);
+        return Err(e);
+    }
+    point(what, "before_rename");
+    Ok(())
 }
 
 /// The crash-injection point `<what>.<when>` ([`furnace_hub::failpoint`]).
@@ -288,17 +296,7 @@ pub(crate) fn replace_dir(dir: &std::path::Path, what: &str, fill: impl FnOnce(&
     let parent = dir.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
-    let written = fill(&tmp).and_then(|()| {
-        point(what, "files_written");
-        sync_tree(&tmp)
-    });
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    point(what, "before_rename");
+    fill_synced(&tmp, what, fill)?;
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(io_err("renaming", dir))?;
