@@ -15,6 +15,7 @@ fi
 
 cargo build --workspace --all-targets --locked
 ./target/debug/furnace model pull smollm2-135m-instruct
+./target/debug/furnace model pull all-minilm-l6-v2
 # TensorBoard and MLflow, which the tracking tests read furnace's output back with (cached).
 ./scripts/py-venv.sh
 # Headless Chromium and chromedriver, which the dashboard's browser tests drive.

@@ -27,6 +27,22 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// Loading a model failed.
+    #[error(transparent)]
+    Model(#[from] furnace_model::Error),
+
+    /// Loading a tokenizer failed.
+    #[error(transparent)]
+    Text(#[from] furnace_text::Error),
+
+    /// Tokenising a text failed.
+    #[error("tokenizing failed: {0}")]
+    Tokenizer(String),
+
+    /// A tensor operation failed (a shape the model did not expect).
+    #[error("computing failed: {0}")]
+    Compute(#[from] candle_core::Error),
+
     /// A setting or argument is out of range or inconsistent; the message says what to fix.
     #[error("{0}")]
     Invalid(String),

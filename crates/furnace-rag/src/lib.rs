@@ -5,6 +5,8 @@
 //! The evals mode and `furnace serve` both retrieve through this crate.
 #![deny(missing_docs)]
 
+pub mod encoder;
 mod error;
 
+pub use encoder::{CrossEncoder, Embeddings, Pooling, PoolingMode, ScoreActivation, SentenceEncoder};
 pub use error::{Error, Result};

@@ -35,6 +35,22 @@ pub fn smollm2_gguf() -> PathBuf {
     }
 }
 
+/// The alias of the default sentence encoder that the retrieval tests use.
+pub const DEFAULT_ENCODER: &str = "all-minilm-l6-v2";
+
+/// The all-MiniLM-L6-v2 folder from the furnace cache. Fails loudly when it is missing:
+/// the test command of README.md (`./scripts/test.sh`) pulls it first.
+pub fn minilm_dir() -> PathBuf {
+    let cache = furnace_hub::Cache::from_env().expect("open the furnace cache");
+    match cache.cached(DEFAULT_ENCODER) {
+        Some(loc) => loc.path().to_path_buf(),
+        None => panic!(
+            "the encoder is not cached in {}: run `cargo run --release --bin furnace -- model pull {DEFAULT_ENCODER}` (the README's test command does this)",
+            cache.root().display()
+        ),
+    }
+}
+
 /// The rows of a JSONL file under `testdata/`.
 pub fn jsonl(name: &str) -> Vec<serde_json::Value> {
     let path = testdata().join(name);
