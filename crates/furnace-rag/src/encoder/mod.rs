@@ -52,7 +52,10 @@ struct Encoded {
 impl EncoderTokenizer {
     fn load(dir: &Path, max_len: usize) -> Result<Self> {
         let tok = furnace_text::Tokenizer::from_hf_dir(dir)?;
-        let mut hf = tok.hf_tokenizer().clone();
+        Self::from_hf(tok.hf_tokenizer().clone(), max_len)
+    }
+
+    fn from_hf(mut hf: tokenizers::Tokenizer, max_len: usize) -> Result<Self> {
         hf.with_padding(None);
         hf.with_truncation(Some(TruncationParams {
             direction: TruncationDirection::Right,
@@ -334,6 +337,17 @@ impl CrossEncoder {
     /// The name it was loaded by.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Cuts (query, passage) pairs at `max_len` tokens (at most the model's limit).
+    pub fn with_max_length(mut self, max_len: usize) -> Result<Self> {
+        let limit = self.bert.config().max_position_embeddings;
+        if max_len == 0 || max_len > limit {
+            return Err(Error::Invalid(format!("max length {max_len} is outside 1..={limit} (the model's positions)")));
+        }
+        let hf = self.tokenizer.hf.clone();
+        self.tokenizer = EncoderTokenizer::from_hf(hf, max_len)?;
+        Ok(self)
     }
 
     /// How logits become scores.

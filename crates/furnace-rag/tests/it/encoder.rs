@@ -53,3 +53,75 @@ fn a_text_longer_than_the_model_is_cut_and_reported() -> Result<()> {
     assert!(cosine(&out.vectors[1], &same.vectors[0]) > 0.99999);
     Ok(())
 }
+
+fn case(kind: &str) -> serde_json::Value {
+    furnace_testutil::jsonl("tiny_encoder_cases.jsonl").into_iter().find(|c| c["kind"] == kind).expect("fixture case")
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+#[test]
+fn a_tiny_random_bert_with_cls_pooling_matches_sentence_transformers() -> Result<()> {
+    let enc = SentenceEncoder::from_dir(&testdata().join("tiny-bert"))?.with_batch_size(3);
+    assert_eq!(enc.pooling().mode, PoolingMode::Cls);
+    assert!(!enc.pooling().normalize);
+    assert_eq!(enc.max_seq_length(), 24);
+    let c = case("sentence");
+    let texts: Vec<&str> = c["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let out = enc.embed(&texts)?;
+    // sentence-transformers cuts to max_seq_length = 24 tokens: texts 5 and 7 are longer.
+    let counts: Vec<usize> = c["token_counts"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap() as usize).collect();
+    let longer: Vec<usize> = counts.iter().enumerate().filter(|(_, &n)| n > 24).map(|(i, _)| i).collect();
+    assert_eq!(out.truncated, longer);
+    for (i, (got, want)) in out.vectors.iter().zip(c["vectors"].as_array().unwrap()).enumerate() {
+        let want = floats(want);
+        let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_err < 1e-4, "text {i}: max abs error {max_err}");
+        assert!(cosine(got, &want) >= 0.9999);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_tiny_random_cross_encoder_matches_sentence_transformers() -> Result<()> {
+    let ce = furnace_rag::CrossEncoder::from_dir(&testdata().join("tiny-cross-encoder"))?;
+    let c = case("cross");
+    let pairs: Vec<(&str, &str)> =
+        c["pairs"].as_array().unwrap().iter().map(|p| (p[0].as_str().unwrap(), p[1].as_str().unwrap())).collect();
+    // The fixture's max_length (40) is shorter than the model's: cut the same way.
+    let ce = ce.with_max_length(c["max_length"].as_u64().unwrap() as usize)?;
+    let logits = ce.logits(&pairs)?;
+    for (i, (got, want)) in logits.iter().zip(floats(&c["logits"])).enumerate() {
+        assert!((got[0] - want).abs() < 1e-5, "pair {i}: logit {} vs {want}", got[0]);
+    }
+    for (i, (q, p)) in pairs.iter().enumerate() {
+        let score = ce.scores(q, &[p])?[0];
+        let want = floats(&c["scores"])[i];
+        assert!((score - want).abs() < 1e-5, "pair {i}: score {score} vs {want}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_sentence_encoder_folder_is_not_a_cross_encoder() {
+    let err = furnace_rag::CrossEncoder::from_dir(&testdata().join("tiny-bert")).unwrap_err().to_string();
+    assert!(err.contains("not a cross-encoder"), "{err}");
+    let err = SentenceEncoder::from_dir(&testdata().join("tiny-llama")).unwrap_err().to_string();
+    assert!(err.contains("not supported as an encoder") || err.contains("model_type"), "{err}");
+}
+
+#[test]
+fn minilm_matches_sentence_transformers_on_texts_of_our_own() -> Result<()> {
+    let enc = SentenceEncoder::from_dir(&minilm_dir())?.with_batch_size(4);
+    let c = case("minilm");
+    let texts: Vec<&str> = c["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let out = enc.embed(&texts)?;
+    assert_eq!(out.truncated, vec![texts.len() - 1], "only the long passage is over 256 tokens");
+    for (i, (got, want)) in out.vectors.iter().zip(c["vectors"].as_array().unwrap()).enumerate() {
+        let c = cosine(got, &floats(want));
+        assert!(c >= 0.9999, "text {i}: cosine {c}");
+    }
+    Ok(())
+}
