@@ -10,7 +10,7 @@ mod human;
 mod interrupt;
 mod models;
 
-use commands::{bench, chat, doctor, generate, model, ops, results, run, runs, tokenize, train, ui};
+use commands::{bench, chat, doctor, embed, generate, model, ops, results, run, runs, tokenize, train, ui};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -55,6 +55,8 @@ enum Command {
     /// Serve the dashboard over a runs folder: watch and steer experiments in the browser
     /// and start new ones from it (they train here, one after another).
     Ui(ui::UiArgs),
+    /// Print sentence vectors of texts (a BERT-family encoder such as all-minilm-l6-v2).
+    Embed(embed::EmbedArgs),
     /// Report CPU features, threads, cached models and versions.
     Doctor,
     /// Measure speed (prints tokens/s).
@@ -111,6 +113,7 @@ fn main() {
     let result = match cli.command {
         Command::Model { cmd } => model::run(cmd),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Embed(a) => embed::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Train(a) => train::run(a),

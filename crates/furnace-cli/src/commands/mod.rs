@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chaos;
 pub mod chat;
 pub mod doctor;
+pub mod embed;
 pub mod generate;
 pub mod launch;
 pub mod model;
