@@ -111,6 +111,21 @@ def main():
     cases.append({"kind": "cross", "model": "tiny-cross-encoder", "max_length": 40, "pairs": [list(p) for p in PAIRS],
                   "scores": [float(s) for s in scores], "logits": [float(x) for x in logits]})
 
+    # A llama-family decoder used as an embedder: the final hidden state of the last token,
+    # L2-normalised (sentence-transformers' lasttoken pooling + Normalize).
+    from transformers import AutoModel, AutoTokenizer
+    llama_dir = os.path.join(ROOT, "tiny-llama")
+    dec = AutoModel.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    dec_tok = AutoTokenizer.from_pretrained(llama_dir)
+    dec_texts = TEXTS[:5] + ["a longer text about retrieval " * 6]
+    dec_vecs = []
+    with torch.no_grad():
+        for t in dec_texts:
+            ids = dec_tok(t, return_tensors="pt")
+            h = dec(**ids).last_hidden_state[0, -1]
+            dec_vecs.append([float(x) for x in torch.nn.functional.normalize(h, dim=0)])
+    cases.append({"kind": "decoder", "model": "tiny-llama", "texts": dec_texts, "vectors": dec_vecs})
+
     if len(sys.argv) > 1:
         minilm = SentenceTransformer(sys.argv[1], device="cpu")
         own = TEXTS[:6] + [

@@ -277,10 +277,53 @@ impl Llama {
         self.forward_inner(batch)
     }
 
-    fn forward_inner(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Option<Tensor>>> {
+    /// The final (normed) hidden state at the last new position of each sequence,
+    /// `[batch, hidden]`: what a decoder used as a sentence embedder pools (last-token
+    /// pooling). Appends to each cache like [`Llama::forward`]; `logits` is ignored.
+    pub fn last_hidden(&self, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        if rayon::current_thread_index().is_none() {
+            return rayon::join(|| self.last_hidden(batch), || ()).0;
+        }
+        let ids = self.check_batch(batch)?;
+        let adapters = AdapterRows::from_sequences(batch.iter().map(|s| (s.adapter, s.tokens.len())))?;
+        let x = self.layers_forward(&ids, batch, &adapters)?;
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut offset = 0u32;
+        for s in batch.iter() {
+            offset += s.tokens.len() as u32;
+            rows.push(offset - 1);
+        }
+        let n = rows.len();
+        let sel = x.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
+        Ok(self.norm.forward(&sel)?)
+    }
+
+    /// Runs the decoder layers over the new tokens of every sequence (`ids`, concatenated)
+    /// and advances the caches; returns the last layer's residual stream `[tokens, hidden]`.
+    fn layers_forward(&self, ids: &Tensor, batch: &mut [SeqInput<'_>], adapters: &AdapterRows) -> Result<Tensor> {
+        let mut x = self.embed_tokens.index_select(ids, 0)?;
+        for (li, block) in self.layers.iter().enumerate() {
+            let h = block.input_layernorm.forward(&x)?;
+            let attn = self.attention(li, &block.self_attn, &h, batch, adapters)?;
+            x = (x + block.self_attn.o_proj.forward(&attn, adapters)?)?;
+            let h = block.post_attention_layernorm.forward(&x)?;
+            x = (x + block.mlp.forward(&h, adapters)?)?;
+        }
+        for s in batch.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+        Ok(x)
+    }
+
+    /// Checks every sequence of a batch (tokens, room, adapter, vocabulary), reserves
+    /// cache room and returns all new tokens concatenated.
+    fn check_batch(&self, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
         let c = &self.config;
         let vocab = c.vocab_size as u32;
         let mut all_ids = Vec::new();
+        if batch.is_empty() {
+            return Err(Error::Config("an empty batch".into()));
+        }
         for s in batch.iter() {
             if s.tokens.is_empty() {
                 return Err(Error::Config("a sequence in the batch has no new tokens".into()));
@@ -297,23 +340,18 @@ impl Llama {
             }
             all_ids.extend_from_slice(s.tokens);
         }
-        if all_ids.is_empty() {
+        let n = all_ids.len();
+        Ok(Tensor::from_vec(all_ids, n, &Device::Cpu)?)
+    }
+
+    fn forward_inner(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Option<Tensor>>> {
+        if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let n = all_ids.len();
-        let ids = Tensor::from_vec(all_ids, n, &Device::Cpu)?;
+        let ids = self.check_batch(batch)?;
+        let n = ids.dim(0)?;
         let adapters = AdapterRows::from_sequences(batch.iter().map(|s| (s.adapter, s.tokens.len())))?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        for (li, block) in self.layers.iter().enumerate() {
-            let h = block.input_layernorm.forward(&x)?;
-            let attn = self.attention(li, &block.self_attn, &h, batch, &adapters)?;
-            x = (x + block.self_attn.o_proj.forward(&attn, &adapters)?)?;
-            let h = block.post_attention_layernorm.forward(&x)?;
-            x = (x + block.mlp.forward(&h, &adapters)?)?;
-        }
-        for s in batch.iter_mut() {
-            s.cache.advance(s.tokens.len());
-        }
+        let x = self.layers_forward(&ids, batch, &adapters)?;
         // Only rows whose logits are wanted go through the (large) LM head.
         let mut rows: Vec<u32> = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());

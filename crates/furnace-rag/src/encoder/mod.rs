@@ -22,18 +22,11 @@ use crate::error::{Error, Result};
 /// Texts per forward pass unless told otherwise (sentence-transformers' default).
 pub const DEFAULT_BATCH: usize = 32;
 
-/// A model folder resolved from a name: an alias (fetched into the cache when needed) or
-/// a path.
+/// A model folder or file resolved from a name: an alias (fetched into the cache when
+/// needed) or a path.
 pub fn resolve_model(name: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let loc = furnace_model::resolve_name(name, progress)?;
-    let path = loc.path().to_path_buf();
-    if !path.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{name} resolves to {}, a file; an encoder is a Hugging Face model folder (config.json, safetensors, tokenizer.json)",
-            path.display()
-        )));
-    }
-    Ok(path)
+    Ok(loc.path().to_path_buf())
 }
 
 /// A tokeniser set up for an encoder: no padding, truncation at `max_len`.
@@ -117,20 +110,39 @@ fn fingerprint(dir: &Path, extra: &str) -> Result<String> {
         }
     }
     for f in furnace_model::hf::safetensors_files(dir)? {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
-        let len = file.metadata().map_err(|e| Error::io(&f, e))?.len();
-        h.update(len.to_le_bytes());
-        let edge = 1 << 20;
-        let mut buf = Vec::new();
-        (&mut file).take(edge).read_to_end(&mut buf).map_err(|e| Error::io(&f, e))?;
-        if len > edge {
-            file.seek(SeekFrom::Start(len.saturating_sub(edge).max(edge))).map_err(|e| Error::io(&f, e))?;
-            file.read_to_end(&mut buf).map_err(|e| Error::io(&f, e))?;
-        }
-        h.update(&buf);
+        hash_edges(&mut h, &f)?;
     }
-    Ok(h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+    Ok(short_hex(h))
+}
+
+/// Hashes a weights file's size and its first and last MiB (hashing all of a large model
+/// would take seconds at every load).
+fn hash_edges(h: &mut Sha256, path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    h.update(len.to_le_bytes());
+    let edge = 1 << 20;
+    let mut buf = Vec::new();
+    (&mut file).take(edge).read_to_end(&mut buf).map_err(|e| Error::io(path, e))?;
+    if len > edge {
+        file.seek(SeekFrom::Start(len.saturating_sub(edge).max(edge))).map_err(|e| Error::io(path, e))?;
+        file.read_to_end(&mut buf).map_err(|e| Error::io(path, e))?;
+    }
+    h.update(&buf);
+    Ok(())
+}
+
+fn short_hex(h: Sha256) -> String {
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`fingerprint`] of a single model file (a GGUF).
+fn file_fingerprint(path: &Path, extra: &str) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(extra.as_bytes());
+    hash_edges(&mut h, path)?;
+    Ok(short_hex(h))
 }
 
 fn load_bert(dir: &Path) -> Result<(Bert, Weights)> {
@@ -159,14 +171,31 @@ pub struct Embeddings {
     pub truncated: Vec<usize>,
 }
 
-/// A sentence encoder: a BERT-family model with sentence-transformers' pooling.
+/// What computes an encoder's token states.
+enum Body {
+    /// A BERT-family encoder (bidirectional), tokenised by `tokenizer.json` with truncation.
+    Bert(Bert, EncoderTokenizer),
+    /// A llama-family decoder used as an embedder: the last token's final hidden state.
+    Decoder(Box<furnace_model::LoadedModel>, usize),
+}
+
+/// A sentence encoder: a BERT-family model with sentence-transformers' pooling, or a
+/// llama-family decoder with last-token pooling.
 pub struct SentenceEncoder {
     name: String,
-    bert: Bert,
-    tokenizer: EncoderTokenizer,
+    body: Body,
     pooling: Pooling,
     fingerprint: String,
     batch: usize,
+}
+
+/// The longest input of a decoder embedder unless the model allows less.
+pub const DECODER_MAX_TOKENS: usize = 8192;
+
+/// Whether a folder holds a llama-family decoder (by its config's `model_type`).
+fn is_decoder_dir(dir: &Path) -> bool {
+    let Ok(v) = read_json::<serde_json::Value>(&dir.join("config.json")) else { return false };
+    matches!(v.get("model_type").and_then(serde_json::Value::as_str), Some("llama" | "mistral" | "qwen2" | "qwen3"))
 }
 
 impl std::fmt::Debug for SentenceEncoder {
@@ -184,14 +213,53 @@ impl SentenceEncoder {
         Ok(enc)
     }
 
-    /// Loads an encoder from a Hugging Face / sentence-transformers folder.
+    /// Loads an encoder from a Hugging Face / sentence-transformers folder (a BERT
+    /// encoder, or a llama-family decoder used with last-token pooling), or a decoder GGUF.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if dir.is_file() || is_decoder_dir(dir) {
+            return Self::decoder(dir);
+        }
         let (bert, _) = load_bert(dir)?;
         let pooling = Pooling::from_dir(dir)?;
         let max_len = max_seq_length(dir, bert.config().max_position_embeddings)?;
         let tokenizer = EncoderTokenizer::load(dir, max_len)?;
         let fingerprint = fingerprint(dir, &format!("{pooling:?}/{max_len}"))?;
-        Ok(SentenceEncoder { name: dir.display().to_string(), bert, tokenizer, pooling, fingerprint, batch: DEFAULT_BATCH })
+        Ok(SentenceEncoder {
+            name: dir.display().to_string(),
+            body: Body::Bert(bert, tokenizer),
+            pooling,
+            fingerprint,
+            batch: DEFAULT_BATCH,
+        })
+    }
+
+    /// A llama-family decoder (HF folder or GGUF) as an embedder: f32 weights, the last
+    /// token's final hidden state, L2-normalised (unless a sentence-transformers folder
+    /// says otherwise).
+    fn decoder(path: &Path) -> Result<Self> {
+        let loaded = furnace_model::LoadedModel::load(path, furnace_model::WeightDType::F32)?;
+        let positions = loaded.model.config.max_position_embeddings;
+        let pooling = if path.is_dir() && path.join("modules.json").is_file() {
+            Pooling::from_dir(path)?
+        } else {
+            Pooling { mode: PoolingMode::LastToken, normalize: true }
+        };
+        if pooling.mode != PoolingMode::LastToken {
+            return Err(Error::Invalid(format!("{}: a decoder embedder pools the last token, not {:?}", path.display(), pooling.mode)));
+        }
+        let max_len = if path.is_dir() { max_seq_length(path, positions)? } else { positions }.min(DECODER_MAX_TOKENS);
+        let fingerprint = if path.is_dir() {
+            fingerprint(path, &format!("{pooling:?}/{max_len}"))?
+        } else {
+            file_fingerprint(path, &format!("{pooling:?}/{max_len}"))?
+        };
+        Ok(SentenceEncoder {
+            name: path.display().to_string(),
+            body: Body::Decoder(Box::new(loaded), max_len),
+            pooling,
+            fingerprint,
+            batch: DEFAULT_BATCH,
+        })
     }
 
     /// Texts per forward pass (at least 1).
@@ -207,12 +275,18 @@ impl SentenceEncoder {
 
     /// The vectors' dimension.
     pub fn dim(&self) -> usize {
-        self.bert.config().hidden_size
+        match &self.body {
+            Body::Bert(bert, _) => bert.config().hidden_size,
+            Body::Decoder(m, _) => m.model.config.hidden_size,
+        }
     }
 
     /// The longest input in tokens (longer texts are cut).
     pub fn max_seq_length(&self) -> usize {
-        self.tokenizer.max_len
+        match &self.body {
+            Body::Bert(_, tok) => tok.max_len,
+            Body::Decoder(_, max_len) => *max_len,
+        }
     }
 
     /// The pooling and normalisation.
@@ -225,22 +299,45 @@ impl SentenceEncoder {
         &self.fingerprint
     }
 
-    /// The number of tokens of a text (special tokens included, before truncation).
-    pub fn count_tokens(&self, text: &str) -> Result<usize> {
-        let enc = self.tokenizer.hf.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().len())
-    }
-
     /// Embeds texts: one vector per text, in input order.
     pub fn embed(&self, texts: &[&str]) -> Result<Embeddings> {
-        let encoded: Vec<Encoded> = texts.iter().map(|t| self.tokenizer.encode(*t)).collect::<Result<_>>()?;
+        let encoded: Vec<Encoded> = texts.iter().map(|t| self.encode(t)).collect::<Result<_>>()?;
         let truncated = encoded.iter().enumerate().filter(|(_, e)| e.truncated).map(|(i, _)| i).collect();
-        let vectors = run_batches(&encoded, self.batch, |batch| {
-            let (ids, types, lens, len) = pad(batch);
-            let hidden = self.bert.forward(&ids, &types, &lens, len)?;
-            rows(&self.pooling.apply(&hidden, &lens)?)
+        let vectors = run_batches(&encoded, self.batch, |batch| match &self.body {
+            Body::Bert(bert, _) => {
+                let (ids, types, lens, len) = pad(batch);
+                let hidden = bert.forward(&ids, &types, &lens, len)?;
+                rows(&self.pooling.apply(&hidden, &lens)?)
+            }
+            Body::Decoder(m, _) => {
+                let mut caches: Vec<furnace_model::SeqCache> = batch.iter().map(|_| m.model.new_cache()).collect();
+                let mut inputs: Vec<furnace_model::SeqInput<'_>> = batch
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(e, cache)| furnace_model::SeqInput { tokens: &e.ids, cache, logits: furnace_model::Logits::None, adapter: None })
+                    .collect();
+                let last = m.model.last_hidden(&mut inputs)?;
+                let last = if self.pooling.normalize { bert::l2_normalize(&last)? } else { last };
+                rows(&last)
+            }
         })?;
         Ok(Embeddings { vectors, truncated })
+    }
+
+    fn encode(&self, text: &str) -> Result<Encoded> {
+        match &self.body {
+            Body::Bert(_, tok) => tok.encode(text),
+            Body::Decoder(m, max_len) => {
+                let mut ids = m.tokenizer.encode(text, true)?;
+                let truncated = ids.len() > *max_len;
+                ids.truncate(*max_len);
+                if ids.is_empty() {
+                    return Err(Error::Invalid("an empty text has no tokens for a decoder embedder to pool".into()));
+                }
+                let types = vec![0; ids.len()];
+                Ok(Encoded { ids, types, truncated })
+            }
+        }
     }
 }
 

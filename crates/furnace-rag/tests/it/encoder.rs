@@ -108,8 +108,9 @@ fn a_tiny_random_cross_encoder_matches_sentence_transformers() -> Result<()> {
 fn a_sentence_encoder_folder_is_not_a_cross_encoder() {
     let err = furnace_rag::CrossEncoder::from_dir(&testdata().join("tiny-bert")).unwrap_err().to_string();
     assert!(err.contains("not a cross-encoder"), "{err}");
-    let err = SentenceEncoder::from_dir(&testdata().join("tiny-llama")).unwrap_err().to_string();
-    assert!(err.contains("not supported as an encoder") || err.contains("model_type"), "{err}");
+    // A folder that is no model at all (a LoRA adapter) names the file it lacks.
+    let err = SentenceEncoder::from_dir(&testdata().join("lora_adapter")).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
 }
 
 #[test]
@@ -122,6 +123,22 @@ fn minilm_matches_sentence_transformers_on_texts_of_our_own() -> Result<()> {
     for (i, (got, want)) in out.vectors.iter().zip(c["vectors"].as_array().unwrap()).enumerate() {
         let c = cosine(got, &floats(want));
         assert!(c >= 0.9999, "text {i}: cosine {c}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_llama_decoder_embeds_by_its_last_token_like_transformers() -> Result<()> {
+    let enc = SentenceEncoder::from_dir(&testdata().join("tiny-llama"))?.with_batch_size(4);
+    assert_eq!(enc.pooling().mode, PoolingMode::LastToken);
+    let c = case("decoder");
+    let texts: Vec<&str> = c["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let out = enc.embed(&texts)?;
+    assert_eq!(out.vectors[0].len(), enc.dim());
+    for (i, (got, want)) in out.vectors.iter().zip(c["vectors"].as_array().unwrap()).enumerate() {
+        let want = floats(want);
+        let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_err < 1e-4, "text {i}: max abs error {max_err}");
     }
     Ok(())
 }
