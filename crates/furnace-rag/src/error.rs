@@ -27,6 +27,16 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A document file (or a row of it) cannot be loaded; with `strict` loading this
+    /// stops ingestion, otherwise the file is skipped and reported.
+    #[error("cannot load {}: {reason}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why, e.g. "binary file (NUL byte at offset 12)".
+        reason: String,
+    },
+
     /// A setting or argument is out of range or inconsistent; the message says what to fix.
     #[error("{0}")]
     Invalid(String),
