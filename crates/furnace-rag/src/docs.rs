@@ -498,7 +498,7 @@ pub fn html_text(html: &str) -> (String, Option<String>) {
             text.push_str(if blank > 0 { "\n\n" } else { "\n" });
         }
         blank = 0;
-        text.push_str(line.trim_start_matches(' '));
+        text.push_str(line);
     }
     (text, title)
 }
@@ -524,7 +524,7 @@ fn collapse(s: &str) -> String {
 /// Each page's text, pages apart by a blank line. A panic inside the PDF library (it has
 /// had them on malformed files) skips the file instead of taking the process down.
 fn read_pdf(found: &Found, bytes: &[u8]) -> std::result::Result<Document, String> {
-    let extracted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> std::result::Result<_, String> {
+    let (texts, pages) = catch_panic("the PDF reader", || {
         let pdf = lopdf::Document::load_mem(bytes).map_err(|e| format!("not a readable PDF: {e}"))?;
         let pages: Vec<u32> = pdf.get_pages().keys().copied().collect();
         let mut texts = Vec::with_capacity(pages.len());
@@ -533,18 +533,7 @@ fn read_pdf(found: &Found, bytes: &[u8]) -> std::result::Result<Document, String
             texts.push(text.trim().to_string());
         }
         Ok((texts, pages.len()))
-    }));
-    let (texts, pages) = match extracted {
-        Ok(result) => result?,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            return Err(format!("the PDF reader failed: {what}"));
-        }
-    };
+    })?;
     let text = texts.into_iter().filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n\n");
     let mut doc = plain(found, "pdf", text).map_err(|_| "no extractable text (scanned or empty PDF?)".to_string())?;
     doc.metadata.insert("pages".into(), Value::from(pages));
@@ -701,7 +690,7 @@ fn read_parquet(found: &Found, opts: &LoadOptions) -> std::result::Result<Loaded
     use parquet::file::reader::{FileReader, SerializedFileReader};
 
     let file = File::open(&found.path).map_err(|e| format!("cannot open: {e}"))?;
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> std::result::Result<Loaded, String> {
+    let loaded = catch_panic("the Parquet reader", || {
         let reader = SerializedFileReader::new(file).map_err(|e| format!("not a readable Parquet file: {e}"))?;
         let total = reader.metadata().file_metadata().num_rows();
         if total > opts.max_rows as i64 {
@@ -724,9 +713,335 @@ fn read_parquet(found: &Found, opts: &LoadOptions) -> std::result::Result<Loaded
             }
         }
         Ok(loaded)
-    }));
-    match result {
-        Ok(loaded) => finish_table(loaded?, opts),
-        Err(_) => Err("the Parquet reader failed (corrupt file?)".into()),
+    })?;
+    finish_table(loaded, opts)
+}
+
+/// Runs `f`, turning a panic in it (third-party parsers can panic on malformed input) into
+/// an error that names `what` and the panic message.
+fn catch_panic<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, String>) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "no message".into());
+            Err(format!("{what} failed (malformed file?): {message}"))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn testdata(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/docs").join(name)
+    }
+
+    fn write(dir: &Path, rel: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn reasons(report: &LoadReport) -> Vec<(String, String)> {
+        report.skipped.iter().map(|(p, r)| (p.file_name().unwrap().to_string_lossy().into_owned(), r.clone())).collect()
+    }
+
+    fn reason_for<'a>(r: &'a [(String, String)], name: &str) -> &'a str {
+        r.iter().find(|(n, _)| n == name).map(|(_, r)| r.as_str()).unwrap_or_else(|| panic!("{name} not skipped: {r:?}"))
+    }
+
+    #[test]
+    fn a_folder_is_walked_in_sorted_order_and_bad_files_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "b.txt", b"bee");
+        write(d, "a.md", b"# Title\n\nbody");
+        write(d, "sub/c.txt", "\u{feff}see 🔥".as_bytes());
+        write(d, "sub/deeper/d.TXT", b"dee");
+        write(d, "binary.txt", b"abc\0def");
+        let mut latin1 = b"caf".to_vec();
+        latin1.push(0xe9);
+        write(d, "latin1.txt", &latin1);
+        write(d, "blank.txt", b"  \n\t");
+        write(d, "big.txt", &vec![b'x'; 2000]);
+        write(d, "image.png", b"\x89PNG");
+        write(d, ".hidden.txt", b"secret");
+        write(d, ".git/config.txt", b"nope");
+
+        let opts = LoadOptions { max_file_bytes: 1000, ..LoadOptions::default() };
+        let report = load_documents(&[d], &opts).unwrap();
+        let ids: Vec<&str> = report.documents.iter().map(|doc| doc.id.as_str()).collect();
+        assert_eq!(ids, ["a.md", "b.txt", "sub/c.txt", "sub/deeper/d.TXT"]);
+        assert_eq!(report.documents[2].text, "see 🔥", "the BOM is dropped");
+        assert_eq!(report.documents[0].metadata["format"], "markdown");
+        assert_eq!(report.documents[0].metadata["path"], "a.md");
+
+        let r = reasons(&report);
+        assert_eq!(r.len(), 4, "{r:?}");
+        assert_eq!(reason_for(&r, "binary.txt"), "binary file (NUL byte at offset 3)");
+        assert_eq!(reason_for(&r, "latin1.txt"), "not valid UTF-8 (invalid byte at offset 3)");
+        assert!(reason_for(&r, "big.txt").contains("max_file_bytes limit of 1000"));
+        assert_eq!(reason_for(&r, "blank.txt"), "no text");
+
+        // Deterministic: the same inputs give the same documents.
+        assert_eq!(load_documents(&[d], &opts).unwrap(), report);
+
+        let hidden = LoadOptions { include_hidden: true, ..opts.clone() };
+        let ids: Vec<String> = load_documents(&[d], &hidden).unwrap().documents.into_iter().map(|d| d.id).collect();
+        assert!(ids.contains(&".hidden.txt".to_string()) && ids.contains(&".git/config.txt".to_string()));
+
+        // Strict: the first unreadable file is an error naming it.
+        let strict = LoadOptions { strict: true, ..opts };
+        match load_documents(&[d], &strict).unwrap_err() {
+            Error::Unreadable { path, reason } => {
+                assert!(path.ends_with("big.txt"), "{path:?}");
+                assert!(reason.contains("max_file_bytes"));
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn files_and_globs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "notes/x.md", b"x");
+        write(d, "notes/deep/y.md", b"y");
+        write(d, "notes/z.txt", b"z");
+        let single = load_documents(&[d.join("notes/z.txt")], &LoadOptions::default()).unwrap();
+        assert_eq!(single.documents[0].id, "z.txt");
+        assert_eq!(single.documents[0].source, d.join("notes/z.txt").display().to_string());
+
+        let pattern = format!("{}/notes/**/*.md", d.display());
+        let report = load_documents(&[pattern.as_str()], &LoadOptions::default()).unwrap();
+        let ids: Vec<&str> = report.documents.iter().map(|doc| doc.id.as_str()).collect();
+        // Ids are relative to the pattern's literal prefix.
+        assert_eq!(ids, ["deep/y.md", "x.md"]);
+
+        // An explicitly named unsupported file is reported; a missing input is an error.
+        write(d, "data.bin", b"1");
+        let err = load_documents(&[d.join("data.bin")], &LoadOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("no documents found") && err.contains("unsupported file type"), "{err}");
+        let err = load_documents(&[d.join("missing.txt")], &LoadOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+
+        // Two inputs naming the same file: the second copy is a duplicate id.
+        let twice = load_documents(&[d.join("notes/z.txt"), d.join("notes/z.txt")], &LoadOptions::default()).unwrap();
+        assert_eq!(twice.documents.len(), 1);
+        assert!(twice.skipped[0].1.contains("duplicate document id `z.txt`"));
+    }
+
+    #[test]
+    fn an_empty_corpus_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "only.png", b"png");
+        let err = load_documents(&[dir.path()], &LoadOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Invalid(_)));
+        assert!(msg.starts_with("no documents found in "), "{msg}");
+        assert!(msg.contains("supported: .txt, .md"), "{msg}");
+        let none: [&str; 0] = [];
+        assert!(load_documents(&none, &LoadOptions::default()).unwrap_err().to_string().contains("(no inputs)"));
+    }
+
+    #[test]
+    fn html_visible_text() {
+        let report = load_documents(&[testdata("page.html")], &LoadOptions::default()).unwrap();
+        let doc = &report.documents[0];
+        assert_eq!(doc.id, "page.html");
+        assert_eq!(doc.metadata["title"], "The Furnace Handbook");
+        assert_eq!(doc.metadata["format"], "html");
+        assert_eq!(
+            doc.text,
+            "Smelting basics\n\nOre is heated until it melts.\nSlag floats.\n\nIron & steel\nCopper — 🔥 hot\n\n\
+             line one\n  indented line\n\na\tb\n\nLast paragraph."
+        );
+        for hidden in ["do not index", "nor me", "Enable JavaScript", "Home", "color: red"] {
+            assert!(!doc.text.contains(hidden), "{hidden}");
+        }
+    }
+
+    #[test]
+    fn pdf_text_and_bad_pdfs() {
+        let report = load_documents(&[testdata("two_pages.pdf")], &LoadOptions::default()).unwrap();
+        let doc = &report.documents[0];
+        assert_eq!(doc.metadata["pages"], 2);
+        assert!(doc.text.contains("Hello from the furnace PDF."), "{:?}", doc.text);
+        assert!(doc.text.contains("Second page: slag and iron."), "{:?}", doc.text);
+
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ok.txt", b"fine");
+        write(dir.path(), "broken.pdf", b"%PDF-1.4\nthis is not a pdf");
+        let good = fs::read(testdata("two_pages.pdf")).unwrap();
+        write(dir.path(), "truncated.pdf", &good[..good.len() / 2]);
+        let report = load_documents(&[dir.path()], &LoadOptions::default()).unwrap();
+        assert_eq!(report.documents.len(), 1);
+        let r = reasons(&report);
+        assert!(reason_for(&r, "broken.pdf").starts_with("not a readable PDF: "), "{r:?}");
+        // Cut in the middle of the second page: nothing with text survives.
+        assert_eq!(reason_for(&r, "truncated.pdf"), "no extractable text (scanned or empty PDF?)");
+    }
+
+    #[test]
+    fn jsonl_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = concat!(
+            "{\"text\": \"first\", \"lang\": \"en\", \"n\": 3, \"ok\": true, \"tags\": [\"a\"], \"none\": null}\n",
+            "\n",
+            "{\"text\": \"third\", \"lang\": \"de\"}\n",
+            "not json\n",
+            "{\"body\": \"no text column\"}\n",
+            "[1, 2]\n",
+            "{\"text\": 5}\n",
+        );
+        write(dir.path(), "rows.jsonl", jsonl.as_bytes());
+        let report = load_documents(&[dir.path()], &LoadOptions::default()).unwrap();
+        let ids: Vec<&str> = report.documents.iter().map(|doc| doc.id.as_str()).collect();
+        assert_eq!(ids, ["rows.jsonl#0", "rows.jsonl#2"]);
+        let first = &report.documents[0].metadata;
+        assert_eq!(first["lang"], "en");
+        assert_eq!(first["n"], 3);
+        assert_eq!(first["ok"], true);
+        assert_eq!(first["row"], 0);
+        assert!(first.get("tags").is_none() && first.get("none").is_none() && first.get("text").is_none());
+        let r: Vec<&str> = report.skipped.iter().map(|(_, r)| r.as_str()).collect();
+        assert_eq!(r.len(), 4, "{r:?}");
+        assert!(r[0].starts_with("line 4: invalid JSON"), "{r:?}");
+        assert_eq!(r[1], "line 5: no `text` value");
+        assert_eq!(r[2], "line 6: not a JSON object");
+        assert_eq!(r[3], "line 7: `text` is not a string: 5");
+
+        // A text column, an id column and chosen metadata columns.
+        write(dir.path(), "rows.jsonl", b"{\"body\": \"hello\", \"key\": \"k1\", \"a\": 1, \"b\": 2}\n");
+        let opts = LoadOptions {
+            text_column: "body".into(),
+            id_column: Some("key".into()),
+            metadata_columns: Some(vec!["b".into()]),
+            ..LoadOptions::default()
+        };
+        let report = load_documents(&[dir.path()], &opts).unwrap();
+        let doc = &report.documents[0];
+        assert_eq!((doc.id.as_str(), doc.text.as_str()), ("k1", "hello"));
+        assert_eq!(doc.metadata["b"], 2);
+        assert!(doc.metadata.get("a").is_none());
+
+        let strict = LoadOptions { strict: true, ..LoadOptions::default() };
+        write(dir.path(), "rows.jsonl", b"{\"text\": \"ok\"}\n{oops\n");
+        let err = load_documents(&[dir.path()], &strict).unwrap_err().to_string();
+        assert!(err.contains("rows.jsonl") && err.contains("line 2: invalid JSON"), "{err}");
+
+        let few = LoadOptions { max_rows: 1, ..LoadOptions::default() };
+        let err = load_documents(&[dir.path()], &few).unwrap_err().to_string();
+        assert!(err.contains("max_rows limit of 1"), "{err}");
+    }
+
+    #[test]
+    fn csv_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "t.csv", "id,text,topic\n7,\"a, quoted\nline\",iron\n8,second,slag\n9,short\n10,,x\n".as_bytes());
+        let opts = LoadOptions { id_column: Some("id".into()), ..LoadOptions::default() };
+        let report = load_documents(&[dir.path()], &opts).unwrap();
+        let docs = &report.documents;
+        assert_eq!(docs.len(), 2);
+        assert_eq!((docs[0].id.as_str(), docs[0].text.as_str()), ("7", "a, quoted\nline"));
+        assert_eq!(docs[0].metadata["topic"], "iron");
+        assert!(docs[0].metadata.get("id").is_none());
+        assert_eq!(docs[1].id, "8");
+        let r: Vec<&str> = report.skipped.iter().map(|(_, r)| r.as_str()).collect();
+        assert!(r[0].starts_with("row 2 (line 5): bad CSV record"), "{r:?}");
+        assert_eq!(r[1], "row 3: empty `text`");
+
+        write(dir.path(), "t.csv", b"a,b\n1,2\n");
+        let err = load_documents(&[dir.path()], &LoadOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("no `text` column (columns: a, b)"), "{err}");
+    }
+
+    fn write_parquet(path: &Path) {
+        use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        use std::sync::Arc;
+
+        let schema = Arc::new(
+            parse_message_type("message m { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED BYTE_ARRAY source (UTF8); REQUIRED INT64 year; }")
+                .unwrap(),
+        );
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut writer = SerializedFileWriter::new(File::create(path).unwrap(), schema, props).unwrap();
+        let mut group = writer.next_row_group().unwrap();
+        let mut column = 0;
+        while let Some(mut col) = group.next_column().unwrap() {
+            match column {
+                0 => {
+                    let v: Vec<ByteArray> = ["alpha", "beta"].iter().map(|s| ByteArray::from(*s)).collect();
+                    col.typed::<ByteArrayType>().write_batch(&v, None, None).unwrap();
+                }
+                1 => {
+                    let v: Vec<ByteArray> = ["wiki", "book"].iter().map(|s| ByteArray::from(*s)).collect();
+                    col.typed::<ByteArrayType>().write_batch(&v, None, None).unwrap();
+                }
+                _ => {
+                    col.typed::<Int64Type>().write_batch(&[2001, 2002], None, None).unwrap();
+                }
+            }
+            col.close().unwrap();
+            column += 1;
+        }
+        group.close().unwrap();
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn parquet_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        write_parquet(&dir.path().join("t.parquet"));
+        let report = load_documents(&[dir.path()], &LoadOptions::default()).unwrap();
+        let docs = &report.documents;
+        assert_eq!(docs.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["t.parquet#0", "t.parquet#1"]);
+        assert_eq!(docs[1].text, "beta");
+        assert_eq!(docs[1].metadata["source"], "book");
+        assert_eq!(docs[1].metadata["year"], 2002);
+
+        let few = LoadOptions { max_rows: 1, ..LoadOptions::default() };
+        let err = load_documents(&[dir.path()], &few).unwrap_err().to_string();
+        assert!(err.contains("max_rows limit of 1"), "{err}");
+
+        let good = fs::read(dir.path().join("t.parquet")).unwrap();
+        write(dir.path(), "t.parquet", &good[..good.len() - 10]);
+        write(dir.path(), "ok.txt", b"fine");
+        let report = load_documents(&[dir.path()], &LoadOptions::default()).unwrap();
+        let r = reasons(&report);
+        assert!(reason_for(&r, "t.parquet").contains("Parquet"), "{r:?}");
+    }
+
+    #[test]
+    fn a_panicking_parser_becomes_a_reason() {
+        let r: std::result::Result<(), String> = catch_panic("the X reader", || panic!("index out of bounds"));
+        assert_eq!(r.unwrap_err(), "the X reader failed (malformed file?): index out of bounds");
+        assert_eq!(catch_panic("y", || Ok(3)), Ok(3));
+    }
+
+    #[test]
+    fn content_hash_tracks_text_and_metadata() {
+        let mut doc = Document { id: "a".into(), source: "a".into(), text: "hello".into(), metadata: Map::new() };
+        let h = doc.content_hash();
+        assert_eq!(h.len(), 64);
+        assert_eq!(h, doc.clone().content_hash());
+        doc.source = "elsewhere".into();
+        assert_eq!(h, doc.content_hash(), "the source path is not content");
+        doc.metadata.insert("k".into(), "v".into());
+        assert_ne!(h, doc.content_hash());
+        doc.metadata.clear();
+        doc.text.push('!');
+        assert_ne!(h, doc.content_hash());
     }
 }
