@@ -221,7 +221,9 @@ fn expand(input: &Path, opts: &LoadOptions, report: &mut LoadReport) -> Result<V
     if !input.exists() && is_glob(&text) {
         // The root of the ids: the components before the first one with a wildcard.
         let root: PathBuf = input.components().take_while(|c| !is_glob(&c.as_os_str().to_string_lossy())).collect();
-        let paths = glob::glob(&text).map_err(|e| Error::Invalid(format!("bad glob pattern `{text}`: {e}")))?;
+        // Like folder walks, wildcards skip hidden names unless asked not to.
+        let options = glob::MatchOptions { require_literal_leading_dot: !opts.include_hidden, ..glob::MatchOptions::new() };
+        let paths = glob::glob_with(&text, options).map_err(|e| Error::Invalid(format!("bad glob pattern `{text}`: {e}")))?;
         let mut files = Vec::new();
         for entry in paths {
             match entry {
@@ -350,8 +352,11 @@ fn decode_text(bytes: &[u8]) -> std::result::Result<&str, String> {
     if let Some(at) = head.iter().position(|&b| b == 0) {
         return Err(format!("binary file (NUL byte at offset {at})"));
     }
-    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
-    std::str::from_utf8(bytes).map_err(|e| format!("not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))
+    let (bom, bytes) = match bytes.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) => (3, rest),
+        None => (0, bytes),
+    };
+    std::str::from_utf8(bytes).map_err(|e| format!("not valid UTF-8 (invalid byte at offset {})", bom + e.valid_up_to()))
 }
 
 fn base_metadata(found: &Found, format: &str) -> Map<String, Value> {
@@ -767,7 +772,7 @@ mod tests {
         write(d, "sub/c.txt", "\u{feff}see 🔥".as_bytes());
         write(d, "sub/deeper/d.TXT", b"dee");
         write(d, "binary.txt", b"abc\0def");
-        let mut latin1 = b"caf".to_vec();
+        let mut latin1 = b"\xef\xbb\xbfcaf".to_vec();
         latin1.push(0xe9);
         write(d, "latin1.txt", &latin1);
         write(d, "blank.txt", b"  \n\t");
@@ -787,7 +792,7 @@ mod tests {
         let r = reasons(&report);
         assert_eq!(r.len(), 4, "{r:?}");
         assert_eq!(reason_for(&r, "binary.txt"), "binary file (NUL byte at offset 3)");
-        assert_eq!(reason_for(&r, "latin1.txt"), "not valid UTF-8 (invalid byte at offset 3)");
+        assert_eq!(reason_for(&r, "latin1.txt"), "not valid UTF-8 (invalid byte at offset 6)", "a file offset, counting the BOM");
         assert!(reason_for(&r, "big.txt").contains("max_file_bytes limit of 1000"));
         assert_eq!(reason_for(&r, "blank.txt"), "no text");
 
@@ -816,6 +821,7 @@ mod tests {
         write(d, "notes/x.md", b"x");
         write(d, "notes/deep/y.md", b"y");
         write(d, "notes/z.txt", b"z");
+        write(d, "notes/.draft.md", b"hidden");
         let single = load_documents(&[d.join("notes/z.txt")], &LoadOptions::default()).unwrap();
         assert_eq!(single.documents[0].id, "z.txt");
         assert_eq!(single.documents[0].source, d.join("notes/z.txt").display().to_string());
@@ -867,6 +873,19 @@ mod tests {
         for hidden in ["do not index", "nor me", "Enable JavaScript", "Home", "color: red"] {
             assert!(!doc.text.contains(hidden), "{hidden}");
         }
+    }
+
+    #[test]
+    fn html_tag_soup_and_deep_nesting() {
+        let deep = format!("{}deep text{}", "<div><span>".repeat(5000), "</span></div>".repeat(5000));
+        assert_eq!(html_text(&deep).0, "deep text");
+        let soup = "<p>a<b>b<i>c</p>d</b>e<table><td>f<li>g</ul>&bogus; &#xFFFFFF; <!-- x --><![CDATA[y]]>";
+        let (text, title) = html_text(soup);
+        assert!(title.is_none());
+        for part in ["a", "b", "c", "d", "e", "f", "g"] {
+            assert!(text.contains(part), "{part} in {text:?}");
+        }
+        assert_eq!(html_text("").0, "");
     }
 
     #[test]

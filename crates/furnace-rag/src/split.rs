@@ -890,7 +890,12 @@ mod tests {
                     assert_eq!(g.start_char as i64, start, "{name}: start of chunk {i} {:?}", g.text);
                     assert_eq!(g.end_char - g.start_char, g.text.chars().count(), "{name}");
                 } else {
+                    // LangChain found nothing; the span is where the chunk was made from:
+                    // the same text up to the whitespace separators that were re-joined.
                     misses += 1;
+                    let dense = |s: &str| s.chars().filter(|c| !py_isspace(*c)).collect::<String>();
+                    let region = char_slice(text, g.start_char, g.end_char);
+                    assert_eq!(dense(&region), dense(&g.text), "{name}: chunk {i}");
                 }
             }
             checked += 1;
@@ -1000,6 +1005,39 @@ mod tests {
                     assert!(!inner.contains(' ') && !inner.contains('\n'), "round {round}: {:?} could be split", c.text);
                 }
                 assert!(c.end_char <= n);
+            }
+        }
+    }
+
+    #[test]
+    fn property_markdown_and_token_splits_never_panic_and_stay_in_range() {
+        const PARTS: [&str; 16] =
+            ["# ", "## ", "###### ", "#", "```", "~~~", "\n", "\n\n", "  ", "title", "text", "🔥", "\u{200d}", "\t", "中", "```x```"];
+        let mut rng = Rng(42);
+        let count: &dyn Fn(&str) -> usize = &|s: &str| s.split_whitespace().count() + s.matches('#').count();
+        for round in 0..300 {
+            let n = rng.below(120);
+            let text: String = (0..n).map(|_| PARTS[rng.below(PARTS.len())]).collect();
+            let chars = text.chars().count();
+            let size = 1 + rng.below(30);
+            let cfg = SplitterConfig {
+                kind: [SplitKind::Markdown, SplitKind::Recursive][rng.below(2)],
+                chunk_size: size,
+                chunk_overlap: rng.below(size),
+                length: [LengthUnit::Chars, LengthUnit::Tokens][rng.below(2)],
+                strip_headers: rng.below(2) == 0,
+                ..SplitterConfig::default()
+            };
+            let chunks = cfg.split_document(&doc(&text), Some(count)).unwrap();
+            for (i, c) in chunks.iter().enumerate() {
+                assert_eq!(c.index, i);
+                assert!(!c.text.is_empty(), "round {round}");
+                assert!(c.start_char <= c.end_char && c.end_char <= chars, "round {round}: {c:?}");
+            }
+            for each in [false, true] {
+                for s in MarkdownHeaderSplitter::new(&default_header_levels()).unwrap().with_return_each_line(each).split(&text) {
+                    assert!(s.start_char <= s.end_char && s.end_char <= chars, "round {round}");
+                }
             }
         }
     }
