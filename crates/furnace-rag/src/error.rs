@@ -42,6 +42,15 @@ pub enum Error {
     /// A tensor operation failed (a shape the model did not expect).
     #[error("computing failed: {0}")]
     Compute(#[from] candle_core::Error),
+    /// A document file (or a row of it) cannot be loaded; with `strict` loading this
+    /// stops ingestion, otherwise the file is skipped and reported.
+    #[error("cannot load {}: {reason}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why, e.g. "binary file (NUL byte at offset 12)".
+        reason: String,
+    },
 
     /// A setting or argument is out of range or inconsistent; the message says what to fix.
     #[error("{0}")]

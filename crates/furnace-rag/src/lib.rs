@@ -8,5 +8,12 @@
 pub mod encoder;
 mod error;
 
+/// Document ingestion: files, folders and globs of text, Markdown, HTML, PDF, JSONL, CSV
+/// and Parquet into [`docs::Document`]s.
+pub mod docs;
+/// Text splitters (LangChain-compatible recursive and Markdown-header splitting) that cut
+/// documents into [`docs::Chunk`]s.
+pub mod split;
+
 pub use encoder::{CrossEncoder, Embeddings, Pooling, PoolingMode, ScoreActivation, SentenceEncoder};
 pub use error::{Error, Result};
