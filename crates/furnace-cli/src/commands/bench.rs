@@ -30,6 +30,9 @@ pub enum BenchCmd {
     /// an uninterrupted run's, each op is applied once, no run is orphaned and every
     /// checkpoint loads. Exits non-zero on any violation.
     Chaos(super::chaos::ChaosArgs),
+    /// Sentence-encoder throughput: passages of about 128 tokens in batches of 32,
+    /// sentences/s and peak RSS (the workload of `scripts/peer_embed.py`).
+    Embed(super::bench_embed::EmbedBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -87,7 +90,7 @@ pub struct TrainBenchArgs {
 }
 
 /// Peak resident memory of this process (Linux), in bytes.
-fn peak_rss() -> Option<u64> {
+pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -186,7 +189,7 @@ pub fn xorshift_ids(n: usize, vocab: u64, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n == 0 {
@@ -231,6 +234,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Train(a) => bench_train(a),
         BenchCmd::Sweep(a) => bench_sweep(a),
         BenchCmd::Chaos(a) => super::chaos::run(a),
+        BenchCmd::Embed(a) => super::bench_embed::run(a),
     }
 }
 

@@ -20,6 +20,10 @@ pub struct EmbedArgs {
     /// numbers.
     #[arg(long)]
     json: bool,
+    /// How the encoder's weights are held: f32 (exact) or bf16 (faster on CPUs with bf16
+    /// dot products).
+    #[arg(long, default_value = "f32")]
+    dtype: furnace_model::WeightDType,
     /// Texts per forward pass.
     #[arg(long, default_value_t = furnace_rag::encoder::DEFAULT_BATCH)]
     batch_size: usize,
@@ -42,7 +46,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let enc = SentenceEncoder::load(&a.model, &mut |line| eprintln!("{line}"))?.with_batch_size(a.batch_size);
+    let enc = SentenceEncoder::load_with(&a.model, a.dtype, &mut |line| eprintln!("{line}"))?.with_batch_size(a.batch_size);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let out = enc.embed(&refs)?;
     for &i in &out.truncated {

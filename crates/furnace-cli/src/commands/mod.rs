@@ -3,6 +3,7 @@
 //! A new command is a new file here plus one variant in `main.rs`'s `Command`.
 
 pub mod bench;
+pub mod bench_embed;
 pub mod chaos;
 pub mod chat;
 pub mod doctor;

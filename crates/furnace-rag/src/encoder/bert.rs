@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
+use furnace_model::{AdapterRows, Linear, RawWeight, WeightDType};
+
 use crate::error::{Error, Result};
 
 /// The fields of a BERT `config.json` that the forward pass needs.
@@ -122,28 +124,27 @@ impl Activation {
     }
 }
 
-/// A dense layer `x Wᵀ + b` with the weight kept transposed for the matmul.
-#[derive(Debug, Clone)]
+/// A dense layer `x Wᵀ + b` through furnace-model's [`Linear`] (f32, or bf16 with the
+/// packed bf16 kernels).
 pub(crate) struct Dense {
-    wt: Tensor,
-    b: Tensor,
+    lin: Linear,
 }
 
 impl Dense {
     pub(crate) fn load(w: &mut Weights, name: &str, in_dim: usize, out_dim: usize) -> Result<Self> {
         let weight = w.take(&format!("{name}.weight"), &[out_dim, in_dim])?;
         let b = w.take(&format!("{name}.bias"), &[out_dim])?;
-        Ok(Dense { wt: weight.t()?.contiguous()?, b })
+        Self::from_parts(&weight, b, w.dtype)
     }
 
     /// A layer from a `[out, in]` weight and its bias.
-    pub(crate) fn from_parts(w: &Tensor, b: Tensor) -> Result<Self> {
-        Ok(Dense { wt: w.t()?.contiguous()?, b })
+    pub(crate) fn from_parts(w: &Tensor, b: Tensor, dtype: WeightDType) -> Result<Self> {
+        Ok(Dense { lin: Linear::new(RawWeight::Dense(w.clone()), Some(b), dtype)? })
     }
 
     /// `x` is `[rows, in]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.wt)?.broadcast_add(&self.b)
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.lin.forward(x, &AdapterRows::none())?)
     }
 }
 
@@ -178,12 +179,14 @@ struct Layer {
 pub(crate) struct Weights {
     tensors: HashMap<String, Tensor>,
     prefix: String,
+    /// How dense layers hold their weights.
+    pub(crate) dtype: WeightDType,
 }
 
 impl Weights {
-    pub(crate) fn new(tensors: HashMap<String, Tensor>) -> Self {
+    pub(crate) fn new(tensors: HashMap<String, Tensor>, dtype: WeightDType) -> Self {
         let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") { String::new() } else { "bert.".to_string() };
-        Weights { tensors, prefix }
+        Weights { tensors, prefix, dtype }
     }
 
     /// A tensor of the BERT body (the `bert.` prefix added when the file uses one).
@@ -231,11 +234,14 @@ impl Bert {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            let q = Dense::load(w, &format!("{p}.attention.self.query"), h, h)?;
-            let k = Dense::load(w, &format!("{p}.attention.self.key"), h, h)?;
-            let v = Dense::load(w, &format!("{p}.attention.self.value"), h, h)?;
-            // One [h, 3h] product instead of three.
-            let qkv = Dense { wt: Tensor::cat(&[&q.wt, &k.wt, &v.wt], 1)?, b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)? };
+            // One [3h, h] product instead of three.
+            let mut ws = Vec::with_capacity(3);
+            let mut bs = Vec::with_capacity(3);
+            for part in ["query", "key", "value"] {
+                ws.push(w.take(&format!("{p}.attention.self.{part}.weight"), &[h, h])?);
+                bs.push(w.take(&format!("{p}.attention.self.{part}.bias"), &[h])?);
+            }
+            let qkv = Dense::from_parts(&Tensor::cat(&ws, 0)?, Tensor::cat(&bs, 0)?, w.dtype)?;
             layers.push(Layer {
                 qkv,
                 out: Dense::load(w, &format!("{p}.attention.output.dense"), h, h)?,
@@ -259,6 +265,11 @@ impl Bert {
     /// `batch × len` row-major, `lens[i]` the real length of row `i` (the rest is padding,
     /// masked out of attention).
     pub fn forward(&self, ids: &[u32], type_ids: &[u32], lens: &[usize], len: usize) -> Result<Tensor> {
+        // On a compute-pool thread, the kernels' parallel regions start and join without
+        // waking the calling thread each time (as furnace-model's forward does).
+        if rayon::current_thread_index().is_none() {
+            return rayon::join(|| self.forward(ids, type_ids, lens, len), || ()).0;
+        }
         let batch = lens.len();
         let h = self.config.hidden_size;
         if ids.len() != batch * len || type_ids.len() != batch * len {

@@ -12,6 +12,7 @@ pub mod pooling;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use furnace_model::WeightDType;
 use tokenizers::{TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::encoder::bert::{rows, Bert, BertConfig, Dense, Weights};
@@ -145,7 +146,7 @@ fn file_fingerprint(path: &Path, extra: &str) -> Result<String> {
     Ok(short_hex(h))
 }
 
-fn load_bert(dir: &Path) -> Result<(Bert, Weights)> {
+fn load_bert(dir: &Path, dtype: WeightDType) -> Result<(Bert, Weights)> {
     let config_path = dir.join("config.json");
     let config: BertConfig = read_json(&config_path)?;
     if let Some(kind) = config.model_type.as_deref() {
@@ -156,7 +157,7 @@ fn load_bert(dir: &Path) -> Result<(Bert, Weights)> {
             )));
         }
     }
-    let mut weights = Weights::new(furnace_model::hf::load_tensors(dir)?);
+    let mut weights = Weights::new(furnace_model::hf::load_tensors(dir)?, dtype);
     let bert = Bert::load(config, &mut weights)?;
     Ok((bert, weights))
 }
@@ -207,8 +208,13 @@ impl std::fmt::Debug for SentenceEncoder {
 impl SentenceEncoder {
     /// Loads an encoder by alias (`all-minilm-l6-v2`, fetched when missing) or folder.
     pub fn load(name: &str, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        Self::load_with(name, WeightDType::F32, progress)
+    }
+
+    /// [`SentenceEncoder::load`] with the weights held as `dtype`.
+    pub fn load_with(name: &str, dtype: WeightDType, progress: &mut dyn FnMut(&str)) -> Result<Self> {
         let dir = resolve_model(name, progress)?;
-        let mut enc = Self::from_dir(&dir)?;
+        let mut enc = Self::from_dir_with(&dir, dtype)?;
         enc.name = name.to_string();
         Ok(enc)
     }
@@ -216,14 +222,21 @@ impl SentenceEncoder {
     /// Loads an encoder from a Hugging Face / sentence-transformers folder (a BERT
     /// encoder, or a llama-family decoder used with last-token pooling), or a decoder GGUF.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_with(dir, WeightDType::F32)
+    }
+
+    /// [`SentenceEncoder::from_dir`] with the weights held as `dtype` (`F32` reproduces
+    /// sentence-transformers exactly; `Bf16` runs the packed bf16 kernels, faster on CPUs
+    /// with bf16 dot products, at about 1e-3 relative error).
+    pub fn from_dir_with(dir: &Path, dtype: WeightDType) -> Result<Self> {
         if dir.is_file() || is_decoder_dir(dir) {
-            return Self::decoder(dir);
+            return Self::decoder(dir, dtype);
         }
-        let (bert, _) = load_bert(dir)?;
+        let (bert, _) = load_bert(dir, dtype)?;
         let pooling = Pooling::from_dir(dir)?;
         let max_len = max_seq_length(dir, bert.config().max_position_embeddings)?;
         let tokenizer = EncoderTokenizer::load(dir, max_len)?;
-        let fingerprint = fingerprint(dir, &format!("{pooling:?}/{max_len}"))?;
+        let fingerprint = fingerprint(dir, &format!("{pooling:?}/{max_len}/{dtype:?}"))?;
         Ok(SentenceEncoder {
             name: dir.display().to_string(),
             body: Body::Bert(bert, tokenizer),
@@ -236,8 +249,8 @@ impl SentenceEncoder {
     /// A llama-family decoder (HF folder or GGUF) as an embedder: f32 weights, the last
     /// token's final hidden state, L2-normalised (unless a sentence-transformers folder
     /// says otherwise).
-    fn decoder(path: &Path) -> Result<Self> {
-        let loaded = furnace_model::LoadedModel::load(path, furnace_model::WeightDType::F32)?;
+    fn decoder(path: &Path, dtype: WeightDType) -> Result<Self> {
+        let loaded = furnace_model::LoadedModel::load(path, dtype)?;
         let positions = loaded.model.config.max_position_embeddings;
         let pooling = if path.is_dir() && path.join("modules.json").is_file() {
             Pooling::from_dir(path)?
@@ -249,9 +262,9 @@ impl SentenceEncoder {
         }
         let max_len = if path.is_dir() { max_seq_length(path, positions)? } else { positions }.min(DECODER_MAX_TOKENS);
         let fingerprint = if path.is_dir() {
-            fingerprint(path, &format!("{pooling:?}/{max_len}"))?
+            fingerprint(path, &format!("{pooling:?}/{max_len}/{dtype:?}"))?
         } else {
-            file_fingerprint(path, &format!("{pooling:?}/{max_len}"))?
+            file_fingerprint(path, &format!("{pooling:?}/{max_len}/{dtype:?}"))?
         };
         Ok(SentenceEncoder {
             name: path.display().to_string(),
@@ -297,6 +310,19 @@ impl SentenceEncoder {
     /// A short hash of what determines this encoder's vectors.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The number of tokens of a text without special tokens and before truncation (what
+    /// a token-length splitter counts).
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        match &self.body {
+            Body::Bert(_, tok) => {
+                let enc = tok.hf.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+                // Truncation applies to this call too: count what was cut off.
+                Ok(enc.get_ids().len() + enc.get_overflowing().iter().map(|o| o.get_ids().len()).sum::<usize>())
+            }
+            Body::Decoder(m, _) => Ok(m.tokenizer.encode(text, false)?.len()),
+        }
     }
 
     /// Embeds texts: one vector per text, in input order.
@@ -410,7 +436,7 @@ impl CrossEncoder {
 
     /// Loads a `BertForSequenceClassification` folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let (bert, mut weights) = load_bert(dir)?;
+        let (bert, mut weights) = load_bert(dir, WeightDType::F32)?;
         let h = bert.config().hidden_size;
         if !weights.has("classifier.weight") {
             return Err(Error::Invalid(format!(
@@ -421,7 +447,7 @@ impl CrossEncoder {
         let num_labels = bert.config().id2label.as_ref().map(|m| m.len()).filter(|&n| n > 0).unwrap_or(1);
         let w = weights.take_exact("classifier.weight", &[num_labels, h])?;
         let b = weights.take_exact("classifier.bias", &[num_labels])?;
-        let classifier = Dense::from_parts(&w, b)?;
+        let classifier = Dense::from_parts(&w, b, WeightDType::F32)?;
         if !bert.has_pooler() {
             return Err(Error::Invalid(format!("{} has no pooler (bert.pooler.dense): it is not a BERT cross-encoder", dir.display())));
         }
