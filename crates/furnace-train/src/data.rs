@@ -14,6 +14,8 @@ use furnace_text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
 use std::path::Path;
 
+mod parquet_pages;
+
 /// Column names of the row forms (defaults are the usual names).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default)]
@@ -181,7 +183,7 @@ fn read_parquet_unguarded(bytes: bytes::Bytes, path: &Path) -> Result<Vec<RawRow
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file_err = |msg: String| Error::DataFile { path: path.to_path_buf(), msg };
     let len = bytes.len() as u64;
-    let reader = SerializedFileReader::new(bytes).map_err(|e| file_err(format!("not a readable Parquet file: {e}")))?;
+    let reader = SerializedFileReader::new(bytes.clone()).map_err(|e| file_err(format!("not a readable Parquet file: {e}")))?;
     // The footer's counts are the file's word: bound them before reading, since the row
     // reader trusts them (a crafted footer declaring many row groups or rows runs for hours).
     let meta = reader.metadata();
@@ -197,6 +199,9 @@ fn read_parquet_unguarded(bytes: bytes::Bytes, path: &Path) -> Result<Vec<RawRow
     if declared > MAX_PARQUET_ROWS {
         return Err(file_err(format!("the footer declares {declared} rows, more than the {MAX_PARQUET_ROWS} a dataset may have")));
     }
+    // Page headers are trusted too: the reader allocates a page's declared size before
+    // decompressing it (1.4 GiB from a 1 KiB file), so check them all against the bytes.
+    parquet_pages::check_page_headers(meta, &bytes).map_err(file_err)?;
     let iter = reader.get_row_iter(None).map_err(|e| file_err(format!("cannot read rows: {e}")))?;
     let mut rows: Vec<RawRow> = Vec::new();
     for (i, row) in iter.enumerate() {

@@ -118,8 +118,10 @@ fn parquet_that_yields_more_rows_than_declared_is_an_error_not_a_hang() {
     // past the footer's count; collecting them ran for minutes and grew without bound.
     let path = testdata().join("parquet/endless-rows.parquet");
     let start = std::time::Instant::now();
-    let e = furnace_train::data::read_rows(&path).unwrap_err();
-    assert!(e.to_string().contains("more rows than the 1 the footer declares"), "{e}");
+    let e = furnace_train::data::read_rows(&path).unwrap_err().to_string();
+    // Its second page header is malformed (a mutated field the reader skipped over), so
+    // the page header check now stops it before the row reader and its row count guard.
+    assert!(e.contains("more rows than the 1 the footer declares") || e.contains("page 2: the page header is malformed"), "{e}");
     assert!(start.elapsed() < std::time::Duration::from_secs(20));
     // The same reader from bytes, as the fuzzer calls it.
     let bytes = std::fs::read(&path).unwrap();
@@ -131,12 +133,78 @@ fn parquet_files_the_reader_would_panic_on_are_errors() {
     // Found by furnace-fuzz's 1M-input run: the parquet crate asserts (page sizes past the
     // buffer, a missing dictionary page, negative column offsets, definition levels past
     // the schema, a list type it does not expect) instead of returning an error.
-    let dir = testdata().join("parquet/fuzz");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
+    let files = fuzz_parquet("panic-");
     assert_eq!(files.len(), 5, "{files:?}");
     for path in files {
         let e = furnace_train::data::read_rows(&path).unwrap_err().to_string();
-        assert!(e.contains("not a readable Parquet file") && e.contains(&path.display().to_string()), "{}: {e}", path.display());
+        // Some of them are now stopped earlier, by the page header check.
+        assert!(
+            (e.contains("not a readable Parquet file") || e.contains("not a valid Parquet file"))
+                && e.contains(&path.display().to_string()),
+            "{}: {e}",
+            path.display()
+        );
     }
+}
+
+/// The reproducers in `testdata/parquet/fuzz/` whose name starts with `prefix`.
+fn fuzz_parquet(prefix: &str) -> Vec<std::path::PathBuf> {
+    let dir = testdata().join("parquet/fuzz");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn parquet_pages_that_declare_huge_sizes_are_errors() {
+    // Found by furnace-fuzz's seed-2027 run: page headers declaring up to 1.4 GiB
+    // uncompressed (alloc-*, from files of about 1 KiB), which the parquet crate allocated
+    // before decompressing, and pages whose counts kept it busy for up to 19 s (slow-*).
+    // They are now rejected by the page header check, before the row reader runs.
+    let files: Vec<_> = fuzz_parquet("alloc-").into_iter().chain(fuzz_parquet("slow-")).collect();
+    assert_eq!(files.len(), 7, "{files:?}");
+    for path in files {
+        let e = furnace_train::data::read_rows(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(", page ") && e.contains("not a valid Parquet file") && e.contains(&path.display().to_string()),
+            "{}: {e}",
+            path.display()
+        );
+        // alloc-*: a dictionary page declaring 640 MiB-1.4 GiB from a few bytes; slow-*: a
+        // page header with a mangled unknown field (a collection declaring hundreds of
+        // thousands of elements, more than the bytes left), on which the reader took
+        // 1.7-18.5 s.
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let why = if name.starts_with("alloc-") { " uncompressed from " } else { "the page header is malformed" };
+        assert!(e.contains(why), "{}: {e}", path.display());
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(furnace_train::data::read_rows_from_bytes(bytes, &path).is_err());
+    }
+}
+
+#[test]
+#[ignore = "needs FURNACE_PARQUET_DIR: a folder of real Parquet files (see docs/fuzzing.md, finding 12)"]
+fn real_parquet_files_in_a_folder_load() {
+    // Checks that the page header check accepts what writers produce: run it on files
+    // written by pyarrow with each codec, dictionary and plain pages, v1 and v2 pages.
+    let dir = std::env::var("FURNACE_PARQUET_DIR").expect("FURNACE_PARQUET_DIR");
+    let mut files: Vec<_> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut failed = Vec::new();
+    for path in files {
+        match furnace_train::data::read_rows(&path) {
+            Ok(rows) => eprintln!("{}: {} rows", path.display(), rows.len()),
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                failed.push(e.to_string());
+            }
+        }
+    }
+    assert!(failed.iter().all(|e| e.contains("compressed with brotli")), "{failed:#?}");
 }
