@@ -36,7 +36,11 @@ pub(crate) fn tojson(value: &Value, ensure_ascii: Option<Value>, indent: Option<
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
             ValueKind::Number => {
                 let width = v.as_i64().ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer"))?;
-                Some(" ".repeat(usize::try_from(width).unwrap_or(0)))
+                let width = usize::try_from(width).unwrap_or(0);
+                if width > MAX_INDENT {
+                    return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson: indent {width} is over {MAX_INDENT}")));
+                }
+                Some(" ".repeat(width))
             }
             _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
         },
@@ -58,8 +62,22 @@ pub(crate) fn tojson(value: &Value, ensure_ascii: Option<Value>, indent: Option<
     let options = Options { ensure_ascii, indent, item_separator, key_separator, sort_keys };
     let mut out = String::new();
     write_value(&mut out, value, &options, 0)?;
+    if out.len() > MAX_TOJSON_BYTES {
+        // `x | tojson | tojson | ...` doubles the backslashes with every step.
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: the result is {} bytes, over the {MAX_TOJSON_BYTES}-byte limit of one value", out.len()),
+        ));
+    }
     Ok(Value::from(out))
 }
+
+/// The widest `indent` `tojson` accepts (Python accepts any; a template needs a few).
+const MAX_INDENT: usize = 64;
+
+/// The longest result of one `tojson` call: far beyond any tool list or message a chat
+/// template writes, small enough that chained calls fail before exhausting memory.
+pub(crate) const MAX_TOJSON_BYTES: usize = 16 << 20;
 
 fn newline(out: &mut String, options: &Options, depth: usize) {
     if let Some(indent) = &options.indent {

@@ -43,6 +43,33 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// that loops forever fails within a fraction of a second.
 pub const TEMPLATE_FUEL: u64 = 5_000_000;
 
+/// The longest prompt a render may produce: far beyond any context window (a million
+/// tokens is about 4 MiB of text), small enough that a template printing in a loop fails
+/// instead of exhausting memory (the instruction budget does not bound what one
+/// instruction prints).
+pub const MAX_RENDER_BYTES: usize = 64 << 20;
+
+/// A render's output, refusing to grow past [`MAX_RENDER_BYTES`].
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDER_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template. Cheap to clone and `Send + Sync`.
 #[derive(Clone)]
 pub struct ChatTemplate {
@@ -167,10 +194,19 @@ impl ChatTemplate {
 
     fn render_minijinja(&self, context: Value) -> Result<String> {
         let template = self.inner.env.get_template(TEMPLATE_NAME).map_err(|e| Error::Template(describe(&e)))?;
-        template.render(context).map_err(|e| match raised_message(&e) {
+        let mut out = BoundedOutput { bytes: Vec::new(), full: false };
+        let result = template.render_captured_to(context, &mut out).map(drop);
+        if out.full {
+            return Err(Error::Template(format!(
+                "the rendered prompt is over {} MiB: the template loops without bound or the conversation is too long",
+                MAX_RENDER_BYTES >> 20
+            )));
+        }
+        result.map_err(|e| match raised_message(&e) {
             Some(message) => Error::TemplateRaised(message),
             None => Error::Template(describe(&e)),
-        })
+        })?;
+        String::from_utf8(out.bytes).map_err(|e| Error::Template(format!("the rendered prompt is not UTF-8: {e}")))
     }
 }
 

@@ -225,3 +225,26 @@ fn a_template_that_loops_for_ever_runs_out_of_fuel() {
     assert!(e.to_string().contains("fuel"), "{e}");
     assert!(start.elapsed() < std::time::Duration::from_secs(20), "{:?}", start.elapsed());
 }
+
+#[test]
+fn a_template_that_prints_without_bound_is_an_error_not_gigabytes() {
+    // Found by furnace-fuzz: a long literal inside a million loop iterations printed 4 GiB
+    // in a million instructions (within the fuel).
+    let body = "x".repeat(4096);
+    let t =
+        ChatTemplate::new(&format!("{{% for i in range(10) %}}{{% for j in range(100000) %}}{body}{{% endfor %}}{{% endfor %}}")).unwrap();
+    let e = t.render(&[ChatMessage::new("user", "hi")], true, None, None).unwrap_err();
+    assert!(e.to_string().contains("over 64 MiB"), "{e}");
+}
+
+#[test]
+fn chained_tojson_is_bounded() {
+    // Found by furnace-fuzz: each `tojson` of a string doubles its backslashes, so a chain
+    // of them grows exponentially.
+    let chain = "| tojson ".repeat(60);
+    let t = ChatTemplate::new(&format!("{{{{ messages {chain} }}}}")).unwrap();
+    let e = t.render(&[ChatMessage::new("user", "a \"quoted\" text")], true, None, None).unwrap_err();
+    assert!(e.to_string().contains("limit of one value"), "{e}");
+    let e = ChatTemplate::new("{{ messages | tojson(indent=1000000000000) }}").unwrap().render(&[], false, None, None).unwrap_err();
+    assert!(e.to_string().contains("indent"), "{e}");
+}
