@@ -6,5 +6,8 @@
 #![deny(missing_docs)]
 
 mod error;
+/// The vector and keyword index core: exact and HNSW vector search, BM25, fusion (RRF,
+/// MMR), metadata filters, persistence and a benchmark.
+pub mod index;
 
 pub use error::{Error, Result};
