@@ -449,7 +449,8 @@ impl Hnsw {
         if self.entry == NONE {
             return Vec::new();
         }
-        let ef = ef.max(k);
+        // More candidates than nodes can never be found (and would only size the heaps).
+        let ef = ef.max(k).min(self.levels.len()).max(1);
         let start = self.descend(q, 0);
         let mut visited = self.take_visited();
         let found = self.search_layer(q, &[start], ef, 0, &mut visited, |id| !self.store.is_deleted(id) && keep(id));
@@ -530,6 +531,16 @@ impl Hnsw {
             }
             check_links(&links, m + 1, &r)?;
             upper.push(links);
+        }
+        // A link on level l must point at a node that reaches level l (searches index its
+        // links there).
+        for (node, links) in upper.iter().enumerate() {
+            for (l, block) in links.chunks_exact(m + 1).enumerate() {
+                let count = block[0] as usize;
+                if block[1..=count].iter().any(|&nb| (levels[nb as usize] as usize) < l + 1) {
+                    return Err(r.corrupt(format!("node {node} links on level {} to a node below it", l + 1)));
+                }
+            }
         }
         let entry = r.u32()?;
         let max_level = r.usize()?;
@@ -680,6 +691,8 @@ mod tests {
         assert!(matches!(h.search(&[1.0; 4], 3), Err(Error::EmptyIndex)));
         h.add(&[1.0; 4]).unwrap();
         assert!(matches!(h.search(&[1.0; 4], 0), Err(Error::ZeroK)));
+        assert_eq!(h.search(&[1.0; 4], usize::MAX).unwrap().len(), 1);
+        assert_eq!(h.search_ef(&[1.0; 4], 3, usize::MAX).unwrap().len(), 1);
         assert!(matches!(h.search(&[1.0; 3], 1), Err(Error::DimensionMismatch { .. })));
         assert!(matches!(h.add(&[f32::NAN; 4]), Err(Error::BadVector { .. })));
         assert!(Hnsw::new(4, Metric::L2, HnswParams { m: 1, ..HnswParams::default() }).is_err());
