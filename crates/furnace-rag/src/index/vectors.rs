@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
-use super::distance::{check_vector, prepare, Metric};
+use super::distance::{check_vector, prepare, score4, Metric};
 use super::filter::Filter;
 use super::hit::{Hit, TopK, VectorIndex};
 use super::persist::{self, Reader, Writer};
@@ -229,11 +229,25 @@ impl FlatIndex {
             if dead {
                 continue;
             }
-            for (q, top) in qs.iter().zip(tops.iter_mut()) {
+            let mut groups = qs.chunks_exact(4);
+            let mut j = 0;
+            for g in groups.by_ref() {
+                let scores = score4(metric, row, [&g[0], &g[1], &g[2], &g[3]]);
+                for s in scores {
+                    let top = &mut tops[j];
+                    if s > top.threshold() {
+                        top.push(i as u32, s);
+                    }
+                    j += 1;
+                }
+            }
+            for q in groups.remainder() {
                 let s = metric.score(q, row);
+                let top = &mut tops[j];
                 if s > top.threshold() {
                     top.push(i as u32, s);
                 }
+                j += 1;
             }
         }
         tops.into_iter().map(TopK::into_sorted).collect()
