@@ -55,6 +55,47 @@ pub enum Error {
     /// A setting or argument is out of range or inconsistent; the message says what to fix.
     #[error("{0}")]
     Invalid(String),
+
+    /// A vector's length differs from the index's dimension.
+    #[error("vector has {got} components but the index holds {expected}-dimensional vectors")]
+    DimensionMismatch {
+        /// The index's dimension.
+        expected: usize,
+        /// The length that was passed.
+        got: usize,
+    },
+
+    /// A vector holds NaN or an infinity, or (for cosine) has zero length.
+    #[error("{what}")]
+    BadVector {
+        /// What is wrong with it.
+        what: String,
+    },
+
+    /// A search asked for zero results.
+    #[error("k must be at least 1")]
+    ZeroK,
+
+    /// A search ran on an index that holds no live entries.
+    #[error("the index is empty: add entries before searching")]
+    EmptyIndex,
+
+    /// An id names no live entry (never added, or deleted).
+    #[error("no live entry with id {0}")]
+    UnknownId(u32),
+
+    /// A metadata filter is malformed; the message says what to fix.
+    #[error("invalid metadata filter: {0}")]
+    Filter(String),
+
+    /// A saved index file is truncated, corrupted or of another format or version.
+    #[error("{} is not a valid index file: {reason}", path.display())]
+    Corrupt {
+        /// The offending file.
+        path: PathBuf,
+        /// What check failed.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -7,6 +7,9 @@
 
 pub mod encoder;
 mod error;
+/// The vector and keyword index core: exact and HNSW vector search, BM25, fusion (RRF,
+/// MMR), metadata filters, persistence and a benchmark.
+pub mod index;
 
 /// Document ingestion: files, folders and globs of text, Markdown, HTML, PDF, JSONL, CSV
 /// and Parquet into [`docs::Document`]s.
