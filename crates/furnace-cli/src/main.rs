@@ -10,7 +10,7 @@ mod human;
 mod interrupt;
 mod models;
 
-use commands::{bench, chat, doctor, embed, generate, model, ops, results, run, runs, tokenize, train, ui};
+use commands::{bench, chat, doctor, embed, generate, index, model, ops, results, run, runs, tokenize, train, ui};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -57,6 +57,14 @@ enum Command {
     Ui(ui::UiArgs),
     /// Print sentence vectors of texts (a BERT-family encoder such as all-minilm-l6-v2).
     Embed(embed::EmbedArgs),
+    /// Build and manage retrieval indexes of documents (split, embed, store).
+    Index {
+        #[command(subcommand)]
+        cmd: index::IndexCmd,
+    },
+    /// Search an index: similarity, threshold or MMR, hybrid with BM25, metadata filters,
+    /// cross-encoder reranking.
+    Search(index::SearchArgs),
     /// Report CPU features, threads, cached models and versions.
     Doctor,
     /// Measure speed (prints tokens/s).
@@ -114,6 +122,8 @@ fn main() {
         Command::Model { cmd } => model::run(cmd),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Embed(a) => embed::run(a),
+        Command::Index { cmd } => index::run(cmd),
+        Command::Search(a) => index::search(a),
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Train(a) => train::run(a),

@@ -5,6 +5,9 @@
 //! The evals mode and `furnace serve` both retrieve through this crate.
 #![deny(missing_docs)]
 
+/// Persistent indexes of document chunks: build, search (similarity, threshold, MMR,
+/// hybrid), filter, rerank, add and delete documents.
+pub mod collection;
 pub mod encoder;
 mod error;
 /// The vector and keyword index core: exact and HNSW vector search, BM25, fusion (RRF,

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod doctor;
 pub mod embed;
 pub mod generate;
+pub mod index;
 pub mod launch;
 pub mod model;
 pub mod ops;

@@ -11,8 +11,8 @@ pub mod pooling;
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use furnace_model::WeightDType;
+use sha2::{Digest, Sha256};
 use tokenizers::{TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::encoder::bert::{rows, Bert, BertConfig, Dense, Weights};
