@@ -8,4 +8,5 @@ mod cli;
 mod crash;
 mod dashboard;
 mod experiment;
+mod rag;
 mod train;
