@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """faiss-cpu on the vectors furnace-rag's benchmark uses, for comparison with
-`cargo run --release -p furnace-rag --example bench_index -- ... --dump DIR`.
+`furnace bench index ... --dump DIR`.
 
 Reads DIR/base.f32 and DIR/queries.f32 (raw little-endian f32) and DIR/meta.json, builds
 IndexFlatIP (exact) and IndexHNSWFlat (inner product, M=16, efConstruction=64), sweeps

@@ -33,6 +33,10 @@ pub enum BenchCmd {
     /// Sentence-encoder throughput: passages of about 128 tokens in batches of 32,
     /// sentences/s and peak RSS (the workload of `scripts/peer_embed.py`).
     Embed(super::bench_embed::EmbedBenchArgs),
+    /// Vector search: HNSW build time, recall@10 and queries/s for each ef_search, and
+    /// exact search queries/s, over random unit vectors (the workload of
+    /// `scripts/peer_faiss.py`).
+    Index(super::bench_index::IndexBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -235,6 +239,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Sweep(a) => bench_sweep(a),
         BenchCmd::Chaos(a) => super::chaos::run(a),
         BenchCmd::Embed(a) => super::bench_embed::run(a),
+        BenchCmd::Index(a) => super::bench_index::run(a),
     }
 }
 

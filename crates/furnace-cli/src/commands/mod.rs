@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_embed;
+pub mod bench_index;
 pub mod chaos;
 pub mod chat;
 pub mod doctor;

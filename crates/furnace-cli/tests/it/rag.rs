@@ -56,8 +56,18 @@ fn index_build_list_show_search_and_remove() {
     let show = ok(&furnace(&["index", "show", &id[..6], "--root", root_s]));
     assert!(show.contains("paris.txt") && show.contains("all-minilm-l6-v2"), "{show}");
 
-    let res: serde_json::Value =
-        serde_json::from_str(&ok(&furnace(&["search", "--index", &id, "--root", root_s, "--json", "-k", "2", "What is the capital of France?"]))).unwrap();
+    let res: serde_json::Value = serde_json::from_str(&ok(&furnace(&[
+        "search",
+        "--index",
+        &id,
+        "--root",
+        root_s,
+        "--json",
+        "-k",
+        "2",
+        "What is the capital of France?",
+    ])))
+    .unwrap();
     assert_eq!(res["hits"][0]["chunk"]["doc_id"], "paris.txt");
     assert_eq!(res["hits"][0]["rank"], 1);
     let table = ok(&furnace(&["search", "--index", &id, "--root", root_s, "--hybrid", "--filter", "lang=de", "Berlin"]));
