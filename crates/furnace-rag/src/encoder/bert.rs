@@ -115,12 +115,17 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Activation::GeluErf => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
-        }
+    fn apply(self, x: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluErf => {
+                let shape = x.shape().clone();
+                let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+                crate::encoder::ops::gelu_erf(&mut v);
+                Tensor::from_vec(v, shape, x.device())?
+            }
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Relu => x.relu()?,
+        })
     }
 }
 
@@ -152,16 +157,31 @@ impl Dense {
 struct LayerNorm {
     w: Tensor,
     b: Tensor,
+    w_host: Vec<f32>,
+    b_host: Vec<f32>,
     eps: f64,
 }
 
 impl LayerNorm {
     fn load(w: &mut Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { w: w.take(&format!("{name}.weight"), &[dim])?, b: w.take(&format!("{name}.bias"), &[dim])?, eps })
+        let (wt, bt) = (w.take(&format!("{name}.weight"), &[dim])?, w.take(&format!("{name}.bias"), &[dim])?);
+        Ok(LayerNorm { w_host: wt.to_vec1()?, b_host: bt.to_vec1()?, w: wt, b: bt, eps })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps as f32)
+    }
+
+    /// `LayerNorm(x + residual)` for `[rows, dim]` tensors, fused.
+    fn add_forward(&self, x: Tensor, residual: &Tensor) -> Result<Tensor> {
+        let shape = x.shape().clone();
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        let r = residual.flatten_all()?.to_vec1::<f32>()?;
+        if v.len() != r.len() {
+            return Err(Error::Invalid(format!("residual of {} values for {}", r.len(), v.len())));
+        }
+        crate::encoder::ops::add_layer_norm(&mut v, &r, &self.w_host, &self.b_host, self.eps as f32);
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
 }
 
@@ -291,15 +311,6 @@ impl Bert {
         let x = self.word.index_select(&ids_t, 0)?.reshape((batch, len, h))?;
         let x = x.broadcast_add(&pos)?.add(&self.token_type.index_select(&types_t, 0)?.reshape((batch, len, h))?)?;
         let mut x = self.emb_norm.forward(&x)?.reshape((batch * len, h))?;
-        // Additive key mask: 0 for real tokens, the most negative f32 for padding (as
-        // transformers does), shaped [batch, 1, 1, len].
-        let mut mask = vec![0f32; batch * len];
-        for (b, &l) in lens.iter().enumerate() {
-            for v in &mut mask[b * len + l.min(len)..(b + 1) * len] {
-                *v = f32::MIN;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (batch, 1, 1, len), &dev)?;
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -308,14 +319,15 @@ impl Bert {
             let q = qkv.narrow(2, 0, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?;
             let k = qkv.narrow(2, 1, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?;
             let v = qkv.narrow(2, 2, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let mut scores = q.matmul(&k.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            crate::encoder::ops::masked_softmax(&mut scores, heads, len, lens, scale as f32);
+            let probs = Tensor::from_vec(scores, (batch, heads, len, len), &dev)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch * len, h))?;
             let attn = layer.out.forward(&ctx)?;
-            x = layer.attn_norm.forward(&(attn + &x)?)?;
-            let up = self.act.apply(&layer.up.forward(&x)?)?;
+            x = layer.attn_norm.add_forward(attn, &x)?;
+            let up = self.act.apply(layer.up.forward(&x)?)?;
             let down = layer.down.forward(&up)?;
-            x = layer.ffn_norm.forward(&(down + &x)?)?;
+            x = layer.ffn_norm.add_forward(down, &x)?;
         }
         Ok(x.reshape((batch, len, h))?)
     }

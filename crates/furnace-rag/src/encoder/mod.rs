@@ -7,6 +7,7 @@
 //! special tokens included in the count) and run batches of similar lengths together.
 
 pub mod bert;
+mod ops;
 pub mod pooling;
 
 use std::path::{Path, PathBuf};
