@@ -24,6 +24,9 @@ use crate::error::{Error, Result};
 /// Texts per forward pass unless told otherwise (sentence-transformers' default).
 pub const DEFAULT_BATCH: usize = 32;
 
+/// Texts per BERT forward pass within a batch.
+const FORWARD_ROWS: usize = 8;
+
 /// A model folder or file resolved from a name: an alias (fetched into the cache when
 /// needed) or a path.
 pub fn resolve_model(name: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
@@ -332,9 +335,17 @@ impl SentenceEncoder {
         let truncated = encoded.iter().enumerate().filter(|(_, e)| e.truncated).map(|(i, _)| i).collect();
         let vectors = run_batches(&encoded, self.batch, |batch| match &self.body {
             Body::Bert(bert, _) => {
-                let (ids, types, lens, len) = pad(batch);
-                let hidden = bert.forward(&ids, &types, &lens, len)?;
-                rows(&self.pooling.apply(&hidden, &lens)?)
+                // Forward passes of at most FORWARD_ROWS texts: the activations stay small
+                // enough to be reused by the allocator instead of mapped afresh (measured
+                // 55 -> 60 sentences/s on MiniLM, 2026-11-30); texts are independent, so
+                // the vectors are the same.
+                let mut out = Vec::with_capacity(batch.len());
+                for part in batch.chunks(FORWARD_ROWS) {
+                    let (ids, types, lens, len) = pad(part);
+                    let hidden = bert.forward(&ids, &types, &lens, len)?;
+                    out.extend(rows(&self.pooling.apply(&hidden, &lens)?)?);
+                }
+                Ok(out)
             }
             Body::Decoder(m, _) => {
                 let mut caches: Vec<furnace_model::SeqCache> = batch.iter().map(|_| m.model.new_cache()).collect();
