@@ -295,7 +295,7 @@ impl Llama {
         }
         let n = rows.len();
         let sel = x.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
-        Ok(self.norm.forward(&sel)?)
+        self.norm.forward(&sel)
     }
 
     /// Runs the decoder layers over the new tokens of every sequence (`ids`, concatenated)

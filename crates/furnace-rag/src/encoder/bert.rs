@@ -77,7 +77,7 @@ impl BertConfig {
         if self.hidden_size == 0 || self.hidden_size > MAX_WIDTH || self.intermediate_size == 0 || self.intermediate_size > 4 * MAX_WIDTH {
             return bad(format!("hidden_size {} / intermediate_size {} out of range", self.hidden_size, self.intermediate_size));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!("hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads));
         }
         if self.num_hidden_layers == 0 || self.num_hidden_layers > MAX_LAYERS {

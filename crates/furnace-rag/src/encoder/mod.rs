@@ -179,7 +179,7 @@ pub struct Embeddings {
 /// What computes an encoder's token states.
 enum Body {
     /// A BERT-family encoder (bidirectional), tokenised by `tokenizer.json` with truncation.
-    Bert(Bert, EncoderTokenizer),
+    Bert(Box<Bert>, Box<EncoderTokenizer>),
     /// A llama-family decoder used as an embedder: the last token's final hidden state.
     Decoder(Box<furnace_model::LoadedModel>, usize),
 }
@@ -243,7 +243,7 @@ impl SentenceEncoder {
         let fingerprint = fingerprint(dir, &format!("{pooling:?}/{max_len}/{dtype:?}"))?;
         Ok(SentenceEncoder {
             name: dir.display().to_string(),
-            body: Body::Bert(bert, tokenizer),
+            body: Body::Bert(Box::new(bert), Box::new(tokenizer)),
             pooling,
             fingerprint,
             batch: DEFAULT_BATCH,

@@ -42,7 +42,7 @@ fn build_search_reuse_and_edit_an_index() -> Result<()> {
     let (docs, root) = (tmp.path().join("docs"), tmp.path().join("indexes"));
     corpus(&docs);
     let enc = SentenceEncoder::from_dir(&minilm_dir())?;
-    let built = collection::build(&root, &[docs.clone()], &settings(VectorKind::Exact), &enc, &mut no_progress())?;
+    let built = collection::build(&root, std::slice::from_ref(&docs), &settings(VectorKind::Exact), &enc, &mut no_progress())?;
     assert!(!built.existed);
     let m = built.index.manifest().clone();
     assert_eq!(m.documents.len(), 4, "{:?}", m.documents);
@@ -59,7 +59,7 @@ fn build_search_reuse_and_edit_an_index() -> Result<()> {
     assert!(res.hits.windows(2).all(|w| w[0].score >= w[1].score));
 
     // The same documents and settings find the same index; reopening gives the same results.
-    let again = collection::build(&root, &[docs.clone()], &settings(VectorKind::Exact), &enc, &mut no_progress())?;
+    let again = collection::build(&root, std::slice::from_ref(&docs), &settings(VectorKind::Exact), &enc, &mut no_progress())?;
     assert!(again.existed);
     assert_eq!(again.index.id(), m.id);
     let reopened = Index::open(&root, &m.id)?;
@@ -69,7 +69,7 @@ fn build_search_reuse_and_edit_an_index() -> Result<()> {
     // A changed document makes a new index that embeds only the new chunks.
     std::fs::write(docs.join("rust.txt"), "Rust's ownership rules are checked by the compiler.")?;
     let mut reused = None;
-    let changed = collection::build(&root, &[docs.clone()], &settings(VectorKind::Exact), &enc, &mut |p| {
+    let changed = collection::build(&root, std::slice::from_ref(&docs), &settings(VectorKind::Exact), &enc, &mut |p| {
         if let BuildProgress::Split { chunks, reused: r, .. } = p {
             reused = Some((chunks, r));
         }
@@ -155,10 +155,12 @@ fn bad_requests_are_clear_errors() -> Result<()> {
     let enc = SentenceEncoder::from_dir(&minilm_dir())?;
     // An empty corpus.
     std::fs::create_dir_all(&docs)?;
-    let err = collection::build(&root, &[docs.clone()], &settings(VectorKind::Exact), &enc, &mut no_progress()).unwrap_err().to_string();
+    let err = collection::build(&root, std::slice::from_ref(&docs), &settings(VectorKind::Exact), &enc, &mut no_progress())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no documents"), "{err}");
     corpus(&docs);
-    let built = collection::build(&root, &[docs.clone()], &settings(VectorKind::Exact), &enc, &mut no_progress())?;
+    let built = collection::build(&root, std::slice::from_ref(&docs), &settings(VectorKind::Exact), &enc, &mut no_progress())?;
     let index = built.index;
     let k0 = index.search(&enc, "x", &SearchOptions { k: 0, ..SearchOptions::default() }, None).unwrap_err().to_string();
     assert!(k0.contains("k must be at least 1"), "{k0}");
@@ -175,7 +177,7 @@ fn bad_requests_are_clear_errors() -> Result<()> {
     assert!(wrong.contains("was built with") && wrong.contains("same model"), "{wrong}");
     // Strict loading stops at the binary file.
     let strict = BuildSettings { load: LoadOptions { strict: true, ..LoadOptions::default() }, ..settings(VectorKind::Exact) };
-    let err = collection::build(&root, &[docs.clone()], &strict, &enc, &mut no_progress()).unwrap_err().to_string();
+    let err = collection::build(&root, std::slice::from_ref(&docs), &strict, &enc, &mut no_progress()).unwrap_err().to_string();
     assert!(err.contains("blob.txt"), "{err}");
     // A crashed build's leftovers are not an index and are swept by the next build.
     std::fs::create_dir_all(root.join(".partial-deadbeef-1"))?;
