@@ -25,6 +25,11 @@ const VERSION: u32 = 1;
 /// The file a [`FlatIndex`] is saved to inside its folder.
 pub const FLAT_FILE: &str = "flat.bin";
 
+/// Batches of at least this many queries are searched as matrix products.
+const GEMM_MIN_QUERIES: usize = 32;
+/// Stored rows per matrix product of a batched search.
+const GEMM_ROWS: usize = 8192;
+
 /// An exact (brute-force) vector index.
 #[derive(Debug, Clone)]
 pub struct FlatIndex {
@@ -216,10 +221,42 @@ impl FlatIndex {
         if qs.is_empty() {
             return Ok(Vec::new());
         }
+        if qs.len() >= GEMM_MIN_QUERIES && matches!(self.metric, Metric::InnerProduct | Metric::Cosine) {
+            return self.search_batch_gemm(&qs, k);
+        }
         let threads = rayon::current_num_threads().max(1);
         let block = qs.len().div_ceil(threads).clamp(1, QUERY_BLOCK);
         let out: Vec<Vec<Vec<Hit>>> = qs.par_chunks(block).map(|chunk| self.scan_block(chunk, k)).collect();
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Batched inner-product search as matrix products: blocks of `GEMM_ROWS` stored rows
+    /// against all queries at once (candle's f32 GEMM), each block's scores merged into the
+    /// queries' best-k lists in parallel. Measured 2026-11-30 on 100,000 × 384 with 1,000
+    /// queries: several times the row-scan's queries/s.
+    fn search_batch_gemm(&self, qs: &[Vec<f32>], k: usize) -> Result<Vec<Vec<Hit>>> {
+        use candle_core::{Device, Tensor};
+        let nq = qs.len();
+        let flat: Vec<f32> = qs.iter().flatten().copied().collect();
+        let q = Tensor::from_vec(flat, (nq, self.dim), &Device::Cpu)?;
+        let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+        let rows = self.deleted.len();
+        let mut start = 0;
+        while start < rows {
+            let n = GEMM_ROWS.min(rows - start);
+            let block = Tensor::from_slice(&self.data[start * self.dim..(start + n) * self.dim], (n, self.dim), &Device::Cpu)?;
+            let scores = q.matmul(&block.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let deleted = &self.deleted[start..start + n];
+            tops.par_iter_mut().zip(scores.par_chunks_exact(n)).for_each(|(top, row)| {
+                for (i, (&s, &dead)) in row.iter().zip(deleted).enumerate() {
+                    if !dead && s > top.threshold() {
+                        top.push((start + i) as u32, s);
+                    }
+                }
+            });
+            start += n;
+        }
+        Ok(tops.into_iter().map(TopK::into_sorted).collect())
     }
 
     fn scan_block(&self, qs: &[Vec<f32>], k: usize) -> Vec<Vec<Hit>> {
@@ -402,7 +439,9 @@ mod tests {
         // Large enough (> PARALLEL_FLOATS floats) to take the parallel path too.
         for &(n, dim) in &[(300usize, 7usize), (9000, 33)] {
             let data: Vec<f32> = random_unit_vectors(n, dim, 1).iter().map(|x| x * 3.0).collect();
-            let queries = random_unit_vectors(20, dim, 2);
+            // 40 queries: the batch takes the matrix-product path for inner product and
+            // cosine (over two row blocks when n = 9000), the row scan for L2.
+            let queries = random_unit_vectors(40, dim, 2);
             for metric in [Metric::InnerProduct, Metric::L2, Metric::Cosine] {
                 let mut idx = FlatIndex::new(dim, metric).unwrap();
                 idx.add_batch(&data).unwrap();
@@ -435,6 +474,10 @@ mod tests {
         assert!(after.iter().all(|h| !gone.contains(&h.id)));
         same(&after, &naive(&data, dim, q, 50, Metric::InnerProduct, &gone));
         assert!(idx.search_batch(q, 50).unwrap()[0].iter().all(|h| !gone.contains(&h.id)));
+        let many: Vec<f32> = q.repeat(40);
+        for hits in idx.search_batch(&many, 50).unwrap() {
+            same(&hits, &after);
+        }
         assert_eq!(idx.len(), 495);
         assert_eq!(idx.search(q, 10_000).unwrap().len(), 495);
     }
