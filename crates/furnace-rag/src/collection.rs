@@ -246,9 +246,13 @@ pub fn build(
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
     index.write_version(&partial, 1)?;
+    furnace_hub::failpoint::hit("index.build.before_rename");
     let final_dir = root.join(&id);
     match fs::rename(&partial, &final_dir) {
-        Ok(()) => sync_dir(root)?,
+        Ok(()) => {
+            sync_dir(root)?;
+            furnace_hub::failpoint::hit("index.build.after_rename");
+        }
         Err(_) if final_dir.join(CURRENT).is_file() => {
             // Another build of the same index finished first: theirs is as good.
             let _ = fs::remove_dir_all(&partial);
@@ -567,6 +571,7 @@ impl Index {
         let manifest = serde_json::to_vec_pretty(&self.manifest).map_err(|e| Error::Invalid(e.to_string()))?;
         write_synced(&vdir.join(MANIFEST), |w| w.write_all(&manifest))?;
         sync_dir(&vdir)?;
+        furnace_hub::failpoint::hit("index.version.before_current");
         let tmp = dir.join(format!("{CURRENT}.tmp"));
         write_synced(&tmp, |w| w.write_all(format!("v{v}\n").as_bytes()))?;
         fs::rename(&tmp, dir.join(CURRENT)).map_err(|e| Error::io(dir.join(CURRENT), e))?;
@@ -581,7 +586,19 @@ impl Index {
         self.write_version(&self.dir, next)?;
         let old = self.dir.join(format!("v{}", self.version));
         self.version = next;
+        furnace_hub::failpoint::hit("index.edit.before_removing_old");
         let _ = fs::remove_dir_all(old);
+        // Versions a crashed edit left behind (written but never made current, or current
+        // once but not removed).
+        let live = format!("v{next}");
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with('v') && name != live && e.path().is_dir() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(())
     }
 

@@ -87,3 +87,63 @@ fn index_build_list_show_search_and_remove() {
     let list = ok(&furnace(&["index", "list", "--root", root_s]));
     assert!(list.contains("no indexes"), "{list}");
 }
+
+fn furnace_crashing_at(point: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_furnace")).env("FURNACE_FAILPOINT", point).args(args).output().expect("run furnace")
+}
+
+fn index_ids(root: &str) -> Vec<String> {
+    let list: serde_json::Value = serde_json::from_str(&ok(&furnace(&["index", "list", "--root", root, "--json"]))).unwrap();
+    list.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+}
+
+fn top_doc(root: &str, id: &str, query: &str) -> String {
+    let res: serde_json::Value =
+        serde_json::from_str(&ok(&furnace(&["search", "--index", id, "--root", root, "--json", "-k", "1", query]))).unwrap();
+    res["hits"][0]["chunk"]["doc_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_crash_at_any_index_write_leaves_the_previous_index_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (docs, root) = (tmp.path().join("docs"), tmp.path().join("indexes"));
+    write_corpus(&docs);
+    let (docs_s, root_s) = (docs.to_str().unwrap(), root.to_str().unwrap());
+    let build = ["index", "build", "--docs", docs_s, "--root", root_s];
+
+    // Killed before the finished build is renamed into place: no index at all.
+    let o = furnace_crashing_at("index.build.before_rename", &build);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("failpoint index.build.before_rename hit"), "{o:?}");
+    assert!(index_ids(root_s).is_empty());
+    // Killed right after: the index is whole.
+    std::fs::remove_dir_all(&root).ok();
+    furnace_crashing_at("index.build.after_rename", &build);
+    let ids = index_ids(root_s);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(top_doc(root_s, &ids[0], "capital of France"), "paris.txt");
+    // A crashed build's leftovers are swept by the next build, which finds the index.
+    std::fs::remove_dir_all(&root).ok();
+    furnace_crashing_at("index.build.before_rename", &build);
+    let again = ok(&furnace(&build));
+    assert!(again.contains("built index"), "{again}");
+    assert!(std::fs::read_dir(&root).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".partial")));
+    let id = index_ids(root_s).remove(0);
+
+    // Edits: killed before the new version is made current, the old one answers; killed
+    // after, the new one does.
+    let extra = tmp.path().join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::write(extra.join("rome.txt"), "Rome is the capital of Italy.").unwrap();
+    let add = ["index", "add", &id, "--docs", extra.to_str().unwrap(), "--root", root_s];
+    let o = furnace_crashing_at("index.version.before_current", &add);
+    assert!(!o.status.success());
+    assert_ne!(top_doc(root_s, &id, "capital of Italy"), "rome.txt");
+    let o = furnace_crashing_at("index.edit.before_removing_old", &add);
+    assert!(!o.status.success());
+    assert_eq!(top_doc(root_s, &id, "capital of Italy"), "rome.txt");
+    // The next edit removes every version but the current one.
+    ok(&furnace(&["index", "delete", &id, "--doc", "rome.txt", "--root", root_s]));
+    assert_ne!(top_doc(root_s, &id, "capital of Italy"), "rome.txt");
+    let versions = std::fs::read_dir(root.join(&id)).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
+    assert_eq!(versions, 1);
+}
