@@ -25,11 +25,16 @@ pub fn testdata() -> PathBuf {
 /// The SmolLM2 GGUF from the furnace cache. Fails loudly when it is missing: the test
 /// command of README.md (`./scripts/test.sh`) pulls it first.
 pub fn smollm2_gguf() -> PathBuf {
+    cached(DEFAULT_MODEL)
+}
+
+/// The path of a cached alias, or a panic that says how to fetch it.
+fn cached(alias: &str) -> PathBuf {
     let cache = furnace_hub::Cache::from_env().expect("open the furnace cache");
-    match cache.cached(DEFAULT_MODEL) {
+    match cache.cached(alias) {
         Some(loc) => loc.path().to_path_buf(),
         None => panic!(
-            "the real model is not cached in {}: run `cargo run --release --bin furnace -- model pull {DEFAULT_MODEL}` (the README's test command does this)",
+            "{alias} is not cached in {}: run `cargo run --release --bin furnace -- model pull {alias}` (the README's test command does this)",
             cache.root().display()
         ),
     }
@@ -41,14 +46,7 @@ pub const DEFAULT_ENCODER: &str = "all-minilm-l6-v2";
 /// The all-MiniLM-L6-v2 folder from the furnace cache. Fails loudly when it is missing:
 /// the test command of README.md (`./scripts/test.sh`) pulls it first.
 pub fn minilm_dir() -> PathBuf {
-    let cache = furnace_hub::Cache::from_env().expect("open the furnace cache");
-    match cache.cached(DEFAULT_ENCODER) {
-        Some(loc) => loc.path().to_path_buf(),
-        None => panic!(
-            "the encoder is not cached in {}: run `cargo run --release --bin furnace -- model pull {DEFAULT_ENCODER}` (the README's test command does this)",
-            cache.root().display()
-        ),
-    }
+    cached(DEFAULT_ENCODER)
 }
 
 /// The rows of a JSONL file under `testdata/`.
