@@ -101,6 +101,9 @@ pub struct Manifest {
     pub model: String,
     /// The encoder's fingerprint: queries must use the same encoder.
     pub model_fingerprint: String,
+    /// How the encoder's weights were held (`f32` or `bf16`): queries load it the same way.
+    #[serde(default = "default_dtype")]
+    pub model_dtype: String,
     /// The vectors' dimension.
     pub dim: usize,
     /// The build settings.
@@ -153,6 +156,19 @@ pub struct BuildReport {
     pub index: Index,
     /// Whether an identical index existed and was reused as is.
     pub existed: bool,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+/// The name `WeightDType`'s parser reads back.
+fn dtype_name(d: furnace_model::WeightDType) -> &'static str {
+    match d {
+        furnace_model::WeightDType::F32 => "f32",
+        furnace_model::WeightDType::Bf16 => "bf16",
+        furnace_model::WeightDType::Quantized => "quantized",
+    }
 }
 
 fn now() -> u64 {
@@ -227,6 +243,7 @@ pub fn build(
         created: now(),
         model: encoder.name().to_string(),
         model_fingerprint: encoder.fingerprint().to_string(),
+        model_dtype: dtype_name(encoder.dtype()).to_string(),
         dim: encoder.dim(),
         settings: settings.clone(),
         documents,

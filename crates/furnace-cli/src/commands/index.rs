@@ -296,8 +296,9 @@ fn add(a: AddArgs) -> Result<()> {
     for (path, why) in &report.skipped {
         eprintln!("skipped {}: {why}", path.display());
     }
-    let encoder =
-        SentenceEncoder::load(&m.model, &mut |l| eprintln!("{l}")).with_context(|| format!("loading the index's model {}", m.model))?;
+    let dtype: WeightDType = m.model_dtype.parse().map_err(anyhow::Error::msg)?;
+    let encoder = SentenceEncoder::load_with(&m.model, dtype, &mut |l| eprintln!("{l}"))
+        .with_context(|| format!("loading the index's model {}", m.model))?;
     let added = index.add_documents(&report.documents, &encoder)?;
     println!("added {} documents ({added} chunks) to index {id}", report.documents.len());
     Ok(())
@@ -358,9 +359,9 @@ pub struct SearchArgs {
     /// The query's encoder (default: the one the index was built with).
     #[arg(long)]
     model: Option<String>,
-    /// How the encoder's weights are held (must match the index's build).
-    #[arg(long, default_value = "f32")]
-    dtype: WeightDType,
+    /// How the encoder's weights are held (default: as when the index was built).
+    #[arg(long)]
+    dtype: Option<WeightDType>,
     /// Show at most this many characters of each chunk in the table.
     #[arg(long, default_value_t = 100)]
     width: usize,
@@ -389,7 +390,11 @@ pub fn search(a: SearchArgs) -> Result<()> {
         bail!("--top-n needs --rerank MODEL");
     }
     let model = a.model.clone().unwrap_or_else(|| index.manifest().model.clone());
-    let encoder = load_encoder(&model, a.dtype)?;
+    let dtype = match a.dtype {
+        Some(d) => d,
+        None => index.manifest().model_dtype.parse().map_err(anyhow::Error::msg)?,
+    };
+    let encoder = load_encoder(&model, dtype)?;
     let reranker = match &a.rerank {
         Some(name) => Some(CrossEncoder::load(name, &mut |l| eprintln!("{l}"))?),
         None => None,

@@ -147,3 +147,17 @@ fn a_crash_at_any_index_write_leaves_the_previous_index_whole() {
     let versions = std::fs::read_dir(root.join(&id)).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
     assert_eq!(versions, 1);
 }
+
+#[test]
+fn a_bf16_index_is_searched_with_bf16_vectors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (docs, root) = (tmp.path().join("docs"), tmp.path().join("indexes"));
+    write_corpus(&docs);
+    let root_s = root.to_str().unwrap();
+    ok(&furnace(&["index", "build", "--docs", docs.to_str().unwrap(), "--root", root_s, "--dtype", "bf16"]));
+    let id = index_ids(root_s).remove(0);
+    // No --dtype: the index's own is used (an f32 query encoder would be refused).
+    assert_eq!(top_doc(root_s, &id, "capital of France"), "paris.txt");
+    let e = err(&furnace(&["search", "--index", &id, "--root", root_s, "--dtype", "f32", "x"]));
+    assert!(e.contains("was built with"), "{e}");
+}

@@ -188,6 +188,7 @@ enum Body {
 /// llama-family decoder with last-token pooling.
 pub struct SentenceEncoder {
     name: String,
+    dtype: WeightDType,
     body: Body,
     pooling: Pooling,
     fingerprint: String,
@@ -243,6 +244,7 @@ impl SentenceEncoder {
         let fingerprint = fingerprint(dir, &format!("{pooling:?}/{max_len}/{dtype:?}"))?;
         Ok(SentenceEncoder {
             name: dir.display().to_string(),
+            dtype,
             body: Body::Bert(Box::new(bert), Box::new(tokenizer)),
             pooling,
             fingerprint,
@@ -272,6 +274,7 @@ impl SentenceEncoder {
         };
         Ok(SentenceEncoder {
             name: path.display().to_string(),
+            dtype,
             body: Body::Decoder(Box::new(loaded), max_len),
             pooling,
             fingerprint,
@@ -288,6 +291,11 @@ impl SentenceEncoder {
     /// The name it was loaded by.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How the weights are held.
+    pub fn dtype(&self) -> WeightDType {
+        self.dtype
     }
 
     /// The vectors' dimension.
