@@ -113,6 +113,14 @@ fn quiet_broken_pipe() {
 }
 
 fn main() {
+    // `furnace` started as a chat-template render worker (furnace_text::sandbox): a template
+    // that comes with a model renders there, so a crafted one cannot abort or exhaust furnace.
+    if std::env::args_os().nth(1).is_some_and(|a| a == furnace_text::sandbox::WORKER_ARG) {
+        std::process::exit(furnace_text::sandbox::serve_worker());
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        furnace_text::sandbox::install(exe);
+    }
     keep_allocator_pages();
     quiet_broken_pipe();
     let cli = Cli::parse();

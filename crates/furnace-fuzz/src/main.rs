@@ -87,6 +87,11 @@ fn save(out: &Path, target: &str, f: &Finding) -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Chat templates render in worker processes of this program, as in `furnace`.
+    if std::env::args_os().nth(1).is_some_and(|a| a == furnace_text::sandbox::WORKER_ARG) {
+        std::process::exit(furnace_text::sandbox::serve_worker());
+    }
+    furnace_text::sandbox::install(std::env::current_exe()?);
     // candle captures a backtrace into every error when these are set, which makes
     // rejecting an input a hundred times slower; measure what users run.
     std::env::remove_var("RUST_BACKTRACE");

@@ -17,6 +17,7 @@
 mod error;
 mod gguf;
 mod pyjson;
+pub mod sandbox;
 mod stream;
 mod strftime;
 mod template;

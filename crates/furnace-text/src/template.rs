@@ -79,7 +79,12 @@ pub struct ChatTemplate {
 struct Inner {
     env: Environment<'static>,
     source: String,
+    /// Names the template to render workers ([`crate::sandbox`]).
+    id: u64,
 }
+
+/// The id of the next compiled template.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The error source that marks a failure as a `raise_exception` call.
 #[derive(Debug)]
@@ -129,7 +134,8 @@ impl ChatTemplate {
         env.add_function("strftime_now", |format: &str| crate::strftime::strftime_now(format));
         env.add_filter("tojson", crate::pyjson::tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| Error::Template(describe(&e)))?;
-        Ok(ChatTemplate { inner: Arc::new(Inner { env, source: source.to_string() }) })
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(ChatTemplate { inner: Arc::new(Inner { env, source: source.to_string(), id }) })
     }
 
     /// The chat template of a Hugging Face model directory: `chat_template.jinja`,
@@ -163,18 +169,17 @@ impl ChatTemplate {
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> Result<String> {
-        let messages: Vec<Value> = messages
-            .iter()
-            .map(|m| Value::from_pairs([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
-            .collect();
-        let mut context = vec![("messages", Value::from(messages)), ("add_generation_prompt", Value::from(add_generation_prompt))];
+        let messages: Vec<serde_json::Value> = messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        let mut context = serde_json::Map::new();
+        context.insert("messages".to_string(), serde_json::Value::from(messages));
+        context.insert("add_generation_prompt".to_string(), serde_json::Value::from(add_generation_prompt));
         if let Some(bos) = bos_token {
-            context.push(("bos_token", Value::from(bos)));
+            context.insert("bos_token".to_string(), serde_json::Value::from(bos));
         }
         if let Some(eos) = eos_token {
-            context.push(("eos_token", Value::from(eos)));
+            context.insert("eos_token".to_string(), serde_json::Value::from(eos));
         }
-        self.render_minijinja(Value::from_pairs(context))
+        self.render_value(serde_json::Value::Object(context))
     }
 
     /// Renders with an arbitrary JSON object as the context (`messages` with
@@ -184,7 +189,10 @@ impl ChatTemplate {
         if !context.is_object() {
             return Err(Error::Template("the template context must be a JSON object".to_string()));
         }
-        self.render_minijinja(json_to_value(&context))
+        if crate::sandbox::installed() {
+            return crate::sandbox::render(self.inner.id, &self.inner.source, &context);
+        }
+        self.render_in_process(&context)
     }
 
     /// The template's Jinja source.
@@ -192,7 +200,9 @@ impl ChatTemplate {
         &self.inner.source
     }
 
-    fn render_minijinja(&self, context: Value) -> Result<String> {
+    /// Renders in this process, whether or not a [`crate::sandbox`] is installed.
+    pub(crate) fn render_in_process(&self, context: &serde_json::Value) -> Result<String> {
+        let context = json_to_value(context);
         let template = self.inner.env.get_template(TEMPLATE_NAME).map_err(|e| Error::Template(describe(&e)))?;
         let mut out = BoundedOutput { bytes: Vec::new(), full: false };
         let result = template.render_captured_to(context, &mut out).map(drop);

@@ -56,6 +56,33 @@ fn hf_directory_generates_raw() {
     assert_eq!(v["new_ids"].as_array().expect("ids").len(), 4);
 }
 
+/// A model whose chat template would abort the process (a namespace stored in itself) or
+/// exhaust memory (a string doubled sixty times): furnace renders templates in a worker
+/// process, so the command fails with a message saying what happened, and the template can be
+/// replaced.
+#[test]
+fn a_crafted_chat_template_fails_the_command_not_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(testdata().join("tiny-qwen2")).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    let model = dir.path().to_str().expect("utf8");
+    for template in [
+        "{% set s = namespace(v=1) %}{% set s.v = s %}{{ s.v ~ '' }}",
+        "{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}",
+    ] {
+        std::fs::write(dir.path().join("chat_template.jinja"), template).expect("write");
+        let o = furnace(&["generate", "--model", model, "--max-tokens", "2", "hi"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("the chat template crashed its renderer") && err.contains("fix or replace it"), "{err}");
+    }
+    std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages[0].content }}").expect("write");
+    let o = furnace(&["generate", "--model", model, "--max-tokens", "2", "--json", "--ignore-eos", "hi"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_inputs_fail_with_clear_messages() {
     let o = furnace(&["generate", "--model", "/nonexistent/model.gguf", "hi"]);
