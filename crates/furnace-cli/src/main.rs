@@ -10,7 +10,7 @@ mod human;
 mod interrupt;
 mod models;
 
-use commands::{bench, chat, doctor, embed, generate, index, model, ops, results, run, runs, tokenize, train, ui};
+use commands::{bench, chat, doctor, embed, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -55,6 +55,10 @@ enum Command {
     /// Serve the dashboard over a runs folder: watch and steer experiments in the browser
     /// and start new ones from it (they train here, one after another).
     Ui(ui::UiArgs),
+    /// Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
+    /// /v1/embeddings, /v1/models): one resident base, its adapters (--adapter NAME=DIR,
+    /// --experiment NAME) batched together, embedding models; the dashboard on the same port
+    Serve(serve::ServeArgs),
     /// Print sentence vectors of texts (a BERT-family encoder such as all-minilm-l6-v2).
     Embed(embed::EmbedArgs),
     /// Build and manage retrieval indexes of documents (split, embed, store).
@@ -140,6 +144,7 @@ fn main() {
         Command::Results(a) => results::run(a),
         Command::Ops(a) => ops::run(a),
         Command::Ui(a) => ui::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Doctor => doctor::run(threads),
         Command::Bench { cmd } => bench::run(cmd),
     };

@@ -26,6 +26,7 @@ mod dashboard;
 mod error;
 mod experiments;
 mod guard;
+pub mod openai;
 mod playground;
 mod sse;
 mod state;
@@ -68,6 +69,9 @@ pub struct ServerOptions {
     /// Starts experiments created from the dashboard (`POST /api/experiments`); without
     /// one that route answers 409.
     pub launcher: Option<std::sync::Arc<dyn Launcher>>,
+    /// The model `furnace serve` serves through the OpenAI-compatible routes (`/v1/...`);
+    /// without one they answer 404.
+    pub serving: Option<std::sync::Arc<openai::Serving>>,
 }
 
 /// What trains an experiment the dashboard created: `furnace run` and `furnace ui` queue
@@ -84,13 +88,14 @@ impl std::fmt::Debug for ServerOptions {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("allow_model_paths", &self.allow_model_paths)
             .field("launcher", &self.launcher.is_some())
+            .field("serving", &self.serving.as_ref().map(|s| s.model_name.clone()))
             .finish()
     }
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None, allow_model_paths: false, launcher: None }
+        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None, allow_model_paths: false, launcher: None, serving: None }
     }
 }
 
@@ -124,6 +129,7 @@ fn build(state: AppState) -> Router {
         .merge(experiments::router())
         .merge(dashboard::router())
         .merge(playground::router())
+        .merge(openai::router())
         .merge(auth::router())
         .merge(ui::router())
         .method_not_allowed_fallback(error::method_not_allowed)

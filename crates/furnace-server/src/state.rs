@@ -37,6 +37,8 @@ struct Inner {
     playground: Arc<crate::playground::Playground>,
     /// Turns true when the server stops (ends the event streams).
     shutdown: watch::Receiver<bool>,
+    /// What `furnace serve` serves on `/v1/...`.
+    serving: Option<Arc<crate::openai::Serving>>,
 }
 
 impl AppState {
@@ -45,7 +47,7 @@ impl AppState {
     pub fn new(db: PathBuf, events: EventSender, opts: ServerOptions, shutdown: watch::Receiver<bool>) -> Self {
         let hosts = Hosts::new(opts.addr, opts.token.is_some());
         let token = opts.token.map(Token::new);
-        let (allow_model_paths, launcher) = (opts.allow_model_paths, opts.launcher);
+        let (allow_model_paths, launcher, serving) = (opts.allow_model_paths, opts.launcher, opts.serving);
         let sessions = Mutex::new(HashSet::new());
         let playground = Arc::default();
         Self {
@@ -60,6 +62,7 @@ impl AppState {
                 sessions,
                 playground,
                 shutdown,
+                serving,
             }),
         }
     }
@@ -67,6 +70,11 @@ impl AppState {
     /// The playground's engines.
     pub fn playground(&self) -> Arc<crate::playground::Playground> {
         self.inner.playground.clone()
+    }
+
+    /// What `furnace serve` serves, if anything.
+    pub fn serving(&self) -> Option<Arc<crate::openai::Serving>> {
+        self.inner.serving.clone()
     }
 
     /// What starts experiments the dashboard creates, if anything.

@@ -17,6 +17,7 @@ pub mod ops;
 pub mod results;
 pub mod run;
 pub mod runs;
+pub mod serve;
 pub mod tokenize;
 pub mod train;
 pub mod ui;

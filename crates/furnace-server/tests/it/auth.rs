@@ -59,7 +59,7 @@ fn loopback_with_token_refuses_requests_without_it() {
 
 #[test]
 fn check_options_needs_a_token_off_loopback() {
-    let open = ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false, launcher: None };
+    let open = ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None };
     match furnace_server::check_options(&open) {
         Err(Error::Invalid(m)) => {
             assert!(m.contains("0.0.0.0:8851") && m.contains("--token"), "{m}")
@@ -74,6 +74,7 @@ fn check_options_needs_a_token_off_loopback() {
         token: None,
         allow_model_paths: false,
         launcher: None,
+        serving: None,
     })
     .unwrap();
     furnace_server::check_options(&ServerOptions {
@@ -81,6 +82,7 @@ fn check_options_needs_a_token_off_loopback() {
         token: None,
         allow_model_paths: false,
         launcher: None,
+        serving: None,
     })
     .unwrap();
     assert_eq!(furnace_server::DEFAULT_PORT, 8851);

@@ -60,7 +60,7 @@ pub fn exchange(addr: SocketAddr, method: &str, path: &str, head: &str, body: &s
 }
 
 pub fn loopback() -> ServerOptions {
-    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None, allow_model_paths: false, launcher: None }
+    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None }
 }
 
 #[test]
@@ -101,7 +101,7 @@ fn start_on_a_taken_port_is_an_io_error_naming_it() {
     let addr = taken.local_addr().unwrap();
     match furnace_server::start(
         f.db.clone(),
-        ServerOptions { addr, token: None, allow_model_paths: false, launcher: None },
+        ServerOptions { addr, token: None, allow_model_paths: false, launcher: None, serving: None },
         events::channel(),
     ) {
         Err(e @ Error::Listen { .. }) => {

@@ -1,0 +1,171 @@
+//! `furnace serve`: an OpenAI-compatible server (`/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`, `/v1/models`) over one resident base, every adapter named on the
+//! command line or trained by an experiment, and embedding models; the dashboard and the
+//! experiment API on the same port. Until Ctrl-C.
+
+use crate::args::{open_store, RunsDir, ServerArgs};
+use crate::models::load;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use furnace_generate::{EngineHandle, EngineOptions, ServiceOptions};
+use furnace_model::WeightDType;
+use furnace_rag::SentenceEncoder;
+use furnace_server::openai::{ServeLimits, Serving};
+use furnace_server::ServerOptions;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The base model: an alias (pulled on first use), a .gguf file, or an HF model
+    /// directory. Default: the base of the --experiment, else smollm2-135m-instruct.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// The id clients give as `model` for the base (default: --model as given).
+    #[arg(long)]
+    name: Option<String>,
+    /// How the base's weights are held: quantized (fastest decode), bf16 or f32.
+    #[arg(long, default_value = "quantized")]
+    dtype: WeightDType,
+    /// Serve a PEFT LoRA adapter directory as model NAME (repeat for more).
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    adapters: Vec<String>,
+    /// Serve every completed run of this experiment (in --runs-dir) as model EXPERIMENT/run-N
+    /// (repeat for more).
+    #[arg(long = "experiment", value_name = "NAME")]
+    experiments: Vec<String>,
+    /// Serve a sentence encoder on /v1/embeddings under the name given (an alias such as
+    /// all-minilm-l6-v2, or a sentence-transformers directory; repeat for more).
+    #[arg(long = "embedding-model", value_name = "NAME")]
+    embedding_models: Vec<String>,
+    /// Most sequences decoded together in one step.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Most requests (choices) queued or running; beyond it requests get 429 Too Many Requests.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Most adapters resident in the model at once (others are read again when asked for).
+    #[arg(long, default_value_t = 8)]
+    max_adapters: usize,
+    /// Seconds a request may run; past it, it ends as if it reached max_tokens.
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+    /// Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes), which
+    /// read an adapter from a path the request names.
+    #[arg(long)]
+    allow_adapter_loading: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    dir: RunsDir,
+}
+
+/// `NAME=DIR`.
+fn parse_adapter(s: &str) -> Result<(String, PathBuf)> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.to_string(), PathBuf::from(dir))),
+        _ => bail!("--adapter takes NAME=DIR (a PEFT adapter directory), got '{s}'"),
+    }
+}
+
+/// Adapters to serve: (model name, PEFT directory).
+type Adapters = Vec<(String, PathBuf)>;
+
+/// The base and adapter directories of an experiment's completed runs, named `EXP/run-N`.
+fn experiment_adapters(dir: &RunsDir, name: &str) -> Result<(Option<String>, Adapters)> {
+    let store = open_store(dir)?;
+    let e = store.experiment(name).with_context(|| format!("--experiment {name}"))?;
+    let mut base = None;
+    let mut out = Vec::new();
+    for run in store.runs(e.id)? {
+        if run.status != furnace_exp::RunStatus::Completed {
+            continue;
+        }
+        let adapter = furnace_exp::fit::run_dir(&e, run.id).join("adapter");
+        if !adapter.join("adapter_config.json").is_file() {
+            continue;
+        }
+        if let Some(b) = run.config.pointer("/model/base").and_then(|b| b.as_str()) {
+            match &base {
+                None => base = Some(b.to_string()),
+                Some(first) if first != b => {
+                    bail!("experiment {name} trained on two bases ({first} and {b}): serve each with its own furnace serve")
+                }
+                Some(_) => {}
+            }
+        }
+        out.push((format!("{name}/run-{}", run.id), adapter));
+    }
+    if out.is_empty() {
+        bail!("experiment {name} has no completed run with an adapter to serve yet");
+    }
+    Ok((base, out))
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    if a.max_batch == 0 || a.max_queue == 0 || a.max_adapters == 0 {
+        bail!("--max-batch, --max-queue and --max-adapters must be at least 1");
+    }
+    let mut adapters: Adapters = a.adapters.iter().map(|s| parse_adapter(s)).collect::<Result<_>>()?;
+    let mut experiment_base = None;
+    for name in &a.experiments {
+        let (base, runs) = experiment_adapters(&a.dir, name)?;
+        if let (Some(b), Some(m)) = (&base, &a.model) {
+            if b != m {
+                eprintln!("note: experiment {name} trained on {b}; serving its adapters on --model {m}");
+            }
+        }
+        experiment_base = experiment_base.or(base);
+        adapters.extend(runs);
+    }
+    let model = a.model.clone().or(experiment_base).unwrap_or_else(|| crate::args::DEFAULT_MODEL.to_string());
+    let model_name = a.name.clone().unwrap_or_else(|| model.clone());
+    let opts = ServerOptions { ..a.server.options()? };
+
+    eprintln!("loading {model} ({:?})", a.dtype);
+    let loaded = load(&model, a.dtype)?;
+    let context_len = loaded.model.config.max_position_embeddings;
+    let service = ServiceOptions { engine: EngineOptions { max_batch: a.max_batch, ..EngineOptions::default() }, max_adapters: a.max_adapters };
+    let engine = EngineHandle::spawn(loaded.model, &loaded.tokenizer, service)?;
+    for (name, dir) in &adapters {
+        if *name == model_name {
+            bail!("adapter name {name} is the base's name: pick another");
+        }
+        engine.load_adapter(name, dir).with_context(|| format!("--adapter {name}={}", dir.display()))?;
+        eprintln!("adapter {name} from {}", dir.display());
+    }
+    let mut embedders = BTreeMap::new();
+    for name in &a.embedding_models {
+        let encoder = SentenceEncoder::load(name, &mut |line| eprintln!("{line}")).with_context(|| format!("--embedding-model {name}"))?;
+        eprintln!("embedding model {name} ({} dimensions)", encoder.dim());
+        embedders.insert(name.clone(), Arc::new(encoder));
+    }
+    let limits = ServeLimits {
+        max_in_flight: a.max_batch + a.max_queue,
+        request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+        allow_adapter_loading: a.allow_adapter_loading,
+    };
+    let serving =
+        Arc::new(Serving::new(model_name.clone(), engine.clone(), loaded.tokenizer, loaded.chat_template, context_len, embedders, limits));
+    let store = open_store(&a.dir)?;
+    let events = furnace_exp::events::channel();
+    let server = furnace_server::start(store.path().to_path_buf(), ServerOptions { serving: Some(serving.clone()), ..opts }, events)?;
+    eprintln!(
+        "serving {model_name} on http://{}/v1 (OpenAI-compatible; {} adapter{}; Ctrl-C to stop)",
+        super::launch::dashboard_host(server.addr),
+        adapters.len(),
+        if adapters.len() == 1 { "" } else { "s" }
+    );
+    let cancel = crate::interrupt::install()?;
+    while !cancel.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("stopping: no new requests; running ones end");
+    serving.drain();
+    server.shutdown();
+    engine.shutdown()?;
+    Ok(())
+}
