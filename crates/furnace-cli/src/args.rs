@@ -56,6 +56,7 @@ impl SamplingArgs {
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
             stop_at_eos: !self.ignore_eos,
+            ..SamplingParams::default()
         }
     }
 }

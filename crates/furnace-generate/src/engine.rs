@@ -4,14 +4,19 @@
 //! and waiting ones join at the next step (continuous batching). Each sequence has its own
 //! sampling parameters, RNG and stop conditions, so its tokens do not depend on its
 //! neighbours, and may run with its own LoRA adapter (registered in the model, named in the
-//! engine): the model applies each adapter to its own rows of the pass.
+//! engine): the model applies each adapter to its own rows of the pass. A sequence may also
+//! carry a [`Constraint`] (see [`crate::constraint`] for where it acts in a step) and report
+//! the log-probability of each token ([`SamplingParams::logprobs`]).
 //!
 //! [`Engine`] borrows its model and is driven by its caller, on the caller's thread. The
 //! scheduling and sampling state lives in `Batch`, which takes the model as an argument of
 //! each call; [`crate::service`] runs the same `Batch` on a thread that owns the model.
 
+use crate::constraint::Constraint;
 use crate::error::{Error, Result};
-use crate::sampling::{sample, Rng, SamplingParams};
+use crate::sampling::{
+    apply_presence_frequency_penalties, apply_repetition_penalty, pick, token_logprob, Rng, SamplingParams, TokenLogprob,
+};
 use furnace_model::{AdapterId, Llama, Logits, SeqCache, SeqInput};
 use furnace_text::{IncrementalDecoder, Tokenizer};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -20,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 pub type SeqId = usize;
 
 /// One generation request.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct Request {
     /// Prompt token ids (chat template already applied).
     pub prompt: Vec<u32>,
@@ -30,6 +35,31 @@ pub struct Request {
     /// loaded into the service: [`crate::EngineHandle::load_adapter`]); `None` for the base
     /// model.
     pub adapter: Option<String>,
+    /// Restricts the tokens the request may generate (constrained decoding); `None` for
+    /// none.
+    pub constraint: Option<Box<dyn Constraint>>,
+}
+
+impl Clone for Request {
+    fn clone(&self) -> Self {
+        Self {
+            prompt: self.prompt.clone(),
+            params: self.params.clone(),
+            adapter: self.adapter.clone(),
+            constraint: self.constraint.as_ref().map(|c| c.box_clone()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("prompt", &self.prompt)
+            .field("params", &self.params)
+            .field("adapter", &self.adapter)
+            .field("constraint", &self.constraint.as_ref().map(|_| "<constraint>"))
+            .finish()
+    }
 }
 
 /// Why a sequence stopped.
@@ -38,14 +68,14 @@ pub struct Request {
 pub enum FinishReason {
     /// An end-of-sequence token.
     Eos,
-    /// One of the stop strings.
+    /// One of the stop strings, or the request's [`Constraint`] is done.
     Stop,
     /// `max_tokens` reached, or the context is full.
     Length,
     /// Aborted by the caller, or by the service shutting down.
     Abort,
-    /// The engine failed while the sequence ran (the message says how); the text generated
-    /// so far comes with the event.
+    /// The engine or the request's [`Constraint`] failed while the sequence ran (the
+    /// message says how); the text generated so far comes with the event.
     Error(String),
 }
 
@@ -61,6 +91,9 @@ pub enum Event {
         id: u32,
         /// Newly final text.
         text: String,
+        /// Its log-probability, when the request asked for them
+        /// ([`SamplingParams::logprobs`]).
+        logprob: Option<TokenLogprob>,
     },
     /// The sequence finished; any held-back text comes with it.
     Finished {
@@ -84,6 +117,9 @@ pub struct Output {
     pub text: String,
     /// Why it stopped.
     pub finish_reason: FinishReason,
+    /// The log-probability of each generated token, when the request asked for them
+    /// ([`SamplingParams::logprobs`]); empty otherwise.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Engine settings.
@@ -110,6 +146,14 @@ struct Seq {
     /// Prompt tokens already in the cache.
     prefilled: usize,
     generated: Vec<u32>,
+    /// How many times each generated token was generated (kept only for the presence and
+    /// frequency penalties).
+    counts: HashMap<u32, u32>,
+    /// Log-probabilities of the generated tokens, when asked for.
+    logprobs: Vec<TokenLogprob>,
+    constraint: Option<Box<dyn Constraint>>,
+    /// A stop string cut `text` (nothing held back is released at the end).
+    stop_cut: bool,
     rng: Rng,
     decoder: IncrementalDecoder,
     /// Decoded text of the generated tokens.
@@ -128,7 +172,7 @@ impl Seq {
         // (an incomplete character at the very end). The decoder has decoded these ids
         // before, so this does not fail; if it did, the held-back bytes are lost, never the
         // event.
-        if reason != FinishReason::Stop {
+        if !self.stop_cut {
             if let Ok(tail) = self.decoder.flush() {
                 self.text.push_str(&tail);
             }
@@ -145,6 +189,7 @@ impl Seq {
             new_ids: self.generated,
             text: self.text,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            logprobs: self.logprobs,
         }
     }
 }
@@ -205,6 +250,10 @@ impl Batch {
             params: req.params,
             prefilled: 0,
             generated: Vec::new(),
+            counts: HashMap::new(),
+            logprobs: Vec::new(),
+            constraint: req.constraint,
+            stop_cut: false,
             decoder: self.tokenizer.incremental_decoder(true),
             text: String::new(),
             emitted: 0,
@@ -261,23 +310,62 @@ impl Batch {
                 s.prefilled = (s.prefilled + chunk).min(s.prompt.len());
             }
             let Some(l) = l else { continue };
+            if s.constraint.as_ref().is_some_and(|c| c.is_done()) {
+                s.finish(FinishReason::Stop, on_event);
+                continue;
+            }
             let mut row = l.squeeze(0)?.to_vec1::<f32>()?;
-            let id = {
-                let seen: Vec<u32> =
-                    if s.params.repetition_penalty != 1.0 { s.prompt.iter().chain(&s.generated).copied().collect() } else { Vec::new() };
-                sample(&mut row, &s.params, &seen, &mut s.rng)
-            };
-            s.generated.push(id);
-            let mut finish = None;
+            // Log-probabilities come from the raw logits.
+            let raw = s.params.logprobs.map(|_| row.clone());
+            if s.params.repetition_penalty != 1.0 {
+                let seen: Vec<u32> = s.prompt.iter().chain(&s.generated).copied().collect();
+                apply_repetition_penalty(&mut row, &seen, s.params.repetition_penalty);
+            }
+            apply_presence_frequency_penalties(&mut row, &s.counts, s.params.presence_penalty, s.params.frequency_penalty);
+            if let Some(c) = s.constraint.as_mut() {
+                let masked = c.mask(&mut row).and_then(|()| {
+                    if row.iter().any(|&x| x > f32::NEG_INFINITY) {
+                        Ok(())
+                    } else {
+                        Err("the constraint allows no token".to_string())
+                    }
+                });
+                if let Err(e) = masked {
+                    s.finish(FinishReason::Error(e), on_event);
+                    continue;
+                }
+            }
+            let id = pick(&mut row, &s.params, &mut s.rng);
             let is_eos = s.params.stop_at_eos && self.tokenizer.is_eos(id);
+            if !is_eos {
+                if let Some(c) = s.constraint.as_mut() {
+                    if let Err(e) = c.commit(id) {
+                        s.finish(FinishReason::Error(e), on_event);
+                        continue;
+                    }
+                }
+            }
+            let logprob = raw.map(|raw| token_logprob(&raw, id, s.params.logprobs.unwrap_or(0)));
+            if let Some(lp) = &logprob {
+                s.logprobs.push(lp.clone());
+            }
+            s.generated.push(id);
+            if s.params.presence_penalty != 0.0 || s.params.frequency_penalty != 0.0 {
+                *s.counts.entry(id).or_insert(0) += 1;
+            }
+            let mut finish = None;
             if is_eos {
                 finish = Some(FinishReason::Eos);
             } else {
                 s.text.push_str(&s.decoder.push(id)?);
                 if let Some(cut) = find_stop(&s.text, &s.params.stop) {
                     s.text.truncate(cut);
+                    s.stop_cut = true;
                     finish = Some(FinishReason::Stop);
                 }
+            }
+            if finish.is_none() && s.constraint.as_ref().is_some_and(|c| c.is_done()) {
+                finish = Some(FinishReason::Stop);
             }
             if finish.is_none() && (s.generated.len() >= s.params.max_tokens || s.cache.len() + 1 >= s.cache.max_len()) {
                 finish = Some(FinishReason::Length);
@@ -287,10 +375,10 @@ impl Batch {
                     let safe = s.text.len() - stop_prefix_overlap(&s.text, &s.params.stop);
                     let text = s.text[s.emitted..safe.max(s.emitted)].to_string();
                     s.emitted = safe.max(s.emitted);
-                    on_event(Event::Token { seq: s.id, id, text });
+                    on_event(Event::Token { seq: s.id, id, text, logprob });
                 }
                 Some(reason) => {
-                    on_event(Event::Token { seq: s.id, id, text: String::new() });
+                    on_event(Event::Token { seq: s.id, id, text: String::new(), logprob });
                     s.finish(reason, on_event);
                 }
             }

@@ -6,14 +6,20 @@
 //! ([`service`]) runs the same engine on a thread that owns the model, for servers and
 //! interactive front ends: requests from any thread, streamed events, aborts, and adapters
 //! loaded and unloaded by name.
+//!
+//! Besides temperature, top-k and top-p, a request may ask for OpenAI's presence and
+//! frequency penalties and for log-probabilities ([`SamplingParams`]), and may constrain its
+//! tokens with a [`Constraint`] (constrained decoding).
 #![deny(missing_docs)]
 
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod sampling;
 pub mod service;
 
+pub use constraint::Constraint;
 pub use engine::{generate, Engine, EngineOptions, Event, FinishReason, Output, Request, SeqId};
 pub use error::{Error, Result};
-pub use sampling::{Rng, SamplingParams};
+pub use sampling::{Rng, SamplingParams, TokenLogprob};
 pub use service::{AdapterInfo, EngineHandle, RequestId, ServiceOptions, Sink};

@@ -227,7 +227,7 @@ async fn chat(State(st): State<AppState>, body: std::result::Result<Bytes, Bytes
     let id = loaded
         .engine
         .submit(
-            Request { prompt, params, adapter: adapter_name },
+            Request { prompt, params, adapter: adapter_name, constraint: None },
             Box::new(move |ev| {
                 let _ = tx.send(ev);
             }),

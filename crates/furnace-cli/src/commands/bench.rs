@@ -216,6 +216,7 @@ fn decode_rate(loaded: &furnace_model::LoadedModel, batch: usize, new: usize, pr
             prompt: xorshift_ids(prompt_len, vocab, 7 + b as u64),
             params: SamplingParams { max_tokens: new, stop_at_eos: false, ..SamplingParams::greedy(new) },
             adapter: None,
+            constraint: None,
         })?;
     }
     // First step: prefill of every prompt plus the first new token.

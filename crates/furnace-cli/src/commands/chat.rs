@@ -61,7 +61,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         }
         history.push(ChatMessage::new("user", line));
         let ids = prompt_ids(&loaded, &history, None)?;
-        let request = Request { prompt: ids, params: a.sampling.params(), adapter: adapter.clone() };
+        let request = Request { prompt: ids, params: a.sampling.params(), adapter: adapter.clone(), constraint: None };
         let reply = match stream(&engine, request, &mut |text| {
             let _ = out.write_all(text.as_bytes());
             let _ = out.flush();

@@ -79,11 +79,12 @@ pub fn stream(engine: &EngineHandle, request: Request, on_text: &mut dyn FnMut(&
             let _ = tx.send(ev);
         }),
     )?;
-    let (mut new_ids, mut text) = (Vec::new(), String::new());
+    let (mut new_ids, mut text, mut logprobs) = (Vec::new(), String::new(), Vec::new());
     for ev in rx {
         let (piece, reason) = match ev {
-            Event::Token { id, text, .. } => {
+            Event::Token { id, text, logprob, .. } => {
                 new_ids.push(id);
+                logprobs.extend(logprob);
                 (text, None)
             }
             Event::Finished { text, reason, .. } => (text, Some(reason)),
@@ -91,7 +92,7 @@ pub fn stream(engine: &EngineHandle, request: Request, on_text: &mut dyn FnMut(&
         on_text(&piece);
         text.push_str(&piece);
         if let Some(finish_reason) = reason {
-            return Ok(Output { prompt_ids, new_ids, text, finish_reason });
+            return Ok(Output { prompt_ids, new_ids, text, finish_reason, logprobs });
         }
     }
     bail!("the engine stopped before the request finished")
@@ -106,7 +107,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     history.push(ChatMessage::new("user", a.prompt.clone()));
     let ids = prompt_ids(&loaded, &history, a.raw.then_some(a.prompt.as_str()))?;
     let (engine, adapter) = start_engine(&loaded, a.adapter.as_deref())?;
-    let request = Request { prompt: ids, params: a.sampling.params(), adapter };
+    let request = Request { prompt: ids, params: a.sampling.params(), adapter, constraint: None };
     let json = a.json;
     let mut out = std::io::stdout();
     let o = stream(&engine, request, &mut |text| {

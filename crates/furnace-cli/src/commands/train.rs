@@ -62,6 +62,7 @@ fn samples(loaded: &furnace_model::LoadedModel, adapter: Option<AdapterId>, spec
             prompt: loaded.tokenizer.encode(&text, false)?,
             params: SamplingParams::greedy(48),
             adapter: adapter.map(|_| TRAINED.to_string()),
+            constraint: None,
         })?;
         out.push((prompt, String::new()));
     }

@@ -19,7 +19,7 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
         let out = generate(
             &m.model,
             &m.tokenizer,
-            vec![Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None }],
+            vec![Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None, constraint: None }],
             EngineOptions::default(),
         )?;
         assert_eq!(&out[0].new_ids, new_ids);
@@ -31,13 +31,14 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
     let others = ["Hi", "Tell me a long story about a dragon and a knight who became friends.", "1+1="];
     for (i, (prompt, new_ids, _)) in cases.iter().enumerate() {
         let other = m.tokenizer.encode(others[i % others.len()], false)?;
-        reqs.push(Request { prompt: other, params: SamplingParams::greedy(5 + 7 * i), adapter: None });
-        reqs.push(Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None });
+        reqs.push(Request { prompt: other, params: SamplingParams::greedy(5 + 7 * i), adapter: None, constraint: None });
+        reqs.push(Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None, constraint: None });
     }
     reqs.push(Request {
         prompt: m.tokenizer.encode(others[2], false)?,
         params: SamplingParams { temperature: 0.8, seed: Some(3), max_tokens: 9, ..Default::default() },
         adapter: None,
+        constraint: None,
     });
     let out = generate(&m.model, &m.tokenizer, reqs, EngineOptions { max_batch: 3, prefill_chunk: 16 })?;
     for (i, (_, new_ids, _)) in cases.iter().enumerate() {
@@ -66,7 +67,7 @@ fn seeded_sampling_is_reproducible_and_batch_independent() -> anyhow::Result<()>
             generate(
                 &m.model,
                 &m.tokenizer,
-                vec![Request { prompt: p.clone(), params: params(i as u64), adapter: None }],
+                vec![Request { prompt: p.clone(), params: params(i as u64), adapter: None, constraint: None }],
                 EngineOptions::default(),
             )
             .expect("gen")[0]
@@ -77,21 +78,25 @@ fn seeded_sampling_is_reproducible_and_batch_independent() -> anyhow::Result<()>
     let again = generate(
         &m.model,
         &m.tokenizer,
-        vec![Request { prompt: prompts[0].clone(), params: params(0), adapter: None }],
+        vec![Request { prompt: prompts[0].clone(), params: params(0), adapter: None, constraint: None }],
         EngineOptions::default(),
     )?;
     assert_eq!(again[0].new_ids, alone[0], "same seed, same tokens");
     let other_seed = generate(
         &m.model,
         &m.tokenizer,
-        vec![Request { prompt: prompts[0].clone(), params: params(99), adapter: None }],
+        vec![Request { prompt: prompts[0].clone(), params: params(99), adapter: None, constraint: None }],
         EngineOptions::default(),
     )?;
     assert_ne!(other_seed[0].new_ids, alone[0], "another seed, other tokens");
     let batch = generate(
         &m.model,
         &m.tokenizer,
-        prompts.iter().enumerate().map(|(i, p)| Request { prompt: p.clone(), params: params(i as u64), adapter: None }).collect(),
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Request { prompt: p.clone(), params: params(i as u64), adapter: None, constraint: None })
+            .collect(),
         EngineOptions { max_batch: 2, prefill_chunk: 2 },
     )?;
     for i in 0..prompts.len() {
@@ -109,7 +114,12 @@ fn stop_strings_cut_the_text_and_streaming_matches_the_output() -> anyhow::Resul
     // The reference answer is "The capital of France is Paris." — stop at " is".
     assert!(text.starts_with("The capital of France is"));
     let mut engine = Engine::new(&m.model, &m.tokenizer, EngineOptions::default());
-    engine.add(Request { prompt, params: SamplingParams { stop: vec![" is".into()], ..SamplingParams::greedy(24) }, adapter: None })?;
+    engine.add(Request {
+        prompt,
+        params: SamplingParams { stop: vec![" is".into()], ..SamplingParams::greedy(24) },
+        adapter: None,
+        constraint: None,
+    })?;
     let mut streamed = String::new();
     let mut finished = None;
     let out = engine.run(&mut |ev| match ev {
@@ -130,14 +140,17 @@ fn stop_strings_cut_the_text_and_streaming_matches_the_output() -> anyhow::Resul
 fn bad_requests_are_clear_errors() {
     let m = tiny();
     let mut e = Engine::new(&m.model, &m.tokenizer, EngineOptions::default());
-    assert!(matches!(e.add(Request { prompt: vec![], params: SamplingParams::default(), adapter: None }), Err(Error::EmptyPrompt)));
+    assert!(matches!(
+        e.add(Request { prompt: vec![], params: SamplingParams::default(), adapter: None, constraint: None }),
+        Err(Error::EmptyPrompt)
+    ));
     let max = m.model.config.max_position_embeddings;
-    match e.add(Request { prompt: vec![5; max + 10], params: SamplingParams::default(), adapter: None }) {
+    match e.add(Request { prompt: vec![5; max + 10], params: SamplingParams::default(), adapter: None, constraint: None }) {
         Err(err @ Error::PromptTooLong { .. }) => assert!(err.to_string().contains(&max.to_string())),
         other => panic!("unexpected {:?}", other.err()),
     }
     assert!(matches!(
-        e.add(Request { prompt: vec![5], params: SamplingParams { top_p: 0.0, ..Default::default() }, adapter: None }),
+        e.add(Request { prompt: vec![5], params: SamplingParams { top_p: 0.0, ..Default::default() }, adapter: None, constraint: None }),
         Err(Error::InvalidParams(_))
     ));
     assert!(!e.has_work(), "rejected requests are not queued");
@@ -154,6 +167,7 @@ fn generation_stops_when_the_context_is_full() -> anyhow::Result<()> {
             prompt: vec![5; max - 3],
             params: SamplingParams { max_tokens: 100, stop_at_eos: false, ..Default::default() },
             adapter: None,
+            constraint: None,
         }],
         EngineOptions::default(),
     )?;

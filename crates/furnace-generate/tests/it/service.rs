@@ -57,6 +57,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize, adapter: Option<&str>) -> Request
         prompt,
         params: SamplingParams { stop_at_eos: false, ..SamplingParams::greedy(max_tokens) },
         adapter: adapter.map(str::to_string),
+        constraint: None,
     }
 }
 
@@ -104,10 +105,20 @@ fn requests_from_many_threads_get_the_borrowed_engines_greedy_tokens() -> anyhow
     let cases = greedy_cases();
     let mut reqs: Vec<Request> = cases
         .iter()
-        .map(|(prompt, new_ids, _)| Request { prompt: prompt.clone(), params: SamplingParams::greedy(new_ids.len()), adapter: None })
+        .map(|(prompt, new_ids, _)| Request {
+            prompt: prompt.clone(),
+            params: SamplingParams::greedy(new_ids.len()),
+            adapter: None,
+            constraint: None,
+        })
         .collect();
     for other in ["Hi", "Tell me a long story about a dragon and a knight.", "1+1="] {
-        reqs.push(Request { prompt: m.tokenizer.encode(other, false)?, params: SamplingParams::greedy(12), adapter: None });
+        reqs.push(Request {
+            prompt: m.tokenizer.encode(other, false)?,
+            params: SamplingParams::greedy(12),
+            adapter: None,
+            constraint: None,
+        });
     }
     let borrowed = generate(&m.model, &m.tokenizer, reqs.clone(), EngineOptions::default())?;
     let owned = smollm2_owned();
@@ -149,7 +160,7 @@ fn per_request_adapters_give_the_borrowed_engines_tokens() -> anyhow::Result<()>
         }
     }
     let sampled = SamplingParams { temperature: 1.0, top_k: 40, seed: Some(5), max_tokens: 12, stop_at_eos: false, ..Default::default() };
-    reqs.push(Request { prompt: prompts[1].clone(), params: sampled, adapter: Some("b".into()) });
+    reqs.push(Request { prompt: prompts[1].clone(), params: sampled, adapter: Some("b".into()), constraint: None });
 
     // The borrowed engine: adapters registered in the model, named in the engine.
     let a = m.model.add_adapter(&furnace_model::load_adapter(&dir_a)?)?;
@@ -201,7 +212,7 @@ fn rejected_requests_are_errors_of_submit() -> anyhow::Result<()> {
     assert!(matches!(submit(greedy(vec![5], 4, Some("nope"))), Err(Error::UnknownAdapter(n)) if n == "nope"));
     assert!(matches!(submit(greedy(vec![], 4, None)), Err(Error::EmptyPrompt)));
     assert!(matches!(submit(greedy(vec![5; max + 1], 4, None)), Err(Error::PromptTooLong { .. })));
-    let bad = Request { prompt: vec![5], params: SamplingParams { top_p: 0.0, ..Default::default() }, adapter: None };
+    let bad = Request { prompt: vec![5], params: SamplingParams { top_p: 0.0, ..Default::default() }, adapter: None, constraint: None };
     assert!(matches!(submit(bad), Err(Error::InvalidParams(_))));
     // Adapters that cannot be read, or do not fit the model.
     let empty = tempfile::tempdir()?;
