@@ -72,6 +72,7 @@ pub struct AdapterInfo {
 
 enum Command {
     Submit { request: Request, sink: Sink, reply: Sender<Result<RequestId>> },
+    SubmitAll { requests: Vec<(Request, Sink)>, reply: Sender<Result<Vec<RequestId>>> },
     Abort(RequestId),
     LoadAdapter { name: String, dir: PathBuf, reply: Sender<Result<()>> },
     UnloadAdapter { name: String, reply: Sender<Result<()>> },
@@ -113,6 +114,13 @@ impl EngineHandle {
     /// (then the sink is dropped unused).
     pub fn submit(&self, request: Request, sink: Sink) -> Result<RequestId> {
         self.call(|reply| Command::Submit { request, sink, reply })?
+    }
+
+    /// Queues several requests at once, so that they join the batch at the same step (the
+    /// choices of one API request); all or none: if one is rejected, those queued before it
+    /// are aborted (their sinks get [`FinishReason::Abort`]) and its error is returned.
+    pub fn submit_all(&self, requests: Vec<(Request, Sink)>) -> Result<Vec<RequestId>> {
+        self.call(|reply| Command::SubmitAll { requests, reply })?
     }
 
     /// Ends a request before the next step; its sink gets [`FinishReason::Abort`]. Ids that
@@ -333,6 +341,28 @@ impl Worker {
         match command {
             Command::Submit { request, sink, reply } => {
                 let _ = reply.send(self.submit(request, sink));
+            }
+            Command::SubmitAll { requests, reply } => {
+                let mut ids = Vec::with_capacity(requests.len());
+                let mut result = Ok(());
+                for (request, sink) in requests {
+                    match self.submit(request, sink) {
+                        Ok(id) => ids.push(id),
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                if let Err(e) = result {
+                    for id in ids {
+                        let sinks = &mut self.sinks;
+                        self.batch.abort(id, &mut |ev| sinks.send(ev));
+                    }
+                    let _ = reply.send(Err(e));
+                } else {
+                    let _ = reply.send(Ok(ids));
+                }
             }
             Command::Abort(id) => {
                 let sinks = &mut self.sinks;

@@ -95,7 +95,13 @@ impl std::fmt::Debug for ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), token: None, allow_model_paths: false, launcher: None, serving: None }
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            token: None,
+            allow_model_paths: false,
+            launcher: None,
+            serving: None,
+        }
     }
 }
 

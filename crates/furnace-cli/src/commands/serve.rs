@@ -128,7 +128,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     eprintln!("loading {model} ({:?})", a.dtype);
     let loaded = load(&model, a.dtype)?;
     let context_len = loaded.model.config.max_position_embeddings;
-    let service = ServiceOptions { engine: EngineOptions { max_batch: a.max_batch, ..EngineOptions::default() }, max_adapters: a.max_adapters };
+    let service =
+        ServiceOptions { engine: EngineOptions { max_batch: a.max_batch, ..EngineOptions::default() }, max_adapters: a.max_adapters };
     let engine = EngineHandle::spawn(loaded.model, &loaded.tokenizer, service)?;
     for (name, dir) in &adapters {
         if *name == model_name {

@@ -9,4 +9,5 @@ mod crash;
 mod dashboard;
 mod experiment;
 mod rag;
+mod serve;
 mod train;

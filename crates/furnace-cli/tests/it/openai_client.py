@@ -73,6 +73,33 @@ seen["n3"] = first
 s = client.chat.completions.create(model=base, messages=QUESTION, max_tokens=24, temperature=0, stop=["Paris"])
 assert "Paris" not in s.choices[0].message.content and s.choices[0].finish_reason == "stop", s.choices[0]
 
+# Log-probabilities: greedy picks the most likely token; the tokens spell the text.
+lp = client.chat.completions.create(model=base, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+content = lp.choices[0].logprobs.content
+assert content and "".join(t.token for t in content) == lp.choices[0].message.content, content
+for t in content:
+    assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token, t
+    assert t.logprob <= 0 and abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6, t
+    assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob, t
+streamed_lp = [
+    t.token
+    for c in client.chat.completions.create(model=base, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, stream=True)
+    if c.choices and c.choices[0].logprobs
+    for t in c.choices[0].logprobs.content
+]
+assert streamed_lp == [t.token for t in content], (streamed_lp, content)
+tl = client.completions.create(model=base, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2)
+assert len(tl.choices[0].logprobs.tokens) == len(tl.choices[0].logprobs.token_logprobs) == len(tl.choices[0].logprobs.top_logprobs)
+assert "".join(tl.choices[0].logprobs.tokens) == tl.choices[0].text, tl.choices[0]
+seen["logprobs"] = [round(t.logprob, 4) for t in content]
+
+# Penalties are applied: a strong frequency penalty changes a repetitive greedy answer.
+rep = [{"role": "user", "content": "Repeat after me ten times: ha ha ha ha ha ha ha ha ha ha"}]
+plain = client.chat.completions.create(model=base, messages=rep, max_tokens=24, temperature=0).choices[0].message.content
+penalised = client.chat.completions.create(model=base, messages=rep, max_tokens=24, temperature=0, frequency_penalty=2.0, presence_penalty=1.0).choices[0].message.content
+assert plain != penalised, (plain, penalised)
+seen["penalty"] = [plain, penalised]
+
 # Embeddings: the client's default (base64) and floats agree; unit vectors.
 e = client.embeddings.create(model=embedder, input=["furnace serves models", "a second text"])
 f = client.embeddings.create(model=embedder, input=["furnace serves models", "a second text"], encoding_format="float")

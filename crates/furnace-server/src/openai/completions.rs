@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use furnace_generate::{EngineHandle, Event, FinishReason, Request, RequestId, SamplingParams};
+use furnace_generate::{EngineHandle, Event, FinishReason, Request, RequestId, SamplingParams, TokenLogprob};
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,6 +21,8 @@ pub const MAX_N: usize = 16;
 pub const MAX_STOP: usize = 16;
 /// The most messages one chat request may carry.
 pub const MAX_MESSAGES: usize = 4096;
+/// The most alternatives `top_logprobs` (chat) or `logprobs` (text) may ask for.
+pub const MAX_LOGPROBS: usize = 20;
 /// `max_tokens` of a text completion that gives none (OpenAI's default).
 const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
 
@@ -145,23 +147,25 @@ fn settings(body: &Map<String, Value>, kind: Kind) -> Result<Settings, OpenAiErr
         }
         (a, b) => a.or(b),
     };
-    for key in ["presence_penalty", "frequency_penalty"] {
+    let mut penalties = [0.0f32; 2];
+    for (slot, key) in penalties.iter_mut().zip(["presence_penalty", "frequency_penalty"]) {
         let v = number(body, key)?.unwrap_or(0.0);
         if !(-2.0..=2.0).contains(&v) {
             return Err(OpenAiError::bad_param(key, format!("{key} must be from -2 to 2, got {v}")));
         }
-        if v != 0.0 {
-            return Err(OpenAiError::bad_param(key, format!("{key} is not supported yet by furnace serve (give 0 or leave it out)")));
+        *slot = v as f32;
+    }
+    let logprobs = match kind {
+        Kind::Chat => {
+            let on = flag(body, "logprobs")?;
+            let top = count(body, "top_logprobs", 0, MAX_LOGPROBS as u64)?;
+            if top.is_some() && !on {
+                return Err(OpenAiError::bad_param("top_logprobs", "top_logprobs needs logprobs: true"));
+            }
+            on.then(|| top.unwrap_or(0))
         }
-    }
-    let wants_logprobs = match body.get("logprobs") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Number(n)) if kind == Kind::Text && n.as_u64() == Some(0) => false,
-        Some(_) => true,
+        Kind::Text => count(body, "logprobs", 0, MAX_LOGPROBS as u64)?,
     };
-    if wants_logprobs || body.get("top_logprobs").is_some_and(|v| !v.is_null()) {
-        return Err(OpenAiError::bad_param("logprobs", "logprobs are not supported yet by furnace serve"));
-    }
     if kind == Kind::Chat {
         match body.get("response_format") {
             None | Some(Value::Null) => {}
@@ -198,7 +202,16 @@ fn settings(body: &Map<String, Value>, kind: Kind) -> Result<Settings, OpenAiErr
             return Err(OpenAiError::bad_param("user", "user must be a string"));
         }
     }
-    let params = SamplingParams { temperature: temperature as f32, top_p: top_p as f32, seed, stop, ..SamplingParams::default() };
+    let params = SamplingParams {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        seed,
+        stop,
+        presence_penalty: penalties[0],
+        frequency_penalty: penalties[1],
+        logprobs,
+        ..SamplingParams::default()
+    };
     Ok(Settings { model, n, stream, include_usage, params, max_tokens })
 }
 
@@ -320,32 +333,26 @@ async fn start(
     let engine = s.engine.clone();
     let n = settings.n;
     let params = settings.params.clone();
-    let submitted = tokio::task::spawn_blocking(move || {
-        let mut ids = Vec::with_capacity(n);
-        for i in 0..n {
+    let requests: Vec<(Request, furnace_generate::Sink)> = (0..n)
+        .map(|i| {
             let tx = tx.clone();
             let params = SamplingParams { seed: Some(base_seed.wrapping_add(i as u64)), max_tokens, ..params.clone() };
-            let request = Request { prompt: prompt.clone(), params, adapter: adapter.clone() };
-            match engine.submit(
-                request,
-                Box::new(move |ev| {
-                    let _ = tx.send((i, ev));
-                }),
-            ) {
-                Ok(id) => ids.push(id),
-                Err(e) => return (ids, Err(e)),
-            }
-        }
-        (ids, Ok(()))
-    })
-    .await
-    .map_err(|e| OpenAiError::internal(e.to_string()))?;
-    let (ids, result) = submitted;
+            let request = Request { prompt: prompt.clone(), params, adapter: adapter.clone(), constraint: None };
+            let sink: furnace_generate::Sink = Box::new(move |ev| {
+                let _ = tx.send((i, ev));
+            });
+            (request, sink)
+        })
+        .collect();
+    // All choices join the batch at the same step, so that a seed gives the same choices.
+    let ids = tokio::task::spawn_blocking(move || engine.submit_all(requests))
+        .await
+        .map_err(|e| OpenAiError::internal(e.to_string()))?
+        .map_err(|e| match e {
+            furnace_generate::Error::Stopped => OpenAiError::unavailable("the engine has stopped"),
+            other => OpenAiError::invalid(other.to_string()),
+        })?;
     let abort = AbortAll { engine: s.engine.clone(), ids };
-    result.map_err(|e| match e {
-        furnace_generate::Error::Stopped => OpenAiError::unavailable("the engine has stopped"),
-        other => OpenAiError::invalid(other.to_string()),
-    })?;
     Ok(Running { events, abort, _admitted: admitted })
 }
 
@@ -400,9 +407,10 @@ async fn respond(st: AppState, body: Result<Bytes, BytesRejection>, kind: Kind) 
     let prompt = match kind {
         Kind::Chat => {
             let messages = messages(&body)?;
-            let template = s.template.clone().ok_or_else(|| {
-                OpenAiError::invalid(format!("{} has no chat template: use /v1/completions with a prompt", s.model_name))
-            })?;
+            let template = s
+                .template
+                .clone()
+                .ok_or_else(|| OpenAiError::invalid(format!("{} has no chat template: use /v1/completions with a prompt", s.model_name)))?;
             let mut context = Map::new();
             context.insert("messages".into(), Value::from(messages));
             context.insert("add_generation_prompt".into(), Value::from(true));
@@ -432,9 +440,9 @@ async fn respond(st: AppState, body: Result<Bytes, BytesRejection>, kind: Kind) 
         prompt_tokens,
     };
     if settings.stream {
-        Ok(stream(s, running, meta, settings.n, settings.include_usage))
+        Ok(stream(s, running, meta, settings.n, settings.include_usage, settings.params.logprobs.is_some()))
     } else {
-        whole(&s, running, meta, settings.n).await
+        whole(&s, running, meta, settings.n, settings.params.logprobs.is_some()).await
     }
 }
 
@@ -467,18 +475,78 @@ struct Choice {
     text: String,
     tokens: usize,
     finish: Option<FinishReason>,
+    logprobs: Vec<TokenLog>,
+}
+
+/// One generated token's log-probabilities, with text for the token and its alternatives.
+#[derive(Clone)]
+struct TokenLog {
+    token: String,
+    logprob: f32,
+    top: Vec<(String, f32)>,
+}
+
+impl TokenLog {
+    /// The token's entry, unless logprobs were not asked for or it is the end-of-sequence
+    /// token (which is not part of the text).
+    fn of(s: &Serving, id: u32, logprob: Option<TokenLogprob>) -> Option<TokenLog> {
+        let lp = logprob?;
+        if s.tokenizer.is_eos(id) {
+            return None;
+        }
+        let text = |id: u32| s.tokenizer.decode(&[id], false).unwrap_or_default();
+        Some(TokenLog { token: text(id), logprob: lp.logprob, top: lp.top.iter().map(|&(t, l)| (text(t), l)).collect() })
+    }
+}
+
+/// The `logprobs` of a choice in the route's format (`null` when not asked for).
+fn logprobs_json(kind: Kind, logs: &[TokenLog], asked: bool) -> Value {
+    if !asked {
+        return Value::Null;
+    }
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    match kind {
+        Kind::Chat => {
+            let content: Vec<Value> = logs
+                .iter()
+                .map(|l| {
+                    let mut e = entry(&l.token, l.logprob);
+                    e["top_logprobs"] = l.top.iter().map(|(t, lp)| entry(t, *lp)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Kind::Text => {
+            let mut offset = 0usize;
+            let mut offsets = Vec::with_capacity(logs.len());
+            for l in logs {
+                offsets.push(offset);
+                offset += l.token.len();
+            }
+            let top: Vec<Value> =
+                logs.iter().map(|l| Value::Object(l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect())).collect();
+            json!({
+                "tokens": logs.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+                "token_logprobs": logs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
 }
 
 /// Waits for every choice and answers with the whole completion.
-async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize) -> Result<Response, OpenAiError> {
+async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_logprobs: bool) -> Result<Response, OpenAiError> {
     let mut choices = vec![Choice::default(); n];
     let deadline = tokio::time::Instant::now() + s.limits.request_timeout;
     let mut timed_out = false;
     while choices.iter().any(|c| c.finish.is_none()) {
         match tokio::time::timeout_at(deadline, running.events.recv()).await {
-            Ok(Some((i, Event::Token { text, .. }))) => {
+            Ok(Some((i, Event::Token { id, text, logprob, .. }))) => {
                 choices[i].text.push_str(&text);
                 choices[i].tokens += 1;
+                choices[i].logprobs.extend(TokenLog::of(s, id, logprob));
             }
             Ok(Some((i, Event::Finished { text, reason, .. }))) => {
                 choices[i].text.push_str(&text);
@@ -502,9 +570,12 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize) -> Resul
             Some(FinishReason::Abort) if !timed_out => return Err(OpenAiError::unavailable("the server is shutting down")),
             Some(r) => finish_name(r, timed_out),
         };
+        let logprobs = logprobs_json(meta.kind, &c.logprobs, asked_logprobs);
         out.push(match meta.kind {
-            Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": null, "finish_reason": reason}),
-            Kind::Text => json!({"index": i, "text": c.text, "logprobs": null, "finish_reason": reason}),
+            Kind::Chat => {
+                json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": reason})
+            }
+            Kind::Text => json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": reason}),
         });
     }
     let completion_tokens = choices.iter().map(|c| c.tokens).sum();
@@ -522,7 +593,7 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize) -> Resul
 
 /// Streams the choices as server-sent events in OpenAI's chunk format, then `[DONE]`.
 /// Dropping the stream (the client went away) aborts the request.
-fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_usage: bool) -> Response {
+fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_usage: bool, asked_logprobs: bool) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let timeout = s.limits.request_timeout;
     tokio::spawn(async move {
@@ -533,12 +604,21 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
             }
             c
         };
-        let delta = |i: usize, text: &str, finish: Option<&str>, first: bool| match meta.kind {
-            Kind::Chat => {
-                let d = if first { json!({"role": "assistant", "content": text}) } else if finish.is_some() && text.is_empty() { json!({}) } else { json!({"content": text}) };
-                json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": finish}])
+        let delta = |i: usize, text: &str, finish: Option<&str>, first: bool, logs: &[TokenLog]| {
+            let logprobs = logprobs_json(meta.kind, logs, asked_logprobs && !first && finish.is_none());
+            match meta.kind {
+                Kind::Chat => {
+                    let d = if first {
+                        json!({"role": "assistant", "content": text})
+                    } else if finish.is_some() && text.is_empty() {
+                        json!({})
+                    } else {
+                        json!({"content": text})
+                    };
+                    json!([{"index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish}])
+                }
+                Kind::Text => json!([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]),
             }
-            Kind::Text => json!([{"index": i, "text": text, "logprobs": null, "finish_reason": finish}]),
         };
         let send = |v: Value| {
             let tx = tx.clone();
@@ -546,7 +626,7 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
         };
         if meta.kind == Kind::Chat {
             for i in 0..n {
-                if !send(chunk(delta(i, "", None, true))).await {
+                if !send(chunk(delta(i, "", None, true, &[]))).await {
                     return;
                 }
             }
@@ -561,9 +641,10 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
                 () = tx.closed() => return,
             };
             match next {
-                Ok(Some((i, Event::Token { text, .. }))) => {
+                Ok(Some((i, Event::Token { id, text, logprob, .. }))) => {
                     choices[i].tokens += 1;
-                    if !text.is_empty() && !send(chunk(delta(i, &text, None, false))).await {
+                    let log: Vec<TokenLog> = TokenLog::of(&s, id, logprob).into_iter().collect();
+                    if (!text.is_empty() || !log.is_empty()) && !send(chunk(delta(i, &text, None, false, &log))).await {
                         return;
                     }
                 }
@@ -578,7 +659,7 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
                         let _ = send(body).await;
                         return;
                     }
-                    if !send(chunk(delta(i, &text, Some(finish_name(&reason, timed_out)), false))).await {
+                    if !send(chunk(delta(i, &text, Some(finish_name(&reason, timed_out)), false, &[]))).await {
                         return;
                     }
                     choices[i].finish = Some(reason);

@@ -273,7 +273,12 @@ fn refuse_unknown(body: &serde_json::Map<String, Value>, known: &[&str]) -> Resu
         None => Ok(()),
         Some(first) => Err(OpenAiError::bad_param(
             first,
-            format!("unsupported parameter{}: {} (furnace serve does not implement it)", if unknown.len() > 1 { "s" } else { "" }, unknown.join(", ")),
+            format!(
+                "unsupported parameter{}: {} (furnace serve does not implement {})",
+                if unknown.len() > 1 { "s" } else { "" },
+                unknown.join(", "),
+                if unknown.len() > 1 { "them" } else { "it" }
+            ),
         )),
     }
 }
@@ -315,9 +320,7 @@ pub(crate) fn router() -> Router<AppState> {
 
 async fn models(State(st): State<AppState>) -> Result<Json<Value>, OpenAiError> {
     let s = serving_of(&st)?;
-    let model = |id: &str, root: Option<&str>, kind: &str| {
-        json!({"id": id, "object": "model", "created": s.started, "owned_by": "furnace", "root": root.unwrap_or(id), "furnace_kind": kind})
-    };
+    let model = |id: &str, root: Option<&str>, kind: &str| json!({"id": id, "object": "model", "created": s.started, "owned_by": "furnace", "root": root.unwrap_or(id), "furnace_kind": kind});
     let mut data = vec![model(&s.model_name, None, "base")];
     for name in s.adapter_names().await? {
         data.push(model(&name, Some(&s.model_name), "adapter"));

@@ -1,0 +1,138 @@
+//! `furnace serve` against the official OpenAI Python client (`openai` from pip, in the
+//! tests' virtualenv), over loopback: real server process, real model, real client.
+
+use furnace_testutil::{repo_root, testdata};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The tests' virtualenv python (made by `scripts/py-venv.sh` when missing; fails loudly).
+fn python() -> PathBuf {
+    let root = repo_root();
+    let out = Command::new("bash").arg(root.join("scripts/py-venv.sh")).current_dir(&root).output().expect("bash");
+    assert!(
+        out.status.success(),
+        "scripts/py-venv.sh failed (these tests need the openai client from pip):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    root.join("target/py-venv/bin/python")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A `furnace serve` process, stopped with SIGINT when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts `furnace serve` with `args` on a free port and waits until it serves.
+    fn start(runs: &std::path::Path, args: &[&str]) -> Server {
+        let port = free_port().to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_furnace"))
+            .args(["serve", "--port", &port, "--runs-dir", runs.to_str().expect("utf8")])
+            .args(args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("furnace serve");
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match log.recv_timeout(Duration::from_secs(300)) {
+                Ok(line) if line.starts_with("serving ") => break,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("furnace serve did not start:\n{}", seen.join("\n")),
+            }
+        }
+        Server { child, url: format!("http://127.0.0.1:{port}/v1"), log }
+    }
+
+    /// SIGINT, then the exit status and the rest of stderr.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-INT", &pid]).status().expect("kill").success());
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let rest: Vec<String> = self.log.try_iter().collect();
+                return (status, rest.join("\n"));
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "furnace serve did not stop within 30 s of SIGINT");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a client script with the venv's python; returns what it printed as JSON.
+fn client(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = repo_root().join("crates/furnace-cli/tests/it").join(script);
+    let out = Command::new(python()).arg(&path).args(args).output().expect("python");
+    assert!(out.status.success(), "{script} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn the_official_openai_client_chats_completes_embeds_and_gets_typed_errors() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    let adapter = testdata().join("lora_adapter");
+    let adapter_arg = format!("tuned={}", adapter.display());
+    let server = Server::start(
+        runs.path(),
+        // f32 weights: a greedy request gets the same tokens in a mixed batch as alone. (With
+        // quantized weights the kernel depends on how many rows a step carries, which can
+        // flip a near-tie token; see docs/serving.md.)
+        &["--dtype", "f32", "--adapter", &adapter_arg, "--embedding-model", "all-minilm-l6-v2", "--allow-adapter-loading"],
+    );
+    let seen =
+        client("openai_client.py", &[&server.url, "smollm2-135m-instruct", "tuned", "all-minilm-l6-v2", adapter.to_str().expect("utf8")]);
+    assert!(seen["chat"].as_str().expect("chat").contains("Paris"), "{seen}");
+    assert_eq!(seen["embedding_dim"], 384);
+    assert_eq!(seen["n3"].as_array().expect("n3").len(), 3);
+    assert_eq!(seen["runtime_adapters"], "ok");
+    let (status, rest) = server.stop();
+    assert!(status.success(), "furnace serve exited with {status}: {rest}");
+}
+
+/// 64 streaming clients at once, half of them hanging up mid-stream: every other stream
+/// completes, the hung-up clients' slots are freed (64 requests right after are all
+/// admitted), and a burst past the queue gets 429 with Retry-After while everything
+/// admitted completes.
+#[test]
+fn sixty_four_streams_complete_hang_ups_free_their_slots_and_overflow_gets_429() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    // At most 16 + 48 = 64 requests queued or running.
+    let server = Server::start(runs.path(), &["--max-batch", "16", "--max-queue", "48"]);
+    let seen = client("openai_load.py", &[&server.url, "smollm2-135m-instruct", "64", "64"]);
+    assert_eq!(seen["errors"], serde_json::json!([]), "{seen}");
+    assert_eq!(seen["completed"], 32, "{seen}");
+    assert_eq!(seen["hung_up"], 32, "{seen}");
+    assert_eq!(seen["admitted_after_hangups"], 64, "{seen}");
+    let limited = seen["rate_limited"].as_u64().expect("count");
+    assert!(limited >= 1, "a burst of 80 over a queue of 64 got no 429: {seen}");
+    assert_eq!(seen["admitted"].as_u64().expect("count") + limited, 80, "{seen}");
+    assert!(seen["retry_after"].as_array().expect("list").iter().all(|r| r == "1"), "{seen}");
+    let (status, rest) = server.stop();
+    assert!(status.success(), "furnace serve exited with {status}: {rest}");
+}
