@@ -127,6 +127,10 @@ pub struct ServerArgs {
     /// furnace read a file of its choice).
     #[arg(long)]
     pub allow_model_paths: bool,
+    /// Let web pages of this origin (https://app.example.com) call the server from a
+    /// browser: they get CORS headers (repeat for more). None by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
 }
 
 impl ServerArgs {
@@ -142,6 +146,7 @@ impl ServerArgs {
             addr: std::net::SocketAddr::new(self.host, self.port),
             token,
             allow_model_paths: self.allow_model_paths,
+            cors_origins: self.cors_origins.clone(),
             ..Default::default()
         };
         furnace_server::check_options(&opts)?;

@@ -213,26 +213,40 @@ pub fn build(
     progress: &mut dyn FnMut(BuildProgress),
 ) -> Result<BuildReport> {
     settings.splitter.validate()?;
+    let report = load_documents(inputs, &settings.load)?;
+    let skipped: Vec<(String, String)> = report.skipped.iter().map(|(p, r)| (p.display().to_string(), r.clone())).collect();
+    build_documents(root, &report.documents, skipped, settings, encoder, progress)
+}
+
+/// Builds (or finds) the index of documents already read (their ids as given), in `root`;
+/// `skipped` is recorded in the manifest. [`build`] reads files and calls this.
+pub fn build_documents(
+    root: &Path,
+    documents: &[Document],
+    skipped: Vec<(String, String)>,
+    settings: &BuildSettings,
+    encoder: &SentenceEncoder,
+    progress: &mut dyn FnMut(BuildProgress),
+) -> Result<BuildReport> {
+    settings.splitter.validate()?;
     let started = Instant::now();
     fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     sweep_partials(root);
-    let report = load_documents(inputs, &settings.load)?;
-    let id = index_id(&report.documents, settings, encoder.fingerprint())?;
+    let id = index_id(documents, settings, encoder.fingerprint())?;
     if let Ok(index) = Index::open(root, &id) {
         return Ok(BuildReport { index, existed: true });
     }
-    let per_doc = split_all(&report.documents, &settings.splitter, encoder)?;
+    let per_doc = split_all(documents, &settings.splitter, encoder)?;
     let chunks: Vec<Chunk> = per_doc.iter().flatten().cloned().collect();
     if chunks.is_empty() {
         return Err(Error::Invalid("the documents hold no text to index (every chunk is empty)".into()));
     }
     let known = known_vectors(root, encoder.fingerprint(), &chunks);
     let reused = chunks.iter().filter(|c| known.contains_key(&sha_hex(c.text.as_bytes()))).count();
-    progress(BuildProgress::Split { documents: report.documents.len(), chunks: chunks.len(), reused });
+    progress(BuildProgress::Split { documents: documents.len(), chunks: chunks.len(), reused });
     let vectors = embed_chunks(encoder, &chunks, &known, progress)?;
 
-    let documents = report
-        .documents
+    let entries = documents
         .iter()
         .zip(&per_doc)
         .map(|(d, cs)| DocEntry { id: d.id.clone(), source: d.source.clone(), hash: d.content_hash(), chunks: cs.len() })
@@ -246,9 +260,9 @@ pub fn build(
         model_dtype: dtype_name(encoder.dtype()).to_string(),
         dim: encoder.dim(),
         settings: settings.clone(),
-        documents,
+        documents: entries,
         chunks: chunks.len(),
-        skipped: report.skipped.iter().map(|(p, r)| (p.display().to_string(), r.clone())).collect(),
+        skipped,
         reused_vectors: reused,
         build_seconds: 0.0,
         edited: false,

@@ -9,11 +9,13 @@
 //!   421 Misdirected Request; no `Host` at all is a 400. (An IP literal cannot be
 //!   rebound: a page whose host is the server's own address is served by the server.)
 //! - **Origin** (cross-site requests): a request that carries `Origin` must come from the
-//!   server's own origin, `http://` and an authority the Host rule accepts; otherwise 403
-//!   (`Origin: null` included).
+//!   server's own origin, `http://` and an authority the Host rule accepts, or be one of the
+//!   origins given with `--cors-origin` (which get CORS headers, and their preflights a
+//!   204); otherwise 403 (`Origin: null` included). No CORS headers otherwise.
 //! - **Content-Type** (requests a page can send without a CORS preflight): every `POST`,
 //!   `PUT` and `PATCH` must say `Content-Type: application/json` (parameters such as
-//!   `charset` allowed); otherwise 415.
+//!   `charset` allowed); otherwise 415. The one exception: `POST /v1/documents` (document
+//!   uploads of `furnace serve`) may be `multipart/form-data`; the Origin rule still holds.
 //!
 //! Every answer, errors included, carries `X-Content-Type-Options: nosniff`,
 //! `X-Frame-Options: DENY`, `Referrer-Policy: no-referrer` and `Cache-Control: no-store`.
@@ -40,6 +42,8 @@ pub(crate) struct Hosts {
     own: Option<String>,
     /// Bound to an unspecified address with a token: any host name (the port still counts).
     any: bool,
+    /// Other origins allowed to call the server from a browser (`--cors-origin`), exact.
+    cors: Vec<String>,
 }
 
 impl Hosts {
@@ -51,7 +55,19 @@ impl Hosts {
             IpAddr::V6(a) => format!("[{a}]"),
         };
         let own = (!ip.is_unspecified() && !LOOPBACK_NAMES.contains(&host.as_str())).then_some(host);
-        Self { port: addr.port(), own, any: token && ip.is_unspecified() }
+        Self { port: addr.port(), own, any: token && ip.is_unspecified(), cors: Vec::new() }
+    }
+
+    /// Also allows these origins (`https://app.example.com`), with CORS headers.
+    pub fn with_cors(mut self, origins: Vec<String>) -> Self {
+        self.cors = origins.into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect();
+        self
+    }
+
+    /// Whether `origin` is one of the `--cors-origin`s.
+    fn cors_allows(&self, origin: &str) -> bool {
+        let o = origin.trim_end_matches('/').to_ascii_lowercase();
+        self.cors.iter().any(|c| *c == o)
     }
 
     /// Whether `authority` names this server.
@@ -108,7 +124,7 @@ fn check(hosts: &Hosts, req: &Request) -> Result<(), ApiError> {
         }
     }
     if let Some(origin) = text(headers, header::ORIGIN)? {
-        if !origin.strip_prefix("http://").is_some_and(|a| hosts.allows(a)) {
+        if !origin.strip_prefix("http://").is_some_and(|a| hosts.allows(a)) && !hosts.cors_allows(origin) {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
                 format!("cross-origin request refused: Origin {origin:?} is not this server (http://{host})"),
@@ -117,8 +133,14 @@ fn check(hosts: &Hosts, req: &Request) -> Result<(), ApiError> {
     }
     if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
         let ct = text(headers, header::CONTENT_TYPE)?;
-        let json = ct.and_then(|c| c.split(';').next()).is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
+        let media = ct.and_then(|c| c.split(';').next()).map(str::trim);
+        let json = media.is_some_and(|m| m.eq_ignore_ascii_case("application/json"));
+        // Document uploads (`furnace serve`) may be forms; a page elsewhere cannot send one
+        // here without an `Origin`, which the rule above refuses.
+        let upload = *req.method() == Method::POST
+            && req.uri().path() == "/v1/documents"
+            && media.is_some_and(|m| m.eq_ignore_ascii_case("multipart/form-data"));
+        if !json && !upload {
             return Err(ApiError(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!(
@@ -148,10 +170,32 @@ fn secure(headers: &mut HeaderMap) {
 /// The middleware around the whole app: the Host, Origin and Content-Type checks, then
 /// the security headers on whatever the answer is.
 pub(crate) async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let mut resp = match check(st.hosts(), &req) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+    // An origin allowed by `--cors-origin` gets CORS headers, and its preflights an answer
+    // here (they carry no token).
+    let cors = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .filter(|o| st.hosts().cors_allows(o))
+        .and_then(|o| HeaderValue::from_str(o).ok());
+    let preflight = cors.is_some() && *req.method() == Method::OPTIONS;
+    let mut resp = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        r
+    } else {
+        match check(st.hosts(), &req) {
+            Ok(()) => next.run(req).await,
+            Err(e) => e.into_response(),
+        }
     };
+    if let Some(origin) = cors {
+        resp.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
     secure(resp.headers_mut());
     resp
 }

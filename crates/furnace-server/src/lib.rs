@@ -72,6 +72,9 @@ pub struct ServerOptions {
     /// The model `furnace serve` serves through the OpenAI-compatible routes (`/v1/...`);
     /// without one they answer 404.
     pub serving: Option<std::sync::Arc<openai::Serving>>,
+    /// Origins (`https://app.example.com`) allowed to call the server from a browser: they
+    /// get CORS headers. None by default.
+    pub cors_origins: Vec<String>,
 }
 
 /// What trains an experiment the dashboard created: `furnace run` and `furnace ui` queue
@@ -89,6 +92,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("allow_model_paths", &self.allow_model_paths)
             .field("launcher", &self.launcher.is_some())
             .field("serving", &self.serving.as_ref().map(|s| s.model_name.clone()))
+            .field("cors_origins", &self.cors_origins)
             .finish()
     }
 }
@@ -101,6 +105,7 @@ impl Default for ServerOptions {
             allow_model_paths: false,
             launcher: None,
             serving: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -108,6 +113,12 @@ impl Default for ServerOptions {
 /// Checks the options: an address other than loopback needs a (non-empty) token, since
 /// anyone who can reach the server could otherwise stop or delete runs.
 pub fn check_options(o: &ServerOptions) -> Result<()> {
+    for origin in &o.cors_origins {
+        let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        if !rest.is_some_and(|r| !r.is_empty() && !r.trim_end_matches('/').contains('/')) {
+            return Err(Error::Invalid(format!("--cors-origin takes an origin such as https://app.example.com, got {origin:?}")));
+        }
+    }
     if o.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         return Err(Error::Invalid("--token must not be empty".into()));
     }

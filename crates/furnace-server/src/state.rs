@@ -45,7 +45,7 @@ impl AppState {
     /// State over the store at `db` (opened on first use), for a server bound to
     /// `opts.addr`.
     pub fn new(db: PathBuf, events: EventSender, opts: ServerOptions, shutdown: watch::Receiver<bool>) -> Self {
-        let hosts = Hosts::new(opts.addr, opts.token.is_some());
+        let hosts = Hosts::new(opts.addr, opts.token.is_some()).with_cors(opts.cors_origins.clone());
         let token = opts.token.map(Token::new);
         let (allow_model_paths, launcher, serving) = (opts.allow_model_paths, opts.launcher, opts.serving);
         let sessions = Mutex::new(HashSet::new());

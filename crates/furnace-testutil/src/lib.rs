@@ -12,8 +12,16 @@ use std::path::PathBuf;
 /// The alias of the default chat model that the real-model tests use.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
-/// The repository's root folder.
+/// The repository's root folder: above the tested crate's folder (cargo sets
+/// `CARGO_MANIFEST_DIR` when it runs a test), else above this crate's as it was compiled.
+/// Read at run time so that worktrees sharing one target folder each find their own files.
 pub fn repo_root() -> PathBuf {
+    let from_env = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    for start in from_env.into_iter().chain([PathBuf::from(env!("CARGO_MANIFEST_DIR"))]) {
+        if let Some(root) = start.ancestors().find(|d| d.join("Cargo.lock").is_file() && d.join("crates").is_dir()) {
+            return root.to_path_buf();
+        }
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 

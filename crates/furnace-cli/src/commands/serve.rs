@@ -10,7 +10,7 @@ use clap::Args;
 use furnace_generate::{EngineHandle, EngineOptions, ServiceOptions};
 use furnace_model::WeightDType;
 use furnace_rag::SentenceEncoder;
-use furnace_server::openai::{ServeLimits, Serving};
+use furnace_server::openai::{RagSettings, ServeLimits, Serving};
 use furnace_server::ServerOptions;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,6 +41,13 @@ pub struct ServeArgs {
     /// all-minilm-l6-v2, or a sentence-transformers directory; repeat for more).
     #[arg(long = "embedding-model", value_name = "NAME")]
     embedding_models: Vec<String>,
+    /// The sentence encoder of document collections (/v1/documents, `rag:NAME` models),
+    /// loaded on first use. Collections are kept in RUNS_DIR/collections.
+    #[arg(long, default_value = "all-minilm-l6-v2", value_name = "NAME")]
+    rag_encoder: String,
+    /// A cross-encoder for `rerank` in document queries and retrieval chats.
+    #[arg(long, value_name = "NAME")]
+    reranker: Option<String>,
     /// Most sequences decoded together in one step.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
@@ -149,8 +156,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs(a.request_timeout.max(1)),
         allow_adapter_loading: a.allow_adapter_loading,
     };
-    let serving =
-        Arc::new(Serving::new(model_name.clone(), engine.clone(), loaded.tokenizer, loaded.chat_template, context_len, embedders, limits));
+    let rag = RagSettings {
+        index_root: a.dir.runs_dir.join("collections").join("indexes"),
+        collections_dir: a.dir.runs_dir.join("collections"),
+        encoder: a.rag_encoder.clone(),
+        reranker: a.reranker.clone(),
+    };
+    let serving = Arc::new(
+        Serving::new(model_name.clone(), engine.clone(), loaded.tokenizer, loaded.chat_template, context_len, embedders, limits)
+            .with_rag(rag),
+    );
     let store = open_store(&a.dir)?;
     let events = furnace_exp::events::channel();
     let server = furnace_server::start(store.path().to_path_buf(), ServerOptions { serving: Some(serving.clone()), ..opts }, events)?;

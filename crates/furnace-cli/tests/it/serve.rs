@@ -136,3 +136,17 @@ fn sixty_four_streams_complete_hang_ups_free_their_slots_and_overflow_gets_429()
     let (status, rest) = server.stop();
     assert!(status.success(), "furnace serve exited with {status}: {rest}");
 }
+
+/// Upload → query → RAG chat returns the uploaded passage as a source; delete removes it.
+#[test]
+fn uploaded_documents_are_queried_and_ground_retrieval_chats() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(runs.path(), &[]);
+    let seen = client("openai_rag.py", &[&server.url, "smollm2-135m-instruct"]);
+    assert_eq!(seen["query_top"], "secret.txt", "{seen}");
+    assert_eq!(seen["after_delete"], 2, "{seen}");
+    // The collection is on disk in the runs folder, named.
+    assert!(runs.path().join("collections/notes.index").is_file());
+    let (status, rest) = server.stop();
+    assert!(status.success(), "furnace serve exited with {status}: {rest}");
+}

@@ -45,7 +45,7 @@ const COMMON: &[&str] = &[
 
 /// The chat route's own parameters.
 const CHAT: &[&str] =
-    &["messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls"];
+    &["messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls", "rag"];
 
 /// The text route's own parameters.
 const TEXT: &[&str] = &["prompt", "echo", "best_of", "suffix"];
@@ -403,10 +403,34 @@ async fn respond(st: AppState, body: Result<Bytes, BytesRejection>, kind: Kind) 
     let s = serving_of(&st)?;
     let body = json_body(body)?;
     let settings = settings(&body, kind)?;
+    let model = settings.model.clone();
+    let answer = respond_with(&s, &body, settings, kind).await;
+    if answer.is_err() {
+        s.metrics.error(&model);
+    }
+    answer
+}
+
+async fn respond_with(s: &Arc<Serving>, body: &Map<String, Value>, settings: Settings, kind: Kind) -> Result<Response, OpenAiError> {
+    let started = std::time::Instant::now();
     let adapter = s.resolve_model(&settings.model).await?;
+    let mut sources = None;
     let prompt = match kind {
         Kind::Chat => {
-            let messages = messages(&body)?;
+            let mut messages = messages(&body)?;
+            if let Some((retrieval, template)) = super::documents::retrieval_of(&body, &settings.model)? {
+                let Some(last) = messages.iter().rposition(|m| m.get("role").and_then(Value::as_str) == Some("user")) else {
+                    return Err(OpenAiError::bad_param("messages", "retrieval needs a user message to search with"));
+                };
+                let question = messages[last].get("content").and_then(Value::as_str).unwrap_or_default().to_string();
+                let s2 = s.clone();
+                let q = question.clone();
+                let hits = tokio::task::spawn_blocking(move || super::documents::retrieve(&s2, &retrieval, &q))
+                    .await
+                    .map_err(|e| OpenAiError::internal(e.to_string()))??;
+                messages[last]["content"] = Value::from(super::documents::fill_template(&template, &hits, &question));
+                sources = Some(Value::from(hits.iter().map(super::documents::source_json).collect::<Vec<_>>()));
+            }
             let template = s
                 .template
                 .clone()
@@ -427,22 +451,25 @@ async fn respond(st: AppState, body: Result<Bytes, BytesRejection>, kind: Kind) 
                 .map_err(|e| OpenAiError::bad_param("messages", format!("the chat template failed: {e}")))?;
             s.tokenizer.encode(&text, false).map_err(|e| OpenAiError::bad_param("messages", e.to_string()))?
         }
-        Kind::Text => text_prompt(&s, &body)?,
+        Kind::Text => text_prompt(s, &body)?,
     };
-    let max_tokens = fit_context(&s, prompt.len(), &settings, kind)?;
+    let max_tokens = fit_context(s, prompt.len(), &settings, kind)?;
     let prompt_tokens = prompt.len();
-    let running = start(&s, prompt, &settings, adapter, max_tokens).await?;
+    let running = start(s, prompt, &settings, adapter, max_tokens).await?;
+    s.metrics.request(&settings.model, prompt_tokens);
     let meta = Meta {
         id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
         created: now_secs(),
         model: settings.model.clone(),
         kind,
         prompt_tokens,
+        sources,
+        started,
     };
     if settings.stream {
-        Ok(stream(s, running, meta, settings.n, settings.include_usage, settings.params.logprobs.is_some()))
+        Ok(stream(s.clone(), running, meta, settings.n, settings.include_usage, settings.params.logprobs.is_some()))
     } else {
-        whole(&s, running, meta, settings.n, settings.params.logprobs.is_some()).await
+        whole(s, running, meta, settings.n, settings.params.logprobs.is_some()).await
     }
 }
 
@@ -453,6 +480,33 @@ struct Meta {
     model: String,
     kind: Kind,
     prompt_tokens: usize,
+    /// The chunks a retrieval chat used (an extra field OpenAI clients ignore).
+    sources: Option<Value>,
+    /// When the request came in (time to first token counts from here).
+    started: std::time::Instant,
+}
+
+/// Times the tokens of a request's choices for `/metrics`.
+struct Timer {
+    first_seen: bool,
+    last: Vec<Option<std::time::Instant>>,
+}
+
+impl Timer {
+    fn new(n: usize) -> Self {
+        Self { first_seen: false, last: vec![None; n] }
+    }
+
+    fn token(&mut self, s: &Serving, meta: &Meta, i: usize) {
+        let now = std::time::Instant::now();
+        if !self.first_seen {
+            self.first_seen = true;
+            s.metrics.first_token(&meta.model, now - meta.started);
+        } else if let Some(last) = self.last[i] {
+            s.metrics.next_token(&meta.model, now - last);
+        }
+        self.last[i] = Some(now);
+    }
 }
 
 impl Meta {
@@ -541,9 +595,11 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_lo
     let mut choices = vec![Choice::default(); n];
     let deadline = tokio::time::Instant::now() + s.limits.request_timeout;
     let mut timed_out = false;
+    let mut timer = Timer::new(n);
     while choices.iter().any(|c| c.finish.is_none()) {
         match tokio::time::timeout_at(deadline, running.events.recv()).await {
             Ok(Some((i, Event::Token { id, text, logprob, .. }))) => {
+                timer.token(s, &meta, i);
                 choices[i].text.push_str(&text);
                 choices[i].tokens += 1;
                 choices[i].logprobs.extend(TokenLog::of(s, id, logprob));
@@ -579,7 +635,8 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_lo
         });
     }
     let completion_tokens = choices.iter().map(|c| c.tokens).sum();
-    Ok(Json(json!({
+    s.metrics.completion(&meta.model, completion_tokens);
+    let mut answer = json!({
         "id": meta.id,
         "object": meta.object(false),
         "created": meta.created,
@@ -587,8 +644,11 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_lo
         "system_fingerprint": null,
         "choices": out,
         "usage": meta.usage(completion_tokens),
-    }))
-    .into_response())
+    });
+    if let Some(sources) = meta.sources {
+        answer["sources"] = sources;
+    }
+    Ok(Json(answer).into_response())
 }
 
 /// Streams the choices as server-sent events in OpenAI's chunk format, then `[DONE]`.
@@ -626,7 +686,11 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
         };
         if meta.kind == Kind::Chat {
             for i in 0..n {
-                if !send(chunk(delta(i, "", None, true, &[]))).await {
+                let mut first = chunk(delta(i, "", None, true, &[]));
+                if let Some(sources) = &meta.sources {
+                    first["sources"] = sources.clone();
+                }
+                if !send(first).await {
                     return;
                 }
             }
@@ -634,6 +698,7 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
         let mut choices = vec![Choice::default(); n];
         let deadline = tokio::time::Instant::now() + timeout;
         let mut timed_out = false;
+        let mut timer = Timer::new(n);
         while choices.iter().any(|c| c.finish.is_none()) {
             let next = tokio::select! {
                 ev = tokio::time::timeout_at(deadline, running.events.recv()) => ev,
@@ -642,6 +707,7 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
             };
             match next {
                 Ok(Some((i, Event::Token { id, text, logprob, .. }))) => {
+                    timer.token(&s, &meta, i);
                     choices[i].tokens += 1;
                     let log: Vec<TokenLog> = TokenLog::of(&s, id, logprob).into_iter().collect();
                     if (!text.is_empty() || !log.is_empty()) && !send(chunk(delta(i, &text, None, false, &log))).await {
@@ -655,6 +721,7 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
                         _ => None,
                     };
                     if let Some(e) = error {
+                        s.metrics.error(&meta.model);
                         let body = json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": null}});
                         let _ = send(body).await;
                         return;
@@ -677,6 +744,7 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
                 }
             }
         }
+        s.metrics.completion(&meta.model, choices.iter().map(|c| c.tokens).sum());
         if include_usage {
             let mut last = chunk(json!([]));
             last["usage"] = meta.usage(choices.iter().map(|c| c.tokens).sum());

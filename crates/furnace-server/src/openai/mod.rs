@@ -8,6 +8,8 @@
 //! | `POST /v1/completions` | a text completion (streamed the same way) |
 //! | `POST /v1/embeddings` | vectors from a served embedding model (`float` or `base64`) |
 //! | `POST /v1/load_lora_adapter`, `/v1/unload_lora_adapter` | vLLM's routes: add or remove a PEFT adapter at run time (with `--allow-adapter-loading`) |
+//! | `/v1/documents...` | document collections for retrieval ([`documents`]) |
+//! | `GET /metrics` | Prometheus counters and latency histograms per model ([`metrics`]) |
 //!
 //! The `model` of a request picks what answers it: the base's name, or an adapter's. Requests
 //! for different adapters share the engine's batches (each row of a step runs with its own
@@ -25,7 +27,11 @@
 //! aborts its requests, which frees their batch slots at the next step.
 
 mod completions;
+mod documents;
 mod embeddings;
+mod metrics;
+
+pub use documents::RagSettings;
 
 use crate::state::AppState;
 use axum::body::Bytes;
@@ -67,6 +73,10 @@ pub struct Serving {
     draining: AtomicBool,
     /// When the server started (seconds since the epoch), the `created` of its models.
     started: u64,
+    /// Document collections for retrieval ([`Serving::with_rag`]).
+    collections: Option<documents::Collections>,
+    /// What `/metrics` reports.
+    metrics: metrics::Metrics,
 }
 
 /// The limits of a [`Serving`].
@@ -110,7 +120,15 @@ impl Serving {
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             started,
+            collections: None,
+            metrics: metrics::Metrics::default(),
         }
+    }
+
+    /// Keeps document collections for retrieval (`/v1/documents`, `rag:` models).
+    pub fn with_rag(mut self, settings: RagSettings) -> Self {
+        self.collections = Some(documents::Collections::new(settings));
+        self
     }
 
     /// From now on new requests get a 503 (the server is stopping).
@@ -149,7 +167,7 @@ impl Serving {
     /// The adapter a `model` names: `Ok(None)` for the base, `Ok(Some(name))` for an adapter
     /// registered with the engine, else a 404.
     async fn resolve_model(&self, model: &str) -> Result<Option<String>, OpenAiError> {
-        if model == self.model_name {
+        if model == self.model_name || (model.starts_with("rag:") && self.collections.is_some()) {
             return Ok(None);
         }
         let names = self.adapter_names().await?;
@@ -311,9 +329,18 @@ fn now_secs() -> u64 {
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/models", get(models))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route(
+            "/v1/documents",
+            post(documents::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(documents::UPLOAD_LIMIT))
+                .get(documents::list),
+        )
+        .route("/v1/documents/query", post(documents::query))
+        .route("/v1/documents/{id}", axum::routing::delete(documents::delete))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
 }
@@ -327,6 +354,17 @@ async fn models(State(st): State<AppState>) -> Result<Json<Value>, OpenAiError> 
     }
     for name in s.embedders.keys() {
         data.push(model(name, None, "embedding"));
+    }
+    if s.collections.is_some() {
+        let names = {
+            let s = s.clone();
+            tokio::task::spawn_blocking(move || s.collections.as_ref().map(|c| c.names()).unwrap_or_default())
+                .await
+                .map_err(|e| OpenAiError::internal(e.to_string()))?
+        };
+        for name in names {
+            data.push(model(&format!("rag:{name}"), Some(&s.model_name), "rag"));
+        }
     }
     Ok(Json(json!({"object": "list", "data": data})))
 }

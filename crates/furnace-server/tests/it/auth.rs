@@ -60,7 +60,7 @@ fn loopback_with_token_refuses_requests_without_it() {
 #[test]
 fn check_options_needs_a_token_off_loopback() {
     let open =
-        ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None };
+        ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None, cors_origins: Vec::new() };
     match furnace_server::check_options(&open) {
         Err(Error::Invalid(m)) => {
             assert!(m.contains("0.0.0.0:8851") && m.contains("--token"), "{m}")
@@ -76,6 +76,7 @@ fn check_options_needs_a_token_off_loopback() {
         allow_model_paths: false,
         launcher: None,
         serving: None,
+        cors_origins: Vec::new(),
     })
     .unwrap();
     furnace_server::check_options(&ServerOptions {
@@ -84,6 +85,7 @@ fn check_options_needs_a_token_off_loopback() {
         allow_model_paths: false,
         launcher: None,
         serving: None,
+        cors_origins: Vec::new(),
     })
     .unwrap();
     assert_eq!(furnace_server::DEFAULT_PORT, 8851);

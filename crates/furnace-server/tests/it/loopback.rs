@@ -60,7 +60,7 @@ pub fn exchange(addr: SocketAddr, method: &str, path: &str, head: &str, body: &s
 }
 
 pub fn loopback() -> ServerOptions {
-    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None }
+    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None, cors_origins: Vec::new() }
 }
 
 #[test]
@@ -101,7 +101,7 @@ fn start_on_a_taken_port_is_an_io_error_naming_it() {
     let addr = taken.local_addr().unwrap();
     match furnace_server::start(
         f.db.clone(),
-        ServerOptions { addr, token: None, allow_model_paths: false, launcher: None, serving: None },
+        ServerOptions { addr, token: None, allow_model_paths: false, launcher: None, serving: None, cors_origins: Vec::new() },
         events::channel(),
     ) {
         Err(e @ Error::Listen { .. }) => {
@@ -110,4 +110,52 @@ fn start_on_a_taken_port_is_an_io_error_naming_it() {
         }
         o => panic!("{o:?}"),
     }
+}
+
+/// `--cors-origin`: that origin's preflight gets a 204 with CORS headers before auth, its
+/// requests get `Access-Control-Allow-Origin`; any other foreign origin is still refused and
+/// gets no CORS header; without the option no answer carries one.
+#[test]
+fn cors_headers_only_for_the_origins_given() {
+    let f = fixture();
+    let raw = |addr: SocketAddr, req: String| {
+        let mut s = connect(addr);
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let head = resp.split_once("\r\n\r\n").map(|(h, _)| h.to_ascii_lowercase()).unwrap_or_default();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, head)
+    };
+    let app = "https://app.example.com";
+    let opts = ServerOptions { token: Some("secret".into()), cors_origins: vec![app.into()], ..loopback() };
+    let h = furnace_server::start(f.db.clone(), opts, events::channel()).unwrap();
+    let addr = h.addr;
+    let (status, head) = raw(
+        addr,
+        format!("OPTIONS /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nAccess-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: authorization\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 204, "{head}");
+    assert!(head.contains("access-control-allow-origin: https://app.example.com"), "{head}");
+    assert!(head.contains("access-control-allow-headers: authorization, content-type"), "{head}");
+    let (status, head) = raw(
+        addr,
+        format!("GET /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nAuthorization: Bearer secret\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("access-control-allow-origin: https://app.example.com") && head.contains("x-frame-options: deny"), "{head}");
+    // The token is still required from an allowed origin.
+    let (status, _) = raw(addr, format!("GET /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 401);
+    let (status, head) =
+        raw(addr, format!("GET /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://evil.example\r\nAuthorization: Bearer secret\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 403, "{head}");
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    drop(h);
+    let h = furnace_server::start(f.db.clone(), loopback(), events::channel()).unwrap();
+    let addr = h.addr;
+    let (status, head) = raw(addr, format!("OPTIONS /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 403, "{head}");
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    assert!(furnace_server::check_options(&ServerOptions { cors_origins: vec!["app.example.com".into()], ..loopback() }).is_err());
 }
