@@ -126,6 +126,44 @@ impl TokenizerEnv for Env {
     }
 }
 
+/// The bytes of every token id of `tokenizer` (see [`GrammarTokens::new`]).
+fn vocabulary_bytes(tokenizer: &furnace_text::Tokenizer) -> Vec<Vec<u8>> {
+    let hf = tokenizer.hf_tokenizer();
+    let added = hf.get_added_tokens_decoder();
+    let n = tokenizer.vocab_size().max(added.keys().map(|&id| id as usize + 1).max().unwrap_or(0));
+    let spelling = spelling(hf);
+    let alphabet = if spelling == Spelling::ByteLevel { byte_level_alphabet() } else { HashMap::new() };
+    let mut bytes = Vec::with_capacity(n);
+    for id in 0..n as u32 {
+        let special = tokenizer.is_special(id) || added.get(&id).is_some_and(|t| t.special);
+        let Some(piece) = hf.id_to_token(id) else {
+            bytes.push(Vec::new());
+            continue;
+        };
+        let b = if special {
+            let mut b = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+            b.extend_from_slice(piece.as_bytes());
+            b
+        } else if let Some(t) = added.get(&id) {
+            t.content.as_bytes().to_vec()
+        } else {
+            match spelling {
+                Spelling::ByteLevel => {
+                    let mapped: Option<Vec<u8>> = piece.chars().map(|c| alphabet.get(&c).copied()).collect();
+                    mapped.unwrap_or_else(|| piece.as_bytes().to_vec())
+                }
+                Spelling::SentencePiece => match sentencepiece_byte(&piece) {
+                    Some(b) => vec![b],
+                    None => piece.replace('\u{2581}', " ").into_bytes(),
+                },
+                Spelling::Plain => piece.into_bytes(),
+            }
+        };
+        bytes.push(b);
+    }
+    bytes
+}
+
 impl GrammarTokens {
     /// The tokens of `tokenizer`. Special tokens (special added tokens, BOS, EOS, PAD, UNK)
     /// are marked so that grammars never produce them (EOS aside, allowed where a grammar may
@@ -133,39 +171,8 @@ impl GrammarTokens {
     ///
     /// Fails when the tokenizer has no end-of-sequence token.
     pub fn new(tokenizer: &furnace_text::Tokenizer) -> Result<Self> {
-        let hf = tokenizer.hf_tokenizer();
-        let added = hf.get_added_tokens_decoder();
-        let n = tokenizer.vocab_size().max(added.keys().map(|&id| id as usize + 1).max().unwrap_or(0));
-        let spelling = spelling(hf);
-        let alphabet = if spelling == Spelling::ByteLevel { byte_level_alphabet() } else { HashMap::new() };
-        let mut bytes = Vec::with_capacity(n);
-        for id in 0..n as u32 {
-            let special = tokenizer.is_special(id) || added.get(&id).is_some_and(|t| t.special);
-            let Some(piece) = hf.id_to_token(id) else {
-                bytes.push(Vec::new());
-                continue;
-            };
-            let b = if special {
-                let mut b = vec![TokTrie::SPECIAL_TOKEN_MARKER];
-                b.extend_from_slice(piece.as_bytes());
-                b
-            } else if let Some(t) = added.get(&id) {
-                t.content.as_bytes().to_vec()
-            } else {
-                match spelling {
-                    Spelling::ByteLevel => {
-                        let mapped: Option<Vec<u8>> = piece.chars().map(|c| alphabet.get(&c).copied()).collect();
-                        mapped.unwrap_or_else(|| piece.as_bytes().to_vec())
-                    }
-                    Spelling::SentencePiece => match sentencepiece_byte(&piece) {
-                        Some(b) => vec![b],
-                        None => piece.replace('\u{2581}', " ").into_bytes(),
-                    },
-                    Spelling::Plain => piece.into_bytes(),
-                }
-            };
-            bytes.push(b);
-        }
+        let bytes = vocabulary_bytes(tokenizer);
+        let n = bytes.len();
         let eos: Vec<u32> = tokenizer.eos_ids().iter().copied().filter(|&id| (id as usize) < n).collect();
         let Some(&first_eos) = eos.first() else {
             return Err(Error::Grammar("the tokenizer has no end-of-sequence token".to_string()));
@@ -478,5 +485,53 @@ mod tests {
         assert!(g.contains(r#""{\"name\": \"get_weather\", \"arguments\": ""#), "{g}");
         assert!(g.contains(r#""{\"name\": \"say \\\"hi\\\"\", \"arguments\": ""#), "{g}");
         assert!(g.contains("block (\"\\n\" block)*"), "{g}");
+    }
+
+    /// A small SentencePiece-style (Llama 2) tokenizer: `▁` for spaces, byte fallback.
+    fn sentencepiece_tokenizer() -> furnace_text::Tokenizer {
+        let added = |id: u32, content: &str| {
+            json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        };
+        let tj = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [added(0, "<unk>"), added(1, "<s>"), added(2, "</s>")],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+            "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x0A>": 3, "<0xC3>": 4, "<0xA9>": 5,
+                                "\u{2581}": 6, "h": 7, "i": 8, "\u{2581}h": 9, "\u{2581}hi": 10},
+                      "merges": ["\u{2581} h", "\u{2581}h i"]}
+        });
+        furnace_text::Tokenizer::from_json(&tj.to_string(), std::path::Path::new("sp.json")).expect("tokenizer")
+    }
+
+    #[test]
+    fn sentencepiece_vocabulary_bytes() {
+        let tok = sentencepiece_tokenizer();
+        let bytes = vocabulary_bytes(&tok);
+        assert_eq!(bytes.len(), 11);
+        for (id, b) in bytes.iter().enumerate().take(3) {
+            assert_eq!(b[0], TokTrie::SPECIAL_TOKEN_MARKER, "{id} is special");
+        }
+        assert_eq!(bytes[3], b"\n");
+        assert_eq!(bytes[4], [0xC3]);
+        assert_eq!(bytes[5], [0xA9]);
+        assert_eq!(bytes[6], b" ");
+        assert_eq!(bytes[10], b" hi");
+        // The bytes of the ids the tokenizer picks spell the text (with SentencePiece's
+        // leading space), "é" from its two byte tokens.
+        let text = "hi hi\n\u{e9}";
+        let ids = tok.encode(text, false).expect("encode");
+        let joined: Vec<u8> = ids.iter().flat_map(|&id| bytes[id as usize].clone()).collect();
+        assert_eq!(joined, format!(" {text}").as_bytes(), "{ids:?}");
+        assert_eq!(tok.decode(&ids, false).expect("decode"), text);
     }
 }

@@ -66,11 +66,8 @@ fn validate(schema: &Value, v: &Value, path: &str) -> Result<(), String> {
                 return fail("number out of range");
             }
         }
-        Some("boolean") => {
-            if !v.is_boolean() {
-                return fail("not a boolean");
-            }
-        }
+        Some("boolean") if !v.is_boolean() => return fail("not a boolean"),
+        Some("boolean") => {}
         Some("array") => {
             let Some(items) = v.as_array() else { return fail("not an array") };
             let n = items.len() as u64;
