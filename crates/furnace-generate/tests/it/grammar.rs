@@ -58,8 +58,11 @@ fn validate(schema: &Value, v: &Value, path: &str) -> Result<(), String> {
             }
         }
         Some("integer") | Some("number") => {
-            let ok = if schema["type"] == "integer" { v.is_i64() || v.is_u64() } else { v.is_number() };
-            let Some(x) = v.as_f64().filter(|_| ok) else { return fail("not a number of that type") };
+            // JSON schema's integers are numbers without a fraction (`-0` is one).
+            let integer = schema["type"] == "integer";
+            let Some(x) = v.as_f64().filter(|x| !integer || x.fract() == 0.0) else {
+                return fail("not a number of that type");
+            };
             if schema.get("minimum").and_then(Value::as_f64).is_some_and(|m| x < m)
                 || schema.get("maximum").and_then(Value::as_f64).is_some_and(|m| x > m)
             {
@@ -295,11 +298,28 @@ fn mask_time_on_smollm2() {
         times[times.len() - 1]
     );
     assert!(c.is_done(), "the closing brace ends the object");
+    // A copy taken mid-way carries the state, then goes its own way.
+    let mut copy = constraint(&tokens, &Grammar::JsonSchema(person_schema())).expect("compiles");
+    let half = ids.len() / 2;
+    for &id in &ids[..half] {
+        copy.commit(id).expect("commit");
+    }
+    let mut other = copy.box_clone();
+    assert!(other.commit(ids[0]).is_err(), "a second opening brace is not allowed mid-way");
+    let mut other = copy.box_clone();
+    for &id in &ids[half..] {
+        copy.commit(id).expect("commit");
+    }
+    assert!(copy.is_done());
+    assert!(!other.is_done(), "the clone did not move with the original");
+    for &id in &ids[half..] {
+        other.commit(id).expect("commit");
+    }
+    assert!(other.is_done());
 }
 
-#[test]
-fn qwen2_tool_call_on_random_weights() {
-    let m = tiny_qwen2();
+/// Two tools whose arguments the random model can finish (bounded strings and numbers).
+fn tools() -> Vec<(String, Value)> {
     let weather = json!({
         "type": "object",
         "properties": {
@@ -315,18 +335,62 @@ fn qwen2_tool_call_on_random_weights() {
         "required": ["a", "b"],
         "additionalProperties": false
     });
-    let tools = vec![("get_weather".to_string(), weather), ("add".to_string(), add)];
-    let grammar = tool_call_grammar(ToolCallStyle::Qwen2, &tools, false);
-    let outs = sample(m, &grammar, "Call a tool:", &[5, 6, 7, 8], 300);
+    vec![("get_weather".to_string(), weather), ("add".to_string(), add)]
+}
+
+/// Samples tool calls in `style` on the random model; each output parses into calls to
+/// known tools with valid arguments. Returns the outputs.
+fn check_tool_calls(style: ToolCallStyle, parallel: bool, seeds: &[u64]) -> Vec<Vec<(String, Value)>> {
+    let m = tiny_qwen2();
+    let tools = tools();
+    let grammar = tool_call_grammar(style, &tools, parallel);
+    let outs = sample(m, &grammar, "Call a tool:", seeds, 400);
+    let mut all = Vec::new();
     for (i, o) in outs.iter().enumerate() {
-        eprintln!("seed {i}: {:?} {:?}", o.finish_reason, o.text);
-        assert_eq!(o.finish_reason, FinishReason::Stop, "seed {i}: {:?}", o.text);
+        eprintln!("{style:?} seed {i}: {:?} {:?}", o.finish_reason, o.text);
+        // A single call ends by itself; parallel calls end with EOS after any whole call.
+        let ended = if parallel {
+            [FinishReason::Stop, FinishReason::Eos].contains(&o.finish_reason)
+        } else {
+            o.finish_reason == FinishReason::Stop
+        };
+        assert!(ended, "{style:?} seed {i}: {:?} {:?}", o.finish_reason, o.text);
+        let calls = parse_tool_calls(style, &o.text).unwrap_or_else(|| panic!("no call in {:?}", o.text));
+        if !parallel {
+            assert_eq!(calls.len(), 1);
+        }
+        for (name, args) in &calls {
+            let schema = &tools.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("unknown tool {name}")).1;
+            validate(schema, args, "$").unwrap_or_else(|e| panic!("{style:?} seed {i}: {e}"));
+        }
+        all.push(calls);
+    }
+    all
+}
+
+#[test]
+fn qwen2_tool_call_on_random_weights() {
+    let m = tiny_qwen2();
+    let tools = tools();
+    let grammar = tool_call_grammar(ToolCallStyle::Qwen2, &tools, false);
+    for o in sample(m, &grammar, "Call a tool:", &[5, 6, 7, 8], 300) {
         assert!(o.text.starts_with("<tool_call>\n{\"name\": \"") && o.text.ends_with("}\n</tool_call>"), "{:?}", o.text);
-        let calls = parse_tool_calls(ToolCallStyle::Qwen2, &o.text).expect("a call");
-        assert_eq!(calls.len(), 1);
-        let (name, args) = &calls[0];
-        let schema = &tools.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("unknown tool {name}")).1;
-        validate(schema, args, "$").unwrap_or_else(|e| panic!("seed {i}: {e}"));
+    }
+    let calls = check_tool_calls(ToolCallStyle::Qwen2, false, &[5, 6, 7, 8]);
+    // The random model picks both tools across seeds.
+    assert!(calls.iter().any(|c| c[0].0 == "add") && calls.iter().any(|c| c[0].0 == "get_weather"), "{calls:?}");
+}
+
+#[test]
+fn llama3_and_mistral_tool_calls_on_random_weights() {
+    check_tool_calls(ToolCallStyle::Llama3, false, &[1, 2, 3]);
+    check_tool_calls(ToolCallStyle::Mistral, false, &[1, 2, 3]);
+}
+
+#[test]
+fn parallel_tool_calls_on_random_weights() {
+    for style in [ToolCallStyle::Qwen2, ToolCallStyle::Llama3, ToolCallStyle::Mistral] {
+        check_tool_calls(style, true, &[21, 22, 23]);
     }
 }
 
