@@ -432,3 +432,41 @@ fn bad_schema_and_grammar_are_errors() {
         }
     }
 }
+
+/// Feeds `text`'s tokens to a fresh constraint of `grammar`; whether all were accepted and
+/// the grammar may end there (the constraint is done, or its mask allows EOS).
+fn accepts(tokens: &GrammarTokens, m: &LoadedModel, grammar: &Grammar, text: &str) -> bool {
+    let mut c = constraint(tokens, grammar).expect("compiles");
+    let ids = m.tokenizer.encode(text, false).expect("encode");
+    if !ids.iter().all(|&id| c.commit(id).is_ok()) {
+        return false;
+    }
+    if c.is_done() {
+        return true;
+    }
+    let mut logits = vec![0.0f32; tokens.vocab_size()];
+    c.mask(&mut logits).expect("mask");
+    tokens.eos_ids().iter().any(|&eos| logits[eos as usize].is_finite())
+}
+
+#[test]
+fn local_refs_and_lark_grammars_constrain() {
+    let m = tiny_qwen2();
+    let tokens = GrammarTokens::new(&m.tokenizer).expect("grammar tokens");
+    // `$ref` to `$defs` resolves without the `referencing` feature.
+    let schema = Grammar::JsonSchema(json!({
+        "$defs": {"small": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/small"}},
+        "required": ["a"],
+        "additionalProperties": false
+    }));
+    assert!(accepts(&tokens, m, &schema, r#"{"a": 5}"#));
+    assert!(!accepts(&tokens, m, &schema, r#"{"a": 12}"#));
+    assert!(!accepts(&tokens, m, &schema, r#"{"a":5}"#), "one fixed layout");
+    let lark = Grammar::Lark("start: \"yes\" | \"no\" \" \" %json {\"type\": \"integer\"}".to_string());
+    assert!(accepts(&tokens, m, &lark, "yes"));
+    assert!(accepts(&tokens, m, &lark, "no 42"), "may end after a number, or add digits");
+    assert!(!accepts(&tokens, m, &lark, "no"), "may not end before the number");
+    assert!(!accepts(&tokens, m, &lark, "maybe"));
+}
