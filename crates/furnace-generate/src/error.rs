@@ -44,6 +44,10 @@ pub enum Error {
     /// The engine thread could not be started.
     #[error("cannot start the engine thread: {0}")]
     Spawn(std::io::Error),
+    /// A JSON schema or grammar for constrained decoding does not compile (llguidance's
+    /// message), or the tokenizer cannot be used for it.
+    #[error("invalid grammar: {0}")]
+    Grammar(String),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] furnace_model::Error),

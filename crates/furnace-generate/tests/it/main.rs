@@ -4,4 +4,5 @@
 mod common;
 mod decoding;
 mod generate;
+mod grammar;
 mod service;
