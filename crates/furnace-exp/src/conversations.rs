@@ -166,7 +166,9 @@ impl Store {
     /// comment. [`Error::ConversationNotFound`] when no conversation has this id.
     pub fn add_feedback(&self, id: &str, rating: i64, comment: Option<&str>) -> Result<()> {
         if !(RATING_MIN..=RATING_MAX).contains(&rating) {
-            return Err(Error::Invalid(format!("rating must be an integer from {RATING_MIN} (worst) to {RATING_MAX} (best), not {rating}")));
+            return Err(Error::Invalid(format!(
+                "rating must be an integer from {RATING_MIN} (worst) to {RATING_MAX} (best), not {rating}"
+            )));
         }
         let tx = self.write_tx()?;
         let n = tx.execute(

@@ -15,7 +15,10 @@ fn record(id: &str, created: i64, model: &str) -> ConversationRecord {
         messages: json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": format!("question {id}")}]),
         response: vec![
             ChoiceRecord { text: format!("answer {id}"), tool_calls: None },
-            ChoiceRecord { text: String::new(), tool_calls: Some(json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])) },
+            ChoiceRecord {
+                text: String::new(),
+                tool_calls: Some(json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])),
+            },
         ],
         rag_sources: (created % 2 == 0).then(|| json!([{"source": "doc.md", "chunk": 3}])),
         prompt_tokens: 12,

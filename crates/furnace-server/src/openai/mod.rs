@@ -7,6 +7,7 @@
 //! | `POST /v1/chat/completions` | a chat completion, or with `stream` its chunks as server-sent events |
 //! | `POST /v1/completions` | a text completion (streamed the same way) |
 //! | `POST /v1/embeddings` | vectors from a served embedding model (`float` or `base64`) |
+//! | `POST /v1/feedback` | records a rating (1..=5) and comment for a logged chat completion (module `log`) |
 //! | `POST /v1/load_lora_adapter`, `/v1/unload_lora_adapter` | vLLM's routes: add or remove a PEFT adapter at run time (with `--allow-adapter-loading`) |
 //!
 //! The `model` of a request picks what answers it: the base's name, or an adapter's. Requests
@@ -26,6 +27,7 @@
 
 mod completions;
 mod embeddings;
+pub(crate) mod log;
 
 use crate::state::AppState;
 use axum::body::Bytes;
@@ -78,11 +80,14 @@ pub struct ServeLimits {
     pub request_timeout: Duration,
     /// Whether `/v1/load_lora_adapter` may read adapters from paths the request names.
     pub allow_adapter_loading: bool,
+    /// Whether finished chat completions are logged in the store as conversations (what
+    /// is stored: the module docs of `openai::log`); `furnace serve --no-log` turns it off.
+    pub log: bool,
 }
 
 impl Default for ServeLimits {
     fn default() -> Self {
-        Self { max_in_flight: 256, request_timeout: Duration::from_secs(600), allow_adapter_loading: false }
+        Self { max_in_flight: 256, request_timeout: Duration::from_secs(600), allow_adapter_loading: false, log: true }
     }
 }
 
@@ -314,6 +319,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/feedback", post(log::feedback))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
 }
