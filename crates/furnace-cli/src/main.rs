@@ -10,7 +10,7 @@ mod human;
 mod interrupt;
 mod models;
 
-use commands::{bench, chat, doctor, embed, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui};
+use commands::{bench, chat, conversations, doctor, embed, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -59,6 +59,9 @@ enum Command {
     /// /v1/embeddings, /v1/models): one resident base, its adapters (--adapter NAME=DIR,
     /// --experiment NAME) batched together, embedding models; the dashboard on the same port
     Serve(serve::ServeArgs),
+    /// List or export the conversations `furnace serve` logged (with their ratings from
+    /// POST /v1/feedback) as training data for `furnace train`.
+    Conversations(conversations::ConversationsArgs),
     /// Print sentence vectors of texts (a BERT-family encoder such as all-minilm-l6-v2).
     Embed(embed::EmbedArgs),
     /// Build and manage retrieval indexes of documents (split, embed, store).
@@ -145,6 +148,7 @@ fn main() {
         Command::Ops(a) => ops::run(a),
         Command::Ui(a) => ui::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Conversations(a) => conversations::run(a),
         Command::Doctor => doctor::run(threads),
         Command::Bench { cmd } => bench::run(cmd),
     };

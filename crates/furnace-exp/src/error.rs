@@ -75,6 +75,12 @@ pub enum Error {
         /// The id asked for.
         op: i64,
     },
+    /// No logged conversation has this completion id.
+    #[error("no conversation '{id}'")]
+    ConversationNotFound {
+        /// The id asked for (`chatcmpl-...`).
+        id: String,
+    },
     /// The experiment has no runs to train.
     #[error("experiment {experiment} has no runs")]
     NoRuns {

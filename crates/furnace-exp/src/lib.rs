@@ -7,6 +7,7 @@
 
 pub mod asha;
 pub mod audit;
+pub mod conversations;
 pub mod error;
 pub mod events;
 pub mod experiment;
@@ -14,6 +15,7 @@ pub mod fit;
 pub mod ops;
 pub mod store;
 
+pub use conversations::{ChoiceRecord, ConversationFilter, ConversationRecord, ConversationRow, RATING_MAX, RATING_MIN};
 pub use error::{Error, Result};
 pub use events::{Event, EventSender};
 pub use experiment::{Experiment, Running, SendLoader, StartOptions};

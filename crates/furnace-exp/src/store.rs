@@ -1,6 +1,7 @@
 //! The embedded store: one SQLite database (WAL, so the trainer, the server and other
 //! `furnace` processes read and write it at once) holding experiments, runs (config,
-//! status, progress, lineage), metrics and control ops.
+//! status, progress, lineage), metrics and control ops, and the conversations
+//! `furnace serve` logged ([`crate::conversations`]).
 //!
 //! A [`Store`] wraps one connection; every thread opens its own.
 
@@ -238,7 +239,7 @@ pub const DB_FILE: &str = "furnace.db";
 
 /// One connection to the store.
 pub struct Store {
-    conn: Connection,
+    pub(crate) conn: Connection,
     path: PathBuf,
 }
 
@@ -328,6 +329,9 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // Added after the first stores were made: created here on open, so an older store
+        // gains it (`IF NOT EXISTS`) and keeps everything it holds.
+        conn.execute_batch(crate::conversations::SCHEMA)?;
         Ok(Self { conn, path: path.to_path_buf() })
     }
 
@@ -344,7 +348,7 @@ impl Store {
     /// A write transaction, begun IMMEDIATE: it takes the write lock first, so a commit
     /// of another connection between its reads and its writes cannot fail it
     /// (`SQLITE_BUSY_SNAPSHOT`); a busy lock is waited for (the busy timeout).
-    fn write_tx(&self) -> Result<Transaction<'_>> {
+    pub(crate) fn write_tx(&self) -> Result<Transaction<'_>> {
         Ok(Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?)
     }
 
@@ -808,7 +812,7 @@ fn point(what: &str, when: &str) {
 /// Commits a write transaction of the store method `what`, between the crash-injection
 /// points `store.<what>.before_commit` (everything written, nothing committed) and
 /// `store.<what>.after_commit`.
-fn commit(tx: Transaction<'_>, what: &str) -> Result<()> {
+pub(crate) fn commit(tx: Transaction<'_>, what: &str) -> Result<()> {
     point(what, "before_commit");
     tx.commit()?;
     point(what, "after_commit");

@@ -72,7 +72,8 @@ impl From<furnace_exp::Error> for ApiError {
             | E::NoExperiments
             | E::RunNotFound { .. }
             | E::RunNotInExperiment { .. }
-            | E::OpNotFound { .. } => StatusCode::NOT_FOUND,
+            | E::OpNotFound { .. }
+            | E::ConversationNotFound { .. } => StatusCode::NOT_FOUND,
             E::Forbidden(_) => StatusCode::FORBIDDEN,
             E::Invalid(_) | E::Spec(_) | E::NoRuns { .. } | E::Busy { .. } | E::Load { .. } | E::NoChatTemplate { .. } | E::Data(_) => {
                 StatusCode::BAD_REQUEST

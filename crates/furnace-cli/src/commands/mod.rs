@@ -7,6 +7,7 @@ pub mod bench_embed;
 pub mod bench_index;
 pub mod chaos;
 pub mod chat;
+pub mod conversations;
 pub mod doctor;
 pub mod embed;
 pub mod generate;

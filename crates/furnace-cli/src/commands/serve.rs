@@ -64,6 +64,12 @@ pub struct ServeArgs {
     /// read an adapter from a path the request names.
     #[arg(long)]
     allow_adapter_loading: bool,
+    /// Do not log conversations. By default every finished chat completion is stored in
+    /// --runs-dir's furnace.db (id, time, model and adapter, the request's messages, each
+    /// choice's text and tool calls, retrieval sources, token counts, latency) for
+    /// POST /v1/feedback ratings and `furnace conversations list|export`.
+    #[arg(long)]
+    no_log: bool,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -155,6 +161,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_in_flight: a.max_batch + a.max_queue,
         request_timeout: Duration::from_secs(a.request_timeout.max(1)),
         allow_adapter_loading: a.allow_adapter_loading,
+        log: !a.no_log,
     };
     let rag = RagSettings {
         index_root: a.dir.runs_dir.join("collections").join("indexes"),

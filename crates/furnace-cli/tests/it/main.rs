@@ -5,6 +5,7 @@
 
 mod api;
 mod cli;
+mod conversations;
 mod crash;
 mod dashboard;
 mod experiment;

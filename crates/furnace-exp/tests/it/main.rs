@@ -2,5 +2,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod audit;
+mod conversations;
 mod fit;
 mod ops;

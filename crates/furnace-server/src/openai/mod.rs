@@ -7,6 +7,7 @@
 //! | `POST /v1/chat/completions` | a chat completion, or with `stream` its chunks as server-sent events |
 //! | `POST /v1/completions` | a text completion (streamed the same way) |
 //! | `POST /v1/embeddings` | vectors from a served embedding model (`float` or `base64`) |
+//! | `POST /v1/feedback` | records a rating (1..=5) and comment for a logged chat completion (module `log`) |
 //! | `POST /v1/load_lora_adapter`, `/v1/unload_lora_adapter` | vLLM's routes: add or remove a PEFT adapter at run time (with `--allow-adapter-loading`) |
 //! | `/v1/documents...` | document collections for retrieval ([`documents`]) |
 //! | `GET /metrics` | Prometheus counters and latency histograms per model ([`metrics`]) |
@@ -29,6 +30,7 @@
 mod completions;
 mod documents;
 mod embeddings;
+pub(crate) mod log;
 mod metrics;
 
 pub use documents::RagSettings;
@@ -88,11 +90,14 @@ pub struct ServeLimits {
     pub request_timeout: Duration,
     /// Whether `/v1/load_lora_adapter` may read adapters from paths the request names.
     pub allow_adapter_loading: bool,
+    /// Whether finished chat completions are logged in the store as conversations (what
+    /// is stored: the module docs of `openai::log`); `furnace serve --no-log` turns it off.
+    pub log: bool,
 }
 
 impl Default for ServeLimits {
     fn default() -> Self {
-        Self { max_in_flight: 256, request_timeout: Duration::from_secs(600), allow_adapter_loading: false }
+        Self { max_in_flight: 256, request_timeout: Duration::from_secs(600), allow_adapter_loading: false, log: true }
     }
 }
 
@@ -341,6 +346,7 @@ pub(crate) fn router() -> Router<AppState> {
         )
         .route("/v1/documents/query", post(documents::query))
         .route("/v1/documents/{id}", axum::routing::delete(documents::delete))
+        .route("/v1/feedback", post(log::feedback))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
 }

@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod dashboard;
 mod events;
+mod feedback;
 mod guard;
 mod loopback;
 mod playground;
