@@ -38,6 +38,15 @@ assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 seen["chat"] = whole
 seen["chat_usage"] = [r.usage.prompt_tokens, r.usage.completion_tokens]
 
+# A JSON schema on the real model, greedy: valid JSON with the fields asked for.
+js = client.chat.completions.create(
+    model=base, messages=[{"role": "user", "content": "Give the capital of France as JSON."}], temperature=0, max_tokens=60,
+    response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}}, "required": ["country", "capital"]}}},
+)
+parsed = json.loads(js.choices[0].message.content)
+assert set(parsed) == {"country", "capital"} and all(isinstance(v, str) for v in parsed.values()), parsed
+seen["json"] = parsed
+
 # Chat, streamed with usage: the same text, usage in a last chunk without choices.
 chunks = list(
     client.chat.completions.create(
@@ -167,5 +176,12 @@ raises(openai.NotFoundError, lambda: chat("late", prompts[0]))
 status, body = post("/load_lora_adapter", {"lora_name": "bad", "lora_path": "/nonexistent/adapter"})
 assert status == 400 and body["error"]["param"] == "lora_path", body
 seen["runtime_adapters"] = "ok"
+
+# Feedback: rate the first chat; an unknown id is a 404.
+status, body = post("/feedback", {"id": r.id, "rating": 5, "comment": "right answer"})
+assert status == 200 and body["rating"] == 5, body
+status, body = post("/feedback", {"id": "chatcmpl-unknown", "rating": 1})
+assert status == 404, body
+seen["rated"] = r.id
 
 print(json.dumps(seen))

@@ -113,6 +113,30 @@ fn the_official_openai_client_chats_completes_embeds_and_gets_typed_errors() {
     assert_eq!(seen["runtime_adapters"], "ok");
     let (status, rest) = server.stop();
     assert!(status.success(), "furnace serve exited with {status}: {rest}");
+    // Every chat completion was logged; the rated one exports as a training conversation.
+    let out = runs.path().join("rated.jsonl");
+    let export = Command::new(env!("CARGO_BIN_EXE_furnace"))
+        .args(["conversations", "export", "--format", "chat-jsonl", "--min-rating", "5", "--out"])
+        .arg(&out)
+        .arg("--runs-dir")
+        .arg(runs.path())
+        .output()
+        .expect("furnace conversations export");
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let text = std::fs::read_to_string(&out).expect("export");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let messages = lines[0]["messages"].as_array().expect("messages");
+    assert_eq!(messages[0]["content"], "What is the capital of France?");
+    assert_eq!(messages.last().expect("reply")["role"], "assistant");
+    assert_eq!(messages.last().expect("reply")["content"], seen["chat"]);
+    let list = Command::new(env!("CARGO_BIN_EXE_furnace"))
+        .args(["conversations", "list", "--json", "--runs-dir"])
+        .arg(runs.path())
+        .output()
+        .expect("furnace conversations list");
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(listed.matches("chatcmpl-").count() >= 10, "{listed}");
 }
 
 /// 64 streaming clients at once, half of them hanging up mid-stream: every other stream
@@ -147,6 +171,19 @@ fn uploaded_documents_are_queried_and_ground_retrieval_chats() {
     assert_eq!(seen["after_delete"], 2, "{seen}");
     // The collection is on disk in the runs folder, named.
     assert!(runs.path().join("collections/notes.index").is_file());
+    let (status, rest) = server.stop();
+    assert!(status.success(), "furnace serve exited with {status}: {rest}");
+}
+
+/// On a model with random weights (tiny qwen2), constrained decoding still gives valid tool
+/// calls (required, named, streamed) and JSON that validates against the schema.
+#[test]
+fn forced_tool_calls_and_json_schemas_hold_on_random_weights() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    let model = testdata().join("tiny-qwen2");
+    let server = Server::start(runs.path(), &["--model", model.to_str().expect("utf8"), "--name", "tiny", "--dtype", "f32"]);
+    let seen = client("openai_tools.py", &[&server.url, "tiny"]);
+    assert!(seen["json_schema"]["age"].is_i64(), "{seen}");
     let (status, rest) = server.stop();
     assert!(status.success(), "furnace serve exited with {status}: {rest}");
 }

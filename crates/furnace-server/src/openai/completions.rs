@@ -66,6 +66,10 @@ struct Settings {
     params: SamplingParams,
     /// `max_tokens` as given (`None`: the default of the route).
     max_tokens: Option<usize>,
+    /// The grammar `response_format` asks for.
+    format: Option<furnace_generate::Grammar>,
+    /// The request's tools.
+    tools: Option<super::tools::Tools>,
 }
 
 fn number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, OpenAiError> {
@@ -166,26 +170,13 @@ fn settings(body: &Map<String, Value>, kind: Kind) -> Result<Settings, OpenAiErr
         }
         Kind::Text => count(body, "logprobs", 0, MAX_LOGPROBS as u64)?,
     };
-    if kind == Kind::Chat {
-        match body.get("response_format") {
-            None | Some(Value::Null) => {}
-            Some(f) if f.get("type").and_then(Value::as_str) == Some("text") => {}
-            Some(_) => {
-                return Err(OpenAiError::bad_param(
-                    "response_format",
-                    "response_format json_object / json_schema is not supported yet by furnace serve (only {\"type\": \"text\"})",
-                ))
-            }
+    let (format, tools) = if kind == Kind::Chat {
+        let format = super::tools::format_of(body)?;
+        let tools = super::tools::tools_of(body)?;
+        if format.is_some() && tools.as_ref().is_some_and(|t| t.grammar(furnace_generate::ToolCallStyle::Qwen2).is_some()) {
+            return Err(OpenAiError::bad_param("response_format", "give response_format or a forced tool_choice, not both"));
         }
-        let no_tools = match body.get("tools") {
-            None | Some(Value::Null) => true,
-            Some(Value::Array(a)) => a.is_empty(),
-            Some(_) => false,
-        };
-        let choice_none = matches!(body.get("tool_choice"), None | Some(Value::Null)) || body.get("tool_choice") == Some(&json!("none"));
-        if !no_tools || !choice_none {
-            return Err(OpenAiError::bad_param("tools", "tool calling is not supported yet by furnace serve"));
-        }
+        (format, tools)
     } else {
         if flag(body, "echo")? {
             return Err(OpenAiError::bad_param("echo", "echo is not supported by furnace serve"));
@@ -196,7 +187,8 @@ fn settings(body: &Map<String, Value>, kind: Kind) -> Result<Settings, OpenAiErr
         if body.get("suffix").is_some_and(|s| !s.is_null()) {
             return Err(OpenAiError::bad_param("suffix", "suffix (insertion) is not supported by furnace serve"));
         }
-    }
+        (None, None)
+    };
     if let Some(user) = body.get("user") {
         if !(user.is_string() || user.is_null()) {
             return Err(OpenAiError::bad_param("user", "user must be a string"));
@@ -212,7 +204,7 @@ fn settings(body: &Map<String, Value>, kind: Kind) -> Result<Settings, OpenAiErr
         logprobs,
         ..SamplingParams::default()
     };
-    Ok(Settings { model, n, stream, include_usage, params, max_tokens })
+    Ok(Settings { model, n, stream, include_usage, params, max_tokens, format, tools })
 }
 
 /// The chat messages as the template context takes them: `content` made a string (text
@@ -318,6 +310,7 @@ async fn start(
     settings: &Settings,
     adapter: Option<String>,
     max_tokens: usize,
+    constraint: Option<Box<dyn furnace_generate::Constraint>>,
 ) -> Result<Running, OpenAiError> {
     let admitted = s.admit(settings.n)?;
     // Choices differ by seed: the given one plus the choice's index, or a random base.
@@ -337,7 +330,8 @@ async fn start(
         .map(|i| {
             let tx = tx.clone();
             let params = SamplingParams { seed: Some(base_seed.wrapping_add(i as u64)), max_tokens, ..params.clone() };
-            let request = Request { prompt: prompt.clone(), params, adapter: adapter.clone(), constraint: None };
+            let constraint = constraint.as_ref().map(|c| c.box_clone());
+            let request = Request { prompt: prompt.clone(), params, adapter: adapter.clone(), constraint };
             let sink: furnace_generate::Sink = Box::new(move |ev| {
                 let _ = tx.send((i, ev));
             });
@@ -404,20 +398,31 @@ async fn respond(st: AppState, body: Result<Bytes, BytesRejection>, kind: Kind) 
     let body = json_body(body)?;
     let settings = settings(&body, kind)?;
     let model = settings.model.clone();
-    let answer = respond_with(&s, &body, settings, kind).await;
+    let answer = respond_with(&st, &s, &body, settings, kind).await;
     if answer.is_err() {
         s.metrics.error(&model);
     }
     answer
 }
 
-async fn respond_with(s: &Arc<Serving>, body: &Map<String, Value>, settings: Settings, kind: Kind) -> Result<Response, OpenAiError> {
+async fn respond_with(
+    st: &AppState,
+    s: &Arc<Serving>,
+    body: &Map<String, Value>,
+    settings: Settings,
+    kind: Kind,
+) -> Result<Response, OpenAiError> {
     let started = std::time::Instant::now();
     let adapter = s.resolve_model(&settings.model).await?;
     let mut sources = None;
+    let mut logged_messages = None;
+    let mut tool_style = None;
+    let mut grammar = settings.format.clone();
     let prompt = match kind {
         Kind::Chat => {
-            let mut messages = messages(&body)?;
+            let mut messages = messages(body)?;
+            super::tools::normalize_tool_calls(&mut messages);
+            logged_messages = Some(Value::from(messages.clone()));
             if let Some((retrieval, template)) = super::documents::retrieval_of(&body, &settings.model)? {
                 let Some(last) = messages.iter().rposition(|m| m.get("role").and_then(Value::as_str) == Some("user")) else {
                     return Err(OpenAiError::bad_param("messages", "retrieval needs a user message to search with"));
@@ -436,6 +441,20 @@ async fn respond_with(s: &Arc<Serving>, body: &Map<String, Value>, settings: Set
                 .clone()
                 .ok_or_else(|| OpenAiError::invalid(format!("{} has no chat template: use /v1/completions with a prompt", s.model_name)))?;
             let mut context = Map::new();
+            if let Some(tools) = settings.tools.as_ref().filter(|t| t.active()) {
+                let style = super::tools::style_of(template.source());
+                if super::tools::template_knows_tools(template.source()) {
+                    context.insert("tools".into(), Value::from(tools.raw.clone()));
+                } else {
+                    // The template cannot show tools: describe them in the `<tool_call>` format.
+                    super::tools::inject_tools_prompt(&mut messages, tools);
+                }
+                let style = if super::tools::template_knows_tools(template.source()) { style } else { furnace_generate::ToolCallStyle::Qwen2 };
+                tool_style = Some(style);
+                if let Some(g) = tools.grammar(style) {
+                    grammar = Some(g);
+                }
+            }
             context.insert("messages".into(), Value::from(messages));
             context.insert("add_generation_prompt".into(), Value::from(true));
             if let Some(bos) = s.tokenizer.bos_token() {
@@ -451,11 +470,25 @@ async fn respond_with(s: &Arc<Serving>, body: &Map<String, Value>, settings: Set
                 .map_err(|e| OpenAiError::bad_param("messages", format!("the chat template failed: {e}")))?;
             s.tokenizer.encode(&text, false).map_err(|e| OpenAiError::bad_param("messages", e.to_string()))?
         }
-        Kind::Text => text_prompt(s, &body)?,
+        Kind::Text => text_prompt(s, body)?,
+    };
+    let constraint = match grammar {
+        None => None,
+        Some(g) => {
+            let s2 = s.clone();
+            let param = if settings.format.is_some() { "response_format" } else { "tools" };
+            let built = tokio::task::spawn_blocking(move || -> Result<Box<dyn furnace_generate::Constraint>, String> {
+                let tokens = s2.grammar_tokens()?;
+                furnace_generate::constraint(&tokens, &g).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| OpenAiError::internal(e.to_string()))?;
+            Some(built.map_err(|e| OpenAiError::bad_param(param, e))?)
+        }
     };
     let max_tokens = fit_context(s, prompt.len(), &settings, kind)?;
     let prompt_tokens = prompt.len();
-    let running = start(s, prompt, &settings, adapter, max_tokens).await?;
+    let running = start(s, prompt, &settings, adapter.clone(), max_tokens, constraint).await?;
     s.metrics.request(&settings.model, prompt_tokens);
     let meta = Meta {
         id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
@@ -465,6 +498,8 @@ async fn respond_with(s: &Arc<Serving>, body: &Map<String, Value>, settings: Set
         prompt_tokens,
         sources,
         started,
+        tool_style,
+        log: logged_messages.map(|messages| (st.clone(), messages, adapter)),
     };
     if settings.stream {
         Ok(stream(s.clone(), running, meta, settings.n, settings.include_usage, settings.params.logprobs.is_some()))
@@ -484,6 +519,36 @@ struct Meta {
     sources: Option<Value>,
     /// When the request came in (time to first token counts from here).
     started: std::time::Instant,
+    /// How tool calls are written, when the request's tools are active (the text is parsed
+    /// for calls).
+    tool_style: Option<furnace_generate::ToolCallStyle>,
+    /// A chat completion is logged: the state, the messages as normalized, the adapter.
+    log: Option<(AppState, Value, Option<String>)>,
+}
+
+impl Meta {
+    /// Logs the finished chat completion (never fails the answer: a store error is printed).
+    async fn log(&self, choices: &[Choice], completion_tokens: usize) {
+        let Some((st, messages, adapter)) = &self.log else { return };
+        let record = furnace_exp::ConversationRecord {
+            id: self.id.clone(),
+            created: self.created as i64,
+            model: self.model.clone(),
+            adapter: adapter.clone(),
+            messages: messages.clone(),
+            response: choices
+                .iter()
+                .map(|c| furnace_exp::ChoiceRecord { text: c.text.clone(), tool_calls: c.tool_calls.clone().map(Value::from) })
+                .collect(),
+            rag_sources: self.sources.clone(),
+            prompt_tokens: self.prompt_tokens as i64,
+            completion_tokens: completion_tokens as i64,
+            latency_ms: self.started.elapsed().as_millis() as i64,
+        };
+        if let Err(e) = super::log::log_completion(st, record).await {
+            eprintln!("furnace serve: could not log {}: {}", self.id, e.message);
+        }
+    }
 }
 
 /// Times the tokens of a request's choices for `/metrics`.
@@ -530,6 +595,8 @@ struct Choice {
     tokens: usize,
     finish: Option<FinishReason>,
     logprobs: Vec<TokenLog>,
+    /// The calls parsed from the text, when the request's tools are active.
+    tool_calls: Option<Vec<Value>>,
 }
 
 /// One generated token's log-probabilities, with text for the token and its alternatives.
@@ -592,7 +659,7 @@ fn logprobs_json(kind: Kind, logs: &[TokenLog], asked: bool) -> Value {
 
 /// Waits for every choice and answers with the whole completion.
 async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_logprobs: bool) -> Result<Response, OpenAiError> {
-    let mut choices = vec![Choice::default(); n];
+    let mut choices: Vec<Choice> = vec![Choice::default(); n];
     let deadline = tokio::time::Instant::now() + s.limits.request_timeout;
     let mut timed_out = false;
     let mut timer = Timer::new(n);
@@ -618,6 +685,11 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_lo
             }
         }
     }
+    if let Some(style) = meta.tool_style {
+        for c in &mut choices {
+            c.tool_calls = super::tools::calls_of(style, &c.text);
+        }
+    }
     let mut out = Vec::with_capacity(n);
     for (i, c) in choices.iter().enumerate() {
         let reason = match &c.finish {
@@ -628,14 +700,22 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_lo
         };
         let logprobs = logprobs_json(meta.kind, &c.logprobs, asked_logprobs);
         out.push(match meta.kind {
-            Kind::Chat => {
-                json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": reason})
-            }
+            Kind::Chat => match &c.tool_calls {
+                Some(calls) => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": null, "tool_calls": calls},
+                    "logprobs": logprobs,
+                    "finish_reason": "tool_calls",
+                }),
+                None => json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": reason}),
+            },
             Kind::Text => json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": reason}),
         });
     }
     let completion_tokens = choices.iter().map(|c| c.tokens).sum();
     s.metrics.completion(&meta.model, completion_tokens);
+    // Logged before the answer leaves: once a client has its answer, the log has it too.
+    meta.log(&choices, completion_tokens).await;
     let mut answer = json!({
         "id": meta.id,
         "object": meta.object(false),
@@ -709,6 +789,11 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
                 Ok(Some((i, Event::Token { id, text, logprob, .. }))) => {
                     timer.token(&s, &meta, i);
                     choices[i].tokens += 1;
+                    choices[i].text.push_str(&text);
+                    // With tools the text is held back until it can be parsed for calls.
+                    if meta.tool_style.is_some() {
+                        continue;
+                    }
                     let log: Vec<TokenLog> = TokenLog::of(&s, id, logprob).into_iter().collect();
                     if (!text.is_empty() || !log.is_empty()) && !send(chunk(delta(i, &text, None, false, &log))).await {
                         return;
@@ -726,7 +811,34 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
                         let _ = send(body).await;
                         return;
                     }
-                    if !send(chunk(delta(i, &text, Some(finish_name(&reason, timed_out)), false, &[]))).await {
+                    choices[i].text.push_str(&text);
+                    let finished = match meta.tool_style {
+                        None => chunk(delta(i, &text, Some(finish_name(&reason, timed_out)), false, &[])),
+                        Some(style) => {
+                            choices[i].tool_calls = super::tools::calls_of(style, &choices[i].text);
+                            let held = match &choices[i].tool_calls {
+                                Some(calls) => {
+                                    let calls: Vec<Value> = calls
+                                        .iter()
+                                        .enumerate()
+                                        .map(|(k, c)| {
+                                            let mut c = c.clone();
+                                            c["index"] = Value::from(k);
+                                            c
+                                        })
+                                        .collect();
+                                    json!([{"index": i, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null}])
+                                }
+                                None => delta(i, &choices[i].text, None, false, &[]),
+                            };
+                            if !send(chunk(held)).await {
+                                return;
+                            }
+                            let reason = if choices[i].tool_calls.is_some() { "tool_calls" } else { finish_name(&reason, timed_out) };
+                            chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}]))
+                        }
+                    };
+                    if !send(finished).await {
                         return;
                     }
                     choices[i].finish = Some(reason);
@@ -744,7 +856,10 @@ fn stream(s: Arc<Serving>, mut running: Running, meta: Meta, n: usize, include_u
                 }
             }
         }
-        s.metrics.completion(&meta.model, choices.iter().map(|c| c.tokens).sum());
+        let completion_tokens = choices.iter().map(|c| c.tokens).sum();
+        s.metrics.completion(&meta.model, completion_tokens);
+        // Logged before the stream ends: once a client has `[DONE]`, the log has the answer.
+        meta.log(&choices, completion_tokens).await;
         if include_usage {
             let mut last = chunk(json!([]));
             last["usage"] = meta.usage(choices.iter().map(|c| c.tokens).sum());

@@ -32,6 +32,7 @@ mod documents;
 mod embeddings;
 pub(crate) mod log;
 mod metrics;
+mod tools;
 
 pub use documents::RagSettings;
 
@@ -79,6 +80,8 @@ pub struct Serving {
     collections: Option<documents::Collections>,
     /// What `/metrics` reports.
     metrics: metrics::Metrics,
+    /// The base's token bytes for constrained decoding, made on first use.
+    grammar_tokens: std::sync::OnceLock<furnace_generate::GrammarTokens>,
 }
 
 /// The limits of a [`Serving`].
@@ -127,6 +130,7 @@ impl Serving {
             started,
             collections: None,
             metrics: metrics::Metrics::default(),
+            grammar_tokens: std::sync::OnceLock::new(),
         }
     }
 
@@ -139,6 +143,16 @@ impl Serving {
     /// From now on new requests get a 503 (the server is stopping).
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The token bytes grammars are matched against (built once, a fraction of a second;
+    /// blocking).
+    fn grammar_tokens(&self) -> Result<furnace_generate::GrammarTokens, String> {
+        if let Some(t) = self.grammar_tokens.get() {
+            return Ok(t.clone());
+        }
+        let t = furnace_generate::GrammarTokens::new(&self.tokenizer).map_err(|e| e.to_string())?;
+        Ok(self.grammar_tokens.get_or_init(|| t).clone())
     }
 
     /// Choices queued or running now.
