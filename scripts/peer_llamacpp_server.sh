@@ -2,7 +2,7 @@
 # The peer for `furnace bench serve`: llama.cpp's OpenAI-compatible server (llama-cpp-python's
 # `llama_cpp.server`) on the same GGUF that `furnace serve` serves by default.
 #
-#   scripts/peer_llamacpp_server.sh install          # once: venv + build llama.cpp (~5+ min on 2 cores)
+#   scripts/peer_llamacpp_server.sh install          # once: venv + build llama.cpp (~13 min on 2 busy cores)
 #   scripts/peer_llamacpp_server.sh serve [PORT]     # foreground server on 127.0.0.1:PORT (default 8081)
 #
 # Environment: MODEL (the .gguf; default: the smollm2-135m-instruct GGUF in ~/.cache/furnace/models),
