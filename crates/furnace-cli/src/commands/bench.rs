@@ -37,6 +37,11 @@ pub enum BenchCmd {
     /// exact search queries/s, over random unit vectors (the workload of
     /// `scripts/peer_faiss.py`).
     Index(super::bench_index::IndexBenchArgs),
+    /// Load on an OpenAI-compatible server (`furnace serve` or a peer): streamed
+    /// `/v1/completions` at a set concurrency; aggregate output tokens/s, time to first
+    /// token, inter-token latency, request latency and errors (the workload of
+    /// `scripts/peer_llamacpp_server.sh`'s comparison in docs/serving.md).
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -241,6 +246,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Chaos(a) => super::chaos::run(a),
         BenchCmd::Embed(a) => super::bench_embed::run(a),
         BenchCmd::Index(a) => super::bench_index::run(a),
+        BenchCmd::Serve(a) => super::bench_serve::run(a),
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_embed;
 pub mod bench_index;
+pub mod bench_serve;
 pub mod chaos;
 pub mod chat;
 pub mod conversations;
