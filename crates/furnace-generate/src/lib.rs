@@ -27,7 +27,7 @@ pub mod service;
 pub use constraint::Constraint;
 pub use engine::{generate, Engine, EngineOptions, Event, FinishReason, Output, Request, SeqId};
 pub use error::{Error, Result};
-pub use prefix::PrefixStats;
 pub use grammar::{constraint, parse_tool_calls, tool_call_grammar, Grammar, GrammarTokens, ToolCallStyle};
+pub use prefix::PrefixStats;
 pub use sampling::{Rng, SamplingParams, TokenLogprob};
 pub use service::{AdapterInfo, EngineHandle, RequestId, ServiceOptions, Sink};

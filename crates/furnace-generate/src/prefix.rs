@@ -65,10 +65,14 @@ pub(crate) struct PrefixCache {
 /// the hash of `tokens[..(k + 1) * BLOCK]`.
 fn boundary_hashes(tokens: &[u32], blocks: usize) -> Vec<u64> {
     let mut h = DefaultHasher::new();
-    tokens.chunks_exact(BLOCK).take(blocks).map(|b| {
-        b.hash(&mut h);
-        h.finish()
-    }).collect()
+    tokens
+        .chunks_exact(BLOCK)
+        .take(blocks)
+        .map(|b| {
+            b.hash(&mut h);
+            h.finish()
+        })
+        .collect()
 }
 
 impl PrefixCache {
@@ -146,9 +150,11 @@ impl PrefixCache {
         for (k, h) in hashes.iter().enumerate() {
             let m = (k + 1) * BLOCK;
             if let Some(ids) = self.index.get(&(adapter, *h)) {
-                contained.extend(ids.iter().copied().filter(|id| {
-                    self.entries.get(id).is_some_and(|e| e.tokens.len() == m && e.tokens[..] == prompt[..m])
-                }));
+                contained.extend(
+                    ids.iter()
+                        .copied()
+                        .filter(|id| self.entries.get(id).is_some_and(|e| e.tokens.len() == m && e.tokens[..] == prompt[..m])),
+                );
             }
         }
         for id in contained {

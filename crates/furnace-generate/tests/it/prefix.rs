@@ -54,7 +54,8 @@ fn opts(prefix_cache_bytes: usize) -> EngineOptions {
 #[test]
 fn shared_prefix_gives_the_same_tokens_with_and_without_the_cache() -> anyhow::Result<()> {
     let m = smollm2();
-    let (a, b, c) = (chat(m, "When are you open on Sunday?"), chat(m, "Do your croissants contain nuts?"), chat(m, "Can I order a cake for tomorrow?"));
+    let (a, b, c) =
+        (chat(m, "When are you open on Sunday?"), chat(m, "Do your croissants contain nuts?"), chat(m, "Can I order a cake for tomorrow?"));
     let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     assert!(shared >= 3 * BLOCK, "the system prompt spans a few blocks ({shared} tokens)");
     let reqs = vec![greedy(a.clone(), 12, None), greedy(b.clone(), 12, None), sampled(c.clone(), 12, 7), greedy(b.clone(), 12, None)];
@@ -172,5 +173,69 @@ fn the_service_reports_prefix_stats() -> anyhow::Result<()> {
     let stats = h.prefix_stats()?;
     assert_eq!((stats.hits, stats.misses, stats.tokens_reused), (1, 1, 2 * BLOCK as u64), "{stats:?}");
     h.shutdown()?;
+    Ok(())
+}
+
+/// Time to first token of a second request sharing a 1,000-token system prompt, with and
+/// without the prefix cache. A measurement, not a check: run it in release with
+/// `cargo test --release -p furnace-generate --test it ttft -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement"]
+fn ttft_with_a_shared_1000_token_system_prompt() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let m = smollm2();
+    let mut system = String::new();
+    while m.tokenizer.encode(&system, false)?.len() < 1000 {
+        system.push_str(SYSTEM);
+        system.push(' ');
+    }
+    let ids = m.tokenizer.encode(&system, false)?;
+    let system = m.tokenizer.decode(&ids[..1000], false)?;
+    let prompt = |q: &str| {
+        let text = format!("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
+        m.tokenizer.encode(&text, false).expect("encode")
+    };
+    let (p1, p2) = (prompt("When are you open on Sunday?"), prompt("Do your croissants contain nuts?"));
+    // Time from add to the first token event.
+    let ttft = |engine: &mut Engine<'_>, p: &[u32]| -> Duration {
+        engine.add(greedy(p.to_vec(), 8, None)).expect("add");
+        let t0 = Instant::now();
+        let mut first = None;
+        while engine.has_work() {
+            engine
+                .step(&mut |e| {
+                    if matches!(e, Event::Token { .. }) && first.is_none() {
+                        first = Some(t0.elapsed());
+                    }
+                })
+                .expect("step");
+        }
+        engine.take_finished();
+        first.expect("a token")
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("prompts: {} and {} tokens", p1.len(), p2.len());
+    for bytes in [0usize, 256 << 20] {
+        let opts = EngineOptions { prefix_cache_bytes: bytes, ..EngineOptions::default() };
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let mut engine = Engine::new(&m.model, &m.tokenizer, opts.clone());
+            let first = ttft(&mut engine, &p1);
+            let second = ttft(&mut engine, &p2);
+            runs.push((ms(first), ms(second), engine.prefix_stats()));
+        }
+        let median = |f: &dyn Fn(&(f64, f64, PrefixStats)) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "prefix cache {:>4} MiB: TTFT first request {:7.1} ms, second request {:7.1} ms (median of 3); stats {:?}",
+            bytes >> 20,
+            median(&|r| r.0),
+            median(&|r| r.1),
+            runs[0].2
+        );
+    }
     Ok(())
 }
