@@ -1,7 +1,8 @@
 //! Per-sequence key/value cache. Each sequence owns its cache, so sequences of different
 //! lengths can share one forward pass (ragged batching) and leave or join at any step.
-//! Keys and values are stored token-major (`[len, kv_heads * head_dim]` per layer), so an
-//! append is a copy to the end and a decode step reads one contiguous slice.
+//! Values are stored token-major (`[len, kv_heads * head_dim]` per layer), so an append is a
+//! copy to the end; keys dimension-major (`[kv_heads * head_dim][capacity]`), so the scores
+//! of a query against every cached key run along the token axis.
 //!
 //! A cache's first tokens can be copied out ([`SeqCache::prefix`]) and into another
 //! sequence's cache ([`SeqCache::extend_from`]): plain memory copies, no recompute, so a

@@ -172,6 +172,22 @@ fn the_service_reports_prefix_stats() -> anyhow::Result<()> {
     }
     let stats = h.prefix_stats()?;
     assert_eq!((stats.hits, stats.misses, stats.tokens_reused), (1, 1, 2 * BLOCK as u64), "{stats:?}");
+    assert_eq!(stats.entries, 1);
+    // An adapter's prefixes leave with it.
+    let dir = tempfile::tempdir()?;
+    write_adapter(dir.path(), &tiny().model, 2, &["k_proj", "v_proj"], 3);
+    h.load_adapter("a", dir.path())?;
+    let mut req = greedy(prompt.clone(), 4, Some("a"));
+    req.prompt.push(9);
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.submit(req, Box::new(move |e: Event| drop(tx.send(e))))?;
+    assert!(rx.iter().any(|e| matches!(e, Event::Finished { .. })));
+    let stats = h.prefix_stats()?;
+    assert_eq!((stats.hits, stats.misses, stats.entries), (1, 2, 2), "another adapter misses: {stats:?}");
+    h.unload_adapter("a")?;
+    let left = h.prefix_stats()?;
+    assert_eq!(left.entries, 1, "{left:?}");
+    assert!(left.bytes < stats.bytes);
     h.shutdown()?;
     Ok(())
 }
