@@ -8,12 +8,24 @@
 //! carry a [`Constraint`] (see [`crate::constraint`] for where it acts in a step) and report
 //! the log-probability of each token ([`SamplingParams::logprobs`]).
 //!
+//! Prefix caching: when a sequence finishes its prompt prefill, the engine keeps a copy of
+//! the KV of the prompt's block-aligned prefix (blocks of [`crate::prefix::BLOCK`] tokens),
+//! keyed by its adapter and the tokens. When a sequence joins the batch, the longest cached
+//! block-aligned prefix of its prompt with the same adapter (tokens checked, never the
+//! whole prompt) is copied into its cache and only the rest of the prompt is run. Copies
+//! are exact, so outputs are those of a full prefill. The snapshots stay within
+//! [`EngineOptions::prefix_cache_bytes`] (least recently used evicted first; 0 turns the
+//! cache off); [`Engine::prefix_stats`] counts hits, misses and reused tokens. A prefix is
+//! reused by sequences that join after the one that computed it has finished its prefill,
+//! not by sequences prefilling in the same steps. See [`crate::prefix`].
+//!
 //! [`Engine`] borrows its model and is driven by its caller, on the caller's thread. The
 //! scheduling and sampling state lives in `Batch`, which takes the model as an argument of
 //! each call; [`crate::service`] runs the same `Batch` on a thread that owns the model.
 
 use crate::constraint::Constraint;
 use crate::error::{Error, Result};
+use crate::prefix::{PrefixCache, PrefixStats};
 use crate::sampling::{
     apply_presence_frequency_penalties, apply_repetition_penalty, pick, token_logprob, Rng, SamplingParams, TokenLogprob,
 };
@@ -130,11 +142,13 @@ pub struct EngineOptions {
     /// Most prompt tokens of one sequence per step (long prompts are prefilled in chunks
     /// so that running sequences keep decoding).
     pub prefill_chunk: usize,
+    /// Most bytes of KV snapshots the prefix cache keeps (0 turns prefix caching off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_batch: 16, prefill_chunk: 512 }
+        Self { max_batch: 16, prefill_chunk: 512, prefix_cache_bytes: 256 << 20 }
     }
 }
 
@@ -204,18 +218,29 @@ pub(crate) struct Batch {
     running: Vec<Seq>,
     done: BTreeMap<SeqId, Output>,
     next_id: SeqId,
+    prefix: PrefixCache,
 }
 
 impl Batch {
     pub(crate) fn new(tokenizer: &Tokenizer, opts: EngineOptions) -> Self {
         Self {
             tokenizer: tokenizer.clone(),
-            opts: EngineOptions { max_batch: opts.max_batch.max(1), prefill_chunk: opts.prefill_chunk.max(1) },
+            opts: EngineOptions { max_batch: opts.max_batch.max(1), prefill_chunk: opts.prefill_chunk.max(1), ..opts },
             waiting: VecDeque::new(),
             running: Vec::new(),
             done: BTreeMap::new(),
             next_id: 0,
+            prefix: PrefixCache::new(opts.prefix_cache_bytes),
         }
+    }
+
+    pub(crate) fn prefix_stats(&self) -> PrefixStats {
+        self.prefix.stats()
+    }
+
+    /// Drops cached prefixes computed with adapters no longer in `model`.
+    pub(crate) fn forget_adapters(&mut self, model: &Llama) {
+        self.prefix.forget_adapters(model);
     }
 
     /// Checks a request against the model (empty prompt, prompt longer than the context,
@@ -279,7 +304,12 @@ impl Batch {
     pub(crate) fn step(&mut self, model: &Llama, on_event: &mut dyn FnMut(Event)) -> Result<()> {
         while self.running.len() < self.opts.max_batch {
             match self.waiting.pop_front() {
-                Some(s) => self.running.push(s),
+                Some(mut s) => {
+                    if s.prefilled == 0 {
+                        s.prefilled = self.prefix.lookup(&s.prompt, s.adapter, &mut s.cache);
+                    }
+                    self.running.push(s)
+                }
                 None => break,
             }
         }
@@ -308,6 +338,9 @@ impl Batch {
         for (s, l) in self.running.iter_mut().zip(logits) {
             if s.prefilled < s.prompt.len() {
                 s.prefilled = (s.prefilled + chunk).min(s.prompt.len());
+                if s.prefilled == s.prompt.len() {
+                    self.prefix.insert(&s.prompt, s.adapter, &s.cache);
+                }
             }
             let Some(l) = l else { continue };
             if s.constraint.as_ref().is_some_and(|c| c.is_done()) {
@@ -500,6 +533,11 @@ impl<'m> Engine<'m> {
     /// is waiting or running.
     pub fn abort(&mut self, id: SeqId, on_event: &mut dyn FnMut(Event)) -> bool {
         self.batch.abort(id, on_event)
+    }
+
+    /// Counters of the prefix cache (see the module docs).
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.batch.prefix_stats()
     }
 
     /// Runs until every queued request has finished; returns outputs in submission order.

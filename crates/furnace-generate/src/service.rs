@@ -15,6 +15,9 @@
 //!   [`ServiceOptions::max_adapters`] are resident in the model at once: making another one
 //!   resident evicts the least recently used adapter that no queued or running request uses
 //!   (it stays registered and is read again from its directory when a request names it).
+//! - The engine caches the KV of prompt prefixes ([`crate::prefix`]); cached prefixes of an
+//!   adapter that leaves the model are dropped. [`EngineHandle::prefix_stats`] reads the
+//!   cache's counters (for a server's metrics).
 //! - The thread stops on [`EngineHandle::shutdown`] or when every handle has been dropped.
 //!   Nothing ends silently: every request still queued or running gets
 //!   [`FinishReason::Abort`]. If a step fails (or panics), the sequences in it get
@@ -25,6 +28,7 @@
 
 use crate::engine::{Batch, EngineOptions, Event, FinishReason, Request, SeqId};
 use crate::error::{Error, Result};
+use crate::prefix::PrefixStats;
 use furnace_model::{load_adapter, AdapterId, Llama};
 use furnace_text::Tokenizer;
 use std::collections::{BTreeMap, HashMap};
@@ -77,6 +81,7 @@ enum Command {
     LoadAdapter { name: String, dir: PathBuf, reply: Sender<Result<()>> },
     UnloadAdapter { name: String, reply: Sender<Result<()>> },
     ListAdapters { reply: Sender<Vec<AdapterInfo>> },
+    PrefixStats { reply: Sender<PrefixStats> },
     Shutdown,
 }
 
@@ -144,6 +149,12 @@ impl EngineHandle {
     /// The registered adapters, by name.
     pub fn adapters(&self) -> Result<Vec<AdapterInfo>> {
         self.call(|reply| Command::ListAdapters { reply })
+    }
+
+    /// Counters of the engine's prefix cache (hits, misses, reused tokens, bytes held); see
+    /// [`crate::prefix`].
+    pub fn prefix_stats(&self) -> Result<PrefixStats> {
+        self.call(|reply| Command::PrefixStats { reply })
     }
 
     /// Stops the engine thread for every handle (queued and running requests get
@@ -377,8 +388,14 @@ impl Worker {
             Command::ListAdapters { reply } => {
                 let _ = reply.send(self.registry.list(&self.batch));
             }
+            Command::PrefixStats { reply } => {
+                let _ = reply.send(self.batch.prefix_stats());
+            }
             Command::Shutdown => return false,
         }
+        // Adapters may have left the model (unloaded, replaced, evicted): their cached
+        // prefixes go too.
+        self.batch.forget_adapters(&self.model);
         true
     }
 

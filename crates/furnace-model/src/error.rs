@@ -51,6 +51,10 @@ pub enum Error {
         /// The context length.
         max: usize,
     },
+    /// Tokens cannot be copied between two caches ([`crate::SeqCache::extend_from`]): too
+    /// few tokens in the source, or caches of different shapes.
+    #[error("KV cache copy: {0}")]
+    Cache(String),
     /// A token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange {

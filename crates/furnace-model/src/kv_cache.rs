@@ -1,7 +1,12 @@
 //! Per-sequence key/value cache. Each sequence owns its cache, so sequences of different
 //! lengths can share one forward pass (ragged batching) and leave or join at any step.
-//! Keys and values are stored token-major (`[len, kv_heads * head_dim]` per layer), so an
-//! append is a copy to the end and a decode step reads one contiguous slice.
+//! Values are stored token-major (`[len, kv_heads * head_dim]` per layer), so an append is a
+//! copy to the end; keys dimension-major (`[kv_heads * head_dim][capacity]`), so the scores
+//! of a query against every cached key run along the token axis.
+//!
+//! A cache's first tokens can be copied out ([`SeqCache::prefix`]) and into another
+//! sequence's cache ([`SeqCache::extend_from`]): plain memory copies, no recompute, so a
+//! shared prompt prefix (a system prompt) is computed once and reused (prefix caching).
 
 use crate::error::{Error, Result};
 
@@ -48,6 +53,58 @@ impl SeqCache {
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()
+    }
+
+    /// A copy of the first `n` tokens (all of them when `n` is larger), with buffers sized
+    /// to exactly those tokens.
+    pub fn prefix(&self, n: usize) -> SeqCache {
+        let n = n.min(self.len);
+        let mut out = SeqCache::new(self.k.len(), 0, 0, self.max_len);
+        out.width = self.width;
+        out.extend_from(self, n).unwrap_or_else(|_| unreachable!("n <= len <= max_len"));
+        out
+    }
+
+    /// Appends the first `n` tokens of `other` (a cache of the same model) after this
+    /// cache's tokens, as if they had been computed here. It is exact only where they are
+    /// the tokens this sequence would have computed, at the same positions: in practice on
+    /// an empty cache, copying a prefix of a prompt computed with the same weights and
+    /// adapter. Fails when the result would exceed the context, or `other` has fewer than
+    /// `n` tokens or another shape.
+    pub fn extend_from(&mut self, other: &SeqCache, n: usize) -> Result<()> {
+        if n > other.len || other.width != self.width || other.k.len() != self.k.len() {
+            return Err(Error::Cache(format!(
+                "cannot copy {n} tokens from a cache of {} tokens, {} layers of width {} into one of {} layers of width {}",
+                other.len,
+                other.k.len(),
+                other.width,
+                self.k.len(),
+                self.width
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.check_room(n)?;
+        // Size an empty cache to exactly `n` tokens (a snapshot); otherwise grow as usual.
+        if self.capacity == 0 && self.len == 0 {
+            self.k.iter_mut().for_each(|k| *k = vec![0f32; self.width * n]);
+            self.v.iter_mut().for_each(|v| *v = Vec::with_capacity(self.width * n));
+            self.capacity = n;
+        } else {
+            self.reserve(n)?;
+        }
+        let (cap, len, ocap) = (self.capacity, self.len, other.capacity);
+        for (dst, src) in self.k.iter_mut().zip(&other.k) {
+            for (drow, srow) in dst.chunks_mut(cap).zip(src.chunks(ocap)) {
+                drow[len..len + n].copy_from_slice(&srow[..n]);
+            }
+        }
+        for (dst, src) in self.v.iter_mut().zip(&other.v) {
+            dst.extend_from_slice(&src[..n * self.width]);
+        }
+        self.len += n;
+        Ok(())
     }
 
     /// Checks that `extra` more tokens fit in the context.

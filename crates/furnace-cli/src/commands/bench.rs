@@ -215,7 +215,8 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
 /// steps after every prompt is in the cache.
 fn decode_rate(loaded: &furnace_model::LoadedModel, batch: usize, new: usize, prompt_len: usize) -> Result<f64> {
     let vocab = loaded.model.config.vocab_size as u64;
-    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, EngineOptions { max_batch: batch, prefill_chunk: 4096 });
+    let mut engine =
+        Engine::new(&loaded.model, &loaded.tokenizer, EngineOptions { max_batch: batch, prefill_chunk: 4096, prefix_cache_bytes: 0 });
     for b in 0..batch {
         engine.add(Request {
             prompt: xorshift_ids(prompt_len, vocab, 7 + b as u64),

@@ -113,7 +113,7 @@ fn logprobs_are_the_raw_log_softmax_and_batch_independent() -> anyhow::Result<()
 
     // In a mixed batch (other prompts, sampling with penalties, a small prefill chunk) the
     // sequence reports the same log-probabilities as alone.
-    let mut engine = Engine::new(&m.model, &m.tokenizer, EngineOptions { max_batch: 3, prefill_chunk: 7 });
+    let mut engine = Engine::new(&m.model, &m.tokenizer, EngineOptions { max_batch: 3, prefill_chunk: 7, ..Default::default() });
     let other = m.tokenizer.encode("Tell me a long story about a dragon.", false)?;
     engine.add(req(
         other.clone(),

@@ -40,7 +40,7 @@ fn greedy_generation_reproduces_reference_alone_and_in_a_batch() -> anyhow::Resu
         adapter: None,
         constraint: None,
     });
-    let out = generate(&m.model, &m.tokenizer, reqs, EngineOptions { max_batch: 3, prefill_chunk: 16 })?;
+    let out = generate(&m.model, &m.tokenizer, reqs, EngineOptions { max_batch: 3, prefill_chunk: 16, ..Default::default() })?;
     for (i, (_, new_ids, _)) in cases.iter().enumerate() {
         assert_eq!(&out[2 * i + 1].new_ids, new_ids, "case {i} in a batch");
     }
@@ -97,7 +97,7 @@ fn seeded_sampling_is_reproducible_and_batch_independent() -> anyhow::Result<()>
             .enumerate()
             .map(|(i, p)| Request { prompt: p.clone(), params: params(i as u64), adapter: None, constraint: None })
             .collect(),
-        EngineOptions { max_batch: 2, prefill_chunk: 2 },
+        EngineOptions { max_batch: 2, prefill_chunk: 2, ..Default::default() },
     )?;
     for i in 0..prompts.len() {
         assert_eq!(batch[i].new_ids, alone[i], "sequence {i} in a batch");

@@ -5,4 +5,5 @@ mod common;
 mod decoding;
 mod generate;
 mod grammar;
+mod prefix;
 mod service;

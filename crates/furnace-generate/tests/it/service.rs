@@ -122,7 +122,7 @@ fn requests_from_many_threads_get_the_borrowed_engines_greedy_tokens() -> anyhow
     }
     let borrowed = generate(&m.model, &m.tokenizer, reqs.clone(), EngineOptions::default())?;
     let owned = smollm2_owned();
-    let opts = ServiceOptions { engine: EngineOptions { max_batch: 3, prefill_chunk: 16 }, ..Default::default() };
+    let opts = ServiceOptions { engine: EngineOptions { max_batch: 3, prefill_chunk: 16, ..Default::default() }, ..Default::default() };
     let h = EngineHandle::spawn(owned.model, &owned.tokenizer, opts)?;
     let got: Vec<Streamed> = std::thread::scope(|s| {
         let threads: Vec<_> = reqs
@@ -177,7 +177,7 @@ fn per_request_adapters_give_the_borrowed_engines_tokens() -> anyhow::Result<()>
     assert!(differs(1) && differs(2));
 
     let fresh = tiny();
-    let opts = ServiceOptions { engine: EngineOptions { max_batch: 4, prefill_chunk: 2 }, max_adapters: 2 };
+    let opts = ServiceOptions { engine: EngineOptions { max_batch: 4, prefill_chunk: 2, ..Default::default() }, max_adapters: 2 };
     let h = EngineHandle::spawn(fresh.model, &fresh.tokenizer, opts)?;
     h.load_adapter("a", &dir_a)?;
     h.load_adapter("b", &dir_b)?;

@@ -5,5 +5,6 @@ mod adapters;
 mod bad_input;
 mod common;
 mod kernels;
+mod kv_prefix;
 mod logits;
 mod lora;
