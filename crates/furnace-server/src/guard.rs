@@ -67,7 +67,7 @@ impl Hosts {
     /// Whether `origin` is one of the `--cors-origin`s.
     fn cors_allows(&self, origin: &str) -> bool {
         let o = origin.trim_end_matches('/').to_ascii_lowercase();
-        self.cors.iter().any(|c| *c == o)
+        self.cors.contains(&o)
     }
 
     /// Whether `authority` names this server.

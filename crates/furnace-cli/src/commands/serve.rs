@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Most sequences decoded together in one step.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
+    /// Memory for the KV of prompt prefixes that later requests share (a system prompt, a
+    /// RAG template, earlier turns), in MiB; 0 turns the prefix cache off.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    prefix_cache: usize,
     /// Most requests (choices) queued or running; beyond it requests get 429 Too Many Requests.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
@@ -141,8 +145,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     eprintln!("loading {model} ({:?})", a.dtype);
     let loaded = load(&model, a.dtype)?;
     let context_len = loaded.model.config.max_position_embeddings;
-    let service =
-        ServiceOptions { engine: EngineOptions { max_batch: a.max_batch, ..EngineOptions::default() }, max_adapters: a.max_adapters };
+    let service = ServiceOptions {
+        engine: EngineOptions { max_batch: a.max_batch, prefix_cache_bytes: a.prefix_cache << 20, ..EngineOptions::default() },
+        max_adapters: a.max_adapters,
+    };
     let engine = EngineHandle::spawn(loaded.model, &loaded.tokenizer, service)?;
     for (name, dir) in &adapters {
         if *name == model_name {

@@ -423,7 +423,7 @@ async fn respond_with(
             let mut messages = messages(body)?;
             super::tools::normalize_tool_calls(&mut messages);
             logged_messages = Some(Value::from(messages.clone()));
-            if let Some((retrieval, template)) = super::documents::retrieval_of(&body, &settings.model)? {
+            if let Some((retrieval, template)) = super::documents::retrieval_of(body, &settings.model)? {
                 let Some(last) = messages.iter().rposition(|m| m.get("role").and_then(Value::as_str) == Some("user")) else {
                     return Err(OpenAiError::bad_param("messages", "retrieval needs a user message to search with"));
                 };
@@ -449,7 +449,8 @@ async fn respond_with(
                     // The template cannot show tools: describe them in the `<tool_call>` format.
                     super::tools::inject_tools_prompt(&mut messages, tools);
                 }
-                let style = if super::tools::template_knows_tools(template.source()) { style } else { furnace_generate::ToolCallStyle::Qwen2 };
+                let style =
+                    if super::tools::template_knows_tools(template.source()) { style } else { furnace_generate::ToolCallStyle::Qwen2 };
                 tool_style = Some(style);
                 if let Some(g) = tools.grammar(style) {
                     grammar = Some(g);
@@ -707,7 +708,9 @@ async fn whole(s: &Serving, mut running: Running, meta: Meta, n: usize, asked_lo
                     "logprobs": logprobs,
                     "finish_reason": "tool_calls",
                 }),
-                None => json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": reason}),
+                None => {
+                    json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": reason})
+                }
             },
             Kind::Text => json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": reason}),
         });

@@ -75,13 +75,7 @@ fn rag_error(e: furnace_rag::Error) -> OpenAiError {
 
 impl Collections {
     pub(crate) fn new(settings: RagSettings) -> Self {
-        Self {
-            settings,
-            encoder: Mutex::new(None),
-            reranker: Mutex::new(None),
-            open: Mutex::new(HashMap::new()),
-            creating: Mutex::new(()),
-        }
+        Self { settings, encoder: Mutex::new(None), reranker: Mutex::new(None), open: Mutex::new(HashMap::new()), creating: Mutex::new(()) }
     }
 
     /// The encoder, loaded on first use (blocking).
@@ -183,7 +177,10 @@ fn check_name(name: &str) -> RagResult<()> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(OpenAiError::bad_param("collection", format!("collection names are 1 to 64 of A-Z a-z 0-9 _ - . (not starting with a dot); got {name:?}")))
+        Err(OpenAiError::bad_param(
+            "collection",
+            format!("collection names are 1 to 64 of A-Z a-z 0-9 _ - . (not starting with a dot); got {name:?}"),
+        ))
     }
 }
 
@@ -203,7 +200,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn collections_of(s: &Serving) -> RagResult<&Collections> {
-    s.collections.as_ref().ok_or_else(|| OpenAiError::new(StatusCode::NOT_FOUND, "this server keeps no document collections", "invalid_request_error"))
+    s.collections
+        .as_ref()
+        .ok_or_else(|| OpenAiError::new(StatusCode::NOT_FOUND, "this server keeps no document collections", "invalid_request_error"))
 }
 
 /// A fresh upload id, `file-` and 24 hex digits.
@@ -319,7 +318,9 @@ pub(super) async fn upload(State(st): State<AppState>, req: Request) -> RagResul
         let mut out = Vec::new();
         for (id, filename, docs) in &uploads {
             let chunks = collections.add(&c2, docs, &s2.embedders)?;
-            out.push(json!({"id": id, "object": "document", "collection": c2, "filename": filename, "documents": docs.len(), "chunks": chunks}));
+            out.push(
+                json!({"id": id, "object": "document", "collection": c2, "filename": filename, "documents": docs.len(), "chunks": chunks}),
+            );
         }
         Ok(out)
     })
@@ -447,10 +448,7 @@ pub(crate) fn retrieve(s: &Serving, r: &Retrieval, query: &str) -> RagResult<Vec
 
 /// The `rag` object of a chat body (or the collection of a `rag:` model).
 pub(crate) fn retrieval_of(body: &Map<String, Value>, model: &str) -> RagResult<Option<(Retrieval, String)>> {
-    let mut r = match model.strip_prefix("rag:") {
-        Some(c) => Some(Retrieval { collection: c.to_string(), k: 4, hybrid: false, rerank: false }),
-        None => None,
-    };
+    let mut r = model.strip_prefix("rag:").map(|c| Retrieval { collection: c.to_string(), k: 4, hybrid: false, rerank: false });
     let mut template = DEFAULT_TEMPLATE.to_string();
     match body.get("rag") {
         None | Some(Value::Null) => {}
@@ -463,11 +461,17 @@ pub(crate) fn retrieval_of(body: &Map<String, Value>, model: &str) -> RagResult<
             };
             let k = match o.get("k") {
                 None => 4,
-                Some(v) => v.as_u64().filter(|k| (1..=MAX_K as u64).contains(k)).ok_or_else(|| {
-                    OpenAiError::bad_param("rag", format!("rag.k must be from 1 to {MAX_K}"))
-                })? as usize,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|k| (1..=MAX_K as u64).contains(k))
+                    .ok_or_else(|| OpenAiError::bad_param("rag", format!("rag.k must be from 1 to {MAX_K}")))?
+                    as usize,
             };
-            let flag = |key: &str| o.get(key).map(|v| v.as_bool().ok_or_else(|| OpenAiError::bad_param("rag", format!("rag.{key} must be true or false")))).transpose();
+            let flag = |key: &str| {
+                o.get(key)
+                    .map(|v| v.as_bool().ok_or_else(|| OpenAiError::bad_param("rag", format!("rag.{key} must be true or false"))))
+                    .transpose()
+            };
             if let Some(t) = o.get("template") {
                 let t = t.as_str().ok_or_else(|| OpenAiError::bad_param("rag", "rag.template must be a string"))?;
                 if !t.contains("{context}") {
@@ -498,7 +502,10 @@ pub(super) async fn query(State(st): State<AppState>, body: std::result::Result<
     let collection = body.get("collection").and_then(Value::as_str).unwrap_or("default").to_string();
     let k = match body.get("k") {
         None => 4,
-        Some(v) => v.as_u64().filter(|k| (1..=MAX_K as u64).contains(k)).ok_or_else(|| OpenAiError::bad_param("k", format!("k must be from 1 to {MAX_K}")))? as usize,
+        Some(v) => v
+            .as_u64()
+            .filter(|k| (1..=MAX_K as u64).contains(k))
+            .ok_or_else(|| OpenAiError::bad_param("k", format!("k must be from 1 to {MAX_K}")))? as usize,
     };
     let flag = |key: &str| match body.get(key) {
         None => Ok(false),

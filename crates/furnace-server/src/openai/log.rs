@@ -86,13 +86,7 @@ mod tests {
     async fn a_logged_completion_is_in_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("furnace.db");
-        let opts = crate::ServerOptions {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            token: None,
-            allow_model_paths: false,
-            launcher: None,
-            serving: None,
-        };
+        let opts = crate::ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let st = AppState::new(db.clone(), furnace_exp::events::channel(), opts, shutdown);
         let record = ConversationRecord {

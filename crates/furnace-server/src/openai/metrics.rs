@@ -1,7 +1,7 @@
 //! `GET /metrics`: what `furnace serve` has done, in Prometheus' text format, per model
 //! (the base, each adapter, `rag:` collections): requests, errors, prompt and completion
-//! tokens, time to first token and inter-token latency histograms, and the requests queued
-//! or running now.
+//! tokens, time to first token and inter-token latency histograms, the requests queued or
+//! running now, and the engine's prompt-prefix cache (hits, misses, tokens reused, bytes).
 
 use super::{serving_of, OpenAiError};
 use crate::state::AppState;
@@ -85,8 +85,8 @@ impl Metrics {
         self.with(model, |m| m.completion_tokens += tokens as u64);
     }
 
-    /// The Prometheus text exposition.
-    fn render(&self, in_flight: usize) -> String {
+    /// The Prometheus text exposition (with the engine's prefix cache figures, if known).
+    fn render(&self, in_flight: usize, prefix: Option<&furnace_generate::PrefixStats>) -> String {
         let models = self.models.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out = String::new();
         let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
@@ -117,13 +117,37 @@ impl Metrics {
         };
         histogram(&mut out, "furnace_time_to_first_token_seconds", "From admission to the first generated token.", &|m| &m.ttft);
         histogram(&mut out, "furnace_inter_token_latency_seconds", "Between consecutive tokens of one choice.", &|m| &m.itl);
+        if let Some(p) = prefix {
+            for (name, kind, help, value) in [
+                ("furnace_prefix_cache_hits_total", "counter", "Sequences that started from a cached prompt prefix.", p.hits as f64),
+                (
+                    "furnace_prefix_cache_misses_total",
+                    "counter",
+                    "Sequences longer than one block that found no cached prefix.",
+                    p.misses as f64,
+                ),
+                (
+                    "furnace_prefix_cache_tokens_reused_total",
+                    "counter",
+                    "Prompt tokens copied from the cache instead of computed.",
+                    p.tokens_reused as f64,
+                ),
+                ("furnace_prefix_cache_bytes", "gauge", "Bytes the cached prefixes hold.", p.bytes as f64),
+                ("furnace_prefix_cache_entries", "gauge", "Cached prefixes.", p.entries as f64),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            }
+        }
         out
     }
 }
 
 pub(super) async fn metrics(State(st): State<AppState>) -> Result<Response, OpenAiError> {
     let s = serving_of(&st)?;
-    let text = s.metrics.render(s.in_flight());
+    let engine = s.engine.clone();
+    // The engine answers between steps; a stopped one has no figures.
+    let prefix = tokio::task::spawn_blocking(move || engine.prefix_stats().ok()).await.ok().flatten();
+    let text = s.metrics.render(s.in_flight(), prefix.as_ref());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
@@ -140,7 +164,12 @@ mod tests {
         m.next_token("base", Duration::from_millis(200));
         m.completion("base", 3);
         m.error("ad\"apter");
-        let text = m.render(2);
+        let prefix = furnace_generate::PrefixStats { hits: 3, tokens_reused: 96, ..Default::default() };
+        let text = m.render(2, Some(&prefix));
+        assert!(
+            text.contains("furnace_prefix_cache_hits_total 3") && text.contains("furnace_prefix_cache_tokens_reused_total 96"),
+            "{text}"
+        );
         assert!(text.contains("furnace_requests_total{model=\"base\"} 1"), "{text}");
         assert!(text.contains("furnace_prompt_tokens_total{model=\"base\"} 10"));
         assert!(text.contains("furnace_completion_tokens_total{model=\"base\"} 3"));

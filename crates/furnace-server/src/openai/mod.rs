@@ -354,9 +354,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route(
             "/v1/documents",
-            post(documents::upload)
-                .layer(axum::extract::DefaultBodyLimit::max(documents::UPLOAD_LIMIT))
-                .get(documents::list),
+            post(documents::upload).layer(axum::extract::DefaultBodyLimit::max(documents::UPLOAD_LIMIT)).get(documents::list),
         )
         .route("/v1/documents/query", post(documents::query))
         .route("/v1/documents/{id}", axum::routing::delete(documents::delete))

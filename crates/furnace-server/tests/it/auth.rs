@@ -59,8 +59,14 @@ fn loopback_with_token_refuses_requests_without_it() {
 
 #[test]
 fn check_options_needs_a_token_off_loopback() {
-    let open =
-        ServerOptions { addr: "0.0.0.0:8851".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None, cors_origins: Vec::new() };
+    let open = ServerOptions {
+        addr: "0.0.0.0:8851".parse().unwrap(),
+        token: None,
+        allow_model_paths: false,
+        launcher: None,
+        serving: None,
+        cors_origins: Vec::new(),
+    };
     match furnace_server::check_options(&open) {
         Err(Error::Invalid(m)) => {
             assert!(m.contains("0.0.0.0:8851") && m.contains("--token"), "{m}")

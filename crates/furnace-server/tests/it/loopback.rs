@@ -60,7 +60,14 @@ pub fn exchange(addr: SocketAddr, method: &str, path: &str, head: &str, body: &s
 }
 
 pub fn loopback() -> ServerOptions {
-    ServerOptions { addr: "127.0.0.1:0".parse().unwrap(), token: None, allow_model_paths: false, launcher: None, serving: None, cors_origins: Vec::new() }
+    ServerOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+        allow_model_paths: false,
+        launcher: None,
+        serving: None,
+        cors_origins: Vec::new(),
+    }
 }
 
 #[test]
@@ -140,7 +147,9 @@ fn cors_headers_only_for_the_origins_given() {
     assert!(head.contains("access-control-allow-headers: authorization, content-type"), "{head}");
     let (status, head) = raw(
         addr,
-        format!("GET /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nAuthorization: Bearer secret\r\nConnection: close\r\n\r\n"),
+        format!(
+            "GET /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nAuthorization: Bearer secret\r\nConnection: close\r\n\r\n"
+        ),
     );
     assert_eq!(status, 200, "{head}");
     assert!(head.contains("access-control-allow-origin: https://app.example.com") && head.contains("x-frame-options: deny"), "{head}");
@@ -154,7 +163,8 @@ fn cors_headers_only_for_the_origins_given() {
     drop(h);
     let h = furnace_server::start(f.db.clone(), loopback(), events::channel()).unwrap();
     let addr = h.addr;
-    let (status, head) = raw(addr, format!("OPTIONS /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nConnection: close\r\n\r\n"));
+    let (status, head) =
+        raw(addr, format!("OPTIONS /api/experiments HTTP/1.1\r\nHost: {addr}\r\nOrigin: {app}\r\nConnection: close\r\n\r\n"));
     assert_eq!(status, 403, "{head}");
     assert!(!head.contains("access-control-allow-origin"), "{head}");
     assert!(furnace_server::check_options(&ServerOptions { cors_origins: vec!["app.example.com".into()], ..loopback() }).is_err());

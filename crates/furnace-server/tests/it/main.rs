@@ -42,7 +42,14 @@ max_steps = 10
 pub const ADDR: &str = "127.0.0.1:8851";
 
 pub fn options(token: Option<&str>) -> ServerOptions {
-    ServerOptions { addr: ADDR.parse().unwrap(), token: token.map(String::from), allow_model_paths: false, launcher: None, serving: None, cors_origins: Vec::new() }
+    ServerOptions {
+        addr: ADDR.parse().unwrap(),
+        token: token.map(String::from),
+        allow_model_paths: false,
+        launcher: None,
+        serving: None,
+        cors_origins: Vec::new(),
+    }
 }
 
 pub struct Fixture {
