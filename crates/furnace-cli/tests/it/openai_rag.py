@@ -8,14 +8,61 @@ Asserts each step; prints one JSON object with what was observed.
 
 import json
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 
-import httpx
 import openai
 
 base_url, base = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
-http = httpx.Client(base_url=base_url, timeout=300)
 seen = {}
+
+
+class Answer:
+    """An HTTP answer: status_code, text and json(), like the common client libraries'."""
+
+    def __init__(self, status, body):
+        self.status_code, self.text = status, body.decode()
+
+    def json(self):
+        return json.loads(self.text)
+
+
+class Http:
+    """Plain urllib with the base URL; multipart forms built by hand (no extra packages)."""
+
+    def request(self, method, path, body=None, headers=None, params=None):
+        url = base_url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return Answer(r.status, r.read())
+        except urllib.error.HTTPError as e:
+            return Answer(e.code, e.read())
+
+    def get(self, path, params=None):
+        return self.request("GET", path, params=params)
+
+    def delete(self, path):
+        return self.request("DELETE", path)
+
+    def post(self, path, json=None, data=None, files=None):
+        if json is not None:
+            return self.request("POST", path, body=__import__("json").dumps(json).encode(), headers={"Content-Type": "application/json"})
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, value in (data or {}).items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        for name, (filename, content, ctype) in files or []:
+            head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\nContent-Type: {ctype}\r\n\r\n'
+            parts.append(head.encode() + content + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        return self.request("POST", path, body=b"".join(parts), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+http = Http()
 
 SECRET = "The secret code of the furnace project is PURPLE-HARBOR-42. It was chosen by the team in November."
 OTHER = "# Gardening\n\nTomatoes need full sun and regular watering. Basil grows well next to tomatoes.\n"

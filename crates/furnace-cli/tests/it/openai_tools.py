@@ -74,13 +74,25 @@ check_time(call.function.arguments)
 # Streamed: the call arrives as tool_calls deltas.
 chunks = list(
     client.chat.completions.create(
-        model=model, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=1.0, seed=2, max_tokens=120, stream=True,
+        model=model, messages=ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+        temperature=1.0, seed=2, max_tokens=120, stream=True,
     )
 )
 calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
 assert calls and calls[0].function.name == "get_weather", chunks
 check_weather(calls[0].function.arguments)
 assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+
+# Parallel calls allowed: every call returned is complete and valid (a last one cut by
+# max_tokens is dropped).
+r = client.chat.completions.create(
+    model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=1.0, seed=3, max_tokens=160,
+)
+parallel = r.choices[0].message.tool_calls
+assert parallel and r.choices[0].finish_reason == "tool_calls", r.choices[0]
+for c in parallel:
+    {"get_weather": check_weather, "get_time": check_time}[c.function.name](c.function.arguments)
+seen["parallel_calls"] = len(parallel)
 
 # The tool's result goes back in; the conversation renders and runs.
 history = ASK + [

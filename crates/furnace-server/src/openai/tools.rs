@@ -60,6 +60,32 @@ impl Tools {
     }
 }
 
+/// Closes every object of a schema that does not say otherwise (`additionalProperties:
+/// false`, as OpenAI's strict mode requires): constrained by the open schema, a small model
+/// may invent keys without end.
+pub(crate) fn close_objects(schema: &mut Value) {
+    let Some(obj) = schema.as_object_mut() else { return };
+    let is_object = obj.get("type").and_then(Value::as_str) == Some("object") || obj.contains_key("properties");
+    if is_object && !obj.contains_key("additionalProperties") {
+        obj.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions", "patternProperties"] {
+        if let Some(Value::Object(children)) = obj.get_mut(key) {
+            children.values_mut().for_each(close_objects);
+        }
+    }
+    for key in ["items", "additionalProperties", "not", "if", "then", "else"] {
+        if let Some(child) = obj.get_mut(key) {
+            close_objects(child);
+        }
+    }
+    for key in ["anyOf", "oneOf", "allOf", "prefixItems"] {
+        if let Some(Value::Array(children)) = obj.get_mut(key) {
+            children.iter_mut().for_each(close_objects);
+        }
+    }
+}
+
 fn valid_function_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
@@ -87,11 +113,12 @@ pub(crate) fn tools_of(body: &Map<String, Value>) -> Result<Option<Tools>, OpenA
         if functions.iter().any(|(n, _)| n == name) {
             return Err(OpenAiError::bad_param(&param, format!("two tools are named {name}")));
         }
-        let parameters = match f.get("parameters") {
+        let mut parameters = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
             Some(p @ Value::Object(_)) => p.clone(),
             Some(_) => return Err(OpenAiError::bad_param(&param, format!("{param}.function.parameters must be a JSON schema object"))),
         };
+        close_objects(&mut parameters);
         functions.push((name.to_string(), parameters));
     }
     let choice = match body.get("tool_choice") {
@@ -148,7 +175,9 @@ pub(crate) fn format_of(body: &Map<String, Value>) -> Result<Option<Grammar>, Op
             let Some(schema) = f.get("json_schema").and_then(|j| j.get("schema")).filter(|s| s.is_object()) else {
                 return Err(OpenAiError::bad_param("response_format", "json_schema needs {\"name\", \"schema\": {...}}"));
             };
-            Ok(Some(Grammar::JsonSchema(schema.clone())))
+            let mut schema = schema.clone();
+            close_objects(&mut schema);
+            Ok(Some(Grammar::JsonSchema(schema)))
         }
         _ => Err(OpenAiError::bad_param("response_format", "response_format type must be text, json_object or json_schema")),
     }
@@ -215,6 +244,11 @@ pub(crate) fn normalize_tool_calls(messages: &mut [Value]) {
 
 /// The calls parsed from a choice's text as OpenAI's `tool_calls`, if it made any.
 pub(crate) fn calls_of(style: ToolCallStyle, text: &str) -> Option<Vec<Value>> {
+    // A last call cut by `max_tokens` is dropped; the complete ones before it count.
+    let text = match (style, text.rfind("</tool_call>")) {
+        (ToolCallStyle::Qwen2, Some(end)) => &text[..end + "</tool_call>".len()],
+        _ => text,
+    };
     let calls = furnace_generate::parse_tool_calls(style, text)?;
     if calls.is_empty() {
         return None;
@@ -257,6 +291,21 @@ mod tests {
     }
 
     #[test]
+    fn open_objects_are_closed_unless_they_say_otherwise() {
+        let mut schema = json!({
+            "type": "object",
+            "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}, "c": {"type": "array", "items": {"type": "object"}}},
+            "$defs": {"d": {"type": "object", "additionalProperties": true}}
+        });
+        close_objects(&mut schema);
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(schema["properties"]["c"]["items"]["additionalProperties"], false);
+        assert_eq!(schema["$defs"]["d"]["additionalProperties"], true);
+        assert!(schema["properties"]["a"]["properties"]["b"].get("additionalProperties").is_none());
+    }
+
+    #[test]
     fn styles_follow_the_template_and_calls_parse() {
         assert_eq!(style_of("{{ '[TOOL_CALLS]' }}"), ToolCallStyle::Mistral);
         assert_eq!(style_of("<|python_tag|>"), ToolCallStyle::Llama3);
@@ -267,6 +316,8 @@ mod tests {
         assert_eq!(calls[0]["function"]["name"], "f");
         assert_eq!(calls[0]["function"]["arguments"], "{\"x\":1}");
         assert!(calls_of(ToolCallStyle::Qwen2, "no call here").is_none());
+        let cut = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f\", \"argu";
+        assert_eq!(calls_of(ToolCallStyle::Qwen2, cut).map(|c| c.len()), Some(1));
         let mut messages = vec![json!({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{\"x\": 1}"}}]})];
         normalize_tool_calls(&mut messages);
         assert_eq!(messages[0]["tool_calls"][0]["function"]["arguments"], json!({"x": 1}));
