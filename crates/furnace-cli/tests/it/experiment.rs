@@ -187,4 +187,25 @@ fn ctrl_c_stops_cleanly_with_130_and_run_experiment_finishes_with_every_metric_o
     ok(furnace(d, &["run", "--experiment", "demo", "--no-server"]).output().unwrap());
     let done = series(&store, "demo");
     assert_eq!(done.len(), 2);
+
+    // `furnace serve --experiment demo` serves every completed run's adapter on the
+    // experiment's base, by the name EXPERIMENT/run-N.
+    let server = crate::serve::Server::start(&d.join("runs"), &["--experiment", "demo", "--dtype", "f32", "--max-batch", "4"]);
+    let (status, models) = server.http("GET", "/v1/models", None);
+    assert_eq!(status, 200, "{models}");
+    for id in done.keys() {
+        let name = format!("demo/run-{id}");
+        assert!(models.contains(&format!("\"{name}\"")), "{name} not in {models}");
+        let body = serde_json::json!({"model": name, "prompt": "hello", "max_tokens": 4, "temperature": 0});
+        let (status, answer) = server.http("POST", "/v1/completions", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains("\"text_completion\""), "{answer}");
+    }
+    // What the server did is on /metrics, per model.
+    let (status, metrics) = server.http("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let first = done.keys().next().expect("a run");
+    assert!(metrics.contains(&format!("furnace_requests_total{{model=\"demo/run-{first}\"}} 1")), "{metrics}");
+    let (status, rest) = server.stop();
+    assert!(status.success(), "furnace serve exited with {status}: {rest}");
 }

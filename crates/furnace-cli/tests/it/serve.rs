@@ -26,7 +26,7 @@ fn free_port() -> u16 {
 }
 
 /// A `furnace serve` process, stopped with SIGINT when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     url: String,
     log: mpsc::Receiver<String>,
@@ -34,7 +34,7 @@ struct Server {
 
 impl Server {
     /// Starts `furnace serve` with `args` on a free port and waits until it serves.
-    fn start(runs: &std::path::Path, args: &[&str]) -> Server {
+    pub(crate) fn start(runs: &std::path::Path, args: &[&str]) -> Server {
         let port = free_port().to_string();
         let mut child = Command::new(env!("CARGO_BIN_EXE_furnace"))
             .args(["serve", "--port", &port, "--runs-dir", runs.to_str().expect("utf8")])
@@ -62,7 +62,7 @@ impl Server {
     }
 
     /// SIGINT, then the exit status and the rest of stderr.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn stop(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill").args(["-INT", &pid]).status().expect("kill").success());
         let started = std::time::Instant::now();
@@ -74,6 +74,28 @@ impl Server {
             assert!(started.elapsed() < Duration::from_secs(30), "furnace serve did not stop within 30 s of SIGINT");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl Server {
+    /// One HTTP/1.1 exchange with the server (`path` under its root, e.g. `/v1/models`): the
+    /// status and the body.
+    pub(crate) fn http(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+        use std::io::{Read, Write};
+        let authority = self.url.trim_start_matches("http://").trim_end_matches("/v1");
+        let mut s = std::net::TcpStream::connect(authority).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(300))).expect("timeout");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read");
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, body.to_string())
     }
 }
 
@@ -184,6 +206,36 @@ fn forced_tool_calls_and_json_schemas_hold_on_random_weights() {
     let server = Server::start(runs.path(), &["--model", model.to_str().expect("utf8"), "--name", "tiny", "--dtype", "f32"]);
     let seen = client("openai_tools.py", &[&server.url, "tiny"]);
     assert!(seen["json_schema"]["age"].is_i64(), "{seen}");
+    let (status, rest) = server.stop();
+    assert!(status.success(), "furnace serve exited with {status}: {rest}");
+
+    // The same through a chat template that renders `tools` itself (Qwen2.5's way) and the
+    // assistant's earlier calls (arguments as an object).
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&model).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    let template = r#"{%- if tools %}<|im_start|>system
+You may call these functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}<|im_start|>{{ message.role }}
+{% if message.content %}{{ message.content }}{% endif %}
+{%- for call in message.tool_calls or [] %}<tool_call>
+{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+    std::fs::write(dir.path().join("chat_template.jinja"), template).expect("template");
+    let server = Server::start(runs.path(), &["--model", dir.path().to_str().expect("utf8"), "--name", "tiny", "--dtype", "f32"]);
+    client("openai_tools.py", &[&server.url, "tiny"]);
     let (status, rest) = server.stop();
     assert!(status.success(), "furnace serve exited with {status}: {rest}");
 }
