@@ -13,6 +13,12 @@ pub const EXIT_CODE: i32 = 130;
 /// Installs the handler (once per process) and returns the flag it sets, to hand to the
 /// driver as `FitOptions::cancel`.
 pub fn install() -> Result<Arc<AtomicBool>> {
+    install_saying("interrupting: training stops after the current step (Ctrl-C again to exit at once)")
+}
+
+/// [`install`] for a command that does something else than train: the first Ctrl-C prints
+/// `first` (what the command does now).
+pub fn install_saying(first: &'static str) -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let set = flag.clone();
     ctrlc::set_handler(move || {
@@ -20,7 +26,7 @@ pub fn install() -> Result<Arc<AtomicBool>> {
             eprintln!("interrupted again: exiting now");
             std::process::exit(EXIT_CODE);
         }
-        eprintln!("interrupting: training stops after the current step (Ctrl-C again to exit at once)");
+        eprintln!("{first}");
     })
     .context("installing the Ctrl-C handler")?;
     Ok(flag)

@@ -188,11 +188,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         adapters.len(),
         if adapters.len() == 1 { "" } else { "s" }
     );
-    let cancel = crate::interrupt::install()?;
+    let cancel =
+        crate::interrupt::install_saying("stopping: new requests get 503, running ones have 5 s to finish (Ctrl-C again to exit at once)")?;
     while !cancel.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("stopping: no new requests; running ones end");
     serving.drain();
     server.shutdown();
     engine.shutdown()?;
