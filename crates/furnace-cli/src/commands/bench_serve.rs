@@ -538,14 +538,9 @@ const WORDS: &[&str] = &[
 /// The prompt of request `i`: `n` words drawn by a seeded generator (each request differs),
 /// then an opening that invites a long continuation.
 pub fn prompt(n: usize, seed: u64, i: u64) -> String {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut next = || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng =
+        furnace_model::rng::Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut next = || rng.next_u64();
     const TAIL: &str = "\n\nWrite a very long story that uses all of these words, chapter after chapter.\n\nChapter 1\n\nOnce upon a time";
     // The tail is about 25 tokens: the words make up the rest of the prompt.
     let words = n.saturating_sub(25).max(1);
