@@ -88,6 +88,9 @@ fn parse_adapter(s: &str) -> Result<(String, PathBuf)> {
     }
 }
 
+/// How long a stopping server answers 503 to new requests while running ones finish.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// Adapters to serve: (model name, PEFT directory).
 type Adapters = Vec<(String, PathBuf)>;
 
@@ -188,12 +191,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
         adapters.len(),
         if adapters.len() == 1 { "" } else { "s" }
     );
-    let cancel =
-        crate::interrupt::install_saying("stopping: new requests get 503, running ones have 5 s to finish (Ctrl-C again to exit at once)")?;
+    let cancel = crate::interrupt::install_saying(
+        "stopping: new requests get 503, running ones have 10 s to finish (Ctrl-C again to exit at once)",
+    )?;
     while !cancel.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Drain: new requests get 503 (clients retry elsewhere) while running ones finish, for
+    // up to DRAIN; then the server stops (its own grace cuts what is left).
     serving.drain();
+    let drained = std::time::Instant::now();
+    while serving.in_flight() > 0 && drained.elapsed() < DRAIN {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     server.shutdown();
     engine.shutdown()?;
     Ok(())

@@ -62,16 +62,21 @@ impl Server {
     }
 
     /// SIGINT, then the exit status and the rest of stderr.
-    pub(crate) fn stop(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn stop(self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill").args(["-INT", &pid]).status().expect("kill").success());
+        self.wait_exit()
+    }
+
+    /// Waits (30 s at most) for the process to end: its exit status and the rest of stderr.
+    pub(crate) fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
         let started = std::time::Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 let rest: Vec<String> = self.log.try_iter().collect();
                 return (status, rest.join("\n"));
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "furnace serve did not stop within 30 s of SIGINT");
+            assert!(started.elapsed() < Duration::from_secs(30), "furnace serve did not stop within 30 s");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -237,5 +242,45 @@ Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
     let server = Server::start(runs.path(), &["--model", dir.path().to_str().expect("utf8"), "--name", "tiny", "--dtype", "f32"]);
     client("openai_tools.py", &[&server.url, "tiny"]);
     let (status, rest) = server.stop();
+    assert!(status.success(), "furnace serve exited with {status}: {rest}");
+}
+
+/// SIGINT drains: a request arriving while a stream still runs gets 503 with Retry-After
+/// (the client's InternalServerError, retried elsewhere), the running stream finishes with
+/// `[DONE]`, and the server exits 0.
+#[test]
+fn a_stopping_server_answers_503_and_finishes_running_streams() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(runs.path(), &[]);
+    let authority = server.url.trim_start_matches("http://").trim_end_matches("/v1").to_string();
+    let (tx, rx) = mpsc::channel();
+    let streamer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&authority).expect("connect");
+        let body =
+            r#"{"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stream": true}"#;
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("write");
+        let mut first = [0u8; 512];
+        let n = s.read(&mut first).expect("first bytes");
+        tx.send(()).expect("signal");
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).expect("read");
+        format!("{}{rest}", String::from_utf8_lossy(&first[..n]))
+    });
+    rx.recv_timeout(Duration::from_secs(300)).expect("the stream started");
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().expect("kill").success());
+    std::thread::sleep(Duration::from_millis(300));
+    let body = serde_json::json!({"model": "smollm2-135m-instruct", "prompt": "hi", "max_tokens": 2});
+    let (status, answer) = server.http("POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("shutting down"), "{answer}");
+    let streamed = streamer.join().expect("stream thread");
+    assert!(streamed.contains("data: [DONE]"), "the running stream was cut: {streamed}");
+    let (status, rest) = server.wait_exit();
     assert!(status.success(), "furnace serve exited with {status}: {rest}");
 }
