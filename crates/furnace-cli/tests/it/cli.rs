@@ -63,10 +63,7 @@ fn hf_directory_generates_raw() {
 #[test]
 fn a_crafted_chat_template_fails_the_command_not_the_process() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for entry in std::fs::read_dir(testdata().join("tiny-qwen2")).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
-    }
+    crate::serve::copy_dir(&testdata().join("tiny-qwen2"), dir.path());
     let model = dir.path().to_str().expect("utf8");
     for template in [
         "{% set s = namespace(v=1) %}{% set s.v = s %}{{ s.v ~ '' }}",

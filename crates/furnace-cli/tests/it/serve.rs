@@ -111,6 +111,14 @@ impl Drop for Server {
     }
 }
 
+/// Copies the files of a fixture folder (one level) into `to`.
+pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
 /// Runs a client script with the venv's python; returns what it printed as JSON.
 fn client(script: &str, args: &[&str]) -> serde_json::Value {
     let path = repo_root().join("crates/furnace-cli/tests/it").join(script);
@@ -217,10 +225,7 @@ fn forced_tool_calls_and_json_schemas_hold_on_random_weights() {
     // The same through a chat template that renders `tools` itself (Qwen2.5's way) and the
     // assistant's earlier calls (arguments as an object).
     let dir = tempfile::tempdir().expect("tempdir");
-    for entry in std::fs::read_dir(&model).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
-    }
+    copy_dir(&model, dir.path());
     let template = r#"{%- if tools %}<|im_start|>system
 You may call these functions:
 <tools>

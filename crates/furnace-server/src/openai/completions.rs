@@ -442,15 +442,14 @@ async fn respond_with(
                 .ok_or_else(|| OpenAiError::invalid(format!("{} has no chat template: use /v1/completions with a prompt", s.model_name)))?;
             let mut context = Map::new();
             if let Some(tools) = settings.tools.as_ref().filter(|t| t.active()) {
-                let style = super::tools::style_of(template.source());
-                if super::tools::template_knows_tools(template.source()) {
+                let style = if super::tools::template_knows_tools(template.source()) {
                     context.insert("tools".into(), Value::from(tools.raw.clone()));
+                    super::tools::style_of(template.source())
                 } else {
                     // The template cannot show tools: describe them in the `<tool_call>` format.
                     super::tools::inject_tools_prompt(&mut messages, tools);
-                }
-                let style =
-                    if super::tools::template_knows_tools(template.source()) { style } else { furnace_generate::ToolCallStyle::Qwen2 };
+                    furnace_generate::ToolCallStyle::Qwen2
+                };
                 tool_style = Some(style);
                 if let Some(g) = tools.grammar(style) {
                     grammar = Some(g);

@@ -214,6 +214,20 @@ impl Serving {
     }
 }
 
+impl Serving {
+    /// A 403 unless `--allow-adapter-loading` allows changing adapters at run time.
+    fn check_adapter_loading(&self, doing: &str) -> Result<(), OpenAiError> {
+        if self.limits.allow_adapter_loading {
+            return Ok(());
+        }
+        Err(OpenAiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{doing} adapters at run time is off: start furnace serve with --allow-adapter-loading"),
+            "permission_error",
+        ))
+    }
+}
+
 /// Choices admitted by [`Serving::admit`]; they leave the count when this is dropped.
 struct Admitted {
     serving: Arc<Serving>,
@@ -399,13 +413,7 @@ async fn load_adapter(State(st): State<AppState>, body: Result<Bytes, BytesRejec
     let s = serving_of(&st)?;
     let body = json_body(body)?;
     refuse_unknown(&body, &["lora_name", "lora_path"])?;
-    if !s.limits.allow_adapter_loading {
-        return Err(OpenAiError::new(
-            StatusCode::FORBIDDEN,
-            "loading adapters at run time is off: start furnace serve with --allow-adapter-loading",
-            "permission_error",
-        ));
-    }
+    s.check_adapter_loading("loading")?;
     let name = string_field(&body, "lora_name")?;
     let path = string_field(&body, "lora_path")?;
     if name == s.model_name || s.embedders.contains_key(&name) {
@@ -424,13 +432,7 @@ async fn unload_adapter(State(st): State<AppState>, body: Result<Bytes, BytesRej
     let s = serving_of(&st)?;
     let body = json_body(body)?;
     refuse_unknown(&body, &["lora_name", "lora_int_id"])?;
-    if !s.limits.allow_adapter_loading {
-        return Err(OpenAiError::new(
-            StatusCode::FORBIDDEN,
-            "unloading adapters at run time is off: start furnace serve with --allow-adapter-loading",
-            "permission_error",
-        ));
-    }
+    s.check_adapter_loading("unloading")?;
     let name = string_field(&body, "lora_name")?;
     if !s.adapter_names().await?.contains(&name) {
         return Err(OpenAiError::new(StatusCode::NOT_FOUND, format!("no adapter named '{name}'"), "invalid_request_error")
