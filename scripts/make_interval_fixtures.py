@@ -15,8 +15,8 @@ expected for it. Every interval here is computed by this script, independently o
   ours ddof 0: its half-width times sqrt((n - 1)/n) is ours). The statsmodels numbers are
   stored too, so the Rust test checks against them as well;
 * the betting confidence sequence of Waudby-Smith & Ramdas (2023, JRSS-B), "Estimating means
-  of bounded random variables by betting": hedged capital with predictable plug-in bets
-  (Sections 4-5), with replacement (mu_t(m) = m) and without replacement (Section 6,
+  of bounded random variables by betting": hedged capital with predictable plug-in bets,
+  with replacement (mu_t(m) = m) and without replacement (Section 6,
   mu_t(m) = (N m - sum_{i<t} X_i)/(N - t + 1)), running intersection, logical bounds,
   written from the paper's formulas in log space on a 20 000-break grid of m (the Rust
   uses 1 000 breaks refined by bisection), reported after several prefixes of the data;

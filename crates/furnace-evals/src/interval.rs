@@ -63,14 +63,15 @@
 //! ## The confidence sequence (Waudby-Smith & Ramdas)
 //!
 //! Waudby-Smith & Ramdas (2023), *Estimating means of bounded random variables by
-//! betting*, JRSS-B 86(1) (arXiv 2010.09686): the hedged capital process (their Section 4,
-//! "hedged capital" with predictable plug-in bets, Section 5's `λ^{PrPl}`) in its
-//! without-replacement form (Section 6). With `X₁ … X_t ∈ [0, 1]`, a candidate mean `m`:
+//! betting*, JRSS-B 86(1) (arXiv 2010.09686): the hedged capital process with predictable
+//! plug-in bets `λ^{PrPl±}` (their with-replacement construction), in its
+//! without-replacement form (Section 6, sampling without replacement from a finite
+//! population). With `X₁ … X_t ∈ [0, 1]` and a candidate mean `m`:
 //!
 //! * `μ_t(m) = (N·m − Σ_{i<t} Xᵢ)/(N − t + 1)`, the mean of the population left before
 //!   draw `t` if the population mean is `m` (Section 6); without a population,
-//!   `μ_t(m) = m` (with replacement / i.i.d., Section 4). If `μ_t(m) ∉ [0, 1]`, `m` is
-//!   impossible and rejected.
+//!   `μ_t(m) = m` (with replacement / i.i.d.). If `μ_t(m) ∉ [0, 1]`, `m` is impossible
+//!   and rejected.
 //! * `μ̂_t = (1/2 + Σ_{i≤t} Xᵢ)/(t + 1)`, `σ̂²_t = (1/4 + Σ_{i≤t}(Xᵢ − μ̂ᵢ)²)/(t + 1)`,
 //!   `λ_t = sqrt(2·ln(2/α)/(σ̂²_{t−1}·t·ln(1 + t)))`.
 //! * `λ⁺_t(m) = min(λ_t, c/μ_t(m))`, `λ⁻_t(m) = min(λ_t, c/(1 − μ_t(m)))` with `c = 1/2`.
@@ -80,8 +81,16 @@
 //!   `∩_{s≤n} C_s` (still a confidence sequence; the set of `m` whose hedged capital never
 //!   reached `1/α` up to `n`), intersected with the deterministic ("logical") bounds
 //!   `[S_n/N, (S_n + N − n)/N]` when `N` is known (`S_n = Σ Xᵢ`; once `n = N` the interval
-//!   is the exact mean). This matches the `hedged_cs` of the authors' `confseq` package
-//!   (`betting.py`: `betting_mart`, `cs_from_martingale`), with `running_intersection`.
+//!   is the exact mean).
+//!
+//! This is the `hedged_cs` of the authors' `confseq` package (`src/confseq/betting.py`:
+//! `betting_mart` for the WoR `μ_t(m)`, the truncations and the `max` hedge;
+//! `cs_from_martingale` for the grid, the logical bounds and the running intersection),
+//! with one difference: its bets (`lambda_predmix_eb` in `betting_strategies.py`) use
+//! `ln(1/α)`; we use `ln(2/α)`, the predictable plug-in for the hedged process. The bets
+//! only change the width, never the validity: `K⁺` and `K⁻` are nonnegative martingales at
+//! the true mean for any predictable bets within the truncation, and Ville's inequality
+//! bounds the chance that either ever reaches `2/α` by `α/2`.
 //!
 //! The set is found on the grid `m = k/1000`, `k = 0..=1000`, as the hull of the accepted
 //! grid points: the grid is scanned from 0 upwards to the first accepted point and from 1
@@ -174,6 +183,8 @@ const THETA: f64 = 0.5;
 
 /// The interval of the mean of `values_in_order` (in the order they were drawn: it matters
 /// for [`Method::ConfSeq`]), each in `range = (a, b)`.
+///
+/// Values beyond the range by at most `1e-9 · max(b − a, 1)` (rounding) are clipped into it.
 ///
 /// Errors ([`Error::Invalid`]): no values, a value that is not finite or outside the range,
 /// a bad range, a confidence outside (0, 1), a population smaller than the number of values.
