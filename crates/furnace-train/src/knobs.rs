@@ -121,9 +121,48 @@ impl Knob {
     }
 }
 
+/// One expanded configuration before it is read as a spec: the merged TOML table.
+#[derive(Debug, Clone)]
+pub struct RawLeaf {
+    /// Index of its `[[group]]` (0 without groups).
+    pub group: usize,
+    /// The knob values it took, by `section.key`.
+    pub knobs: Vec<(String, Value)>,
+    /// The whole spec with this leaf's knob values (and its group's overrides) in place.
+    pub table: Table,
+    /// `group[i].` when the spec has groups (error keys of this leaf start with it).
+    pub prefix: String,
+}
+
 /// Expands spec text (from `path`, which anchors relative data paths) into its leaf specs.
 pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
     let parse_err = |msg: String| Error::SpecParse { path: path.into(), msg };
+    let mut leaves = Vec::new();
+    for raw in expand_tables(text, path, &KNOB_SECTIONS)? {
+        let text = toml::to_string(&raw.table).map_err(|e| parse_err(e.to_string()))?;
+        let prefix = &raw.prefix;
+        let spec = Spec::parse(&text, path).map_err(|e| match e {
+            Error::Spec { key, msg } => Error::Spec { key: format!("{prefix}{key}"), msg },
+            Error::SpecParse { path, msg } => Error::SpecParse { path, msg: format!("{prefix}{msg}") },
+            other => other,
+        })?;
+        leaves.push(Leaf { group: raw.group, knobs: raw.knobs, spec });
+    }
+    Ok(leaves)
+}
+
+/// Expands spec text into merged tables, one per leaf: knobs may stand in the sections
+/// `knob_sections` (and a `[[group]]` may override those sections only); the caller reads
+/// each table as its kind of spec. Bounds ([`MAX_RUNS`], [`MAX_LIST_LEN`], [`MAX_RANGE`])
+/// are checked here.
+pub fn expand_tables(text: &str, path: &Path, knob_sections: &[&str]) -> Result<Vec<RawLeaf>> {
+    let parse_err = |msg: String| Error::SpecParse { path: path.into(), msg };
+    let names = match knob_sections {
+        [] => String::new(),
+        [one] => format!("[{one}]"),
+        [rest @ .., last] => format!("{} and [{last}]", rest.iter().map(|s| format!("[{s}]")).collect::<Vec<_>>().join(", ")),
+    };
+    let plain = knob_sections.join(", ");
     let mut root: Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
     let search = match root.remove("search") {
         Some(Value::Table(t)) => t,
@@ -160,8 +199,8 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
         let prefix = if grouped { format!("group[{gi}].") } else { String::new() };
         let mut merged = root.clone();
         for (section, v) in group.unwrap_or_default() {
-            let (Value::Table(over), true) = (v, KNOB_SECTIONS.contains(&section.as_str())) else {
-                return Err(invalid(&format!("{prefix}{section}"), "a group holds only lora, trainer and model tables"));
+            let (Value::Table(over), true) = (v, knob_sections.contains(&section.as_str())) else {
+                return Err(invalid(&format!("{prefix}{section}"), format!("a group holds only these tables: {plain}")));
             };
             let base = merged.entry(section.clone()).or_insert_with(|| Value::Table(Table::new()));
             if let Value::Table(b) = base {
@@ -175,8 +214,8 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
             for (key, val) in t {
                 let Value::Table(kt) = val else { continue };
                 let path = format!("{prefix}{section}.{key}");
-                if !KNOB_SECTIONS.contains(&section.as_str()) {
-                    return Err(invalid(&path, "knobs are allowed only in [lora], [trainer] and [model]"));
+                if !knob_sections.contains(&section.as_str()) {
+                    return Err(invalid(&path, format!("knobs are allowed only in {names}")));
                 }
                 let knob = parse_knob(&path, kt)?;
                 if kind == "grid" && matches!(knob, Knob::Range { .. }) {
@@ -240,13 +279,7 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
                 }
                 taken.push((format!("{section}.{key}"), v.clone()));
             }
-            let text = toml::to_string(&t).map_err(|e| parse_err(e.to_string()))?;
-            let spec = Spec::parse(&text, path).map_err(|e| match e {
-                Error::Spec { key, msg } => Error::Spec { key: format!("{prefix}{key}"), msg },
-                Error::SpecParse { path, msg } => Error::SpecParse { path, msg: format!("{prefix}{msg}") },
-                other => other,
-            })?;
-            leaves.push(Leaf { group: gi, knobs: taken, spec });
+            leaves.push(RawLeaf { group: gi, knobs: taken, table: t, prefix: prefix.clone() });
         }
     }
     Ok(leaves)
