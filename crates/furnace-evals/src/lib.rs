@@ -7,5 +7,6 @@
 
 pub mod error;
 pub mod generator;
+pub mod metrics;
 
 pub use error::{Error, Result};
