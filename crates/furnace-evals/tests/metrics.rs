@@ -1,5 +1,6 @@
 //! The built-in metrics against the reference libraries (fixtures written by
 //! `scripts/make_eval_metric_fixtures.py`), and the command metric against small programs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -169,6 +170,8 @@ fn command_scores_a_batch_in_order() {
     let scores = m.score(&batch).unwrap();
     let expected: Vec<f64> = batch.iter().map(|v| serde_json::to_string(v).unwrap().len() as f64).collect();
     assert_eq!(scores, expected);
+    let unbounded = CommandMetric { timeout: Duration::MAX, ..m.clone() };
+    assert_eq!(unbounded.score(&batch).unwrap(), expected);
     assert_eq!(m.score(&[]).unwrap(), Vec::<f64>::new());
 }
 

@@ -95,11 +95,12 @@ impl CommandMetric {
             });
         }
         drop(tx);
-        let deadline = start + self.timeout;
+        // No deadline when the timeout is too large to add to the clock.
+        let deadline = start.checked_add(self.timeout);
         let status = self.wait(&mut child, deadline, items.len())?;
         let (mut stdout, mut stderr) = (None, None);
         while stdout.is_none() || stderr.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(left) {
                 Ok(Stream::Stdout(r)) => stdout = Some(r.map_err(|e| self.err(format!("reading its output: {e}")))?),
                 Ok(Stream::Stderr(r)) => stderr = Some(r.unwrap_or_default()),
@@ -119,8 +120,8 @@ impl CommandMetric {
         self.parse(&stdout, items.len())
     }
 
-    /// Waits for the program until `deadline`, killing it then.
-    fn wait(&self, child: &mut Child, deadline: Instant, n: usize) -> Result<ExitStatus> {
+    /// Waits for the program until `deadline` (if any), killing it then.
+    fn wait(&self, child: &mut Child, deadline: Option<Instant>, n: usize) -> Result<ExitStatus> {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Ok(status),
@@ -132,12 +133,13 @@ impl CommandMetric {
                 }
             }
             let now = Instant::now();
-            if now >= deadline {
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
+            if left.is_zero() {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(self.timed_out(n));
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(5)));
+            std::thread::sleep(left.min(Duration::from_millis(5)));
         }
     }
 

@@ -399,9 +399,10 @@ fn at_path<'a>(mut v: &'a Value, path: &str) -> Option<&'a Value> {
 /// predicted JSON (as [`json_valid`] parses it) equals a reference, else 0 (also when the
 /// prediction is not JSON or has nothing at `path`).
 ///
-/// A reference that parses as JSON is compared as JSON, numbers as `f64` (`"1"` equals
-/// `1.0`); any reference also matches a string value equal to its text, so the reference
-/// `Paris` (not JSON) and `"Paris"` (JSON) both match the value `"Paris"`.
+/// A reference matches when it parses as JSON equal to the value (numbers compared as `f64`,
+/// so the reference `1` matches the value `1.0`), or when the value is a string equal to the
+/// reference's text: the references `Paris` (not JSON) and `"Paris"` (JSON) both match the
+/// value `"Paris"`, and the reference `42` matches both `42` and `"42"`.
 pub fn json_field_match<S: AsRef<str>>(pred: &str, refs: &[S], path: &str) -> f64 {
     let Some(root) = parse_json(pred) else { return 0.0 };
     let Some(v) = at_path(&root, path) else { return 0.0 };
