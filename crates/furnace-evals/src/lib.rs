@@ -5,8 +5,12 @@
 //! by the experiment's ops, and everything durable lives in furnace-exp's store.
 #![deny(missing_docs)]
 
+pub mod dataset;
 pub mod error;
 pub mod generator;
 pub mod interval;
+pub mod metrics;
+pub mod openai;
+pub mod spec;
 
 pub use error::{Error, Result};
