@@ -130,6 +130,8 @@ fn main() {
     }
     keep_allocator_pages();
     quiet_broken_pipe();
+    // Clones of evals pipelines are checked when recorded (`furnace ops`, the API).
+    furnace_evals::experiment::register();
     let cli = Cli::parse();
     let threads = cli.threads.unwrap_or_else(furnace_model::threads::physical_cores);
     furnace_model::threads::configure_threads(threads);

@@ -32,6 +32,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// The store failed (or an experiment, run or op was not found).
+    #[error(transparent)]
+    Store(#[from] furnace_exp::Error),
     /// Anything else that is wrong with the input.
     #[error("{0}")]
     Invalid(String),

@@ -6,11 +6,17 @@
 #![deny(missing_docs)]
 
 pub mod dataset;
+pub mod driver;
 pub mod error;
+pub mod experiment;
 pub mod generator;
 pub mod interval;
 pub mod metrics;
 pub mod openai;
+pub mod prompt;
+pub mod score;
 pub mod spec;
 
+pub use driver::{run_evals, EvalOptions, EvalSummary};
 pub use error::{Error, Result};
+pub use spec::{mode_of, EvalSpec};

@@ -21,6 +21,26 @@ pub enum Event {
         /// Value.
         value: f64,
     },
+    /// A metric's estimate and confidence interval after a shard (evals mode); the value
+    /// also comes as a [`Event::Metric`].
+    Interval {
+        /// Experiment name.
+        experiment: String,
+        /// Run.
+        run_id: i64,
+        /// Shards done.
+        step: i64,
+        /// Metric name.
+        name: String,
+        /// The estimate.
+        value: f64,
+        /// Lower bound.
+        lower: f64,
+        /// Upper bound.
+        upper: f64,
+        /// Whether it is the experiment's primary metric (pipelines are raced by it).
+        primary: bool,
+    },
     /// A run changed status.
     Status {
         /// Experiment name.

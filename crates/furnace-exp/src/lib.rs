@@ -13,6 +13,7 @@ pub mod events;
 pub mod experiment;
 pub mod fit;
 pub mod ops;
+pub mod shards;
 pub mod store;
 
 pub use conversations::{ChoiceRecord, ConversationFilter, ConversationRecord, ConversationRow, RATING_MAX, RATING_MIN};
@@ -20,4 +21,5 @@ pub use error::{Error, Result};
 pub use events::{Event, EventSender};
 pub use experiment::{Experiment, Running, SendLoader, StartOptions};
 pub use fit::{run_fit, FitOptions, FitSummary, Loader};
+pub use shards::{BoundRow, Estimate, ExampleRecord};
 pub use store::{ExperimentRow, MetricRow, OpKind, OpRow, RunRow, RunStatus, Store};

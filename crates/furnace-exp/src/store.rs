@@ -332,6 +332,7 @@ impl Store {
         // Added after the first stores were made: created here on open, so an older store
         // gains it (`IF NOT EXISTS`) and keeps everything it holds.
         conn.execute_batch(crate::conversations::SCHEMA)?;
+        conn.execute_batch(crate::shards::SCHEMA)?;
         Ok(Self { conn, path: path.to_path_buf() })
     }
 

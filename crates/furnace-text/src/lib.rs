@@ -26,5 +26,5 @@ mod tokenizer;
 pub use error::{Error, Result};
 pub use gguf::GgufTokenizerSpec;
 pub use stream::IncrementalDecoder;
-pub use template::{ChatMessage, ChatTemplate, TEMPLATE_FUEL};
+pub use template::{json_to_value, ChatMessage, ChatTemplate, TEMPLATE_FUEL};
 pub use tokenizer::Tokenizer;

@@ -266,7 +266,7 @@ fn describe(error: &minijinja::Error) -> String {
 }
 
 /// Converts JSON into a template value, keeping object key order.
-fn json_to_value(json: &serde_json::Value) -> Value {
+pub fn json_to_value(json: &serde_json::Value) -> Value {
     use serde_json::Value as J;
     match json {
         J::Null => Value::from(()),

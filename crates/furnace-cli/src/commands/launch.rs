@@ -87,8 +87,11 @@ pub fn train_experiment(
     events: &EventSender,
     flags: &TrackFlags,
 ) -> Result<FitSummary> {
-    let experiment = Experiment::open(runs_dir, name)?;
     let exp = store.experiment(name)?;
+    if exp.mode == "evals" {
+        return evaluate_experiment(store, &exp, cancel, events);
+    }
+    let experiment = Experiment::open(runs_dir, name)?;
     let track = track_options(flags, &exp)?;
     let tracker = if track.is_empty() {
         None
@@ -129,4 +132,48 @@ pub fn train_experiment(
         }
     }
     Ok(summary)
+}
+
+/// Runs evals experiment `exp` to its end (or until `cancel`) on its own thread, showing a
+/// progress line per pipeline; publishes its events on `events`.
+fn evaluate_experiment(store: &Store, exp: &ExperimentRow, cancel: Arc<AtomicBool>, events: &EventSender) -> Result<FitSummary> {
+    let mut rx = events.subscribe();
+    let thread_store = store.reopen()?;
+    let row = exp.clone();
+    let sender = events.clone();
+    let join = std::thread::Builder::new().name("furnace-evals".into()).spawn(move || {
+        let opts = furnace_evals::EvalOptions { cancel: Some(cancel), ..Default::default() };
+        let mut loader = |name: &str, dtype| {
+            load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") })
+        };
+        furnace_evals::run_evals(&thread_store, &row, &mut loader, &opts, &sender)
+    })?;
+    let mut display = Display::new(store, exp.id)?;
+    loop {
+        match rx.try_recv() {
+            Ok(ev) if event_experiment(&ev) == exp.name => display.show(store, ev)?,
+            Ok(_) => {}
+            Err(_) if join.is_finished() => break,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    while let Ok(ev) = rx.try_recv() {
+        if event_experiment(&ev) == exp.name {
+            display.show(store, ev)?;
+        }
+    }
+    display.finish();
+    let summary = join.join().map_err(|_| anyhow::anyhow!("the evals thread panicked"))??;
+    Ok(FitSummary { runs: summary.runs, cancelled: summary.cancelled })
+}
+
+fn event_experiment(ev: &Event) -> &str {
+    match ev {
+        Event::Metric { experiment, .. }
+        | Event::Interval { experiment, .. }
+        | Event::Status { experiment, .. }
+        | Event::Op { experiment, .. }
+        | Event::Log { experiment, .. }
+        | Event::Progress { experiment, .. } => experiment,
+    }
 }

@@ -31,6 +31,9 @@ pub struct ResultsArgs {
 pub fn run(a: ResultsArgs) -> Result<()> {
     let store = existing_store(&a.dir)?;
     let exp = experiment::find(&store, a.experiment.as_deref())?;
+    if exp.mode == "evals" {
+        return evals_results(&store, &exp, &a);
+    }
     let visible: HashMap<i64, RunStatus> =
         store.runs(exp.id)?.into_iter().filter(|r| a.all || r.status != RunStatus::Deleted).map(|r| (r.id, r.status)).collect();
     // One row per (run, step), one column per metric.
@@ -91,6 +94,78 @@ pub fn run(a: ResultsArgs) -> Result<()> {
                     }
                 }
                 writeln!(out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `0.712 ± 0.041 [0.671, 0.753]`: the estimate, the interval's half-width about it (the
+/// larger side when it is not symmetric) and the interval.
+pub fn interval_text(value: f64, lower: f64, upper: f64) -> String {
+    let half = (value - lower).max(upper - value);
+    format!("{value:.3} ± {half:.3} [{lower:.3}, {upper:.3}]")
+}
+
+/// Results of an evals experiment: per pipeline, each metric after its last shard with its
+/// interval (`--format csv|json`: every shard, with `lower` and `upper`).
+fn evals_results(store: &furnace_exp::Store, exp: &furnace_exp::ExperimentRow, a: &ResultsArgs) -> Result<()> {
+    let runs: Vec<furnace_exp::RunRow> = store.runs(exp.id)?.into_iter().filter(|r| a.all || r.status != RunStatus::Deleted).collect();
+    let bounds: HashMap<(i64, i64, String), (f64, f64)> =
+        store.experiment_bounds(exp.id)?.into_iter().map(|b| ((b.run_id, b.step, b.name), (b.lower, b.upper))).collect();
+    let metrics = store.experiment_metrics(exp.id)?;
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json | Format::Csv => {
+            let rows: Vec<serde_json::Value> = metrics
+                .iter()
+                .filter(|m| runs.iter().any(|r| r.id == m.run_id))
+                .map(|m| {
+                    let b = bounds.get(&(m.run_id, m.step, m.name.clone()));
+                    serde_json::json!({"run_id": m.run_id, "shard": m.step, "metric": m.name, "value": m.value,
+                        "lower": b.map(|b| b.0), "upper": b.map(|b| b.1), "time": m.time})
+                })
+                .collect();
+            if matches!(a.format, Format::Json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+            } else {
+                writeln!(out, "run_id,shard,metric,value,lower,upper")?;
+                for r in &rows {
+                    let f = |k: &str| r[k].as_f64().map(|v| v.to_string()).unwrap_or_default();
+                    writeln!(out, "{},{},{},{},{},{}", r["run_id"], r["shard"], r["metric"].as_str().unwrap_or(""), f("value"), f("lower"), f("upper"))?;
+                }
+            }
+        }
+        Format::Table => {
+            for run in &runs {
+                let mut last: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+                let mut order: Vec<String> = Vec::new();
+                for m in metrics.iter().filter(|m| m.run_id == run.id) {
+                    if !order.contains(&m.name) {
+                        order.push(m.name.clone());
+                    }
+                    let e = last.entry(m.name.clone()).or_insert((m.step, m.value));
+                    if m.step >= e.0 {
+                        *e = (m.step, m.value);
+                    }
+                }
+                let reason = run.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "run {} [{}]: {} after shard {}/{}{reason}",
+                    run.id,
+                    crate::human::label(run),
+                    run.status.as_str(),
+                    run.steps_done,
+                    run.total_steps
+                )?;
+                for name in &order {
+                    let (step, value) = last[name];
+                    match bounds.get(&(run.id, step, name.clone())) {
+                        Some(&(lo, hi)) => writeln!(out, "  {name:<20} {}", interval_text(value, lo, hi))?,
+                        None => writeln!(out, "  {name:<20} {value:.4}")?,
+                    }
+                }
             }
         }
     }

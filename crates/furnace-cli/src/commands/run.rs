@@ -63,17 +63,30 @@ pub fn run(a: RunArgs) -> Result<()> {
     let store = open_store(&a.dir)?;
     let exp = match (&a.experiment, &a.spec) {
         (Some(name), _) => store.experiment(name)?,
-        (None, Some(spec)) => match experiment::interrupted(&store, spec)? {
-            Some(e) if !a.fresh => {
-                eprintln!("continuing experiment {} (interrupted; --fresh starts a new one)", e.name);
-                e
+        (None, Some(spec)) => {
+            let text = std::fs::read_to_string(spec).map_err(|e| anyhow::anyhow!("reading {}: {e}", spec.display()))?;
+            let evals = furnace_evals::mode_of(&text).as_deref() == Some("evals");
+            let interrupted =
+                if evals { furnace_evals::experiment::interrupted(&store, spec)? } else { experiment::interrupted(&store, spec)? };
+            match interrupted {
+                Some(e) if !a.fresh => {
+                    eprintln!("continuing experiment {} (interrupted; --fresh starts a new one)", e.name);
+                    e
+                }
+                _ if evals => {
+                    let e = furnace_evals::experiment::create(&store, spec)?;
+                    let runs = store.runs(e.id)?;
+                    let shards = runs.first().map(|r| r.total_steps).unwrap_or(0);
+                    eprintln!("evals experiment {} ({} pipelines, {shards} shards) in {}", e.name, runs.len(), e.dir.display());
+                    e
+                }
+                _ => {
+                    let e = experiment::create(&store, spec)?;
+                    eprintln!("experiment {} ({} runs) in {}", e.name, store.runs(e.id)?.len(), e.dir.display());
+                    e
+                }
             }
-            _ => {
-                let e = experiment::create(&store, spec)?;
-                eprintln!("experiment {} ({} runs) in {}", e.name, store.runs(e.id)?.len(), e.dir.display());
-                e
-            }
-        },
+        }
         (None, None) => bail!("give a spec (furnace run spec.toml) or --experiment NAME to continue one"),
     };
     let events = furnace_exp::events::channel();
@@ -117,12 +130,20 @@ pub(crate) struct Display {
     multi: MultiProgress,
     bars: HashMap<i64, ProgressBar>,
     last: HashMap<i64, (Option<f64>, Option<f64>)>,
+    /// Evals: each pipeline's primary metric after its last shard.
+    primary: HashMap<i64, (String, f64, f64, f64)>,
     tty: bool,
 }
 
 impl Display {
     pub(crate) fn new(store: &Store, exp: i64) -> Result<Self> {
-        let mut d = Self { multi: MultiProgress::new(), bars: HashMap::new(), last: HashMap::new(), tty: std::io::stderr().is_terminal() };
+        let mut d = Self {
+            multi: MultiProgress::new(),
+            bars: HashMap::new(),
+            last: HashMap::new(),
+            primary: HashMap::new(),
+            tty: std::io::stderr().is_terminal(),
+        };
         for r in store.runs(exp)? {
             if r.status != RunStatus::Deleted {
                 d.bar(&r);
@@ -162,7 +183,21 @@ impl Display {
                 b.set_length(total_steps.max(1) as u64);
                 b.set_position(steps_done as u64);
                 let f = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-                b.set_message(format!("chunk {chunks_done}/{}  loss {}  eval {}  [{}]", run.total_chunks, f(loss), f(eval), label(&run)));
+                if let Some((name, value, lo, hi)) = self.primary.get(&run_id) {
+                    let line = format!("shard {chunks_done}/{}  {name} {value:.3} [{lo:.3}, {hi:.3}]  [{}]", run.total_chunks, label(&run));
+                    if !self.tty {
+                        self.line(format!("run {run_id} {line}"));
+                    }
+                    b.set_message(line);
+                } else {
+                    b.set_message(format!(
+                        "chunk {chunks_done}/{}  loss {}  eval {}  [{}]",
+                        run.total_chunks,
+                        f(loss),
+                        f(eval),
+                        label(&run)
+                    ));
+                }
             }
             Event::Metric { run_id, name, value, step, .. } => {
                 let e = self.last.entry(run_id).or_default();
@@ -185,7 +220,10 @@ impl Display {
                 }
                 self.line(format!("run {run_id}: {}{}", status.as_str(), message.map(|m| format!(" ({m})")).unwrap_or_default()));
             }
-            Event::Op { .. } => {}
+            Event::Interval { run_id, name, value, lower, upper, primary: true, .. } => {
+                self.primary.insert(run_id, (name, value, lower, upper));
+            }
+            Event::Op { .. } | Event::Interval { .. } => {}
             Event::Log { message, .. } => self.line(message),
         }
         Ok(())

@@ -287,7 +287,7 @@ impl RunView {
             Event::Status { status, message, .. } => {
                 writeln!(self.log, "{}{}", status.as_str(), message.map(|m| format!(" ({m})")).unwrap_or_default())?
             }
-            Event::Op { .. } => {}
+            Event::Op { .. } | Event::Interval { .. } => {}
         }
         Ok(None)
     }

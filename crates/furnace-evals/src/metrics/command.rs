@@ -51,6 +51,42 @@ impl CommandMetric {
     /// prints a line count other than the item count, or prints a line that is neither a
     /// number nor `{"score": number}`.
     pub fn score(&self, items: &[Value]) -> Result<Vec<f64>> {
+        let lines = self.run(items)?;
+        self.parse(&lines, items.len())
+    }
+
+    /// Scores of a ratio-of-sums metric: one line per item, `{"num": a, "den": b}`.
+    pub fn score_ratio(&self, items: &[Value]) -> Result<Vec<(f64, f64)>> {
+        let stdout = self.run(items)?;
+        let text = String::from_utf8_lossy(&stdout);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.len() != items.len() {
+            return Err(self.err(format!(
+                "`{}` printed {} lines for {} items; it must print exactly one line per input line, in order",
+                self.program(),
+                lines.len(),
+                items.len()
+            )));
+        }
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| {
+                let v: Option<Value> = serde_json::from_str(line).ok();
+                let get = |k: &str| v.as_ref().and_then(|v| v.get(k)).and_then(Value::as_f64).filter(|x| x.is_finite());
+                match (get("num"), get("den")) {
+                    (Some(n), Some(d)) => Ok((n, d)),
+                    _ => {
+                        let shown: String = line.chars().take(200).collect();
+                        Err(self.err(format!("output line {}: expected {{\"num\": number, \"den\": number}}, got `{shown}`", i + 1)))
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Runs the program over the items; its stdout.
+    fn run(&self, items: &[Value]) -> Result<Vec<u8>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -117,7 +153,7 @@ impl CommandMetric {
                 tail(&stderr)
             )));
         }
-        self.parse(&stdout, items.len())
+        Ok(stdout)
     }
 
     /// Waits for the program until `deadline` (if any), killing it then.
