@@ -7,5 +7,7 @@
 
 pub mod error;
 pub mod generator;
+pub mod openai;
+pub mod ratelimit;
 
 pub use error::{Error, Result};
