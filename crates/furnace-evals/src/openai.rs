@@ -313,8 +313,12 @@ impl OpenAiGenerator {
                     // (the server may have worked on it).
                     permit.finish(if answered { Some(0) } else { None });
                     if attempt >= self.cfg.max_retries {
-                        let tries = if self.cfg.max_retries == 1 { "retry" } else { "retries" };
-                        return Err(Error::Generator(format!("POST {}: {msg} (gave up after {} {tries})", self.url, self.cfg.max_retries)));
+                        let gave_up = match self.cfg.max_retries {
+                            0 => String::new(),
+                            1 => " (gave up after 1 retry)".into(),
+                            n => format!(" (gave up after {n} retries)"),
+                        };
+                        return Err(Error::Generator(format!("POST {}: {msg}{gave_up}", self.url)));
                     }
                     std::thread::sleep(retry_after.map(|d| d.min(MAX_RETRY_AFTER)).unwrap_or_else(|| backoff(attempt)));
                     attempt += 1;
