@@ -14,6 +14,8 @@
 //!   request's failure never stops the others.
 //! - When the answer has no `usage`, tokens are estimated as characters / 4 (prompt: the
 //!   messages' text; completion: the answer's text).
+//! - `latency` is that of the attempt that answered: from sending it to the whole answer
+//!   read (waits for the limit and earlier failed attempts are not in it).
 //! - TLS (for `https://` base URLs) is rustls with the ring provider and Mozilla's root
 //!   certificates (webpki-roots); plain `http://` works as well.
 
