@@ -237,7 +237,6 @@ fn answers_come_back_in_request_order_from_four_workers() {
     let running = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let (r, m) = (running.clone(), most.clone());
-    std::env::set_var("FURNACE_EVALS_FAKE_KEY", "sk-fake-123");
     let (url, seen) = serve(move |_, req| {
         let now = r.fetch_add(1, Ordering::SeqCst) + 1;
         m.fetch_max(now, Ordering::SeqCst);
@@ -249,7 +248,8 @@ fn answers_come_back_in_request_order_from_four_workers() {
     });
     let g = generator(&url, |c| {
         c.concurrency = 4;
-        c.api_key_env = Some("FURNACE_EVALS_FAKE_KEY".into());
+        // A variable that is always set (tests set none: set_var races other threads).
+        c.api_key_env = Some("PATH".into());
     });
     let reqs: Vec<GenRequest> = (0..12).map(|i| ask(&format!("q{i}"))).collect();
     let mut done = Vec::new();
@@ -266,7 +266,8 @@ fn answers_come_back_in_request_order_from_four_workers() {
     let seen = seen.lock().unwrap();
     let first = &seen[0];
     assert_eq!(first.path, "/v1/chat/completions");
-    assert!(first.headers.contains(&("authorization".into(), "Bearer sk-fake-123".into())), "{:?}", first.headers);
+    let bearer = format!("Bearer {}", std::env::var("PATH").unwrap().trim());
+    assert!(first.headers.contains(&("authorization".into(), bearer)), "{:?}", first.headers);
     let b = &first.body;
     assert_eq!((b["model"].as_str(), b["max_tokens"].as_u64(), b["seed"].as_u64()), (Some("m"), Some(16), Some(7)));
     assert_eq!((b["temperature"].as_f64(), b["top_p"].as_f64()), (Some(0.0), Some(1.0)));
