@@ -16,6 +16,7 @@ pub mod openai;
 pub mod prompt;
 pub mod score;
 pub mod spec;
+pub mod ratelimit;
 
 pub use driver::{run_evals, EvalOptions, EvalSummary};
 pub use error::{Error, Result};

@@ -28,7 +28,8 @@ fn free_port() -> u16 {
 /// A `furnace serve` process, stopped with SIGINT when dropped.
 pub(crate) struct Server {
     child: Child,
-    url: String,
+    /// The API's root, `http://127.0.0.1:PORT/v1`.
+    pub(crate) url: String,
     log: mpsc::Receiver<String>,
 }
 
