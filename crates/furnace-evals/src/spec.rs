@@ -391,7 +391,8 @@ pub struct MetricSpec {
     /// `numeric_match`, `json_valid`, `json_field`, `precision_at_k`, `recall_at_k`,
     /// `hit_rate`, `mrr`, `ndcg_at_k`, `judge` or `command`.
     pub kind: String,
-    /// Its name in results (default: the kind, with `@k` for retrieval metrics).
+    /// Its name in results (default: the kind; a retrieval metric's without `_at_k`, with
+    /// `@k` when it sets its own `k`).
     #[serde(default)]
     pub name: Option<String>,
     /// Text metrics: SQuAD's answer normalisation before comparing.
@@ -455,12 +456,15 @@ impl MetricSpec {
             return n.clone();
         }
         if self.is_retrieval() {
+            // Without its own k a retrieval metric is taken at each pipeline's `[rag] k`
+            // and keeps one name across pipelines.
             let base = self.kind.trim_end_matches("_at_k");
-            if let Some(k) = self.k.or(rag_k) {
-                return format!("{base}@{k}");
-            }
-            return base.to_string();
+            return match self.k {
+                Some(k) => format!("{base}@{k}"),
+                None => base.to_string(),
+            };
         }
+        let _ = rag_k;
         self.kind.clone()
     }
 
