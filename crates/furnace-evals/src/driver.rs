@@ -510,24 +510,13 @@ impl Driver<'_, '_> {
         let bounds: Vec<(i64, f64, f64, bool)> =
             self.pipes.iter().filter_map(|(id, p)| p.primary_bounds().map(|(lo, hi, h)| (*id, lo, hi, h))).collect();
         let Some(&(_, _, _, higher)) = bounds.first() else { return Ok(()) };
-        let (best_id, best) = if higher {
-            let b = bounds.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|b| (b.0, b.1));
-            match b {
-                Some(b) => b,
-                None => return Ok(()),
-            }
-        } else {
-            match bounds.iter().min_by(|a, b| a.2.total_cmp(&b.2)).map(|b| (b.0, b.2)) {
-                Some(b) => b,
-                None => return Ok(()),
-            }
-        };
-        for &(id, lo, hi, _) in &bounds {
-            let separated = if higher { hi < best } else { lo > best };
+        let plain: Vec<(i64, f64, f64)> = bounds.iter().map(|b| (b.0, b.1, b.2)).collect();
+        for (id, best_id, best) in separated(&plain, higher) {
             let Some(p) = self.pipes.get(&id) else { continue };
-            if !separated || id == best_id || !p.run.status.is_active() || p.run.steps_done >= self.shards.len() as i64 {
+            if !p.run.status.is_active() || p.run.steps_done >= self.shards.len() as i64 {
                 continue;
             }
+            let (lo, hi) = plain.iter().find(|b| b.0 == id).map(|b| (b.1, b.2)).unwrap_or_default();
             let (name, _) = p.spec.primary().unwrap_or_default();
             let msg = if higher {
                 format!("raced out after shard {}: {name} upper bound {hi:.4} < run {best_id}'s lower bound {best:.4}", p.run.steps_done)
@@ -1002,6 +991,24 @@ impl Driver<'_, '_> {
     }
 }
 
+/// The pipelines a race stops: those whose interval `(id, lower, upper)` lies wholly below
+/// the best lower bound (above the best upper bound when lower is better), each with the
+/// best pipeline and its bound. Valid at every shard because the intervals are
+/// anytime-valid (with per-look intervals, stopping on them inflates the error rate).
+pub fn separated(bounds: &[(i64, f64, f64)], higher_is_better: bool) -> Vec<(i64, i64, f64)> {
+    let best = if higher_is_better {
+        bounds.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|b| (b.0, b.1))
+    } else {
+        bounds.iter().min_by(|a, b| a.2.total_cmp(&b.2)).map(|b| (b.0, b.2))
+    };
+    let Some((best_id, bound)) = best else { return Vec::new() };
+    bounds
+        .iter()
+        .filter(|b| b.0 != best_id && if higher_is_better { b.2 < bound } else { b.1 > bound })
+        .map(|b| (b.0, best_id, bound))
+        .collect()
+}
+
 /// Sampling of one request: the generator's settings, seeded per example so answers do
 /// not depend on batching or order.
 fn sampling(g: &GeneratorSpec, seed: u64, example: usize) -> Sampling {
@@ -1027,4 +1034,23 @@ pub fn prompt_ids(loaded: &LoadedModel, messages: &[Message]) -> Result<Vec<u32>
         None => messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n"),
     };
     tok.encode(&text, loaded.chat_template.is_none()).map_err(|e| Error::Generator(format!("tokenizing: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::separated;
+
+    #[test]
+    fn a_race_stops_only_separated_pipelines() {
+        // 1 is best (lower 0.6); 2 overlaps it (upper 0.65); 3 lies below (upper 0.55);
+        // 4 touches (upper exactly 0.6) and stays.
+        let b = [(1, 0.6, 0.9), (2, 0.3, 0.65), (3, 0.2, 0.55), (4, 0.4, 0.6)];
+        assert_eq!(separated(&b, true), vec![(3, 1, 0.6)]);
+        // Lower is better: the best has the lowest upper bound (0.55, run 3); runs whose
+        // lower bound exceeds it stop.
+        assert_eq!(separated(&b, false), vec![(1, 3, 0.55)]);
+        // Overlapping intervals: nobody stops.
+        assert!(separated(&[(1, 0.4, 0.6), (2, 0.5, 0.7)], true).is_empty());
+        assert!(separated(&[], true).is_empty());
+    }
 }

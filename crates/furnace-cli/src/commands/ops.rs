@@ -17,7 +17,8 @@ pub enum OpsCmd {
     Clone {
         run: i64,
         /// A changed setting, section.key=value (repeatable): --set lora.r=64
-        /// --set trainer.learning_rate=1e-4
+        /// --set trainer.learning_rate=1e-4; for an evals pipeline the rag, prompt,
+        /// generator and judge sections: --set rag.chunk_size=256 --set rag.k=8
         #[arg(long = "set")]
         set: Vec<String>,
         /// Start from the parent's adapter, optimizer state and data position (same rank

@@ -8,6 +8,7 @@ mod cli;
 mod conversations;
 mod crash;
 mod dashboard;
+mod evals;
 mod evals_openai;
 mod experiment;
 mod rag;
