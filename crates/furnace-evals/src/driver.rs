@@ -72,7 +72,8 @@ fn index_key(r: &RagSection) -> String {
     serde_json::json!([r.documents, r.splitter, r.chunk_size, r.chunk_overlap, r.length, r.embedding_model, r.vectors]).to_string()
 }
 
-fn build_settings(r: &RagSection) -> BuildSettings {
+/// How an index of this retrieval section is built.
+pub fn build_settings(r: &RagSection) -> BuildSettings {
     let splitter = SplitterConfig {
         kind: if r.splitter == "markdown" { SplitKind::Markdown } else { SplitKind::Recursive },
         chunk_size: r.chunk_size,

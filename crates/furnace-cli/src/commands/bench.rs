@@ -42,6 +42,10 @@ pub enum BenchCmd {
     /// token, inter-token latency, request latency and errors (the workload of
     /// `scripts/peer_llamacpp_server.sh`'s comparison in docs/serving.md).
     Serve(super::bench_serve::ServeBenchArgs),
+    /// Evals mode: 4 RAG pipelines (chunk size x k) over 256 questions with the local
+    /// generator, batched together (what `furnace run` does) versus one pipeline after
+    /// another; questions/s and peak RSS of each, each in its own process.
+    Evals(super::bench_evals::EvalsBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -248,6 +252,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Embed(a) => super::bench_embed::run(a),
         BenchCmd::Index(a) => super::bench_index::run(a),
         BenchCmd::Serve(a) => super::bench_serve::run(a),
+        BenchCmd::Evals(a) => super::bench_evals::run(a),
     }
 }
 
@@ -409,32 +414,9 @@ fn bench_sweep(a: SweepBenchArgs) -> Result<()> {
         anyhow::bail!("--mode must be fused, sequential or both, not '{}'", a.mode);
     }
     // Each mode in its own process, so that each peak RSS is its own.
-    let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     for mode in ["fused", "sequential"] {
-        // The same command line with `--mode` replaced.
-        let mut args = Vec::new();
-        let mut skip_next = false;
-        for x in std::env::args().skip(1) {
-            if std::mem::take(&mut skip_next) || x.starts_with("--mode=") {
-                continue;
-            }
-            if x == "--mode" {
-                skip_next = true;
-                continue;
-            }
-            args.push(x);
-        }
-        args.push(format!("--mode={mode}"));
-        let out = std::process::Command::new(&exe).args(&args).stderr(std::process::Stdio::inherit()).output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        print!("{text}");
-        if !out.status.success() {
-            anyhow::bail!("the {mode} sweep failed");
-        }
-        let get = |k: &str| -> f64 {
-            text.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
-        };
+        let get = rerun_in_mode(mode)?;
         results.push((get("wall_s"), get("peak_rss_gb"), get("first_eval_all_s")));
     }
     let (f, q) = (results[0], results[1]);
@@ -445,4 +427,33 @@ fn bench_sweep(a: SweepBenchArgs) -> Result<()> {
         q.2 / f.2
     );
     Ok(())
+}
+
+/// Runs this same command line again with `--mode` set to `mode`, in a child process (so
+/// its peak RSS is its own); prints what it printed and returns a reader of its
+/// `key=value` figures.
+pub fn rerun_in_mode(mode: &str) -> Result<impl Fn(&str) -> f64> {
+    let exe = std::env::current_exe()?;
+    let mut args = Vec::new();
+    let mut skip_next = false;
+    for x in std::env::args().skip(1) {
+        if std::mem::take(&mut skip_next) || x.starts_with("--mode=") {
+            continue;
+        }
+        if x == "--mode" {
+            skip_next = true;
+            continue;
+        }
+        args.push(x);
+    }
+    args.push(format!("--mode={mode}"));
+    let out = std::process::Command::new(&exe).args(&args).stderr(std::process::Stdio::inherit()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{text}");
+    if !out.status.success() {
+        anyhow::bail!("the {mode} run failed");
+    }
+    Ok(move |k: &str| -> f64 {
+        text.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    })
 }
