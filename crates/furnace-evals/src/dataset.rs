@@ -108,14 +108,11 @@ pub fn load(d: &DataSection) -> Result<EvalSet> {
                 _ => format!("row-{}", examples.len()),
             },
         };
-        examples.push((answers, relevant, Example {
-            index: examples.len(),
-            id,
-            question,
-            answers: Vec::new(),
-            relevant: Vec::new(),
-            row: row.clone(),
-        }));
+        examples.push((
+            answers,
+            relevant,
+            Example { index: examples.len(), id, question, answers: Vec::new(), relevant: Vec::new(), row: row.clone() },
+        ));
     }
     if examples.is_empty() {
         return Err(Error::Invalid(format!("{}: the eval set has no rows", d.path.display())));

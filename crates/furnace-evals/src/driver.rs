@@ -131,8 +131,8 @@ struct Resources {
 impl Resources {
     fn encoder(&mut self, name: &str) -> Result<&SentenceEncoder> {
         if !self.encoders.contains_key(name) {
-            let enc = SentenceEncoder::load(name, &mut |_| {})
-                .map_err(|e| Error::Invalid(format!("loading the embedding model {name}: {e}")))?;
+            let enc =
+                SentenceEncoder::load(name, &mut |_| {}).map_err(|e| Error::Invalid(format!("loading the embedding model {name}: {e}")))?;
             self.encoders.insert(name.to_string(), enc);
         }
         self.encoders.get(name).ok_or_else(|| Error::Invalid(format!("embedding model {name} not loaded")))
@@ -157,7 +157,8 @@ impl Resources {
         if let Some(dir) = &g.adapter {
             if !lm.adapters.contains_key(dir) {
                 let a = furnace_model::load_adapter(dir).map_err(|e| Error::Invalid(format!("generator.adapter: {e}")))?;
-                let id = lm.loaded.model.add_adapter(&a).map_err(|e| Error::Invalid(format!("generator.adapter {}: {e}", dir.display())))?;
+                let id =
+                    lm.loaded.model.add_adapter(&a).map_err(|e| Error::Invalid(format!("generator.adapter {}: {e}", dir.display())))?;
                 let name = format!("adapter-{}", lm.adapters.len());
                 lm.adapters.insert(dir.clone(), (id, name));
             }
@@ -472,7 +473,8 @@ impl Driver<'_, '_> {
                 }
                 let knobs = serde_json::Value::Object(knobs);
                 let message = format!("clone of run {} as run {{run}} ({}), from shard 1", run.id, set.join(", "));
-                let clone = furnace_exp::store::NewClone { config: &config, knobs: &knobs, group: run.group, warm: None, message: &message, step };
+                let clone =
+                    furnace_exp::store::NewClone { config: &config, knobs: &knobs, group: run.group, warm: None, message: &message, step };
                 let new = self.store.apply_clone_op(op, &clone, &mut |_| Ok(()))?;
                 let total = self.shards.len() as i64;
                 self.store.set_totals(new, total, total)?;
@@ -588,10 +590,7 @@ impl Driver<'_, '_> {
                     let p = &self.pipes[&cohort[jobs[ji].pipe]];
                     let g = &p.spec.generator;
                     let ex = &self.set.examples[jobs[ji].example];
-                    (
-                        GenRequest { messages: jobs[ji].messages.clone(), sampling: sampling(g, seed, ex.index) },
-                        g.adapter.clone(),
-                    )
+                    (GenRequest { messages: jobs[ji].messages.clone(), sampling: sampling(g, seed, ex.index) }, g.adapter.clone())
                 })
                 .collect();
             let outs = if key.starts_with("local|") {
@@ -858,8 +857,13 @@ impl Driver<'_, '_> {
         let step = k as i64 + 1;
         let total = self.shards.len() as i64;
         for e in &est {
-            let _ =
-                self.events.send(Event::Metric { experiment: self.exp.name.clone(), run_id: id, step, name: e.name.clone(), value: e.value });
+            let _ = self.events.send(Event::Metric {
+                experiment: self.exp.name.clone(),
+                run_id: id,
+                step,
+                name: e.name.clone(),
+                value: e.value,
+            });
             if let Some((lower, upper)) = e.bounds {
                 let _ = self.events.send(Event::Interval {
                     experiment: self.exp.name.clone(),

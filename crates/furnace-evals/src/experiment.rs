@@ -31,7 +31,8 @@ fn check_against_data(spec: &EvalSpec, set: &crate::dataset::EvalSet) -> Result<
                 ),
             });
         }
-        let needs_refs = matches!(m.kind.as_str(), "exact_match" | "contains" | "token_f1" | "rouge_l" | "bleu" | "numeric_match" | "json_field");
+        let needs_refs =
+            matches!(m.kind.as_str(), "exact_match" | "contains" | "token_f1" | "rouge_l" | "bleu" | "numeric_match" | "json_field");
         if needs_refs && !set.has_answers {
             return Err(Error::Spec {
                 key: format!("metric[{i}]"),

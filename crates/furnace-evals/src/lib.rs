@@ -14,9 +14,9 @@ pub mod interval;
 pub mod metrics;
 pub mod openai;
 pub mod prompt;
+pub mod ratelimit;
 pub mod score;
 pub mod spec;
-pub mod ratelimit;
 
 pub use driver::{run_evals, EvalOptions, EvalSummary};
 pub use error::{Error, Result};

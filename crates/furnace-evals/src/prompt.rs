@@ -53,7 +53,12 @@ impl ShotPool {
         let vectors = match encoder {
             Some(enc) if !shots.is_empty() => {
                 let texts: Vec<&str> = shots.iter().map(|s| s.question.as_str()).collect();
-                enc.embed(&texts).map_err(|e| Error::Invalid(format!("embedding few-shot questions: {e}")))?.vectors.into_iter().map(unit).collect()
+                enc.embed(&texts)
+                    .map_err(|e| Error::Invalid(format!("embedding few-shot questions: {e}")))?
+                    .vectors
+                    .into_iter()
+                    .map(unit)
+                    .collect()
             }
             _ => Vec::new(),
         };

@@ -31,9 +31,9 @@ impl Scorer {
             .map(|ms| {
                 let name = ms.display_name(rag_k);
                 let regex = match &ms.pattern {
-                    Some(p) if ms.kind == "regex" => Some(
-                        regex::Regex::new(p).map_err(|e| Error::Metric { metric: name.clone(), msg: format!("bad pattern: {e}") })?,
-                    ),
+                    Some(p) if ms.kind == "regex" => {
+                        Some(regex::Regex::new(p).map_err(|e| Error::Metric { metric: name.clone(), msg: format!("bad pattern: {e}") })?)
+                    }
                     _ => None,
                 };
                 let command = (ms.kind == "command").then(|| m::CommandMetric {

@@ -480,8 +480,7 @@ impl EvalSpec {
     /// Reads and validates one leaf from TOML text; relative paths are made absolute
     /// against `spec_path`'s folder.
     pub fn parse(text: &str, spec_path: &Path) -> Result<Self> {
-        let mut spec: EvalSpec =
-            toml::from_str(text).map_err(|e| Error::Invalid(format!("{}: {}", spec_path.display(), e.message())))?;
+        let mut spec: EvalSpec = toml::from_str(text).map_err(|e| Error::Invalid(format!("{}: {}", spec_path.display(), e.message())))?;
         spec.anchor(spec_path);
         spec.validate()?;
         Ok(spec)

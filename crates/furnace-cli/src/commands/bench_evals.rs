@@ -64,7 +64,8 @@ fn one(a: &EvalsBenchArgs) -> Result<()> {
     let data = std::path::absolute(&a.data)?;
     let source = std::fs::read_to_string(data.join("questions.jsonl"))
         .map_err(|e| anyhow::anyhow!("reading {}: {e} (run from the repository root or give --data)", data.display()))?;
-    let rows: Vec<serde_json::Value> = source.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let rows: Vec<serde_json::Value> =
+        source.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
     if rows.is_empty() {
         bail!("{} has no questions", data.display());
     }
@@ -127,7 +128,8 @@ kind = "contains"
     }
     let opts = furnace_evals::EvalOptions { sequential: a.mode == "sequential", index_root: Some(index_root), ..Default::default() };
     let events = furnace_exp::events::channel();
-    let mut loader = |name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") });
+    let mut loader =
+        |name: &str, dtype| load(name, dtype).map_err(|e| furnace_exp::Error::Load { model: name.to_string(), message: format!("{e:#}") });
     let started = Instant::now();
     let summary = furnace_evals::run_evals(&store, &exp, &mut loader, &opts, &events)?;
     let wall = started.elapsed().as_secs_f64();

@@ -132,7 +132,16 @@ fn evals_results(store: &furnace_exp::Store, exp: &furnace_exp::ExperimentRow, a
                 writeln!(out, "run_id,shard,metric,value,lower,upper")?;
                 for r in &rows {
                     let f = |k: &str| r[k].as_f64().map(|v| v.to_string()).unwrap_or_default();
-                    writeln!(out, "{},{},{},{},{},{}", r["run_id"], r["shard"], r["metric"].as_str().unwrap_or(""), f("value"), f("lower"), f("upper"))?;
+                    writeln!(
+                        out,
+                        "{},{},{},{},{},{}",
+                        r["run_id"],
+                        r["shard"],
+                        r["metric"].as_str().unwrap_or(""),
+                        f("value"),
+                        f("lower"),
+                        f("upper")
+                    )?;
                 }
             }
         }

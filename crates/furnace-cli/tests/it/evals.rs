@@ -164,7 +164,8 @@ fn evals_run_prints_narrowing_intervals_scores_by_command_and_clones_with_a_new_
     assert_eq!((clone.parent_id, clone.status.as_str(), clone.steps_done), (Some(pipes[0].id), "completed", 4));
     assert_eq!(clone.config["rag"]["chunk_size"], 128);
     assert_eq!(store.eval_examples(clone.id).unwrap().len(), 16);
-    let indexes = std::fs::read_dir(runs.join("indexes")).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().join("CURRENT").exists()).count();
+    let indexes =
+        std::fs::read_dir(runs.join("indexes")).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().join("CURRENT").exists()).count();
     assert_eq!(indexes, 2, "one index per chunk size");
 }
 
@@ -205,11 +206,7 @@ fn an_evals_spec_that_makes_no_sense_fails_before_anything_runs() {
         // A second [rag] table would be a TOML error: those keys go under the spec's own.
         let s = spec(dir.path(), name, 8, 2, LOCAL, "");
         let body = std::fs::read_to_string(&s).unwrap();
-        let body = if extra.starts_with("[rag]") {
-            body.replace("[rag]\n", extra)
-        } else {
-            format!("{body}\n{extra}")
-        };
+        let body = if extra.starts_with("[rag]") { body.replace("[rag]\n", extra) } else { format!("{body}\n{extra}") };
         std::fs::write(&s, body).unwrap();
         let o = furnace(dir.path(), &["run", s.to_str().unwrap(), "--runs-dir", r.to_str().unwrap(), "--no-server"], None);
         assert!(!o.status.success() && text(&o).contains(want), "{name}: {}", text(&o));
@@ -219,7 +216,9 @@ fn an_evals_spec_that_makes_no_sense_fails_before_anything_runs() {
     let q = dir.path().join("plain.jsonl");
     std::fs::write(&q, rows).unwrap();
     let s = spec(dir.path(), "norel", 4, 2, LOCAL, "");
-    let body = std::fs::read_to_string(&s).unwrap().replace(&root().join("data/rag_eval/questions.jsonl").display().to_string(), &q.display().to_string());
+    let body = std::fs::read_to_string(&s)
+        .unwrap()
+        .replace(&root().join("data/rag_eval/questions.jsonl").display().to_string(), &q.display().to_string());
     std::fs::write(&s, body).unwrap();
     let o = furnace(dir.path(), &["run", s.to_str().unwrap(), "--runs-dir", r.to_str().unwrap(), "--no-server"], None);
     assert!(!o.status.success() && text(&o).contains("relevant document ids"), "{}", text(&o));
