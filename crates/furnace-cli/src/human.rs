@@ -46,6 +46,9 @@ fn last_metrics(store: &Store, run: i64) -> Result<BTreeMap<String, f64>> {
 
 /// The runs table of `furnace runs` and the end of `furnace run`.
 pub fn print_runs(store: &Store, runs: &[RunRow], all: bool) -> Result<()> {
+    if runs.first().is_some_and(|r| furnace_exp::ops::is_evals(&r.config)) {
+        return print_pipelines(store, runs, all);
+    }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -65,6 +68,40 @@ pub fn print_runs(store: &Store, runs: &[RunRow], all: bool) -> Result<()> {
             format!("{}/{}", r.chunks_done, r.total_chunks),
             f("loss"),
             f("eval_loss"),
+            parent,
+            label(r)
+        )?;
+    }
+    Ok(())
+}
+
+/// The runs table of an evals experiment: shards done and the primary metric with its
+/// interval after the last shard.
+fn print_pipelines(store: &Store, runs: &[RunRow], all: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let primary = runs
+        .first()
+        .and_then(|r| serde_json::from_value::<furnace_evals::EvalSpec>(r.config.clone()).ok())
+        .and_then(|s| s.primary())
+        .map(|p| p.0)
+        .unwrap_or_default();
+    writeln!(out, "{:>4}  {:<9}  {:>7}  {:<34}  {:>6}  config", "run", "status", "shards", primary, "parent")?;
+    for r in runs.iter().filter(|r| all || r.status != RunStatus::Deleted) {
+        let value = store.metric_series(r.id, &primary)?.last().copied();
+        let bounds = store.bound_series(r.id, &primary)?.last().copied();
+        let shown = match (value, bounds) {
+            (Some((s, v)), Some((bs, lo, hi))) if s == bs => crate::commands::results::interval_text(v, lo, hi),
+            (Some((_, v)), _) => format!("{v:.3}"),
+            _ => "-".into(),
+        };
+        let parent = r.parent_id.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:>4}  {:<9}  {:>7}  {:<34}  {:>6}  {}",
+            r.id,
+            r.status.as_str(),
+            format!("{}/{}", r.steps_done, r.total_steps),
+            shown,
             parent,
             label(r)
         )?;

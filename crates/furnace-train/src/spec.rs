@@ -355,7 +355,12 @@ impl Spec {
         check_name(&self.experiment.name)?;
         let e = &self.experiment;
         if e.mode != "fit" {
-            return Err(invalid("experiment.mode", format!("'{}' is not available yet (fit only)", e.mode)));
+            let why = if e.mode == "evals" {
+                "an evals spec is not a training spec: run it with `furnace run`".to_string()
+            } else {
+                format!("'{}' is not fit or evals", e.mode)
+            };
+            return Err(invalid("experiment.mode", why));
         }
         if e.num_chunks == Some(0) {
             return Err(invalid("experiment.num_chunks", "must be > 0"));

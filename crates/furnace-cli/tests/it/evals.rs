@@ -150,6 +150,9 @@ fn evals_run_prints_narrowing_intervals_scores_by_command_and_clones_with_a_new_
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("contains") && out.contains(" ± ") && out.contains("after shard 4/4"), "{out}");
+    let o = furnace(dir.path(), &["runs", "--runs-dir", r], None);
+    let out = text(&o);
+    assert!(o.status.success() && out.contains("shards") && out.contains("4/4") && out.contains(" ± "), "{out}");
 
     // A clone with a new chunk size: a new index, all four shards, its parent recorded.
     let o = furnace(dir.path(), &["ops", "clone", &pipes[0].id.to_string(), "--set", "rag.chunk_size=128", "--runs-dir", r], None);
