@@ -6,7 +6,7 @@ use crate::{call, call_with, error_of, fixture, options, ADDR};
 use axum::http::StatusCode;
 use axum::Router;
 use furnace_server::{Launcher, ServerOptions};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
 /// A launcher that records what it was asked to start.
@@ -244,4 +244,95 @@ async fn login_trades_the_token_for_an_http_only_session_that_cross_site_pages_c
     assert!(cookie_of(&head).1.contains("Max-Age=0"));
     let (s, _, _) = call_with(&app, "GET", "/api/summary", &with_cookie(&[]), None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+/// A shard's examples with made-up scores.
+fn examples(shard: i64, n: usize) -> Vec<furnace_exp::ExampleRecord> {
+    (0..n)
+        .map(|i| furnace_exp::ExampleRecord {
+            example_id: format!("q{shard}-{i}"),
+            index: i,
+            prediction: "p".into(),
+            retrieved: vec![],
+            scores: [("em".to_string(), (i % 2) as f64)].into(),
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            latency: 0.1,
+            finish_reason: "stop".into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_evals_experiment_has_intervals_per_shard_and_its_stop_reason() {
+    use furnace_exp::{Estimate, OpKind, RunStatus};
+    let f = fixture();
+    let (a, b) = {
+        let store = f.store();
+        let config = |size: i64| json!({ "experiment": { "mode": "evals", "primary": "em" }, "rag": { "chunk_size": size } });
+        let e = store.create_experiment_with_runs("ev", "evals", &f.db.with_file_name("ev.toml"), "", &[]).unwrap();
+        let a = store.add_run(e.id, &config(256), &json!({ "rag.chunk_size": 256 }), 0, 0, 0, None).unwrap();
+        let b = store.add_run(e.id, &config(512), &json!({ "rag.chunk_size": 512 }), 0, 0, 0, None).unwrap();
+        for r in [a, b] {
+            store.set_totals(r, 4, 4).unwrap();
+        }
+        // Run a: three shards, its interval narrowing; run b: one shard, then raced out.
+        for (k, (v, lo, hi)) in [(0.7, 0.4, 0.95), (0.72, 0.55, 0.86), (0.712, 0.671, 0.753)].into_iter().enumerate() {
+            let est = [
+                Estimate { name: "em".into(), value: v, bounds: Some((lo, hi)) },
+                Estimate { name: "tokens".into(), value: 13.0, bounds: None },
+            ];
+            store.record_shard(a, k as i64, &examples(k as i64, 4), &est).unwrap();
+        }
+        store.record_shard(b, 0, &examples(0, 4), &[Estimate { name: "em".into(), value: 0.2, bounds: Some((0.05, 0.35)) }]).unwrap();
+        store
+            .add_applied_op(
+                b,
+                &OpKind::Stop,
+                "policy",
+                1,
+                "raced out after shard 1: em upper bound 0.3500 < run 1's lower bound 0.4000",
+                RunStatus::Stopped,
+            )
+            .unwrap();
+        (a, b)
+    };
+    let app = f.router(None);
+    let (s, v) = call(&app, "GET", &format!("/api/experiments/ev/series?names=em,tokens&runs={a},{b}"), None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["mode"], "evals");
+    let em = &v["runs"][a.to_string()]["em"];
+    assert_eq!(em["step"], json!([1, 2, 3]));
+    assert_eq!(em["value"], json!([0.7, 0.72, 0.712]));
+    assert_eq!(em["lower"], json!([0.4, 0.55, 0.671]));
+    assert_eq!(em["upper"], json!([0.95, 0.86, 0.753]));
+    // A metric without intervals has no bounds.
+    let tokens = &v["runs"][a.to_string()]["tokens"];
+    assert_eq!(tokens["value"], json!([13.0, 13.0, 13.0]));
+    assert!(tokens.get("lower").is_none() && tokens.get("upper").is_none(), "{tokens}");
+    assert_eq!(v["runs"][b.to_string()]["em"]["lower"], json!([0.05]));
+
+    let (s, v) = call(&app, "GET", "/api/experiments/ev/table", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["experiment"]["mode"].as_str(), v["primary"].as_str()), (Some("evals"), Some("em")));
+    assert_eq!(v["metric_names"], json!(["em", "tokens"]));
+    assert_eq!(v["bounded"], json!(["em"]));
+    let row = |id: i64| v["runs"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap().clone();
+    let (ra, rb) = (row(a), row(b));
+    assert_eq!((ra["steps_done"].as_i64(), ra["total_steps"].as_i64(), ra["status"].as_str()), (Some(3), Some(4), Some("ongoing")));
+    let m = &ra["metrics"]["em"];
+    assert_eq!((m["last"].as_f64(), m["lower"].as_f64(), m["upper"].as_f64()), (Some(0.712), Some(0.671), Some(0.753)));
+    assert_eq!(m["last_step"].as_i64(), Some(3));
+    assert!(ra["metrics"]["tokens"].get("lower").is_none());
+    assert_eq!(ra["reason"], Value::Null);
+    assert_eq!(rb["status"], "stopped");
+    assert!(rb["reason"].as_str().unwrap().starts_with("raced out after shard 1"), "{rb}");
+    assert_eq!((rb["metrics"]["em"]["lower"].as_f64(), rb["metrics"]["em"]["upper"].as_f64()), (Some(0.05), Some(0.35)));
+
+    // A training experiment's table and series carry no intervals.
+    let (_, v) = call(&app, "GET", "/api/experiments/exp/table", None, None).await;
+    assert_eq!((v["primary"].clone(), v["bounded"].clone()), (Value::Null, json!([])));
+    let (_, v) = call(&app, "GET", "/api/experiments/exp/series?names=loss", None, None).await;
+    assert_eq!(v["mode"], "fit");
+    assert!(v["runs"][f.runs[0].to_string()]["loss"].get("lower").is_none());
 }
