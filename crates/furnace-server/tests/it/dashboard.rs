@@ -336,3 +336,66 @@ async fn an_evals_experiment_has_intervals_per_shard_and_its_stop_reason() {
     assert_eq!(v["mode"], "fit");
     assert!(v["runs"][f.runs[0].to_string()]["loss"].get("lower").is_none());
 }
+
+#[tokio::test]
+async fn an_evals_experiment_from_a_spec_names_its_primary_metric_and_best_run() {
+    use furnace_exp::Estimate;
+    let f = fixture();
+    let spec = furnace_testutil::repo_root().join("examples/rag_eval.toml");
+    let (name, ids) = {
+        let s = f.store();
+        let e = furnace_evals::experiment::create_from_text(&s, &std::fs::read_to_string(&spec).unwrap(), &spec).unwrap();
+        let ids: Vec<i64> = s.runs(e.id).unwrap().iter().map(|r| r.id).collect();
+        for (r, v) in [(ids[0], 0.4), (ids[1], 0.6)] {
+            let est = [
+                Estimate { name: "token_f1".into(), value: 0.9, bounds: Some((0.8, 1.0)) },
+                Estimate { name: "contains".into(), value: v, bounds: Some((v - 0.2, v + 0.2)) },
+            ];
+            s.record_shard(r, 0, &examples(0, 2), &est).unwrap();
+        }
+        (e.name, ids)
+    };
+    let app = f.router(None);
+    let (s, v) = call(&app, "GET", &format!("/api/experiments/{name}/table"), None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The spec's primary metric comes first.
+    assert_eq!((v["primary"].as_str(), v["metric_names"].clone()), (Some("contains"), json!(["contains", "token_f1"])));
+    assert_eq!(v["runs"].as_array().unwrap().iter().map(|r| r["total_steps"].as_i64().unwrap()).collect::<Vec<_>>(), [8, 8, 8, 8]);
+    let (_, v) = call(&app, "GET", "/api/summary", None, None).await;
+    let ev = v.as_array().unwrap().iter().find(|x| x["experiment"]["name"] == name.as_str()).unwrap();
+    assert_eq!(
+        (ev["best"]["metric"].as_str(), ev["best"]["value"].as_f64(), ev["best"]["run_id"].as_i64()),
+        (Some("contains"), Some(0.6), Some(ids[1]))
+    );
+
+    // Ops on its pipelines: stop, resume, and clones that change rag/prompt/generator
+    // settings, cold, but never to read a file or reach a server of the client's choice.
+    let op = |body: String| {
+        let app = app.clone();
+        async move { call(&app, "POST", "/api/ops", None, Some(&body)).await }
+    };
+    let (s, v) = op(format!(r#"{{"run": {}, "op": "stop"}}"#, ids[2])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let (s, v) = op(format!(
+        r#"{{"run": {}, "op": "clone", "set": ["rag.chunk_size=512", "prompt.fewshot_k=1", "generator.max_tokens=8"]}}"#,
+        ids[0]
+    ))
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let (s, v) = op(format!(r#"{{"run": {}, "op": "clone", "set": ["generator.model=smollm2-135m-instruct"]}}"#, ids[0])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    for (set, status, needle) in [
+        (r#"rag.documents=["/etc"]"#, StatusCode::FORBIDDEN, "rag.documents"),
+        (r#"prompt.fewshot="/etc/passwd""#, StatusCode::FORBIDDEN, "prompt.fewshot"),
+        (r#"generator.model="/tmp/model""#, StatusCode::FORBIDDEN, "built-in model"),
+        (r#"generator.api_key_env="HOME""#, StatusCode::FORBIDDEN, "api_key_env"),
+        (r#"rag.embedding_model="/tmp/enc""#, StatusCode::FORBIDDEN, "built-in model"),
+        ("lora.r=8", StatusCode::BAD_REQUEST, "lora"),
+    ] {
+        let (s, v) = op(json!({ "run": ids[0], "op": "clone", "set": [set] }).to_string()).await;
+        assert_eq!(s, status, "{set}: {v}");
+        assert!(error_of(&v).contains(needle), "{set}: {v}");
+    }
+    let (s, v) = op(format!(r#"{{"run": {}, "op": "clone", "set": [], "warm": true}}"#, ids[0])).await;
+    assert!(s.is_client_error() && error_of(&v).contains("warm"), "{s}: {v}");
+}
