@@ -3,7 +3,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /api/summary` | every experiment with its run counts by status and best eval loss |
+//! | `GET /api/summary` | every experiment with its run counts by status and best eval loss (an evals experiment: its best primary metric's estimate) |
 //! | `GET /api/experiments/{name}/table` | its runs with latest/best metrics (and, for metrics with confidence intervals, the last step's `lower`/`upper`), the knobs that vary, its ops; an evals experiment's primary metric and metric names |
 //! | `GET /api/experiments/{name}/series?names=loss,lr&points=N` | each run's metric series, at most `N` points each (min/max per bucket), with `lower`/`upper` per point for metrics that have intervals |
 //! | `GET /api/runs/{id}/detail` | a run with its paths, lineage, samples and the end of its log |
@@ -59,7 +59,7 @@ async fn summary(State(st): State<AppState>) -> ApiResult<Response> {
                 for r in &runs {
                     *counts.entry(r.status.as_str()).or_default() += 1;
                 }
-                let best = best_eval(s, e.id, &runs)?;
+                let best = if e.mode == "evals" { best_primary(s, e.id, &runs)? } else { best_eval(s, e.id, &runs)? };
                 out.push(json!({ "experiment": e, "runs": runs.len(), "by_status": counts, "best": best }));
             }
             Ok(out)
@@ -77,6 +77,25 @@ fn best_eval(s: &Store, exp: i64, runs: &[RunRow]) -> furnace_exp::Result<Value>
         .filter(|m| m.name == "eval_loss" && live.contains(&m.run_id))
         .min_by(|a, b| a.min.total_cmp(&b.min))
         .map(|m| json!({ "metric": "eval_loss", "value": m.min, "run_id": m.run_id }));
+    Ok(best.unwrap_or(Value::Null))
+}
+
+/// The best estimate of an evals experiment's primary metric (the largest, or the
+/// smallest when lower is better) over its runs that are not deleted.
+fn best_primary(s: &Store, exp: i64, runs: &[RunRow]) -> furnace_exp::Result<Value> {
+    let live = || runs.iter().filter(|r| r.status != RunStatus::Deleted);
+    let Some((name, higher)) =
+        live().find_map(|r| serde_json::from_value::<furnace_evals::EvalSpec>(r.config.clone()).ok().and_then(|s| s.primary()))
+    else {
+        return Ok(Value::Null);
+    };
+    let ids: BTreeSet<i64> = live().map(|r| r.id).collect();
+    let best = s
+        .metric_summary(exp)?
+        .into_iter()
+        .filter(|m| m.name == name && ids.contains(&m.run_id))
+        .max_by(|a, b| if higher { a.last.total_cmp(&b.last) } else { b.last.total_cmp(&a.last) })
+        .map(|m| json!({ "metric": name, "value": m.last, "run_id": m.run_id }));
     Ok(best.unwrap_or(Value::Null))
 }
 
