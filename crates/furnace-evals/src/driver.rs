@@ -734,7 +734,7 @@ impl Driver<'_, '_> {
         let loaded = &lm.loaded;
         let opts = EngineOptions { max_batch: self.opts.max_batch, ..Default::default() };
         let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, opts);
-        for (_, (id, name)) in &lm.adapters {
+        for (id, name) in lm.adapters.values() {
             engine.name_adapter(name.clone(), *id).map_err(|e| Error::Generator(e.to_string()))?;
         }
         let mut outs: Vec<Option<std::result::Result<GenOutput, String>>> = vec![None; reqs.len()];

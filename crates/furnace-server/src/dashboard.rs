@@ -3,9 +3,9 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /api/summary` | every experiment with its run counts by status and best eval loss |
-//! | `GET /api/experiments/{name}/table` | its runs with latest/best metrics, the knobs that vary, its ops |
-//! | `GET /api/experiments/{name}/series?names=loss,lr&points=N` | each run's metric series, at most `N` points each (min/max per bucket) |
+//! | `GET /api/summary` | every experiment with its run counts by status and best eval loss (an evals experiment: its best primary metric's estimate) |
+//! | `GET /api/experiments/{name}/table` | its runs with latest/best metrics (and, for metrics with confidence intervals, the last step's `lower`/`upper`), the knobs that vary, its ops; an evals experiment's primary metric and metric names |
+//! | `GET /api/experiments/{name}/series?names=loss,lr&points=N` | each run's metric series, at most `N` points each (min/max per bucket), with `lower`/`upper` per point for metrics that have intervals |
 //! | `GET /api/runs/{id}/detail` | a run with its paths, lineage, samples and the end of its log |
 //! | `POST /api/specs/check` `{"spec": TOML}` | `{"runs": n}` or the validation error (400) |
 //! | `POST /api/experiments` `{"spec": TOML}` | `201 {"experiment": name, "runs": n}`: created and handed to the launcher |
@@ -23,7 +23,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use furnace_exp::{experiment, RunRow, RunStatus, Store};
+use furnace_exp::{experiment, OpKind, RunRow, RunStatus, Store};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -59,7 +59,7 @@ async fn summary(State(st): State<AppState>) -> ApiResult<Response> {
                 for r in &runs {
                     *counts.entry(r.status.as_str()).or_default() += 1;
                 }
-                let best = best_eval(s, e.id, &runs)?;
+                let best = if e.mode == "evals" { best_primary(s, e.id, &runs)? } else { best_eval(s, e.id, &runs)? };
                 out.push(json!({ "experiment": e, "runs": runs.len(), "by_status": counts, "best": best }));
             }
             Ok(out)
@@ -80,6 +80,25 @@ fn best_eval(s: &Store, exp: i64, runs: &[RunRow]) -> furnace_exp::Result<Value>
     Ok(best.unwrap_or(Value::Null))
 }
 
+/// The best estimate of an evals experiment's primary metric (the largest, or the
+/// smallest when lower is better) over its runs that are not deleted.
+fn best_primary(s: &Store, exp: i64, runs: &[RunRow]) -> furnace_exp::Result<Value> {
+    let live = || runs.iter().filter(|r| r.status != RunStatus::Deleted);
+    let Some((name, higher)) =
+        live().find_map(|r| serde_json::from_value::<furnace_evals::EvalSpec>(r.config.clone()).ok().and_then(|s| s.primary()))
+    else {
+        return Ok(Value::Null);
+    };
+    let ids: BTreeSet<i64> = live().map(|r| r.id).collect();
+    let best = s
+        .metric_summary(exp)?
+        .into_iter()
+        .filter(|m| m.name == name && ids.contains(&m.run_id))
+        .max_by(|a, b| if higher { a.last.total_cmp(&b.last) } else { b.last.total_cmp(&a.last) })
+        .map(|m| json!({ "metric": name, "value": m.last, "run_id": m.run_id }));
+    Ok(best.unwrap_or(Value::Null))
+}
+
 /// The knob names whose values differ between the runs (all of them when there is one
 /// run), in name order.
 fn varying_knobs(runs: &[RunRow]) -> Vec<String> {
@@ -95,17 +114,55 @@ fn varying_knobs(runs: &[RunRow]) -> Vec<String> {
     values.into_iter().filter(|(_, v)| all || v.len() > 1).map(|(k, _)| k).collect()
 }
 
+/// An evals experiment's primary metric: the one its pipelines' specs name (or their
+/// first metric); failing that, a stored config's `experiment.primary`.
+fn primary_metric(runs: &[RunRow]) -> Option<String> {
+    let live = || runs.iter().filter(|r| r.status != RunStatus::Deleted);
+    live()
+        .find_map(|r| serde_json::from_value::<furnace_evals::EvalSpec>(r.config.clone()).ok().and_then(|s| s.primary()).map(|p| p.0))
+        .or_else(|| live().find_map(|r| r.config.pointer("/experiment/primary").and_then(|p| p.as_str()).map(str::to_string)))
+}
+
+/// Why a run stopped or failed: its error, or the message of the last applied stop op
+/// (a policy's "raced out after shard 3: ...").
+fn stop_reason(r: &RunRow, ops: &[furnace_exp::OpRow]) -> Option<String> {
+    match r.status {
+        RunStatus::Failed => r.error.clone(),
+        RunStatus::Stopped => ops
+            .iter()
+            .filter(|o| o.run_id == r.id && o.status == "applied" && matches!(o.kind, OpKind::Stop))
+            .filter_map(|o| o.message.clone().filter(|m| !m.is_empty()))
+            .next_back(),
+        _ => None,
+    }
+}
+
 async fn table(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
     let out = st
         .with_store(move |s| {
             let e = s.experiment(&name)?;
             let runs = s.runs(e.id)?;
+            // Each (run, metric)'s interval at its last step.
+            let mut bounds: BTreeMap<(i64, String), (i64, f64, f64)> = BTreeMap::new();
+            for b in s.experiment_bounds(e.id)? {
+                bounds.insert((b.run_id, b.name), (b.step, b.lower, b.upper));
+            }
+            let bounded: BTreeSet<String> = bounds.keys().map(|(_, n)| n.clone()).collect();
+            let mut names: BTreeSet<String> = BTreeSet::new();
             let mut latest: BTreeMap<i64, Map<String, Value>> = BTreeMap::new();
             for m in s.metric_summary(e.id)? {
-                let row = latest.entry(m.run_id).or_default();
-                row.insert(m.name.clone(), json!({ "last": m.last, "min": m.min, "last_step": m.last_step, "count": m.count }));
+                names.insert(m.name.clone());
+                let mut v = json!({ "last": m.last, "min": m.min, "last_step": m.last_step, "count": m.count });
+                if let (Some(&(step, lower, upper)), Some(o)) = (bounds.get(&(m.run_id, m.name.clone())), v.as_object_mut()) {
+                    if step == m.last_step {
+                        o.insert("lower".into(), json!(lower));
+                        o.insert("upper".into(), json!(upper));
+                    }
+                }
+                latest.entry(m.run_id).or_default().insert(m.name.clone(), v);
             }
             let knobs = varying_knobs(&runs.iter().filter(|r| r.status != RunStatus::Deleted).cloned().collect::<Vec<_>>());
+            let ops = s.ops(e.id)?;
             let rows: Vec<Value> = runs
                 .iter()
                 .map(|r| {
@@ -113,12 +170,28 @@ async fn table(State(st): State<AppState>, Path(name): Path<String>) -> ApiResul
                     if let Some(o) = v.as_object_mut() {
                         o.remove("config");
                         o.insert("metrics".into(), Value::Object(latest.remove(&r.id).unwrap_or_default()));
+                        o.insert("reason".into(), json!(stop_reason(r, &ops)));
                     }
                     v
                 })
                 .collect();
-            let ops = s.ops(e.id)?;
-            Ok(json!({ "experiment": e, "knobs": knobs, "runs": rows, "ops": ops }))
+            let primary = if e.mode == "evals" { primary_metric(&runs) } else { None };
+            // The metrics to show: the primary first, then those with intervals, then the rest.
+            let mut metric_names: Vec<String> = primary.iter().filter(|p| names.contains(*p)).cloned().collect();
+            for n in names.iter().filter(|n| bounded.contains(*n)).chain(names.iter().filter(|n| !bounded.contains(*n))) {
+                if !metric_names.contains(n) {
+                    metric_names.push(n.clone());
+                }
+            }
+            Ok(json!({
+                "experiment": e,
+                "knobs": knobs,
+                "runs": rows,
+                "ops": ops,
+                "primary": primary,
+                "metric_names": metric_names,
+                "bounded": bounded,
+            }))
         })
         .await?;
     Ok(Json(out).into_response())
@@ -205,12 +278,22 @@ async fn series(
                     if pts.is_empty() {
                         continue;
                     }
+                    let bounds: BTreeMap<i64, (f64, f64)> = s.bound_series(r.id, n)?.into_iter().map(|(k, lo, hi)| (k, (lo, hi))).collect();
                     let (steps, values): (Vec<i64>, Vec<f64>) = pts.into_iter().unzip();
-                    metrics.insert(n.clone(), json!({ "step": steps, "value": values }));
+                    let mut m = json!({ "step": steps, "value": values });
+                    if !bounds.is_empty() {
+                        // Per point, its interval (null at a step without one).
+                        let at = |f: fn(&(f64, f64)) -> f64| -> Vec<Option<f64>> { steps.iter().map(|k| bounds.get(k).map(f)).collect() };
+                        if let Some(o) = m.as_object_mut() {
+                            o.insert("lower".into(), json!(at(|b| b.0)));
+                            o.insert("upper".into(), json!(at(|b| b.1)));
+                        }
+                    }
+                    metrics.insert(n.clone(), m);
                 }
                 runs.insert(r.id.to_string(), Value::Object(metrics));
             }
-            Ok(json!({ "experiment": e.name, "runs": runs }))
+            Ok(json!({ "experiment": e.name, "mode": e.mode, "runs": runs }))
         })
         .await?;
     Ok(Json(out).into_response())

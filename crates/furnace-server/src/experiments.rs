@@ -26,6 +26,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use furnace_exp::{ops, Event, OpKind, RunRow, RunStatus};
 use serde::Deserialize;
+use serde_json::Value;
 
 /// The routes of this module (state supplied by the app).
 pub(crate) fn router() -> Router<AppState> {
@@ -176,7 +177,12 @@ async fn post_op(State(st): State<AppState>, body: std::result::Result<Bytes, By
         .with_store(move |s| {
             if let OpKind::Clone { set, .. } = &kind {
                 if !allow_paths {
-                    check_model_change(&s.run(run)?, set)?;
+                    let parent = s.run(run)?;
+                    if ops::is_evals(&parent.config) {
+                        check_evals_change(&parent, set)?;
+                    } else {
+                        check_model_change(&parent, set)?;
+                    }
                 }
             }
             ops::submit(s, run, &kind, "api")
@@ -194,6 +200,61 @@ fn check_model_change(parent: &RunRow, set: &[String]) -> furnace_exp::Result<()
         let (section, key, value) = ops::parse_set(s)?;
         if (section.as_str(), key.as_str()) == ("model", "base") {
             check_base(value.as_str().unwrap_or_default(), parent_base, &format!("--set {s}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Settings of an evals pipeline that name a file, a folder, another server or an
+/// environment variable: from the API a clone keeps its parent's (`--allow-model-paths`
+/// lifts this).
+const EVAL_PATH_KEYS: [&str; 8] = [
+    "rag.documents",
+    "prompt.fewshot",
+    "generator.adapter",
+    "generator.base_url",
+    "generator.api_key_env",
+    "judge.adapter",
+    "judge.base_url",
+    "judge.api_key_env",
+];
+
+/// Settings of an evals pipeline that name a local model: from the API a built-in model
+/// or the parent's (a generator's or judge's `model` only when it runs locally).
+const EVAL_MODEL_KEYS: [&str; 5] =
+    ["rag.embedding_model", "rag.reranker", "prompt.fewshot_embedding_model", "generator.model", "judge.model"];
+
+/// [`check_model_change`] for a clone of an evals pipeline: its `rag`, `prompt`,
+/// `generator` and `judge` settings may change, but not to read a file of the client's
+/// choice or talk to another server.
+fn check_evals_change(parent: &RunRow, set: &[String]) -> furnace_exp::Result<()> {
+    let mut sets = Vec::new();
+    for s in set {
+        sets.push((s, ops::parse_set_in(s, &ops::EVAL_SECTIONS)?));
+    }
+    let old = |section: &str, key: &str| parent.config.get(section).and_then(|v| v.get(key)).cloned().unwrap_or(Value::Null);
+    // A generator's (judge's) kind after the overrides: its model is a local one when `local`.
+    let kind = |section: &str| -> String {
+        let set_kind = sets.iter().rev().find(|(_, (sec, key, _))| sec == section && key == "kind").map(|(_, (_, _, v))| v.clone());
+        set_kind.unwrap_or_else(|| old(section, "kind")).as_str().unwrap_or("local").to_string()
+    };
+    for (s, (section, key, value)) in &sets {
+        let name = format!("{section}.{key}");
+        if EVAL_PATH_KEYS.contains(&name.as_str()) && *value != old(section, key) {
+            return Err(furnace_exp::Error::Forbidden(format!(
+                "--set {s}: through the API a clone keeps its parent's {name} (it names a file, a server or an environment variable); \
+                 start the server (furnace run / furnace ui) with --allow-model-paths to allow changing it"
+            )));
+        }
+        let local_model = match name.as_str() {
+            "generator.model" | "judge.model" => kind(section) == "local",
+            n => EVAL_MODEL_KEYS.contains(&n),
+        };
+        if local_model {
+            if let Some(v) = value.as_str() {
+                let parents = old(section, key);
+                check_base(v, parents.as_str(), &format!("--set {s}"))?;
+            }
         }
     }
     Ok(())

@@ -58,6 +58,13 @@ const mount = (...nodes) => main().replaceChildren(...nodes.flat().filter((n) =>
 const fmtTime = (s) => (s ? new Date(s * 1000).toLocaleString() : "–");
 const statusBadge = (s) => el("span", { class: `status ${s}`, dataset: { status: s } }, s);
 const knobText = (v) => (v === undefined ? "–" : typeof v === "string" ? v : JSON.stringify(v));
+// An estimate with its interval: "0.712 ± 0.041 [0.671, 0.753]" (± the larger side).
+const fmtInterval = (v, lo, hi) => {
+  if (!Number.isFinite(v)) return "–";
+  if (!Number.isFinite(lo) || !Number.isFinite(hi)) return fmtNum(v);
+  const d = (x) => (Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-3 && x !== 0) ? x.toExponential(2) : x.toFixed(3));
+  return `${d(v)} ± ${d(Math.max(hi - v, v - lo))} [${d(lo)}, ${d(hi)}]`;
+};
 
 function debounce(f, ms) {
   let t = null;
@@ -75,7 +82,7 @@ function connectEvents() {
   const badge = $("#live");
   es.onopen = () => { badge.textContent = "live"; badge.classList.add("on"); };
   es.onerror = () => { badge.textContent = "reconnecting…"; badge.classList.remove("on"); };
-  for (const type of ["metric", "status", "op", "log", "progress"]) {
+  for (const type of ["metric", "interval", "status", "op", "log", "progress"]) {
     es.addEventListener(type, (m) => {
       let ev;
       try { ev = JSON.parse(m.data); } catch (_) { return; }
@@ -121,7 +128,7 @@ async function pageExperiments() {
   for (const r of rows.slice().reverse()) {
     const e = r.experiment;
     const counts = Object.entries(r.by_status).map(([s, n]) => el("span", {}, statusBadge(s), ` ${n} `));
-    const best = r.best ? `${fmtNum(r.best.value)} (run ${r.best.run_id})` : "–";
+    const best = r.best ? `${fmtNum(r.best.value)}${r.best.metric !== "eval_loss" ? ` ${r.best.metric}` : ""} (run ${r.best.run_id})` : "–";
     body.append(el("tr", { dataset: { experiment: e.name } },
       el("td", {}, el("a", { href: `#/e/${encodeURIComponent(e.name)}` }, e.name)),
       el("td", {}, e.mode), el("td", {}, statusBadge(e.status)),
@@ -131,7 +138,7 @@ async function pageExperiments() {
   mount(
     el("h1", {}, "Experiments"),
     rows.length ? el("div", { class: "table-wrap" }, el("table", { id: "experiments" },
-      el("thead", {}, el("tr", {}, ["Name", "Mode", "Status", "Runs", "By status", "Started", "Best eval loss"].map((h) => el("th", {}, h)))), body))
+      el("thead", {}, el("tr", {}, ["Name", "Mode", "Status", "Runs", "By status", "Started", "Best (eval loss; evals: primary metric)"].map((h) => el("th", {}, h)))), body))
       : el("p", { class: "muted" }, "No experiments yet. ", el("a", { href: "#/new" }, "Start one"), " or run furnace run SPEC.toml."),
   );
   onEvents(debounce((ev) => { if (ev.type === "status" || ev.type === "op") route(); }, 500));
@@ -157,7 +164,6 @@ function experimentPage(name) {
   const statusSel = el("select", { id: "status-filter", onchange: (e) => { st.status = e.target.value; renderTable(); } },
     ...[["visible", "not deleted"], ["all", "all"], ["active", "new / ongoing"], ["completed", "completed"], ["stopped", "stopped"], ["failed", "failed"], ["deleted", "deleted"]]
       .map(([v, t]) => el("option", { value: v }, t)));
-  for (const m of PLOT_METRICS) st.plots[m] = new FurnacePlot.Plot(plotsEl, m);
   root.append(header,
     el("div", { class: "toolbar" }, filterInput, statusSel,
       el("button", { type: "button", onclick: () => { st.selected = null; renderTable(); renderPlots(); } }, "Plot all"),
@@ -172,9 +178,24 @@ function experimentPage(name) {
     return rowCells(r).some((c) => String(c).toLowerCase().includes(st.filter));
   });
   const isSelected = (id) => st.selected === null || st.selected.has(id);
+  const isEvals = () => !!st.table && st.table.experiment.mode === "evals";
+  // The metrics plotted: an evals experiment's own (primary first), a training run's usual four.
+  const plotMetrics = () => (isEvals() ? (st.table.metric_names || []).slice(0, 16) : PLOT_METRICS);
+  // One plot per metric plotted, in order (made when the table says which).
+  function ensurePlots() {
+    const want = plotMetrics();
+    const have = Object.keys(st.plots);
+    if (want.length === have.length && want.every((m, i) => m === have[i])) return false;
+    plotsEl.replaceChildren();
+    st.plots = {};
+    for (const m of want) st.plots[m] = new FurnacePlot.Plot(plotsEl, m + (isEvals() && m === st.table.primary ? " (primary)" : ""));
+    for (const m of want) st.plots[m].root.dataset.metric = m;
+    return true;
+  }
   const metric = (r, name, field) => (r.metrics && r.metrics[name] ? r.metrics[name][field] : undefined);
 
   function columns() {
+    if (isEvals()) return evalsColumns();
     const cols = [
       { key: "id", label: "Run", num: true, get: (r) => r.id },
       { key: "status", label: "Status", get: (r) => r.status },
@@ -190,13 +211,35 @@ function experimentPage(name) {
     );
     return cols;
   }
-  const rowCells = (r) => columns().map((c) => knobText(c.get(r)));
+  // An evals experiment: shards, each metric with its interval, why a run stopped.
+  function evalsColumns() {
+    const cols = [
+      { key: "id", label: "Run", num: true, get: (r) => r.id },
+      { key: "status", label: "Status", get: (r) => r.status },
+      { key: "steps", label: "Shards", num: true, get: (r) => r.steps_done },
+    ];
+    for (const k of st.table.knobs) cols.push({ key: `knob:${k}`, label: k, knob: k, get: (r) => (r.knobs ? r.knobs[k] : undefined) });
+    for (const m of st.table.metric_names || []) {
+      const bounded = (st.table.bounded || []).includes(m);
+      cols.push({
+        key: `metric:${m}`, label: m + (m === st.table.primary ? " ★" : ""), num: true, metric: m, bounded,
+        get: (r) => metric(r, m, "last"),
+        text: (r) => (bounded ? fmtInterval(metric(r, m, "last"), metric(r, m, "lower"), metric(r, m, "upper")) : fmtNum(metric(r, m, "last"))),
+      });
+    }
+    cols.push(
+      { key: "reason", label: "Note", get: (r) => r.reason || r.error || "" },
+      { key: "parent", label: "Parent", num: true, get: (r) => r.parent_id },
+    );
+    return cols;
+  }
+  const rowCells = (r) => columns().map((c) => (c.text ? c.text(r) : knobText(c.get(r))));
 
   function renderHeader() {
     const e = st.table.experiment;
     header.replaceChildren(
       el("h1", {}, `Experiment ${e.name} `, statusBadge(e.status)),
-      el("div", { class: "muted" }, `${e.mode} · started ${fmtTime(e.created)} · ${st.table.runs.length} runs · spec ${e.spec_path}`),
+      el("div", { class: "muted" }, `${e.mode} · started ${fmtTime(e.created)} · ${st.table.runs.length} runs${isEvals() && st.table.primary ? ` · primary metric ${st.table.primary}` : ""} · spec ${e.spec_path}`),
     );
   }
 
@@ -205,7 +248,7 @@ function experimentPage(name) {
     const op = async (body, what) => {
       try {
         await api("/api/ops", { method: "POST", body });
-        log(`op ${what} run ${r.id}: submitted (applied at its next optimizer step)`);
+        log(`op ${what} run ${r.id}: submitted (applied at its next ${isEvals() ? "shard boundary" : "optimizer step"})`);
         refresh();
       } catch (x) { log(`op ${what} run ${r.id} refused: ${x.message}`); alertBox(x.message); }
     };
@@ -252,7 +295,9 @@ function experimentPage(name) {
       const cells = cols.map((c) => {
         const v = c.get(r);
         if (c.key === "id") return el("td", { class: "num" }, el("a", { href: `#/r/${r.id}`, style: `color:${colorOf(r.id)}` }, `${r.id}`));
-        if (c.key === "status") return el("td", { title: r.error || "" }, statusBadge(r.status));
+        if (c.key === "status") return el("td", { title: r.error || r.reason || "" }, statusBadge(r.status));
+        if (c.metric) return el("td", { class: "num", dataset: { cell: c.key } }, c.text(r));
+        if (c.key === "reason") return el("td", { class: "reason", dataset: { cell: "reason" }, title: v }, v);
         if (c.key === "steps") return el("td", { class: "num", dataset: { cell: "steps" } }, el("span", { class: "bar" }, el("span", { style: `width:${pct}%` })), `${r.steps_done}/${r.total_steps || "?"}`);
         if (c.key === "chunks") return el("td", { class: "num", dataset: { cell: "chunks" } }, `${r.chunks_done}/${r.total_chunks || "?"}`);
         if (c.key === "parent") return el("td", { class: "num" }, v ? el("a", { href: `#/r/${v}` }, `${v}${r.warm ? " (warm)" : ""}`) : "–");
@@ -277,14 +322,16 @@ function experimentPage(name) {
   }
 
   function renderPlots() {
-    for (const m of PLOT_METRICS) {
+    ensurePlots();
+    for (const m of plotMetrics()) {
       const list = [];
       for (const r of st.table.runs) {
         if (r.status === "deleted" || !isSelected(r.id)) continue;
         const s = st.series[r.id] && st.series[r.id][m];
         if (!s) continue;
-        list.push({ id: r.id, label: `run ${r.id}`, color: colorOf(r.id), x: s.step, y: s.value, lo: s.lo, hi: s.hi });
+        list.push({ id: r.id, label: `run ${r.id}`, color: colorOf(r.id), x: s.step, y: s.value, lo: s.lower, hi: s.upper });
       }
+      st.plots[m].setXLabel(isEvals() ? "shard" : "step");
       st.plots[m].setSeries(list);
     }
   }
@@ -310,7 +357,10 @@ function experimentPage(name) {
       errs[k] = el("div", { class: "err", dataset: { errorFor: k } });
       return el("div", { class: "field" }, el("label", { for: `knob-${k}` }, k), el("div", {}, inputs[k], errs[k]));
     });
-    const extra = el("textarea", { id: "clone-extra", rows: 3, placeholder: "more settings, one per line: trainer.max_steps=200" });
+    const evals = isEvals();
+    const extra = el("textarea", { id: "clone-extra", rows: 3, placeholder: evals
+      ? "more settings, one per line (sections rag, prompt, generator, judge): rag.chunk_size=256, prompt.few_shot=2, generator.temperature=0.2"
+      : "more settings, one per line: trainer.max_steps=200" });
     const extraErr = el("div", { class: "err", id: "clone-error" });
     const warm = el("input", { type: "checkbox", id: "clone-warm" });
     const submit = async (e) => {
@@ -321,8 +371,9 @@ function experimentPage(name) {
       for (const [k, i] of Object.entries(inputs)) if (i.value.trim() !== i.dataset.original) set.push(`${k}=${i.value.trim()}`);
       for (const line of extra.value.split("\n").map((l) => l.trim()).filter(Boolean)) set.push(line);
       try {
-        const res = await api("/api/ops", { method: "POST", body: { run: r.id, op: "clone", set, warm: warm.checked } });
-        log(`op ${res.op_id} clone of run ${r.id} (${set.join(", ") || "no changes"}${warm.checked ? ", warm" : ""}): pending until the next optimizer step`);
+        const isWarm = !evals && warm.checked;
+        const res = await api("/api/ops", { method: "POST", body: { run: r.id, op: "clone", set, warm: isWarm } });
+        log(`op ${res.op_id} clone of run ${r.id} (${set.join(", ") || "no changes"}${isWarm ? ", warm" : ""}): pending until the next ${evals ? "shard boundary" : "optimizer step"}`);
         st.editing = null;
         clonePanel.replaceChildren(el("div", { class: "panel ok-msg", id: "clone-ok" }, `Clone of run ${r.id} submitted (op ${res.op_id}); it appears in the table when applied.`));
         refresh();
@@ -336,7 +387,8 @@ function experimentPage(name) {
       el("h2", { style: "margin-top:0" }, `Clone run ${r.id} with changes`),
       fields.length ? fields : el("p", { class: "muted" }, "This run has no knobs; add settings below."),
       el("div", { class: "field" }, el("label", { for: "clone-extra" }, "other settings"), el("div", {}, extra)),
-      el("div", { class: "field" }, el("label", { for: "clone-warm" }, "warm start"), el("div", {}, warm, " continue the parent's adapter, optimizer state and data position (same rank, targets and base)")),
+      evals ? el("p", { class: "muted", id: "clone-evals-note" }, "An evals clone is a new pipeline scored from shard 1 (no warm start); it may change the rag, prompt, generator and judge sections.")
+        : el("div", { class: "field" }, el("label", { for: "clone-warm" }, "warm start"), el("div", {}, warm, " continue the parent's adapter, optimizer state and data position (same rank, targets and base)")),
       extraErr,
       el("div", { class: "toolbar" }, el("button", { type: "submit", class: "primary", id: "clone-submit" }, "Clone"),
         el("button", { type: "button", onclick: () => { st.editing = null; clonePanel.replaceChildren(); } }, "Cancel"))));
@@ -348,12 +400,20 @@ function experimentPage(name) {
   }
 
   async function loadSeries() {
-    const s = await api(`/api/experiments/${encodeURIComponent(name)}/series?names=${PLOT_METRICS.join(",")}&points=1000`);
+    const names = plotMetrics();
+    if (!names.length) { st.series = {}; return; }
+    const s = await api(`/api/experiments/${encodeURIComponent(name)}/series?names=${names.map(encodeURIComponent).join(",")}&points=1000`);
     st.series = s.runs;
   }
 
   const refresh = debounce(async () => {
-    try { await loadTable(); renderHeader(); renderTable(); renderOps(); renderPlots(); } catch (x) { log(`refresh failed: ${x.message}`); }
+    try {
+      const before = plotMetrics().join(",");
+      await loadTable();
+      // An evals experiment's first shard names its metrics: fetch their series.
+      if (plotMetrics().join(",") !== before) await loadSeries();
+      renderHeader(); renderTable(); renderOps(); renderPlots();
+    } catch (x) { log(`refresh failed: ${x.message}`); }
   }, 250);
 
   function onEvent(ev) {
@@ -366,16 +426,41 @@ function experimentPage(name) {
         // A step redone after a resume replaces what was there.
         const i = s.step.findIndex((x) => x >= ev.step);
         s.step.length = i; s.value.length = i;
+        if (s.lower) { s.lower.length = Math.min(s.lower.length, i); s.upper.length = Math.min(s.upper.length, i); }
       }
       s.step.push(ev.step); s.value.push(ev.value);
+      if (s.lower) { s.lower.push(null); s.upper.push(null); }
       const r = st.table.runs.find((x) => x.id === ev.run_id);
       if (r) {
         const m = ((r.metrics ||= {})[ev.name] ||= { last: ev.value, min: ev.value });
         m.last = ev.value; m.min = Math.min(m.min, ev.value);
-        const cell = tableWrap.querySelector(`tr[data-run="${ev.run_id}"] td[data-cell="${ev.name === "loss" ? "loss" : ev.name === "eval_loss" ? "eval" : "-"}"]`);
-        if (cell) cell.textContent = fmtNum(ev.value);
+        const key = isEvals() ? `metric:${CSS.escape(ev.name)}` : ev.name === "loss" ? "loss" : ev.name === "eval_loss" ? "eval" : "-";
+        const cell = tableWrap.querySelector(`tr[data-run="${ev.run_id}"] td[data-cell="${key}"]`);
+        // A metric with an interval is shown with it when its interval event follows.
+        if (cell && !(isEvals() && (st.table.bounded || []).includes(ev.name))) cell.textContent = fmtNum(ev.value);
       }
-      if (PLOT_METRICS.includes(ev.name)) renderPlots();
+      if (isEvals() && !(st.table.metric_names || []).includes(ev.name)) { refresh(); return; }
+      if (plotMetrics().includes(ev.name)) renderPlots();
+    } else if (ev.type === "interval") {
+      // An estimate with its confidence interval (evals, after each shard): the band
+      // and the table cell follow.
+      const runSeries = (st.series[ev.run_id] ||= {});
+      const s = (runSeries[ev.name] ||= { step: [], value: [] });
+      let i = s.step.indexOf(ev.step);
+      if (i < 0) { s.step.push(ev.step); s.value.push(ev.value); i = s.step.length - 1; }
+      s.lower ||= []; s.upper ||= [];
+      while (s.lower.length < s.step.length) { s.lower.push(null); s.upper.push(null); }
+      s.lower[i] = ev.lower; s.upper[i] = ev.upper;
+      const r = st.table.runs.find((x) => x.id === ev.run_id);
+      if (r) {
+        const m = ((r.metrics ||= {})[ev.name] ||= { last: ev.value, min: ev.value });
+        Object.assign(m, { last: ev.value, min: Math.min(m.min ?? ev.value, ev.value), last_step: ev.step, lower: ev.lower, upper: ev.upper });
+        if (!(st.table.bounded ||= []).includes(ev.name)) st.table.bounded.push(ev.name);
+        const cell = tableWrap.querySelector(`tr[data-run="${ev.run_id}"] td[data-cell="metric:${CSS.escape(ev.name)}"]`);
+        if (cell) cell.textContent = fmtInterval(ev.value, ev.lower, ev.upper);
+        else refresh();
+      }
+      if (plotMetrics().includes(ev.name)) renderPlots();
     } else if (ev.type === "progress") {
       const r = st.table.runs.find((x) => x.id === ev.run_id);
       if (!r) { refresh(); return; }
@@ -409,7 +494,8 @@ function experimentPage(name) {
 
   return {
     async show() {
-      await Promise.all([loadTable(), loadSeries()]);
+      await loadTable();
+      await loadSeries();
       mount(root);
       renderHeader(); renderTable(); renderOps(); renderPlots();
       onEvents(onEvent);
@@ -424,6 +510,7 @@ function experimentPage(name) {
 async function pageRun(id) {
   const [d, metrics] = await Promise.all([api(`/api/runs/${id}/detail`), api(`/api/runs/${id}/metrics`)]);
   const r = d.run;
+  const evals = !!(r.config && r.config.experiment && r.config.experiment.mode === "evals");
   const kv = (rows) => el("table", { class: "kv" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", { class: "mono" }, v)))));
   const link = (x) => el("a", { href: `#/r/${x}` }, `run ${x}`);
   const names = [...new Set(metrics.map((m) => m.name))].sort();
@@ -434,7 +521,7 @@ async function pageRun(id) {
   }
   const steps = [...bySteps.keys()].sort((a, b) => b - a);
   const metricsTable = el("table", { id: "run-metrics" },
-    el("thead", {}, el("tr", {}, el("th", { class: "num" }, "step"), names.map((n) => el("th", { class: "num" }, n)))),
+    el("thead", {}, el("tr", {}, el("th", { class: "num" }, evals ? "shard" : "step"), names.map((n) => el("th", { class: "num" }, n)))),
     el("tbody", {}, steps.slice(0, 500).map((s) => el("tr", {}, el("td", { class: "num" }, s), names.map((n) => el("td", { class: "num" }, fmtNum(bySteps.get(s)[n])))))));
   const samples = Array.isArray(d.samples) ? d.samples : [];
   mount(
@@ -445,7 +532,7 @@ async function pageRun(id) {
       el("div", {},
         el("h2", {}, "Progress and lineage"),
         kv([
-          ["steps", `${r.steps_done}/${r.total_steps}`], ["chunks", `${r.chunks_done}/${r.total_chunks}`],
+          ...(evals ? [["shards", `${r.steps_done}/${r.total_steps}`]] : [["steps", `${r.steps_done}/${r.total_steps}`], ["chunks", `${r.chunks_done}/${r.total_chunks}`]]),
           ["checkpoint step", r.checkpoint_step ?? "–"], ["knobs", JSON.stringify(r.knobs)],
           ["parent", d.lineage.length ? el("span", {}, d.lineage.map((x, i) => [i ? " ← " : "", link(x)])) : "–"],
           ["warm start", r.warm ? "yes" : "no"],

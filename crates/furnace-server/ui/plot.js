@@ -1,6 +1,6 @@
 // furnace dashboard: a small canvas line plot. Each series is {id, label, color, x, y}
-// with optional lo/hi arrays (a band drawn under the line: the bounds the evals mode
-// reports). Long series are reduced to a min/max pair per pixel column when drawn, so
+// with optional lo/hi arrays (a translucent band drawn under the line: the confidence
+// intervals the evals mode reports; a null bound leaves its point out of the band). Long series are reduced to a min/max pair per pixel column when drawn, so
 // 100k points cost what a few thousand do.
 "use strict";
 
@@ -66,6 +66,7 @@ const FurnacePlot = (() => {
       this.root.append(t, this.canvas, this.tip, this.legend);
       parent.appendChild(this.root);
       this.series = [];
+      this.xLabel = "step";
       this.pending = false;
       this.canvas.addEventListener("mousemove", (e) => this.hover(e));
       this.canvas.addEventListener("mouseleave", () => { this.tip.style.display = "none"; });
@@ -74,6 +75,13 @@ const FurnacePlot = (() => {
 
     setSeries(series) {
       this.series = series;
+      this.schedule();
+    }
+
+    // What the x axis counts ("step", or "shard" for evals experiments).
+    setXLabel(label) {
+      if (label === this.xLabel) return;
+      this.xLabel = label;
       this.schedule();
     }
 
@@ -93,7 +101,8 @@ const FurnacePlot = (() => {
           const y = s.y[i];
           if (!Number.isFinite(y)) continue;
           x0 = Math.min(x0, s.x[i]); x1 = Math.max(x1, s.x[i]);
-          y0 = Math.min(y0, s.lo ? s.lo[i] : y); y1 = Math.max(y1, s.hi ? s.hi[i] : y);
+          const lo = s.lo && Number.isFinite(s.lo[i]) ? s.lo[i] : y, hi = s.hi && Number.isFinite(s.hi[i]) ? s.hi[i] : y;
+          y0 = Math.min(y0, lo, y); y1 = Math.max(y1, hi, y);
         }
       }
       if (!Number.isFinite(x0)) return null;
@@ -118,6 +127,8 @@ const FurnacePlot = (() => {
       // What is drawn, for people's tools and tests: series and points.
       this.root.dataset.series = String(this.series.filter((s) => s.x.length).length);
       this.root.dataset.points = String(this.series.reduce((n, s) => n + s.x.length, 0));
+      this.root.dataset.xLabel = this.xLabel;
+      this.root.dataset.bands = "0";
       this.legend.replaceChildren(...this.series.filter((s) => s.x.length).map((s) => {
         const span = document.createElement("span");
         const i = document.createElement("i");
@@ -151,16 +162,33 @@ const FurnacePlot = (() => {
         g.beginPath(); g.moveTo(x, PAD.top); g.lineTo(x, PAD.top + ph); g.stroke();
         g.fillText(fmt(v), x - 8, h - 6);
       }
+      g.fillStyle = muted;
+      // The x axis's name, in the corner under the y ticks (clear of the x ticks).
+      g.fillText(this.xLabel, 4, h - 6);
+      let bands = 0;
       for (const s of this.series) {
         if (!s.x.length) continue;
         const idx = reduce(s.x, s.y, b.x0, b.x1, pw);
         const at = idx ? (k) => idx[k] : (k) => k;
         const n = idx ? idx.length : s.x.length;
         if (s.lo && s.hi) {
-          g.globalAlpha = 0.18; g.fillStyle = s.color; g.beginPath();
-          for (let k = 0; k < n; k++) { const i = at(k); g.lineTo(X(s.x[i]), Y(s.hi[i])); }
-          for (let k = n - 1; k >= 0; k--) { const i = at(k); g.lineTo(X(s.x[i]), Y(s.lo[i])); }
-          g.closePath(); g.fill(); g.globalAlpha = 1;
+          // The points with both bounds; one alone is drawn as an error bar.
+          const pts = [];
+          for (let k = 0; k < n; k++) { const i = at(k); if (Number.isFinite(s.lo[i]) && Number.isFinite(s.hi[i])) pts.push(i); }
+          if (pts.length) {
+            g.globalAlpha = 0.18; g.fillStyle = s.color; g.strokeStyle = s.color;
+            if (pts.length === 1) {
+              const i = pts[0], x = X(s.x[i]);
+              g.globalAlpha = 0.5; g.lineWidth = 6; g.beginPath(); g.moveTo(x, Y(s.hi[i])); g.lineTo(x, Y(s.lo[i])); g.stroke();
+            } else {
+              g.beginPath();
+              for (const i of pts) g.lineTo(X(s.x[i]), Y(s.hi[i]));
+              for (let k = pts.length - 1; k >= 0; k--) g.lineTo(X(s.x[pts[k]]), Y(s.lo[pts[k]]));
+              g.closePath(); g.fill();
+            }
+            g.globalAlpha = 1;
+            bands++;
+          }
         }
         g.strokeStyle = s.color; g.lineWidth = 1.6; g.beginPath();
         let started = false;
@@ -173,6 +201,8 @@ const FurnacePlot = (() => {
         g.stroke();
         if (n === 1) { g.fillStyle = s.color; g.beginPath(); g.arc(X(s.x[0]), Y(s.y[0]), 2.5, 0, 7); g.fill(); }
       }
+      // The series drawn with an interval band (for people's tools and tests).
+      this.root.dataset.bands = String(bands);
     }
 
     hover(e) {
@@ -187,7 +217,8 @@ const FurnacePlot = (() => {
         let lo = 0, hi = s.x.length - 1;
         while (lo < hi) { const m = (lo + hi) >> 1; if (s.x[m] < x) lo = m + 1; else hi = m; }
         const i = lo > 0 && Math.abs(s.x[lo - 1] - x) < Math.abs(s.x[lo] - x) ? lo - 1 : lo;
-        lines.push(`${s.label}: step ${s.x[i]} = ${fmt(s.y[i])}`);
+        const band = s.lo && s.hi && Number.isFinite(s.lo[i]) && Number.isFinite(s.hi[i]) ? ` [${fmt(s.lo[i])}, ${fmt(s.hi[i])}]` : "";
+        lines.push(`${s.label}: ${this.xLabel} ${s.x[i]} = ${fmt(s.y[i])}${band}`);
       }
       if (!lines.length) return;
       this.tip.textContent = lines.slice(0, 12).join("\n");

@@ -381,3 +381,128 @@ async fn the_playground_answers_a_base_and_an_adapter_side_by_side() {
     shot(&c, "8-playground").await;
     c.close().await.unwrap();
 }
+
+/// One shard's examples with made-up scores (no model needed).
+fn shard_examples(shard: i64) -> Vec<furnace_exp::ExampleRecord> {
+    (0..4)
+        .map(|i| furnace_exp::ExampleRecord {
+            example_id: format!("q{shard}-{i}"),
+            index: (shard * 4 + i) as usize,
+            prediction: "Varnholt".into(),
+            retrieved: vec![],
+            scores: [("contains".to_string(), (i % 2) as f64)].into(),
+            prompt_tokens: 40,
+            completion_tokens: 4,
+            latency: 0.05,
+            finish_reason: "stop".into(),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evals_experiment_shows_interval_bands_and_takes_its_ops() {
+    use furnace_exp::{Estimate, OpKind};
+    let d = tempfile::tempdir().unwrap();
+    // The shipped RAG spec makes four pipelines of 8 shards; the scores are written
+    // straight into the store, as the evals driver writes them after each shard.
+    let spec_path = root().join("examples/rag_eval.toml");
+    let s = store(d.path());
+    let e = furnace_evals::experiment::create_from_text(&s, &std::fs::read_to_string(&spec_path).unwrap(), &spec_path).unwrap();
+    let ids: Vec<i64> = s.runs(e.id).unwrap().iter().map(|r| r.id).collect();
+    let est = |v: f64, lo: f64, hi: f64| {
+        vec![
+            Estimate { name: "contains".into(), value: v, bounds: Some((lo, hi)) },
+            Estimate { name: "token_f1".into(), value: v - 0.1, bounds: Some((lo - 0.1, hi - 0.1)) },
+            Estimate { name: "tokens".into(), value: 44.0, bounds: None },
+        ]
+    };
+    // Run 0: three shards, its interval narrowing; run 1: two; run 2: one, then raced
+    // out; run 3: not started.
+    for (k, (v, lo, hi)) in [(0.7, 0.4, 0.95), (0.72, 0.55, 0.86), (0.712, 0.671, 0.753)].into_iter().enumerate() {
+        s.record_shard(ids[0], k as i64, &shard_examples(k as i64), &est(v, lo, hi)).unwrap();
+    }
+    for (k, (v, lo, hi)) in [(0.5, 0.2, 0.8), (0.45, 0.3, 0.6)].into_iter().enumerate() {
+        s.record_shard(ids[1], k as i64, &shard_examples(k as i64), &est(v, lo, hi)).unwrap();
+    }
+    s.record_shard(ids[2], 0, &shard_examples(0), &est(0.1, 0.0, 0.3)).unwrap();
+    let why = format!("raced out after shard 1: contains upper bound 0.3000 < run {}'s lower bound 0.4000", ids[0]);
+    s.add_applied_op(ids[2], &OpKind::Stop, "policy", 1, &why, RunStatus::Stopped).unwrap();
+    drop(s);
+
+    let (_furnace, url, _log) = start_furnace(d.path(), &["ui", "--port", "0"], &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#/e/{}", e.name)).await.unwrap();
+    wait_for(&c, "the page", "return document.body.dataset.ready || null", |v| v.is_string()).await;
+
+    // The primary metric's plot: x counts shards, a band per run with an interval.
+    let plot = "const p = document.querySelector('.plot[data-metric=\"contains\"]'); \
+                return p ? [Number(p.dataset.bands || 0), p.dataset.xLabel, Number(p.dataset.points || 0), p.querySelector('.title').textContent] : null";
+    let v = wait_for(&c, "three interval bands", plot, |v| v[0].as_f64() == Some(3.0)).await;
+    assert_eq!((v[1].as_str(), v[2].as_f64()), (Some("shard"), Some(6.0)), "{v}");
+    assert!(v[3].as_str().unwrap().contains("primary"), "{v}");
+    // A metric without intervals: a line, no band.
+    let tokens = c.execute("return Number(document.querySelector('.plot[data-metric=\"tokens\"]').dataset.bands)", vec![]).await.unwrap();
+    assert_eq!(tokens.as_f64(), Some(0.0));
+
+    // The table: estimate ± half-width [interval], shards done, why a run stopped.
+    let cell = |id: i64, c: &str| {
+        format!("return (document.querySelector('tr[data-run=\"{id}\"] td[data-cell=\"{c}\"]') || {{}}).textContent || null")
+    };
+    let contains = c.execute(&cell(ids[0], "metric:contains"), vec![]).await.unwrap();
+    assert_eq!(contains.as_str(), Some("0.712 ± 0.041 [0.671, 0.753]"));
+    assert_eq!(c.execute(&cell(ids[0], "steps"), vec![]).await.unwrap().as_str(), Some("3/8"));
+    assert_eq!(c.execute(&cell(ids[3], "steps"), vec![]).await.unwrap().as_str(), Some("0/8"));
+    assert_eq!(c.execute(&cell(ids[2], "reason"), vec![]).await.unwrap().as_str(), Some(why.as_str()));
+    assert_eq!(c.execute(&cell(ids[0], "metric:tokens"), vec![]).await.unwrap().as_str(), Some("44"));
+    let heads = c.execute("return [...document.querySelectorAll('#runs th')].map(h => h.textContent)", vec![]).await.unwrap();
+    assert!(heads.as_array().unwrap().iter().any(|h| h == "Shards") && !heads.as_array().unwrap().iter().any(|h| h == "Chunks"), "{heads}");
+    shot(&c, "9-evals").await;
+
+    // A live shard (as the driver sends it: the metric, then its interval) moves the
+    // table cell and the band.
+    let send = format!(
+        "for (const h of live.handlers) {{ \
+           h({{type: 'metric', experiment: '{n}', run_id: {r}, step: 4, name: 'contains', value: 0.7}}); \
+           h({{type: 'interval', experiment: '{n}', run_id: {r}, step: 4, name: 'contains', value: 0.7, lower: 0.68, upper: 0.72, primary: true}}); }} \
+         return true",
+        n = e.name,
+        r = ids[0]
+    );
+    c.execute(&send, vec![]).await.unwrap();
+    wait_for(&c, "the live interval in the table", &cell(ids[0], "metric:contains"), |v| v == "0.700 ± 0.020 [0.680, 0.720]").await;
+    wait_for(&c, "the live point", plot, |v| v[2].as_f64() == Some(7.0) && v[0].as_f64() == Some(3.0)).await;
+
+    // Ops: stop a run that has not started, resume the raced-out one.
+    click(&c, &format!("button[data-action=\"stop\"][data-run=\"{}\"]", ids[3])).await;
+    click(&c, &format!("button[data-action=\"resume\"][data-run=\"{}\"]", ids[2])).await;
+    // Clone: rag/prompt settings, and no warm start offered.
+    click(&c, &format!("button[data-action=\"clone\"][data-run=\"{}\"]", ids[0])).await;
+    wait_for(&c, "the clone form", "return document.querySelector('#clone-form') ? true : null", |v| v == true).await;
+    let form = c
+        .execute(
+            "return [!!document.querySelector('#clone-warm'), !!document.querySelector('#clone-evals-note'), \
+             [...document.querySelectorAll('#clone-form input[data-knob]')].map(i => i.dataset.knob), document.querySelector('#clone-extra').placeholder]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!((form[0].as_bool(), form[1].as_bool()), (Some(false), Some(true)), "{form}");
+    assert_eq!(form[2], serde_json::json!(["rag.chunk_size", "rag.k"]));
+    assert!(form[3].as_str().unwrap().contains("rag.chunk_size=256"), "{form}");
+    let size = c.find(Locator::Css("input[data-knob=\"rag.chunk_size\"]")).await.unwrap();
+    size.clear().await.unwrap();
+    size.send_keys("512").await.unwrap();
+    c.find(Locator::Css("#clone-extra")).await.unwrap().send_keys("prompt.fewshot_k=1").await.unwrap();
+    click(&c, "#clone-submit").await;
+    wait_for(&c, "the clone to be accepted", "return document.querySelector('#clone-ok') ? true : [...document.querySelectorAll('#clone-form .err')].map(e => e.textContent).join(' ') || null", |v| v == true).await;
+    let ops = store(d.path()).ops(e.id).unwrap();
+    let pending: Vec<(i64, OpKind)> = ops.iter().filter(|o| o.status == "pending").map(|o| (o.run_id, o.kind.clone())).collect();
+    assert!(pending.contains(&(ids[3], OpKind::Stop)), "{pending:?}");
+    assert!(pending.contains(&(ids[2], OpKind::Resume)), "{pending:?}");
+    assert!(
+        pending.contains(&(ids[0], OpKind::Clone { set: vec!["rag.chunk_size=512".into(), "prompt.fewshot_k=1".into()], warm: false })),
+        "{pending:?}"
+    );
+    shot(&c, "10-evals-ops").await;
+    c.close().await.unwrap();
+}

@@ -6,7 +6,7 @@ use crate::{call, call_with, error_of, fixture, options, ADDR};
 use axum::http::StatusCode;
 use axum::Router;
 use furnace_server::{Launcher, ServerOptions};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
 /// A launcher that records what it was asked to start.
@@ -244,4 +244,158 @@ async fn login_trades_the_token_for_an_http_only_session_that_cross_site_pages_c
     assert!(cookie_of(&head).1.contains("Max-Age=0"));
     let (s, _, _) = call_with(&app, "GET", "/api/summary", &with_cookie(&[]), None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+/// A shard's examples with made-up scores.
+fn examples(shard: i64, n: usize) -> Vec<furnace_exp::ExampleRecord> {
+    (0..n)
+        .map(|i| furnace_exp::ExampleRecord {
+            example_id: format!("q{shard}-{i}"),
+            index: i,
+            prediction: "p".into(),
+            retrieved: vec![],
+            scores: [("em".to_string(), (i % 2) as f64)].into(),
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            latency: 0.1,
+            finish_reason: "stop".into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_evals_experiment_has_intervals_per_shard_and_its_stop_reason() {
+    use furnace_exp::{Estimate, OpKind, RunStatus};
+    let f = fixture();
+    let (a, b) = {
+        let store = f.store();
+        let config = |size: i64| json!({ "experiment": { "mode": "evals", "primary": "em" }, "rag": { "chunk_size": size } });
+        let e = store.create_experiment_with_runs("ev", "evals", &f.db.with_file_name("ev.toml"), "", &[]).unwrap();
+        let a = store.add_run(e.id, &config(256), &json!({ "rag.chunk_size": 256 }), 0, 0, 0, None).unwrap();
+        let b = store.add_run(e.id, &config(512), &json!({ "rag.chunk_size": 512 }), 0, 0, 0, None).unwrap();
+        for r in [a, b] {
+            store.set_totals(r, 4, 4).unwrap();
+        }
+        // Run a: three shards, its interval narrowing; run b: one shard, then raced out.
+        for (k, (v, lo, hi)) in [(0.7, 0.4, 0.95), (0.72, 0.55, 0.86), (0.712, 0.671, 0.753)].into_iter().enumerate() {
+            let est = [
+                Estimate { name: "em".into(), value: v, bounds: Some((lo, hi)) },
+                Estimate { name: "tokens".into(), value: 13.0, bounds: None },
+            ];
+            store.record_shard(a, k as i64, &examples(k as i64, 4), &est).unwrap();
+        }
+        store.record_shard(b, 0, &examples(0, 4), &[Estimate { name: "em".into(), value: 0.2, bounds: Some((0.05, 0.35)) }]).unwrap();
+        store
+            .add_applied_op(
+                b,
+                &OpKind::Stop,
+                "policy",
+                1,
+                "raced out after shard 1: em upper bound 0.3500 < run 1's lower bound 0.4000",
+                RunStatus::Stopped,
+            )
+            .unwrap();
+        (a, b)
+    };
+    let app = f.router(None);
+    let (s, v) = call(&app, "GET", &format!("/api/experiments/ev/series?names=em,tokens&runs={a},{b}"), None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["mode"], "evals");
+    let em = &v["runs"][a.to_string()]["em"];
+    assert_eq!(em["step"], json!([1, 2, 3]));
+    assert_eq!(em["value"], json!([0.7, 0.72, 0.712]));
+    assert_eq!(em["lower"], json!([0.4, 0.55, 0.671]));
+    assert_eq!(em["upper"], json!([0.95, 0.86, 0.753]));
+    // A metric without intervals has no bounds.
+    let tokens = &v["runs"][a.to_string()]["tokens"];
+    assert_eq!(tokens["value"], json!([13.0, 13.0, 13.0]));
+    assert!(tokens.get("lower").is_none() && tokens.get("upper").is_none(), "{tokens}");
+    assert_eq!(v["runs"][b.to_string()]["em"]["lower"], json!([0.05]));
+
+    let (s, v) = call(&app, "GET", "/api/experiments/ev/table", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["experiment"]["mode"].as_str(), v["primary"].as_str()), (Some("evals"), Some("em")));
+    assert_eq!(v["metric_names"], json!(["em", "tokens"]));
+    assert_eq!(v["bounded"], json!(["em"]));
+    let row = |id: i64| v["runs"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap().clone();
+    let (ra, rb) = (row(a), row(b));
+    assert_eq!((ra["steps_done"].as_i64(), ra["total_steps"].as_i64(), ra["status"].as_str()), (Some(3), Some(4), Some("ongoing")));
+    let m = &ra["metrics"]["em"];
+    assert_eq!((m["last"].as_f64(), m["lower"].as_f64(), m["upper"].as_f64()), (Some(0.712), Some(0.671), Some(0.753)));
+    assert_eq!(m["last_step"].as_i64(), Some(3));
+    assert!(ra["metrics"]["tokens"].get("lower").is_none());
+    assert_eq!(ra["reason"], Value::Null);
+    assert_eq!(rb["status"], "stopped");
+    assert!(rb["reason"].as_str().unwrap().starts_with("raced out after shard 1"), "{rb}");
+    assert_eq!((rb["metrics"]["em"]["lower"].as_f64(), rb["metrics"]["em"]["upper"].as_f64()), (Some(0.05), Some(0.35)));
+
+    // A training experiment's table and series carry no intervals.
+    let (_, v) = call(&app, "GET", "/api/experiments/exp/table", None, None).await;
+    assert_eq!((v["primary"].clone(), v["bounded"].clone()), (Value::Null, json!([])));
+    let (_, v) = call(&app, "GET", "/api/experiments/exp/series?names=loss", None, None).await;
+    assert_eq!(v["mode"], "fit");
+    assert!(v["runs"][f.runs[0].to_string()]["loss"].get("lower").is_none());
+}
+
+#[tokio::test]
+async fn an_evals_experiment_from_a_spec_names_its_primary_metric_and_best_run() {
+    use furnace_exp::Estimate;
+    let f = fixture();
+    let spec = furnace_testutil::repo_root().join("examples/rag_eval.toml");
+    let (name, ids) = {
+        let s = f.store();
+        let e = furnace_evals::experiment::create_from_text(&s, &std::fs::read_to_string(&spec).unwrap(), &spec).unwrap();
+        let ids: Vec<i64> = s.runs(e.id).unwrap().iter().map(|r| r.id).collect();
+        for (r, v) in [(ids[0], 0.4), (ids[1], 0.6)] {
+            let est = [
+                Estimate { name: "token_f1".into(), value: 0.9, bounds: Some((0.8, 1.0)) },
+                Estimate { name: "contains".into(), value: v, bounds: Some((v - 0.2, v + 0.2)) },
+            ];
+            s.record_shard(r, 0, &examples(0, 2), &est).unwrap();
+        }
+        (e.name, ids)
+    };
+    let app = f.router(None);
+    let (s, v) = call(&app, "GET", &format!("/api/experiments/{name}/table"), None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The spec's primary metric comes first.
+    assert_eq!((v["primary"].as_str(), v["metric_names"].clone()), (Some("contains"), json!(["contains", "token_f1"])));
+    assert_eq!(v["runs"].as_array().unwrap().iter().map(|r| r["total_steps"].as_i64().unwrap()).collect::<Vec<_>>(), [8, 8, 8, 8]);
+    let (_, v) = call(&app, "GET", "/api/summary", None, None).await;
+    let ev = v.as_array().unwrap().iter().find(|x| x["experiment"]["name"] == name.as_str()).unwrap();
+    assert_eq!(
+        (ev["best"]["metric"].as_str(), ev["best"]["value"].as_f64(), ev["best"]["run_id"].as_i64()),
+        (Some("contains"), Some(0.6), Some(ids[1]))
+    );
+
+    // Ops on its pipelines: stop, resume, and clones that change rag/prompt/generator
+    // settings, cold, but never to read a file or reach a server of the client's choice.
+    let op = |body: String| {
+        let app = app.clone();
+        async move { call(&app, "POST", "/api/ops", None, Some(&body)).await }
+    };
+    let (s, v) = op(format!(r#"{{"run": {}, "op": "stop"}}"#, ids[2])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let (s, v) = op(format!(
+        r#"{{"run": {}, "op": "clone", "set": ["rag.chunk_size=512", "prompt.fewshot_k=1", "generator.max_tokens=8"]}}"#,
+        ids[0]
+    ))
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let (s, v) = op(format!(r#"{{"run": {}, "op": "clone", "set": ["generator.model=smollm2-135m-instruct"]}}"#, ids[0])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    for (set, status, needle) in [
+        (r#"rag.documents=["/etc"]"#, StatusCode::FORBIDDEN, "rag.documents"),
+        (r#"prompt.fewshot="/etc/passwd""#, StatusCode::FORBIDDEN, "prompt.fewshot"),
+        (r#"generator.model="/tmp/model""#, StatusCode::FORBIDDEN, "built-in model"),
+        (r#"generator.api_key_env="HOME""#, StatusCode::FORBIDDEN, "api_key_env"),
+        (r#"rag.embedding_model="/tmp/enc""#, StatusCode::FORBIDDEN, "built-in model"),
+        ("lora.r=8", StatusCode::BAD_REQUEST, "lora"),
+    ] {
+        let (s, v) = op(json!({ "run": ids[0], "op": "clone", "set": [set] }).to_string()).await;
+        assert_eq!(s, status, "{set}: {v}");
+        assert!(error_of(&v).contains(needle), "{set}: {v}");
+    }
+    let (s, v) = op(format!(r#"{{"run": {}, "op": "clone", "set": [], "warm": true}}"#, ids[0])).await;
+    assert!(s.is_client_error() && error_of(&v).contains("warm"), "{s}: {v}");
 }

@@ -54,6 +54,27 @@ async fn event_stream_skips_what_a_slow_client_missed_and_goes_on() {
     let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
     let v: Value = serde_json::from_str(data).unwrap();
     assert_eq!(v, json!({ "type": "status", "experiment": "exp", "run_id": 2, "status": "stopped", "message": "asha" }));
+
+    // An evals shard's interval: its own event name, which the dashboard listens to.
+    tx.send(Event::Interval {
+        experiment: "ev".into(),
+        run_id: 3,
+        step: 2,
+        name: "em".into(),
+        value: 0.5,
+        lower: 0.25,
+        upper: 0.75,
+        primary: true,
+    })
+    .unwrap();
+    let text = read_until(&mut body, "0.75").await;
+    assert!(text.contains("event: interval\n"), "{text}");
+    let data = text.lines().filter_map(|l| l.strip_prefix("data: ")).next_back().unwrap();
+    let v: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["lower"].as_f64(), v["upper"].as_f64(), v["primary"].as_bool()),
+        (Some("interval"), Some(0.25), Some(0.75), Some(true))
+    );
 }
 
 #[test]
