@@ -46,7 +46,8 @@ kind = "token_f1"
     let store = Store::open_in(&dir.join("runs")).unwrap();
     let exp = furnace_evals::experiment::create(&store, &path).unwrap();
     let mut loader = |name: &str, dtype| {
-        furnace_model::load_by_name(name, dtype, &mut |_| {}).map_err(|e| furnace_exp::Error::Load { model: name.into(), message: e.to_string() })
+        furnace_model::load_by_name(name, dtype, &mut |_| {})
+            .map_err(|e| furnace_exp::Error::Load { model: name.into(), message: e.to_string() })
     };
     let opts = EvalOptions { sequential, ..Default::default() };
     let summary = run_evals(&store, &exp, &mut loader, &opts, &furnace_exp::events::channel()).unwrap();

@@ -374,12 +374,54 @@ fn checked_leaves(text: &str, allow_paths: bool) -> furnace_exp::Result<Vec<furn
     Ok(leaves)
 }
 
+/// An evals error as the store's (a spec problem is a 400).
+fn evals_err(e: furnace_evals::Error) -> furnace_exp::Error {
+    match e {
+        furnace_evals::Error::Store(e) => e,
+        other => furnace_exp::Error::Invalid(other.to_string()),
+    }
+}
+
+/// The pipelines of an evals spec from the dashboard, checked as `furnace run` checks a
+/// file (against its eval set too), with only built-in local models unless model paths
+/// are allowed.
+fn checked_pipelines(text: &str, allow_paths: bool) -> furnace_exp::Result<Vec<furnace_evals::spec::Pipeline>> {
+    let pipes = furnace_evals::experiment::pipelines_of(text, &anchor()).map_err(evals_err)?;
+    if !allow_paths {
+        for p in &pipes {
+            let s = &p.spec;
+            if s.generator.kind == "local" {
+                crate::experiments::check_base(&s.generator.model, None, "generator.model")?;
+            }
+            if let Some(r) = &s.rag {
+                crate::experiments::check_base(&r.embedding_model, None, "rag.embedding_model")?;
+                if let Some(rr) = &r.reranker {
+                    crate::experiments::check_base(rr, None, "rag.reranker")?;
+                }
+            }
+        }
+    }
+    Ok(pipes)
+}
+
+/// A spec from the dashboard checked as `furnace run` would: its experiment name and how
+/// many runs (pipelines, for an evals spec) it makes.
+fn checked_spec(text: &str, allow_paths: bool) -> furnace_exp::Result<(String, usize)> {
+    if furnace_evals::mode_of(text).as_deref() == Some("evals") {
+        let pipes = checked_pipelines(text, allow_paths)?;
+        let name = pipes.first().map(|p| p.spec.experiment.name.clone()).unwrap_or_default();
+        return Ok((name, pipes.len()));
+    }
+    let leaves = checked_leaves(text, allow_paths)?;
+    let name = leaves.first().map(|l| l.spec.experiment.name.clone()).unwrap_or_default();
+    Ok((name, leaves.len()))
+}
+
 async fn check_spec(State(st): State<AppState>, body: std::result::Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req = spec_request(body)?;
     let allow = st.allow_model_paths();
-    let leaves = st.with_store(move |_| checked_leaves(&req.spec, allow)).await?;
-    let name = leaves.first().map(|l| l.spec.experiment.name.clone()).unwrap_or_default();
-    Ok(Json(json!({ "runs": leaves.len(), "name": name })).into_response())
+    let (name, runs) = st.with_store(move |_| checked_spec(&req.spec, allow)).await?;
+    Ok(Json(json!({ "runs": runs, "name": name })).into_response())
 }
 
 async fn create_experiment(State(st): State<AppState>, body: std::result::Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -393,8 +435,12 @@ async fn create_experiment(State(st): State<AppState>, body: std::result::Result
     let allow = st.allow_model_paths();
     let (exp, runs) = st
         .with_store(move |s| {
-            checked_leaves(&req.spec, allow)?;
-            let e = experiment::create_from_text(s, &req.spec, &anchor())?;
+            checked_spec(&req.spec, allow)?;
+            let e = if furnace_evals::mode_of(&req.spec).as_deref() == Some("evals") {
+                furnace_evals::experiment::create_from_text(s, &req.spec, &anchor()).map_err(evals_err)?
+            } else {
+                experiment::create_from_text(s, &req.spec, &anchor())?
+            };
             let n = s.runs(e.id)?.len();
             Ok((e, n))
         })

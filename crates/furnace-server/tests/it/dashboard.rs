@@ -186,6 +186,36 @@ async fn a_spec_is_checked_as_furnace_run_checks_it_and_starts_through_the_launc
     assert_eq!(s, StatusCode::OK, "{v}");
 }
 
+#[tokio::test]
+async fn an_evals_spec_is_checked_created_and_launched_from_the_dashboard() {
+    let f = fixture();
+    let launched = Arc::new(Recorder::default());
+    let app = app_with(&f, ServerOptions { launcher: Some(launched.clone()), ..options(None) });
+    let data = furnace_testutil::repo_root().join("data/rag_eval");
+    let spec = format!(
+        "[experiment]\nname = \"evui\"\nmode = \"evals\"\n\n[data]\npath = \"{}\"\n\n[rag]\ndocuments = [\"{}\"]\nk = {{ list = [1, 4] }}\n\n[[metric]]\nkind = \"hit_rate\"\n",
+        data.join("questions.jsonl").display(),
+        data.join("docs").display()
+    );
+    let (s, v) = call(&app, "POST", "/api/specs/check", None, Some(&spec_body(&spec))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["runs"].as_i64(), v["name"].as_str()), (Some(2), Some("evui")));
+    for (bad, status, needle) in [
+        (spec.replace("k = { list = [1, 4] }", "k = 2\ntop_n = 3\nreranker = \"x\""), StatusCode::BAD_REQUEST, "rag.top_n"),
+        (spec.replace("[rag]", "[generator]\nmodel = \"/etc/passwd\"\n\n[rag]"), StatusCode::FORBIDDEN, "--allow-model-paths"),
+    ] {
+        let (s, v) = call(&app, "POST", "/api/experiments", None, Some(&spec_body(&bad))).await;
+        assert_eq!(s, status, "{v}");
+        assert!(error_of(&v).contains(needle), "{v}");
+    }
+    let (s, v) = call(&app, "POST", "/api/experiments", None, Some(&spec_body(&spec))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(*launched.0.lock().unwrap(), ["evui"]);
+    let e = f.store().experiment("evui").unwrap();
+    assert_eq!(e.mode, "evals");
+    assert_eq!(f.store().runs(e.id).unwrap().len(), 2);
+}
+
 /// The session cookie a login answer sets (the `name=value` part) and its attributes.
 fn cookie_of(h: &axum::http::HeaderMap) -> (String, String) {
     let c = h.get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
