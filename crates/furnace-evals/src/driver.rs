@@ -849,6 +849,11 @@ impl Driver<'_, '_> {
             population: Some(self.set.examples.len()),
         };
         let est = estimates(&p.scorers, &all, &opts, p.wall, p.cost)?;
+        if cancelled(self.opts) {
+            // A judge or command may have been cut short: the shard is done again when the
+            // experiment continues.
+            return Ok(());
+        }
         self.store.record_shard(id, k as i64, &records, &est)?;
         p.done = all;
         p.last = est.clone();
