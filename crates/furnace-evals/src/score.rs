@@ -146,3 +146,16 @@ pub fn parse_judge_score(text: &str, range: (f64, f64)) -> Option<f64> {
 
 /// Scores of one example, by metric name.
 pub type Scores = BTreeMap<String, f64>;
+
+#[cfg(test)]
+mod tests {
+    use super::parse_judge_score;
+
+    #[test]
+    fn a_judge_score_is_the_first_number_in_range() {
+        assert_eq!(parse_judge_score("4", (0.0, 5.0)), Some(4.0));
+        assert_eq!(parse_judge_score("Score: 3.5/5", (0.0, 5.0)), Some(3.5));
+        assert_eq!(parse_judge_score("7", (0.0, 5.0)), None);
+        assert_eq!(parse_judge_score("good", (0.0, 5.0)), None);
+    }
+}

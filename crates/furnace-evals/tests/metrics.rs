@@ -176,6 +176,23 @@ fn command_scores_a_batch_in_order() {
 }
 
 #[test]
+fn a_ratio_command_writes_num_and_den_per_item() {
+    let dir = tempfile::tempdir().unwrap();
+    // num = the line's length, den = 100.
+    let m = script(dir.path(), "ratio.sh", "while IFS= read -r line; do echo \"{\\\"num\\\": ${#line}, \\\"den\\\": 100}\"; done\n");
+    let batch = items(5);
+    let got = m.score_ratio(&batch).unwrap();
+    let want: Vec<(f64, f64)> = batch.iter().map(|v| (serde_json::to_string(v).unwrap().len() as f64, 100.0)).collect();
+    assert_eq!(got, want);
+    // A plain score is not a ratio.
+    let plain = script(dir.path(), "plain.sh", "while IFS= read -r line; do echo 1; done\n");
+    match plain.score_ratio(&batch) {
+        Err(Error::Metric { msg, .. }) => assert!(msg.contains("expected {\"num\": number, \"den\": number}"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn command_that_prints_before_reading_does_not_deadlock() {
     let dir = tempfile::tempdir().unwrap();
     // 50 000 output lines (~100 KB) before reading 50 000 input lines: both overflow a pipe.

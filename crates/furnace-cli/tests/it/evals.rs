@@ -102,7 +102,13 @@ fn evals_run_prints_narrowing_intervals_scores_by_command_and_clones_with_a_new_
         "import json, sys\nfor line in sys.stdin:\n    item = json.loads(line)\n    print(json.dumps({\"score\": 1.0 if item['prediction'].strip() else 0.0}))\n",
     )
     .unwrap();
-    let extra = format!("\n[[metric]]\nkind = \"command\"\nname = \"nonempty\"\ncommand = [\"python3\", \"{}\"]\n", script.display());
+    // And an LLM judge (the same local model) whose answer is read as a score in [0, 5].
+    let extra = format!(
+        "\n[[metric]]\nkind = \"command\"\nname = \"nonempty\"\ncommand = [\"python3\", \"{}\"]\n\n\
+         [[metric]]\nkind = \"judge\"\nrange = [0, 5]\nrubric = \"Question: {{{{ question }}}}\\nReference: {{{{ answer }}}}\\nAnswer: {{{{ prediction }}}}\\nRate the answer from 0 to 5. Reply with one digit.\"\n\n\
+         [judge]\nkind = \"local\"\nmodel = \"smollm2-135m-instruct\"\nmax_tokens = 4\n",
+        script.display()
+    );
     let s = spec(dir.path(), "ev", 16, 4, LOCAL, &extra);
     let runs = dir.path().join("runs");
     let r = runs.to_str().unwrap();
@@ -122,7 +128,8 @@ fn evals_run_prints_narrowing_intervals_scores_by_command_and_clones_with_a_new_
         assert_eq!(ids.len(), 16);
         let k = p.config["rag"]["k"].as_u64().unwrap() as usize;
         for e in &ex {
-            assert_eq!(e.scores.keys().collect::<Vec<_>>(), ["contains", "hit_rate", "nonempty"]);
+            assert_eq!(e.scores.keys().collect::<Vec<_>>(), ["contains", "hit_rate", "judge", "nonempty"]);
+            assert!((0.0..=5.0).contains(&e.scores["judge"]), "{e:?}");
             assert!(e.retrieved.len() <= k && !e.retrieved.is_empty(), "{e:?}");
             assert_eq!(e.scores["nonempty"], f64::from(!e.prediction.trim().is_empty()));
             assert!(e.prompt_tokens > 0 && e.completion_tokens > 0);

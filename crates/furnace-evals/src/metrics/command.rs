@@ -58,31 +58,10 @@ impl CommandMetric {
     /// Scores of a ratio-of-sums metric: one line per item, `{"num": a, "den": b}`.
     pub fn score_ratio(&self, items: &[Value]) -> Result<Vec<(f64, f64)>> {
         let stdout = self.run(items)?;
-        let text = String::from_utf8_lossy(&stdout);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        if lines.len() != items.len() {
-            return Err(self.err(format!(
-                "`{}` printed {} lines for {} items; it must print exactly one line per input line, in order",
-                self.program(),
-                lines.len(),
-                items.len()
-            )));
-        }
-        lines
-            .iter()
-            .enumerate()
-            .map(|(i, line)| {
-                let v: Option<Value> = serde_json::from_str(line).ok();
-                let get = |k: &str| v.as_ref().and_then(|v| v.get(k)).and_then(Value::as_f64).filter(|x| x.is_finite());
-                match (get("num"), get("den")) {
-                    (Some(n), Some(d)) => Ok((n, d)),
-                    _ => {
-                        let shown: String = line.chars().take(200).collect();
-                        Err(self.err(format!("output line {}: expected {{\"num\": number, \"den\": number}}, got `{shown}`", i + 1)))
-                    }
-                }
-            })
-            .collect()
+        self.parse_lines(&stdout, items.len(), "{\"num\": number, \"den\": number}", |v| {
+            let get = |k: &str| v.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
+            Some((get("num")?, get("den")?))
+        })
     }
 
     /// Runs the program over the items; its stdout.
@@ -189,6 +168,16 @@ impl CommandMetric {
 
     /// One score per non-blank line of `stdout`.
     fn parse(&self, stdout: &[u8], n: usize) -> Result<Vec<f64>> {
+        self.parse_lines(stdout, n, "a number or {\"score\": number}", |v| match v {
+            Value::Number(x) => x.as_f64(),
+            Value::Object(m) => m.get("score").and_then(Value::as_f64),
+            _ => None,
+        })
+    }
+
+    /// One value per non-blank line of `stdout`, each read by `read` from its JSON;
+    /// `expected` says what a line must hold.
+    fn parse_lines<T>(&self, stdout: &[u8], n: usize, expected: &str, read: impl Fn(&Value) -> Option<T>) -> Result<Vec<T>> {
         let text = String::from_utf8_lossy(stdout);
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         if lines.len() != n {
@@ -202,15 +191,9 @@ impl CommandMetric {
             .iter()
             .enumerate()
             .map(|(i, line)| {
-                let v: Option<Value> = serde_json::from_str(line).ok();
-                let x = match &v {
-                    Some(Value::Number(x)) => x.as_f64(),
-                    Some(Value::Object(m)) => m.get("score").and_then(Value::as_f64),
-                    _ => None,
-                };
-                x.ok_or_else(|| {
+                serde_json::from_str::<Value>(line).ok().as_ref().and_then(&read).ok_or_else(|| {
                     let shown: String = line.chars().take(200).collect();
-                    self.err(format!("output line {}: expected a number or {{\"score\": number}}, got `{shown}`", i + 1))
+                    self.err(format!("output line {}: expected {expected}, got `{shown}`", i + 1))
                 })
             })
             .collect()
