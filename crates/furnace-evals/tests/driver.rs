@@ -41,6 +41,7 @@ kind = "token_f1"
         smollm2_gguf().display(),
         testdata().join("lora_adapter").display()
     );
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("spec.toml");
     std::fs::write(&path, spec).unwrap();
     let store = Store::open_in(&dir.join("runs")).unwrap();

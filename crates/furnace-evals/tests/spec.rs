@@ -47,7 +47,9 @@ fn knobs_expand_into_pipelines_with_one_metric_name() {
     let text = BASE.replace("[rag]\n", "[rag]\nk = { list = [2, 4] }\nchunk_size = { list = [128, 256, 512] }\n");
     let p = expand(&text, Path::new("/x/spec.toml")).unwrap();
     assert_eq!(p.len(), 6);
-    assert_eq!(p.iter().map(|p| p.spec.rag.as_ref().unwrap().k).collect::<Vec<_>>(), [2, 2, 2, 4, 4, 4]);
+    // The grid over knobs in key order: chunk_size outer, k inner.
+    assert_eq!(p.iter().map(|p| p.spec.rag.as_ref().unwrap().k).collect::<Vec<_>>(), [2, 4, 2, 4, 2, 4]);
+    assert_eq!(p.iter().map(|p| p.spec.rag.as_ref().unwrap().chunk_size).collect::<Vec<_>>(), [128, 128, 256, 256, 512, 512]);
     // A retrieval metric without its own k is taken at each pipeline's k, under one name.
     assert!(p.iter().all(|p| p.spec.metric_names() == ["contains", "hit_rate"]));
     // Knobs only where they make sense.
