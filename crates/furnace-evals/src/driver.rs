@@ -190,7 +190,13 @@ struct Pipe {
 
 impl Pipe {
     fn new(run: RunRow, store: &Store) -> Result<Self> {
-        let spec = pipeline_spec(&run)?;
+        let mut spec = pipeline_spec(&run)?;
+        // A clone may name a training run (`--set generator.run=EXP/run-N`).
+        for g in [Some(&mut spec.generator), spec.judge.as_mut()].into_iter().flatten() {
+            if let Some(r) = g.run.take() {
+                g.adapter = Some(crate::experiment::run_adapter(store, &r)?);
+            }
+        }
         let scorers = Scorer::all(&spec)?;
         let rag = spec.rag.as_ref();
         let renderer = Renderer::new(&spec.prompt, rag.map(|r| r.document_template.as_str()), rag.map(|r| r.separator.as_str()))?;

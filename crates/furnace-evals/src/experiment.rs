@@ -54,9 +54,34 @@ pub fn create(store: &Store, spec_path: &Path) -> Result<ExperimentRow> {
     create_from_text(store, &text, spec_path)
 }
 
+/// The adapter folder of a training run named `EXPERIMENT/run-N` (`[generator] run`): it
+/// must exist in this store and have finished with an adapter.
+pub fn run_adapter(store: &Store, reference: &str) -> Result<std::path::PathBuf> {
+    let bad = |m: String| Error::Spec { key: "generator.run".into(), msg: m };
+    let (name, id) = crate::spec::parse_run_ref(reference).ok_or_else(|| bad(format!("'{reference}' is not EXPERIMENT/run-N")))?;
+    let exp = store.experiment(name).map_err(|e| bad(format!("{reference}: {e}")))?;
+    let run = store.run(id).map_err(|e| bad(format!("{reference}: {e}")))?;
+    if run.experiment_id != exp.id {
+        return Err(bad(format!("{reference}: run {id} is not in experiment {name}")));
+    }
+    let dir = furnace_exp::fit::run_dir(&exp, id).join("adapter");
+    if !dir.join("adapter_config.json").is_file() {
+        return Err(bad(format!("{reference}: the run has no adapter yet (it is {}); wait until it completes", run.status.as_str())));
+    }
+    Ok(dir)
+}
+
 /// [`create`] from spec text (checked as a file at `spec_path` would be).
 pub fn create_from_text(store: &Store, text: &str, spec_path: &Path) -> Result<ExperimentRow> {
-    let pipes = pipelines_of(text, spec_path)?;
+    let mut pipes = pipelines_of(text, spec_path)?;
+    // Training runs named by `[generator] run` become their adapter folders.
+    for p in &mut pipes {
+        for g in [Some(&mut p.spec.generator), p.spec.judge.as_mut()].into_iter().flatten() {
+            if let Some(r) = g.run.take() {
+                g.adapter = Some(run_adapter(store, &r)?);
+            }
+        }
+    }
     let set = crate::dataset::load(&pipes[0].spec.data)?;
     let shards = pipes[0].spec.data.num_shards.min(set.examples.len()) as i64;
     let mut runs = Vec::new();

@@ -301,6 +301,10 @@ pub struct GeneratorSpec {
     /// Local: a PEFT adapter folder (relative to the spec's folder).
     #[serde(default)]
     pub adapter: Option<PathBuf>,
+    /// Local: the adapter a training run of this store produced, `EXPERIMENT/run-N`
+    /// (instead of `adapter`; a knob over runs compares fine-tuned adapters).
+    #[serde(default)]
+    pub run: Option<String>,
     /// Most tokens per answer.
     #[serde(default = "default_max_tokens")]
     pub max_tokens: usize,
@@ -352,6 +356,7 @@ impl Default for GeneratorSpec {
             model: default_model(),
             quantize: None,
             adapter: None,
+            run: None,
             max_tokens: default_max_tokens(),
             temperature: 0.0,
             top_p: default_top_p(),
@@ -745,10 +750,18 @@ fn validate_generator(section: &str, g: &GeneratorSpec) -> Result<()> {
                     return Err(spec_err(&key("quantize"), format!("'{q}' is not none, f32, bf16, q8 or q4")));
                 }
             }
+            if let Some(r) = &g.run {
+                if g.adapter.is_some() {
+                    return Err(spec_err(&key("run"), "give adapter or run, not both"));
+                }
+                if parse_run_ref(r).is_none() {
+                    return Err(spec_err(&key("run"), format!("'{r}' is not EXPERIMENT/run-N (e.g. extract/run-3)")));
+                }
+            }
         }
         "openai" => {
-            if g.quantize.is_some() || g.adapter.is_some() {
-                return Err(spec_err(&key("adapter"), "quantize and adapter are settings of local generators"));
+            if g.quantize.is_some() || g.adapter.is_some() || g.run.is_some() {
+                return Err(spec_err(&key("adapter"), "quantize, adapter and run are settings of local generators"));
             }
             openai_config(section, g)?.validate()?;
         }
@@ -820,4 +833,11 @@ pub fn openai_config(section: &str, g: &GeneratorSpec) -> Result<crate::openai::
         return Err(spec_err(&format!("{section}.base_url"), "an openai generator needs base_url (e.g. http://127.0.0.1:8000/v1)"));
     }
     serde_json::from_value(serde_json::Value::Object(o)).map_err(|e| spec_err(section, e.to_string()))
+}
+
+/// `EXPERIMENT/run-N` as (experiment, run id).
+pub fn parse_run_ref(s: &str) -> Option<(&str, i64)> {
+    let (exp, run) = s.rsplit_once('/')?;
+    let id = run.strip_prefix("run-")?.parse().ok()?;
+    (!exp.is_empty()).then_some((exp, id))
 }

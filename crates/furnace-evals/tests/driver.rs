@@ -74,3 +74,38 @@ fn pipelines_with_and_without_an_adapter_batched_together_answer_as_each_alone()
     let differs = batched.iter().filter(|((p, id), text)| *p == 0 && batched.get(&(1, id.clone())) != Some(text)).count();
     assert!(differs > 0, "the adapter changed no answer: {batched:?}");
 }
+
+#[test]
+fn a_generator_names_a_training_run_of_the_store_by_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let store = Store::open_in(&runs).unwrap();
+    // A finished training run with an adapter, as `furnace run` leaves it.
+    let sft = store
+        .create_experiment_with_runs("sft", "fit", &dir.path().join("s.toml"), "", &[(serde_json::json!({}), serde_json::json!({}), 0)])
+        .unwrap();
+    let run = store.runs(sft.id).unwrap()[0].id;
+    let adapter = furnace_exp::fit::run_dir(&sft, run).join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(testdata().join("lora_adapter").join(f), adapter.join(f)).unwrap();
+    }
+    let data = repo_root().join("data/rag_eval/questions.jsonl");
+    let spec = |reference: &str| {
+        format!(
+            "[experiment]\nname = \"byrun\"\nmode = \"evals\"\n\n[data]\npath = \"{}\"\n\n[generator]\nrun = \"{reference}\"\n\n[[metric]]\nkind = \"contains\"\n",
+            data.display()
+        )
+    };
+    let path = dir.path().join("spec.toml");
+    std::fs::write(&path, spec(&format!("sft/run-{run}"))).unwrap();
+    let exp = furnace_evals::experiment::create(&store, &path).unwrap();
+    let p = furnace_evals::driver::pipeline_spec(&store.runs(exp.id).unwrap()[0]).unwrap();
+    assert_eq!(p.generator.adapter.as_deref(), Some(adapter.as_path()));
+    assert_eq!(p.generator.run, None);
+    for (reference, needle) in [("sft/run-99", "no run 99"), ("nope/run-1", "nope"), ("sft-run-1", "is not EXPERIMENT/run-N")] {
+        std::fs::write(&path, spec(reference)).unwrap();
+        let e = furnace_evals::experiment::create(&store, &path).unwrap_err().to_string();
+        assert!(e.contains("generator.run") && e.contains(needle), "{reference}: {e}");
+    }
+}
