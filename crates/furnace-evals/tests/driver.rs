@@ -109,3 +109,53 @@ fn a_generator_names_a_training_run_of_the_store_by_its_adapter() {
         assert!(e.contains("generator.run") && e.contains(needle), "{reference}: {e}");
     }
 }
+
+#[test]
+fn a_reranked_pipeline_keeps_top_n_of_its_k_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo_root().join("data/rag_eval");
+    let spec = format!(
+        r#"[experiment]
+name = "rerank"
+mode = "evals"
+
+[data]
+path = "{}"
+limit = 4
+num_shards = 1
+
+[rag]
+documents = ["{}"]
+chunk_size = 256
+chunk_overlap = 0
+k = 3
+reranker = "{}"
+top_n = 1
+
+[generator]
+model = "{}"
+max_tokens = 2
+
+[[metric]]
+kind = "hit_rate"
+"#,
+        data.join("questions.jsonl").display(),
+        data.join("docs").display(),
+        testdata().join("tiny-cross-encoder").display(),
+        smollm2_gguf().display()
+    );
+    let path = dir.path().join("spec.toml");
+    std::fs::write(&path, spec).unwrap();
+    let store = Store::open_in(&dir.path().join("runs")).unwrap();
+    let exp = furnace_evals::experiment::create(&store, &path).unwrap();
+    let mut loader = |name: &str, dtype| {
+        furnace_model::load_by_name(name, dtype, &mut |_| {})
+            .map_err(|e| furnace_exp::Error::Load { model: name.into(), message: e.to_string() })
+    };
+    let summary = run_evals(&store, &exp, &mut loader, &EvalOptions::default(), &furnace_exp::events::channel()).unwrap();
+    let r = &summary.runs[0];
+    assert_eq!((r.status.as_str(), r.steps_done), ("completed", 1), "{r:?}");
+    let ex = store.eval_examples(r.id).unwrap();
+    assert_eq!(ex.len(), 4);
+    assert!(ex.iter().all(|e| e.retrieved.len() == 1), "{ex:?}");
+}
