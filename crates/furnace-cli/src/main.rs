@@ -44,11 +44,15 @@ enum Command {
     Train(train::TrainArgs),
     /// Run an experiment: every config of a spec (knobs, [[group]]s) trains together in
     /// fused passes, chunk by chunk, with live control and an HTTP API. Continues an
-    /// interrupted experiment from its checkpoints.
+    /// interrupted experiment from its checkpoints. A spec with `mode = "evals"` runs
+    /// pipelines (retrieval, prompt, generator) over a question set shard by shard, with
+    /// confidence intervals (docs/evals.md).
     Run(run::RunArgs),
-    /// List the runs of an experiment (default: the newest): status, progress, losses.
+    /// List the runs of an experiment (default: the newest): status, progress, losses;
+    /// for evals, shards and the primary metric with its interval.
     Runs(runs::RunsArgs),
-    /// Print the metrics of every run at every step (table, csv or json).
+    /// Print the metrics of every run at every step (table, csv or json); for evals,
+    /// each metric with its interval.
     Results(results::ResultsArgs),
     /// Steer a running experiment: stop, resume, delete or clone-modify a run.
     Ops(ops::OpsArgs),
