@@ -7,6 +7,15 @@ use furnace_exp::Store;
 use furnace_testutil::{repo_root, smollm2_gguf, testdata};
 use std::collections::BTreeMap;
 
+/// Runs an evals experiment to its end on the real model.
+fn evaluate(store: &Store, exp: &furnace_exp::ExperimentRow, opts: &EvalOptions) -> furnace_evals::EvalSummary {
+    let mut loader = |name: &str, dtype| {
+        furnace_model::load_by_name(name, dtype, &mut |_| {})
+            .map_err(|e| furnace_exp::Error::Load { model: name.into(), message: e.to_string() })
+    };
+    run_evals(store, exp, &mut loader, opts, &furnace_exp::events::channel()).unwrap()
+}
+
 fn run(dir: &std::path::Path, sequential: bool) -> BTreeMap<(i64, String), String> {
     let data = repo_root().join("data/rag_eval/questions.jsonl");
     let spec = format!(
@@ -46,12 +55,7 @@ kind = "token_f1"
     std::fs::write(&path, spec).unwrap();
     let store = Store::open_in(&dir.join("runs")).unwrap();
     let exp = furnace_evals::experiment::create(&store, &path).unwrap();
-    let mut loader = |name: &str, dtype| {
-        furnace_model::load_by_name(name, dtype, &mut |_| {})
-            .map_err(|e| furnace_exp::Error::Load { model: name.into(), message: e.to_string() })
-    };
-    let opts = EvalOptions { sequential, ..Default::default() };
-    let summary = run_evals(&store, &exp, &mut loader, &opts, &furnace_exp::events::channel()).unwrap();
+    let summary = evaluate(&store, &exp, &EvalOptions { sequential, ..Default::default() });
     assert!(!summary.cancelled);
     let mut out = BTreeMap::new();
     for (i, r) in summary.runs.iter().enumerate() {
@@ -148,11 +152,7 @@ kind = "hit_rate"
     std::fs::write(&path, spec).unwrap();
     let store = Store::open_in(&dir.path().join("runs")).unwrap();
     let exp = furnace_evals::experiment::create(&store, &path).unwrap();
-    let mut loader = |name: &str, dtype| {
-        furnace_model::load_by_name(name, dtype, &mut |_| {})
-            .map_err(|e| furnace_exp::Error::Load { model: name.into(), message: e.to_string() })
-    };
-    let summary = run_evals(&store, &exp, &mut loader, &EvalOptions::default(), &furnace_exp::events::channel()).unwrap();
+    let summary = evaluate(&store, &exp, &EvalOptions::default());
     let r = &summary.runs[0];
     assert_eq!((r.status.as_str(), r.steps_done), ("completed", 1), "{r:?}");
     let ex = store.eval_examples(r.id).unwrap();
