@@ -34,6 +34,10 @@ pub struct Columns {
     pub output: String,
     /// Optional system message (prompt/completion and instruction forms).
     pub system: String,
+    /// Preference form (DPO): the preferred answer (text or assistant messages).
+    pub chosen: String,
+    /// Preference form (DPO): the dispreferred answer.
+    pub rejected: String,
 }
 
 impl Default for Columns {
@@ -46,13 +50,30 @@ impl Default for Columns {
             input: "input".into(),
             output: "output".into(),
             system: "system".into(),
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
         }
     }
+}
+
+/// What a training row holds, by trainer kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// A conversation or prompt + completion to imitate (SFT).
+    #[default]
+    Sft,
+    /// A prompt with a chosen and a rejected answer (DPO).
+    Preference,
+    /// A prompt alone, plus any columns the rewards read (GRPO).
+    Prompt,
 }
 
 /// How rows become training examples.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataOptions {
+    /// What the rows hold.
+    pub kind: DataKind,
     /// Column mapping.
     pub columns: Columns,
     /// Longest example in tokens; longer ones are truncated (an example whose completion
@@ -66,13 +87,36 @@ pub struct DataOptions {
 
 impl Default for DataOptions {
     fn default() -> Self {
-        Self { columns: Columns::default(), max_seq_len: 512, completion_only: true, skip_bad_rows: false }
+        Self { kind: DataKind::Sft, columns: Columns::default(), max_seq_len: 512, completion_only: true, skip_bad_rows: false }
     }
 }
 
 /// One tokenized example.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// - SFT: `ids`/`labels` are the conversation.
+/// - Preference (DPO): `ids`/`labels` are the prompt + the chosen answer, `rejected` the
+///   prompt + the rejected answer (labels on the answers only).
+/// - Prompt (GRPO): `ids` is the rendered prompt (the generation prompt included), `labels`
+///   are all [`IGNORE_INDEX`], `row` the row's columns that rewards read.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Example {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Labels (`-100` where no loss is taken).
+    pub labels: Vec<i64>,
+    /// DPO: the rejected sequence.
+    pub rejected: Option<Box<Sequence>>,
+    /// GRPO: the row as read (its columns).
+    pub row: Option<std::sync::Arc<Value>>,
+    /// DPO: the reference model's log-probabilities of (chosen, rejected), summed over their
+    /// answer tokens; computed once and shared by every run and epoch that uses this
+    /// example (the dataset is shared by the runs of one base and reference).
+    pub reference: std::sync::OnceLock<(f64, f64)>,
+}
+
+/// A token sequence with its labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sequence {
     /// Token ids.
     pub ids: Vec<u32>,
     /// Labels (`-100` where no loss is taken).
@@ -298,7 +342,7 @@ pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &
             ));
         }
     }
-    Ok((Example { ids, labels }, truncated))
+    Ok((Example { ids, labels, ..Default::default() }, truncated))
 }
 
 /// Loads and tokenizes a dataset file.

@@ -18,7 +18,7 @@ pub mod optim;
 pub mod spec;
 pub mod trainer;
 
-pub use data::{load_dataset, Columns, DataOptions, Dataset, Example};
+pub use data::{load_dataset, Columns, DataKind, DataOptions, Dataset, Example, Sequence};
 pub use engine::{train_pass, AdapterRef, FrozenBase, PassResult, SeqRef, IGNORE_INDEX};
 pub use error::{Error, Result};
 pub use lora::{sweep_partials, LoraInit, LoraPair, TrainableLora};

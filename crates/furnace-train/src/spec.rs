@@ -519,6 +519,11 @@ impl Spec {
     /// Data options.
     pub fn data_options(&self) -> DataOptions {
         DataOptions {
+            kind: match self.trainer.kind.as_str() {
+                "dpo" => crate::data::DataKind::Preference,
+                "grpo" => crate::data::DataKind::Prompt,
+                _ => crate::data::DataKind::Sft,
+            },
             columns: self.data.columns.clone(),
             max_seq_len: self.trainer.max_seq_len,
             completion_only: self.data.completion_only,

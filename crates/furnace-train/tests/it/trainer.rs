@@ -17,7 +17,7 @@ fn examples() -> Vec<Example> {
         .map(|i| {
             let ids: Vec<u32> = (0..6 + i).map(|j| 100 + 37 * i + 11 * j).collect();
             let labels = ids.iter().enumerate().map(|(j, &t)| if j < 2 { -100 } else { t as i64 }).collect();
-            Example { ids, labels }
+            Example { ids, labels, ..Default::default() }
         })
         .collect()
 }
@@ -207,7 +207,7 @@ fn fused_runs_over_the_row_budget_split_into_several_passes_with_the_same_result
         .map(|i| {
             let ids: Vec<u32> = (0..400).map(|j| 100 + (37 * i + 11 * j) % 5000).collect();
             let labels = ids.iter().map(|&t| t as i64).collect();
-            Example { ids, labels }
+            Example { ids, labels, ..Default::default() }
         })
         .collect();
     let m = tiny();
