@@ -48,6 +48,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// Sampling completions (GRPO) failed.
+    #[error("sampling completions: {0}")]
+    Generate(#[from] furnace_generate::Error),
 }
 
 impl Error {

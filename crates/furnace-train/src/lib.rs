@@ -10,11 +10,15 @@
 #![deny(missing_docs)]
 
 pub mod data;
+pub mod dpo;
 pub mod engine;
 pub mod error;
+pub mod grpo;
 pub mod knobs;
 pub mod lora;
 pub mod optim;
+pub mod policy;
+pub mod rewards;
 pub mod spec;
 pub mod trainer;
 
@@ -24,4 +28,4 @@ pub use error::{Error, Result};
 pub use lora::{sweep_partials, LoraInit, LoraPair, TrainableLora};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
 pub use spec::Spec;
-pub use trainer::{eval_loss, fused_step, DataPosition, StepMetrics, TrainConfig, Trainer, FUSED_MAX_ROWS};
+pub use trainer::{eval_loss, fused_step, fused_step_with, DataPosition, Objective, StepMetrics, TrainConfig, Trainer, FUSED_MAX_ROWS};

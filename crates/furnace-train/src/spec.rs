@@ -6,7 +6,7 @@ use crate::data::{Columns, DataOptions};
 use crate::error::{Error, Result};
 use crate::lora::LoraInit;
 use crate::optim::{AdamWConfig, ScheduleKind};
-use crate::trainer::TrainConfig;
+use crate::trainer::{Objective, TrainConfig};
 use furnace_model::lora::LoraConfig;
 use furnace_model::LlamaConfig;
 use furnace_model::WeightDType;
@@ -93,7 +93,7 @@ pub struct LoraSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerSpec {
-    /// `sft` (dpo and grpo come later).
+    /// `sft`, `dpo` (preference pairs) or `grpo` (prompts, sampled completions, rewards).
     #[serde(default = "default_kind")]
     pub kind: String,
     /// Peak learning rate.
@@ -145,6 +145,76 @@ pub struct TrainerSpec {
     /// Group examples of similar length into the same micro-batches.
     #[serde(default)]
     pub group_by_length: bool,
+    /// DPO and GRPO: the KL / implicit-reward coefficient (DPO default 0.1, GRPO 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// DPO: `sigmoid` (default), `hinge`, `ipo`, `robust`, `sigmoid_norm`, `sft`, or a list
+    /// of them combined with `loss_weights`; GRPO: `grpo`, `bnpo`, `dr_grpo`, `dapo`
+    /// (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_type: Option<OneOrMany>,
+    /// DPO: the weight of each loss of `loss_type` (default 1 each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_weights: Option<Vec<f64>>,
+    /// DPO: label noise of the `robust` loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_smoothing: Option<f64>,
+    /// DPO: a PEFT adapter whose model is the reference (default: the base model alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_adapter: Option<PathBuf>,
+    /// GRPO: completions sampled per prompt (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_generations: Option<usize>,
+    /// GRPO: sampling temperature (default 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// GRPO: nucleus sampling (default 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// GRPO: top-k sampling (default 0, off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// GRPO: the longest completion in tokens (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_length: Option<usize>,
+    /// GRPO: clipping of the importance ratio (default 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// GRPO: upper clipping bound (default: `epsilon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// GRPO: `group` (default), `batch` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_rewards: Option<String>,
+    /// GRPO: optimizer steps per sampled batch (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_iterations: Option<usize>,
+    /// GRPO: weights of the `[[reward]]`s, in order (default: each table's `weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_weights: Option<Vec<f64>>,
+    /// GRPO: multiply the KL term by the importance ratio (default true, as TRL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bias_correction_kl: Option<bool>,
+}
+
+/// A string or a list of strings (`loss_type = "sigmoid"` or `["sigmoid", "sft"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The names.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
 }
 
 /// A whole spec.
@@ -164,6 +234,9 @@ pub struct Spec {
     /// `[tracking]` (optional): where runs are also logged (MLflow, TensorBoard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracking: Option<TrackingSpec>,
+    /// `[[reward]]` (GRPO): the reward functions.
+    #[serde(default, rename = "reward", skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<crate::rewards::RewardSpec>,
 }
 
 /// `[tracking]`: external trackers every run of the experiment is logged to, from the
@@ -346,6 +419,14 @@ impl Spec {
                 *dir = base.join(&*dir);
             }
         }
+        if let Some(dir) = spec.trainer.reference_adapter.as_mut() {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+        for r in &mut spec.rewards {
+            anchor_reward(r, base);
+        }
         spec.validate()?;
         Ok(spec)
     }
@@ -387,8 +468,12 @@ impl Spec {
         self.lora_init()?;
         self.lora_config().validate().map_err(|e| invalid("lora.targets", e.to_string()))?;
         let t = &self.trainer;
-        if t.kind != "sft" {
-            return Err(invalid("trainer.kind", format!("'{}' is not available yet (sft only)", t.kind)));
+        self.objective()?;
+        if t.kind != "sft" && t.packing {
+            return Err(invalid("trainer.packing", format!("packing is for SFT; kind = \"{}\" trains on whole sequences", t.kind)));
+        }
+        if t.kind == "grpo" && t.group_by_length {
+            return Err(invalid("trainer.group_by_length", "GRPO's lengths are known only after sampling"));
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             return Err(invalid("trainer.learning_rate", "must be > 0"));
@@ -464,6 +549,14 @@ impl Spec {
         let ctx = model.max_position_embeddings;
         if ctx > 0 && self.trainer.max_seq_len > ctx {
             return Err(invalid("trainer.max_seq_len", format!("must be at most {ctx} (the model's context, max_position_embeddings)")));
+        }
+        if let Ok(Objective::Grpo(g)) = self.objective() {
+            if ctx > 0 && self.trainer.max_seq_len + g.max_completion_length > ctx {
+                return Err(invalid(
+                    "trainer.max_completion_length",
+                    format!("max_seq_len (the longest prompt) + max_completion_length must be at most {ctx}, the model's context"),
+                ));
+            }
         }
         Ok(())
     }
@@ -554,10 +647,166 @@ impl Spec {
             group_by_length: t.group_by_length,
             num_chunks: self.num_chunks(examples.len()),
             chunk_seed: self.experiment.seed,
+            objective: self.objective().unwrap_or_default(),
         };
         let total = t.max_steps.unwrap_or_else(|| crate::Trainer::steps_per_epoch(&cfg, examples) * t.epochs.max(1)).max(1);
         cfg.max_steps = Some(total);
         cfg.warmup_steps = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
         cfg
+    }
+}
+
+/// Keys of `[trainer]` that only DPO uses, only GRPO uses, and both.
+const DPO_KEYS: [&str; 4] = ["loss_weights", "label_smoothing", "reference_adapter", "loss_type"];
+const GRPO_KEYS: [&str; 11] = [
+    "use_bias_correction_kl",
+    "num_generations",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_completion_length",
+    "epsilon",
+    "epsilon_high",
+    "scale_rewards",
+    "num_iterations",
+    "reward_weights",
+];
+
+impl Spec {
+    /// The keys of `[trainer]` given (as `Some`) among the preference settings.
+    fn given_trainer_keys(&self) -> Vec<&'static str> {
+        let t = &self.trainer;
+        let given = [
+            ("beta", t.beta.is_some()),
+            ("loss_type", t.loss_type.is_some()),
+            ("loss_weights", t.loss_weights.is_some()),
+            ("label_smoothing", t.label_smoothing.is_some()),
+            ("reference_adapter", t.reference_adapter.is_some()),
+            ("num_generations", t.num_generations.is_some()),
+            ("temperature", t.temperature.is_some()),
+            ("top_p", t.top_p.is_some()),
+            ("top_k", t.top_k.is_some()),
+            ("max_completion_length", t.max_completion_length.is_some()),
+            ("epsilon", t.epsilon.is_some()),
+            ("epsilon_high", t.epsilon_high.is_some()),
+            ("scale_rewards", t.scale_rewards.is_some()),
+            ("num_iterations", t.num_iterations.is_some()),
+            ("reward_weights", t.reward_weights.is_some()),
+            ("use_bias_correction_kl", t.use_bias_correction_kl.is_some()),
+        ];
+        given.iter().filter(|g| g.1).map(|g| g.0).collect()
+    }
+
+    /// What the trainer optimises, from `trainer.kind` and its settings (checked: a setting
+    /// of another kind, a bad value or a missing `[[reward]]` is an error naming its key).
+    pub fn objective(&self) -> Result<Objective> {
+        let t = &self.trainer;
+        let kind = t.kind.as_str();
+        let foreign = |k: &str| match kind {
+            "sft" => true,
+            "dpo" => GRPO_KEYS.contains(&k),
+            _ => DPO_KEYS.contains(&k) && k != "loss_type",
+        };
+        if let Some(k) = self.given_trainer_keys().into_iter().find(|k| foreign(k)) {
+            return Err(invalid(&format!("trainer.{k}"), format!("is not a setting of kind = \"{kind}\"")));
+        }
+        if kind != "grpo" && !self.rewards.is_empty() {
+            return Err(invalid("reward", format!("[[reward]] tables are for kind = \"grpo\", not \"{kind}\"")));
+        }
+        match kind {
+            "sft" => Ok(Objective::Sft),
+            "dpo" => {
+                let names = t.loss_type.as_ref().map(OneOrMany::names).unwrap_or_else(|| vec!["sigmoid".into()]);
+                let mut losses = Vec::new();
+                for n in &names {
+                    let l = crate::dpo::DpoLoss::parse(n).ok_or_else(|| {
+                        invalid("trainer.loss_type", format!("'{n}' is not one of {}", crate::dpo::DpoLoss::NAMES.join(", ")))
+                    })?;
+                    losses.push(l);
+                }
+                let weights = t.loss_weights.clone().unwrap_or_else(|| vec![1.0; losses.len()]);
+                if weights.len() != losses.len() {
+                    return Err(invalid("trainer.loss_weights", format!("{} weights for {} loss types", weights.len(), losses.len())));
+                }
+                let cfg = crate::dpo::DpoConfig {
+                    beta: t.beta.unwrap_or(0.1),
+                    losses: losses.into_iter().zip(weights).collect(),
+                    label_smoothing: t.label_smoothing.unwrap_or(0.0),
+                };
+                cfg.validate()?;
+                Ok(Objective::Dpo(cfg))
+            }
+            "grpo" => {
+                use crate::grpo::{GrpoConfig, GrpoLoss, ScaleRewards};
+                let d = GrpoConfig::default();
+                let loss = match &t.loss_type {
+                    None => d.loss_type,
+                    Some(OneOrMany::One(n)) => GrpoLoss::parse(n)
+                        .ok_or_else(|| invalid("trainer.loss_type", format!("'{n}' is not one of {}", GrpoLoss::NAMES.join(", "))))?,
+                    Some(OneOrMany::Many(_)) => return Err(invalid("trainer.loss_type", "GRPO takes one loss type")),
+                };
+                let scale = match &t.scale_rewards {
+                    None => d.scale_rewards,
+                    Some(n) => ScaleRewards::parse(n).ok_or_else(|| {
+                        invalid("trainer.scale_rewards", format!("'{n}' is not one of {}", ScaleRewards::NAMES.join(", ")))
+                    })?,
+                };
+                if self.rewards.is_empty() {
+                    return Err(invalid(
+                        "reward",
+                        "GRPO needs at least one [[reward]] table (kind = \"numeric\", \"regex\", \"xml_format\", ...)",
+                    ));
+                }
+                for (i, r) in self.rewards.iter().enumerate() {
+                    r.validate(&format!("reward[{i}]"))?;
+                }
+                if let Some(w) = &t.reward_weights {
+                    if w.len() != self.rewards.len() {
+                        return Err(invalid(
+                            "trainer.reward_weights",
+                            format!("{} weights for {} [[reward]] tables", w.len(), self.rewards.len()),
+                        ));
+                    }
+                }
+                let epsilon = t.epsilon.unwrap_or(d.epsilon_low);
+                let cfg = GrpoConfig {
+                    num_generations: t.num_generations.unwrap_or(d.num_generations),
+                    temperature: t.temperature.unwrap_or(d.temperature),
+                    top_p: t.top_p.unwrap_or(d.top_p),
+                    top_k: t.top_k.unwrap_or(d.top_k),
+                    max_completion_length: t.max_completion_length.unwrap_or(d.max_completion_length),
+                    beta: t.beta.unwrap_or(0.0),
+                    epsilon_low: epsilon,
+                    epsilon_high: t.epsilon_high.unwrap_or(epsilon),
+                    loss_type: loss,
+                    scale_rewards: scale,
+                    num_iterations: t.num_iterations.unwrap_or(1),
+                    reward_weights: t.reward_weights.clone(),
+                    use_bias_correction_kl: t.use_bias_correction_kl.unwrap_or(true),
+                };
+                cfg.validate()?;
+                at_most("trainer.num_generations", cfg.num_generations, 1024)?;
+                at_most("trainer.max_completion_length", cfg.max_completion_length, MAX_SEQ_LEN)?;
+                at_most("trainer.num_iterations", cfg.num_iterations, 1024)?;
+                Ok(Objective::Grpo(cfg))
+            }
+            o => Err(invalid("trainer.kind", format!("'{o}' is not one of sft, dpo, grpo"))),
+        }
+    }
+}
+
+/// Makes a `[[reward]]`'s relative program path (one with a `/`) and schema file absolute,
+/// against the spec's folder, so the spec stored with a run reads the same files later.
+fn anchor_reward(r: &mut crate::rewards::RewardSpec, base: &Path) {
+    let join = |p: &str| base.join(p).to_string_lossy().into_owned();
+    if let Some(p) = r.program.as_mut().and_then(|p| p.first_mut()) {
+        if p.contains('/') && Path::new(p.as_str()).is_relative() {
+            *p = join(p);
+        }
+    }
+    if let Some(serde_json::Value::String(p)) = r.schema.as_mut() {
+        if Path::new(p.as_str()).is_relative() {
+            *p = join(p);
+        }
     }
 }

@@ -50,6 +50,31 @@ pub struct TrainConfig {
     pub num_chunks: usize,
     /// Seed of the split into chunks (shared by all runs of an experiment).
     pub chunk_seed: u64,
+    /// What the steps optimise.
+    pub objective: Objective,
+}
+
+/// What a trainer optimises.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Objective {
+    /// Supervised fine-tuning: the mean cross-entropy of the completion tokens.
+    #[default]
+    Sft,
+    /// DPO over preference pairs.
+    Dpo(crate::dpo::DpoConfig),
+    /// GRPO over prompts, with completions sampled from the adapter at each step.
+    Grpo(crate::grpo::GrpoConfig),
+}
+
+impl Objective {
+    /// `sft`, `dpo` or `grpo`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Dpo(_) => "dpo",
+            Self::Grpo(_) => "grpo",
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -68,6 +93,7 @@ impl Default for TrainConfig {
             group_by_length: false,
             num_chunks: 1,
             chunk_seed: 0,
+            objective: Objective::Sft,
         }
     }
 }
@@ -85,7 +111,13 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Tokens processed.
     pub tokens: usize,
+    /// The objective's own metrics (DPO's `rewards/accuracies`, GRPO's `reward`, ...), with
+    /// TRL's names.
+    pub extra: Vec<(String, f64)>,
 }
+
+/// The file of a checkpoint that holds a GRPO batch still to be trained on.
+const ROLLOUT_FILE: &str = "rollout.json";
 
 /// Examples per evaluation pass.
 const EVAL_BATCH: usize = 8;
@@ -110,12 +142,29 @@ pub fn eval_loss(base: &FrozenBase, lora: Option<&TrainableLora>, examples: &[Ex
 pub const FUSED_MAX_ROWS: usize = 1024;
 
 /// The examples and running sums of one run's optimizer step.
-struct StepPlan {
-    batches: Vec<Vec<usize>>,
-    total: usize,
-    grads: TrainableLora,
-    loss_sum: f64,
-    tokens: usize,
+pub(crate) struct StepPlan {
+    pub(crate) batches: Vec<Vec<usize>>,
+    pub(crate) total: usize,
+    pub(crate) grads: TrainableLora,
+    pub(crate) loss_sum: f64,
+    /// What `loss_sum` is divided by (SFT: the step's completion tokens).
+    pub(crate) loss_div: f64,
+    pub(crate) tokens: usize,
+    /// Sums of the objective's metrics, divided by `extra_div` at the end.
+    pub(crate) extra: Vec<(String, f64)>,
+    pub(crate) extra_div: f64,
+}
+
+impl StepPlan {
+    /// Adds `weight × value` to each named metric.
+    pub(crate) fn add_metrics(&mut self, values: &[(String, f64)], weight: f64) {
+        for (name, v) in values {
+            match self.extra.iter_mut().find(|(n, _)| n == name) {
+                Some(e) => e.1 += weight * v,
+                None => self.extra.push((name.clone(), weight * v)),
+            }
+        }
+    }
 }
 
 /// One optimizer step for each of `trainers` (runs over the same examples and the same
@@ -125,6 +174,33 @@ struct StepPlan {
 /// targets, optimizer, schedule, batch size, accumulation, seed, dropout); each gets
 /// exactly the step it would take alone.
 pub fn fused_step(base: &FrozenBase, trainers: &mut [&mut Trainer], examples: &[Example]) -> Result<Vec<StepMetrics>> {
+    fused_step_with(base, None, trainers, examples)
+}
+
+/// [`fused_step`] for every objective: GRPO samples its completions from `policy` (the
+/// runtime model the frozen base was made from, and its tokenizer); SFT and DPO do not need
+/// it. Every trainer of one call must have the same kind of objective.
+pub fn fused_step_with(
+    base: &FrozenBase,
+    policy: Option<&mut crate::policy::Policy>,
+    trainers: &mut [&mut Trainer],
+    examples: &[Example],
+) -> Result<Vec<StepMetrics>> {
+    let kind = trainers.first().map(|t| t.config.objective.kind()).unwrap_or("sft");
+    if trainers.iter().any(|t| t.config.objective.kind() != kind) {
+        return Err(Error::Input("internal: one fused step mixes trainers of different kinds".into()));
+    }
+    match kind {
+        "dpo" => crate::policy::dpo_step(base, trainers, examples),
+        "grpo" => match policy {
+            Some(p) => crate::policy::grpo_step(base, p, trainers, examples),
+            None => Err(Error::Input("GRPO samples completions at each step: it needs the runtime model (fused_step_with)".into())),
+        },
+        _ => sft_step(base, trainers, examples),
+    }
+}
+
+fn sft_step(base: &FrozenBase, trainers: &mut [&mut Trainer], examples: &[Example]) -> Result<Vec<StepMetrics>> {
     let mut plans = trainers.iter_mut().map(|t| t.plan_step(examples)).collect::<Result<Vec<_>>>()?;
     let passes = plans.iter().map(|p| p.batches.len()).max().unwrap_or(0);
     for mb in 0..passes {
@@ -174,6 +250,12 @@ pub struct Trainer {
     pub config: TrainConfig,
     /// The trainable adapter (attached to the model passed to [`Trainer::step`]).
     pub lora: TrainableLora,
+    /// GRPO: the reward functions (set before the first step).
+    pub rewards: Option<std::sync::Arc<crate::rewards::Rewards>>,
+    /// DPO: the reference adapter (None: the base model alone).
+    pub reference: Option<std::sync::Arc<TrainableLora>>,
+    /// GRPO: the sampled batch still to be trained on (`num_iterations > 1`).
+    pub(crate) rollout: Option<crate::policy::Rollout>,
     opt: AdamW,
     schedule: Schedule,
     order: Vec<usize>,
@@ -259,7 +341,11 @@ fn steps_per_chunk(config: &TrainConfig, lengths: &[usize]) -> Vec<usize> {
                 batches
             }
         };
-        out.push(batches.div_ceil(config.grad_accum.max(1)).max(1));
+        let per_batch = match &config.objective {
+            Objective::Grpo(g) => g.num_iterations.max(1),
+            _ => 1,
+        };
+        out.push(batches.div_ceil(config.grad_accum.max(1)).max(1) * per_batch);
         start = end;
     }
     out
@@ -289,7 +375,7 @@ impl Trainer {
         let opt = AdamW::new(&sizes, config.optimizer.clone());
         let order = epoch_order(&config, &lengths, 0);
         let bounds = chunk_bounds(lengths.len(), config.num_chunks);
-        Ok(Self { config, lora, opt, schedule, order, epoch: 0, offset: 0, lengths, bounds })
+        Ok(Self { config, lora, rewards: None, reference: None, rollout: None, opt, schedule, order, epoch: 0, offset: 0, lengths, bounds })
     }
 
     /// Optimizer steps one pass over `examples` takes with `config` (packing, chunks and
@@ -351,6 +437,9 @@ impl Trainer {
         t.epoch = self.epoch;
         t.offset = self.offset;
         t.order = self.order.clone();
+        t.rewards = self.rewards.clone();
+        t.reference = self.reference.clone();
+        t.rollout = self.rollout.clone();
         Ok(t)
     }
 
@@ -420,7 +509,7 @@ impl Trainer {
     }
 
     /// Draws the examples of the next optimizer step from the run's order.
-    fn plan_step(&mut self, examples: &[Example]) -> Result<StepPlan> {
+    pub(crate) fn plan_step(&mut self, examples: &[Example]) -> Result<StepPlan> {
         if examples.len() != self.lengths.len() {
             return Err(Error::Input(format!("trainer built for {} examples, given {}", self.lengths.len(), examples.len())));
         }
@@ -433,25 +522,35 @@ impl Trainer {
         }
         let total: usize =
             batches.iter().flatten().map(|&i| examples[i].labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
-        if total == 0 {
+        if total == 0 && !matches!(self.config.objective, Objective::Grpo(_)) {
             return Err(Error::Input("this step's examples have no completion tokens".into()));
         }
-        Ok(StepPlan { batches, total, grads: self.lora.zeros_like(), loss_sum: 0.0, tokens: 0 })
+        Ok(self.empty_plan(batches, total))
+    }
+
+    /// A step's plan over `batches` (micro-batches of example indices).
+    pub(crate) fn empty_plan(&self, batches: Vec<Vec<usize>>, total: usize) -> StepPlan {
+        let loss_div = match self.config.objective {
+            Objective::Sft => total as f64,
+            _ => batches.len().max(1) as f64,
+        };
+        StepPlan { batches, total, grads: self.lora.zeros_like(), loss_sum: 0.0, loss_div, tokens: 0, extra: Vec::new(), extra_div: 1.0 }
     }
 
     /// Seed of the dropout masks of micro-batch `mb` of the coming step.
-    fn dropout_seed(&self, mb: usize) -> u64 {
+    pub(crate) fn dropout_seed(&self, mb: usize) -> u64 {
         self.config.seed ^ ((self.opt.step as u64) << 20 | mb as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
     /// Clips the accumulated gradients and takes the optimizer step.
-    fn apply_step(&mut self, mut plan: StepPlan) -> Result<StepMetrics> {
+    pub(crate) fn apply_step(&mut self, mut plan: StepPlan) -> Result<StepMetrics> {
         let mut g = plan.grads.tensors_mut();
         let grad_norm = clip_grad_norm(&mut g, self.config.max_grad_norm.unwrap_or(f64::INFINITY));
         let lr = self.schedule.lr_at(self.opt.step);
         let grefs: Vec<&[f32]> = g.iter().map(|v| v.as_slice()).collect();
         self.opt.step(&mut self.lora.tensors_mut(), &grefs, lr)?;
-        Ok(StepMetrics { step: self.opt.step, loss: plan.loss_sum / plan.total as f64, lr, grad_norm, tokens: plan.tokens })
+        let extra = plan.extra.into_iter().map(|(n, v)| (n, v / plan.extra_div)).collect();
+        Ok(StepMetrics { step: self.opt.step, loss: plan.loss_sum / plan.loss_div, lr, grad_norm, tokens: plan.tokens, extra })
     }
 
     /// Writes a checkpoint: `adapter/` in PEFT's format plus `trainer_state.json` and
@@ -475,6 +574,11 @@ impl Trainer {
             candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
             std::fs::write(tmp.join("trainer_state.json"), state.to_string())
                 .map_err(|e| Error::Input(format!("writing checkpoint {}: {e}", dir.display())))?;
+            if let Some(r) = &self.rollout {
+                let json = serde_json::to_string(r).map_err(|e| Error::Input(format!("writing checkpoint {}: {e}", dir.display())))?;
+                std::fs::write(tmp.join(ROLLOUT_FILE), json)
+                    .map_err(|e| Error::Input(format!("writing checkpoint {}: {e}", dir.display())))?;
+            }
             Ok(())
         })
     }
@@ -524,6 +628,11 @@ impl Trainer {
         t.epoch = get("epoch")?;
         t.order = epoch_order(&t.config, &t.lengths, t.epoch);
         t.offset = get("offset")?;
+        let rollout = dir.join(ROLLOUT_FILE);
+        if rollout.is_file() {
+            let text = std::fs::read_to_string(&rollout).map_err(|e| bad(e.to_string()))?;
+            t.rollout = Some(serde_json::from_str(&text).map_err(|e| bad(format!("{ROLLOUT_FILE}: {e}")))?);
+        }
         Ok(t)
     }
 }

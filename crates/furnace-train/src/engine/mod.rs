@@ -463,21 +463,126 @@ fn head_loss(
 /// `sum over labelled tokens of loss_weight * loss` with respect to its factors.
 pub fn train_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<PassResult> {
     let lay = layout(base, adapters, seqs)?;
-    let c = &base.config;
-    let (t, eps) = (lay.rows, c.rms_norm_eps as f32);
-    let heads = Heads { q: c.num_heads, kv: c.num_kv_heads, dim: c.head_dim };
+    let eps = base.config.rms_norm_eps as f32;
     let mut prof = Prof::new();
-    let (x, mut tapes) = forward_layers(base, adapters, seqs, &lay, true, &mut prof)?;
+    let (x, tapes) = forward_layers(base, adapters, seqs, &lay, true, &mut prof)?;
     prof.lap("f.other");
     let (hf, rstdf) = ops::rms_norm(&x, &base.norm, eps);
     let rows = loss_rows(seqs, &lay);
     let (loss_sum, tokens, dhf) = head_loss(base, &hf, &rows, adapters.len(), true)?;
     prof.lap("head+loss");
     drop(hf);
+    let grads = backward_layers(base, adapters, &lay, x, tapes, &rstdf, &dhf, &mut prof)?;
+    Ok(PassResult { loss_sum, tokens, grads })
+}
+
+/// The labelled tokens' log-probabilities of each sequence of a pass, in position order
+/// (the tokens whose label is not [`IGNORE_INDEX`], position 0 excluded).
+pub type SeqLogps = Vec<Vec<f32>>;
+
+/// Runs the LM head over the labelled rows: each row's log-probability of its target and,
+/// with `train`, `d(-logp)/dh` per row (`[rows, hidden]`, in `rows` order).
+fn head_logps(base: &FrozenBase, hf: &[f32], rows: &[(usize, u32, f32, usize)], train: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+    let h = base.config.hidden_size;
+    let vocab = base.config.vocab_size;
+    let mut logps = Vec::with_capacity(rows.len());
+    let mut g = if train { Vec::with_capacity(rows.len() * h) } else { Vec::new() };
+    for chunk in rows.chunks(LOSS_ROWS) {
+        let m = chunk.len();
+        let mut hc = Vec::with_capacity(m * h);
+        for &(r, ..) in chunk {
+            hc.extend_from_slice(&hf[r * h..(r + 1) * h]);
+        }
+        let mut logits = base.lm_head.forward(&hc, m)?.pop().unwrap_or_default();
+        let targets: Vec<u32> = chunk.iter().map(|c| c.1).collect();
+        let ones = vec![1f32; m];
+        let losses = ops::cross_entropy(&mut logits, vocab, &targets, &ones, train);
+        logps.extend(losses.iter().map(|&l| -l as f32));
+        if train {
+            g.extend(base.lm_head.backward(&[&logits], m)?);
+        }
+    }
+    Ok((logps, g))
+}
+
+/// Splits per-row values (in [`loss_rows`] order) into one vector per sequence.
+fn per_seq(seqs: &[SeqRef], flat: &[f32]) -> SeqLogps {
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for s in seqs {
+        let n = s.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
+        out.push(flat[at..at + n].to_vec());
+        at += n;
+    }
+    out
+}
+
+/// Forward only (no dropout): the labelled tokens' log-probabilities of each sequence
+/// under its adapter (or under the base model alone when `adapters` is empty).
+pub fn token_logps(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -> Result<SeqLogps> {
+    let (lay, hf) = forward_eval(base, adapters, seqs)?;
+    let rows = loss_rows(seqs, &lay);
+    let (logps, _) = head_logps(base, &hf, &rows, false)?;
+    Ok(per_seq(seqs, &logps))
+}
+
+/// Forward and backward of a batch for any objective `L` of the labelled tokens'
+/// log-probabilities (DPO, GRPO): the forward computes them (with each adapter's dropout
+/// when training), `objective` turns them into `dL/dlogp` for every one of them (same
+/// shapes), and the backward returns each adapter's factor gradients of `L`. The LM head
+/// runs once: `d(-logp)/dh` of every labelled row is kept from the forward (a hidden-size
+/// vector per row) and scaled by `-dL/dlogp`. The sequences' `loss_weight` is not used.
+pub fn objective_pass(
+    base: &FrozenBase,
+    adapters: &[AdapterRef],
+    seqs: &[SeqRef],
+    objective: &mut dyn FnMut(&SeqLogps) -> Result<SeqLogps>,
+) -> Result<Vec<TrainableLora>> {
+    let lay = layout(base, adapters, seqs)?;
+    let c = &base.config;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
+    let mut prof = Prof::new();
+    let (x, tapes) = forward_layers(base, adapters, seqs, &lay, true, &mut prof)?;
+    prof.lap("f.other");
+    let (hf, rstdf) = ops::rms_norm(&x, &base.norm, eps);
+    let rows = loss_rows(seqs, &lay);
+    let (logps, g) = head_logps(base, &hf, &rows, true)?;
+    drop(hf);
+    let coefs = objective(&per_seq(seqs, &logps))?;
+    if coefs.len() != seqs.len()
+        || coefs.iter().zip(seqs).any(|(c, s)| c.len() != s.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count())
+    {
+        return Err(Error::Input("internal: the objective's gradients do not match its log-probabilities".into()));
+    }
+    let mut dhf = vec![0f32; x.len()];
+    for (i, (&(r, ..), &coef)) in rows.iter().zip(coefs.iter().flatten()).enumerate() {
+        dhf[r * h..(r + 1) * h].iter_mut().zip(&g[i * h..(i + 1) * h]).for_each(|(o, v)| *o -= coef * v);
+    }
+    drop(g);
+    prof.lap("head+loss");
+    backward_layers(base, adapters, &lay, x, tapes, &rstdf, &dhf, &mut prof)
+}
+
+/// The backward through the final norm and every layer, from `dhf` (the gradient of the
+/// final normalised hidden states): each adapter's factor gradients.
+#[allow(clippy::too_many_arguments)]
+fn backward_layers(
+    base: &FrozenBase,
+    adapters: &[AdapterRef],
+    lay: &Layout,
+    x: Vec<f32>,
+    mut tapes: Vec<LayerTape>,
+    rstdf: &[f32],
+    dhf: &[f32],
+    prof: &mut Prof,
+) -> Result<Vec<TrainableLora>> {
+    let c = &base.config;
+    let t = lay.rows;
+    let heads = Heads { q: c.num_heads, kv: c.num_kv_heads, dim: c.head_dim };
     let mut grads: Vec<TrainableLora> = adapters.iter().map(|a| a.lora.zeros_like()).collect();
     let mut dx = vec![0f32; x.len()];
-    ops::rms_norm_backward(&x, &base.norm, &rstdf, &dhf, &mut dx);
-    drop((x, dhf));
+    ops::rms_norm_backward(&x, &base.norm, rstdf, dhf, &mut dx);
+    drop(x);
     let tables = ops::rope_tables(&base.inv_freq, lay.max_len);
     let segs = &lay.segs;
     for (li, layer) in base.layers.iter().enumerate().rev() {
@@ -534,7 +639,7 @@ pub fn train_pass(base: &FrozenBase, adapters: &[AdapterRef], seqs: &[SeqRef]) -
     }
     prof.lap("b.other");
     prof.report();
-    Ok(PassResult { loss_sum, tokens, grads })
+    Ok(grads)
 }
 
 /// Forward without gradients: the layout and the final normalised hidden states.

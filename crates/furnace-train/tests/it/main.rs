@@ -8,6 +8,7 @@ mod common;
 mod data;
 mod knobs;
 mod ops_grad;
+mod prefs;
 mod sft_step;
 mod tracking;
 mod train;
