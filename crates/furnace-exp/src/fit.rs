@@ -28,7 +28,8 @@ use crate::events::{Event, EventSender};
 use crate::ops::{apply_overrides, check_warm};
 use crate::store::{ExperimentRow, NewClone, OpKind, OpRow, RunRow, RunStatus, Store};
 use furnace_model::{LoadedModel, WeightDType};
-use furnace_train::{eval_loss, fused_step, load_dataset, Example, FrozenBase, Spec, StepMetrics, TrainableLora, Trainer};
+use furnace_train::policy::{self, Policy};
+use furnace_train::{eval_loss, fused_step_with, load_dataset, Example, FrozenBase, Objective, Spec, StepMetrics, TrainableLora, Trainer};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -158,18 +159,35 @@ fn group_key(spec: &Spec) -> GroupKey {
 /// the same `max_seq_len`.
 type Data = (Arc<Vec<Example>>, Option<Arc<Vec<Example>>>);
 
-/// The loaded base of one group and its datasets (by `max_seq_len`).
+/// What a run's examples depend on besides the files: `max_seq_len`, the trainer kind
+/// (what the rows hold) and DPO's reference adapter (whose log-probabilities the examples
+/// keep).
+type DataKey = (usize, &'static str, Option<PathBuf>);
+
+fn data_key(spec: &Spec) -> DataKey {
+    let kind = match spec.trainer.kind.as_str() {
+        "dpo" => "dpo",
+        "grpo" => "grpo",
+        _ => "sft",
+    };
+    (spec.trainer.max_seq_len, kind, spec.trainer.reference_adapter.clone())
+}
+
+/// Sequences the generation engine runs at once when GRPO samples.
+const SAMPLING_BATCH: usize = 64;
+
+/// The loaded base of one group and its datasets (by [`DataKey`]).
 struct Loaded {
     key: GroupKey,
     model: LoadedModel,
     frozen: FrozenBase,
-    data: HashMap<usize, Data>,
+    data: HashMap<DataKey, Data>,
 }
 
 impl Loaded {
     fn data(&mut self, spec: &Spec) -> Result<Data> {
-        let len = spec.trainer.max_seq_len;
-        if let Some(d) = self.data.get(&len) {
+        let key = data_key(spec);
+        if let Some(d) = self.data.get(&key) {
             return Ok(d.clone());
         }
         let template = self.model.chat_template.clone().ok_or_else(|| Error::NoChatTemplate { model: spec.model.base.clone() })?;
@@ -180,9 +198,36 @@ impl Loaded {
         };
         let train = load(&spec.data.train)?;
         let eval = spec.data.eval.as_deref().map(load).transpose()?;
-        self.data.insert(len, (train.clone(), eval.clone()));
+        self.data.insert(key, (train.clone(), eval.clone()));
         Ok((train, eval))
     }
+
+    /// What GRPO samples with.
+    fn policy(&mut self) -> Policy<'_> {
+        Policy { model: &mut self.model.model, tokenizer: &self.model.tokenizer, max_batch: SAMPLING_BATCH }
+    }
+}
+
+/// Gives a trainer what its objective needs besides its config: GRPO's compiled rewards,
+/// DPO's reference adapter.
+fn equip(trainer: &mut Trainer, spec: &Spec, model: &furnace_model::Llama) -> Result<()> {
+    if matches!(trainer.config.objective, Objective::Grpo(_)) {
+        // Paths in the stored spec are absolute (anchored when the spec was read).
+        let rewards = furnace_train::rewards::Rewards::compile(&spec.rewards, Path::new("."))?;
+        trainer.rewards = Some(Arc::new(rewards));
+    }
+    if let Some(dir) = &spec.trainer.reference_adapter {
+        let adapter = furnace_model::load_adapter(dir).map_err(furnace_train::Error::from)?;
+        trainer.reference = Some(Arc::new(TrainableLora::from_adapter(model, &adapter)?));
+    }
+    Ok(())
+}
+
+/// The score ASHA ranks a run by (lower is better) among the metrics of one step: the
+/// eval loss (SFT, DPO), minus the mean eval reward (GRPO), else the training loss or
+/// minus the training reward.
+pub fn rank_score(at: &dyn Fn(&str) -> Option<f64>) -> Option<f64> {
+    at("eval_loss").or_else(|| at("eval_reward").map(|r| -r)).or_else(|| at("reward").map(|r| -r)).or_else(|| at("loss"))
 }
 
 /// One run as the scheduler holds it.
@@ -226,15 +271,24 @@ fn diverged(m: &StepMetrics) -> Option<String> {
     Some(format!("{what} became {value} at step {}; lower the learning rate", m.step))
 }
 
-/// One fused step of `trainers` (the runs `ids`, in order): [`fused_step`], where tests can
+/// The metrics of one optimizer step, as stored: loss, lr, grad norm, tokens and the
+/// objective's own (DPO's rewards, GRPO's rewards, KL and clip ratios).
+fn step_values(m: &StepMetrics) -> Vec<(&str, f64)> {
+    let mut values = vec![("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
+    values.extend(m.extra.iter().map(|(n, v)| (n.as_str(), *v)));
+    values
+}
+
+/// One fused step of `trainers` (the runs `ids`, in order): [`fused_step_with`], where tests can
 /// inject a failure.
 fn step_runs(
     base: &FrozenBase,
+    policy: &mut Policy,
     ids: &[i64],
     trainers: &mut [&mut Trainer],
     train: &[Example],
 ) -> std::result::Result<Vec<StepMetrics>, furnace_train::Error> {
-    let result = fused_step(base, trainers, train);
+    let result = fused_step_with(base, Some(policy), trainers, train);
     #[cfg(test)]
     if let Some(e) = result.as_ref().ok().and_then(|m| tests::injected_failure(ids, m)) {
         return Err(e);
@@ -471,31 +525,48 @@ impl Fit<'_, '_> {
                 Trainer::new(config, lora, &train)?
             }
         };
+        let mut trainer = trainer;
+        equip(&mut trainer, &spec, &loaded.model.model)?;
         let fresh = trainer.steps_done() == 0;
         self.register(id, trainer, &train)?;
-        if fresh && self.opts.eval_at_start && !self.store.metrics(id)?.iter().any(|m| m.step == 0 && m.name == "eval_loss") {
-            if let Some(l) = self.evaluate(id)? {
-                self.record(id, 0, 0, &[("eval_loss", l)])?;
+        if fresh && self.opts.eval_at_start && !self.store.metrics(id)?.iter().any(|m| m.step == 0 && m.name.starts_with("eval_")) {
+            if let Some(values) = self.evaluate(id)? {
+                self.record_values(id, 0, 0, &values)?;
             }
         }
         Ok(())
     }
 
-    /// A run's eval loss now (`None` without eval data or state); one that is NaN or
-    /// infinite is an error (the run diverged).
-    fn evaluate(&mut self, id: i64) -> Result<Option<f64>> {
+    /// A run's eval metrics now (`None` without eval data or state): `eval_loss` (SFT),
+    /// DPO's `eval_loss` and `eval_rewards/...`, GRPO's `eval_reward` and
+    /// `eval_rewards/...`. An eval loss or reward that is NaN or infinite is an error (the
+    /// run diverged).
+    fn evaluate(&mut self, id: i64) -> Result<Option<Vec<(String, f64)>>> {
         let Some(spec) = self.runs.get(&id).map(|l| l.spec.clone()) else { return Ok(None) };
         let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
         let (_, eval) = loaded.data(&spec)?;
-        let lora = self.runs.get(&id).and_then(|l| l.trainer.as_ref()).map(|t| &t.lora);
-        let loss = match (&eval, lora) {
-            (Some(e), Some(lora)) if !e.is_empty() => eval_loss(&loaded.frozen, Some(lora), e)?,
-            _ => return Ok(None),
+        let Some(t) = self.runs.get(&id).and_then(|l| l.trainer.as_ref()) else { return Ok(None) };
+        let Some(e) = eval.as_deref().filter(|e| !e.is_empty()) else { return Ok(None) };
+        let values = match &t.config.objective {
+            Objective::Sft => vec![("eval_loss".to_string(), eval_loss(&loaded.frozen, Some(&t.lora), e)?)],
+            Objective::Dpo(cfg) => policy::dpo_eval(&loaded.frozen, &t.lora, t.reference.as_deref(), cfg, e)?,
+            Objective::Grpo(cfg) => {
+                let rewards = t.rewards.clone().ok_or(Error::Internal("a GRPO run without rewards"))?;
+                policy::grpo_eval(&mut loaded.policy(), &t.lora, &rewards, cfg, e, spec.experiment.seed)?
+            }
         };
-        if !loss.is_finite() {
-            return Err(Error::Invalid(format!("the eval loss became {loss}; lower the learning rate")));
+        for (name, v) in &values {
+            if (name == "eval_loss" || name == "eval_reward") && !v.is_finite() {
+                return Err(Error::Invalid(format!("the {name} became {v}; lower the learning rate")));
+            }
         }
-        Ok(Some(loss))
+        Ok(Some(values.into_iter().filter(|(_, v)| v.is_finite()).collect()))
+    }
+
+    /// [`Fit::record`] for owned metric names.
+    fn record_values(&mut self, id: i64, step: i64, chunks: i64, values: &[(String, f64)]) -> Result<()> {
+        let refs: Vec<(&str, f64)> = values.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        self.record(id, step, chunks, &refs)
     }
 
     /// Stores a run's progress and metrics of one step and publishes the metrics.
@@ -653,10 +724,11 @@ impl Fit<'_, '_> {
     /// chunk's end are `end_chunk`'s).
     fn fused(&mut self, ids: &[i64], target: i64) -> Result<()> {
         let mut stepped = Vec::new();
-        let mut by_len: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        // Runs share a fused step when they share their data (length, kind, reference).
+        let mut by_len: BTreeMap<DataKey, Vec<i64>> = BTreeMap::new();
         for id in ids {
             if let Some(l) = self.runs.get(id) {
-                by_len.entry(l.spec.trainer.max_seq_len).or_default().push(*id);
+                by_len.entry(data_key(&l.spec)).or_default().push(*id);
             }
         }
         for (_, group) in by_len {
@@ -668,7 +740,9 @@ impl Fit<'_, '_> {
             let ids: Vec<i64> = taken.iter().map(|(id, _)| *id).collect();
             let result = {
                 let mut refs: Vec<&mut Trainer> = taken.iter_mut().map(|(_, t)| t).collect();
-                step_runs(&loaded.frozen, &ids, &mut refs, &train)
+                let Loaded { frozen, model, .. } = loaded;
+                let mut policy = Policy { model: &mut model.model, tokenizer: &model.tokenizer, max_batch: SAMPLING_BATCH };
+                step_runs(frozen, &mut policy, &ids, &mut refs, &train)
             };
             match result {
                 Ok(metrics) => {
@@ -702,7 +776,7 @@ impl Fit<'_, '_> {
                 let score = self.evaluate(id);
                 match self.contain(id, &format!("evaluating at step {step}"), score)? {
                     None => continue,
-                    Some(Some(l)) => self.record(id, step as i64, chunks, &[("eval_loss", l)])?,
+                    Some(Some(values)) => self.record_values(id, step as i64, chunks, &values)?,
                     Some(None) => {}
                 }
             }
@@ -738,8 +812,10 @@ impl Fit<'_, '_> {
         let mut t = self.runs.get_mut(&id).and_then(|l| l.trainer.take()).ok_or(Error::Internal("no trainer after building it"))?;
         let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
         let (train, _) = loaded.data(&spec)?;
+        let Loaded { frozen, model, .. } = loaded;
+        let mut policy = Policy { model: &mut model.model, tokenizer: &model.tokenizer, max_batch: SAMPLING_BATCH };
         let failure = loop {
-            match step_runs(&loaded.frozen, &[id], &mut [&mut t], &train) {
+            match step_runs(frozen, &mut policy, &[id], &mut [&mut t], &train) {
                 Ok(metrics) => {
                     let m = metrics.into_iter().next().ok_or(Error::Internal("no metrics of a step"))?;
                     if m.step >= upto {
@@ -748,7 +824,7 @@ impl Fit<'_, '_> {
                     if let Some(msg) = diverged(&m) {
                         break msg;
                     }
-                    let values = [("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
+                    let values = step_values(&m);
                     self.store.record_step(id, m.step as i64, t.chunks_done() as i64, &values)?;
                 }
                 Err(e) => break format!("step {upto} failed in a fused step ({fused_err}) and alone: {e}"),
@@ -772,7 +848,7 @@ impl Fit<'_, '_> {
         if chunks < target && !t.finished() {
             stepped.push((id, m.step));
         }
-        let values = [("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens", m.tokens as f64)];
+        let values = step_values(m);
         self.record(id, m.step as i64, chunks, &values)?;
         if let Some(hook) = &self.opts.on_step {
             hook(id, m.step as i64);
@@ -801,10 +877,10 @@ impl Fit<'_, '_> {
             // An error of one run (its eval, its checkpoint, its adapter) fails that run.
             let score = self.evaluate(id);
             let Some(score) = self.contain(id, &format!("evaluating at step {step}"), score)? else { continue };
-            // `chunk` marks the rung a step ends; ASHA reads the eval loss there.
-            let mut values = vec![("chunk", chunks as f64)];
-            values.extend(score.map(|l| ("eval_loss", l)));
-            self.record(id, step, chunks, &values)?;
+            // `chunk` marks the rung a step ends; ASHA reads the eval loss (or reward) there.
+            let mut values = vec![("chunk".to_string(), chunks as f64)];
+            values.extend(score.unwrap_or_default());
+            self.record_values(id, step, chunks, &values)?;
             let saved = self.checkpoint(id);
             if self.contain(id, &format!("checkpoint at step {step}"), saved)?.is_none() {
                 continue;
@@ -915,7 +991,7 @@ impl Fit<'_, '_> {
         };
         let at = |name: &str| metrics.iter().find(|m| m.step == step && m.name == name).map(|m| m.value);
         // A run without a loss there (none recorded) ranks last.
-        Ok(Some((at("eval_loss").or_else(|| at("loss")).unwrap_or(f64::INFINITY), step)))
+        Ok(Some((rank_score(&at).unwrap_or(f64::INFINITY), step)))
     }
 
     /// Writes a run's checkpoint (atomically) and records it; older ones are removed,
@@ -1081,7 +1157,8 @@ impl Fit<'_, '_> {
                     .get(&id)
                     .and_then(|l| l.trainer.as_ref())
                     .ok_or_else(|| Error::Invalid(format!("run {id} has no state to clone")))?;
-                let child = pt.fork(spec.train_config(&train), spec.lora_config(), &train)?;
+                let mut child = pt.fork(spec.train_config(&train), spec.lora_config(), &train)?;
+                equip(&mut child, &spec, &loaded.model.model)?;
                 let (steps, chunks) = (child.steps_done() as i64, child.chunks_done() as i64);
                 // The run (ongoing, at the fork point), its checkpoint and the op's applied
                 // mark: one transaction, the checkpoint written before it commits. After a

@@ -4,6 +4,16 @@
 //! model's chat template and tokenized; the loss covers the completion (the last assistant
 //! message) only unless `completion_only` is off. A bad row is an error naming the file and
 //! line, or is skipped and counted when `skip_bad_rows` is on.
+//!
+//! [`DataOptions::kind`] picks what rows hold:
+//! - SFT ([`encode_row`]): the forms above.
+//! - Preference, for DPO ([`encode_preference_row`]): TRL's forms, a prompt with a chosen
+//!   and a rejected answer. With a `prompt` column (text, or a list of messages) the answers
+//!   are texts or lists of assistant messages; without one, `chosen` and `rejected` are whole
+//!   conversations and the prompt is their longest common prefix of messages. Both answers
+//!   are learned (labels on the answer only), prompt + answer cut to `max_seq_len`.
+//! - Prompt, for GRPO ([`encode_prompt_row`]): a `prompt` (text or messages) rendered with
+//!   the generation prompt; the whole row is kept for the rewards.
 
 use crate::engine::IGNORE_INDEX;
 use crate::error::{Error, Result};
@@ -268,19 +278,30 @@ fn text_field(row: &Value, key: &str) -> Option<String> {
     }
 }
 
+/// A list of `{role, content}` messages (the value of column `col`).
+fn parse_messages(v: &Value, col: &str) -> RowResult<Vec<ChatMessage>> {
+    let list = v.as_array().ok_or_else(|| format!("'{col}' must be a list of {{role, content}}"))?;
+    let mut msgs = Vec::with_capacity(list.len());
+    for m in list {
+        let role = m.get("role").and_then(Value::as_str).ok_or("a message lacks 'role'")?;
+        let content = m.get("content").and_then(Value::as_str).ok_or("a message lacks string 'content'")?;
+        msgs.push(ChatMessage::new(role, content));
+    }
+    Ok(msgs)
+}
+
+/// The keys of a row, for error messages.
+fn row_keys(row: &Value) -> Vec<&str> {
+    row.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default()
+}
+
 /// The conversation of a row: everything before the completion, and the completion.
 fn row_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, String)> {
     if !row.is_object() {
         return Err("a row must be a JSON object".into());
     }
     if let Some(ms) = row.get(&c.messages) {
-        let list = ms.as_array().ok_or_else(|| format!("'{}' must be a list of {{role, content}}", c.messages))?;
-        let mut msgs = Vec::new();
-        for m in list {
-            let role = m.get("role").and_then(Value::as_str).ok_or("a message lacks 'role'")?;
-            let content = m.get("content").and_then(Value::as_str).ok_or("a message lacks string 'content'")?;
-            msgs.push(ChatMessage::new(role, content));
-        }
+        let mut msgs = parse_messages(ms, &c.messages)?;
         let last = msgs.pop().ok_or("'messages' is empty")?;
         if last.role != "assistant" {
             return Err("the last message must be the assistant's (the completion to learn)".into());
@@ -304,7 +325,7 @@ fn row_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, String
         msgs.push(ChatMessage::new("user", user));
         return Ok((msgs, out));
     }
-    let keys: Vec<&str> = row.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+    let keys = row_keys(row);
     Err(format!(
         "missing columns: expected '{}', or '{}' + '{}', or '{}' + '{}' (the row has {keys:?})",
         c.messages, c.prompt, c.completion, c.input, c.output
@@ -345,12 +366,213 @@ pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &
     Ok((Example { ids, labels, ..Default::default() }, truncated))
 }
 
-/// Loads and tokenizes a dataset file.
+/// The prompt of a preference or prompt row, from the value of the prompt column: a text
+/// (a user message, after the system column's message if the row has one) or a list of
+/// messages (the system column's message is put first when the list has no system message
+/// of its own). A conversational prompt must not end with an assistant message.
+fn prompt_messages(row: &Value, value: &Value, c: &Columns) -> RowResult<Vec<ChatMessage>> {
+    let system = text_field(row, &c.system).filter(|s| !s.is_empty());
+    match value {
+        Value::Array(_) => {
+            let mut msgs = parse_messages(value, &c.prompt)?;
+            let last = msgs.last().ok_or_else(|| format!("the prompt '{}' is an empty list of messages", c.prompt))?;
+            if last.role == "assistant" {
+                return Err(format!("the prompt '{}' ends with an assistant message; it must end with the message to answer", c.prompt));
+            }
+            if let Some(s) = system {
+                if msgs[0].role == "system" {
+                    return Err(format!(
+                        "the row has both a '{}' column and a system message in '{}'; give one of them",
+                        c.system, c.prompt
+                    ));
+                }
+                msgs.insert(0, ChatMessage::new("system", s));
+            }
+            Ok(msgs)
+        }
+        Value::Object(_) => Err(format!("'{}' must be a text or a list of {{role, content}}", c.prompt)),
+        other => {
+            let text = match other {
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            let mut msgs = Vec::with_capacity(2);
+            if let Some(s) = system {
+                msgs.push(ChatMessage::new("system", s));
+            }
+            msgs.push(ChatMessage::new("user", text));
+            Ok(msgs)
+        }
+    }
+}
+
+/// An answer of a preference row (column `col`): a text (one assistant message) or a
+/// non-empty list of assistant messages.
+fn answer_messages(value: &Value, col: &str) -> RowResult<Vec<ChatMessage>> {
+    match value {
+        Value::Array(_) => {
+            let msgs = parse_messages(value, col)?;
+            if msgs.is_empty() {
+                return Err(format!("'{col}' is an empty list of messages"));
+            }
+            if let Some(m) = msgs.iter().find(|m| m.role != "assistant") {
+                return Err(format!("'{col}' must hold assistant messages only (it has a '{}' message)", m.role));
+            }
+            Ok(msgs)
+        }
+        Value::Object(_) => Err(format!("'{col}' must be a text or a list of {{role, content}}")),
+        Value::String(s) => Ok(vec![ChatMessage::new("assistant", s.clone())]),
+        v => Ok(vec![ChatMessage::new("assistant", v.to_string())]),
+    }
+}
+
+/// A preference row as (prompt, chosen answer, rejected answer) messages.
+///
+/// With a prompt column, the answers are texts or lists of assistant messages. Without one,
+/// `chosen` and `rejected` are whole conversations: the prompt is their longest common
+/// prefix of messages, and what follows it in each must be assistant messages.
+fn preference_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, Vec<ChatMessage>, Vec<ChatMessage>)> {
+    if !row.is_object() {
+        return Err("a row must be a JSON object".into());
+    }
+    let present = |col: &str| row.get(col).filter(|v| !v.is_null());
+    let (Some(chosen), Some(rejected)) = (present(&c.chosen), present(&c.rejected)) else {
+        return Err(format!(
+            "missing columns: expected '{}' + '{}', with an optional '{}' (the row has {:?})",
+            c.chosen,
+            c.rejected,
+            c.prompt,
+            row_keys(row)
+        ));
+    };
+    if let Some(prompt) = present(&c.prompt) {
+        let prompt = prompt_messages(row, prompt, c)?;
+        let chosen = answer_messages(chosen, &c.chosen)?;
+        let rejected = answer_messages(rejected, &c.rejected)?;
+        if chosen == rejected {
+            return Err("chosen and rejected are the same".into());
+        }
+        return Ok((prompt, chosen, rejected));
+    }
+    // Implicit prompt: two whole conversations.
+    if !chosen.is_array() || !rejected.is_array() {
+        return Err(format!(
+            "no '{}' column: without a prompt, '{}' and '{}' must both be conversations (lists of {{role, content}}) \
+             sharing the prompt; for text answers give the prompt in a '{}' column",
+            c.prompt, c.chosen, c.rejected, c.prompt
+        ));
+    }
+    let mut chosen = parse_messages(chosen, &c.chosen)?;
+    let mut rejected = parse_messages(rejected, &c.rejected)?;
+    if chosen == rejected {
+        return Err("chosen and rejected are the same".into());
+    }
+    let common = chosen.iter().zip(&rejected).take_while(|(a, b)| a == b).count();
+    if common == 0 {
+        return Err(format!(
+            "'{}' and '{}' share no first message, so there is no prompt; give it in a '{}' column",
+            c.chosen, c.rejected, c.prompt
+        ));
+    }
+    let chosen_answer = chosen.split_off(common);
+    let rejected_answer = rejected.split_off(common);
+    for (answer, col) in [(&chosen_answer, &c.chosen), (&rejected_answer, &c.rejected)] {
+        if answer.is_empty() {
+            return Err(format!("'{col}' has no answer after the prompt the two conversations share"));
+        }
+        if let Some(m) = answer.iter().find(|m| m.role != "assistant") {
+            return Err(format!(
+                "after the prompt the two conversations share, '{col}' must hold assistant messages only (it has a '{}' message)",
+                m.role
+            ));
+        }
+    }
+    Ok((chosen, chosen_answer, rejected_answer))
+}
+
+/// The prompt + `answer` tokenized with labels on the answer only, truncated to
+/// `max_seq_len`; `which` names the answer in errors. Returns the sequence and whether it
+/// was truncated.
+fn encode_answer(
+    prompt: &[ChatMessage],
+    prompt_ids: &[u32],
+    answer: &[ChatMessage],
+    which: &str,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_seq_len: usize,
+) -> RowResult<(Sequence, bool)> {
+    let msgs: Vec<ChatMessage> = prompt.iter().chain(answer).cloned().collect();
+    let full_text = template.render(&msgs, false, tok.bos_token(), tok.eos_token()).map_err(|e| e.to_string())?;
+    let mut ids = tok.encode(&full_text, false).map_err(|e| e.to_string())?;
+    let masked = ids.iter().zip(prompt_ids).take_while(|(a, b)| a == b).count();
+    if masked >= ids.len() {
+        return Err(format!("the {which} answer is empty after formatting"));
+    }
+    let mut labels: Vec<i64> = ids.iter().enumerate().map(|(i, &t)| if i < masked { IGNORE_INDEX } else { t as i64 }).collect();
+    let truncated = ids.len() > max_seq_len;
+    if truncated {
+        ids.truncate(max_seq_len);
+        labels.truncate(max_seq_len);
+        // Labels are shifted by one in the loss: position 0's label is never used.
+        if labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+            return Err(format!(
+                "the {which} answer has no tokens left to learn from: the prompt alone has {masked} tokens and max_seq_len = {max_seq_len}"
+            ));
+        }
+    }
+    Ok((Sequence { ids, labels }, truncated))
+}
+
+/// Tokenizes one preference row (DPO) into an example: `ids`/`labels` are the prompt + the
+/// chosen answer, `rejected` the prompt + the rejected answer, labels on the answers only
+/// (always: `completion_only` does not apply). The flag says whether either was truncated.
+pub fn encode_preference_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> RowResult<(Example, bool)> {
+    let (prompt, chosen, rejected) = preference_messages(row, &opts.columns)?;
+    let prompt_text = template.render(&prompt, true, tok.bos_token(), tok.eos_token()).map_err(|e| e.to_string())?;
+    let prompt_ids = tok.encode(&prompt_text, false).map_err(|e| e.to_string())?;
+    let (c, tc) = encode_answer(&prompt, &prompt_ids, &chosen, "chosen", tok, template, opts.max_seq_len)?;
+    let (r, tr) = encode_answer(&prompt, &prompt_ids, &rejected, "rejected", tok, template, opts.max_seq_len)?;
+    if c == r {
+        return Err("chosen and rejected are the same after formatting and truncation".into());
+    }
+    let ex = Example { ids: c.ids, labels: c.labels, rejected: Some(Box::new(r)), ..Default::default() };
+    Ok((ex, tc || tr))
+}
+
+/// Tokenizes one prompt row (GRPO): `ids` is the prompt rendered with the generation prompt,
+/// `labels` are all [`IGNORE_INDEX`], `row` the whole row (for the rewards). A prompt longer
+/// than `max_seq_len` is a bad row (prompts are never truncated).
+pub fn encode_prompt_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> RowResult<Example> {
+    let c = &opts.columns;
+    if !row.is_object() {
+        return Err("a row must be a JSON object".into());
+    }
+    let Some(value) = row.get(&c.prompt).filter(|v| !v.is_null()) else {
+        return Err(format!("missing column: expected '{}' (the row has {:?})", c.prompt, row_keys(row)));
+    };
+    let msgs = prompt_messages(row, value, c)?;
+    let text = template.render(&msgs, true, tok.bos_token(), tok.eos_token()).map_err(|e| e.to_string())?;
+    let ids = tok.encode(&text, false).map_err(|e| e.to_string())?;
+    if ids.len() > opts.max_seq_len {
+        return Err(format!("the prompt has {} tokens, more than max_seq_len = {}", ids.len(), opts.max_seq_len));
+    }
+    let labels = vec![IGNORE_INDEX; ids.len()];
+    Ok(Example { ids, labels, row: Some(std::sync::Arc::new(row.clone())), ..Default::default() })
+}
+
+/// Loads and tokenizes a dataset file; `opts.kind` says what its rows hold (SFT
+/// conversations, preference pairs, or prompts).
 pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<Dataset> {
+    let encode = |row: &Value| match opts.kind {
+        DataKind::Sft => encode_row(row, tok, template, opts),
+        DataKind::Preference => encode_preference_row(row, tok, template, opts),
+        DataKind::Prompt => encode_prompt_row(row, tok, template, opts).map(|ex| (ex, false)),
+    };
     let mut examples = Vec::new();
     let (mut skipped, mut truncated) = (0, 0);
     for (line, row) in read_rows(path)? {
-        match row.and_then(|row| encode_row(&row, tok, template, opts)) {
+        match row.and_then(|row| encode(&row)) {
             Ok((ex, t)) => {
                 truncated += t as usize;
                 examples.push(ex);

@@ -115,8 +115,10 @@ fn bench_train(a: TrainBenchArgs) -> Result<()> {
     let loaded = load(&a.model, a.dtype)?;
     let vocab = loaded.model.config.vocab_size as u64;
     let ids = xorshift_ids(a.batch * a.seq, vocab, 42);
-    let examples: Vec<Example> =
-        ids.chunks(a.seq).map(|c| Example { ids: c.to_vec(), labels: c.iter().map(|&t| t as i64).collect(), ..Default::default() }).collect();
+    let examples: Vec<Example> = ids
+        .chunks(a.seq)
+        .map(|c| Example { ids: c.to_vec(), labels: c.iter().map(|&t| t as i64).collect(), ..Default::default() })
+        .collect();
     let cfg = serde_json::from_value(serde_json::json!({
         "r": a.rank, "lora_alpha": 2 * a.rank,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -5,7 +5,7 @@ use crate::common;
 
 use common::*;
 use furnace_text::{ChatTemplate, Tokenizer};
-use furnace_train::{load_dataset, Columns, DataOptions, Error, IGNORE_INDEX};
+use furnace_train::{load_dataset, Columns, DataKind, DataOptions, Error, IGNORE_INDEX};
 use std::path::PathBuf;
 
 fn text() -> (Tokenizer, ChatTemplate) {
@@ -207,4 +207,321 @@ fn real_parquet_files_in_a_folder_load() {
         }
     }
     assert!(failed.iter().all(|e| e.contains("compressed with brotli")), "{failed:#?}");
+}
+
+fn pref_opts() -> DataOptions {
+    DataOptions { kind: DataKind::Preference, ..DataOptions::default() }
+}
+
+fn prompt_opts() -> DataOptions {
+    DataOptions { kind: DataKind::Prompt, ..DataOptions::default() }
+}
+
+/// `(chosen answer, rejected answer)` as the decoded labelled tokens of a preference example.
+fn answers(tok: &Tokenizer, ex: &furnace_train::Example) -> (String, String) {
+    let r = ex.rejected.as_ref().expect("a rejected sequence");
+    (completion_text(tok, &ex.ids, &ex.labels), completion_text(tok, &r.ids, &r.labels))
+}
+
+/// A Parquet file of string columns, one row per entry of `rows`.
+fn write_parquet_strings(path: &std::path::Path, columns: &[&str], rows: &[&[&str]]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+    let fields: String = columns.iter().map(|c| format!("REQUIRED BYTE_ARRAY {c} (UTF8); ")).collect();
+    let schema = Arc::new(parse_message_type(&format!("message m {{ {fields}}}")).unwrap());
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut writer = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let mut column = 0;
+    while let Some(mut col) = group.next_column().unwrap() {
+        let v: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r[column])).collect();
+        col.typed::<ByteArrayType>().write_batch(&v, None, None).unwrap();
+        col.close().unwrap();
+        column += 1;
+    }
+    group.close().unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn preference_forms_give_the_same_pairs() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = pref_opts();
+    // Explicit prompt, standard (text) form.
+    let std_text = write(
+        &dir,
+        "text.jsonl",
+        "{\"system\": \"Be terse.\", \"prompt\": \"Capital of France?\", \"chosen\": \"Paris.\", \"rejected\": \"London.\"}\n",
+    );
+    let a = load_dataset(&std_text, &tok, &tpl, &opts).unwrap();
+    assert_eq!((a.examples.len(), a.skipped, a.truncated), (1, 0, 0));
+    let ex = &a.examples[0];
+    assert_eq!(answers(&tok, ex), ("Paris.<|im_end|>\n".to_string(), "London.<|im_end|>\n".to_string()));
+    let rej = ex.rejected.as_ref().unwrap();
+    assert_eq!(ex.ids.len(), ex.labels.len());
+    assert_eq!(rej.ids.len(), rej.labels.len());
+    // Both share the prompt, which is not learned.
+    let n_prompt = ex.labels.iter().take_while(|&&l| l == IGNORE_INDEX).count();
+    assert_eq!(n_prompt, rej.labels.iter().take_while(|&&l| l == IGNORE_INDEX).count());
+    assert_eq!(ex.ids[..n_prompt], rej.ids[..n_prompt]);
+    assert!(tok.decode(&ex.ids[..n_prompt], false).unwrap().ends_with("Capital of France?<|im_end|>\n<|im_start|>assistant\n"));
+    assert!(ex.row.is_none() && ex.reference.get().is_none());
+    // prompt + chosen is the SFT example of prompt + completion.
+    let sft = write(&dir, "sft.jsonl", "{\"system\": \"Be terse.\", \"prompt\": \"Capital of France?\", \"completion\": \"Paris.\"}\n");
+    let s = load_dataset(&sft, &tok, &tpl, &DataOptions::default()).unwrap();
+    assert_eq!((&s.examples[0].ids, &s.examples[0].labels), (&ex.ids, &ex.labels));
+    // The other forms and files give the same pair.
+    let conv = r#"{"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"}], "chosen": [{"role": "assistant", "content": "Paris."}], "rejected": [{"role": "assistant", "content": "London."}]}"#;
+    let implicit = r#"{"chosen": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}], "rejected": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "London."}]}"#;
+    let mixed = r#"{"system": "Be terse.", "prompt": [{"role": "user", "content": "Capital of France?"}], "chosen": [{"role": "assistant", "content": "Paris."}], "rejected": "London."}"#;
+    let files = [
+        write(&dir, "conv.jsonl", &format!("{conv}\n")),
+        write(&dir, "implicit.jsonl", &format!("\n{implicit}\n")),
+        write(&dir, "mixed.json", &format!("[{mixed}]")),
+        write(&dir, "rows.csv", "prompt,chosen,rejected,system\nCapital of France?,Paris.,London.,Be terse.\n"),
+    ];
+    let pq = dir.path().join("rows.parquet");
+    write_parquet_strings(&pq, &["system", "prompt", "chosen", "rejected"], &[&["Be terse.", "Capital of France?", "Paris.", "London."]]);
+    for p in files.iter().chain([&pq]) {
+        assert_eq!(load_dataset(p, &tok, &tpl, &opts).unwrap().examples, a.examples, "{}", p.display());
+    }
+    // completion_only does not apply: only the answers are learned.
+    let all = load_dataset(&std_text, &tok, &tpl, &DataOptions { completion_only: false, ..opts.clone() }).unwrap();
+    assert_eq!(all.examples, a.examples);
+    // A column mapping.
+    let mapped = write(
+        &dir,
+        "mapped.jsonl",
+        "{\"q\": \"Capital of France?\", \"good\": \"Paris.\", \"bad\": \"London.\", \"sys\": \"Be terse.\"}\n",
+    );
+    let cols = Columns { prompt: "q".into(), chosen: "good".into(), rejected: "bad".into(), system: "sys".into(), ..Columns::default() };
+    assert_eq!(load_dataset(&mapped, &tok, &tpl, &DataOptions { columns: cols, ..opts.clone() }).unwrap().examples, a.examples);
+}
+
+#[test]
+fn preference_conversations_learn_every_answer_message() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    // A multi-turn implicit prompt: the shared turns are the prompt, the last turns differ.
+    let row = r#"{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}], "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5."}, {"role": "assistant", "content": "Sorry, 4."}]}"#;
+    let p = write(&dir, "multi.jsonl", &format!("{row}\n"));
+    let d = load_dataset(&p, &tok, &tpl, &pref_opts()).unwrap();
+    let ex = &d.examples[0];
+    assert_eq!(answers(&tok, ex), ("4.<|im_end|>\n".to_string(), "5.<|im_end|>\n<|im_start|>assistant\nSorry, 4.<|im_end|>\n".to_string()));
+    let n_prompt = ex.labels.iter().take_while(|&&l| l == IGNORE_INDEX).count();
+    assert!(tok.decode(&ex.ids[..n_prompt], false).unwrap().contains("Hello.<|im_end|>\n<|im_start|>user\n2+2?"));
+}
+
+#[test]
+fn preference_bad_rows_name_file_line_and_reason() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = pref_opts();
+    let good = "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}";
+    let u = |c: &str| format!("{{\"role\": \"user\", \"content\": \"{c}\"}}");
+    let a = |c: &str| format!("{{\"role\": \"assistant\", \"content\": \"{c}\"}}");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("missing", "{\"prompt\": \"a\", \"chosen\": \"b\"}".into(), "missing columns: expected 'chosen' + 'rejected'"),
+        ("same", "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"b\"}".into(), "chosen and rejected are the same"),
+        (
+            "same_conv",
+            format!("{{\"chosen\": [{}, {}], \"rejected\": [{}, {}]}}", u("q"), a("b"), u("q"), a("b")),
+            "chosen and rejected are the same",
+        ),
+        ("implicit_text", "{\"chosen\": \"Q: a A: b\", \"rejected\": \"Q: a A: c\"}".into(), "give the prompt in a 'prompt' column"),
+        (
+            "diverging_user",
+            format!("{{\"chosen\": [{}, {}], \"rejected\": [{}, {}]}}", u("q"), a("b"), u("r"), a("b")),
+            "share no first message",
+        ),
+        (
+            "no_answer",
+            format!("{{\"chosen\": [{}, {}], \"rejected\": [{}, {}, {}]}}", u("q"), a("b"), u("q"), a("b"), a("c")),
+            "'chosen' has no answer",
+        ),
+        (
+            "user_in_answer",
+            format!("{{\"prompt\": \"a\", \"chosen\": [{}], \"rejected\": \"c\"}}", u("b")),
+            "'chosen' must hold assistant messages only",
+        ),
+        (
+            "prompt_ends_assistant",
+            format!("{{\"prompt\": [{}, {}], \"chosen\": \"b\", \"rejected\": \"c\"}}", u("q"), a("x")),
+            "ends with an assistant message",
+        ),
+        ("empty_prompt", "{\"prompt\": [], \"chosen\": \"b\", \"rejected\": \"c\"}".into(), "empty list of messages"),
+        (
+            "bad_message",
+            "{\"prompt\": \"a\", \"chosen\": [{\"role\": \"assistant\"}], \"rejected\": \"c\"}".into(),
+            "lacks string 'content'",
+        ),
+    ];
+    let mut all = format!("{good}\n");
+    for (name, row, why) in &cases {
+        let p = write(&dir, &format!("{name}.jsonl"), &format!("{good}\n{row}\n"));
+        let e = load_dataset(&p, &tok, &tpl, &opts).unwrap_err();
+        assert!(matches!(e, Error::DataRow { line: 2, .. }), "{name}: {e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("{name}.jsonl:2: ")) && msg.contains(why), "{name}: {msg}");
+        all.push_str(row);
+        all.push('\n');
+    }
+    all.push_str("not json\n");
+    let p = write(&dir, "all.jsonl", &all);
+    let d = load_dataset(&p, &tok, &tpl, &DataOptions { skip_bad_rows: true, ..opts.clone() }).unwrap();
+    assert_eq!((d.examples.len(), d.skipped), (1, cases.len() + 1));
+    // An SFT file read as preference rows.
+    let sft = write(&dir, "sft.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n");
+    assert!(load_dataset(&sft, &tok, &tpl, &opts).unwrap_err().to_string().contains("(the row has [\"prompt\", \"completion\"])"));
+}
+
+#[test]
+fn preference_pairs_are_truncated_unless_an_answer_has_nothing_left() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        &dir,
+        "long.jsonl",
+        "{\"prompt\": \"Count\", \"chosen\": \"one two three four five six seven eight nine ten\", \"rejected\": \"two one\"}\n",
+    );
+    let full = load_dataset(&p, &tok, &tpl, &pref_opts()).unwrap();
+    let ex = &full.examples[0];
+    let (n_chosen, n_rejected) = (ex.ids.len(), ex.rejected.as_ref().unwrap().ids.len());
+    let prompt_len = ex.labels.iter().take_while(|&&l| l == IGNORE_INDEX).count();
+    assert!(n_chosen > n_rejected && n_rejected > prompt_len + 1);
+    // Only the long chosen answer is cut.
+    let cut = load_dataset(&p, &tok, &tpl, &DataOptions { max_seq_len: n_rejected, ..pref_opts() }).unwrap();
+    assert_eq!(cut.truncated, 1);
+    assert_eq!(cut.examples[0].ids, ex.ids[..n_rejected]);
+    assert_eq!(cut.examples[0].labels, ex.labels[..n_rejected]);
+    assert_eq!(cut.examples[0].rejected, ex.rejected);
+    // Both cut, each keeps one answer token.
+    let both = load_dataset(&p, &tok, &tpl, &DataOptions { max_seq_len: prompt_len + 1, ..pref_opts() }).unwrap();
+    assert_eq!(both.truncated, 1);
+    let r = both.examples[0].rejected.as_ref().unwrap();
+    assert_eq!((both.examples[0].ids.len(), r.ids.len()), (prompt_len + 1, prompt_len + 1));
+    // Answers that start alike are the same when cut to their first token: no preference left.
+    let alike = write(&dir, "alike.jsonl", "{\"prompt\": \"Count\", \"chosen\": \"one two three four\", \"rejected\": \"one two\"}\n");
+    let e = load_dataset(&alike, &tok, &tpl, &DataOptions { max_seq_len: prompt_len + 1, ..pref_opts() }).unwrap_err();
+    assert!(e.to_string().contains("alike.jsonl:1: chosen and rejected are the same after formatting and truncation"), "{e}");
+    // Nothing left to learn.
+    let e = load_dataset(&p, &tok, &tpl, &DataOptions { max_seq_len: prompt_len, ..pref_opts() }).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("long.jsonl:1") && msg.contains("chosen answer") && msg.contains("max_seq_len"), "{msg}");
+    let skipped = load_dataset(&p, &tok, &tpl, &DataOptions { max_seq_len: prompt_len, skip_bad_rows: true, ..pref_opts() });
+    assert!(matches!(skipped, Err(Error::DataFile { ref msg, .. }) if msg.contains("1 bad rows skipped")), "{skipped:?}");
+}
+
+#[test]
+fn prompt_rows_keep_the_row_and_end_with_the_generation_prompt() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = prompt_opts();
+    let conv = r#"{"prompt": [{"role": "system", "content": "Answer in <answer></answer>."}, {"role": "user", "content": "What is 2+3?"}], "answer": "5"}"#;
+    let p = write(&dir, "conv.jsonl", &format!("{conv}\n"));
+    let d = load_dataset(&p, &tok, &tpl, &opts).unwrap();
+    let ex = &d.examples[0];
+    assert_eq!(ex.labels, vec![IGNORE_INDEX; ex.ids.len()]);
+    assert!(ex.rejected.is_none());
+    let text = tok.decode(&ex.ids, false).unwrap();
+    assert!(text.ends_with("What is 2+3?<|im_end|>\n<|im_start|>assistant\n"), "{text:?}");
+    let row = ex.row.as_ref().expect("the row");
+    assert_eq!(row["answer"], "5");
+    assert_eq!(**row, serde_json::from_str::<serde_json::Value>(conv).unwrap());
+    // The text form with a system column, CSV and a column mapping give the same ids.
+    let txt = write(&dir, "text.jsonl", "{\"system\": \"Answer in <answer></answer>.\", \"prompt\": \"What is 2+3?\", \"answer\": 5}\n");
+    let t = load_dataset(&txt, &tok, &tpl, &opts).unwrap();
+    assert_eq!((&t.examples[0].ids, &t.examples[0].labels), (&ex.ids, &ex.labels));
+    assert_eq!(t.examples[0].row.as_ref().unwrap()["answer"], 5);
+    let csv = write(&dir, "rows.csv", "question,system,answer\nWhat is 2+3?,Answer in <answer></answer>.,5\n");
+    let cols = Columns { prompt: "question".into(), ..Columns::default() };
+    let c = load_dataset(&csv, &tok, &tpl, &DataOptions { columns: cols, ..opts.clone() }).unwrap();
+    assert_eq!(c.examples[0].ids, ex.ids);
+    assert_eq!(c.examples[0].row.as_ref().unwrap()["answer"], "5");
+    // Without a system message the template's default one is used, and still the prompt
+    // ends with the generation prompt.
+    let bare = write(&dir, "bare.jsonl", "{\"prompt\": \"Hi\"}\n");
+    let b = load_dataset(&bare, &tok, &tpl, &opts).unwrap();
+    assert!(tok.decode(&b.examples[0].ids, false).unwrap().ends_with("Hi<|im_end|>\n<|im_start|>assistant\n"));
+}
+
+#[test]
+fn prompt_bad_rows_name_file_line_and_reason() {
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = prompt_opts();
+    let good = "{\"prompt\": \"a\", \"answer\": \"1\"}";
+    let cases: Vec<(&str, &str, &str)> = vec![
+        (
+            "missing",
+            "{\"question\": \"a\", \"answer\": \"1\"}",
+            "missing column: expected 'prompt' (the row has [\"question\", \"answer\"])",
+        ),
+        (
+            "ends_assistant",
+            "{\"prompt\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}",
+            "ends with an assistant message",
+        ),
+        ("empty", "{\"prompt\": []}", "empty list of messages"),
+        ("object", "{\"prompt\": {\"text\": \"a\"}}", "must be a text or a list"),
+        (
+            "both_systems",
+            "{\"system\": \"s\", \"prompt\": [{\"role\": \"system\", \"content\": \"t\"}, {\"role\": \"user\", \"content\": \"a\"}]}",
+            "both a 'system' column and a system message",
+        ),
+    ];
+    let mut all = format!("{good}\n");
+    for (name, row, why) in &cases {
+        let p = write(&dir, &format!("{name}.jsonl"), &format!("{good}\n{row}\n"));
+        let msg = load_dataset(&p, &tok, &tpl, &opts).unwrap_err().to_string();
+        assert!(msg.contains(&format!("{name}.jsonl:2: ")) && msg.contains(why), "{name}: {msg}");
+        all.push_str(row);
+        all.push('\n');
+    }
+    let p = write(&dir, "all.jsonl", &all);
+    let d = load_dataset(&p, &tok, &tpl, &DataOptions { skip_bad_rows: true, ..opts.clone() }).unwrap();
+    assert_eq!((d.examples.len(), d.skipped), (1, cases.len()));
+    // A prompt longer than max_seq_len is a bad row, not truncated.
+    let long = write(&dir, "long.jsonl", &format!("{good}\n{{\"prompt\": \"{}\"}}\n", "word ".repeat(50)));
+    let n = load_dataset(&long, &tok, &tpl, &opts).unwrap().examples[1].ids.len();
+    let max = d.examples[0].ids.len() + 5;
+    assert!(n > max);
+    let msg = load_dataset(&long, &tok, &tpl, &DataOptions { max_seq_len: max, ..opts.clone() }).unwrap_err().to_string();
+    assert!(msg.contains("long.jsonl:2: ") && msg.contains(&format!("the prompt has {n} tokens, more than max_seq_len = {max}")), "{msg}");
+    let ok = load_dataset(&long, &tok, &tpl, &DataOptions { max_seq_len: n, ..opts.clone() }).unwrap();
+    assert_eq!((ok.examples.len(), ok.truncated), (2, 0));
+}
+
+#[test]
+fn shipped_dpo_and_grpo_datasets_load_short_and_clean() {
+    // data/dpo and data/grpo (scripts/make_{dpo,grpo}_dataset.py), with the SmolLM2
+    // tokenizer and template of the tiny test model.
+    let (tok, tpl) = text();
+    let data = testdata().parent().unwrap().join("data");
+    for (file, rows) in [("train.jsonl", 240), ("eval.jsonl", 40)] {
+        let d = load_dataset(&data.join("dpo").join(file), &tok, &tpl, &pref_opts()).unwrap();
+        assert_eq!((d.examples.len(), d.skipped, d.truncated), (rows, 0, 0), "dpo/{file}");
+        let longest = d.examples.iter().map(|e| e.ids.len().max(e.rejected.as_ref().unwrap().ids.len())).max().unwrap();
+        assert!(longest <= 80, "dpo/{file}: {longest} tokens");
+        for ex in &d.examples {
+            assert!(answers(&tok, ex).0.starts_with("The answer is "));
+        }
+    }
+    let system =
+        "Solve the problem. Think briefly inside <reasoning></reasoning>, then give only the final number inside <answer></answer>.";
+    for (file, rows) in [("train.jsonl", 300), ("eval.jsonl", 50)] {
+        let d = load_dataset(&data.join("grpo").join(file), &tok, &tpl, &prompt_opts()).unwrap();
+        assert_eq!((d.examples.len(), d.skipped), (rows, 0), "grpo/{file}");
+        assert!(d.examples.iter().map(|e| e.ids.len()).max().unwrap() <= 96, "grpo/{file}");
+        for ex in &d.examples {
+            let row = ex.row.as_ref().unwrap();
+            assert_eq!(row["prompt"][0]["content"], system);
+            let answer: u32 = row["answer"].as_str().unwrap().parse().unwrap();
+            assert!(answer <= 20);
+        }
+    }
 }
