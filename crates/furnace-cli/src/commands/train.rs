@@ -51,12 +51,28 @@ fn samples(loaded: &furnace_model::LoadedModel, adapter: Option<AdapterId>, spec
     for (_, row) in rows.into_iter().take(n) {
         let Ok(row) = row else { continue };
         let get = |k: &str| row.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        let Some(prompt) = get(&c.prompt).or_else(|| get(&c.input)) else { continue };
         let mut msgs = Vec::new();
-        if let Some(s) = get(&c.system) {
-            msgs.push(ChatMessage::new("system", s));
-        }
-        msgs.push(ChatMessage::new("user", prompt.clone()));
+        // A prompt given as chat messages (DPO and GRPO rows) is shown by its last message.
+        let listed: Option<Vec<ChatMessage>> = row.get(&c.prompt).and_then(|v| v.as_array()).map(|a| {
+            a.iter()
+                .filter_map(|m| Some(ChatMessage::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?.to_string())))
+                .collect()
+        });
+        let prompt = match listed.filter(|m| !m.is_empty()) {
+            Some(list) => {
+                let shown = list.last().map(|m| m.content.clone()).unwrap_or_default();
+                msgs = list;
+                shown
+            }
+            None => {
+                let Some(prompt) = get(&c.prompt).or_else(|| get(&c.input)) else { continue };
+                if let Some(s) = get(&c.system) {
+                    msgs.push(ChatMessage::new("system", s));
+                }
+                msgs.push(ChatMessage::new("user", prompt.clone()));
+                prompt
+            }
+        };
         let text = tpl.render(&msgs, true, loaded.tokenizer.bos_token(), loaded.tokenizer.eos_token())?;
         engine.add(Request {
             prompt: loaded.tokenizer.encode(&text, false)?,
@@ -114,13 +130,59 @@ struct RunView {
     /// a line already there is not written again (a run resumed at its last step
     /// evaluates that step again).
     written: BTreeSet<(i64, u8)>,
+    /// The eval metrics of one step not yet written (step, name → value).
+    pending_eval: Option<(i64, BTreeMap<String, f64>)>,
+    /// Whether the run is SFT (its eval line has a perplexity).
+    sft: bool,
 }
 
 /// A line's (step, kind): kind 0 for a loss line, 1 for an eval line.
 fn line_key(line: &str) -> Option<(i64, u8)> {
     let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
     let step = v.get("step")?.as_i64()?;
-    Some((step, if v.get("eval_loss").is_some() { 1 } else { 0 }))
+    Some((step, u8::from(is_eval_line(&v))))
+}
+
+fn is_eval_line(v: &serde_json::Value) -> bool {
+    v.as_object().is_some_and(|o| o.keys().any(|k| k.starts_with("eval_")))
+}
+
+/// A loss line: step, loss, lr, grad norm, the objective's own metrics (DPO's and GRPO's
+/// rewards, ...), tokens per second when known.
+fn loss_line<'a>(step: i64, values: impl Iterator<Item = (&'a str, f64)>, tps: Option<f64>) -> serde_json::Value {
+    let values: BTreeMap<&str, f64> = values.collect();
+    let get = |k: &str| values.get(k).copied().unwrap_or(f64::NAN);
+    let mut m = serde_json::Map::new();
+    m.insert("step".into(), step.into());
+    for k in ["loss", "lr", "grad_norm"] {
+        m.insert(k.into(), get(k).into());
+    }
+    for (k, v) in &values {
+        if !["loss", "lr", "grad_norm", "tokens", "chunk"].contains(k) && !k.starts_with("eval_") {
+            m.insert((*k).into(), (*v).into());
+        }
+    }
+    if let Some(t) = tps {
+        m.insert("tokens_per_s".into(), t.into());
+    }
+    serde_json::Value::Object(m)
+}
+
+/// An eval line: the step's `eval_*` metrics, and `eval_ppl` for SFT's eval loss.
+fn eval_line<'a>(step: i64, values: impl Iterator<Item = (&'a str, f64)>, sft: bool) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("step".into(), step.into());
+    let mut loss = None;
+    for (k, v) in values.filter(|(k, _)| k.starts_with("eval_")) {
+        if k == "eval_loss" {
+            loss = Some(v);
+        }
+        m.insert(k.into(), v.into());
+    }
+    if let (Some(l), true) = (loss, sft) {
+        m.insert("eval_ppl".into(), l.exp().into());
+    }
+    serde_json::Value::Object(m)
 }
 
 /// What the store holds for a resumed run: its metrics and its step total then.
@@ -185,6 +247,7 @@ impl RunView {
     /// keep; lines stay in step order.
     fn open(run_dir: &Path, spec: &Spec, resumed: Option<i64>, stored: Option<Stored<'_>>) -> Result<Self> {
         let mut written = BTreeSet::new();
+        let sft = spec.trainer.kind == "sft";
         let log_every = spec.trainer.log_every.max(1) as i64;
         let eval_every = spec.trainer.eval_every as i64;
         if let Some(step) = resumed {
@@ -200,16 +263,14 @@ impl RunView {
                     by_step.entry(m.step).or_default().insert(m.name.as_str(), m.value);
                 }
                 for (s, v) in by_step {
-                    if let (Some(loss), false) = (v.get("loss"), have.contains(&(s, 0))) {
-                        if s % log_every == 0 || s == st.total_steps {
-                            let (lr, gn) = (v.get("lr").copied().unwrap_or(f64::NAN), v.get("grad_norm").copied().unwrap_or(f64::NAN));
-                            missing.push(serde_json::json!({"step": s, "loss": loss, "lr": lr, "grad_norm": gn}).to_string());
-                        }
+                    if v.contains_key("loss") && !have.contains(&(s, 0)) && (s % log_every == 0 || s == st.total_steps) {
+                        missing.push(loss_line(s, v.iter().map(|(k, v)| (*k, *v)), None).to_string());
                     }
-                    if let (Some(l), false) = (v.get("eval_loss"), have.contains(&(s, 1))) {
-                        if s == 0 || (eval_every > 0 && s % eval_every == 0) || s == st.total_steps {
-                            missing.push(serde_json::json!({"step": s, "eval_loss": l, "eval_ppl": l.exp()}).to_string());
-                        }
+                    if v.keys().any(|k| k.starts_with("eval_"))
+                        && !have.contains(&(s, 1))
+                        && (s == 0 || (eval_every > 0 && s % eval_every == 0) || s == st.total_steps)
+                    {
+                        missing.push(eval_line(s, v.iter().map(|(k, v)| (*k, *v)), sft).to_string());
                     }
                 }
             }
@@ -233,12 +294,14 @@ impl RunView {
             tokens: 0.0,
             started: Instant::now(),
             written,
+            pending_eval: None,
+            sft,
         };
         Ok(view)
     }
 
     fn line(&mut self, v: serde_json::Value) -> Result<()> {
-        let key = (v.get("step").and_then(|s| s.as_i64()).unwrap_or(-1), if v.get("eval_loss").is_some() { 1 } else { 0 });
+        let key = (v.get("step").and_then(|s| s.as_i64()).unwrap_or(-1), u8::from(is_eval_line(&v)));
         if !self.written.insert(key) {
             return Ok(());
         }
@@ -249,8 +312,14 @@ impl RunView {
         Ok(())
     }
 
-    fn eval_line(&mut self, step: i64, loss: f64) -> Result<()> {
-        self.line(serde_json::json!({"step": step, "eval_loss": loss, "eval_ppl": loss.exp()}))
+    /// Writes the eval line of the eval metrics gathered so far (when its step is one that
+    /// `eval_every` shows).
+    fn flush_eval(&mut self) -> Result<()> {
+        let Some((step, values)) = self.pending_eval.take() else { return Ok(()) };
+        if step == 0 || (self.eval_every > 0 && step % self.eval_every == 0) || step == self.total {
+            self.line(eval_line(step, values.iter().map(|(k, v)| (k.as_str(), *v)), self.sft))?;
+        }
+        Ok(())
     }
 
     fn tokens_per_s(&self) -> f64 {
@@ -259,12 +328,16 @@ impl RunView {
 
     /// Takes one event; returns the bar message after a step.
     fn show(&mut self, ev: Event) -> Result<Option<(i64, i64, String)>> {
+        // An evaluation's metrics arrive one by one: its line is written at the first event
+        // after them.
+        let eval_metric = matches!(&ev, Event::Metric { name, step, .. } if name.starts_with("eval_") && self.pending_eval.as_ref().is_none_or(|p| p.0 == *step));
+        if !eval_metric {
+            self.flush_eval()?;
+        }
         match ev {
             Event::Metric { step, name, value, .. } => {
-                if name == "eval_loss" {
-                    if step == 0 || (self.eval_every > 0 && step % self.eval_every == 0) || step == self.total {
-                        self.eval_line(step, value)?;
-                    }
+                if name.starts_with("eval_") {
+                    self.pending_eval.get_or_insert_with(|| (step, BTreeMap::new())).1.insert(name, value);
                 } else {
                     if name == "tokens" {
                         self.tokens += value;
@@ -278,9 +351,15 @@ impl RunView {
                 let get = |k: &str| v.get(k).copied().unwrap_or(f64::NAN);
                 let tps = self.tokens_per_s();
                 if steps_done % self.log_every == 0 || steps_done == total_steps {
-                    self.line(serde_json::json!({"step": steps_done, "loss": get("loss"), "lr": get("lr"), "grad_norm": get("grad_norm"), "tokens_per_s": tps}))?;
+                    self.line(loss_line(steps_done, v.iter().map(|(k, v)| (k.as_str(), *v)), Some(tps)))?;
                 }
-                let msg = format!("loss {:.4}  lr {:.2e}  {tps:.0} tok/s", get("loss"), get("lr"));
+                let mut msg = format!("loss {:.4}  lr {:.2e}  {tps:.0} tok/s", get("loss"), get("lr"));
+                if let Some(a) = v.get("rewards/accuracies") {
+                    msg.push_str(&format!("  reward acc {a:.2}"));
+                }
+                if let Some(r) = v.get("reward") {
+                    msg.push_str(&format!("  reward {r:.3}"));
+                }
                 return Ok(Some((steps_done, total_steps, msg)));
             }
             Event::Log { message, .. } => writeln!(self.log, "{message}")?,
@@ -396,6 +475,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let before_samples = if a.resume.is_none() { samples(&loaded, None, &spec, a.samples)? } else { Vec::new() };
     let mut eval_before = None;
+    let mut accuracy_before = None;
     // The eval at the checkpoint is the "before" of a resumed run (its line is in the view
     // when an uninterrupted run writes one there).
     if let Some((_, Some(l))) = resumed_at {
@@ -415,10 +495,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     })?;
     let bar = ProgressBar::hidden();
     let mut shown = false;
+    let headline = if spec.trainer.kind == "grpo" { "eval_reward" } else { "eval_loss" };
     while let Some(ev) = running.next_event() {
         if let Event::Metric { step: 0, ref name, value, .. } = ev {
-            if name == "eval_loss" {
+            if name == headline {
                 eval_before = Some(value);
+            }
+            if name == "eval_rewards/accuracies" {
+                accuracy_before = Some(value);
             }
         }
         if let Some((done, total, msg)) = view.show(ev)? {
@@ -436,6 +520,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     }
     let summary = running.wait()?;
+    view.flush_eval()?;
     bar.finish();
     if summary.cancelled {
         let mut resume = format!("furnace train {} --resume", a.spec.display());
@@ -449,7 +534,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("run {} ended {}: {}", run_id, run.status.as_str(), run.error.clone().unwrap_or_default());
     }
     let final_step = run.steps_done;
-    let eval_after = exp.store().metrics(run_id)?.into_iter().find(|m| m.step == final_step && m.name == "eval_loss").map(|m| m.value);
+    let final_metrics = exp.store().metrics(run_id)?;
+    let at_end = |name: &str| final_metrics.iter().find(|m| m.step == final_step && m.name == name).map(|m| m.value);
+    let (eval_after, accuracy_after) = (at_end(headline), at_end("eval_rewards/accuracies"));
 
     let trained = loaded.model.add_adapter(&furnace_model::load_adapter(&run_dir.join("adapter"))?)?;
     let after_samples = samples(&loaded, Some(trained), &spec, a.samples)?;
@@ -467,10 +554,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     println!("run: {}", run_dir.display());
     println!("adapter: {}", run_dir.join("adapter").display());
-    if let (Some(b), Some(af)) = (eval_before, eval_after) {
-        println!("eval loss: {b:.4} -> {af:.4} (perplexity {:.2} -> {:.2})", b.exp(), af.exp());
-    } else if let Some(af) = eval_after {
-        println!("eval loss: {af:.4} (perplexity {:.2})", af.exp());
+    match (spec.trainer.kind.as_str(), eval_before, eval_after) {
+        ("sft", Some(b), Some(af)) => println!("eval loss: {b:.4} -> {af:.4} (perplexity {:.2} -> {:.2})", b.exp(), af.exp()),
+        ("sft", None, Some(af)) => println!("eval loss: {af:.4} (perplexity {:.2})", af.exp()),
+        ("grpo", b, Some(af)) => println!("eval mean reward: {}{af:.4}", b.map(|b| format!("{b:.4} -> ")).unwrap_or_default()),
+        (_, b, Some(af)) => println!("eval DPO loss: {}{af:.4}", b.map(|b| format!("{b:.4} -> ")).unwrap_or_default()),
+        _ => {}
+    }
+    if let Some(af) = accuracy_after {
+        println!("eval reward accuracy: {}{af:.3}", accuracy_before.map(|b| format!("{b:.3} -> ")).unwrap_or_default());
     }
     for (i, (prompt, after)) in after_samples.iter().enumerate() {
         println!("\nprompt: {prompt}");
