@@ -50,18 +50,29 @@ pub fn print_runs(store: &Store, runs: &[RunRow], all: bool) -> Result<()> {
         return print_pipelines(store, runs, all);
     }
     let mut out = std::io::stdout().lock();
+    // DPO and GRPO runs add their headline metrics (TRL's names, shortened).
+    let kind = |r: &RunRow| r.config.get("trainer").and_then(|t| t.get("kind")).and_then(|k| k.as_str()).unwrap_or("sft").to_string();
+    let mut extra: Vec<(&str, &str)> = Vec::new();
+    if runs.iter().any(|r| kind(r) == "dpo") {
+        extra.extend([("rewards/accuracies", "acc"), ("eval_rewards/accuracies", "eval_acc")]);
+    }
+    if runs.iter().any(|r| kind(r) == "grpo") {
+        extra.extend([("reward", "reward"), ("eval_reward", "eval_reward")]);
+    }
+    let heads: String = extra.iter().map(|(_, h)| format!("  {h:>11}")).collect();
     writeln!(
         out,
-        "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}  {:>6}  config",
+        "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}{heads}  {:>6}  config",
         "run", "status", "steps", "chunks", "loss", "eval_loss", "parent"
     )?;
     for r in runs.iter().filter(|r| all || r.status != RunStatus::Deleted) {
         let m = last_metrics(store, r.id)?;
         let f = |k: &str| m.get(k).map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
         let parent = r.parent_id.map(|p| format!("{p}{}", if r.warm { "w" } else { "" })).unwrap_or_else(|| "-".into());
+        let cells: String = extra.iter().map(|(k, _)| format!("  {:>11}", f(k))).collect();
         writeln!(
             out,
-            "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}  {:>6}  {}",
+            "{:>4}  {:<9}  {:>11}  {:>8}  {:>9}  {:>9}{cells}  {:>6}  {}",
             r.id,
             r.status.as_str(),
             format!("{}/{}", r.steps_done, r.total_steps),

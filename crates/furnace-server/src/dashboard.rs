@@ -68,11 +68,25 @@ async fn summary(State(st): State<AppState>) -> ApiResult<Response> {
     Ok(Json(out).into_response())
 }
 
-/// The best (smallest) eval loss of an experiment's runs that are not deleted.
+/// A training run's `trainer.kind` (`sft` when its config does not say).
+fn trainer_kind(r: &RunRow) -> String {
+    r.config.get("trainer").and_then(|t| t.get("kind")).and_then(Value::as_str).unwrap_or("sft").to_string()
+}
+
+/// The best eval score of an experiment's runs that are not deleted: the smallest eval
+/// loss, or for GRPO the largest last mean eval reward.
 fn best_eval(s: &Store, exp: i64, runs: &[RunRow]) -> furnace_exp::Result<Value> {
     let live: BTreeSet<i64> = runs.iter().filter(|r| r.status != RunStatus::Deleted).map(|r| r.id).collect();
-    let best = s
-        .metric_summary(exp)?
+    let summary = s.metric_summary(exp)?;
+    if runs.iter().any(|r| trainer_kind(r) == "grpo") {
+        let best = summary
+            .into_iter()
+            .filter(|m| m.name == "eval_reward" && live.contains(&m.run_id))
+            .max_by(|a, b| a.last.total_cmp(&b.last))
+            .map(|m| json!({ "metric": "eval_reward", "value": m.last, "run_id": m.run_id }));
+        return Ok(best.unwrap_or(Value::Null));
+    }
+    let best = summary
         .into_iter()
         .filter(|m| m.name == "eval_loss" && live.contains(&m.run_id))
         .min_by(|a, b| a.min.total_cmp(&b.min))
@@ -176,6 +190,8 @@ async fn table(State(st): State<AppState>, Path(name): Path<String>) -> ApiResul
                 })
                 .collect();
             let primary = if e.mode == "evals" { primary_metric(&runs) } else { None };
+            // A fit experiment's trainer kinds (sft, dpo, grpo): the web app adds their metrics.
+            let kinds: BTreeSet<String> = if e.mode == "evals" { BTreeSet::new() } else { runs.iter().map(trainer_kind).collect() };
             // The metrics to show: the primary first, then those with intervals, then the rest.
             let mut metric_names: Vec<String> = primary.iter().filter(|p| names.contains(*p)).cloned().collect();
             for n in names.iter().filter(|n| bounded.contains(*n)).chain(names.iter().filter(|n| !bounded.contains(*n))) {
@@ -191,6 +207,7 @@ async fn table(State(st): State<AppState>, Path(name): Path<String>) -> ApiResul
                 "primary": primary,
                 "metric_names": metric_names,
                 "bounded": bounded,
+                "kinds": kinds,
             }))
         })
         .await?;

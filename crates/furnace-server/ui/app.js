@@ -8,6 +8,11 @@ const main = () => $("#main");
 const PALETTE = ["#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#e03131", "#5f3dc4", "#66a80f", "#c2255c"];
 const colorOf = (id) => PALETTE[Math.abs(Number(id)) % PALETTE.length];
 const PLOT_METRICS = ["loss", "eval_loss", "lr", "grad_norm"];
+// What DPO and GRPO runs add to the plots and the runs table (TRL's metric names).
+const KIND_METRICS = {
+  dpo: { plot: ["rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"], cols: [["rewards/accuracies", "Reward acc"], ["eval_rewards/accuracies", "Eval reward acc"]] },
+  grpo: { plot: ["reward", "eval_reward", "completions/mean_length"], cols: [["reward", "Reward"], ["eval_reward", "Eval reward"]] },
+};
 
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -180,7 +185,8 @@ function experimentPage(name) {
   const isSelected = (id) => st.selected === null || st.selected.has(id);
   const isEvals = () => !!st.table && st.table.experiment.mode === "evals";
   // The metrics plotted: an evals experiment's own (primary first), a training run's usual four.
-  const plotMetrics = () => (isEvals() ? (st.table.metric_names || []).slice(0, 16) : PLOT_METRICS);
+  const kindMetrics = (part) => (st.table && st.table.kinds ? st.table.kinds : []).flatMap((k) => (KIND_METRICS[k] ? KIND_METRICS[k][part] : []));
+  const plotMetrics = () => (isEvals() ? (st.table.metric_names || []).slice(0, 16) : PLOT_METRICS.concat(kindMetrics("plot")));
   // One plot per metric plotted, in order (made when the table says which).
   function ensurePlots() {
     const want = plotMetrics();
@@ -207,8 +213,9 @@ function experimentPage(name) {
       { key: "loss", label: "Loss", num: true, get: (r) => metric(r, "loss", "last") },
       { key: "eval", label: "Eval loss", num: true, get: (r) => metric(r, "eval_loss", "last") },
       { key: "best", label: "Best eval", num: true, get: (r) => metric(r, "eval_loss", "min") },
-      { key: "parent", label: "Parent", num: true, get: (r) => r.parent_id },
     );
+    for (const [m, label] of kindMetrics("cols")) cols.push({ key: `metric:${m}`, label, num: true, get: (r) => metric(r, m, "last") });
+    cols.push({ key: "parent", label: "Parent", num: true, get: (r) => r.parent_id });
     return cols;
   }
   // An evals experiment: shards, each metric with its interval, why a run stopped.
@@ -434,7 +441,8 @@ function experimentPage(name) {
       if (r) {
         const m = ((r.metrics ||= {})[ev.name] ||= { last: ev.value, min: ev.value });
         m.last = ev.value; m.min = Math.min(m.min, ev.value);
-        const key = isEvals() ? `metric:${CSS.escape(ev.name)}` : ev.name === "loss" ? "loss" : ev.name === "eval_loss" ? "eval" : "-";
+        const kindCol = kindMetrics("cols").some(([m]) => m === ev.name);
+        const key = isEvals() || kindCol ? `metric:${CSS.escape(ev.name)}` : ev.name === "loss" ? "loss" : ev.name === "eval_loss" ? "eval" : "-";
         const cell = tableWrap.querySelector(`tr[data-run="${ev.run_id}"] td[data-cell="${key}"]`);
         // A metric with an interval is shown with it when its interval event follows.
         if (cell && !(isEvals() && (st.table.bounded || []).includes(ev.name))) cell.textContent = fmtNum(ev.value);

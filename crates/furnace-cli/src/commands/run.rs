@@ -203,10 +203,10 @@ impl Display {
                 let e = self.last.entry(run_id).or_default();
                 match name.as_str() {
                     "loss" => e.0 = Some(value),
-                    "eval_loss" => {
+                    "eval_loss" | "eval_reward" => {
                         e.1 = Some(value);
                         if !self.tty {
-                            self.line(format!("run {run_id} step {step}: eval_loss {value:.4}"));
+                            self.line(format!("run {run_id} step {step}: {name} {value:.4}"));
                         }
                     }
                     _ => {}

@@ -213,3 +213,134 @@ fn sigterm_stops_train_with_130_and_resume_finishes_with_every_step_once() {
     let got = steps(&std::fs::read_to_string(run.join("metrics.jsonl")).unwrap());
     assert_eq!(got, (1..=60).collect::<Vec<u64>>());
 }
+
+fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn latest_run(dir: &Path, name: &str) -> PathBuf {
+    let exp = dir.join("runs").join(name);
+    exp.join(std::fs::read_to_string(exp.join("latest")).unwrap().trim())
+}
+
+#[test]
+fn train_runs_dpo_and_writes_trl_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"What is {i} plus {i}?\", \"chosen\": \"{}\", \"rejected\": \"{}\"}}\n", 2 * i, 2 * i + 3))
+        .collect();
+    std::fs::write(dir.path().join("pairs.jsonl"), &rows).unwrap();
+    let body = format!(
+        r#"[experiment]
+name = "tinydpo"
+[data]
+train = "pairs.jsonl"
+eval = "pairs.jsonl"
+[model]
+base = "{}"
+[lora]
+r = 4
+alpha = 8
+[trainer]
+kind = "dpo"
+beta = 0.5
+loss_type = ["sigmoid", "sft"]
+loss_weights = [1.0, 0.1]
+learning_rate = 5e-2
+max_steps = 6
+batch_size = 2
+max_seq_len = 64
+eval_every = 3
+"#,
+        testdata().join("tiny-llama").display()
+    );
+    std::fs::write(dir.path().join("dpo.toml"), body).unwrap();
+    let o = furnace(dir.path(), &["train", "dpo.toml", "--samples", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("eval DPO loss: 0.6") && out.contains("eval reward accuracy: 0.000 ->"), "{out}");
+    let lines = read_lines(&latest_run(dir.path(), "tinydpo").join("metrics.jsonl"));
+    let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.iter().map(|l| l["step"].as_i64().unwrap()).collect::<Vec<_>>(), vec![0, 3, 6]);
+    // Before training the policy is the reference: every implicit reward is 0 and the
+    // sigmoid loss is log 2 (plus the SFT term).
+    assert_eq!(evals[0]["eval_rewards/chosen"].as_f64().unwrap(), 0.0);
+    assert!(evals[0].get("eval_ppl").is_none(), "a DPO loss has no perplexity");
+    let last = evals[2];
+    assert!(last["eval_rewards/accuracies"].as_f64().unwrap() > 0.5, "{last}");
+    assert!(last["eval_rewards/margins"].as_f64().unwrap() > 0.0, "{last}");
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 6);
+    for k in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        assert!(steps.iter().all(|l| l[k].is_f64()), "every loss line has {k}");
+    }
+    // `furnace runs` shows the reward accuracy.
+    let o = furnace(dir.path(), &["runs", "--runs-dir", "runs"]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("eval_acc"), "{table}");
+}
+
+#[test]
+fn train_runs_grpo_with_a_command_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (0..6).map(|i| format!("{{\"prompt\": \"Count to {i}\", \"target\": {}}}\n", 3 + i)).collect();
+    std::fs::write(dir.path().join("prompts.jsonl"), &rows).unwrap();
+    // Scores each completion by how close its length in characters is to the row's target.
+    std::fs::write(
+        dir.path().join("score.py"),
+        "import json, sys\nfor line in sys.stdin:\n    d = json.loads(line)\n    print(-abs(len(d['completion']) - d['row']['target']))\n",
+    )
+    .unwrap();
+    let body = format!(
+        r#"[experiment]
+name = "tinygrpo"
+[data]
+train = "prompts.jsonl"
+eval = "prompts.jsonl"
+[model]
+base = "{}"
+[lora]
+r = 4
+alpha = 8
+[trainer]
+kind = "grpo"
+learning_rate = 1e-2
+max_steps = 4
+batch_size = 2
+num_generations = 3
+max_completion_length = 8
+max_seq_len = 64
+num_iterations = 2
+save_every = 1
+[[reward]]
+kind = "command"
+name = "closeness"
+program = ["python3", "./score.py"]
+[[reward]]
+kind = "length"
+max_length = 4
+"#,
+        testdata().join("tiny-llama").display()
+    );
+    std::fs::write(dir.path().join("grpo.toml"), body).unwrap();
+    let o = furnace(dir.path(), &["train", "grpo.toml", "--samples", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("eval mean reward:"), "{out}");
+    let run = latest_run(dir.path(), "tinygrpo");
+    let lines = read_lines(&run.join("metrics.jsonl"));
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 4);
+    for k in ["reward", "reward_std", "rewards/closeness/mean", "rewards/length/std", "completions/mean_length", "clip_ratio/region_mean"] {
+        assert!(steps.iter().all(|l| l[k].is_f64()), "every loss line has {k}: {:?}", steps[0]);
+    }
+    // Two steps per sampled batch: the second step of a batch logs the same rewards.
+    assert_eq!(steps[0]["reward"], steps[1]["reward"]);
+    assert_eq!(steps[2]["reward"], steps[3]["reward"]);
+    // The checkpoint after the first step holds the batch still to be trained on.
+    assert!(run.join("checkpoints/step-1/rollout.json").is_file());
+    assert!(run.join("checkpoints/step-2/trainer_state.json").is_file() && !run.join("checkpoints/step-2/rollout.json").exists());
+    let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("eval_reward").is_some()).collect();
+    assert_eq!(evals.first().unwrap()["step"], 0);
+    assert!(evals.last().unwrap()["eval_rewards/closeness/mean"].as_f64().unwrap() <= 0.0);
+}
