@@ -78,8 +78,13 @@ fn override_json(config: &serde_json::Value, set: &[String], sections: &[&str]) 
         let Some(obj) = c.get_mut(&section).and_then(|v| v.as_object_mut()) else {
             return Err(Error::Invalid(format!("--set {s}: the run's config has no [{section}]")));
         };
-        if !obj.contains_key(&key) {
-            let known: Vec<&String> = obj.keys().collect();
+        // The DPO and GRPO settings are stored only when given (a default one is absent).
+        let optional = section == "trainer" && furnace_train::spec::OPTIONAL_TRAINER_KEYS.contains(&key.as_str());
+        if !obj.contains_key(&key) && !optional {
+            let mut known: Vec<&str> = obj.keys().map(String::as_str).collect();
+            if section == "trainer" {
+                known.extend(furnace_train::spec::OPTIONAL_TRAINER_KEYS.iter().filter(|k| !obj.contains_key(**k)));
+            }
             return Err(Error::Invalid(format!("--set {s}: {section}.{key} is not a setting (known: {known:?})")));
         }
         obj.insert(key, value);
@@ -125,6 +130,8 @@ pub fn check_warm(parent: &Spec, child: &Spec) -> Result<()> {
         Some("the base model (or its quantization) changes what the adapter was trained on".to_string())
     } else if parent.trainer.max_seq_len != child.trainer.max_seq_len {
         Some("trainer.max_seq_len changes the examples".to_string())
+    } else if parent.trainer.kind != child.trainer.kind {
+        Some(format!("trainer.kind {} -> {} changes what the examples are (and their order)", parent.trainer.kind, child.trainer.kind))
     } else {
         None
     };

@@ -656,6 +656,27 @@ impl Spec {
     }
 }
 
+/// Keys of `[trainer]` that a stored config (the spec as JSON) holds only when they were
+/// given: the DPO and GRPO settings. A clone may set one its parent's config lacks.
+pub const OPTIONAL_TRAINER_KEYS: [&str; 16] = [
+    "beta",
+    "loss_type",
+    "loss_weights",
+    "label_smoothing",
+    "reference_adapter",
+    "num_generations",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_completion_length",
+    "epsilon",
+    "epsilon_high",
+    "scale_rewards",
+    "num_iterations",
+    "reward_weights",
+    "use_bias_correction_kl",
+];
+
 /// Keys of `[trainer]` that only DPO uses, only GRPO uses, and both.
 const DPO_KEYS: [&str; 4] = ["loss_weights", "label_smoothing", "reference_adapter", "loss_type"];
 const GRPO_KEYS: [&str; 11] = [

@@ -398,12 +398,21 @@ impl Trainer {
 
     /// Chunks completed since the start (over all epochs).
     pub fn chunks_done(&self) -> usize {
-        self.epoch * self.bounds.len() + self.bounds.iter().filter(|&&b| b <= self.offset).count()
+        let done = self.epoch * self.bounds.len() + self.bounds.iter().filter(|&&b| b <= self.offset).count();
+        // A GRPO batch still to be trained on (`num_iterations > 1`) belongs to the chunk its
+        // prompts came from (a step never spans two chunks): that chunk is done only after
+        // the batch's last iteration, though its prompts are all drawn.
+        if self.rollout.is_some() && self.offset > 0 && self.bounds.contains(&self.offset) {
+            done - 1
+        } else {
+            done
+        }
     }
 
-    /// Whether the run stands at a chunk boundary (the start of a chunk).
+    /// Whether the run stands at a chunk boundary (the start of a chunk; not while a GRPO
+    /// batch of the chunk before is still to be trained on).
     pub fn at_chunk_boundary(&self) -> bool {
-        self.offset == 0 || self.bounds.contains(&self.offset)
+        self.rollout.is_none() && (self.offset == 0 || self.bounds.contains(&self.offset))
     }
 
     /// The end of the chunk the next example comes from.
@@ -439,7 +448,9 @@ impl Trainer {
         t.order = self.order.clone();
         t.rewards = self.rewards.clone();
         t.reference = self.reference.clone();
-        t.rollout = self.rollout.clone();
+        // A GRPO batch still to be trained on goes on under the same settings; a clone that
+        // changes them (reward weights, clipping, ...) samples its own from the next step.
+        t.rollout = if t.config.objective == self.config.objective { self.rollout.clone() } else { None };
         Ok(t)
     }
 

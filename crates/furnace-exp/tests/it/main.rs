@@ -5,3 +5,4 @@ mod audit;
 mod conversations;
 mod fit;
 mod ops;
+mod prefs;
