@@ -429,3 +429,33 @@ async fn an_evals_experiment_from_a_spec_names_its_primary_metric_and_best_run()
     let (s, v) = op(format!(r#"{{"run": {}, "op": "clone", "set": [], "warm": true}}"#, ids[0])).await;
     assert!(s.is_client_error() && error_of(&v).contains("warm"), "{s}: {v}");
 }
+
+#[tokio::test]
+async fn dpo_and_grpo_experiments_name_their_kinds_and_grpo_ranks_by_eval_reward() {
+    let f = fixture();
+    let store = f.store();
+    let config = |kind: &str| json!({ "experiment": { "mode": "fit" }, "trainer": { "kind": kind } });
+    let g = store.create_experiment_with_runs("gr", "fit", &f.db.with_file_name("gr.toml"), "", &[]).unwrap();
+    let a = store.add_run(g.id, &config("grpo"), &json!({}), 0, 0, 0, None).unwrap();
+    let b = store.add_run(g.id, &config("grpo"), &json!({}), 0, 0, 0, None).unwrap();
+    let mut s = f.store();
+    s.record_step(a, 2, 1, &[("reward", 0.1), ("eval_reward", 0.3)]).unwrap();
+    s.record_step(b, 2, 1, &[("reward", 0.4), ("eval_reward", 0.7)]).unwrap();
+    let d = store.create_experiment_with_runs("dp", "fit", &f.db.with_file_name("dp.toml"), "", &[]).unwrap();
+    let c = store.add_run(d.id, &config("dpo"), &json!({}), 0, 0, 0, None).unwrap();
+    s.record_step(c, 1, 1, &[("loss", 0.5), ("eval_loss", 0.6), ("rewards/accuracies", 0.75)]).unwrap();
+    let app = f.router(None);
+    let (st, v) = call(&app, "GET", "/api/summary", None, None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let summary = |name: &str| v.as_array().unwrap().iter().find(|e| e["experiment"]["name"] == name).unwrap().clone();
+    // The larger eval reward is GRPO's best; a DPO experiment's best is its eval loss.
+    assert_eq!(summary("gr")["best"], json!({ "metric": "eval_reward", "value": 0.7, "run_id": b }));
+    assert_eq!(summary("dp")["best"]["metric"], "eval_loss");
+    let (_, t) = call(&app, "GET", "/api/experiments/gr/table", None, None).await;
+    assert_eq!(t["kinds"], json!(["grpo"]));
+    let (_, t) = call(&app, "GET", "/api/experiments/dp/table", None, None).await;
+    assert_eq!(t["kinds"], json!(["dpo"]));
+    assert_eq!(t["runs"][0]["metrics"]["rewards/accuracies"]["last"].as_f64(), Some(0.75));
+    let (_, v) = call(&app, "GET", "/api/experiments/gr/series?names=reward,eval_reward", None, None).await;
+    assert_eq!(v["runs"][b.to_string()]["eval_reward"]["value"], json!([0.7]));
+}
