@@ -431,32 +431,38 @@ fn head_loss(
     train: bool,
 ) -> Result<(Vec<f64>, Vec<usize>, Vec<f32>)> {
     let h = base.config.hidden_size;
-    let vocab = base.config.vocab_size;
     let mut loss = vec![0f64; n_adapters];
     let mut count = vec![0usize; n_adapters];
     let mut dhf = if train { vec![0f32; hf.len()] } else { Vec::new() };
     for chunk in rows.chunks(LOSS_ROWS) {
-        let m = chunk.len();
-        let mut hc = Vec::with_capacity(m * h);
-        for &(r, ..) in chunk {
-            hc.extend_from_slice(&hf[r * h..(r + 1) * h]);
-        }
-        let mut logits = base.lm_head.forward(&hc, m)?.pop().unwrap_or_default();
-        let targets: Vec<u32> = chunk.iter().map(|c| c.1).collect();
-        let weights: Vec<f32> = chunk.iter().map(|c| c.2).collect();
-        let losses = ops::cross_entropy(&mut logits, vocab, &targets, &weights, train);
+        let (losses, dh) = head_chunk(base, hf, chunk, false, train)?;
         for (l, c) in losses.iter().zip(chunk) {
             loss[c.3] += l;
             count[c.3] += 1;
         }
-        if train {
-            let dh = base.lm_head.backward(&[&logits], m)?;
-            for (i, &(r, ..)) in chunk.iter().enumerate() {
-                add_into(&mut dhf[r * h..(r + 1) * h], &dh[i * h..(i + 1) * h]);
-            }
+        for (i, &(r, ..)) in chunk.iter().enumerate().filter(|_| train) {
+            add_into(&mut dhf[r * h..(r + 1) * h], &dh[i * h..(i + 1) * h]);
         }
     }
     Ok((loss, count, dhf))
+}
+
+/// The LM head and cross-entropy over one chunk of labelled rows: each row's loss and, with
+/// `train`, the gradient for its hidden state (`[rows, hidden]`) of its weighted loss (each
+/// row's weight, or 1 with `unit`).
+fn head_chunk(base: &FrozenBase, hf: &[f32], chunk: &[(usize, u32, f32, usize)], unit: bool, train: bool) -> Result<(Vec<f64>, Vec<f32>)> {
+    let h = base.config.hidden_size;
+    let m = chunk.len();
+    let mut hc = Vec::with_capacity(m * h);
+    for &(r, ..) in chunk {
+        hc.extend_from_slice(&hf[r * h..(r + 1) * h]);
+    }
+    let mut logits = base.lm_head.forward(&hc, m)?.pop().unwrap_or_default();
+    let targets: Vec<u32> = chunk.iter().map(|c| c.1).collect();
+    let weights: Vec<f32> = chunk.iter().map(|c| if unit { 1.0 } else { c.2 }).collect();
+    let losses = ops::cross_entropy(&mut logits, base.config.vocab_size, &targets, &weights, train);
+    let dh = if train { base.lm_head.backward(&[&logits], m)? } else { Vec::new() };
+    Ok((losses, dh))
 }
 
 /// Forward and backward of a batch: each adapter's loss and the gradients of
@@ -484,23 +490,12 @@ pub type SeqLogps = Vec<Vec<f32>>;
 /// with `train`, `d(-logp)/dh` per row (`[rows, hidden]`, in `rows` order).
 fn head_logps(base: &FrozenBase, hf: &[f32], rows: &[(usize, u32, f32, usize)], train: bool) -> Result<(Vec<f32>, Vec<f32>)> {
     let h = base.config.hidden_size;
-    let vocab = base.config.vocab_size;
     let mut logps = Vec::with_capacity(rows.len());
     let mut g = if train { Vec::with_capacity(rows.len() * h) } else { Vec::new() };
     for chunk in rows.chunks(LOSS_ROWS) {
-        let m = chunk.len();
-        let mut hc = Vec::with_capacity(m * h);
-        for &(r, ..) in chunk {
-            hc.extend_from_slice(&hf[r * h..(r + 1) * h]);
-        }
-        let mut logits = base.lm_head.forward(&hc, m)?.pop().unwrap_or_default();
-        let targets: Vec<u32> = chunk.iter().map(|c| c.1).collect();
-        let ones = vec![1f32; m];
-        let losses = ops::cross_entropy(&mut logits, vocab, &targets, &ones, train);
+        let (losses, dh) = head_chunk(base, hf, chunk, true, train)?;
         logps.extend(losses.iter().map(|&l| -l as f32));
-        if train {
-            g.extend(base.lm_head.backward(&[&logits], m)?);
-        }
+        g.extend(dh);
     }
     Ok((logps, g))
 }
