@@ -46,6 +46,17 @@ pub enum BenchCmd {
     /// generator, batched together (what `furnace run` does) versus one pipeline after
     /// another; questions/s and peak RSS of each, each in its own process.
     Evals(super::bench_evals::EvalsBenchArgs),
+    /// DPO against TRL's DPOTrainer + PEFT on PyTorch (`scripts/peer_trl.py`): the first 64
+    /// pairs of data/dpo, 4 pairs per step, 96 tokens at most, sigmoid loss (beta 0.1);
+    /// tokens/s of the training steps (chosen + rejected, prompts included), the one-off
+    /// reference pass apart, and peak RSS, as furnace / peer ratios (medians of repeats).
+    Dpo(super::bench_prefs::DpoBenchArgs),
+    /// GRPO against TRL's GRPOTrainer + PEFT on PyTorch (`scripts/peer_trl.py`): 2 prompts
+    /// of data/grpo x 4 sampled completions per step, 32 tokens at most, temperature 1.0, a
+    /// regex reward (a digit in the completion), beta 0, dapo loss; prompts/s and completion
+    /// tokens/s with generation included, and peak RSS, as furnace / peer ratios (medians of
+    /// repeats).
+    Grpo(super::bench_prefs::GrpoBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -255,6 +266,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Index(a) => super::bench_index::run(a),
         BenchCmd::Serve(a) => super::bench_serve::run(a),
         BenchCmd::Evals(a) => super::bench_evals::run(a),
+        BenchCmd::Dpo(a) => super::bench_prefs::run_dpo(a),
+        BenchCmd::Grpo(a) => super::bench_prefs::run_grpo(a),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_embed;
 pub mod bench_evals;
 pub mod bench_index;
+pub mod bench_prefs;
 pub mod bench_serve;
 pub mod chaos;
 pub mod chat;
