@@ -22,9 +22,9 @@ crates/furnace-evals/tests/metrics.rs must reproduce.
 
 Regenerate (ranx compiles with numba on first use: about a minute):
 
-    python3 -m venv /work/venv-evalfix
-    /work/venv-evalfix/bin/pip install rouge-score sacrebleu ranx numpy
-    /work/venv-evalfix/bin/python scripts/make_eval_metric_fixtures.py
+    python3 -m venv /tmp/venv-evalfix
+    /tmp/venv-evalfix/bin/pip install rouge-score sacrebleu ranx numpy
+    /tmp/venv-evalfix/bin/python scripts/make_eval_metric_fixtures.py
 """
 import collections
 import json

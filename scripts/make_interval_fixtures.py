@@ -24,9 +24,9 @@ expected for it. Every interval here is computed by this script, independently o
 
 Regenerate (from the repository root):
 
-    python3 -m venv /work/venv-intervalfix
-    /work/venv-intervalfix/bin/pip install numpy scipy statsmodels
-    /work/venv-intervalfix/bin/python scripts/make_interval_fixtures.py
+    python3 -m venv /tmp/venv-intervalfix
+    /tmp/venv-intervalfix/bin/pip install numpy scipy statsmodels
+    /tmp/venv-intervalfix/bin/python scripts/make_interval_fixtures.py
 
 The output is deterministic (seeded numpy Generator).
 """
