@@ -54,9 +54,7 @@ fn samples(loaded: &furnace_model::LoadedModel, adapter: Option<AdapterId>, spec
         let mut msgs = Vec::new();
         // A prompt given as chat messages (DPO and GRPO rows) is shown by its last message.
         let listed: Option<Vec<ChatMessage>> = row.get(&c.prompt).and_then(|v| v.as_array()).map(|a| {
-            a.iter()
-                .filter_map(|m| Some(ChatMessage::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?.to_string())))
-                .collect()
+            a.iter().filter_map(|m| Some(ChatMessage::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?.to_string()))).collect()
         });
         let prompt = match listed.filter(|m| !m.is_empty()) {
             Some(list) => {

@@ -506,3 +506,43 @@ async fn an_evals_experiment_shows_interval_bands_and_takes_its_ops() {
     shot(&c, "10-evals-ops").await;
     c.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpo_experiment_shows_its_rewards_in_the_table_and_the_plots() {
+    let d = tempfile::tempdir().unwrap();
+    let rows: String = (0..4).map(|i| format!("{{\"prompt\": \"Count to {i}\", \"answer\": \"{i}\"}}\n")).collect();
+    std::fs::write(d.path().join("prompts.jsonl"), rows).unwrap();
+    // Two runs (reward weights as a knob) of a GRPO spec: sampled completions, a length
+    // reward, evaluated at each chunk's end.
+    let spec = format!(
+        "[experiment]\nname = \"gr\"\nnum_chunks = 2\n\n[data]\ntrain = \"prompts.jsonl\"\neval = \"prompts.jsonl\"\n\n\
+         [model]\nbase = \"{}\"\n\n[lora]\nr = 2\nalpha = 4\ntargets = [\"q_proj\", \"v_proj\"]\n\n\
+         [trainer]\nkind = \"grpo\"\nlearning_rate = 1e-2\nbatch_size = 1\nnum_generations = 2\nmax_completion_length = 4\n\
+         max_seq_len = 64\nreward_weights = {{ list = [[1.0, 0.5], [1.0, 0.0]] }}\n\n\
+         [[reward]]\nkind = \"length\"\ntarget_length = 2\n\n[[reward]]\nkind = \"regex\"\npattern = \"a\"\n",
+        tiny()
+    );
+    std::fs::write(d.path().join("spec.toml"), spec).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_furnace"))
+        .current_dir(d.path())
+        .args(["run", "spec.toml", "--no-server", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_furnace, url, _log) = start_furnace(d.path(), &["ui", "--port", "0"], &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#/e/gr")).await.unwrap();
+    let heads =
+        wait_for(&c, "the reward columns", "return [...document.querySelectorAll('#runs thead th')].map(h => h.textContent)", |v| {
+            v.as_array().is_some_and(|a| a.iter().any(|h| h.as_str().is_some_and(|s| s.starts_with("Eval reward"))))
+        })
+        .await;
+    assert!(heads.as_array().unwrap().iter().any(|h| h.as_str().is_some_and(|s| s.starts_with("Reward"))), "{heads}");
+    let cell = "return [...document.querySelectorAll('#runs tbody td[data-cell=\"metric:eval_reward\"]')].map(td => td.textContent)";
+    let cells = wait_for(&c, "eval reward cells", cell, |v| v.as_array().is_some_and(|a| a.len() == 2)).await;
+    assert!(cells.as_array().unwrap().iter().all(|t| t.as_str().is_some_and(|s| s.parse::<f64>().is_ok())), "{cells}");
+    let points = "return Number((document.querySelector('.plot[data-metric=\"reward\"]') || {dataset: {}}).dataset.points || 0)";
+    wait_for(&c, "the reward plot", points, |v| v.as_f64().is_some_and(|n| n >= 2.0)).await;
+    shot(&c, "8-grpo-rewards").await;
+    c.close().await.unwrap();
+}
