@@ -186,7 +186,10 @@ function experimentPage(name) {
   const isEvals = () => !!st.table && st.table.experiment.mode === "evals";
   // The metrics plotted: an evals experiment's own (primary first), a training run's usual four.
   const kindMetrics = (part) => (st.table && st.table.kinds ? st.table.kinds : []).flatMap((k) => (KIND_METRICS[k] ? KIND_METRICS[k][part] : []));
-  const plotMetrics = () => (isEvals() ? (st.table.metric_names || []).slice(0, 16) : PLOT_METRICS.concat(kindMetrics("plot")));
+  // GRPO runs have no eval loss (they are evaluated by their rewards).
+  const onlyGrpo = () => !!st.table && (st.table.kinds || []).length > 0 && st.table.kinds.every((k) => k === "grpo");
+  const plotMetrics = () => (isEvals() ? (st.table.metric_names || []).slice(0, 16)
+    : PLOT_METRICS.filter((m) => !(onlyGrpo() && m === "eval_loss")).concat(kindMetrics("plot")));
   // One plot per metric plotted, in order (made when the table says which).
   function ensurePlots() {
     const want = plotMetrics();
@@ -211,9 +214,13 @@ function experimentPage(name) {
     for (const k of st.table.knobs) cols.push({ key: `knob:${k}`, label: k, knob: k, get: (r) => (r.knobs ? r.knobs[k] : undefined) });
     cols.push(
       { key: "loss", label: "Loss", num: true, get: (r) => metric(r, "loss", "last") },
-      { key: "eval", label: "Eval loss", num: true, get: (r) => metric(r, "eval_loss", "last") },
-      { key: "best", label: "Best eval", num: true, get: (r) => metric(r, "eval_loss", "min") },
     );
+    if (!onlyGrpo()) {
+      cols.push(
+        { key: "eval", label: "Eval loss", num: true, get: (r) => metric(r, "eval_loss", "last") },
+        { key: "best", label: "Best eval", num: true, get: (r) => metric(r, "eval_loss", "min") },
+      );
+    }
     for (const [m, label] of kindMetrics("cols")) cols.push({ key: `metric:${m}`, label, num: true, get: (r) => metric(r, m, "last") });
     cols.push({ key: "parent", label: "Parent", num: true, get: (r) => r.parent_id });
     return cols;

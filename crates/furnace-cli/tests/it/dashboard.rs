@@ -537,12 +537,16 @@ async fn a_grpo_experiment_shows_its_rewards_in_the_table_and_the_plots() {
             v.as_array().is_some_and(|a| a.iter().any(|h| h.as_str().is_some_and(|s| s.starts_with("Eval reward"))))
         })
         .await;
-    assert!(heads.as_array().unwrap().iter().any(|h| h.as_str().is_some_and(|s| s.starts_with("Reward"))), "{heads}");
+    let heads: Vec<&str> = heads.as_array().unwrap().iter().filter_map(|h| h.as_str()).collect();
+    assert!(heads.iter().any(|s| s.starts_with("Reward")), "{heads:?}");
+    assert!(!heads.iter().any(|s| s.starts_with("Eval loss")), "GRPO runs have no eval loss: {heads:?}");
     let cell = "return [...document.querySelectorAll('#runs tbody td[data-cell=\"metric:eval_reward\"]')].map(td => td.textContent)";
     let cells = wait_for(&c, "eval reward cells", cell, |v| v.as_array().is_some_and(|a| a.len() == 2)).await;
     assert!(cells.as_array().unwrap().iter().all(|t| t.as_str().is_some_and(|s| s.parse::<f64>().is_ok())), "{cells}");
     let points = "return Number((document.querySelector('.plot[data-metric=\"reward\"]') || {dataset: {}}).dataset.points || 0)";
     wait_for(&c, "the reward plot", points, |v| v.as_f64().is_some_and(|n| n >= 2.0)).await;
+    let eval_loss_plot = c.execute("return !!document.querySelector('.plot[data-metric=\"eval_loss\"]')", vec![]).await.unwrap();
+    assert_eq!(eval_loss_plot, serde_json::Value::Bool(false), "no eval-loss plot for GRPO runs");
     shot(&c, "8-grpo-rewards").await;
     c.close().await.unwrap();
 }
