@@ -166,3 +166,70 @@ fn grpo_advantages_losses_and_gradients_match_trl() {
         check_grads(name, &gr, &want_grads);
     }
 }
+
+#[test]
+fn a_reference_adapter_is_the_reference() {
+    let (base, lora) = setup();
+    let case = &jsonl("dpo_cases.jsonl")[0];
+    let examples: Vec<Example> = case["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let (ids_c, labels_c) = seq(&ids(p, "prompt"), &ids(p, "chosen"));
+            let (ids_r, labels_r) = seq(&ids(p, "prompt"), &ids(p, "rejected"));
+            Example {
+                ids: ids_c,
+                labels: labels_c,
+                rejected: Some(Box::new(Sequence { ids: ids_r, labels: labels_r })),
+                ..Default::default()
+            }
+        })
+        .collect();
+    // With the policy's own adapter as the reference every implicit reward is 0, the
+    // sigmoid loss is log 2 and no pair is won.
+    let (loss, metrics, _) = policy::dpo_batch(&base, &lora, Some(&lora), &DpoConfig::default(), &examples).unwrap();
+    assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
+    let get = |n: &str| metrics.iter().find(|(k, _)| k == n).unwrap().1;
+    assert!(get("rewards/chosen").abs() < 1e-6 && get("rewards/rejected").abs() < 1e-6);
+    assert_eq!(get("rewards/accuracies"), 0.0);
+    // The reference kept in the examples is the adapter's, not the base's.
+    let (rc, _) = *examples[0].reference.get().unwrap();
+    assert!((rc - f64s(&case["policy_chosen_logps"])[0]).abs() < 1e-3);
+    assert!((rc - f64s(&case["ref_chosen_logps"])[0]).abs() > 1e-3);
+}
+
+#[test]
+fn spec_paths_of_the_reference_and_of_rewards_are_anchored_at_the_spec() {
+    let text = r#"
+[experiment]
+name = "g"
+[data]
+train = "t.jsonl"
+[model]
+base = "m"
+[lora]
+r = 2
+alpha = 4
+[trainer]
+kind = "grpo"
+[[reward]]
+kind = "command"
+program = ["./score.py", "--x"]
+[[reward]]
+kind = "json_schema"
+schema = "schemas/answer.json"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("score.py"), "print(1)\n").unwrap();
+    std::fs::create_dir(dir.path().join("schemas")).unwrap();
+    std::fs::write(dir.path().join("schemas/answer.json"), "{\"type\": \"object\"}").unwrap();
+    let s = furnace_train::Spec::parse(text, &dir.path().join("grpo.toml")).unwrap();
+    let at = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    assert_eq!(s.rewards[0].program.as_ref().unwrap()[0], at("./score.py"));
+    assert_eq!(s.rewards[1].schema, Some(serde_json::json!(at("schemas/answer.json"))));
+    let dpo = text.replace("kind = \"grpo\"", "kind = \"dpo\"\nreference_adapter = \"ref\"");
+    let dpo = &dpo[..dpo.find("[[reward]]").unwrap()];
+    let s = furnace_train::Spec::parse(dpo, &dir.path().join("dpo.toml")).unwrap();
+    assert_eq!(s.trainer.reference_adapter, Some(dir.path().join("ref")));
+}
