@@ -10,7 +10,9 @@ mod human;
 mod interrupt;
 mod models;
 
-use commands::{bench, chat, conversations, doctor, embed, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui};
+use commands::{
+    bench, chat, conversations, doctor, embed, eval, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -42,6 +44,9 @@ enum Command {
     /// Train one LoRA configuration from a spec (TOML): a one-run experiment (see `furnace
     /// runs`) whose run folder holds metrics.jsonl, checkpoints and the final adapter.
     Train(train::TrainArgs),
+    /// Evaluate a model (optionally with a LoRA adapter) on a dataset: perplexity of the
+    /// completions and metrics of greedy answers, written to <run>/eval/.
+    Eval(eval::EvalArgs),
     /// Run an experiment: every config of a spec (knobs, [[group]]s) trains together in
     /// fused passes, chunk by chunk, with live control and an HTTP API. Continues an
     /// interrupted experiment from its checkpoints. A spec with `mode = "evals"` runs
@@ -146,6 +151,7 @@ fn main() {
         Command::Index { cmd } => index::run(cmd),
         Command::Search(a) => index::search(a),
         Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Train(a) => train::run(a),
         Command::Run(a) => run::run(a),

@@ -12,6 +12,7 @@ pub mod experiment;
 pub mod generator;
 pub mod interval;
 pub mod metrics;
+pub mod model_eval;
 pub mod openai;
 pub mod prompt;
 pub mod ratelimit;

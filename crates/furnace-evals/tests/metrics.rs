@@ -249,3 +249,73 @@ fn command_past_its_timeout_is_killed() {
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
     assert!(msg.contains("did not finish") && msg.contains("timeout"), "{msg}");
 }
+
+/// `furnace eval`'s perplexity against PyTorch + transformers (+ PEFT) on tiny-llama
+/// (`scripts/make_ppl_fixtures.py`): the same token ids, every row's NLL and the corpus
+/// perplexity, with and without an adapter, over completions and over all tokens.
+#[test]
+fn model_perplexity_matches_pytorch() {
+    use furnace_evals::model_eval::{evaluate_model, ModelEvalOptions};
+    use furnace_model::{LoadedModel, PeftAdapter, WeightDType};
+    let td = furnace_testutil::testdata();
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(td.join("ppl_cases.json")).unwrap()).unwrap();
+    let mut model = LoadedModel::load(&td.join("tiny-llama"), WeightDType::F32).unwrap();
+    let adapter = PeftAdapter::load(&td.join("tiny-llama-pref-lora")).unwrap();
+    // furnace's rows are PyTorch's ids and labels.
+    let template = model.chat_template.clone().unwrap();
+    let rows = furnace_train::data::read_rows(&td.join("ppl_eval.jsonl")).unwrap();
+    for ((_, row), w) in rows.iter().zip(want["rows"].as_array().unwrap()) {
+        let opts = furnace_train::DataOptions { max_seq_len: 2048, ..Default::default() };
+        let (e, _) = furnace_train::data::encode_row(row.as_ref().unwrap(), &model.tokenizer, &template, &opts).unwrap();
+        assert_eq!(e.ids, furnace_testutil::ids(w, "ids"));
+        let labels: Vec<i64> = w["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(e.labels, labels);
+    }
+    for (which, adapter) in [("base", None), ("adapter", Some(&adapter))] {
+        for (mode, all_tokens) in [("completion", false), ("all_tokens", true)] {
+            let opts = ModelEvalOptions { all_tokens, ..ModelEvalOptions::default() };
+            let got = evaluate_model(&mut model, adapter, &td.join("ppl_eval.jsonl"), &opts, &mut |_, _| {}).unwrap();
+            let w = &want[which][mode];
+            let (nll, ppl) = (w["mean_nll"].as_f64().unwrap(), w["ppl"].as_f64().unwrap());
+            assert!((got.metrics["nll"] - nll).abs() < 1e-4, "{which} {mode}: nll {} vs {nll}", got.metrics["nll"]);
+            assert!((got.metrics["ppl"] / ppl - 1.0).abs() < 1e-3, "{which} {mode}: ppl {} vs {ppl}", got.metrics["ppl"]);
+            for (p, (s, n)) in got.predictions.iter().zip(w["nll_sum"].as_array().unwrap().iter().zip(w["tokens"].as_array().unwrap())) {
+                assert_eq!(p["tokens"].as_u64(), n.as_u64());
+                let sum = p["nll"].as_f64().unwrap() * n.as_f64().unwrap();
+                assert!((sum / s.as_f64().unwrap() - 1.0).abs() < 1e-4, "{which} {mode}: row nll sum {sum} vs {s}");
+            }
+        }
+    }
+}
+
+/// Generation metrics answer each row greedily and score the answer against the row's
+/// completion; bad metric names and bad rows are errors that say what to fix.
+#[test]
+fn model_generation_metrics_and_bad_input() {
+    use furnace_evals::model_eval::{evaluate_model, ModelEvalOptions};
+    use furnace_model::{LoadedModel, WeightDType};
+    let td = furnace_testutil::testdata();
+    let mut model = LoadedModel::load(&td.join("tiny-llama"), WeightDType::F32).unwrap();
+    let metrics: Vec<String> = ["exact_match", "rouge_l", "json_valid", "length"].iter().map(|s| s.to_string()).collect();
+    let opts = ModelEvalOptions { metrics, max_tokens: 6, limit: Some(3), ..ModelEvalOptions::default() };
+    let got = evaluate_model(&mut model, None, &td.join("ppl_eval.jsonl"), &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(got.predictions.len(), 3);
+    assert_eq!(got.metrics["rows"], 3.0);
+    for p in &got.predictions {
+        let pred = p["prediction"].as_str().unwrap();
+        let reference = p["reference"].as_str().unwrap();
+        let rouge = furnace_evals::metrics::text::rouge_l(pred, &[reference]);
+        assert_eq!(p["rouge_l"].as_f64().unwrap(), rouge);
+        assert_eq!(p["length"].as_f64().unwrap(), pred.chars().count() as f64);
+    }
+    let mean: f64 = got.predictions.iter().map(|p| p["rouge_l"].as_f64().unwrap()).sum::<f64>() / 3.0;
+    assert!((got.metrics["rouge_l"] - mean).abs() < 1e-12);
+    let bad = ModelEvalOptions { metrics: vec!["perplexity".into()], ..ModelEvalOptions::default() };
+    let e = evaluate_model(&mut model, None, &td.join("ppl_eval.jsonl"), &bad, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("'perplexity' is not one of ppl"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("d.jsonl");
+    std::fs::write(&file, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"question\": \"c\"}\n").unwrap();
+    let e = evaluate_model(&mut model, None, &file, &ModelEvalOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("d.jsonl:2:") && e.contains("missing columns"), "{e}");
+}

@@ -19,7 +19,7 @@ use crate::engine::IGNORE_INDEX;
 use crate::error::{Error, Result};
 
 /// A result whose error is a message about one row (its file and line are added later).
-type RowResult<T> = std::result::Result<T, String>;
+pub type RowResult<T> = std::result::Result<T, String>;
 use furnace_text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
 use std::path::Path;
@@ -295,8 +295,9 @@ fn row_keys(row: &Value) -> Vec<&str> {
     row.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default()
 }
 
-/// The conversation of a row: everything before the completion, and the completion.
-fn row_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, String)> {
+/// The conversation of an SFT row (chat, prompt/completion or instruction form): everything
+/// before the completion, and the completion.
+pub fn row_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, String)> {
     if !row.is_object() {
         return Err("a row must be a JSON object".into());
     }

@@ -13,6 +13,7 @@ pub mod chat;
 pub mod conversations;
 pub mod doctor;
 pub mod embed;
+pub mod eval;
 pub mod generate;
 pub mod index;
 pub mod launch;

@@ -344,3 +344,36 @@ max_length = 4
     assert_eq!(evals.first().unwrap()["step"], 0);
     assert!(evals.last().unwrap()["eval_rewards/closeness/mean"].as_f64().unwrap() <= 0.0);
 }
+
+#[test]
+fn eval_writes_metrics_and_predictions_into_the_adapters_run_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (0..5).map(|i| format!("{{\"prompt\": \"What is {i} plus {i}?\", \"completion\": \"{}\"}}\n", 2 * i)).collect();
+    std::fs::write(dir.path().join("train.jsonl"), &rows).unwrap();
+    std::fs::write(dir.path().join("eval.jsonl"), &rows).unwrap();
+    let s = spec(dir.path(), 2, 2, "train.jsonl");
+    let o = furnace(dir.path(), &["train", s.to_str().unwrap(), "--samples", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = latest_run(dir.path(), "tiny");
+    let tiny = testdata().join("tiny-llama");
+    let adapter = run.join("adapter");
+    let args = ["eval", "--model", tiny.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--data", "eval.jsonl"];
+    let o = furnace(dir.path(), &[&args[..], &["--metrics", "ppl,exact_match,rouge_l", "--max-tokens", "4"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/metrics.json")).unwrap()).unwrap();
+    for k in ["ppl", "nll", "tokens", "exact_match", "rouge_l", "rows"] {
+        assert!(m["metrics"][k].is_number(), "metrics.json has {k}: {m}");
+    }
+    // The perplexity is the eval loss the run recorded at its last step, as exp.
+    let lines = read_lines(&run.join("metrics.jsonl"));
+    let last_eval = lines.iter().rev().find_map(|l| l.get("eval_loss").and_then(|v| v.as_f64())).unwrap();
+    assert!((m["metrics"]["nll"].as_f64().unwrap() - last_eval).abs() < 1e-4, "{m} vs {last_eval}");
+    let preds = read_lines(&run.join("eval/predictions.jsonl"));
+    assert_eq!(preds.len(), 5);
+    assert!(preds.iter().all(|p| p["prediction"].is_string() && p["reference"].is_string() && p["nll"].is_number()));
+    // Errors say what to fix.
+    let o = furnace(dir.path(), &[&args[..], &["--metrics", "ppl,accuracy"]].concat());
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("'accuracy' is not one of"));
+    let o = furnace(dir.path(), &["eval", "--model", tiny.to_str().unwrap(), "--data", "nope.jsonl"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nope.jsonl: no such file"));
+}

@@ -1,0 +1,205 @@
+//! A model (optionally with a LoRA adapter) evaluated on a dataset: `furnace eval`.
+//!
+//! The rows are SFT rows (chat, prompt/completion or instruction form, as `furnace train`
+//! reads them). Perplexity is `exp` of the mean negative log-likelihood over the completion
+//! tokens of every row (token-weighted; with `all_tokens`, over every token after the
+//! first), computed with the training forward in f32 exactly as the eval loss of a run.
+//! Generation metrics answer each row's prompt greedily (all rows in one continuous batch)
+//! and compare the answer with the row's completion using this crate's text metrics.
+
+use crate::error::{Error, Result};
+use crate::metrics::text;
+use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};
+use furnace_model::{LoadedModel, PeftAdapter};
+use furnace_train::data::{read_rows, row_messages, Columns, DataKind, DataOptions};
+use furnace_train::{eval_loss, FrozenBase, TrainableLora};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The metrics `furnace eval` computes.
+pub const MODEL_METRICS: [&str; 9] = ["ppl", "exact_match", "contains", "token_f1", "rouge_l", "bleu", "json_valid", "numeric", "length"];
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct ModelEvalOptions {
+    /// Metrics, from [`MODEL_METRICS`].
+    pub metrics: Vec<String>,
+    /// Most tokens of a generated answer.
+    pub max_tokens: usize,
+    /// Evaluate the first rows only.
+    pub limit: Option<usize>,
+    /// Perplexity over every token instead of the completions'.
+    pub all_tokens: bool,
+    /// Column mapping of the rows.
+    pub columns: Columns,
+    /// Longest sequence in tokens (longer ones are truncated).
+    pub max_seq_len: usize,
+}
+
+impl Default for ModelEvalOptions {
+    fn default() -> Self {
+        Self {
+            metrics: vec!["ppl".into()],
+            max_tokens: 128,
+            limit: None,
+            all_tokens: false,
+            columns: Columns::default(),
+            max_seq_len: 2048,
+        }
+    }
+}
+
+/// What an evaluation found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelEval {
+    /// Each metric's value over the dataset (`ppl`, `nll` and `tokens` for perplexity; a
+    /// generation metric's mean over the rows).
+    pub metrics: BTreeMap<String, f64>,
+    /// One record per row: prompt, reference, prediction, its metrics.
+    pub predictions: Vec<Value>,
+}
+
+/// Checks a metric list: every name is one of [`MODEL_METRICS`].
+pub fn check_metrics(metrics: &[String]) -> Result<()> {
+    if metrics.is_empty() {
+        return Err(Error::Spec { key: "metrics".into(), msg: format!("name at least one of {}", MODEL_METRICS.join(", ")) });
+    }
+    if let Some(m) = metrics.iter().find(|m| !MODEL_METRICS.contains(&m.as_str())) {
+        return Err(Error::Spec { key: "metrics".into(), msg: format!("'{m}' is not one of {}", MODEL_METRICS.join(", ")) });
+    }
+    Ok(())
+}
+
+fn generation_metric(name: &str, pred: &str, reference: &str) -> f64 {
+    let refs = [reference];
+    match name {
+        "exact_match" => text::exact_match(pred, &refs, true),
+        "contains" => text::contains(pred, &refs, true),
+        "token_f1" => text::token_f1(pred, &refs),
+        "rouge_l" => text::rouge_l(pred, &refs),
+        "bleu" => text::bleu(pred, &refs),
+        "json_valid" => text::json_valid(pred),
+        "numeric" => text::numeric_match(pred, &refs, 1e-6, 1e-9),
+        _ => pred.chars().count() as f64,
+    }
+}
+
+/// Evaluates `model` (with `adapter` when given) on the rows of `data`; `progress(done,
+/// total)` follows the generation.
+pub fn evaluate_model(
+    model: &mut LoadedModel,
+    adapter: Option<&PeftAdapter>,
+    data: &Path,
+    opts: &ModelEvalOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ModelEval> {
+    check_metrics(&opts.metrics)?;
+    let template =
+        model.chat_template.clone().ok_or_else(|| Error::Invalid("the model has no chat template: rows are formatted with it".into()))?;
+    let bad = |e: furnace_train::Error| Error::Invalid(e.to_string());
+    // The rows and what each asks and expects (bad rows are errors naming file:line).
+    let mut rows = Vec::new();
+    for (line, row) in read_rows(data).map_err(bad)? {
+        let row = row.map_err(|msg| Error::Invalid(format!("{}:{line}: {msg}", data.display())))?;
+        let (msgs, completion) =
+            row_messages(&row, &opts.columns).map_err(|msg| Error::Invalid(format!("{}:{line}: {msg}", data.display())))?;
+        rows.push((line, row, msgs, completion));
+        if opts.limit.is_some_and(|n| rows.len() >= n) {
+            break;
+        }
+    }
+    if rows.is_empty() {
+        return Err(Error::Invalid(format!("{}: no rows to evaluate", data.display())));
+    }
+    let mut metrics = BTreeMap::new();
+    let mut predictions: Vec<Value> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (line, _, msgs, completion))| {
+            let prompt = msgs.last().map(|m| m.content.clone()).unwrap_or_default();
+            json!({ "index": i, "line": line, "prompt": prompt, "reference": completion })
+        })
+        .collect();
+    if opts.metrics.iter().any(|m| m == "ppl") {
+        let dopts = DataOptions {
+            kind: DataKind::Sft,
+            columns: opts.columns.clone(),
+            max_seq_len: opts.max_seq_len,
+            completion_only: !opts.all_tokens,
+            skip_bad_rows: false,
+        };
+        let examples = rows
+            .iter()
+            .map(|(line, row, ..)| {
+                furnace_train::data::encode_row(row, &model.tokenizer, &template, &dopts)
+                    .map(|(e, _)| e)
+                    .map_err(|msg| Error::Invalid(format!("{}:{line}: {msg}", data.display())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let frozen = FrozenBase::new(&model.model).map_err(bad)?;
+        let lora = adapter.map(|a| TrainableLora::from_adapter(&model.model, a)).transpose().map_err(bad)?;
+        let mut total = (0.0, 0usize);
+        for (e, p) in examples.iter().zip(predictions.iter_mut()) {
+            let n = e.labels.iter().skip(1).filter(|&&l| l != furnace_train::IGNORE_INDEX).count();
+            let nll = eval_loss(&frozen, lora.as_ref(), std::slice::from_ref(e)).map_err(bad)?;
+            total.0 += nll * n as f64;
+            total.1 += n;
+            p["nll"] = json!(nll);
+            p["tokens"] = json!(n);
+        }
+        let nll = total.0 / total.1.max(1) as f64;
+        metrics.insert("nll".to_string(), nll);
+        metrics.insert("ppl".to_string(), nll.exp());
+        metrics.insert("tokens".to_string(), total.1 as f64);
+    }
+    let generated: Vec<&String> = opts.metrics.iter().filter(|m| *m != "ppl").collect();
+    if !generated.is_empty() {
+        let id = adapter.map(|a| model.model.add_adapter(a)).transpose().map_err(|e| Error::Generator(e.to_string()))?;
+        let outputs = {
+            let mut engine = Engine::new(&model.model, &model.tokenizer, EngineOptions { max_batch: 32, ..EngineOptions::default() });
+            if let Some(id) = id {
+                engine.name_adapter("adapter", id).map_err(|e| Error::Generator(e.to_string()))?;
+            }
+            let (bos, eos) = (model.tokenizer.bos_token(), model.tokenizer.eos_token());
+            for (line, _, msgs, _) in &rows {
+                let text = template.render(msgs, true, bos, eos).map_err(|e| Error::Invalid(format!("{}:{line}: {e}", data.display())))?;
+                let prompt = model.tokenizer.encode(&text, false).map_err(|e| Error::Invalid(format!("{}:{line}: {e}", data.display())))?;
+                let req = Request {
+                    prompt,
+                    params: SamplingParams::greedy(opts.max_tokens),
+                    adapter: id.map(|_| "adapter".to_string()),
+                    constraint: None,
+                };
+                engine.add(req).map_err(|e| Error::Generator(format!("{}:{line}: {e}", data.display())))?;
+            }
+            let total = rows.len();
+            let mut done = 0;
+            let mut on_event = |ev: furnace_generate::Event| {
+                if matches!(ev, furnace_generate::Event::Finished { .. }) {
+                    done += 1;
+                    progress(done, total);
+                }
+            };
+            engine.run(&mut on_event).map_err(|e| Error::Generator(e.to_string()))
+        };
+        if let Some(id) = id {
+            model.model.remove_adapter(id);
+        }
+        let outputs = outputs?;
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        for ((o, p), (.., reference)) in outputs.iter().zip(predictions.iter_mut()).zip(&rows) {
+            p["prediction"] = json!(o.text);
+            for m in &generated {
+                let v = generation_metric(m, &o.text, reference);
+                p[m.as_str()] = json!(v);
+                *sums.entry(m.to_string()).or_default() += v;
+            }
+        }
+        for (m, s) in sums {
+            metrics.insert(m, s / rows.len() as f64);
+        }
+    }
+    metrics.insert("rows".to_string(), rows.len() as f64);
+    Ok(ModelEval { metrics, predictions })
+}
