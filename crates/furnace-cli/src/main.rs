@@ -11,7 +11,7 @@ mod interrupt;
 mod models;
 
 use commands::{
-    bench, chat, conversations, doctor, embed, eval, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui,
+    bench, chat, conversations, data, doctor, embed, eval, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui,
 };
 
 #[global_allocator]
@@ -44,6 +44,8 @@ enum Command {
     /// Train one LoRA configuration from a spec (TOML): a one-run experiment (see `furnace
     /// runs`) whose run folder holds metrics.jsonl, checkpoints and the final adapter.
     Train(train::TrainArgs),
+    /// Dataset tools: `stats` (rows, forms, bad rows, token lengths, what would be cut).
+    Data(data::DataArgs),
     /// Evaluate a model (optionally with a LoRA adapter) on a dataset: perplexity of the
     /// completions and metrics of greedy answers, written to <run>/eval/.
     Eval(eval::EvalArgs),
@@ -152,6 +154,7 @@ fn main() {
         Command::Search(a) => index::search(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Data(a) => data::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Train(a) => train::run(a),
         Command::Run(a) => run::run(a),

@@ -587,3 +587,90 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts:
     }
     Ok(Dataset { examples, skipped, truncated })
 }
+
+/// What `furnace data stats` reports of a dataset file.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DataStats {
+    /// Rows read (good and bad).
+    pub rows: usize,
+    /// Rows per form found: `chat`, `prompt_completion`, `instruction`, `preference`,
+    /// `prompt`, `unknown`.
+    pub forms: std::collections::BTreeMap<String, usize>,
+    /// Rows that do not make an example of the asked kind: (line, why), in file order.
+    pub bad: Vec<(usize, String)>,
+    /// Tokens of each good example before truncation (a preference pair: chosen + rejected).
+    pub lengths: Vec<usize>,
+    /// Tokens that carry a loss (completions), after truncation.
+    pub completion_tokens: usize,
+    /// All tokens, after truncation.
+    pub tokens: usize,
+    /// Examples longer than `max_seq_len` (cut at the end when training).
+    pub truncated: usize,
+}
+
+/// The form of a row, by the columns it has.
+fn row_form(row: &Value, c: &Columns) -> &'static str {
+    let has = |k: &str| row.get(k).is_some_and(|v| !v.is_null());
+    if has(&c.chosen) && has(&c.rejected) {
+        "preference"
+    } else if has(&c.messages) {
+        "chat"
+    } else if has(&c.prompt) && has(&c.completion) {
+        "prompt_completion"
+    } else if has(&c.input) && has(&c.output) {
+        "instruction"
+    } else if has(&c.prompt) {
+        "prompt"
+    } else {
+        "unknown"
+    }
+}
+
+/// Reads every row of `path` as `opts.kind` asks and counts what `furnace train` would
+/// see: forms, bad rows (not fatal here: each is listed with its line), token lengths
+/// before truncation, completion tokens and truncated examples.
+pub fn stats(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<DataStats> {
+    let mut s = DataStats::default();
+    // Lengths before truncation: encode with no limit, then count what the limit cuts.
+    let full = DataOptions { max_seq_len: usize::MAX, skip_bad_rows: false, ..opts.clone() };
+    for (line, row) in read_rows(path)? {
+        s.rows += 1;
+        let row = match row {
+            Ok(r) => r,
+            Err(msg) => {
+                *s.forms.entry("unknown".into()).or_default() += 1;
+                s.bad.push((line, msg));
+                continue;
+            }
+        };
+        *s.forms.entry(row_form(&row, &opts.columns).into()).or_default() += 1;
+        let seqs: RowResult<Vec<(Vec<u32>, Vec<i64>)>> = match opts.kind {
+            DataKind::Sft => encode_row(&row, tok, template, &full).map(|(e, _)| vec![(e.ids, e.labels)]),
+            DataKind::Preference => encode_preference_row(&row, tok, template, &full).map(|(e, _)| {
+                let r = e.rejected.map(|r| (r.ids, r.labels)).unwrap_or_default();
+                vec![(e.ids, e.labels), r]
+            }),
+            DataKind::Prompt => encode_prompt_row(&row, tok, template, &full).map(|e| vec![(e.ids, e.labels)]),
+        };
+        let seqs = match seqs {
+            Ok(v) => v,
+            Err(msg) => {
+                s.bad.push((line, msg));
+                continue;
+            }
+        };
+        s.lengths.push(seqs.iter().map(|(ids, _)| ids.len()).sum());
+        if seqs.iter().any(|(ids, _)| ids.len() > opts.max_seq_len) {
+            s.truncated += 1;
+        }
+        for (ids, labels) in &seqs {
+            let n = ids.len().min(opts.max_seq_len);
+            s.tokens += n;
+            s.completion_tokens += labels[..n].iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
+        }
+    }
+    if s.rows == 0 {
+        return Err(Error::DataFile { path: path.to_path_buf(), msg: "no rows".into() });
+    }
+    Ok(s)
+}

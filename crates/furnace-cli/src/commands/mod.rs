@@ -11,6 +11,7 @@ pub mod bench_serve;
 pub mod chaos;
 pub mod chat;
 pub mod conversations;
+pub mod data;
 pub mod doctor;
 pub mod embed;
 pub mod eval;

@@ -377,3 +377,24 @@ fn eval_writes_metrics_and_predictions_into_the_adapters_run_folder() {
     let o = furnace(dir.path(), &["eval", "--model", tiny.to_str().unwrap(), "--data", "nope.jsonl"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nope.jsonl: no such file"));
 }
+
+#[test]
+fn data_stats_reports_forms_bad_rows_and_a_length_histogram() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows: String = (0..8).map(|i| format!("{{\"prompt\": \"What is {i} plus {i}?\", \"completion\": \"{}\"}}\n", 2 * i)).collect();
+    rows.push_str("{\"prompt\": \"no answer\"}\n");
+    std::fs::write(dir.path().join("d.jsonl"), &rows).unwrap();
+    let tiny = testdata().join("tiny-llama");
+    let o = furnace(dir.path(), &["data", "stats", "d.jsonl", "--model", tiny.to_str().unwrap(), "--max-seq-len", "40"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("d.jsonl: 9 rows, 8 usable as sft, 1 bad"), "{out}");
+    assert!(out.contains("bad row d.jsonl:9: missing columns"), "{out}");
+    assert!(out.contains("forms: prompt 1, prompt_completion 8"), "{out}");
+    assert!(out.contains('█') && out.contains("carry the loss") && out.contains("longer than max_seq_len = 40"), "{out}");
+    let o = furnace(dir.path(), &["data", "stats", "d.jsonl", "--model", tiny.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lengths"].as_array().unwrap().len(), 8);
+    let o = furnace(dir.path(), &["data", "stats", "d.jsonl", "--model", tiny.to_str().unwrap(), "--kind", "kto"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("use sft, dpo or grpo"));
+}

@@ -525,3 +525,45 @@ fn shipped_dpo_and_grpo_datasets_load_short_and_clean() {
         }
     }
 }
+
+#[test]
+fn stats_count_forms_bad_rows_lengths_and_truncation() {
+    use furnace_train::data::{encode_row, stats, DataKind};
+    let (tok, tpl) = text();
+    let dir = tempfile::tempdir().unwrap();
+    let long = "word ".repeat(60);
+    let body = format!(
+        "{{\"prompt\": \"What is 2 plus 2?\", \"completion\": \"4\"}}\nnot json\n{{\"question\": \"x\"}}\n\
+         {{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}, {{\"role\": \"assistant\", \"content\": \"{long}\"}}]}}\n\
+         {{\"input\": \"a\", \"output\": \"b\"}}\n"
+    );
+    let p = write(&dir, "d.jsonl", &body);
+    let opts = DataOptions { max_seq_len: 48, ..DataOptions::default() };
+    let s = stats(&p, &tok, &tpl, &opts).unwrap();
+    assert_eq!(s.rows, 5);
+    assert_eq!(s.bad.iter().map(|b| b.0).collect::<Vec<_>>(), vec![2, 3]);
+    assert!(s.bad[1].1.contains("missing columns"), "{:?}", s.bad);
+    let forms: Vec<(&str, usize)> = s.forms.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(forms, vec![("chat", 1), ("instruction", 1), ("prompt_completion", 1), ("unknown", 2)]);
+    // Lengths are before truncation; the long chat row is the one cut.
+    let full = DataOptions { max_seq_len: usize::MAX, ..DataOptions::default() };
+    let rows = furnace_train::data::read_rows(&p).unwrap();
+    let want: Vec<usize> = rows
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .filter_map(|r| encode_row(r, &tok, &tpl, &full).ok())
+        .map(|(e, _)| e.ids.len())
+        .collect();
+    assert_eq!(s.lengths, want);
+    assert_eq!(s.truncated, want.iter().filter(|&&n| n > 48).count());
+    assert_eq!(s.truncated, 1);
+    // Tokens after truncation; the completion share is what the loss sees.
+    let cut = load_dataset(&p, &tok, &tpl, &DataOptions { skip_bad_rows: true, ..opts.clone() }).unwrap();
+    assert_eq!(s.tokens, cut.examples.iter().map(|e| e.ids.len()).sum::<usize>());
+    let labelled: usize = cut.examples.iter().map(|e| e.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
+    assert_eq!(s.completion_tokens, labelled);
+    // As preference pairs, every row of this file is bad.
+    let pref = stats(&p, &tok, &tpl, &DataOptions { kind: DataKind::Preference, ..opts }).unwrap();
+    assert_eq!(pref.bad.len(), 5);
+    assert!(pref.lengths.is_empty());
+}
