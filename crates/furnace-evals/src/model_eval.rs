@@ -12,10 +12,14 @@ use crate::metrics::text;
 use furnace_generate::{Engine, EngineOptions, Request, SamplingParams};
 use furnace_model::{LoadedModel, PeftAdapter};
 use furnace_train::data::{read_rows, row_messages, Columns, DataKind, DataOptions};
-use furnace_train::{eval_loss, FrozenBase, TrainableLora};
+use furnace_train::engine::token_logps;
+use furnace_train::{AdapterRef, FrozenBase, SeqRef, TrainableLora};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+/// Rows per perplexity pass.
+const EVAL_BATCH: usize = 8;
 
 /// The metrics `furnace eval` computes.
 pub const MODEL_METRICS: [&str; 9] = ["ppl", "exact_match", "contains", "token_f1", "rouge_l", "bleu", "json_valid", "numeric", "length"];
@@ -139,14 +143,19 @@ pub fn evaluate_model(
             .collect::<Result<Vec<_>>>()?;
         let frozen = FrozenBase::new(&model.model).map_err(bad)?;
         let lora = adapter.map(|a| TrainableLora::from_adapter(&model.model, a)).transpose().map_err(bad)?;
+        let adapters: Vec<AdapterRef> = lora.iter().map(|lora| AdapterRef { lora, dropout_seed: 0 }).collect();
         let mut total = (0.0, 0usize);
-        for (e, p) in examples.iter().zip(predictions.iter_mut()) {
-            let n = e.labels.iter().skip(1).filter(|&&l| l != furnace_train::IGNORE_INDEX).count();
-            let nll = eval_loss(&frozen, lora.as_ref(), std::slice::from_ref(e)).map_err(bad)?;
-            total.0 += nll * n as f64;
-            total.1 += n;
-            p["nll"] = json!(nll);
-            p["tokens"] = json!(n);
+        // Rows in passes of EVAL_BATCH (each row's log-probabilities come back on their own).
+        for (chunk, preds) in examples.chunks(EVAL_BATCH).zip(predictions.chunks_mut(EVAL_BATCH)) {
+            let seqs: Vec<SeqRef> = chunk.iter().map(|e| SeqRef { ids: &e.ids, labels: &e.labels, adapter: 0, loss_weight: 0.0 }).collect();
+            for (logps, p) in token_logps(&frozen, &adapters, &seqs).map_err(bad)?.iter().zip(preds) {
+                let n = logps.len();
+                let sum = -logps.iter().map(|&x| f64::from(x)).sum::<f64>();
+                total.0 += sum;
+                total.1 += n;
+                p["nll"] = json!(sum / n.max(1) as f64);
+                p["tokens"] = json!(n);
+            }
         }
         let nll = total.0 / total.1.max(1) as f64;
         metrics.insert("nll".to_string(), nll);

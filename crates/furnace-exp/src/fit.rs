@@ -202,9 +202,9 @@ impl Loaded {
         Ok((train, eval))
     }
 
-    /// What GRPO samples with.
-    fn policy(&mut self) -> Policy<'_> {
-        Policy { model: &mut self.model.model, tokenizer: &self.model.tokenizer, max_batch: SAMPLING_BATCH }
+    /// The frozen base, and what GRPO samples with (the runtime model it was made from).
+    fn parts(&mut self) -> (&FrozenBase, Policy<'_>) {
+        (&self.frozen, Policy { model: &mut self.model.model, tokenizer: &self.model.tokenizer, max_batch: SAMPLING_BATCH })
     }
 }
 
@@ -552,7 +552,7 @@ impl Fit<'_, '_> {
             Objective::Dpo(cfg) => policy::dpo_eval(&loaded.frozen, &t.lora, t.reference.as_deref(), cfg, e)?,
             Objective::Grpo(cfg) => {
                 let rewards = t.rewards.clone().ok_or(Error::Internal("a GRPO run without rewards"))?;
-                policy::grpo_eval(&mut loaded.policy(), &t.lora, &rewards, cfg, e, spec.experiment.seed)?
+                policy::grpo_eval(&mut loaded.parts().1, &t.lora, &rewards, cfg, e, spec.experiment.seed)?
             }
         };
         for (name, v) in &values {
@@ -740,8 +740,7 @@ impl Fit<'_, '_> {
             let ids: Vec<i64> = taken.iter().map(|(id, _)| *id).collect();
             let result = {
                 let mut refs: Vec<&mut Trainer> = taken.iter_mut().map(|(_, t)| t).collect();
-                let Loaded { frozen, model, .. } = loaded;
-                let mut policy = Policy { model: &mut model.model, tokenizer: &model.tokenizer, max_batch: SAMPLING_BATCH };
+                let (frozen, mut policy) = loaded.parts();
                 step_runs(frozen, &mut policy, &ids, &mut refs, &train)
             };
             match result {
@@ -812,8 +811,7 @@ impl Fit<'_, '_> {
         let mut t = self.runs.get_mut(&id).and_then(|l| l.trainer.take()).ok_or(Error::Internal("no trainer after building it"))?;
         let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
         let (train, _) = loaded.data(&spec)?;
-        let Loaded { frozen, model, .. } = loaded;
-        let mut policy = Policy { model: &mut model.model, tokenizer: &model.tokenizer, max_batch: SAMPLING_BATCH };
+        let (frozen, mut policy) = loaded.parts();
         let failure = loop {
             match step_runs(frozen, &mut policy, &[id], &mut [&mut t], &train) {
                 Ok(metrics) => {

@@ -173,7 +173,7 @@ impl GrpoConfig {
 }
 
 /// Mean and unbiased std ignoring NaN (torch's `nanmean`, TRL's `nanstd`).
-fn nan_mean_std(v: &[f64]) -> (f64, f64) {
+pub(crate) fn nan_mean_std(v: &[f64]) -> (f64, f64) {
     let xs: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
     let n = xs.len() as f64;
     if xs.is_empty() {

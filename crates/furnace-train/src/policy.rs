@@ -19,7 +19,7 @@
 
 use crate::data::Example;
 use crate::dpo::{self, PairLogps};
-use crate::engine::{self, AdapterRef, FrozenBase, SeqLogps, SeqRef, IGNORE_INDEX};
+use crate::engine::{self, mix, AdapterRef, FrozenBase, SeqLogps, SeqRef, IGNORE_INDEX};
 use crate::error::{Error, Result};
 use crate::grpo::{self, GrpoConfig, TokenStats, TokenTerms};
 use crate::lora::TrainableLora;
@@ -299,14 +299,6 @@ pub fn dpo_eval(
     Ok(out)
 }
 
-/// splitmix64.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Sampling requests of one run.
 struct RunRequests<'a> {
     lora: &'a TrainableLora,
@@ -376,14 +368,17 @@ fn score(
     outputs: &[Output],
     prefix: &str,
 ) -> Result<(grpo::Advantages, Vec<(String, f64)>)> {
-    let texts: Vec<String> = prompts.iter().map(|&i| tokenizer.decode(&examples[i].ids, false).unwrap_or_default()).collect();
+    // Each prompt's text once (its completions come num_generations at a time).
+    let mut texts: std::collections::HashMap<usize, String> = std::collections::HashMap::new();
+    for &i in prompts {
+        texts.entry(i).or_insert_with(|| tokenizer.decode(&examples[i].ids, false).unwrap_or_default());
+    }
     let null = serde_json::Value::Null;
     let items: Vec<Scored> = outputs
         .iter()
         .zip(prompts)
-        .zip(&texts)
-        .map(|((o, &i), text)| Scored {
-            prompt: text,
+        .map(|(o, &i)| Scored {
+            prompt: texts.get(&i).map_or("", String::as_str),
             completion: &o.text,
             row: examples[i].row.as_deref().unwrap_or(&null),
             completion_tokens: o.new_ids.len(),
@@ -424,12 +419,12 @@ fn score(
 
 /// Unbiased std ignoring NaN (0 for fewer than two values).
 fn nan_std(v: &[f64]) -> f64 {
-    let xs: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
-    if xs.len() < 2 {
-        return 0.0;
+    let s = grpo::nan_mean_std(v).1;
+    if s.is_nan() {
+        0.0
+    } else {
+        s
     }
-    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-    (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
 }
 
 /// Samples and scores a new batch for trainer `t` from `plan`'s prompts.
@@ -471,14 +466,15 @@ fn rollouts(
             .iter()
             .map(|b| sampled.by_ref().take(b.len() * cfg.num_generations).filter(|s| s.ids.len() > s.prompt_len).collect())
             .collect();
-        let reference = if cfg.beta != 0.0 { Some(batches.iter().map(|b| base_logps(base, b)).collect::<Result<Vec<_>>>()?) } else { None };
+        let reference =
+            if cfg.beta != 0.0 { Some(batches.iter().map(|b| reference_logps(base, b)).collect::<Result<Vec<_>>>()?) } else { None };
         out.push(Rollout { batches, old: None, reference, iterations_left: cfg.num_iterations.max(1), metrics });
     }
     Ok(out)
 }
 
-/// The base model's log-probabilities of each completion's tokens.
-fn base_logps(base: &FrozenBase, batch: &[Sampled]) -> Result<Vec<Vec<f32>>> {
+/// The base model's log-probabilities of each completion's tokens (GRPO's reference).
+pub fn reference_logps(base: &FrozenBase, batch: &[Sampled]) -> Result<Vec<Vec<f32>>> {
     let labels: Vec<Vec<i64>> = batch.iter().map(Sampled::labels).collect();
     let rows: Vec<usize> = batch.iter().map(|s| s.ids.len()).collect();
     let mut out = Vec::with_capacity(batch.len());
@@ -566,11 +562,6 @@ pub fn grpo_batch(
     let part = GrpoPart { adapter: AdapterRef { lora, dropout_seed: 0 }, cfg, batch, old, reference, micro_batches: 1, step_tokens };
     let r = grpo_pass(base, &[part])?.pop().ok_or(Error::Input("internal: no result".into()))?;
     Ok((r.loss, r.stats, r.grads, r.logps))
-}
-
-/// The base model's log-probabilities of each completion's tokens (GRPO's reference).
-pub fn reference_logps(base: &FrozenBase, batch: &[Sampled]) -> Result<Vec<Vec<f32>>> {
-    base_logps(base, batch)
 }
 
 /// One GRPO optimizer step of each trainer (see the module docs).

@@ -694,28 +694,10 @@ const GRPO_KEYS: [&str; 11] = [
 ];
 
 impl Spec {
-    /// The keys of `[trainer]` given (as `Some`) among the preference settings.
+    /// The DPO/GRPO keys of `[trainer]` that were given (they are serialized only then).
     fn given_trainer_keys(&self) -> Vec<&'static str> {
-        let t = &self.trainer;
-        let given = [
-            ("beta", t.beta.is_some()),
-            ("loss_type", t.loss_type.is_some()),
-            ("loss_weights", t.loss_weights.is_some()),
-            ("label_smoothing", t.label_smoothing.is_some()),
-            ("reference_adapter", t.reference_adapter.is_some()),
-            ("num_generations", t.num_generations.is_some()),
-            ("temperature", t.temperature.is_some()),
-            ("top_p", t.top_p.is_some()),
-            ("top_k", t.top_k.is_some()),
-            ("max_completion_length", t.max_completion_length.is_some()),
-            ("epsilon", t.epsilon.is_some()),
-            ("epsilon_high", t.epsilon_high.is_some()),
-            ("scale_rewards", t.scale_rewards.is_some()),
-            ("num_iterations", t.num_iterations.is_some()),
-            ("reward_weights", t.reward_weights.is_some()),
-            ("use_bias_correction_kl", t.use_bias_correction_kl.is_some()),
-        ];
-        given.iter().filter(|g| g.1).map(|g| g.0).collect()
+        let given = serde_json::to_value(&self.trainer).unwrap_or_default();
+        OPTIONAL_TRAINER_KEYS.iter().copied().filter(|k| given.get(k).is_some()).collect()
     }
 
     /// What the trainer optimises, from `trainer.kind` and its settings (checked: a setting

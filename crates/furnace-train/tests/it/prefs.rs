@@ -42,6 +42,16 @@ fn seq(prompt: &[u32], answer: &[u32]) -> (Vec<u32>, Vec<i64>) {
     (ids, labels)
 }
 
+/// A DPO case's preference pairs as examples.
+fn pairs(case: &serde_json::Value) -> Vec<Example> {
+    let pair = |p: &serde_json::Value| {
+        let (ids_c, labels_c) = seq(&ids(p, "prompt"), &ids(p, "chosen"));
+        let (ids_r, labels_r) = seq(&ids(p, "prompt"), &ids(p, "rejected"));
+        Example { ids: ids_c, labels: labels_c, rejected: Some(Box::new(Sequence { ids: ids_r, labels: labels_r })), ..Default::default() }
+    };
+    case["pairs"].as_array().unwrap().iter().map(pair).collect()
+}
+
 fn f64s(v: &serde_json::Value) -> Vec<f64> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
@@ -54,21 +64,7 @@ fn dpo_losses_metrics_and_gradients_match_trl() {
     assert_eq!(cases.len(), 6);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let examples: Vec<Example> = case["pairs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                let (ids_c, labels_c) = seq(&ids(p, "prompt"), &ids(p, "chosen"));
-                let (ids_r, labels_r) = seq(&ids(p, "prompt"), &ids(p, "rejected"));
-                Example {
-                    ids: ids_c,
-                    labels: labels_c,
-                    rejected: Some(Box::new(Sequence { ids: ids_r, labels: labels_r })),
-                    ..Default::default()
-                }
-            })
-            .collect();
+        let examples = pairs(&case);
         let losses = case["loss_types"].as_array().unwrap().iter().map(|l| DpoLoss::parse(l.as_str().unwrap()).unwrap());
         let cfg = DpoConfig {
             beta: case["beta"].as_f64().unwrap(),
@@ -171,21 +167,7 @@ fn grpo_advantages_losses_and_gradients_match_trl() {
 fn a_reference_adapter_is_the_reference() {
     let (base, lora) = setup();
     let case = &jsonl("dpo_cases.jsonl")[0];
-    let examples: Vec<Example> = case["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let (ids_c, labels_c) = seq(&ids(p, "prompt"), &ids(p, "chosen"));
-            let (ids_r, labels_r) = seq(&ids(p, "prompt"), &ids(p, "rejected"));
-            Example {
-                ids: ids_c,
-                labels: labels_c,
-                rejected: Some(Box::new(Sequence { ids: ids_r, labels: labels_r })),
-                ..Default::default()
-            }
-        })
-        .collect();
+    let examples = pairs(case);
     // With the policy's own adapter as the reference every implicit reward is 0, the
     // sigmoid loss is log 2 and no pair is won.
     let (loss, metrics, _) = policy::dpo_batch(&base, &lora, Some(&lora), &DpoConfig::default(), &examples).unwrap();
