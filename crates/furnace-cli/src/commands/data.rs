@@ -22,6 +22,13 @@ enum DataCommand {
     /// Rows, row forms, bad rows, token lengths (a histogram), completion-token share and
     /// truncated rows of a dataset, as `furnace train` would read it.
     Stats(StatsArgs),
+    /// Split train/validation with a seed, filter by token length, deduplicate (exact and
+    /// MinHash near-duplicates), convert between JSONL/CSV/Parquet and between chat,
+    /// prompt/completion and instruction forms, preview the chat template on a row.
+    Prepare(crate::commands::data_prepare::PrepareArgs),
+    /// Synthetic examples from a local model or an OpenAI-compatible endpoint, constrained
+    /// to a JSON schema, deduplicated, written as a dataset `furnace train` takes.
+    Generate(crate::commands::data_generate::GenerateArgs),
 }
 
 #[derive(Args)]
@@ -45,6 +52,8 @@ struct StatsArgs {
 pub fn run(a: DataArgs) -> Result<()> {
     match a.command {
         DataCommand::Stats(s) => run_stats(s),
+        DataCommand::Prepare(p) => crate::commands::data_prepare::run(p),
+        DataCommand::Generate(g) => crate::commands::data_generate::run(g),
     }
 }
 

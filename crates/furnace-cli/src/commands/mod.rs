@@ -2,6 +2,7 @@
 //! them into library options and calls the library; `main.rs` only parses and dispatches.
 //! A new command is a new file here plus one variant in `main.rs`'s `Command`.
 
+pub mod adapters;
 pub mod bench;
 pub mod bench_embed;
 pub mod bench_evals;
@@ -12,14 +13,18 @@ pub mod chaos;
 pub mod chat;
 pub mod conversations;
 pub mod data;
+pub mod data_generate;
+pub mod data_prepare;
 pub mod doctor;
 pub mod embed;
 pub mod eval;
 pub mod generate;
 pub mod index;
 pub mod launch;
+pub mod merge;
 pub mod model;
 pub mod ops;
+pub mod pipeline;
 pub mod results;
 pub mod run;
 pub mod runs;
