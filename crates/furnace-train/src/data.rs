@@ -24,7 +24,9 @@ use furnace_text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
 use std::path::Path;
 
+pub mod minhash;
 mod parquet_pages;
+pub mod prepare;
 
 /// Column names of the row forms (defaults are the usual names).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -278,8 +280,17 @@ fn text_field(row: &Value, key: &str) -> Option<String> {
     }
 }
 
-/// A list of `{role, content}` messages (the value of column `col`).
+/// A list of `{role, content}` messages (the value of column `col`). A list given as JSON text (a CSV or Parquet string column) counts as the list.
 fn parse_messages(v: &Value, col: &str) -> RowResult<Vec<ChatMessage>> {
+    let parsed;
+    let v = match v {
+        Value::String(s) => {
+            parsed = serde_json::from_str::<Value>(s)
+                .map_err(|e| format!("'{col}' must be a list of {{role, content}}; it is a text that is not JSON ({e})"))?;
+            &parsed
+        }
+        v => v,
+    };
     let list = v.as_array().ok_or_else(|| format!("'{col}' must be a list of {{role, content}}"))?;
     let mut msgs = Vec::with_capacity(list.len());
     for m in list {
@@ -296,12 +307,13 @@ fn row_keys(row: &Value) -> Vec<&str> {
 }
 
 /// The conversation of an SFT row (chat, prompt/completion or instruction form): everything
-/// before the completion, and the completion.
+/// before the completion, and the completion. A prompt/completion row's prompt may be a list
+/// of messages (a multi-turn conversation up to the last assistant turn).
 pub fn row_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, String)> {
     if !row.is_object() {
         return Err("a row must be a JSON object".into());
     }
-    if let Some(ms) = row.get(&c.messages) {
+    if let Some(ms) = row.get(&c.messages).filter(|v| !v.is_null()) {
         let mut msgs = parse_messages(ms, &c.messages)?;
         let last = msgs.pop().ok_or("'messages' is empty")?;
         if last.role != "assistant" {
@@ -313,9 +325,9 @@ pub fn row_messages(row: &Value, c: &Columns) -> RowResult<(Vec<ChatMessage>, St
     if let Some(s) = text_field(row, &c.system).filter(|s| !s.is_empty()) {
         msgs.push(ChatMessage::new("system", s));
     }
-    if let (Some(p), Some(comp)) = (text_field(row, &c.prompt), text_field(row, &c.completion)) {
-        msgs.push(ChatMessage::new("user", p));
-        return Ok((msgs, comp));
+    if let (Some(p), Some(comp)) = (row.get(&c.prompt).filter(|v| !v.is_null()), text_field(row, &c.completion)) {
+        // A text prompt (after the system column's message) or a list of messages.
+        return Ok((prompt_messages(row, p, c)?, comp));
     }
     if let (Some(inp), Some(out)) = (text_field(row, &c.input), text_field(row, &c.output)) {
         let user = match text_field(row, &c.instruction).filter(|s| !s.is_empty()) {
@@ -367,14 +379,15 @@ pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &
     Ok((Example { ids, labels, ..Default::default() }, truncated))
 }
 
-/// The prompt of a preference or prompt row, from the value of the prompt column: a text
-/// (a user message, after the system column's message if the row has one) or a list of
-/// messages (the system column's message is put first when the list has no system message
-/// of its own). A conversational prompt must not end with an assistant message.
+/// The prompt of a preference, prompt or prompt/completion row, from the value of the prompt
+/// column: a text (a user message, after the system column's message if the row has one) or
+/// a list of messages (also as JSON text, as CSV and Parquet string columns hold it; the
+/// system column's message is put first when the list has no system message of its own).
+/// A conversational prompt must not end with an assistant message.
 fn prompt_messages(row: &Value, value: &Value, c: &Columns) -> RowResult<Vec<ChatMessage>> {
     let system = text_field(row, &c.system).filter(|s| !s.is_empty());
     match value {
-        Value::Array(_) => {
+        v if v.is_array() || v.as_str().is_some_and(looks_like_message_list) => {
             let mut msgs = parse_messages(value, &c.prompt)?;
             let last = msgs.last().ok_or_else(|| format!("the prompt '{}' is an empty list of messages", c.prompt))?;
             if last.role == "assistant" {
@@ -405,6 +418,15 @@ fn prompt_messages(row: &Value, value: &Value, c: &Columns) -> RowResult<Vec<Cha
             Ok(msgs)
         }
     }
+}
+
+/// Whether a text is a JSON list of `{role, ...}` objects (a conversational prompt written to
+/// a CSV or Parquet string column), rather than a prompt to take as text.
+fn looks_like_message_list(s: &str) -> bool {
+    let t = s.trim_start();
+    t.starts_with('[')
+        && serde_json::from_str::<Value>(t)
+            .is_ok_and(|v| v.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|m| m.get("role").is_some_and(Value::is_string))))
 }
 
 /// An answer of a preference row (column `col`): a text (one assistant message) or a

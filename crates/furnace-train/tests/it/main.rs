@@ -9,6 +9,7 @@ mod data;
 mod knobs;
 mod ops_grad;
 mod prefs;
+mod prepare;
 mod sft_step;
 mod tracking;
 mod train;
