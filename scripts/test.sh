@@ -18,6 +18,8 @@ cargo build --workspace --all-targets --locked
 ./target/debug/furnace model pull all-minilm-l6-v2
 # TensorBoard and MLflow, which the tracking tests read furnace's output back with (cached).
 ./scripts/py-venv.sh
+# llama-cpp-python, which the GGUF export tests load furnace's exported files with (cached).
+./scripts/llamacpp-venv.sh
 # Headless Chromium and chromedriver, which the dashboard's browser tests drive.
 ./scripts/browser.sh
 cargo test --workspace --locked "$@"

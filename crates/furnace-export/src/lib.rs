@@ -12,7 +12,10 @@
 pub mod combine;
 pub mod error;
 pub mod gguf;
+mod gguf_tokenizer;
 pub mod hf;
 pub mod merge;
+pub mod svd;
+mod tokenizer;
 
 pub use error::{Error, Result};

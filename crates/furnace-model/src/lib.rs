@@ -28,5 +28,5 @@ pub use error::{Error, Result};
 pub use kv_cache::SeqCache;
 pub use linear::{Linear, LinearWeight, RawWeight, WeightDType};
 pub use llama::{Llama, Logits, SeqInput};
-pub use load::{inspect, load_adapter, load_by_name, resolve_name, LoadedModel, ModelInfo};
+pub use load::{inspect, load_adapter, load_by_name, resolve_name, GgufSource, LoadedModel, ModelInfo};
 pub use lora::{AdapterId, AdapterRows, LoraConfig, LoraWeights, PeftAdapter};

@@ -52,10 +52,22 @@ pub struct LoadedModel {
     pub info: ModelInfo,
 }
 
-struct GgufSource<'a> {
+/// The weights of an opened GGUF file by HF name, in HF layout (llama.cpp's q/k row
+/// permutation undone), as stored (block-quantized or float): what [`LoadedModel::load`]
+/// builds a model from, and what exporters read a base from.
+pub struct GgufSource<'a> {
     file: &'a mut GgufFile,
     /// Heads of q and k whose rows llama.cpp permuted (None for qwen2, which it leaves).
     permuted_heads: Option<(usize, usize)>,
+}
+
+impl<'a> GgufSource<'a> {
+    /// The weights of `file`, whose own configuration ([`GgufFile::config`], before its
+    /// `rope_style` is changed) is `config`: it says whether llama.cpp permuted q and k.
+    pub fn new(file: &'a mut GgufFile, config: &LlamaConfig) -> Self {
+        let permuted_heads = (config.rope_style == RopeStyle::Interleaved).then_some((config.num_heads, config.num_kv_heads));
+        Self { file, permuted_heads }
+    }
 }
 
 impl WeightSource for GgufSource<'_> {
@@ -246,10 +258,9 @@ impl LoadedModel {
             let config = g.config()?;
             let tokenizer = Tokenizer::from_gguf(&g.tokenizer_spec()?)?;
             let chat_template = g.chat_template().map(|s| ChatTemplate::new(&s)).transpose()?;
+            let mut src = GgufSource::new(&mut g, &config);
             let mut config = config;
-            let permuted_heads = (config.rope_style == RopeStyle::Interleaved).then_some((config.num_heads, config.num_kv_heads));
             config.rope_style = RopeStyle::HalfSplit;
-            let mut src = GgufSource { file: &mut g, permuted_heads };
             let model = Llama::load(config, &mut src, dtype)?;
             check_vocab(&model.config, &tokenizer)?;
             return Ok(Self { model, tokenizer, chat_template, info });

@@ -1,0 +1,91 @@
+//! `furnace merge` end to end: tiny-llama with its adapter merged into an HF directory that
+//! holds PEFT's `merge_and_unload()` weights, and bad inputs refused with clear messages.
+
+use furnace_testutil::testdata;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn furnace(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_furnace")).current_dir(cwd).args(args).output().expect("run furnace")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn td(name: &str) -> String {
+    testdata().join(name).to_str().expect("utf8 path").to_string()
+}
+
+#[test]
+fn merge_tiny_llama_adapter_into_an_hf_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let out_s = out.to_str().unwrap();
+    let (base, adapter) = (td("tiny-llama"), td("tiny-llama-pref-lora"));
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &adapter, "--out", out_s, "--dtype", "f32"]);
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "stdout: {so}\nstderr: {se}");
+    assert!(se.contains("merged 14 projections"), "{se}");
+    assert!(se.contains("stored as f32"), "{se}");
+    assert!(so.contains("wrote HF model") && so.contains("weights f32"), "{so}");
+    for f in
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"]
+    {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // The merged projections are PEFT's.
+    let got = furnace_export::merge::read_f32_safetensors(&out.join("model.safetensors")).unwrap();
+    let want = furnace_export::merge::read_f32_safetensors(&testdata().join("merge_tiny_llama_pref.safetensors")).unwrap();
+    for (name, w) in &want {
+        let d = (&got[name] - w).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{name}: {d}");
+    }
+    // furnace loads it.
+    let m = furnace_model::LoadedModel::load(&out, furnace_model::WeightDType::F32).unwrap();
+    assert_eq!(m.model.config.num_layers, 2);
+
+    // Writing again into the same, now non-empty, directory needs --force.
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &adapter, "--out", out_s]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--force"), "{}", text(&o.stderr));
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &adapter, "--out", out_s, "--force", "--dtype", "bf16"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+#[test]
+fn merge_refuses_bad_input_with_clear_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let out_s = out.to_str().unwrap();
+    let (base, adapter) = (td("tiny-llama"), td("tiny-llama-pref-lora"));
+
+    // An adapter trained for another base (SmolLM2) is refused, naming the module.
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &td("lora_adapter"), "--out", out_s]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("another base") && e.contains("model.layers."), "{e}");
+    assert!(!out.exists(), "nothing written on failure");
+
+    // One --weight per --adapter.
+    let o =
+        furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &adapter, "--adapter", &adapter, "--weight", "0.5", "--out", out_s]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("1 --weight values for 2 --adapter values"), "{e}");
+
+    // --quant belongs to --format gguf.
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &adapter, "--quant", "q8_0", "--out", out_s]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--quant applies to --format gguf"), "{}", text(&o.stderr));
+
+    // --format hf needs a base.
+    let o = furnace(tmp.path(), &["merge", "--adapter", &adapter, "--format", "hf", "--out", out_s]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("needs --base"), "{}", text(&o.stderr));
+
+    // A base that does not exist.
+    let o = furnace(tmp.path(), &["merge", "--base", "no/such/model", "--adapter", &adapter, "--out", out_s]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("no/such/model"), "{}", text(&o.stderr));
+}
