@@ -154,9 +154,37 @@ impl ServerArgs {
     }
 }
 
-/// Resolves what a user gave as an adapter: a PEFT adapter directory, or a name (or tag) in
-/// the adapter registry of `runs_dir` (`furnace adapters`). Errors say what was tried.
+/// Resolves what a user gave as an adapter: a PEFT adapter directory (one holding
+/// adapter_config.json), else a name in the adapter registry of `runs_dir` (`furnace
+/// adapters`), else a tag that names one registered adapter. Errors say what was tried,
+/// the closest registered names and how to register.
 pub fn resolve_adapter(given: &str, runs_dir: &RunsDir) -> Result<std::path::PathBuf> {
-    let _ = runs_dir;
-    Ok(std::path::PathBuf::from(given))
+    let path = std::path::Path::new(given);
+    if path.join("adapter_config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let db = runs_dir.runs_dir.join(furnace_exp::store::DB_FILE);
+    let folder_note = if path.is_dir() {
+        format!("{given} is a folder without adapter_config.json, so not a PEFT adapter directory; ")
+    } else {
+        String::new()
+    };
+    if !db.exists() {
+        bail!(
+            "{folder_note}no adapter directory or registered adapter '{given}': no registry in {} yet (point --runs-dir at the runs folder, \
+             or register a PEFT directory with `furnace adapters register PATH --name NAME`)",
+            runs_dir.runs_dir.display()
+        );
+    }
+    let store = open_store(runs_dir)?;
+    let rec = furnace_exp::registry::resolve(&store, given).map_err(|e| anyhow::anyhow!("{folder_note}{e}"))?;
+    if !rec.path.join("adapter_config.json").is_file() {
+        bail!(
+            "adapter '{}' is registered at {}, which holds no adapter_config.json any more: register it again, or `furnace adapters rm {}`",
+            rec.name,
+            rec.path.display(),
+            rec.name
+        );
+    }
+    Ok(rec.path)
 }

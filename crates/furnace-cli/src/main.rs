@@ -9,6 +9,7 @@ mod commands;
 mod human;
 mod interrupt;
 mod models;
+mod stages;
 
 use commands::{
     adapters, bench, chat, conversations, data, doctor, embed, eval, generate, index, merge, model, ops, pipeline, results, run, runs,

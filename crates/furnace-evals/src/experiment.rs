@@ -55,10 +55,15 @@ pub fn create(store: &Store, spec_path: &Path) -> Result<ExperimentRow> {
 }
 
 /// The adapter folder of a training run named `EXPERIMENT/run-N` (`[generator] run`): it
-/// must exist in this store and have finished with an adapter.
+/// must exist in this store and have finished with an adapter. Any other name (or tag) is
+/// looked up in the adapter registry (`furnace adapters`).
 pub fn run_adapter(store: &Store, reference: &str) -> Result<std::path::PathBuf> {
     let bad = |m: String| Error::Spec { key: "generator.run".into(), msg: m };
-    let (name, id) = crate::spec::parse_run_ref(reference).ok_or_else(|| bad(format!("'{reference}' is not EXPERIMENT/run-N")))?;
+    let Some((name, id)) = crate::spec::parse_run_ref(reference) else {
+        return furnace_exp::registry::resolve(store, reference).map(|a| a.path).map_err(|e| {
+            bad(format!("'{reference}' is neither EXPERIMENT/run-N nor a registered adapter: {e}"))
+        });
+    };
     let exp = store.experiment(name).map_err(|e| bad(format!("{reference}: {e}")))?;
     let run = store.run(id).map_err(|e| bad(format!("{reference}: {e}")))?;
     if run.experiment_id != exp.id {

@@ -301,8 +301,8 @@ pub struct GeneratorSpec {
     /// Local: a PEFT adapter folder (relative to the spec's folder).
     #[serde(default)]
     pub adapter: Option<PathBuf>,
-    /// Local: the adapter a training run of this store produced, `EXPERIMENT/run-N`
-    /// (instead of `adapter`; a knob over runs compares fine-tuned adapters).
+    /// Local: the adapter a training run of this store produced, `EXPERIMENT/run-N`, or a
+    /// name or tag of the adapter registry (instead of `adapter`; a knob over runs compares fine-tuned adapters).
     #[serde(default)]
     pub run: Option<String>,
     /// Most tokens per answer.
@@ -754,8 +754,8 @@ fn validate_generator(section: &str, g: &GeneratorSpec) -> Result<()> {
                 if g.adapter.is_some() {
                     return Err(spec_err(&key("run"), "give adapter or run, not both"));
                 }
-                if parse_run_ref(r).is_none() {
-                    return Err(spec_err(&key("run"), format!("'{r}' is not EXPERIMENT/run-N (e.g. extract/run-3)")));
+                if r.trim().is_empty() {
+                    return Err(spec_err(&key("run"), "name a training run (EXPERIMENT/run-N, e.g. extract/run-3) or a registered adapter"));
                 }
             }
         }

@@ -107,7 +107,14 @@ fn a_generator_names_a_training_run_of_the_store_by_its_adapter() {
     let p = furnace_evals::driver::pipeline_spec(&store.runs(exp.id).unwrap()[0]).unwrap();
     assert_eq!(p.generator.adapter.as_deref(), Some(adapter.as_path()));
     assert_eq!(p.generator.run, None);
-    for (reference, needle) in [("sft/run-99", "no run 99"), ("nope/run-1", "nope"), ("sft-run-1", "is not EXPERIMENT/run-N")] {
+    // A name of the adapter registry resolves to the registered folder.
+    let foreign = testdata().join("lora_adapter");
+    furnace_exp::registry::register_path(&store, &foreign, Some("tuned"), None, &[], false).unwrap();
+    std::fs::write(&path, spec("tuned")).unwrap();
+    let exp = furnace_evals::experiment::create(&store, &path).unwrap();
+    let p = furnace_evals::driver::pipeline_spec(&store.runs(exp.id).unwrap()[0]).unwrap();
+    assert_eq!(p.generator.adapter.as_deref().map(std::fs::canonicalize).transpose().unwrap(), Some(foreign.canonicalize().unwrap()));
+    for (reference, needle) in [("sft/run-99", "no run 99"), ("nope/run-1", "nope"), ("sft-run-1", "neither EXPERIMENT/run-N nor a registered adapter")] {
         std::fs::write(&path, spec(reference)).unwrap();
         let e = furnace_evals::experiment::create(&store, &path).unwrap_err().to_string();
         assert!(e.contains("generator.run") && e.contains(needle), "{reference}: {e}");

@@ -1027,11 +1027,14 @@ impl Fit<'_, '_> {
         Ok(())
     }
 
-    /// A run that took all its steps: its adapter is saved and it is completed.
+    /// A run that took all its steps: its adapter is saved and registered
+    /// ([`crate::registry::register_run`], as `EXP/run-N`), and it is completed.
     fn finish(&mut self, id: i64) -> Result<()> {
         if let Some(live) = self.runs.get_mut(&id) {
             if let Some(t) = live.trainer.as_ref() {
-                t.lora.save_peft(&run_dir(&self.exp, id).join("adapter"), &live.spec.model.base)?;
+                let dir = run_dir(&self.exp, id).join("adapter");
+                t.lora.save_peft(&dir, &live.spec.model.base)?;
+                crate::registry::register_run(&self.store, &self.exp, &self.store.run(id)?, &dir)?;
             }
             live.trainer = None;
         }

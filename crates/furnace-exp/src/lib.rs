@@ -13,6 +13,7 @@ pub mod events;
 pub mod experiment;
 pub mod fit;
 pub mod ops;
+pub mod registry;
 pub mod shards;
 pub mod store;
 
@@ -21,5 +22,6 @@ pub use error::{Error, Result};
 pub use events::{Event, EventSender};
 pub use experiment::{Experiment, Running, SendLoader, StartOptions};
 pub use fit::{run_fit, FitOptions, FitSummary, Loader};
+pub use registry::AdapterRecord;
 pub use shards::{BoundRow, Estimate, ExampleRecord};
 pub use store::{ExperimentRow, MetricRow, OpKind, OpRow, RunRow, RunStatus, Store};

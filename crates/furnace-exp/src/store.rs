@@ -1,7 +1,8 @@
 //! The embedded store: one SQLite database (WAL, so the trainer, the server and other
 //! `furnace` processes read and write it at once) holding experiments, runs (config,
-//! status, progress, lineage), metrics and control ops, and the conversations
-//! `furnace serve` logged ([`crate::conversations`]).
+//! status, progress, lineage), metrics and control ops, the conversations
+//! `furnace serve` logged ([`crate::conversations`]) and the adapter registry
+//! ([`crate::registry`]).
 //!
 //! A [`Store`] wraps one connection; every thread opens its own.
 
@@ -333,6 +334,7 @@ impl Store {
         // gains it (`IF NOT EXISTS`) and keeps everything it holds.
         conn.execute_batch(crate::conversations::SCHEMA)?;
         conn.execute_batch(crate::shards::SCHEMA)?;
+        conn.execute_batch(crate::registry::SCHEMA)?;
         Ok(Self { conn, path: path.to_path_buf() })
     }
 

@@ -21,6 +21,7 @@
 //! disturb training.
 #![deny(missing_docs)]
 
+mod adapters;
 mod auth;
 mod dashboard;
 mod error;
@@ -145,6 +146,7 @@ fn build(state: AppState) -> Router {
         .route("/api/health", get(health))
         .merge(experiments::router())
         .merge(dashboard::router())
+        .merge(adapters::router())
         .merge(playground::router())
         .merge(openai::router())
         .merge(auth::router())

@@ -150,6 +150,36 @@ async function pageExperiments() {
   ready();
 }
 
+// ---- adapters ----------------------------------------------------------------------
+
+// The adapter registry: every run's final adapter and the PEFT adapters registered by path.
+const ADAPTER_METRICS = ["eval_loss", "eval_reward", "eval_rewards/accuracies", "loss", "reward"];
+
+async function pageAdapters() {
+  const rows = await api("/api/adapters");
+  const body = el("tbody");
+  for (const a of rows.slice().reverse()) {
+    const metrics = ADAPTER_METRICS.filter((m) => a.metrics && Number.isFinite(a.metrics[m])).slice(0, 3)
+      .map((m) => el("div", {}, `${m} ${fmtNum(a.metrics[m])}`));
+    const name = a.source === "run" && a.run_id !== null ? el("a", { href: `#/r/${a.run_id}` }, a.name) : a.name;
+    const peft = a.peft || {};
+    body.append(el("tr", { dataset: { adapter: a.name } },
+      el("td", {}, name), el("td", {}, a.base), el("td", {}, a.source),
+      el("td", { class: "num" }, peft.r ?? "–"), el("td", { class: "num" }, peft.lora_alpha ?? "–"),
+      el("td", {}, metrics.length ? metrics : "–"),
+      el("td", {}, a.tags.length ? a.tags.map((t) => el("span", { class: "status" }, t)) : "–"),
+      el("td", {}, el("code", {}, a.path)), el("td", {}, fmtTime(a.created))));
+  }
+  mount(
+    el("h1", {}, "Adapters"),
+    rows.length ? el("div", { class: "table-wrap" }, el("table", { id: "adapters" },
+      el("thead", {}, el("tr", {}, ["Name", "Base", "Source", "Rank", "Alpha", "Final metrics", "Tags", "Path", "Registered"].map((h) => el("th", {}, h)))), body))
+      : el("p", { class: "muted" }, "No adapters yet: every finished run registers its adapter; furnace adapters register PATH adds others."),
+  );
+  onEvents(debounce((ev) => { if (ev.type === "status") route(); }, 1000));
+  ready();
+}
+
 // ---- one experiment ----------------------------------------------------------------
 
 function experimentPage(name) {
@@ -732,6 +762,7 @@ async function route() {
   try {
     if (parts[0] === "e" && parts[1]) await experimentPage(parts[1]).show();
     else if (parts[0] === "r" && parts[1]) await pageRun(parts[1]);
+    else if (parts[0] === "adapters") await pageAdapters();
     else if (parts[0] === "new") pageNew();
     else if (parts[0] === "play") await pagePlay();
     else await pageExperiments();

@@ -1,7 +1,7 @@
 //! `furnace chat`: an interactive chat in the terminal, on the serving engine (the same as
 //! `furnace generate`'s).
 
-use crate::args::{ModelArg, SamplingArgs};
+use crate::args::{resolve_adapter, ModelArg, RunsDir, SamplingArgs};
 use crate::commands::generate::{prompt_ids, start_engine, stream};
 use crate::models::load;
 use anyhow::Result;
@@ -10,7 +10,6 @@ use furnace_generate::Request;
 use furnace_model::WeightDType;
 use furnace_text::ChatMessage;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -22,16 +21,20 @@ pub struct ChatArgs {
     /// How weights are held: f32, bf16, quantized.
     #[arg(long, default_value = "quantized")]
     dtype: WeightDType,
-    /// Chat with a PEFT LoRA adapter directory.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    /// Chat with a LoRA adapter: a PEFT directory, or a name or tag in the adapter
+    /// registry of --runs-dir (`furnace adapters list`).
+    #[arg(long, value_name = "DIR|NAME")]
+    adapter: Option<String>,
+    #[command(flatten)]
+    dir: RunsDir,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
+    let adapter_dir = a.adapter.as_deref().map(|g| resolve_adapter(g, &a.dir)).transpose()?;
     let loaded = load(&a.model.model, a.dtype)?;
-    let (engine, adapter) = start_engine(&loaded, a.adapter.as_deref())?;
+    let (engine, adapter) = start_engine(&loaded, adapter_dir.as_deref())?;
     let mut history: Vec<ChatMessage> = Vec::new();
     let reset = |h: &mut Vec<ChatMessage>| {
         h.clear();

@@ -1,7 +1,7 @@
 //! `furnace generate`: one reply to one prompt, streamed to stdout, by the serving engine
 //! (`furnace_generate::EngineHandle`), which `furnace chat` uses too.
 
-use crate::args::{ModelArg, SamplingArgs};
+use crate::args::{resolve_adapter, ModelArg, RunsDir, SamplingArgs};
 use crate::models::load;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -9,7 +9,7 @@ use furnace_generate::{EngineHandle, Event, Output, Request, ServiceOptions};
 use furnace_model::{LoadedModel, WeightDType};
 use furnace_text::ChatMessage;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 
 #[derive(Args)]
@@ -28,10 +28,13 @@ pub struct GenerateArgs {
     /// Print {"prompt_ids", "new_ids", "text"} as JSON instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Generate with a PEFT LoRA adapter directory (adapter_config.json +
-    /// adapter_model.safetensors).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    /// Generate with a LoRA adapter: a PEFT directory (adapter_config.json +
+    /// adapter_model.safetensors), or a name or tag in the adapter registry of --runs-dir
+    /// (`furnace adapters list`).
+    #[arg(long, value_name = "DIR|NAME")]
+    adapter: Option<String>,
+    #[command(flatten)]
+    dir: RunsDir,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// The prompt.
@@ -99,6 +102,7 @@ pub fn stream(engine: &EngineHandle, request: Request, on_text: &mut dyn FnMut(&
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    let adapter_dir = a.adapter.as_deref().map(|g| resolve_adapter(g, &a.dir)).transpose()?;
     let loaded = load(&a.model.model, a.dtype)?;
     let mut history = Vec::new();
     if let Some(s) = &a.system {
@@ -106,7 +110,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     history.push(ChatMessage::new("user", a.prompt.clone()));
     let ids = prompt_ids(&loaded, &history, a.raw.then_some(a.prompt.as_str()))?;
-    let (engine, adapter) = start_engine(&loaded, a.adapter.as_deref())?;
+    let (engine, adapter) = start_engine(&loaded, adapter_dir.as_deref())?;
     let request = Request { prompt: ids, params: a.sampling.params(), adapter, constraint: None };
     let json = a.json;
     let mut out = std::io::stdout();

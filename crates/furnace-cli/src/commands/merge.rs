@@ -1,6 +1,7 @@
 //! `furnace merge`: adapters merged into their base, exported, or combined.
 
 use crate::args::{resolve_adapter, RunsDir};
+use furnace_exp::registry;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use furnace_export::combine::{
@@ -81,6 +82,11 @@ pub struct MergeArgs {
     /// Write into an existing non-empty directory, or replace an existing GGUF file.
     #[arg(long)]
     force: bool,
+    /// With `--format adapter`: register the combined adapter under this name in the
+    /// adapter registry of --runs-dir (source `merge`, its inputs, weights and method
+    /// recorded), so `--adapter NAME` finds it everywhere.
+    #[arg(long, value_name = "NAME")]
+    register: Option<String>,
     #[command(flatten)]
     runs: RunsDir,
 }
@@ -147,6 +153,9 @@ fn plan(a: &MergeArgs) -> Result<Plan> {
     }
     if a.quant.is_some() && format != FormatArg::Gguf {
         bail!("--quant applies to --format gguf only (use --dtype for --format hf)");
+    }
+    if a.register.is_some() && format != FormatArg::Adapter {
+        bail!("--register applies to --format adapter (a merged model is not an adapter)");
     }
     if a.dtype.is_some() && format != FormatArg::Hf {
         bail!("--dtype applies to --format hf only (use --quant for --format gguf)");
@@ -278,6 +287,18 @@ pub fn run(a: MergeArgs) -> Result<()> {
             .with_context(|| format!("writing the adapter to {}", a.out.display()))?;
         let bytes = dir_bytes(&a.out);
         println!("wrote adapter {} ({}, r={}) in {:.1} s", a.out.display(), human_bytes(bytes), c.config.r, start.elapsed().as_secs_f64());
+        if let Some(name) = &a.register {
+            let inputs: Vec<String> = adapters.iter().map(|(d, _)| d.display().to_string()).collect();
+            let spec = serde_json::json!({
+                "method": a.method.unwrap_or(CombineMethod::Linear).to_string(),
+                "adapters": inputs,
+                "weights": plan.weights,
+                "density": a.density,
+                "svd_rank": a.svd_rank,
+                "seed": a.seed,
+            });
+            register_merged(&a, name, recorded_base.as_deref(), spec)?;
+        }
         return Ok(());
     }
 
@@ -344,6 +365,30 @@ pub fn run(a: MergeArgs) -> Result<()> {
         }
         FormatArg::Adapter => {}
     }
+    Ok(())
+}
+
+/// Registers the adapter written at `--out` as `name` (source `merge`).
+fn register_merged(a: &MergeArgs, name: &str, base: Option<&str>, spec: serde_json::Value) -> Result<()> {
+    let store = crate::args::open_store(&a.runs)?;
+    let path = std::fs::canonicalize(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
+    let mut peft = registry::peft_settings(&path)?;
+    let from_config = peft.remove("base_model_name_or_path").and_then(|b| b.as_str().map(String::from));
+    let Some(base) = base.map(String::from).or(from_config).filter(|b| !b.is_empty()) else {
+        bail!("--register: the combined adapters name no base model (adapter_config.json's base_model_name_or_path); register it with `furnace adapters register {} --base MODEL`", a.out.display());
+    };
+    let new = registry::NewAdapter {
+        name: name.to_string(),
+        path,
+        base,
+        source: "merge".into(),
+        spec,
+        peft: serde_json::Value::Object(peft),
+        metrics: serde_json::Value::Object(Default::default()),
+        ..Default::default()
+    };
+    registry::register(&store, &new, a.force).with_context(|| format!("--register {name}"))?;
+    println!("registered as {name} (furnace adapters show {name})");
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! command line or trained by an experiment, and embedding models; the dashboard and the
 //! experiment API on the same port. Until Ctrl-C.
 
-use crate::args::{open_store, RunsDir, ServerArgs};
+use crate::args::{existing_store, open_store, resolve_adapter, RunsDir, ServerArgs};
 use crate::models::load;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -30,9 +30,17 @@ pub struct ServeArgs {
     /// How the base's weights are held: quantized (fastest decode), bf16 or f32.
     #[arg(long, default_value = "quantized")]
     dtype: WeightDType,
-    /// Serve a PEFT LoRA adapter directory as model NAME (repeat for more).
-    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    /// Serve a LoRA adapter (repeat for more): NAME=DIR serves a PEFT directory (or a
+    /// registered adapter's name or tag in place of DIR) as model NAME; a bare NAME serves
+    /// the adapter registered under that name (or the one with that tag) under its
+    /// registered name (`furnace adapters list`).
+    #[arg(long = "adapter", value_name = "NAME[=DIR]")]
     adapters: Vec<String>,
+    /// Also serve every adapter in the registry of --runs-dir whose base is the served
+    /// model (the same model name: an alias, hub id or file of it), each under its
+    /// registered name; one that fails to load is skipped with a note.
+    #[arg(long)]
+    registered: bool,
     /// Serve every completed run of this experiment (in --runs-dir) as model EXPERIMENT/run-N
     /// (repeat for more).
     #[arg(long = "experiment", value_name = "NAME")]
@@ -80,12 +88,43 @@ pub struct ServeArgs {
     dir: RunsDir,
 }
 
-/// `NAME=DIR`.
-fn parse_adapter(s: &str) -> Result<(String, PathBuf)> {
+/// `NAME=DIR` (DIR a PEFT directory, or a registered name or tag), or `NAME` (a registered
+/// name or tag, served under its registered name).
+fn parse_adapter(s: &str, dir: &RunsDir) -> Result<(String, PathBuf)> {
     match s.split_once('=') {
-        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.to_string(), PathBuf::from(dir))),
-        _ => bail!("--adapter takes NAME=DIR (a PEFT adapter directory), got '{s}'"),
+        Some((name, given)) if !name.is_empty() && !given.is_empty() => {
+            Ok((name.to_string(), resolve_adapter(given, dir).with_context(|| format!("--adapter {s}"))?))
+        }
+        None if !s.is_empty() => {
+            let store =
+                existing_store(dir).with_context(|| format!("--adapter {s}: a bare NAME is a registered adapter; else give NAME=DIR"))?;
+            let rec = furnace_exp::registry::resolve(&store, s).with_context(|| format!("--adapter {s}"))?;
+            Ok((rec.name, rec.path))
+        }
+        _ => bail!("--adapter takes NAME=DIR (a PEFT adapter directory) or a registered adapter's NAME, got '{s}'"),
     }
+}
+
+/// The registered adapters whose base is `model`, as (name, directory), leaving out names
+/// in `taken` and adapters whose files are gone (with a note).
+fn registered_adapters(dir: &RunsDir, model: &str, taken: &[String]) -> Result<Adapters> {
+    let store = open_store(dir)?;
+    let filter = furnace_exp::registry::AdapterFilter { base: Some(model.to_string()), tag: None };
+    let mut out = Vec::new();
+    for rec in furnace_exp::registry::list(&store, &filter)? {
+        if taken.contains(&rec.name) {
+            continue;
+        }
+        if !rec.path.join("adapter_config.json").is_file() {
+            eprintln!("note: registered adapter {} is gone from {}: skipped", rec.name, rec.path.display());
+            continue;
+        }
+        out.push((rec.name, rec.path));
+    }
+    if out.is_empty() && taken.is_empty() {
+        eprintln!("note: --registered: no registered adapter has base {model} (`furnace adapters list` shows their bases)");
+    }
+    Ok(out)
 }
 
 /// How long a stopping server answers 503 to new requests while running ones finish.
@@ -129,7 +168,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 || a.max_queue == 0 || a.max_adapters == 0 {
         bail!("--max-batch, --max-queue and --max-adapters must be at least 1");
     }
-    let mut adapters: Adapters = a.adapters.iter().map(|s| parse_adapter(s)).collect::<Result<_>>()?;
+    let mut adapters: Adapters = a.adapters.iter().map(|s| parse_adapter(s, &a.dir)).collect::<Result<_>>()?;
     let mut experiment_base = None;
     for name in &a.experiments {
         let (base, runs) = experiment_adapters(&a.dir, name)?;
@@ -143,6 +182,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let model = a.model.clone().or(experiment_base).unwrap_or_else(|| crate::args::DEFAULT_MODEL.to_string());
     let model_name = a.name.clone().unwrap_or_else(|| model.clone());
+    let from_registry = if a.registered {
+        let taken: Vec<String> = adapters.iter().map(|(n, _)| n.clone()).collect();
+        registered_adapters(&a.dir, &model, &taken)?
+    } else {
+        Vec::new()
+    };
     let opts = ServerOptions { ..a.server.options()? };
 
     eprintln!("loading {model} ({:?})", a.dtype);
@@ -159,6 +204,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         engine.load_adapter(name, dir).with_context(|| format!("--adapter {name}={}", dir.display()))?;
         eprintln!("adapter {name} from {}", dir.display());
+    }
+    for (name, dir) in from_registry {
+        if name == model_name {
+            eprintln!("note: registered adapter {name} has the base's name: skipped");
+            continue;
+        }
+        match engine.load_adapter(&name, &dir) {
+            Ok(_) => {
+                eprintln!("adapter {name} from {} (registered)", dir.display());
+                adapters.push((name, dir));
+            }
+            Err(e) => eprintln!("note: registered adapter {name} ({}) did not load: {e}; skipped", dir.display()),
+        }
     }
     let mut embedders = BTreeMap::new();
     for name in &a.embedding_models {

@@ -89,3 +89,37 @@ fn merge_refuses_bad_input_with_clear_messages() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("no/such/model"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn a_combined_adapter_is_registered_and_merged_by_its_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let combined = tmp.path().join("mixed");
+    let (a, b) = (td("combine/adapter_a"), td("combine/adapter_b"));
+    let o = furnace(
+        tmp.path(),
+        &["merge", "--adapter", &a, "--weight", "0.7", "--adapter", &b, "--weight", "0.3", "--method", "ties", "--density", "0.5"]
+            .into_iter()
+            .chain(["--out", combined.to_str().unwrap(), "--register", "mixed"])
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "stdout: {}\nstderr: {}", text(&o.stdout), text(&o.stderr));
+    assert!(text(&o.stdout).contains("registered as mixed"), "{}", text(&o.stdout));
+    let show = furnace(tmp.path(), &["adapters", "show", "mixed", "--json"]);
+    assert!(show.status.success(), "{}", text(&show.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(rec["source"], "merge", "{rec}");
+    assert_eq!(rec["spec"]["method"], "ties", "{rec}");
+    assert_eq!(rec["spec"]["weights"], serde_json::json!([0.7, 0.3]), "{rec}");
+    assert_eq!(std::fs::canonicalize(rec["path"].as_str().unwrap()).unwrap(), std::fs::canonicalize(&combined).unwrap());
+    // The registered name resolves as --adapter of a merge into the base.
+    let out = tmp.path().join("merged");
+    let o = furnace(tmp.path(), &["merge", "--base", &td("tiny-llama"), "--adapter", "mixed", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "stdout: {}\nstderr: {}", text(&o.stdout), text(&o.stderr));
+    assert!(out.join("model.safetensors").is_file());
+    // --register is for adapters only.
+    let o = furnace(
+        tmp.path(),
+        &["merge", "--base", &td("tiny-llama"), "--adapter", "mixed", "--out", tmp.path().join("m2").to_str().unwrap(), "--register", "x"],
+    );
+    assert!(!o.status.success() && text(&o.stderr).contains("--register applies to --format adapter"), "{}", text(&o.stderr));
+}

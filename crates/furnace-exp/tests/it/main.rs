@@ -6,3 +6,4 @@ mod conversations;
 mod fit;
 mod ops;
 mod prefs;
+mod registry;

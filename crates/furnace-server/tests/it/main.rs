@@ -2,6 +2,7 @@
 //! loopback with raw HTTP/1.1 on a TcpStream. One test binary; a module per area.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod adapters;
 mod api;
 mod auth;
 mod dashboard;
