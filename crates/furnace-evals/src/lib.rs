@@ -18,6 +18,7 @@ pub mod prompt;
 pub mod ratelimit;
 pub mod score;
 pub mod spec;
+pub mod synth;
 
 pub use driver::{run_evals, EvalOptions, EvalSummary};
 pub use error::{Error, Result};

@@ -212,3 +212,124 @@ pub fn evaluate_model(
     metrics.insert("rows".to_string(), rows.len() as f64);
     Ok(ModelEval { metrics, predictions })
 }
+
+/// The rubric the judge gets when none is given: minijinja over `question` (the row's
+/// prompt), `reference` (its completion) and `prediction` (the model's answer).
+pub const DEFAULT_JUDGE_RUBRIC: &str = "You are grading an answer to a question against a reference answer.\n\n\
+Question:\n{{ question }}\n\nReference answer:\n{{ reference }}\n\nAnswer to grade:\n{{ prediction }}\n\n\
+Rate how correct and helpful the answer is, from 1 (wrong or unhelpful) to 5 (correct and complete, as good as the reference). \
+Reply with the score only, as JSON: {\"score\": N}.";
+
+/// The scores a judge gives: 1 to 5.
+pub const JUDGE_RANGE: (f64, f64) = (1.0, 5.0);
+
+/// LLM-as-judge scoring of `furnace eval`'s answers by an OpenAI-compatible API.
+#[derive(Debug, Clone)]
+pub struct JudgeOptions {
+    /// The API and the judge model.
+    pub api: crate::openai::OpenAiConfig,
+    /// The rubric (minijinja over `question`, `reference`, `prediction`); it must ask for a
+    /// score from 1 to 5. Default [`DEFAULT_JUDGE_RUBRIC`].
+    pub rubric: Option<String>,
+    /// Ask for `{"score": 1..5}` with a `response_format` json_schema (off: the first number
+    /// in a free-text answer is the score, for APIs without structured output).
+    pub structured: bool,
+    /// Most tokens of a judgement.
+    pub max_tokens: usize,
+}
+
+/// What the judge found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JudgeSummary {
+    /// The mean score over the rows (a judgement with no readable score counts as 1).
+    pub mean: f64,
+    /// Judgements with no score in [1, 5] (failed requests included).
+    pub unreadable: usize,
+}
+
+/// A judgement's score: `{"score": n}` or, failing that, the first number in the text;
+/// `None` when it is not in [`JUDGE_RANGE`].
+pub fn judge_score(text: &str) -> Option<f64> {
+    let from_json = serde_json::from_str::<Value>(text.trim()).ok().and_then(|v| v.get("score").and_then(Value::as_f64));
+    match from_json {
+        Some(v) => (v >= JUDGE_RANGE.0 && v <= JUDGE_RANGE.1).then_some(v),
+        None => crate::score::parse_judge_score(text, JUDGE_RANGE),
+    }
+}
+
+/// Scores every prediction of an evaluation (records with `prompt`, `reference` and
+/// `prediction`, as [`evaluate_model`] writes them) with the judge: each record gets
+/// `judge` (its score) and `judgement` (the judge's text). `progress(done, total)` follows
+/// the requests.
+pub fn judge_predictions(predictions: &mut [Value], opts: &JudgeOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<JudgeSummary> {
+    use crate::generator::{GenRequest, Message, Sampling};
+    if predictions.is_empty() {
+        return Err(Error::Invalid("no answers to judge".into()));
+    }
+    if predictions.iter().any(|p| p.get("prediction").is_none()) {
+        return Err(Error::Invalid("the judge scores generated answers; ask for a generation metric too".into()));
+    }
+    let rubric = opts.rubric.clone().unwrap_or_else(|| DEFAULT_JUDGE_RUBRIC.to_string());
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+    let bad_rubric = |e: minijinja::Error| Error::Spec { key: "judge_prompt".into(), msg: format!("the rubric does not render: {e}") };
+    env.add_template_owned("rubric", rubric).map_err(bad_rubric)?;
+    let t = env.get_template("rubric").map_err(bad_rubric)?;
+    let reqs = predictions
+        .iter()
+        .map(|p| {
+            let text = t
+                .render(minijinja::context! {
+                    question => p["prompt"].as_str().unwrap_or_default(),
+                    reference => p["reference"].as_str().unwrap_or_default(),
+                    prediction => p["prediction"].as_str().unwrap_or_default(),
+                })
+                .map_err(bad_rubric)?;
+            Ok(GenRequest {
+                messages: vec![Message { role: "user".into(), content: text }],
+                sampling: Sampling { max_tokens: opts.max_tokens, temperature: 0.0, seed: Some(0), ..Sampling::default() },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut api = crate::openai::OpenAiGenerator::new(opts.api.clone())?;
+    if opts.structured {
+        let schema = json!({
+            "type": "object",
+            "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
+            "required": ["score"],
+            "additionalProperties": false,
+        });
+        api = api
+            .with_response_format(json!({"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema, "strict": true}}));
+    }
+    let total = reqs.len();
+    let mut done = 0;
+    let outs = api.generate(&reqs, &mut |_| {
+        done += 1;
+        progress(done, total);
+    });
+    if outs.iter().all(|o| o.is_err()) {
+        if let Some(Err(e)) = outs.into_iter().next() {
+            return Err(Error::Generator(format!("the judge failed every request; the first: {e}")));
+        }
+        return Err(Error::Generator("the judge failed every request".into()));
+    }
+    let (mut sum, mut unreadable) = (0.0, 0);
+    for (p, o) in predictions.iter_mut().zip(outs) {
+        let (text, score) = match o {
+            Ok(o) => {
+                let s = judge_score(&o.text);
+                (o.text, s)
+            }
+            Err(e) => (format!("error: {e}"), None),
+        };
+        if score.is_none() {
+            unreadable += 1;
+        }
+        let v = score.unwrap_or(JUDGE_RANGE.0);
+        sum += v;
+        p["judge"] = json!(v);
+        p["judgement"] = json!(text);
+    }
+    Ok(JudgeSummary { mean: sum / total as f64, unreadable })
+}

@@ -191,6 +191,7 @@ pub struct OpenAiGenerator {
     api_key: Option<String>,
     agent: ureq::Agent,
     limiter: SlidingWindow,
+    response_format: Option<Value>,
 }
 
 impl std::fmt::Debug for OpenAiGenerator {
@@ -246,7 +247,14 @@ impl OpenAiGenerator {
             .build();
         let agent = ureq::Agent::new_with_config(config);
         let limiter = SlidingWindow::new(cfg.rpm, cfg.tpm, Duration::from_secs(60));
-        Ok(OpenAiGenerator { cfg, url, api_key, agent, limiter })
+        Ok(OpenAiGenerator { cfg, url, api_key, agent, limiter, response_format: None })
+    }
+
+    /// The same generator sending `format` as every request's `response_format` (e.g.
+    /// `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`).
+    pub fn with_response_format(mut self, format: Value) -> Self {
+        self.response_format = Some(format);
+        self
     }
 
     /// The settings it runs with.
@@ -354,6 +362,9 @@ impl OpenAiGenerator {
         }
         if !s.stop.is_empty() {
             body["stop"] = json!(s.stop);
+        }
+        if let Some(f) = &self.response_format {
+            body["response_format"] = f.clone();
         }
         body
     }

@@ -46,6 +46,9 @@ pub enum BenchCmd {
     /// generator, batched together (what `furnace run` does) versus one pipeline after
     /// another; questions/s and peak RSS of each, each in its own process.
     Evals(super::bench_evals::EvalsBenchArgs),
+    /// `furnace data generate` with the local engine: kept examples/s and tokens/s one
+    /// request at a time versus batched (same topic, count, seed and token limit).
+    Datagen(super::bench_datagen::DatagenBenchArgs),
     /// DPO against TRL's DPOTrainer + PEFT on PyTorch (`scripts/peer_trl.py`): the first 64
     /// pairs of data/dpo, 4 pairs per step, 96 tokens at most, sigmoid loss (beta 0.1);
     /// tokens/s of the training steps (chosen + rejected, prompts included), the one-off
@@ -266,6 +269,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Index(a) => super::bench_index::run(a),
         BenchCmd::Serve(a) => super::bench_serve::run(a),
         BenchCmd::Evals(a) => super::bench_evals::run(a),
+        BenchCmd::Datagen(a) => super::bench_datagen::run(a),
         BenchCmd::Dpo(a) => super::bench_prefs::run_dpo(a),
         BenchCmd::Grpo(a) => super::bench_prefs::run_grpo(a),
     }

@@ -4,6 +4,7 @@
 
 pub mod adapters;
 pub mod bench;
+pub mod bench_datagen;
 pub mod bench_embed;
 pub mod bench_evals;
 pub mod bench_index;

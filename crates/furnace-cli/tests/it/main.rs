@@ -8,6 +8,7 @@ mod api;
 mod cli;
 mod conversations;
 mod crash;
+mod data_generate;
 mod dashboard;
 mod data_prepare;
 mod evals;
