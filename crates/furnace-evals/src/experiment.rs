@@ -60,9 +60,9 @@ pub fn create(store: &Store, spec_path: &Path) -> Result<ExperimentRow> {
 pub fn run_adapter(store: &Store, reference: &str) -> Result<std::path::PathBuf> {
     let bad = |m: String| Error::Spec { key: "generator.run".into(), msg: m };
     let Some((name, id)) = crate::spec::parse_run_ref(reference) else {
-        return furnace_exp::registry::resolve(store, reference).map(|a| a.path).map_err(|e| {
-            bad(format!("'{reference}' is neither EXPERIMENT/run-N nor a registered adapter: {e}"))
-        });
+        return furnace_exp::registry::resolve(store, reference)
+            .map(|a| a.path)
+            .map_err(|e| bad(format!("'{reference}' is neither EXPERIMENT/run-N nor a registered adapter: {e}")));
     };
     let exp = store.experiment(name).map_err(|e| bad(format!("{reference}: {e}")))?;
     let run = store.run(id).map_err(|e| bad(format!("{reference}: {e}")))?;

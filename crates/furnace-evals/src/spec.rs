@@ -755,7 +755,10 @@ fn validate_generator(section: &str, g: &GeneratorSpec) -> Result<()> {
                     return Err(spec_err(&key("run"), "give adapter or run, not both"));
                 }
                 if r.trim().is_empty() {
-                    return Err(spec_err(&key("run"), "name a training run (EXPERIMENT/run-N, e.g. extract/run-3) or a registered adapter"));
+                    return Err(spec_err(
+                        &key("run"),
+                        "name a training run (EXPERIMENT/run-N, e.g. extract/run-3) or a registered adapter",
+                    ));
                 }
             }
         }

@@ -114,7 +114,9 @@ fn a_generator_names_a_training_run_of_the_store_by_its_adapter() {
     let exp = furnace_evals::experiment::create(&store, &path).unwrap();
     let p = furnace_evals::driver::pipeline_spec(&store.runs(exp.id).unwrap()[0]).unwrap();
     assert_eq!(p.generator.adapter.as_deref().map(std::fs::canonicalize).transpose().unwrap(), Some(foreign.canonicalize().unwrap()));
-    for (reference, needle) in [("sft/run-99", "no run 99"), ("nope/run-1", "nope"), ("sft-run-1", "neither EXPERIMENT/run-N nor a registered adapter")] {
+    for (reference, needle) in
+        [("sft/run-99", "no run 99"), ("nope/run-1", "nope"), ("sft-run-1", "neither EXPERIMENT/run-N nor a registered adapter")]
+    {
         std::fs::write(&path, spec(reference)).unwrap();
         let e = furnace_evals::experiment::create(&store, &path).unwrap_err().to_string();
         assert!(e.contains("generator.run") && e.contains(needle), "{reference}: {e}");

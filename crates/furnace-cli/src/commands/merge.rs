@@ -1,9 +1,9 @@
 //! `furnace merge`: adapters merged into their base, exported, or combined.
 
 use crate::args::{resolve_adapter, RunsDir};
-use furnace_exp::registry;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use furnace_exp::registry;
 use furnace_export::combine::{
     adapter_base_model, check_same_base, combine, save_adapter_with_base, CombineMethod, CombineOptions, MajoritySign,
 };

@@ -92,20 +92,31 @@ fn u64_of(v: Option<&Value>) -> Option<u64> {
     v.and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
 }
 
-/// llama.cpp's greedy continuation of each prompt on `file`, checked against furnace's logits
-/// on the same file, teacher-forced along llama.cpp's tokens: at every step llama.cpp's token
-/// is furnace's arg-max, or (where the two runtimes' rounding decides a near tie: llama.cpp
-/// quantizes activations to 8 bits for quantized matrices and to f16 for f16 ones) within
-/// `tol` of furnace's best logit. When every step is an arg-max, furnace's own greedy
-/// decoding is checked to give exactly llama.cpp's tokens. Returns (steps, arg-max steps).
-fn assert_same_greedy(file: &Path, m: &LoadedModel, prompts: &[Vec<u32>], tol: f32, label: &str) -> Result<(usize, usize)> {
+/// llama.cpp's greedy continuation (up to [`NEW_TOKENS`] tokens) of each prompt on `file`.
+fn llamacpp_greedy(file: &Path, prompts: &[Vec<u32>], label: &str) -> Result<Vec<Vec<u32>>> {
     let requests: Vec<Json> = prompts.iter().map(|p| json!({"tokens": p, "n": NEW_TOKENS})).collect();
-    let theirs = llamacpp(file, &requests)?;
+    let theirs: Vec<Vec<u32>> = llamacpp(file, &requests)?.iter().map(|r| ids(r, "tokens")).collect();
+    assert!(theirs.iter().all(|t| !t.is_empty()), "{label}: llama.cpp generated nothing");
+    Ok(theirs)
+}
+
+/// llama.cpp's greedy continuation of each prompt on `file`, checked against furnace's logits
+/// on the same file (see [`check_greedy`]). Returns (steps, arg-max steps).
+fn assert_same_greedy(file: &Path, m: &LoadedModel, prompts: &[Vec<u32>], tol: f32, label: &str) -> Result<(usize, usize)> {
+    let theirs = llamacpp_greedy(file, prompts, label)?;
+    check_greedy(m, prompts, &theirs, tol, label)
+}
+
+/// Checks llama.cpp's greedy tokens `theirs` against furnace's logits, teacher-forced along
+/// them: at every step llama.cpp's token is furnace's arg-max, or (where the two runtimes'
+/// rounding decides a near tie: llama.cpp quantizes activations to 8 bits for quantized
+/// matrices and to f16 for f16 ones, and keeps its KV cache in f16) within `tol` of furnace's
+/// best logit. When every step of a prompt is an arg-max, furnace's own greedy decoding is
+/// checked to give exactly llama.cpp's tokens. Returns (steps, arg-max steps).
+fn check_greedy(m: &LoadedModel, prompts: &[Vec<u32>], theirs: &[Vec<u32>], tol: f32, label: &str) -> Result<(usize, usize)> {
     let (mut steps, mut exact) = (0, 0);
-    for (p, r) in prompts.iter().zip(&theirs) {
-        let llama: Vec<u32> = ids(r, "tokens");
-        assert!(!llama.is_empty(), "{label}: llama.cpp generated nothing");
-        let all: Vec<u32> = p.iter().chain(&llama).copied().collect();
+    for (p, llama) in prompts.iter().zip(theirs) {
+        let all: Vec<u32> = p.iter().chain(llama).copied().collect();
         let logits = m.model.logits_all(&all[..all.len() - 1])?;
         let mut all_exact = true;
         for (i, &tok) in llama.iter().enumerate() {
@@ -125,16 +136,51 @@ fn assert_same_greedy(file: &Path, m: &LoadedModel, prompts: &[Vec<u32>], tol: f
                 m.tokenizer.decode(p, false)?,
                 m.tokenizer.decode(&[tok], false)?,
                 m.tokenizer.decode(&[best as u32], false)?,
-                m.tokenizer.decode(&llama, false)?
+                m.tokenizer.decode(llama, false)?
             );
             eprintln!("{label}: near tie at step {i}: llama.cpp {tok}, furnace {best}, gap {gap:.4}");
         }
         if all_exact {
             let ours = furnace_greedy(m, p, llama.len())?;
-            assert_eq!(ours, llama, "{label}: furnace's greedy tokens differ from llama.cpp's on {:?}", m.tokenizer.decode(p, false)?);
+            assert_eq!(&ours, llama, "{label}: furnace's greedy tokens differ from llama.cpp's on {:?}", m.tokenizer.decode(p, false)?);
         }
     }
     Ok((steps, exact))
+}
+
+/// How far (in logits) llama.cpp's greedy token may fall below furnace's best one on a
+/// `quant` export of merged SmolLM2-135M, furnace reading the file's exact weights in f32.
+///
+/// f16: none. llama.cpp's greedy tokens are exactly furnace's: every step is furnace's
+/// arg-max and furnace's own greedy decoding gives the same tokens. (Over 8 chat prompts ×
+/// 16 tokens, 7 of 8 sequences are equal; the eighth parts at a 0.004-logit tie decided by
+/// llama.cpp's f16 KV cache. With an f32 KV cache all 8 are equal, also over 24 tokens.)
+///
+/// Quantized exports cannot be held to exact equality, in either of furnace's modes. On
+/// q8_0/q4_0/q4_K files llama.cpp multiplies 8-bit-quantized activations (its own rounding
+/// and summation order; repacked CPU kernels) and keeps K/V in f16; a near tie decides a
+/// token differently and the free-running sequences then part. Measured over the same 8
+/// prompts × 16 tokens (teacher-forced arg-max steps, largest gap where not; free-running
+/// sequences equal):
+///
+/// | file   | furnace F32                | furnace Quantized          |
+/// |--------|----------------------------|----------------------------|
+/// | q8_0   | 121/124, 0.043, 5/8 equal  | 121/124, 0.084, 5/8 equal  |
+/// | q4_0   | 118/125, 0.180, 3/8 equal  | 121/125, 0.238, 5/8 equal  |
+/// | q4_k_m | 112/116, 0.308, 5/8 equal  | 113/116, 0.334, 4/8 equal  |
+///
+/// Quantized decodes one token at a time through candle's q8-activation kernels (the way
+/// llama.cpp decodes) but matches no better: candle rounds activations to 8 bits its own way
+/// (`round` half away from zero from `1/(amax/127)`, where llama.cpp rounds half to even from
+/// `127/amax`), so the two quantized activations are not the same bits either, and q4_k_m's
+/// Q5_0 tensors are requantized to Q8_0 at load. Fed token by token through those kernels,
+/// furnace's Quantized mode agreed less (q8_0 120/124 arg-max steps, largest gap 0.48).
+fn near_tie_tolerance(quant: GgufQuant) -> f32 {
+    match quant {
+        GgufQuant::F16 => 0.0,
+        GgufQuant::Q8_0 => 0.15,
+        GgufQuant::Q4_0 | GgufQuant::Q4KM => 0.5,
+    }
 }
 
 #[test]
@@ -178,16 +224,26 @@ fn smollm2_merged_with_an_adapter_exports_to_gguf_that_llamacpp_and_furnace_agre
         check_mixture(quant, &types);
         assert_eq!(written.tensors.len(), types.len());
 
-        // furnace loads the file, and llama.cpp's greedy tokens equal furnace's on it.
+        // furnace loads the file, and llama.cpp's greedy tokens equal furnace's on it:
+        // exactly for f16, up to near ties for the quantized types (`near_tie_tolerance`).
         let m = LoadedModel::load(&file, WeightDType::F32)?;
         let prompts = chat_prompts(&m)?;
-        // Quantized activations move SmolLM2's logits by up to a few tenths.
-        let (steps, exact) = assert_same_greedy(&file, &m, &prompts, 0.5, quant.name())?;
-        assert!(exact * 10 >= steps * 8, "{}: llama.cpp's token is furnace's arg-max at only {exact} of {steps} steps", quant.name());
+        let theirs = llamacpp_greedy(&file, &prompts, quant.name())?;
+        let tol = near_tie_tolerance(quant);
+        let (steps, exact) = check_greedy(&m, &prompts, &theirs, tol, quant.name())?;
+        assert!(exact * 100 >= steps * 85, "{}: llama.cpp's token is furnace's arg-max at only {exact} of {steps} steps", quant.name());
         if quant == GgufQuant::F16 {
-            assert_eq!(exact, steps, "f16: every greedy token agrees");
+            assert_eq!(exact, steps, "f16: every greedy token is furnace's");
         }
-        agreement.push((quant.name(), steps, exact));
+        agreement.push((format!("{} (furnace f32)", quant.name()), steps, exact));
+        if quant != GgufQuant::F16 {
+            // furnace's quantized runtime (the file's blocks kept, as `--dtype quantized`).
+            let q = LoadedModel::load(&file, WeightDType::Quantized)?;
+            let label = format!("{} (furnace quantized)", quant.name());
+            let (steps, exact) = check_greedy(&q, &prompts, &theirs, tol, &label)?;
+            assert!(exact * 100 >= steps * 85, "{label}: llama.cpp's token is furnace's arg-max at only {exact} of {steps} steps");
+            agreement.push((label, steps, exact));
+        }
     }
     for (q, s) in &timings {
         eprintln!("GGUF export of merged SmolLM2-135M as {q}: {s:.2} s");
