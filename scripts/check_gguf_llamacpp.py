@@ -38,7 +38,11 @@ def main() -> int:
     stream = open(sys.argv[2], encoding="utf-8") if len(sys.argv) > 2 else sys.stdin
     requests = [json.loads(line) for line in stream if line.strip()]
     n_ctx = max([len(r.get("tokens", [])) + int(r.get("n", 0)) for r in requests] + [256]) + 64
-    llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=2, n_batch=512, logits_all=False, verbose=False)
+    # An f32 KV cache (GGML type 0; llama.cpp's default is f16), so an f16 file's logits are
+    # those of its weights and not of a rounded cache: near ties then break as furnace's do.
+    llm = Llama(
+        model_path=model_path, n_ctx=n_ctx, n_threads=2, n_batch=512, logits_all=False, verbose=False, type_k=0, type_v=0
+    )
     bos = llm.token_bos()
     n_vocab = llm.n_vocab()
     results = []

@@ -104,16 +104,26 @@ fn llamacpp_greedy(file: &Path, prompts: &[Vec<u32>], label: &str) -> Result<Vec
 /// on the same file (see [`check_greedy`]). Returns (steps, arg-max steps).
 fn assert_same_greedy(file: &Path, m: &LoadedModel, prompts: &[Vec<u32>], tol: f32, label: &str) -> Result<(usize, usize)> {
     let theirs = llamacpp_greedy(file, prompts, label)?;
-    check_greedy(m, prompts, &theirs, tol, label)
+    check_greedy(m, prompts, &theirs, tol, label, true)
 }
 
 /// Checks llama.cpp's greedy tokens `theirs` against furnace's logits, teacher-forced along
 /// them: at every step llama.cpp's token is furnace's arg-max, or (where the two runtimes'
 /// rounding decides a near tie: llama.cpp quantizes activations to 8 bits for quantized
-/// matrices and to f16 for f16 ones, and keeps its KV cache in f16) within `tol` of furnace's
-/// best logit. When every step of a prompt is an arg-max, furnace's own greedy decoding is
-/// checked to give exactly llama.cpp's tokens. Returns (steps, arg-max steps).
-fn check_greedy(m: &LoadedModel, prompts: &[Vec<u32>], theirs: &[Vec<u32>], tol: f32, label: &str) -> Result<(usize, usize)> {
+/// matrices and to f16 for f16 ones) within `tol` of furnace's
+/// best logit. When every step of a prompt is an arg-max and `own_greedy`, furnace's own
+/// greedy decoding is checked to give exactly llama.cpp's tokens (not for furnace's quantized
+/// runtime, whose one-row decode multiplies with candle's q8 vector kernel while scoring a
+/// whole sequence uses the packed bf16 kernel: its own near ties can break otherwise).
+/// Returns (steps, arg-max steps).
+fn check_greedy(
+    m: &LoadedModel,
+    prompts: &[Vec<u32>],
+    theirs: &[Vec<u32>],
+    tol: f32,
+    label: &str,
+    own_greedy: bool,
+) -> Result<(usize, usize)> {
     let (mut steps, mut exact) = (0, 0);
     for (p, llama) in prompts.iter().zip(theirs) {
         let all: Vec<u32> = p.iter().chain(llama).copied().collect();
@@ -140,7 +150,7 @@ fn check_greedy(m: &LoadedModel, prompts: &[Vec<u32>], theirs: &[Vec<u32>], tol:
             );
             eprintln!("{label}: near tie at step {i}: llama.cpp {tok}, furnace {best}, gap {gap:.4}");
         }
-        if all_exact {
+        if all_exact && own_greedy {
             let ours = furnace_greedy(m, p, llama.len())?;
             assert_eq!(&ours, llama, "{label}: furnace's greedy tokens differ from llama.cpp's on {:?}", m.tokenizer.decode(p, false)?);
         }
@@ -153,12 +163,13 @@ fn check_greedy(m: &LoadedModel, prompts: &[Vec<u32>], theirs: &[Vec<u32>], tol:
 ///
 /// f16: none. llama.cpp's greedy tokens are exactly furnace's: every step is furnace's
 /// arg-max and furnace's own greedy decoding gives the same tokens. (Over 8 chat prompts ×
-/// 16 tokens, 7 of 8 sequences are equal; the eighth parts at a 0.004-logit tie decided by
-/// llama.cpp's f16 KV cache. With an f32 KV cache all 8 are equal, also over 24 tokens.)
+/// 16 tokens, 7 of 8 sequences were equal with llama.cpp's default f16 KV cache, the eighth
+/// parting at a 0.004-logit tie; with the f32 KV cache `scripts/check_gguf_llamacpp.py`
+/// asks for, all 8 are equal, also over 24 tokens.)
 ///
 /// Quantized exports cannot be held to exact equality, in either of furnace's modes. On
 /// q8_0/q4_0/q4_K files llama.cpp multiplies 8-bit-quantized activations (its own rounding
-/// and summation order; repacked CPU kernels) and keeps K/V in f16; a near tie decides a
+/// and summation order; repacked CPU kernels); a near tie decides a
 /// token differently and the free-running sequences then part. Measured over the same 8
 /// prompts × 16 tokens (teacher-forced arg-max steps, largest gap where not; free-running
 /// sequences equal):
@@ -230,7 +241,7 @@ fn smollm2_merged_with_an_adapter_exports_to_gguf_that_llamacpp_and_furnace_agre
         let prompts = chat_prompts(&m)?;
         let theirs = llamacpp_greedy(&file, &prompts, quant.name())?;
         let tol = near_tie_tolerance(quant);
-        let (steps, exact) = check_greedy(&m, &prompts, &theirs, tol, quant.name())?;
+        let (steps, exact) = check_greedy(&m, &prompts, &theirs, tol, quant.name(), true)?;
         assert!(exact * 100 >= steps * 85, "{}: llama.cpp's token is furnace's arg-max at only {exact} of {steps} steps", quant.name());
         if quant == GgufQuant::F16 {
             assert_eq!(exact, steps, "f16: every greedy token is furnace's");
@@ -240,7 +251,7 @@ fn smollm2_merged_with_an_adapter_exports_to_gguf_that_llamacpp_and_furnace_agre
             // furnace's quantized runtime (the file's blocks kept, as `--dtype quantized`).
             let q = LoadedModel::load(&file, WeightDType::Quantized)?;
             let label = format!("{} (furnace quantized)", quant.name());
-            let (steps, exact) = check_greedy(&q, &prompts, &theirs, tol, &label)?;
+            let (steps, exact) = check_greedy(&q, &prompts, &theirs, tol, &label, false)?;
             assert!(exact * 100 >= steps * 85, "{label}: llama.cpp's token is furnace's arg-max at only {exact} of {steps} steps");
             agreement.push((label, steps, exact));
         }
