@@ -428,6 +428,7 @@ fn execute(
     }
     if st.kind == Kind::Train {
         state.outputs.extend(pl::train_outputs(&dir, w.experiment.as_deref().unwrap_or_default())?);
+        register_trained(root, &spec.name, &st.name, &dir, &state.outputs)?;
     }
     for (k, p) in &state.outputs {
         if matches!(k.as_str(), "model" | "metrics" | "train" | "adapter") && !Path::new(p).exists() {
@@ -488,4 +489,43 @@ fn resume_command(a: &PipelineArgs) -> String {
         resume.push_str(&format!(" --runs-dir {}", r.display()));
     }
     resume
+}
+
+/// Registers a train stage's adapter in the adapter registry of the pipeline's runs folder
+/// as `PIPELINE/STAGE` (tag `pipeline`; a later attempt replaces the record), with the base,
+/// spec, metrics and PEFT settings its run was registered with in the stage's own store, so
+/// `furnace adapters list`, `--adapter PIPELINE/STAGE`, `furnace serve --registered` and the
+/// dashboard find it beside the runs of `furnace run` and `furnace train`.
+fn register_trained(
+    root: &Path,
+    pipeline: &str,
+    stage: &str,
+    attempt: &Path,
+    outputs: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    use furnace_exp::registry;
+    let (Some(run), Some(experiment), Some(adapter)) = (outputs.get("run"), outputs.get("experiment"), outputs.get("adapter")) else {
+        return Ok(());
+    };
+    let run_name = Path::new(run).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let own = furnace_exp::Store::open_in(&attempt.join("runs")).context("opening the train stage's store")?;
+    let Some(rec) = registry::get(&own, &format!("{experiment}/{run_name}"))? else {
+        bail!("the train stage's run {experiment}/{run_name} is not in its registry ({})", attempt.join("runs").display());
+    };
+    let Some(runs_dir) = root.parent().and_then(Path::parent) else { return Ok(()) };
+    let store = furnace_exp::Store::open_in(runs_dir).with_context(|| format!("opening the store in {}", runs_dir.display()))?;
+    let name = format!("{pipeline}/{stage}");
+    let new = registry::NewAdapter {
+        name: name.clone(),
+        path: PathBuf::from(adapter),
+        base: rec.base,
+        source: "run".into(),
+        spec: rec.spec,
+        metrics: rec.metrics,
+        peft: rec.peft,
+        tags: vec!["pipeline".into()],
+        ..Default::default()
+    };
+    registry::register(&store, &new, true).with_context(|| format!("registering the adapter as {name}"))?;
+    Ok(())
 }

@@ -114,6 +114,16 @@ fn pipeline_runs_skips_reruns_changed_stages_and_restarts_from_a_stage() {
         serde_json::from_str(&std::fs::read_to_string(latest_dir(&root, "eval").join("eval/metrics.json")).unwrap()).unwrap();
     assert!(metrics["metrics"]["ppl"].as_f64().unwrap() > 1.0, "{metrics}");
     assert!(std::fs::read_to_string(latest_dir(&root, "train").join("log.txt")).unwrap().contains("adapter:"));
+    // The trained adapter is registered in the pipeline's runs folder as PIPELINE/STAGE.
+    let registered = |d: &Path| {
+        let list: serde_json::Value =
+            serde_json::from_str(&ok(&furnace(d, &["adapters", "list", "--json", "--runs-dir", "runs"]))).unwrap();
+        let rec = list.as_array().unwrap().iter().find(|a| a["name"] == "tiny/train").cloned();
+        rec.unwrap_or_else(|| panic!("tiny/train not registered: {list}"))
+    };
+    let rec = registered(d);
+    assert_eq!(d.join(rec["path"].as_str().unwrap()).canonicalize().unwrap(), adapter, "{rec}");
+    assert!(rec["metrics"]["loss"].as_f64().is_some() && rec["tags"] == serde_json::json!(["pipeline"]), "{rec}");
 
     // A rerun skips both, touching nothing.
     let before = (snapshot(&root, "train"), snapshot(&root, "eval"));
@@ -145,9 +155,10 @@ fn pipeline_runs_skips_reruns_changed_stages_and_restarts_from_a_stage() {
     assert!(adapter2.contains("attempt-2"), "{adapter2}");
     assert!(adapter.is_dir(), "the earlier attempt is kept");
 
-    // --from train: new attempts from train on.
+    // --from train: new attempts from train on; the registry names the newest adapter.
     let out = ok(&furnace(d, &["pipeline", "pipeline.toml", "--from", "train"]));
     assert!(out.contains("[1/2] train    running attempt-3 (--from)"), "{out}");
+    assert!(registered(d)["path"].as_str().unwrap().contains("attempt-3"), "{}", registered(d));
     assert!(out.contains("[2/2] eval     running attempt-4 (--from)"), "{out}");
     let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
     assert_eq!(out.matches("skipped (inputs unchanged").count(), 2, "{out}");
