@@ -155,6 +155,11 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// Whether `name` has the form `EXPERIMENT/run-N` of a training run's adapter.
+pub fn is_run_name(name: &str) -> bool {
+    name.rsplit_once('/').and_then(|(_, r)| r.strip_prefix("run-")).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Checks a tag: 1 to 100 characters among ASCII letters, digits and `-_.:@+`.
 pub fn check_tag(tag: &str) -> Result<()> {
     if !tag.is_empty() && tag.len() <= 100 && tag.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@+".contains(c)) {
@@ -197,6 +202,14 @@ pub fn register(store: &Store, a: &NewAdapter, replace: bool) -> Result<AdapterR
     check_name(&a.name)?;
     if !SOURCES.contains(&a.source.as_str()) {
         return Err(Error::Invalid(format!("adapter source '{}': one of {}", a.source, SOURCES.join(", "))));
+    }
+    // `EXP/run-N` names belong to training runs, which register (and replace) them when they
+    // finish: another adapter under such a name would be overwritten silently.
+    if a.source != "run" && is_run_name(&a.name) {
+        return Err(Error::Invalid(format!(
+            "adapter name '{}': EXPERIMENT/run-N names are kept for the adapters of training runs; choose another name",
+            a.name
+        )));
     }
     for t in &a.tags {
         check_tag(t)?;
@@ -344,6 +357,10 @@ fn set_tags(store: &Store, name: &str, f: impl FnOnce(&mut Vec<String>)) -> Resu
 pub fn tag(store: &Store, name: &str, tags: &[String]) -> Result<AdapterRecord> {
     for t in tags {
         check_tag(t)?;
+        // A name resolves before a tag: a tag equal to a name could never be used.
+        if get(store, t)?.is_some() {
+            return Err(Error::Invalid(format!("tag '{t}' is the name of a registered adapter: choose another tag")));
+        }
     }
     set_tags(store, name, |have| {
         for t in tags {

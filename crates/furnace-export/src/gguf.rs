@@ -362,6 +362,9 @@ pub fn write_gguf(base: &BaseModel, out: &Path, quant: GgufQuant) -> Result<Gguf
     }
 
     let metadata = metadata(base, arch, quant)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
     let tmp = out.with_extension("gguf.partial");
     let written = write_file(&tmp, &metadata, &encoded);
     if let Err(e) = written {

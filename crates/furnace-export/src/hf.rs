@@ -91,33 +91,110 @@ pub fn write_hf(base: &BaseModel, out: &Path, dtype: HfDType) -> Result<()> {
 }
 
 /// Writes `base` as an HF model directory at `out`, as [`write_hf`], with options; says what
-/// it wrote.
+/// it wrote. Everything is written into a sibling folder first and moved into place at the
+/// end, so a failed export leaves no half-written directory; with `overwrite`, the model,
+/// config and tokenizer files of an earlier export in `out` (shards and index included) are
+/// removed before the new ones move in, and other files there are left alone.
 pub fn write_hf_with(base: &BaseModel, out: &Path, opts: HfOptions) -> Result<HfReport> {
     prepare_out_dir(out, opts.overwrite)?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let written = write_files(base, &tmp, opts.dtype).and_then(|files| move_into(&tmp, out, files));
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written.map(|files| HfReport { files })
+}
+
+/// Whether `name` is a file an HF model export writes (replaced by a new export).
+fn is_export_file(name: &str) -> bool {
+    matches!(
+        name,
+        "config.json"
+            | "generation_config.json"
+            | "special_tokens_map.json"
+            | "chat_template.jinja"
+            | "chat_template.json"
+            | "vocab.json"
+            | "merges.txt"
+            | "added_tokens.json"
+            | "model.safetensors.index.json"
+            | "pytorch_model.bin.index.json"
+    ) || name.starts_with("tokenizer")
+        || (name.starts_with("model") && name.ends_with(".safetensors"))
+        || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
+}
+
+/// Moves the files written in `tmp` to `out` (renaming `tmp` itself when `out` does not
+/// exist), after removing an earlier export's files from `out`.
+fn move_into(tmp: &Path, out: &Path, files: Vec<(PathBuf, u64)>) -> Result<Vec<(PathBuf, u64)>> {
+    let moved: Vec<(PathBuf, u64)> =
+        files.into_iter().map(|(p, n)| (p.file_name().map(|f| out.join(f)).unwrap_or_else(|| out.to_path_buf()), n)).collect();
+    if !out.exists() {
+        std::fs::rename(tmp, out).map_err(io_err(out))?;
+        return Ok(moved);
+    }
+    for entry in std::fs::read_dir(out).map_err(io_err(out))? {
+        let path = entry.map_err(io_err(out))?.path();
+        if path.is_file() && path.file_name().is_some_and(|n| is_export_file(&n.to_string_lossy())) {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    for entry in std::fs::read_dir(tmp).map_err(io_err(tmp))? {
+        let from = entry.map_err(io_err(tmp))?.path();
+        if let Some(f) = from.file_name() {
+            let to = out.join(f);
+            std::fs::rename(&from, &to).map_err(io_err(&to))?;
+        }
+    }
+    std::fs::remove_dir_all(tmp).map_err(io_err(tmp))?;
+    Ok(moved)
+}
+
+/// `tokenizer_config` with the chat template in it (as transformers writes it), unless it
+/// has one.
+fn with_chat_template(mut cfg: Value, template: Option<&str>) -> Value {
+    if let (Some(obj), Some(t)) = (cfg.as_object_mut(), template) {
+        obj.entry("chat_template").or_insert_with(|| json!(t));
+    }
+    cfg
+}
+
+/// Every file of the export, written into `dir`.
+fn write_files(base: &BaseModel, dir: &Path, dtype: HfDType) -> Result<Vec<(PathBuf, u64)>> {
     let mut files = Vec::new();
     let mut put = |name: &str, text: String| -> Result<()> {
-        let p = out.join(name);
+        let p = dir.join(name);
         std::fs::write(&p, text.as_bytes()).map_err(io_err(&p))?;
         files.push((p, text.len() as u64));
         Ok(())
     };
     match &base.origin {
-        BaseOrigin::Hf(dir) => {
-            let cfg_path = dir.join("config.json");
+        BaseOrigin::Hf(src_dir) => {
+            let cfg_path = src_dir.join("config.json");
             let mut cfg = read_json(&cfg_path)?;
             if let Some(obj) = cfg.as_object_mut() {
-                obj.insert("dtype".into(), json!(opts.dtype.torch_name()));
+                obj.insert("dtype".into(), json!(dtype.torch_name()));
                 if obj.contains_key("torch_dtype") {
-                    obj.insert("torch_dtype".into(), json!(opts.dtype.torch_name()));
+                    obj.insert("torch_dtype".into(), json!(dtype.torch_name()));
                 }
             }
             put("config.json", pretty(&cfg)?)?;
-            let gen_path = dir.join("generation_config.json");
+            let gen_path = src_dir.join("generation_config.json");
             let gen = if gen_path.is_file() { read_json(&gen_path)? } else { generation_config(&cfg) };
             put("generation_config.json", pretty(&gen)?)?;
+            let jinja = src_dir.join("chat_template.jinja");
+            let template = if jinja.is_file() { Some(std::fs::read_to_string(&jinja).map_err(io_err(&jinja))?) } else { None };
+            let tok_cfg = src_dir.join("tokenizer_config.json");
+            if tok_cfg.is_file() {
+                put("tokenizer_config.json", pretty(&with_chat_template(read_json(&tok_cfg)?, template.as_deref()))?)?;
+            }
             for name in [
                 "tokenizer.json",
-                "tokenizer_config.json",
                 "special_tokens_map.json",
                 "chat_template.jinja",
                 "chat_template.json",
@@ -126,9 +203,9 @@ pub fn write_hf_with(base: &BaseModel, out: &Path, opts: HfOptions) -> Result<Hf
                 "merges.txt",
                 "added_tokens.json",
             ] {
-                let src = dir.join(name);
+                let src = src_dir.join(name);
                 if src.is_file() {
-                    let dst = out.join(name);
+                    let dst = dir.join(name);
                     let n = std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
                     files.push((dst, n));
                 }
@@ -138,21 +215,21 @@ pub fn write_hf_with(base: &BaseModel, out: &Path, opts: HfOptions) -> Result<Hf
             let g = GgufFile::open(path)?;
             let spec = g.tokenizer_spec()?;
             let tok = crate::tokenizer::from_gguf(&spec, g.chat_template(), base.config.max_position_embeddings)?;
-            let cfg = gguf_config_json(&base.config, &tok.ids, opts.dtype)?;
+            let cfg = gguf_config_json(&base.config, &tok.ids, dtype)?;
             put("config.json", pretty(&cfg)?)?;
             put("generation_config.json", pretty(&generation_config(&cfg))?)?;
             put("tokenizer.json", tok.tokenizer_json)?;
-            put("tokenizer_config.json", pretty(&tok.tokenizer_config)?)?;
+            put("tokenizer_config.json", pretty(&with_chat_template(tok.tokenizer_config, tok.chat_template.as_deref()))?)?;
             if let Some(t) = tok.chat_template {
                 put("chat_template.jinja", t)?;
             }
         }
     }
-    let st = out.join("model.safetensors");
-    write_safetensors(base, &st, opts.dtype)?;
+    let st = dir.join("model.safetensors");
+    write_safetensors(base, &st, dtype)?;
     let n = std::fs::metadata(&st).map_err(io_err(&st))?.len();
     files.push((st, n));
-    Ok(HfReport { files })
+    Ok(files)
 }
 
 fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<()> {
@@ -168,7 +245,10 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<()> {
             )));
         }
     }
-    std::fs::create_dir_all(out).map_err(io_err(out))
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    Ok(())
 }
 
 fn read_json(path: &Path) -> Result<Value> {

@@ -51,7 +51,7 @@ pub struct GenerateArgs {
     #[arg(long, requires = "openai_model")]
     openai_url: Option<String>,
     /// The model name sent to the API.
-    #[arg(long)]
+    #[arg(long, requires = "openai_url")]
     openai_model: Option<String>,
     /// The environment variable holding the API key.
     #[arg(long)]
@@ -132,7 +132,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             let cfg =
                 OpenAiConfig { api_key_env: a.api_key_env.clone(), concurrency: a.concurrency, ..OpenAiConfig::new(url.clone(), model) };
             let schema = opts.effective_schema(false);
-            let mut gen = OpenAiSynth::new(cfg, &schema, opts.schema.is_none()).map_err(|e| anyhow::anyhow!("--openai-url: {e}"))?;
+            let mut gen = OpenAiSynth::new(cfg, &schema, opts.schema.is_none()).map_err(flag_error)?;
             run_with(&mut gen, &source, &schema, &opts)?
         }
         None => {
@@ -185,6 +185,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// A setting the library names (`count`, `generator.concurrency`) as the flag that sets it.
+fn flag_error(e: furnace_evals::Error) -> anyhow::Error {
+    match e {
+        furnace_evals::Error::Spec { key, msg } => {
+            let flag = match key.rsplit('.').next().unwrap_or(&key) {
+                "base_url" => "openai-url".to_string(),
+                "model" => "openai-model".to_string(),
+                k => k.replace('_', "-"),
+            };
+            anyhow::anyhow!("--{flag}: {msg}")
+        }
+        e => e.into(),
+    }
+}
+
 /// Runs the loop with a progress bar on stderr.
 fn run_with(gen: &mut dyn SynthGenerator, source: &Source, schema: &serde_json::Value, opts: &SynthOptions) -> Result<SynthReport> {
     let bar = ProgressBar::new(opts.count as u64);
@@ -200,7 +215,8 @@ fn run_with(gen: &mut dyn SynthGenerator, source: &Source, schema: &serde_json::
             c.invalid_json + c.schema_failures,
             c.duplicates + c.near_duplicates
         ));
-    })?;
+    })
+    .map_err(flag_error)?;
     bar.finish_and_clear();
     Ok(report)
 }

@@ -65,7 +65,7 @@ pub struct EvalArgs {
     #[arg(long)]
     judge_plain: bool,
     /// The run folder to write `eval/` into (default: the adapter's run folder when the
-    /// adapter is a run's `adapter/`, else `runs/eval-<unix time>`).
+    /// adapter is a run's `adapter/`, else `<--runs-dir>/eval-<unix time>`).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -81,7 +81,7 @@ fn out_dir(a: &EvalArgs, adapter: Option<&Path>) -> PathBuf {
         }
     }
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    PathBuf::from("runs").join(format!("eval-{secs}"))
+    a.dir.runs_dir.join(format!("eval-{secs}"))
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {

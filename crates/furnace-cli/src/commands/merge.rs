@@ -185,6 +185,21 @@ fn plan(a: &MergeArgs) -> Result<Plan> {
     if matches!(a.svd_rank, Some(0)) {
         bail!("--svd-rank must be at least 1");
     }
+    let method = a.method.unwrap_or(CombineMethod::Linear);
+    if a.density.is_some() && matches!(method, CombineMethod::Linear | CombineMethod::Cat | CombineMethod::Svd) {
+        bail!("--density applies to ties, dare_linear, dare_ties, magnitude_prune and their _svd forms, not to --method {method}");
+    }
+    let svd = matches!(
+        method,
+        CombineMethod::Svd
+            | CombineMethod::TiesSvd
+            | CombineMethod::DareLinearSvd
+            | CombineMethod::DareTiesSvd
+            | CombineMethod::MagnitudePruneSvd
+    );
+    if (a.svd_rank.is_some() || a.svd_clamp.is_some()) && !svd {
+        bail!("--svd-rank and --svd-clamp apply to svd and the *_svd methods, not to --method {method}");
+    }
     Ok(Plan { format, weights })
 }
 
@@ -241,6 +256,17 @@ pub fn run(a: MergeArgs) -> Result<()> {
     let start = Instant::now();
     let plan = plan(&a)?;
     check_out(&a.out, plan.format, a.force)?;
+    if let Some(name) = &a.register {
+        // The name is checked before anything is written.
+        registry::check_name(name)?;
+        if registry::is_run_name(name) {
+            bail!("--register {name}: EXPERIMENT/run-N names are kept for the adapters of training runs; choose another name");
+        }
+        let store = crate::args::open_store(&a.runs)?;
+        if registry::get(&store, name)?.is_some() && !a.force {
+            bail!("--register {name}: an adapter of that name is registered (furnace adapters show {name}); choose another name, or pass --force to replace its record");
+        }
+    }
 
     // Adapters first: they are small, and a bad path should fail before a base is loaded.
     let mut adapters: Vec<(PathBuf, PeftAdapter)> = Vec::new();

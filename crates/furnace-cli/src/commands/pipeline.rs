@@ -119,8 +119,14 @@ fn decide(kind: Kind, forced: bool, latest: Option<StageState>, inputs: &pl::Inp
         return Action::New("--from".into());
     }
     let Some(s) = latest else { return Action::New("never run".into()) };
+    // A finished attempt whose outputs were deleted since (an adapter removed with
+    // `furnace adapters rm --delete-files`, a cleaned folder) is done again.
+    let gone = s.outputs.iter().find(|(k, p)| matches!(k.as_str(), "model" | "metrics" | "train" | "adapter") && !Path::new(p).exists());
     match s.status {
-        Status::Done if s.inputs_sha256 == digest => Action::Skip(s),
+        Status::Done if s.inputs_sha256 == digest => match gone {
+            Some((k, p)) => Action::New(format!("attempt-{}'s {k} is gone ({p})", s.attempt)),
+            None => Action::Skip(s),
+        },
         Status::Done => Action::New(format!("inputs changed: {}", inputs.changes(&s.inputs))),
         Status::Running | Status::Interrupted if s.inputs_sha256 == digest => {
             let why = match (kind, s.status) {

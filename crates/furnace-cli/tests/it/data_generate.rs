@@ -178,3 +178,26 @@ fn furnace_serve_generates_document_grounded_rows_and_judges_an_eval() {
     let (status, rest) = server.stop();
     assert!(status.success(), "{rest}");
 }
+
+#[test]
+fn bad_settings_are_named_by_their_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = furnace_testutil::testdata().join("tiny-llama");
+    let tiny = tiny.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--count", "0"], "--count: is 0"),
+        (vec!["--near-dup=-1"], "--near-dup: is -1"),
+        (vec!["--max-attempts", "0"], "--max-attempts: is 0"),
+    ] {
+        let mut all = vec!["data", "generate", "--topic", "t", "--model", tiny, "--out", "x.jsonl"];
+        all.extend(args);
+        let o = furnace(dir.path(), &all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{all:?}: {err}");
+    }
+    // --openai-model means nothing without --openai-url.
+    let o = furnace(dir.path(), &["data", "generate", "--topic", "t", "--openai-model", "m", "--out", "x.jsonl"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--openai-url"), "{err}");
+    assert!(!dir.path().join("x.jsonl").exists());
+}

@@ -41,16 +41,39 @@ fn merge_tiny_llama_adapter_into_an_hf_directory() {
         let d = (&got[name] - w).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-5, "{name}: {d}");
     }
-    // furnace loads it.
+    // furnace loads it; the tokenizer config carries the chat template (as transformers writes it).
     let m = furnace_model::LoadedModel::load(&out, furnace_model::WeightDType::F32).unwrap();
     assert_eq!(m.model.config.num_layers, 2);
+    let tok_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    let template = std::fs::read_to_string(testdata().join("tiny-llama/chat_template.jinja")).unwrap();
+    assert_eq!(tok_cfg["chat_template"].as_str(), Some(template.as_str()));
+    // No staging folder is left beside the output.
+    let left: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.iter().all(|n| !n.contains("partial")), "{left:?}");
 
-    // Writing again into the same, now non-empty, directory needs --force.
+    // Writing again into the same, now non-empty, directory needs --force, which replaces an
+    // earlier export's files (a stale shard index would mislead transformers) and keeps others.
     let o = furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &adapter, "--out", out_s]);
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--force"), "{}", text(&o.stderr));
+    std::fs::write(out.join("model.safetensors.index.json"), "{}").unwrap();
+    std::fs::write(out.join("model-00001-of-00002.safetensors"), "stale").unwrap();
+    std::fs::write(out.join("NOTES.md"), "mine").unwrap();
     let o = furnace(tmp.path(), &["merge", "--base", &base, "--adapter", &adapter, "--out", out_s, "--force", "--dtype", "bf16"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(!out.join("model.safetensors.index.json").exists() && !out.join("model-00001-of-00002.safetensors").exists());
+    assert_eq!(std::fs::read_to_string(out.join("NOTES.md")).unwrap(), "mine");
+    let m = furnace_model::LoadedModel::load(&out, furnace_model::WeightDType::F32).unwrap();
+    assert_eq!(m.model.config.num_layers, 2);
+
+    // A GGUF into a folder that does not exist yet.
+    let gguf = tmp.path().join("sub/dir/m.gguf");
+    let o = furnace(
+        tmp.path(),
+        &["merge", "--base", &base, "--adapter", &adapter, "--format", "gguf", "--quant", "q8_0", "--out", gguf.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(furnace_model::LoadedModel::load(&gguf, furnace_model::WeightDType::F32).is_ok());
 }
 
 #[test]

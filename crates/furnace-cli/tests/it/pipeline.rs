@@ -162,6 +162,13 @@ fn pipeline_runs_skips_reruns_changed_stages_and_restarts_from_a_stage() {
     assert!(out.contains("[2/2] eval     running attempt-4 (--from)"), "{out}");
     let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
     assert_eq!(out.matches("skipped (inputs unchanged").count(), 2, "{out}");
+
+    // A finished stage whose output was deleted is done again (and what follows it).
+    let adapter3 = stage_json(&root, "train")["outputs"]["adapter"].as_str().unwrap().to_string();
+    std::fs::remove_dir_all(&adapter3).unwrap();
+    let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
+    assert!(out.contains("[1/2] train    running attempt-4 (attempt-3's adapter is gone"), "{out}");
+    assert!(out.contains("[2/2] eval     running attempt-5"), "{out}");
 }
 
 #[test]

@@ -33,6 +33,14 @@ fn a_foreign_adapter_round_trips_through_the_registry() {
     let b = registry::register_path(&store, &tiny, Some("pref"), Some("tiny-llama"), &[], false).unwrap();
     assert_eq!((b.name.as_str(), b.base.as_str()), ("pref", "tiny-llama"));
 
+    // EXP/run-N names belong to training runs (which replace their record when they finish).
+    let e = registry::register_path(&store, &tiny, Some("tiny/run-1"), None, &[], true).unwrap_err().to_string();
+    assert!(e.contains("kept for the adapters of training runs"), "{e}");
+    assert!(registry::is_run_name("a/b/run-12") && !registry::is_run_name("a/run-x") && !registry::is_run_name("run-1"));
+    // A tag may not be another adapter's name (the name would always win).
+    let e = registry::tag(&store, "lora_adapter", &tags(&["pref"])).unwrap_err().to_string();
+    assert!(e.contains("tag 'pref' is the name of a registered adapter"), "{e}");
+
     // A taken name is refused unless replaced.
     let e = registry::register_path(&store, &tiny, Some("pref"), None, &[], false).unwrap_err().to_string();
     assert!(e.contains("'pref' is registered already") && e.contains("--force"), "{e}");
