@@ -30,6 +30,12 @@ struct Cli {
     command: Command,
 }
 
+/// Parses a command line as `furnace` would, without running it (`furnace pipeline` checks
+/// its stages' flags with it before anything runs).
+pub(crate) fn check_args(argv: Vec<String>) -> Result<(), clap::Error> {
+    Cli::try_parse_from(argv).map(|_| ())
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Fetch and list models in the local cache ($FURNACE_HOME).

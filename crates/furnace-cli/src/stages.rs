@@ -410,6 +410,32 @@ pub fn latest(root: &Path, stage: &str) -> Result<Option<StageState>> {
     StageState::read(&dir).map(Some)
 }
 
+impl StageState {
+    /// An output the attempt recorded that is gone since (a deleted adapter or model).
+    pub fn missing_output(&self) -> Option<(&str, &str)> {
+        self.outputs
+            .iter()
+            .find(|(k, p)| matches!(k.as_str(), "model" | "metrics" | "train" | "adapter") && !Path::new(p.as_str()).exists())
+            .map(|(k, p)| (k.as_str(), p.as_str()))
+    }
+}
+
+/// The newest attempt of a stage that finished with inputs hashing to `digest` and still has
+/// its outputs (inputs that went back to what an earlier attempt ran on reuse that attempt).
+pub fn finished_with(root: &Path, stage: &str, digest: &str) -> Result<Option<StageState>> {
+    for n in (1..next_attempt(root, stage)).rev() {
+        let dir = attempt_dir(root, stage, n);
+        if !dir.join("stage.json").is_file() {
+            continue;
+        }
+        let s = StageState::read(&dir)?;
+        if s.status == Status::Done && s.inputs_sha256 == digest && s.missing_output().is_none() {
+            return Ok(Some(s));
+        }
+    }
+    Ok(None)
+}
+
 /// The number a new attempt of a stage gets (one past the highest there).
 pub fn next_attempt(root: &Path, stage: &str) -> u32 {
     let Ok(rd) = std::fs::read_dir(stage_dir(root, stage)) else { return 1 };
@@ -524,6 +550,39 @@ impl Upstream {
             format!("stage {} (attempt-{}) recorded no {key} output: run it again with --from {}", self.stage, self.attempt, self.stage)
         })
     }
+}
+
+/// Checks every stage's table against its command's flags before anything runs, so a
+/// mistyped key (`max_token`) or a bad value fails now and not after hours of training.
+/// `parse` is the binary's own argument parser; only a missing required argument — one the
+/// pipeline wires in when the stage runs — is not an error here.
+pub fn check_flags(spec: &PipelineSpec, parse: &dyn Fn(Vec<String>) -> std::result::Result<(), clap::Error>) -> Result<()> {
+    for stage in &spec.stages {
+        let words: &[&str] = match stage.kind {
+            Kind::Prepare => &["data", "prepare", "input.jsonl"],
+            Kind::Train => &["train", "spec.toml"],
+            Kind::Merge => &["merge"],
+            Kind::Eval => &["eval"],
+            Kind::Serve => &["serve"],
+        };
+        // The keys the pipeline turns into wiring are checked when the stage is wired.
+        let wired = ["input", "spec", "base", "adapter", "model", "data"];
+        let mut argv: Vec<String> = std::iter::once("furnace").chain(words.iter().copied()).map(String::from).collect();
+        argv.extend(flags(&stage.name, &stage.table, &wired, spec, stage.kind)?);
+        if let Err(e) = parse(argv) {
+            if e.kind() != clap::error::ErrorKind::MissingRequiredArgument {
+                let msg = e.to_string();
+                let first = msg.lines().next().unwrap_or_default().trim_start_matches("error: ");
+                let command = words.iter().filter(|w| !w.contains('.')).copied().collect::<Vec<_>>().join(" ");
+                bail!(
+                    "{}: [{}]: {first} (a stage's keys are the flags of `furnace {command} --help`, with _ for -)",
+                    spec.path.display(),
+                    stage.name
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The nearest earlier finished stage of each kind.

@@ -105,10 +105,25 @@ fn stop_orphan(pid: u32, marker: &str, stage: &str) {
 enum Action {
     /// Finished and unchanged.
     Skip(StageState),
+    /// An earlier attempt (not the latest) finished with these same inputs: it becomes the
+    /// latest again, and nothing runs.
+    Reuse(StageState),
     /// A new attempt, and why.
     New(String),
     /// Continue the interrupted attempt in its folder, and why.
     Resume(StageState, String),
+}
+
+/// [`decide`], then, for a stage that would run anew, an earlier attempt that finished with
+/// the same inputs (a failed or changed attempt whose inputs went back) is reused.
+fn choose(root: &Path, st: &pl::Stage, forced: bool, latest: Option<StageState>, inputs: &pl::Inputs, digest: &str) -> Result<Action> {
+    let action = decide(st.kind, forced, latest, inputs, digest);
+    if matches!(action, Action::New(_)) && !forced && st.kind != Kind::Serve {
+        if let Some(s) = pl::finished_with(root, &st.name, digest)? {
+            return Ok(Action::Reuse(s));
+        }
+    }
+    Ok(action)
 }
 
 fn decide(kind: Kind, forced: bool, latest: Option<StageState>, inputs: &pl::Inputs, digest: &str) -> Action {
@@ -121,7 +136,7 @@ fn decide(kind: Kind, forced: bool, latest: Option<StageState>, inputs: &pl::Inp
     let Some(s) = latest else { return Action::New("never run".into()) };
     // A finished attempt whose outputs were deleted since (an adapter removed with
     // `furnace adapters rm --delete-files`, a cleaned folder) is done again.
-    let gone = s.outputs.iter().find(|(k, p)| matches!(k.as_str(), "model" | "metrics" | "train" | "adapter") && !Path::new(p).exists());
+    let gone = s.missing_output();
     match s.status {
         Status::Done if s.inputs_sha256 == digest => match gone {
             Some((k, p)) => Action::New(format!("attempt-{}'s {k} is gone ({p})", s.attempt)),
@@ -150,6 +165,7 @@ fn decide(kind: Kind, forced: bool, latest: Option<StageState>, inputs: &pl::Inp
 
 pub fn run(a: PipelineArgs) -> Result<()> {
     let spec = PipelineSpec::load(&a.spec)?;
+    pl::check_flags(&spec, &crate::check_args)?;
     let from = a.from.as_deref().map(|f| spec.position(f)).transpose()?;
     let runs_dir = a.runs_dir.clone().or_else(|| spec.runs_dir.clone()).unwrap_or_else(|| PathBuf::from("runs"));
     // Absolute, so the paths stages record stay valid from any folder.
@@ -200,10 +216,14 @@ fn status(spec: &PipelineSpec, root: &Path, from: Option<usize>) -> Result<()> {
                 Err(e) => format!("cannot run: {e:#}"),
                 Ok(w) => {
                     let digest = w.inputs.digest();
-                    match decide(st.kind, from.is_some_and(|f| i >= f), latest, &w.inputs, &digest) {
+                    match choose(root, st, from.is_some_and(|f| i >= f), latest, &w.inputs, &digest)? {
                         Action::Skip(s) => {
                             ups.insert(st.kind, Upstream::of(&s));
                             "skip: inputs unchanged".to_string()
+                        }
+                        Action::Reuse(s) => {
+                            ups.insert(st.kind, Upstream::of(&s));
+                            format!("skip: inputs as in attempt-{}, which finished (it becomes the latest)", s.attempt)
                         }
                         Action::New(why) => {
                             rerun = Some(st.name.clone());
@@ -235,9 +255,18 @@ fn run_stages(a: &PipelineArgs, spec: &PipelineSpec, root: &Path, from: Option<u
         let latest = pl::latest(root, &st.name)?;
         let w = pl::wire(spec, i, &ups)?;
         let digest = w.inputs.digest();
-        let (state, resumed) = match decide(st.kind, from.is_some_and(|f| i >= f), latest, &w.inputs, &digest) {
+        let (state, resumed) = match choose(root, st, from.is_some_and(|f| i >= f), latest, &w.inputs, &digest)? {
             Action::Skip(s) => {
                 println!("{head} skipped (inputs unchanged; attempt-{})", s.attempt);
+                ups.insert(st.kind, Upstream::of(&s));
+                continue;
+            }
+            Action::Reuse(s) => {
+                pl::set_latest(root, &st.name, s.attempt)?;
+                if st.kind == Kind::Train {
+                    register_trained(root, &spec.name, &st.name, &pl::attempt_dir(root, &st.name, s.attempt), &s.outputs)?;
+                }
+                println!("{head} skipped (inputs as in attempt-{}, which finished; it is the latest again)", s.attempt);
                 ups.insert(st.kind, Upstream::of(&s));
                 continue;
             }

@@ -143,6 +143,14 @@ fn pipeline_runs_skips_reruns_changed_stages_and_restarts_from_a_stage() {
     assert!(out.contains("[2/2] eval     running attempt-2 (inputs changed: its table changed)"), "{out}");
     assert_eq!(before.0, snapshot(&root, "train"));
     assert!(stage_json(&root, "eval")["command"].as_array().unwrap().iter().any(|v| v == "--limit"));
+    // The option goes back: the attempt that finished with those inputs is reused, not rerun.
+    pipeline("");
+    let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
+    assert!(out.contains("[2/2] eval     skipped (inputs as in attempt-1, which finished"), "{out}");
+    assert_eq!(latest_dir(&root, "eval"), root.join("eval/attempt-1"));
+    pipeline("limit = 2\n");
+    let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
+    assert!(out.contains("[2/2] eval     skipped (inputs as in attempt-2, which finished"), "{out}");
 
     // The training data changes: train and everything after it run again.
     std::fs::write(d.join("train.jsonl"), rows(8)).unwrap();
@@ -163,11 +171,18 @@ fn pipeline_runs_skips_reruns_changed_stages_and_restarts_from_a_stage() {
     let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
     assert_eq!(out.matches("skipped (inputs unchanged").count(), 2, "{out}");
 
-    // A finished stage whose output was deleted is done again (and what follows it).
+    // A finished stage whose output was deleted is not skipped: attempt-2 ran on the same
+    // inputs and still has its adapter, so it is reused (with the eval that ran after it);
+    // with that one deleted too, train runs again, and so does what follows it.
     let adapter3 = stage_json(&root, "train")["outputs"]["adapter"].as_str().unwrap().to_string();
     std::fs::remove_dir_all(&adapter3).unwrap();
     let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
-    assert!(out.contains("[1/2] train    running attempt-4 (attempt-3's adapter is gone"), "{out}");
+    assert!(out.contains("[1/2] train    skipped (inputs as in attempt-2, which finished"), "{out}");
+    assert!(out.contains("[2/2] eval     skipped (inputs as in attempt-3, which finished"), "{out}");
+    assert!(registered(d)["path"].as_str().unwrap().contains("attempt-2"), "{}", registered(d));
+    std::fs::remove_dir_all(&adapter2).unwrap();
+    let out = ok(&furnace(d, &["pipeline", "pipeline.toml"]));
+    assert!(out.contains("[1/2] train    running attempt-4 (attempt-2's adapter is gone"), "{out}");
     assert!(out.contains("[2/2] eval     running attempt-5"), "{out}");
 }
 
@@ -289,6 +304,15 @@ fn bad_pipeline_specs_are_refused_with_what_to_fix() {
             "must be the last stage",
         ),
         ("[stages]\n", "no [pipeline] table"),
+        // A stage's keys are checked as its command's flags before anything runs.
+        (
+            "[pipeline]\nstages = [\"eval\"]\n[eval]\nmodel = \"m\"\ndata = \"data.jsonl\"\nmax_token = 4\n",
+            "[eval]: unexpected argument '--max-token' found (a stage's keys are the flags of `furnace eval --help`",
+        ),
+        (
+            "[pipeline]\nstages = [\"prepare\"]\n[prepare]\ninput = \"data.jsonl\"\ndedup = \"fuzzy\"\n",
+            "[prepare]: invalid value 'fuzzy' for '--dedup",
+        ),
     ];
     for (body, want) in cases {
         std::fs::write(d.join("p.toml"), body).unwrap();
