@@ -89,23 +89,10 @@ pub struct AdaptersArgs {
     dir: RunsDir,
 }
 
-/// Days since 1970-01-01 to (year, month, day) (H. Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// Unix seconds as `YYYY-MM-DD HH:MM` UTC.
 fn when(secs: f64) -> String {
     let secs = secs as i64;
-    let (y, m, d) = civil_from_days(secs.div_euclid(86400));
+    let (y, m, d) = crate::commands::conversations::civil_from_days(secs.div_euclid(86400));
     let s = secs.rem_euclid(86400);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", s / 3600, s % 3600 / 60)
 }
