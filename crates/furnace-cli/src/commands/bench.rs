@@ -24,6 +24,14 @@ pub enum BenchCmd {
     /// another; prints wall time, tokens/s summed over runs, peak RSS and the time until
     /// every configuration has an eval loss.
     Sweep(SweepBenchArgs),
+    /// furnace's bf16 GEMM kernels on the training shapes of a model (forward `x Wᵀ`,
+    /// backward `dy W`, LoRA products) in GFLOP/s against `torch.matmul` in bf16 on the same
+    /// shapes (`scripts/peer_gemm.py`), and the measured peak of the dot-product instruction.
+    Gemm(super::bench_gemm::GemmBenchArgs),
+    /// Experimentation throughput: 16 configurations (rank x learning rate x alpha) on the
+    /// extraction task, every one trained to the end (round-robin over chunks) versus ASHA,
+    /// TPE and PBT; wall time and best final eval loss of each, and the ratios.
+    Search(super::bench_search::SearchBenchArgs),
     /// The durability soak test: an experiment whose driver (`furnace run`, a child
     /// process) is SIGKILLed at `--kills` random moments and restarted, with ops recorded
     /// at random times; checks that every run finishes, each metric exists once and equals
@@ -264,6 +272,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Generate(a) => bench_generate(a),
         BenchCmd::Train(a) => bench_train(a),
         BenchCmd::Sweep(a) => bench_sweep(a),
+        BenchCmd::Gemm(a) => super::bench_gemm::run(a),
+        BenchCmd::Search(a) => super::bench_search::run(a),
         BenchCmd::Chaos(a) => super::chaos::run(a),
         BenchCmd::Embed(a) => super::bench_embed::run(a),
         BenchCmd::Index(a) => super::bench_index::run(a),
