@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use furnace_model::kernels::attention::{decode_attention, rope_inplace};
-use furnace_model::kernels::{bf16_to_f32, f32_to_bf16, has_bf16_simd, matmul_nt_with, Bf16Matrix};
+use furnace_model::kernels::{bf16_to_f32, f32_to_bf16, has_bf16_simd, matmul_nt_many_with, matmul_nt_with, Bf16Matrix};
 
 fn pseudo(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -70,6 +70,64 @@ fn matmul_matches_reference_for_awkward_shapes() {
             assert_eq!(got.len(), m * n);
             for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "simd={simd} ({m},{n},{k}) at {idx}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_reference_on_tile_and_block_edges() {
+    // Rows around the 6-row register tile and the row-split threshold (96), columns around
+    // the 64-column tile and 32-column panel, reductions odd and across 128-value blocks.
+    let shapes = [
+        (1, 64, 257),
+        (5, 65, 129),
+        (7, 130, 3),
+        (13, 96, 256),
+        (95, 63, 131),
+        (96, 64, 128),
+        (97, 129, 385),
+        (200, 33, 7),
+        (120, 0, 16),
+        (5, 0, 16),
+        (1, 1, 513),
+        (101, 200, 1),
+    ];
+    let mut paths = vec![false];
+    if has_bf16_simd() {
+        paths.push(true);
+    }
+    for &(m, n, k) in &shapes {
+        let x = pseudo(m * k, 40 + m as u64);
+        let w = pseudo(n * k, 41 + n as u64);
+        let p = Bf16Matrix::from_f32(&w, n, k);
+        let want = reference(&x, m, &w, n, k);
+        for &simd in &paths {
+            let got = matmul_nt_with(&x, m, &p, simd);
+            assert_eq!(got.len(), m * n);
+            for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "simd={simd} ({m},{n},{k}) at {idx}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_matmul_matches_single_products() {
+    // q/k/v-like group of different widths, on both the row-split and column-split paths.
+    for &m in &[3usize, 130] {
+        let k = 70;
+        let x = pseudo(m * k, 50 + m as u64);
+        let ws: Vec<(usize, Vec<f32>)> = [96usize, 32, 40].iter().enumerate().map(|(i, &n)| (n, pseudo(n * k, 60 + i as u64))).collect();
+        let packed: Vec<Bf16Matrix> = ws.iter().map(|(n, w)| Bf16Matrix::from_f32(w, *n, k)).collect();
+        let refs: Vec<&Bf16Matrix> = packed.iter().collect();
+        for simd in [false, has_bf16_simd()] {
+            let ys = matmul_nt_many_with(&x, m, &refs, simd);
+            for ((n, w), y) in ws.iter().zip(&ys) {
+                let want = reference(&x, m, w, *n, k);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "simd={simd} m={m} n={n}: {a} vs {b}");
+                }
             }
         }
     }

@@ -6,9 +6,10 @@
 //!   tests.
 //! - bf16 (bf16 or quantized bases): our AVX512-BF16 kernel with f32 accumulation, forward
 //!   `x W^T` over the packed weight the model already holds, and backward `dy W` over a
-//!   second packing of `W^T` built here (the concatenated weights of the group, cut along
-//!   the reduction into blocks that stay in cache). Weights are never differentiated: the
-//!   backward is the input gradient only.
+//!   second packing of `W^T` built here (the concatenated weights of the group, so the
+//!   whole group's input gradient is one product; the kernel blocks the reduction for the
+//!   cache itself). Weights are never differentiated: the backward is the input gradient
+//!   only.
 
 use crate::error::Result;
 use candle_core::{Device, Tensor};
@@ -16,15 +17,12 @@ use furnace_model::kernels::{self, Bf16Matrix};
 use furnace_model::{Linear, LinearWeight, Llama, LlamaConfig};
 use std::sync::Arc;
 
-/// Largest reduction width of one packed backward block.
-const BWD_BLOCK: usize = 2048;
-
 enum Form {
     /// f32 weights `[out, in]`, one per projection.
     F32(Vec<Tensor>),
-    /// Packed bf16 weights for the forward, and packed blocks of the group's concatenated
-    /// `W^T` for the backward: `(first output row, rows, packed [in, rows])`.
-    Bf16 { fwd: Vec<Arc<Bf16Matrix>>, bwd: Vec<(usize, usize, Bf16Matrix)> },
+    /// Packed bf16 weights for the forward, and the group's concatenated `W^T` packed for
+    /// the backward (`[in, sum of outs]`).
+    Bf16 { fwd: Vec<Arc<Bf16Matrix>>, bwd: Bf16Matrix },
 }
 
 /// Frozen projections that share an input.
@@ -81,21 +79,14 @@ impl FrozenGroup {
                 cat.extend_from_slice(&values);
             }
             let total: usize = outs.iter().sum();
-            let mut bwd = Vec::new();
-            let mut r0 = 0;
-            while r0 < total {
-                let rows = (total - r0).min(BWD_BLOCK);
-                // W^T restricted to output rows r0..r0+rows: [inp, rows].
-                let mut t = vec![0f32; inp * rows];
-                for r in 0..rows {
-                    for c in 0..inp {
-                        t[c * rows + r] = cat[(r0 + r) * inp + c];
-                    }
+            // W^T: [inp, total].
+            let mut t = vec![0f32; inp * total];
+            for r in 0..total {
+                for c in 0..inp {
+                    t[c * total + r] = cat[r * inp + c];
                 }
-                bwd.push((r0, rows, Bf16Matrix::from_f32(&t, inp, rows)));
-                r0 += rows;
             }
-            Form::Bf16 { fwd, bwd }
+            Form::Bf16 { fwd, bwd: Bf16Matrix::from_f32(&t, inp, total) }
         };
         Ok(Self { inp, outs, bias, form })
     }
@@ -147,23 +138,7 @@ impl FrozenGroup {
                     }
                     std::borrow::Cow::Owned(c)
                 };
-                let mut dx: Option<Vec<f32>> = None;
-                for (r0, rows, w) in bwd {
-                    let part = if *rows == total {
-                        kernels::matmul_nt(&cat, m, w)
-                    } else {
-                        let mut block = Vec::with_capacity(m * rows);
-                        for i in 0..m {
-                            block.extend_from_slice(&cat[i * total + r0..i * total + r0 + rows]);
-                        }
-                        kernels::matmul_nt(&block, m, w)
-                    };
-                    match &mut dx {
-                        Some(d) => d.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
-                        None => dx = Some(part),
-                    }
-                }
-                Ok(dx.unwrap_or_else(|| vec![0f32; m * self.inp]))
+                Ok(kernels::matmul_nt(&cat, m, bwd))
             }
         }
     }
@@ -177,7 +152,7 @@ impl FrozenGroup {
     pub fn extra_bytes(&self) -> usize {
         match &self.form {
             Form::F32(_) => 0,
-            Form::Bf16 { bwd, .. } => bwd.iter().map(|(_, _, w)| w.bytes()).sum(),
+            Form::Bf16 { bwd, .. } => bwd.bytes(),
         }
     }
 }
@@ -252,5 +227,73 @@ impl FrozenBase {
                 .iter()
                 .map(|l| l.qkv.extra_bytes() + l.o.extra_bytes() + l.gate_up.extra_bytes() + l.down.extra_bytes())
                 .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use furnace_model::kernels::{bf16_to_f32, f32_to_bf16};
+    use furnace_model::{LoadedModel, WeightDType};
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s % 20_001) as f32 / 10_000.0) - 1.0
+            })
+            .collect()
+    }
+
+    /// The bf16 group (q/k/v: three widths in one packed `W^T`) against f64 products of
+    /// the same bf16-stored weights and bf16-rounded inputs, forward and backward, on few
+    /// rows (column-split tasks) and many (row-split tasks, partial register tiles).
+    #[test]
+    fn bf16_group_matches_f64_reference() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny-llama");
+        let model = LoadedModel::load(&dir, WeightDType::Bf16).unwrap();
+        let a = &model.model.layers[0].self_attn;
+        let linears = [&a.q_proj, &a.k_proj, &a.v_proj];
+        let g = FrozenGroup::new(&linears).unwrap();
+        assert!(g.is_bf16());
+        let ws: Vec<Vec<f32>> = linears.iter().map(|l| f32_values(l).unwrap()).collect();
+        let r = |v: f32| bf16_to_f32(f32_to_bf16(v)) as f64;
+        for rows in [1usize, 5, 101] {
+            let x = pseudo(rows * g.inp, 3 + rows as u64);
+            let ys = g.forward(&x, rows).unwrap();
+            let dys: Vec<Vec<f32>> = g.outs.iter().enumerate().map(|(i, &n)| pseudo(rows * n, 9 + i as u64)).collect();
+            let refs: Vec<&[f32]> = dys.iter().map(|d| d.as_slice()).collect();
+            let dx = g.backward(&refs, rows).unwrap();
+            let inp = g.inp;
+            let total: usize = g.outs.iter().sum();
+            for ((w, y), &n) in ws.iter().zip(&ys).zip(&g.outs) {
+                for i in 0..rows {
+                    for o in 0..n {
+                        let want: f64 = (0..inp).map(|c| r(x[i * inp + c]) * w[o * inp + c] as f64).sum();
+                        let got = y[i * n + o] as f64;
+                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()) * (inp as f64).sqrt(), "forward rows={rows} ({i},{o})");
+                    }
+                }
+            }
+            for i in 0..rows {
+                for c in 0..inp {
+                    let want: f64 = ws
+                        .iter()
+                        .zip(&dys)
+                        .zip(&g.outs)
+                        .map(|((w, dy), &n)| (0..n).map(|o| r(dy[i * n + o]) * w[o * inp + c] as f64).sum::<f64>())
+                        .sum();
+                    let got = dx[i * inp + c] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()) * (total as f64).sqrt(),
+                        "backward rows={rows} ({i},{c}): {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }
