@@ -26,6 +26,7 @@ says what precision the base held and what was written.
 Examples:
   furnace merge --base smollm2-135m-instruct --adapter runs/exp/adapter --out merged/
   furnace merge --base model.gguf --adapter A --format gguf --quant q8_0 --out merged.gguf
+  furnace merge --base hf-model/ --format gguf --quant q4_k_m --out model.q4_k_m.gguf   (no adapter: a plain export)
   furnace merge --adapter A --weight 0.7 --adapter B --weight 0.3 --method ties --density 0.5 --out combined/";
 
 /// Merges LoRA adapters into their base model and writes the result.
@@ -37,7 +38,9 @@ pub struct MergeArgs {
     #[arg(long)]
     base: Option<String>,
     /// A PEFT LoRA adapter directory or a registered adapter name; repeat to combine several.
-    #[arg(long = "adapter", required = true)]
+    /// Without any, `--base` is exported as it is (a format conversion: GGUF to HF, HF to a
+    /// quantized GGUF), e.g. to make a model built by transformers loadable by llama.cpp.
+    #[arg(long = "adapter", required_unless_present = "base")]
     adapters: Vec<String>,
     /// The weight of each adapter, in the order of `--adapter` (one per adapter; default 1.0
     /// each). PEFT's `weights` of `add_weighted_adapter`.
@@ -159,6 +162,12 @@ fn plan(a: &MergeArgs) -> Result<Plan> {
     }
     if a.dtype.is_some() && format != FormatArg::Hf {
         bail!("--dtype applies to --format hf only (use --quant for --format gguf)");
+    }
+    if a.adapters.is_empty() && format == FormatArg::Adapter {
+        bail!("--format adapter needs at least one --adapter");
+    }
+    if a.adapters.is_empty() && (!a.weights.is_empty() || a.method.is_some() || a.density.is_some() || a.svd_rank.is_some()) {
+        bail!("--weight, --method, --density and --svd-rank apply to adapters: give --adapter, or drop them for a plain export of --base");
     }
     let weights = if a.weights.is_empty() {
         vec![1.0; a.adapters.len()]
@@ -286,7 +295,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
     let labelled: Vec<(String, Option<String>)> =
         adapters.iter().map(|(dir, _)| Ok((dir.display().to_string(), adapter_base_model(dir)?))).collect::<Result<_>>()?;
     let recorded_base = check_same_base(&labelled)?;
-    let combined = if adapters.len() > 1 || plan.format == FormatArg::Adapter || plan.weights[0] != 1.0 {
+    let combined = if adapters.len() > 1 || plan.format == FormatArg::Adapter || plan.weights.first().is_some_and(|w| *w != 1.0) {
         let method = a.method.unwrap_or(CombineMethod::Linear);
         let opts = CombineOptions {
             method,
@@ -343,18 +352,26 @@ pub fn run(a: MergeArgs) -> Result<()> {
         base.num_params() as f64 / 1e6,
         base.source_precision
     );
-    if base.dequantized {
+    if base.dequantized && adapters.is_empty() {
+        eprintln!("note: the base is quantized; it was dequantized to f32 before writing");
+    } else if base.dequantized {
         eprintln!("note: the base is quantized; it was dequantized to f32 and the adapter merged into those f32 values");
     }
 
-    let adapter = match &combined {
-        Some(c) => c,
-        None => &adapters[0].1,
+    // No adapter: the base is written as it was loaded (a plain export).
+    let adapter = match (&combined, adapters.first()) {
+        (Some(c), _) => Some(c),
+        (None, Some((_, ad))) => Some(ad),
+        (None, None) => None,
     };
-    let pb = spinner("merging".into());
-    let report = base.merge_adapter(adapter).context("merging the adapter into the base")?;
-    pb.finish_and_clear();
-    eprintln!("merged {} projections (scale {})", report.modules_merged, report.scale);
+    if let Some(adapter) = adapter {
+        let pb = spinner("merging".into());
+        let report = base.merge_adapter(adapter).context("merging the adapter into the base")?;
+        pb.finish_and_clear();
+        eprintln!("merged {} projections (scale {})", report.modules_merged, report.scale);
+    } else {
+        eprintln!("no --adapter: exporting the base unchanged");
+    }
 
     match plan.format {
         FormatArg::Hf => {

@@ -146,3 +146,35 @@ fn a_combined_adapter_is_registered_and_merged_by_its_name() {
     );
     assert!(!o.status.success() && text(&o.stderr).contains("--register applies to --format adapter"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn merge_without_an_adapter_exports_the_base_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = td("tiny-llama");
+    // HF to HF in f32: every tensor is the base's, bit for bit.
+    let out = tmp.path().join("plain");
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--format", "hf", "--dtype", "f32", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "stdout: {}\nstderr: {}", text(&o.stdout), text(&o.stderr));
+    assert!(text(&o.stderr).contains("exporting the base unchanged"), "{}", text(&o.stderr));
+    let got = furnace_export::merge::read_f32_safetensors(&out.join("model.safetensors")).unwrap();
+    let want = furnace_export::merge::read_f32_safetensors(&testdata().join("tiny-llama/model.safetensors")).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (name, w) in &want {
+        let d = (&got[name] - w).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+    assert!(out.join("tokenizer.json").is_file());
+    // HF to a q4_0 GGUF (the 1B benchmark model's path): it loads, with the base's shapes.
+    let gguf = tmp.path().join("plain.q4_0.gguf");
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--format", "gguf", "--quant", "q4_0", "--out", gguf.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("weights q4_0"), "{}", text(&o.stdout));
+    let m = furnace_model::LoadedModel::load(&gguf, furnace_model::WeightDType::F32).unwrap();
+    assert_eq!(m.model.config.num_layers, 2);
+    // Adapter-only options need an adapter.
+    let o = furnace(tmp.path(), &["merge", "--base", &base, "--weight", "0.5", "--out", tmp.path().join("w").to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o.stderr).contains("apply to adapters"), "{}", text(&o.stderr));
+    // Neither --base nor --adapter: clap names what is missing.
+    let o = furnace(tmp.path(), &["merge", "--out", tmp.path().join("n").to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o.stderr).contains("--adapter"), "{}", text(&o.stderr));
+}
