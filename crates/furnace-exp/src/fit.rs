@@ -255,7 +255,12 @@ struct Fit<'a, 'l> {
     runs: BTreeMap<i64, Live>,
     loaded: Option<Loaded>,
     budget: Option<u64>,
-    policy: (String, usize),
+    /// The experiment's `[experiment]` (policy, eta, rungs, PBT settings); `None` when no
+    /// run's config reads.
+    policy: Option<furnace_train::spec::ExperimentSpec>,
+    /// The search space of a `[search] kind = "tpe"` experiment (new trials are proposed
+    /// from it as runs end).
+    tpe: Option<furnace_train::knobs::Space>,
 }
 
 /// Why a step's metrics mean the run diverged (a loss or grad norm that is NaN or
@@ -362,9 +367,11 @@ pub fn run_fit(store: &Store, exp: &ExperimentRow, loader: &mut Loader<'_>, opts
         runs.insert(row.id, Live { row, spec, trainer: None });
     }
     // The policy is the experiment's: every run's spec has the same `[experiment]`.
-    let first = runs.values().next().map(|l| l.spec.experiment.clone());
-    let policy = first.map(|e| (e.policy, e.eta)).unwrap_or_else(|| ("none".into(), 2));
-    let mut fit = Fit { store, exp: exp.clone(), events, loader, opts, runs, loaded: None, budget: opts.memory_budget, policy };
+    let policy = runs.values().next().map(|l| l.spec.experiment.clone());
+    // A TPE experiment's spec was read when it was created; a stored spec that does not
+    // read now (an experiment made another way: `furnace train`, the API) is not one.
+    let tpe = furnace_train::knobs::Space::tpe(&exp.spec, &exp.spec_path).ok().flatten();
+    let mut fit = Fit { store, exp: exp.clone(), events, loader, opts, runs, loaded: None, budget: opts.memory_budget, policy, tpe };
     let cancelled = fit.drive()?;
     drop(lock);
     let done = fit.runs.values().all(|l| !l.row.status.is_active());
@@ -429,6 +436,8 @@ impl Fit<'_, '_> {
                 return Ok(true);
             }
             self.asha()?;
+            self.pbt()?;
+            self.tpe()?;
             // Least progress first: the active run with the fewest chunks done picks the
             // group, and that group's runs at the same progress train the next chunk.
             let Some(lead) = self
@@ -897,6 +906,9 @@ impl Fit<'_, '_> {
     /// otherwise; a paused run is promoted later when it ranks there (a run that reaches
     /// the rung later, such as a clone, can raise the number kept).
     ///
+    /// Rungs stand at `min_chunks · eta^k` chunks ([`asha::is_rung`]); between rungs the
+    /// runs train on without decisions.
+    ///
     /// Decisions at a rung are taken only once no active run has fewer chunks done (least
     /// progress trains first), so every run that reaches the rung by then takes part
     /// whatever the memory budget admits at once. They are a function of the stored
@@ -907,16 +919,16 @@ impl Fit<'_, '_> {
     /// Spared: a run resumed at its current step (by a person, or promoted before) and a
     /// run that went on past its rung (checkpointed inside the next chunk).
     fn asha(&mut self) -> Result<()> {
-        if self.policy.0 != "asha" {
+        let Some((eta, min_chunks)) = self.policy.as_ref().filter(|p| p.policy == "asha").map(|p| (p.eta, p.min_chunks)) else {
             return Ok(());
-        }
+        };
         let frontier = self.runs.values().filter(|l| l.row.status.is_active()).map(|l| l.row.chunks_done).min().unwrap_or(i64::MAX);
         let top = self.runs.values().map(|l| l.row.chunks_done).max().unwrap_or(0).min(frontier);
         if top < 1 {
             return Ok(());
         }
         let ops = self.store.ops(self.exp.id)?;
-        for rung in 1..=top {
+        for rung in asha::rungs(min_chunks, eta, top) {
             let mut reached = Vec::new();
             let mut sitting = Vec::new();
             let ids: Vec<i64> = self.runs.keys().copied().collect();
@@ -935,9 +947,8 @@ impl Fit<'_, '_> {
             if sitting.is_empty() {
                 continue;
             }
-            let stop: HashSet<i64> = asha::to_stop(&reached, self.policy.1).into_iter().collect();
+            let stop: HashSet<i64> = asha::to_stop(&reached, eta).into_iter().collect();
             let n = reached.len();
-            let eta = self.policy.1;
             for (id, status, step) in sitting {
                 // The last op that set this run's status at this step, if any.
                 let last = ops
@@ -960,6 +971,150 @@ impl Fit<'_, '_> {
             }
         }
         Ok(())
+    }
+
+    /// PBT ([`crate::pbt`]): at a boundary (every `pbt_interval` chunks), once no active
+    /// run has fewer chunks done, the worst `pbt_fraction` of the runs that reached it stop
+    /// and warm clones of the best, with perturbed knobs, are queued (one transaction per
+    /// replacement; the clone ops are applied at the top of the next loop). Runs that went
+    /// past the boundary, finished, or were already replaced there are left alone; once
+    /// the experiment holds `max_runs` runs (default 4 × the runs it started with) no run
+    /// is replaced. A function of the stored scores and ops, so a restarted driver finds
+    /// the same replacements and makes only those not yet recorded.
+    fn pbt(&mut self) -> Result<()> {
+        let Some(p) = self.policy.clone().filter(|p| p.policy == "pbt") else { return Ok(()) };
+        let Some(frontier) = self.runs.values().filter(|l| l.row.status.is_active()).map(|l| l.row.chunks_done).min() else {
+            return Ok(());
+        };
+        if frontier < 1 || frontier % p.pbt_interval as i64 != 0 {
+            return Ok(());
+        }
+        let mut reached = Vec::new();
+        let mut rung_steps = HashMap::new();
+        let ids: Vec<i64> = self.runs.keys().copied().collect();
+        for id in ids {
+            if self.runs.get(&id).is_none_or(|l| l.row.status == RunStatus::Deleted) {
+                continue;
+            }
+            if let Some((score, step)) = self.rung_score(id, frontier)? {
+                reached.push((id, score));
+                rung_steps.insert(id, step);
+            }
+        }
+        let pairs = crate::pbt::plan(&reached, p.pbt_fraction);
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let ops = self.store.ops(self.exp.id)?;
+        let initial = self.runs.values().filter(|l| l.row.parent_id.is_none()).count();
+        let max_runs = p.max_runs.unwrap_or(4 * initial.max(1));
+        let pending_clones = ops.iter().filter(|o| o.status == "pending" && matches!(o.kind, OpKind::Clone { .. })).count();
+        let mut total = self.runs.len() + pending_clones;
+        let n = reached.len();
+        for (slot, (worst, best)) in pairs.into_iter().enumerate() {
+            let Some(&step) = rung_steps.get(&worst) else { continue };
+            let done = ops.iter().any(|o| {
+                o.run_id == worst
+                    && o.source == "policy"
+                    && o.kind == OpKind::Stop
+                    && o.applied_step == Some(step)
+                    && o.message.as_deref().is_some_and(|m| m.starts_with(crate::pbt::STOP_PREFIX))
+            });
+            let Some(w) = self.runs.get(&worst) else { continue };
+            let sitting = w.row.status.is_active() && w.row.chunks_done == frontier && w.row.steps_done == step;
+            let Some(b) = self.runs.get(&best) else { continue };
+            // A clone of a run with nothing left to train would finish at once.
+            if done || !sitting || b.row.total_chunks <= frontier {
+                continue;
+            }
+            if total >= max_runs {
+                self.log(format!(
+                    "pbt: run {worst} is not replaced at chunk {frontier}: the experiment holds {total} runs (max_runs {max_runs})"
+                ));
+                continue;
+            }
+            let set = crate::pbt::perturb(&b.row.config, &b.row.knobs, p.seed, frontier, slot, p.perturb);
+            let checked = apply_overrides(&b.row.config, &set).and_then(|child| check_warm(&b.spec, &child));
+            if let Err(e) = checked {
+                self.log(format!("pbt: no clone of run {best} with {set:?}: {e}"));
+                continue;
+            }
+            let msg = format!(
+                "{} at chunk {frontier}: among the worst {:.0}% of the {n} runs that reached it; a warm clone of run {best} \
+                 (the best) with {} takes its place",
+                crate::pbt::STOP_PREFIX,
+                100.0 * p.pbt_fraction,
+                set.join(", ")
+            );
+            self.log(format!("run {worst}: {msg}"));
+            let op = self.store.pbt_replace(worst, step, &msg, best, &set)?;
+            total += 1;
+            self.status_set(worst, RunStatus::Stopped, Some(msg.clone()));
+            let _ = self.events.send(Event::Op {
+                experiment: self.exp.name.clone(),
+                op_id: op,
+                run_id: best,
+                op: "clone".into(),
+                status: "pending".into(),
+                message: Some(msg),
+                new_run_id: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// TPE ([`crate::tpe`]): while fewer than `max_concurrent` runs are active and fewer
+    /// than `num_runs` trials exist, the next trial is proposed from the earlier ones (the
+    /// runs that are not clones, in id order; a run's score is its eval loss at its last
+    /// chunk end, infinite when it failed without one; active runs count as configs only)
+    /// and added to the store as a new run. The proposal depends only on the seed and the
+    /// stored trials, so after a crash before the run is stored the same one is proposed.
+    fn tpe(&mut self) -> Result<()> {
+        let Some(space) = self.tpe.clone() else { return Ok(()) };
+        loop {
+            let trials: Vec<(i64, RunRow)> =
+                self.runs.values().filter(|l| l.row.parent_id.is_none()).map(|l| (l.row.id, l.row.clone())).collect();
+            let active = self.runs.values().filter(|l| l.row.status.is_active()).count();
+            if trials.len() >= space.settings.num_runs || active >= space.settings.max_concurrent {
+                return Ok(());
+            }
+            let mut history = Vec::new();
+            for (id, row) in &trials {
+                let Some(values) = crate::tpe::values_of(&space, row.group as usize, &row.knobs) else { continue };
+                let score = if row.status.is_active() {
+                    None
+                } else {
+                    let last = self.store.metrics(*id)?.iter().filter(|m| m.name == "chunk").map(|m| m.value as i64).max();
+                    let score = match last {
+                        Some(c) => self.rung_score(*id, c)?.map(|s| s.0),
+                        None => None,
+                    };
+                    Some(score.unwrap_or(f64::INFINITY))
+                };
+                history.push(crate::tpe::Trial { group: row.group as usize, values, score });
+            }
+            let i = trials.len();
+            let (g, values) = crate::tpe::propose(&space, i, &history);
+            let mut leaf = match space.leaf(g, &values, &self.exp.spec_path) {
+                Ok(leaf) => leaf,
+                Err(e) => {
+                    self.log(format!("tpe: trial {} cannot be made ({e}); no more trials are proposed", i + 1));
+                    return Ok(());
+                }
+            };
+            let d = &mut leaf.spec.data;
+            d.train = std::path::absolute(&d.train).unwrap_or_else(|_| d.train.clone());
+            d.eval = d.eval.as_deref().map(|e| std::path::absolute(e).unwrap_or_else(|_| e.to_path_buf()));
+            let config = serde_json::to_value(&leaf.spec).map_err(|source| Error::Encode { what: "a run's config", source })?;
+            let knobs: serde_json::Map<String, serde_json::Value> =
+                leaf.knobs.iter().map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(serde_json::Value::Null))).collect();
+            let id = self.store.add_run(self.exp.id, &config, &serde_json::Value::Object(knobs), g as i64, 0, 0, None)?;
+            let row = self.store.run(id)?;
+            let what = leaf.knobs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
+            self.log(format!("tpe: trial {} of {} proposed as run {id}: {what}", i + 1, space.settings.num_runs));
+            self.runs.insert(id, Live { row, spec: leaf.spec, trainer: None });
+            self.status_set(id, RunStatus::New, Some(format!("tpe trial {}", i + 1)));
+        }
     }
 
     /// Records an op the policy applied to run `id` with the status it sets (one

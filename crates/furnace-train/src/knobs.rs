@@ -5,7 +5,9 @@
 //!
 //! `[search] kind = "grid"` (the default) takes the cartesian product of the lists (a range
 //! is an error); `kind = "random"` draws `num_runs` distinct configs per group from lists and
-//! ranges with a seed. A `[[group]]` holds `[group.lora]`, `[group.trainer]`, `[group.model]`
+//! ranges with a seed; `kind = "tpe"` expands into its first `max_concurrent` trials (random
+//! draws) and the experiment driver proposes the others from their results ([`Space`];
+//! docs/search.md). A `[[group]]` holds `[group.lora]`, `[group.trainer]`, `[group.model]`
 //! tables whose keys override the top-level ones; errors name `group[i].section.key`.
 
 use crate::error::{Error, Result};
@@ -27,9 +29,23 @@ pub const MAX_RANGE: f64 = 1e15;
 
 /// A knob's values.
 #[derive(Debug, Clone, PartialEq)]
-enum Knob {
+pub enum Knob {
+    /// One of these values.
     List(Vec<Value>),
-    Range { lo: f64, hi: f64, log: bool, int: bool, step: f64 },
+    /// A number in `[lo, hi]`: on a log scale when `log`, an integer when `int`, on a
+    /// grid of `step` from `lo` when `step > 0`.
+    Range {
+        /// Lower bound.
+        lo: f64,
+        /// Upper bound.
+        hi: f64,
+        /// Drawn on a log scale.
+        log: bool,
+        /// An integer.
+        int: bool,
+        /// Grid step from `lo` (0: continuous).
+        step: f64,
+    },
 }
 
 /// One expanded configuration.
@@ -93,7 +109,7 @@ fn parse_knob(path: &str, t: &Table) -> Result<Knob> {
 
 impl Knob {
     /// The number of distinct values, if finite.
-    fn count(&self) -> Option<usize> {
+    pub fn count(&self) -> Option<usize> {
         match self {
             Knob::List(l) => Some(l.len()),
             Knob::Range { lo, hi, step, .. } if *step > 0.0 => Some((((hi - lo) / step).floor() as usize).saturating_add(1)),
@@ -101,7 +117,8 @@ impl Knob {
         }
     }
 
-    fn sample(&self, rng: &mut Rng) -> Value {
+    /// A value drawn uniformly (on the log scale for a log range).
+    pub fn sample(&self, rng: &mut Rng) -> Value {
         match self {
             Knob::List(l) => l[(rng.next_u64() % l.len() as u64) as usize].clone(),
             &Knob::Range { lo, hi, log, int, step } => {
@@ -156,72 +173,30 @@ pub fn expand(text: &str, path: &Path) -> Result<Vec<Leaf>> {
 /// each table as its kind of spec. Bounds ([`MAX_RUNS`], [`MAX_LIST_LEN`], [`MAX_RANGE`])
 /// are checked here.
 pub fn expand_tables(text: &str, path: &Path, knob_sections: &[&str]) -> Result<Vec<RawLeaf>> {
-    let parse_err = |msg: String| Error::SpecParse { path: path.into(), msg };
-    let names = match knob_sections {
-        [] => String::new(),
-        [one] => format!("[{one}]"),
-        [rest @ .., last] => format!("{} and [{last}]", rest.iter().map(|s| format!("[{s}]")).collect::<Vec<_>>().join(", ")),
-    };
-    let plain = knob_sections.join(", ");
-    let mut root: Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
-    let search = match root.remove("search") {
-        Some(Value::Table(t)) => t,
-        None => Table::new(),
-        Some(_) => return Err(invalid("search", "must be a table")),
-    };
-    let kind = search.get("kind").and_then(Value::as_str).unwrap_or("grid").to_string();
-    let num_runs = search.get("num_runs").and_then(Value::as_integer).unwrap_or(0);
-    let seed = search.get("seed").and_then(Value::as_integer).unwrap_or(0) as u64;
-    if kind != "grid" && kind != "random" {
-        return Err(invalid("search.kind", format!("'{kind}' is not grid or random")));
-    }
-    if kind == "random" && num_runs <= 0 {
-        return Err(invalid("search.num_runs", "a random search needs num_runs > 0"));
-    }
-    if num_runs > MAX_RUNS as i64 {
-        return Err(invalid("search.num_runs", format!("must be at most {MAX_RUNS}")));
-    }
-    let groups: Vec<Option<Table>> = match root.remove("group") {
-        None => vec![None],
-        Some(Value::Array(a)) if !a.is_empty() => a
-            .into_iter()
-            .enumerate()
-            .map(|(i, g)| match g {
-                Value::Table(t) => Ok(Some(t)),
-                _ => Err(invalid(&format!("group[{i}]"), "must be a table")),
-            })
-            .collect::<Result<_>>()?,
-        Some(_) => return Err(invalid("group", "must be a non-empty [[group]] list")),
-    };
-    let grouped = groups.len() > 1 || groups[0].is_some();
-    let mut leaves = Vec::new();
-    for (gi, group) in groups.into_iter().enumerate() {
-        let prefix = if grouped { format!("group[{gi}].") } else { String::new() };
-        let mut merged = root.clone();
-        for (section, v) in group.unwrap_or_default() {
-            let (Value::Table(over), true) = (v, knob_sections.contains(&section.as_str())) else {
-                return Err(invalid(&format!("{prefix}{section}"), format!("a group holds only these tables: {plain}")));
-            };
-            let base = merged.entry(section.clone()).or_insert_with(|| Value::Table(Table::new()));
-            if let Value::Table(b) = base {
-                b.extend(over);
-            }
+    let (settings, groups) = parse_space(text, path, knob_sections)?;
+    let SearchSettings { kind, num_runs, seed, .. } = settings.clone();
+    let num_runs = num_runs as i64;
+    if kind == "tpe" {
+        // The first trials (as many as train at once) are random draws; the driver
+        // proposes the others from their results (furnace-exp's TPE).
+        let space = Space { settings, groups };
+        let mut trials: Vec<(usize, Vec<Value>)> = Vec::new();
+        for i in 0..space.settings.max_concurrent.min(space.settings.num_runs) {
+            let mut rng = space.trial_rng(i);
+            let t = space.random_distinct(&mut rng, &trials);
+            trials.push(t);
         }
-        // Knobs, in a fixed order.
-        let mut knobs: Vec<(String, String, Knob)> = Vec::new();
-        for (section, v) in &merged {
-            let Value::Table(t) = v else { continue };
-            for (key, val) in t {
-                let Value::Table(kt) = val else { continue };
-                let path = format!("{prefix}{section}.{key}");
-                if !knob_sections.contains(&section.as_str()) {
-                    return Err(invalid(&path, format!("knobs are allowed only in {names}")));
-                }
-                let knob = parse_knob(&path, kt)?;
-                if kind == "grid" && matches!(knob, Knob::Range { .. }) {
-                    return Err(invalid(&path, "a range cannot be in a grid search: use { list = [...] } or [search] kind = \"random\""));
-                }
-                knobs.push((section.clone(), key.clone(), knob));
+        return trials.iter().map(|(g, v)| space.raw_leaf(*g, v)).collect();
+    }
+    let mut leaves = Vec::new();
+    for (gi, GroupSpace { prefix, table: merged, dims }) in groups.into_iter().enumerate() {
+        let knobs: Vec<(String, String, Knob)> = dims.into_iter().map(|d| (d.section, d.key, d.knob)).collect();
+        if kind == "grid" {
+            if let Some((section, key, _)) = knobs.iter().find(|(_, _, k)| matches!(k, Knob::Range { .. })) {
+                return Err(invalid(
+                    &format!("{prefix}{section}.{key}"),
+                    "a range cannot be in a grid search: use { list = [...] } or [search] kind = \"random\" or \"tpe\"",
+                ));
             }
         }
         let combos: Vec<Vec<Value>> = if kind == "grid" {
@@ -283,4 +258,322 @@ pub fn expand_tables(text: &str, path: &Path, knob_sections: &[&str]) -> Result<
         }
     }
     Ok(leaves)
+}
+
+/// `[search]`: how a spec's knobs become runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchSettings {
+    /// `grid`, `random` or `tpe`.
+    pub kind: String,
+    /// Configs drawn (random, per group) or trials in all (tpe).
+    pub num_runs: usize,
+    /// Seed of the draws.
+    pub seed: u64,
+    /// TPE: trials training at once (a new one is proposed when one ends).
+    pub max_concurrent: usize,
+    /// TPE: the fraction of the finished trials that are "good" (l(x)); the rest are g(x).
+    pub gamma: f64,
+    /// TPE: candidates drawn from l(x) per proposal; the one with the best l(x)/g(x) wins.
+    pub candidates: usize,
+    /// TPE: trials drawn at random before the estimator proposes (at least 2 must finish
+    /// before it does).
+    pub startup: usize,
+}
+
+/// The keys of `[search]`.
+const SEARCH_KEYS: [&str; 7] = ["kind", "num_runs", "seed", "max_concurrent", "gamma", "candidates", "startup"];
+/// The most candidates a TPE proposal draws.
+pub const MAX_CANDIDATES: usize = 100_000;
+
+fn parse_search(search: &Table) -> Result<SearchSettings> {
+    if let Some(k) = search.keys().find(|k| !SEARCH_KEYS.contains(&k.as_str())) {
+        return Err(invalid(&format!("search.{k}"), format!("unknown key (expected one of {})", SEARCH_KEYS.join(", "))));
+    }
+    let int = |key: &str| -> Result<Option<i64>> {
+        match search.get(key) {
+            None => Ok(None),
+            Some(Value::Integer(i)) => Ok(Some(*i)),
+            Some(_) => Err(invalid(&format!("search.{key}"), "must be an integer")),
+        }
+    };
+    let kind = match search.get("kind") {
+        None => "grid".to_string(),
+        Some(Value::String(k)) => k.clone(),
+        Some(_) => return Err(invalid("search.kind", "must be a string: grid, random or tpe")),
+    };
+    if !["grid", "random", "tpe"].contains(&kind.as_str()) {
+        return Err(invalid("search.kind", format!("'{kind}' is not grid, random or tpe")));
+    }
+    let num_runs = int("num_runs")?.unwrap_or(0);
+    if kind != "grid" && num_runs <= 0 {
+        return Err(invalid("search.num_runs", format!("a {kind} search needs num_runs > 0")));
+    }
+    if num_runs > MAX_RUNS as i64 {
+        return Err(invalid("search.num_runs", format!("must be at most {MAX_RUNS}")));
+    }
+    let num_runs = num_runs.max(0) as usize;
+    let seed = int("seed")?.unwrap_or(0) as u64;
+    let max_concurrent = int("max_concurrent")?.unwrap_or(4);
+    if max_concurrent < 1 || max_concurrent > MAX_RUNS as i64 {
+        return Err(invalid("search.max_concurrent", format!("must be 1 to {MAX_RUNS}")));
+    }
+    let max_concurrent = max_concurrent as usize;
+    let gamma = match search.get("gamma") {
+        None => 0.25,
+        Some(v) => num(v).ok_or_else(|| invalid("search.gamma", "must be a number"))?,
+    };
+    if !(gamma > 0.0 && gamma < 1.0) {
+        return Err(invalid("search.gamma", format!("{gamma} is not in (0, 1)")));
+    }
+    let candidates = int("candidates")?.unwrap_or(24);
+    if candidates < 1 || candidates > MAX_CANDIDATES as i64 {
+        return Err(invalid("search.candidates", format!("must be 1 to {MAX_CANDIDATES}")));
+    }
+    let startup = int("startup")?.unwrap_or(max_concurrent as i64);
+    if startup < 1 || startup > MAX_RUNS as i64 {
+        return Err(invalid("search.startup", format!("must be 1 to {MAX_RUNS}")));
+    }
+    if kind != "tpe" {
+        for key in ["max_concurrent", "gamma", "candidates", "startup"] {
+            if search.contains_key(key) {
+                return Err(invalid(&format!("search.{key}"), format!("is a setting of kind = \"tpe\", not of {kind}")));
+            }
+        }
+    }
+    Ok(SearchSettings { kind, num_runs, seed, max_concurrent, gamma, candidates: candidates as usize, startup: startup as usize })
+}
+
+/// One knob of a group: where it stands and its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dim {
+    /// `lora`, `trainer` or `model`.
+    pub section: String,
+    /// The setting.
+    pub key: String,
+    /// Its values.
+    pub knob: Knob,
+}
+
+impl Dim {
+    /// `section.key`, as runs record their knobs.
+    pub fn path(&self) -> String {
+        format!("{}.{}", self.section, self.key)
+    }
+}
+
+/// One `[[group]]` (or the whole spec without groups): the merged table and its knobs in
+/// a fixed order.
+#[derive(Debug, Clone)]
+pub struct GroupSpace {
+    /// `group[i].` when the spec has groups.
+    pub prefix: String,
+    /// The spec with the group's overrides, knobs still in place.
+    pub table: Table,
+    /// Its knobs.
+    pub dims: Vec<Dim>,
+}
+
+/// The search space of a spec: its `[search]` and the knobs of each group.
+#[derive(Debug, Clone)]
+pub struct Space {
+    /// `[search]`.
+    pub settings: SearchSettings,
+    /// The groups (one without `[[group]]`s).
+    pub groups: Vec<GroupSpace>,
+}
+
+/// Reads `[search]` and each group's knobs from spec text (checking every knob).
+fn parse_space(text: &str, path: &Path, knob_sections: &[&str]) -> Result<(SearchSettings, Vec<GroupSpace>)> {
+    let parse_err = |msg: String| Error::SpecParse { path: path.into(), msg };
+    let names = match knob_sections {
+        [] => String::new(),
+        [one] => format!("[{one}]"),
+        [rest @ .., last] => format!("{} and [{last}]", rest.iter().map(|s| format!("[{s}]")).collect::<Vec<_>>().join(", ")),
+    };
+    let plain = knob_sections.join(", ");
+    let mut root: Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+    let search = match root.remove("search") {
+        Some(Value::Table(t)) => t,
+        None => Table::new(),
+        Some(_) => return Err(invalid("search", "must be a table")),
+    };
+    let settings = parse_search(&search)?;
+    if settings.kind == "tpe" && knob_sections != KNOB_SECTIONS {
+        return Err(invalid("search.kind", "a tpe search proposes training runs; this spec's runs are not trained"));
+    }
+    let groups: Vec<Option<Table>> = match root.remove("group") {
+        None => vec![None],
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| match g {
+                Value::Table(t) => Ok(Some(t)),
+                _ => Err(invalid(&format!("group[{i}]"), "must be a table")),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(invalid("group", "must be a non-empty [[group]] list")),
+    };
+    let grouped = groups.len() > 1 || groups[0].is_some();
+    let mut out = Vec::new();
+    for (gi, group) in groups.into_iter().enumerate() {
+        let prefix = if grouped { format!("group[{gi}].") } else { String::new() };
+        let mut merged = root.clone();
+        for (section, v) in group.unwrap_or_default() {
+            let (Value::Table(over), true) = (v, knob_sections.contains(&section.as_str())) else {
+                return Err(invalid(&format!("{prefix}{section}"), format!("a group holds only these tables: {plain}")));
+            };
+            let base = merged.entry(section.clone()).or_insert_with(|| Value::Table(Table::new()));
+            if let Value::Table(b) = base {
+                b.extend(over);
+            }
+        }
+        // Knobs, in a fixed order.
+        let mut dims = Vec::new();
+        for (section, v) in &merged {
+            let Value::Table(t) = v else { continue };
+            for (key, val) in t {
+                let Value::Table(kt) = val else { continue };
+                let path = format!("{prefix}{section}.{key}");
+                if !knob_sections.contains(&section.as_str()) {
+                    return Err(invalid(&path, format!("knobs are allowed only in {names}")));
+                }
+                dims.push(Dim { section: section.clone(), key: key.clone(), knob: parse_knob(&path, kt)? });
+            }
+        }
+        out.push(GroupSpace { prefix, table: merged, dims });
+    }
+    Ok((settings, out))
+}
+
+impl Space {
+    /// The space of spec text whose `[search] kind = "tpe"`; `None` for other kinds.
+    pub fn tpe(text: &str, path: &Path) -> Result<Option<Space>> {
+        let (settings, groups) = parse_space(text, path, &KNOB_SECTIONS)?;
+        Ok((settings.kind == "tpe").then_some(Space { settings, groups }))
+    }
+
+    /// The random generator of trial `i`: seeded by the search's seed and `i` only.
+    pub fn trial_rng(&self, i: usize) -> Rng {
+        Rng::new(self.settings.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// A random trial (group drawn uniformly, then each knob), distinct from `earlier`
+    /// when a few draws find one.
+    pub fn random_distinct(&self, rng: &mut Rng, earlier: &[(usize, Vec<Value>)]) -> (usize, Vec<Value>) {
+        let mut t = self.random(rng);
+        for _ in 0..64 {
+            if !earlier.contains(&t) {
+                break;
+            }
+            t = self.random(rng);
+        }
+        t
+    }
+
+    fn random(&self, rng: &mut Rng) -> (usize, Vec<Value>) {
+        let g = (rng.next_u64() % self.groups.len() as u64) as usize;
+        (g, self.groups[g].dims.iter().map(|d| d.knob.sample(rng)).collect())
+    }
+
+    /// The merged table of group `g` with `values` (one per knob of the group) in place.
+    pub fn raw_leaf(&self, g: usize, values: &[Value]) -> Result<RawLeaf> {
+        let group = self.groups.get(g).ok_or_else(|| invalid("group", format!("no group {g}")))?;
+        if values.len() != group.dims.len() {
+            return Err(invalid(&format!("{}search", group.prefix), format!("{} values for {} knobs", values.len(), group.dims.len())));
+        }
+        let mut t = group.table.clone();
+        let mut taken = Vec::new();
+        for (d, v) in group.dims.iter().zip(values) {
+            if let Some(Value::Table(s)) = t.get_mut(&d.section) {
+                s.insert(d.key.clone(), v.clone());
+            }
+            taken.push((d.path(), v.clone()));
+        }
+        Ok(RawLeaf { group: g, knobs: taken, table: t, prefix: group.prefix.clone() })
+    }
+
+    /// The validated leaf spec of group `g` with `values` (relative data paths anchored at
+    /// `path`).
+    pub fn leaf(&self, g: usize, values: &[Value], path: &Path) -> Result<Leaf> {
+        let raw = self.raw_leaf(g, values)?;
+        let text = toml::to_string(&raw.table).map_err(|e| Error::SpecParse { path: path.into(), msg: e.to_string() })?;
+        let prefix = &raw.prefix;
+        let spec = Spec::parse(&text, path).map_err(|e| match e {
+            Error::Spec { key, msg } => Error::Spec { key: format!("{prefix}{key}"), msg },
+            other => other,
+        })?;
+        Ok(Leaf { group: raw.group, knobs: raw.knobs, spec })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(experiment: &str, search: &str) -> String {
+        format!(
+            "[experiment]\nname = \"x\"\n{experiment}\n[search]\n{search}\n[data]\ntrain = \"t.jsonl\"\n[model]\nbase = \"m\"\n\
+             [lora]\nr = 4\nalpha = {{ list = [4, 8] }}\n[trainer]\nlearning_rate = {{ range = [1e-5, 1e-2], log = true }}\n"
+        )
+    }
+
+    fn err(text: &str) -> String {
+        expand(text, Path::new("spec.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn search_and_policy_keys_are_checked_naming_the_key() {
+        let cases = [
+            ("", "kind = \"bayes\"", "search.kind: 'bayes' is not grid, random or tpe"),
+            ("", "kind = \"tpe\"", "search.num_runs: a tpe search needs num_runs > 0"),
+            ("", "kind = \"tpe\"\nnum_runs = 8\ngamma = 1.5", "search.gamma: 1.5 is not in (0, 1)"),
+            ("", "kind = \"tpe\"\nnum_runs = 8\nmax_concurrent = 0", "search.max_concurrent: must be 1 to 10000"),
+            ("", "kind = \"tpe\"\nnum_runs = 8\ncandidates = 0", "search.candidates: must be 1 to 100000"),
+            ("", "kind = \"tpe\"\nnum_runs = 8\nstartup = \"x\"", "search.startup: must be an integer"),
+            ("", "kind = \"random\"\nnum_runs = 8\ngamma = 0.5", "search.gamma: is a setting of kind = \"tpe\""),
+            ("", "kind = \"tpe\"\nnum_run = 8", "search.num_run: unknown key"),
+            ("policy = \"hyperband\"", "kind = \"random\"\nnum_runs = 2", "experiment.policy: 'hyperband' is not one of none, asha, pbt"),
+            ("policy = \"asha\"\nmin_chunks = 0", "kind = \"random\"\nnum_runs = 2", "experiment.min_chunks: must be >= 1"),
+            ("policy = \"pbt\"\npbt_fraction = 0.6", "kind = \"random\"\nnum_runs = 2", "experiment.pbt_fraction: 0.6 is not in (0, 0.5]"),
+            ("policy = \"pbt\"\nperturb = 1.0", "kind = \"random\"\nnum_runs = 2", "experiment.perturb: 1 is not in (0, 1)"),
+            ("policy = \"pbt\"\nmax_runs = 0", "kind = \"random\"\nnum_runs = 2", "experiment.max_runs: must be >= 1"),
+            ("policy = \"pbt\"\npbt_interval = 0", "kind = \"random\"\nnum_runs = 2", "experiment.pbt_interval: must be >= 1"),
+            ("policy = \"pbt\"\nmax_runs = 10001", "kind = \"random\"\nnum_runs = 2", "experiment.max_runs: must be at most 10000"),
+        ];
+        for (experiment, search, want) in cases {
+            let e = err(&spec(experiment, search));
+            assert!(e.starts_with(want), "{experiment} {search}: {e}");
+        }
+        // Accepted: every key at a sane value.
+        let ok = spec(
+            "policy = \"pbt\"\npbt_fraction = 0.5\nperturb = 0.3\nmax_runs = 12\npbt_interval = 2\nmin_chunks = 2",
+            "kind = \"tpe\"\nnum_runs = 8\nmax_concurrent = 3\ngamma = 0.3\ncandidates = 16\nstartup = 4\nseed = 1",
+        );
+        let leaves = expand(&ok, Path::new("spec.toml")).unwrap();
+        assert_eq!(leaves[0].spec.experiment.min_chunks, 2);
+        assert_eq!(leaves[0].spec.experiment.max_runs, Some(12));
+    }
+
+    #[test]
+    fn a_tpe_spec_expands_into_its_first_concurrent_trials_seeded() {
+        let text = spec("", "kind = \"tpe\"\nnum_runs = 8\nmax_concurrent = 3\nseed = 5");
+        let a = expand(&text, Path::new("spec.toml")).unwrap();
+        let b = expand(&text, Path::new("spec.toml")).unwrap();
+        assert_eq!(a.len(), 3);
+        let knobs = |l: &[Leaf]| l.iter().map(|x| x.knobs.clone()).collect::<Vec<_>>();
+        assert_eq!(knobs(&a), knobs(&b));
+        for leaf in &a {
+            let lr = leaf.spec.trainer.learning_rate;
+            assert!((1e-5..=1e-2).contains(&lr), "{lr}");
+            assert!([4.0, 8.0].contains(&leaf.spec.lora.alpha));
+        }
+        // The space reads back; trial i's leaf is the same as expanded.
+        let space = Space::tpe(&text, Path::new("spec.toml")).unwrap().unwrap();
+        assert_eq!((space.settings.num_runs, space.settings.max_concurrent, space.settings.startup), (8, 3, 3));
+        let mut rng = space.trial_rng(0);
+        let (g, values) = space.random_distinct(&mut rng, &[]);
+        let leaf = space.leaf(g, &values, Path::new("spec.toml")).unwrap();
+        assert_eq!(leaf.knobs, a[0].knobs);
+        assert!(Space::tpe(&spec("", "kind = \"random\"\nnum_runs = 2"), Path::new("spec.toml")).unwrap().is_none());
+    }
 }

@@ -28,13 +28,35 @@ pub struct ExperimentSpec {
     /// Data chunks: runs advance chunk by chunk and are evaluated and checkpointed at each
     /// chunk boundary (default: 4, or fewer for a tiny dataset).
     pub num_chunks: Option<usize>,
-    /// Automatic stopping: `none`, or `asha` (at each chunk boundary keep the best 1/eta
-    /// of the runs that reached it by eval loss).
+    /// The policy steering the runs at chunk boundaries: `none`; `asha` (at each rung,
+    /// `min_chunks · eta^k` chunks, keep the best 1/eta of the runs that reached it by eval
+    /// loss; docs/search.md); or `pbt` (population-based training: at every `pbt_interval`
+    /// chunks the worst `pbt_fraction` of the runs stop and warm clones of the best, with
+    /// perturbed knobs, take their place).
     #[serde(default = "default_policy")]
     pub policy: String,
     /// ASHA's reduction factor.
     #[serde(default = "default_eta")]
     pub eta: usize,
+    /// ASHA's minimum resource: the chunks every run trains before its first rung (rungs
+    /// at `min_chunks`, `min_chunks · eta`, `min_chunks · eta²`, ... chunks).
+    #[serde(default = "one")]
+    pub min_chunks: usize,
+    /// PBT: chunks between two exploit steps.
+    #[serde(default = "one")]
+    pub pbt_interval: usize,
+    /// PBT: the fraction of the runs at a boundary that are replaced (the worst), and
+    /// the fraction whose clones replace them (the best); in (0, 0.5].
+    #[serde(default = "default_pbt_fraction")]
+    pub pbt_fraction: f64,
+    /// PBT: how far a clone's knobs move from its parent's (each numeric knob times
+    /// `1 - perturb` or `1 + perturb`, drawn with the seed); in (0, 1).
+    #[serde(default = "default_perturb")]
+    pub perturb: f64,
+    /// PBT: the most runs the experiment may hold, clones included (default: 4 × the runs
+    /// it starts with); once reached the worst runs are no longer replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runs: Option<usize>,
 }
 
 /// `[data]`.
@@ -317,6 +339,12 @@ fn default_policy() -> String {
 fn default_eta() -> usize {
     2
 }
+fn default_pbt_fraction() -> f64 {
+    0.25
+}
+fn default_perturb() -> f64 {
+    0.2
+}
 fn yes() -> bool {
     true
 }
@@ -446,9 +474,27 @@ impl Spec {
         if e.num_chunks == Some(0) {
             return Err(invalid("experiment.num_chunks", "must be > 0"));
         }
-        if e.policy != "none" && e.policy != "asha" {
-            return Err(invalid("experiment.policy", format!("'{}' is not one of none, asha", e.policy)));
+        if !["none", "asha", "pbt"].contains(&e.policy.as_str()) {
+            return Err(invalid("experiment.policy", format!("'{}' is not one of none, asha, pbt", e.policy)));
         }
+        if e.min_chunks == 0 {
+            return Err(invalid("experiment.min_chunks", "must be >= 1 (the chunks before ASHA's first rung)"));
+        }
+        at_most("experiment.min_chunks", e.min_chunks, MAX_NUM_CHUNKS)?;
+        if e.pbt_interval == 0 {
+            return Err(invalid("experiment.pbt_interval", "must be >= 1 (chunks between two PBT exploit steps)"));
+        }
+        at_most("experiment.pbt_interval", e.pbt_interval, MAX_NUM_CHUNKS)?;
+        if !(e.pbt_fraction > 0.0 && e.pbt_fraction <= 0.5) {
+            return Err(invalid("experiment.pbt_fraction", format!("{} is not in (0, 0.5]", e.pbt_fraction)));
+        }
+        if !(e.perturb > 0.0 && e.perturb < 1.0) {
+            return Err(invalid("experiment.perturb", format!("{} is not in (0, 1)", e.perturb)));
+        }
+        if e.max_runs == Some(0) {
+            return Err(invalid("experiment.max_runs", "must be >= 1"));
+        }
+        at_most("experiment.max_runs", e.max_runs.unwrap_or(1), crate::knobs::MAX_RUNS)?;
         if e.eta < 2 {
             return Err(invalid("experiment.eta", "must be >= 2 (keep the best 1/eta of the runs at each rung)"));
         }

@@ -7,3 +7,4 @@ mod fit;
 mod ops;
 mod prefs;
 mod registry;
+mod search;
