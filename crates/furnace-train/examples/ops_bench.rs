@@ -1,5 +1,6 @@
 //! Times the training ops on the shapes of `furnace bench train` (SmolLM2-135M, 4 x 256
-//! tokens, r = 16): `cargo run --release -p furnace-train --example ops_bench`.
+//! tokens, r = 16): `cargo run --release -p furnace-train --example ops_bench`. `BATCH` and
+//! `SEQ` change the batch (e.g. `BATCH=1 SEQ=2048` for long-sequence attention).
 use furnace_train::engine::ops::{self, Heads};
 use std::time::Instant;
 
@@ -24,18 +25,20 @@ fn time(name: &str, reps: usize, mut f: impl FnMut()) {
 
 fn main() {
     let heads = Heads { q: 9, kv: 3, dim: 64 };
-    let seqs: Vec<(usize, usize)> = (0..4).map(|i| (i * 256, 256)).collect();
-    let rows = 1024;
+    let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (batch, seq) = (env("BATCH", 4), env("SEQ", 256));
+    let seqs: Vec<(usize, usize)> = (0..batch).map(|i| (i * seq, seq)).collect();
+    let rows = batch * seq;
     let q = randn(rows * 576, 1);
     let k = randn(rows * 192, 2);
     let v = randn(rows * 192, 3);
     let dout = randn(rows * 576, 4);
-    let (_, probs) = ops::attention(&q, &k, &v, &seqs, heads);
+    let (out, lse) = ops::attention(&q, &k, &v, &seqs, heads);
     time("attention fwd", 5, || {
         std::hint::black_box(ops::attention(&q, &k, &v, &seqs, heads));
     });
     time("attention bwd", 5, || {
-        std::hint::black_box(ops::attention_backward(&q, &k, &v, &probs, &dout, &seqs, heads));
+        std::hint::black_box(ops::attention_backward(&q, &k, &v, &out, &lse, &dout, &seqs, heads));
     });
     let (inp, out, r) = (576, 1536, 16);
     let z = randn(rows * inp, 5);

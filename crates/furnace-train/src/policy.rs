@@ -305,9 +305,21 @@ struct RunRequests<'a> {
     prompts: Vec<(usize, SamplingParams)>,
 }
 
-/// Samples every run's requests in one engine batch, each run's adapter registered in the
-/// model for the call; outputs per run, in request order.
+/// Samples each run's requests, in request order. Every run gets its own engine batch: the
+/// engine's products round differently at different batch sizes, so sampling runs together
+/// would make a run's completions (and so its training) depend on which runs it is fused
+/// with; alone or fused, a run samples the same completions.
 fn sample(policy: &mut Policy, examples: &[Example], runs: &[RunRequests]) -> Result<Vec<Vec<Output>>> {
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        out.push(sample_batch(policy, examples, std::slice::from_ref(r))?.pop().unwrap_or_default());
+    }
+    Ok(out)
+}
+
+/// Samples the requests of `runs` in one engine batch, each run's adapter registered in the
+/// model for the call; outputs per run, in request order.
+fn sample_batch(policy: &mut Policy, examples: &[Example], runs: &[RunRequests]) -> Result<Vec<Vec<Output>>> {
     let mut ids = Vec::new();
     let mut registered = Ok(());
     for r in runs {

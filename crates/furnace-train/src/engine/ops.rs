@@ -3,11 +3,20 @@
 //! ragged sequences (each sequence attends only to itself: the padding-free form of a
 //! padding mask), SwiGLU and cross-entropy with ignored rows.
 //!
-//! They save exactly what their backward needs (RMSNorm its reciprocal RMS, attention its
-//! probabilities) and nothing else; every one has a finite-difference test in
-//! `tests/ops_grad.rs`. Work is spread over rows (or sequence x head blocks) with rayon.
+//! They save exactly what their backward needs (RMSNorm its reciprocal RMS, attention the
+//! log-sum-exp of each row's scores) and nothing else; every one has a finite-difference
+//! test in `tests/ops_grad.rs`. Work is spread over rows (or sequence x head blocks) with
+//! rayon.
+//!
+//! Attention is tiled in the way of FlashAttention-2: the forward walks `[BLOCK, BLOCK]`
+//! score tiles with an online softmax and keeps only the output and one log-sum-exp per
+//! head and row; the backward recomputes each probability tile from q, k and that
+//! log-sum-exp. Nothing of size `len^2` is ever held (a 2048-token sequence of SmolLM2, 9
+//! heads, would otherwise keep 150 MB of probabilities per layer, 4.5 GB over 30 layers),
+//! so the memory of a training pass grows linearly with the sequence length. The earlier
+//! form, which kept every probability, stays in `ops/reference.rs` as the reference the
+//! tiled one is tested against.
 
-use furnace_model::kernels::attention::exp_nonpositive;
 use rayon::prelude::*;
 
 /// Sum with [`LANES`] independent accumulators (vectorizes; plain `sum` of f32 does not).
@@ -22,12 +31,22 @@ pub fn lane_sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// `softmax` of a row in place (max subtracted, fast exp).
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    row.iter_mut().for_each(|s| *s = exp_nonpositive(*s - max));
-    let inv = 1.0 / lane_sum(row);
-    row.iter_mut().for_each(|s| *s *= inv);
+/// `furnace_model::kernels::attention::exp_nonpositive`, bit for bit, in a form that
+/// vectorizes: the power of two is built from the float bits of `fl + 1.5 * 2^23` (whose
+/// low mantissa bits are the integer `fl`) instead of an `as i32` cast, whose saturating
+/// semantics keep LLVM scalar (the attention tiles, SwiGLU and the loss call it per
+/// element).
+#[inline(always)]
+fn exp_np(x: f32) -> f32 {
+    let t = (x * std::f32::consts::LOG2_E).max(-125.0);
+    let fl = (t + 0.5).floor();
+    let f = t - fl;
+    let p = 1.0
+        + f * (std::f32::consts::LN_2
+            + f * (0.240_226_5
+                + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
+    let bits = (fl + 12_582_912.0).to_bits().wrapping_add(127) << 23;
+    p * f32::from_bits(bits)
 }
 
 /// Rows per rayon task for row-wise ops.
@@ -124,20 +143,6 @@ pub struct Heads {
     pub kv: usize,
     /// Width of one head.
     pub dim: usize,
-}
-
-/// Offsets of each (sequence, query head) probability block `[len, len]` in the saved
-/// probabilities.
-fn prob_offsets(seqs: &[(usize, usize)], heads: Heads) -> (Vec<usize>, usize) {
-    let mut off = Vec::with_capacity(seqs.len() * heads.q);
-    let mut total = 0;
-    for &(_, len) in seqs {
-        for _ in 0..heads.q {
-            off.push(total);
-            total += len * len;
-        }
-    }
-    (off, total)
 }
 
 /// Copies head `h` of rows `start..start + len` out of `[rows, heads * dim]` into `[len, dim]`.
@@ -262,73 +267,273 @@ fn combo_rows(r: usize, out: &mut [f32], ldo: usize, ws: &[f32], ldw: usize, n: 
     }
 }
 
-/// Splits `buf` into consecutive mutable blocks of the given sizes.
-fn split_blocks(mut buf: &mut [f32], sizes: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
-    let mut out = Vec::new();
-    for n in sizes {
-        let (a, b) = std::mem::take(&mut buf).split_at_mut(n);
-        out.push(a);
-        buf = b;
+/// Queries (rows) and keys (columns) of one attention tile. The forward and the backward
+/// hold a few `[BLOCK, BLOCK]` tiles per task, never a `[len, len]` matrix; 64 x 64 f32
+/// (16 KiB) keeps a tile, the key block it reads and the rows it updates in L1/L2.
+const BLOCK: usize = 64;
+
+/// Register tile of the attention products: `R` rows by `C` blocks of [`LANES`] columns,
+/// `out[r * ldo + j] = sum_d xs[r * ldx + d] * mt[d * ld + j]` for `j < C * LANES`. With
+/// `R = 4, C = 4` the 16 accumulators fill half the vector registers and each step of `d`
+/// does 16 FMAs for 4 vector loads and 4 broadcasts (the narrower [`dots_tile`] does 4
+/// FMAs for 1 load and 4 broadcasts, and is bound by the loads).
+// Not inlined: inside a larger caller LLVM leaves these loops scalar (seen in the
+// disassembly); alone each compiles to `R * C` vector FMAs per step.
+#[inline(never)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn dots_wide<const R: usize, const C: usize>(out: &mut [f32], ldo: usize, xs: &[f32], ldx: usize, k: usize, mt: &[f32], ld: usize) {
+    let mut acc = [[[0f32; LANES]; C]; R];
+    let xr: [&[f32]; R] = std::array::from_fn(|r| &xs[r * ldx..r * ldx + k]);
+    for d in 0..k {
+        let m: [&[f32; LANES]; C] = std::array::from_fn(|c| block(mt, d * ld + c * LANES));
+        for r in 0..R {
+            let x = xr[r][d];
+            for c in 0..C {
+                for t in 0..LANES {
+                    acc[r][c][t] = x.mul_add(m[c][t], acc[r][c][t]);
+                }
+            }
+        }
     }
-    out
+    for r in 0..R {
+        for c in 0..C {
+            out[r * ldo + c * LANES..r * ldo + (c + 1) * LANES].copy_from_slice(&acc[r][c]);
+        }
+    }
+}
+
+/// Register tile `R x (C * LANES)` of `out[r * ldo + c] += sum_j w(r, j) * rows[j * ldr +
+/// c]` for `j < n`, with the weight `w(r, j) = ws[r * wr + j * wj]` (strides, so that a
+/// tile and its transpose are read from the same buffer), the same shape of work as
+/// [`dots_wide`].
+// Not inlined, as `dots_wide`.
+#[inline(never)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn combo_wide<const R: usize, const C: usize>(
+    out: &mut [f32],
+    ldo: usize,
+    ws: &[f32],
+    wr: usize,
+    wj: usize,
+    n: usize,
+    rows: &[f32],
+    ldr: usize,
+) {
+    let mut acc = [[[0f32; LANES]; C]; R];
+    for j in 0..n {
+        let v: [&[f32; LANES]; C] = std::array::from_fn(|c| block(rows, j * ldr + c * LANES));
+        for r in 0..R {
+            let w = ws[r * wr + j * wj];
+            for c in 0..C {
+                for t in 0..LANES {
+                    acc[r][c][t] = w.mul_add(v[c][t], acc[r][c][t]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            for (o, x) in out[r * ldo + c * LANES..r * ldo + (c + 1) * LANES].iter_mut().zip(&acc[r][c]) {
+                *o += x;
+            }
+        }
+    }
+}
+
+/// [`dots_wide`] over `n` columns for `R` rows: blocks of 64, 32 and 16 columns, then the
+/// last `n % 16` one by one.
+#[allow(clippy::too_many_arguments)]
+fn dots_cols<const R: usize>(out: &mut [f32], ldo: usize, xs: &[f32], ldx: usize, k: usize, mt: &[f32], ld: usize, n: usize) {
+    let mut c0 = 0;
+    while c0 + 4 * LANES <= n {
+        dots_wide::<R, 4>(&mut out[c0..], ldo, xs, ldx, k, &mt[c0..], ld);
+        c0 += 4 * LANES;
+    }
+    if c0 + 2 * LANES <= n {
+        dots_wide::<R, 2>(&mut out[c0..], ldo, xs, ldx, k, &mt[c0..], ld);
+        c0 += 2 * LANES;
+    }
+    if c0 + LANES <= n {
+        dots_wide::<R, 1>(&mut out[c0..], ldo, xs, ldx, k, &mt[c0..], ld);
+        c0 += LANES;
+    }
+    for r in 0..R {
+        for j in c0..n {
+            out[r * ldo + j] = (0..k).map(|d| xs[r * ldx + d] * mt[d * ld + j]).sum();
+        }
+    }
+}
+
+/// [`combo_wide`] over `m` output columns for `R` rows, blocked as in [`dots_cols`].
+#[allow(clippy::too_many_arguments)]
+fn combo_cols<const R: usize>(out: &mut [f32], ldo: usize, ws: &[f32], wr: usize, wj: usize, n: usize, rows: &[f32], ldr: usize, m: usize) {
+    let mut c0 = 0;
+    while c0 + 4 * LANES <= m {
+        combo_wide::<R, 4>(&mut out[c0..], ldo, ws, wr, wj, n, &rows[c0..], ldr);
+        c0 += 4 * LANES;
+    }
+    if c0 + 2 * LANES <= m {
+        combo_wide::<R, 2>(&mut out[c0..], ldo, ws, wr, wj, n, &rows[c0..], ldr);
+        c0 += 2 * LANES;
+    }
+    if c0 + LANES <= m {
+        combo_wide::<R, 1>(&mut out[c0..], ldo, ws, wr, wj, n, &rows[c0..], ldr);
+        c0 += LANES;
+    }
+    for r in 0..R {
+        for c in c0..m {
+            out[r * ldo + c] += (0..n).map(|j| ws[r * wr + j * wj] * rows[j * ldr + c]).sum::<f32>();
+        }
+    }
+}
+
+/// `s[r * BLOCK + c] = xs_r . mt_c` for the `br` rows of `xs` (`[br, dim]`) against the `bc`
+/// columns of `mt` (a transposed `[dim, ld]` matrix, already offset to the tile's first
+/// column).
+fn tile_dots(s: &mut [f32], xs: &[f32], br: usize, dim: usize, mt: &[f32], ld: usize, bc: usize) {
+    tiles(br, |r0, r| {
+        let (o, x) = (&mut s[r0 * BLOCK..], &xs[r0 * dim..]);
+        match r {
+            4 => dots_cols::<4>(o, BLOCK, x, dim, dim, mt, ld, bc),
+            3 => dots_cols::<3>(o, BLOCK, x, dim, dim, mt, ld, bc),
+            2 => dots_cols::<2>(o, BLOCK, x, dim, dim, mt, ld, bc),
+            _ => dots_cols::<1>(o, BLOCK, x, dim, dim, mt, ld, bc),
+        }
+    });
+}
+
+/// `out[r] += sum_c w(r, c) * rows[c]` for `nr` output rows and `nc` weights each (`rows:
+/// [nc, dim]`, `out: [nr, dim]`), with `w(r, c) = w[r * BLOCK + c]`, or with `transposed`
+/// `w[c * BLOCK + r]` (a tile's transpose read in place).
+fn tile_combo(out: &mut [f32], w: &[f32], transposed: bool, nr: usize, nc: usize, rows: &[f32], dim: usize) {
+    let (wr, wj) = if transposed { (1, BLOCK) } else { (BLOCK, 1) };
+    tiles(nr, |r0, r| {
+        let (o, ws) = (&mut out[r0 * dim..], &w[r0 * wr..]);
+        match r {
+            4 => combo_cols::<4>(o, dim, ws, wr, wj, nc, rows, dim, dim),
+            3 => combo_cols::<3>(o, dim, ws, wr, wj, nc, rows, dim, dim),
+            2 => combo_cols::<2>(o, dim, ws, wr, wj, nc, rows, dim, dim),
+            _ => combo_cols::<1>(o, dim, ws, wr, wj, nc, rows, dim, dim),
+        }
+    });
+}
+
+/// Keys of tile row `i` (absolute, in its sequence) that are visible to it within a key
+/// block starting at `j0` of `bc` keys (causal: keys `<= i`). Tiles are aligned so that
+/// every row of a processed tile sees at least one key.
+fn visible(i: usize, j0: usize, bc: usize) -> usize {
+    (i + 1 - j0).min(bc)
+}
+
+/// Copies `[len, dim]` blocks back into the `[rows, width]` layout at head `h`, adding
+/// (`add`) or overwriting.
+fn scatter_head(dst: &mut [f32], width: usize, start: usize, h: usize, dim: usize, src: &[f32], add: bool) {
+    for (i, row) in src.chunks_exact(dim).enumerate() {
+        let at = (start + i) * width + h * dim;
+        let d = &mut dst[at..at + dim];
+        if add {
+            d.iter_mut().zip(row).for_each(|(o, x)| *o += x);
+        } else {
+            d.copy_from_slice(row);
+        }
+    }
 }
 
 /// Causal grouped-query attention over ragged sequences `seqs` (`(first row, length)`;
 /// each attends only within itself) for `q: [rows, heads.q * dim]` and `k, v: [rows,
 /// heads.kv * dim]`, with scale `1 / sqrt(dim)`. Returns the output `[rows, heads.q * dim]`
-/// and the saved probabilities for [`attention_backward`] (one `[len, len]` block per
-/// sequence and head; above the diagonal they are zero).
+/// and the log-sum-exp of each row's scaled scores, `[heads.q, rows]`, which is all
+/// [`attention_backward`] needs besides the inputs and the output.
+///
+/// Flash-attention style: per (sequence, head), each block of [`BLOCK`] query rows walks the
+/// key blocks up to its diagonal with an online softmax (running max `m` and sum `l`, the
+/// output rescaled by `exp(m_old - m_new)` when the max grows), so the transient memory is
+/// one `[BLOCK, BLOCK]` score tile per task whatever the length.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], seqs: &[(usize, usize)], heads: Heads) -> (Vec<f32>, Vec<f32>) {
     let (dim, qw, kw) = (heads.dim, heads.q * heads.dim, heads.kv * heads.dim);
     let rows = q.len() / qw.max(1);
     let rep = heads.q / heads.kv;
     let scale = 1.0 / (dim as f32).sqrt();
-    let (_, total) = prob_offsets(seqs, heads);
     let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads.q).map(move |h| (s, h))).collect();
-    let mut probs = vec![0f32; total];
-    let blocks = split_blocks(&mut probs, tasks.iter().map(|&(s, _)| seqs[s].1 * seqs[s].1));
-    let outs: Vec<Vec<f32>> = tasks
+    let outs: Vec<(Vec<f32>, Vec<f32>)> = tasks
         .par_iter()
-        .zip(blocks)
-        .map(|(&(s, h), p)| {
+        .map(|&(s, h)| {
             let (start, len) = seqs[s];
             let qh = gather_head(q, qw, start, len, h, dim);
             let kt = transpose(&gather_head(k, kw, start, len, h / rep, dim), len, dim);
             let vh = gather_head(v, kw, start, len, h / rep, dim);
             let mut o = vec![0f32; len * dim];
-            tiles(len, |i0, r| {
-                // Scores of rows i0..i0+r against keys 0..i0+r (the causal part of the tile).
-                let n = i0 + r;
-                dots_rows(r, &mut p[i0 * len..], len, &qh[i0 * dim..], dim, dim, &kt, len, n);
-                for i in i0..i0 + r {
-                    let row = &mut p[i * len..i * len + n];
-                    row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
-                    let live = &mut row[..i + 1];
-                    live.iter_mut().for_each(|x| *x *= scale);
-                    softmax_in_place(live);
+            let mut lse = vec![0f32; len];
+            let mut st = vec![0f32; BLOCK * BLOCK];
+            let (mut m, mut l) = ([0f32; BLOCK], [0f32; BLOCK]);
+            let mut i0 = 0;
+            while i0 < len {
+                let br = (len - i0).min(BLOCK);
+                m.fill(f32::NEG_INFINITY);
+                l.fill(0.0);
+                let mut j0 = 0;
+                while j0 < i0 + br {
+                    let bc = (i0 + br - j0).min(BLOCK);
+                    tile_dots(&mut st, &qh[i0 * dim..], br, dim, &kt[j0..], len, bc);
+                    for r in 0..br {
+                        let i = i0 + r;
+                        let (live, dead) = st[r * BLOCK..r * BLOCK + bc].split_at_mut(visible(i, j0, bc));
+                        dead.fill(0.0);
+                        live.iter_mut().for_each(|x| *x *= scale);
+                        let m_new = live.iter().fold(m[r], |a, &x| a.max(x));
+                        live.iter_mut().for_each(|x| *x = exp_np(*x - m_new));
+                        let sum = lane_sum(live);
+                        if m[r] == f32::NEG_INFINITY {
+                            l[r] = sum;
+                        } else if m_new > m[r] {
+                            let alpha = exp_np(m[r] - m_new);
+                            l[r] = l[r] * alpha + sum;
+                            o[i * dim..(i + 1) * dim].iter_mut().for_each(|x| *x *= alpha);
+                        } else {
+                            l[r] += sum;
+                        }
+                        m[r] = m_new;
+                    }
+                    tile_combo(&mut o[i0 * dim..], &st, false, br, bc, &vh[j0 * dim..], dim);
+                    j0 += bc;
                 }
-                combo_rows(r, &mut o[i0 * dim..], dim, &p[i0 * len..], len, n, &vh, dim);
-            });
-            o
+                for r in 0..br {
+                    let i = i0 + r;
+                    let inv = 1.0 / l[r];
+                    o[i * dim..(i + 1) * dim].iter_mut().for_each(|x| *x *= inv);
+                    lse[i] = m[r] + l[r].ln();
+                }
+                i0 += br;
+            }
+            (o, lse)
         })
         .collect();
     let mut out = vec![0f32; rows * qw];
-    for (&(s, h), o) in tasks.iter().zip(outs) {
+    let mut lse = vec![0f32; heads.q * rows];
+    for (&(s, h), (o, ls)) in tasks.iter().zip(outs) {
         let (start, len) = seqs[s];
-        for i in 0..len {
-            out[(start + i) * qw + h * dim..(start + i) * qw + (h + 1) * dim].copy_from_slice(&o[i * dim..(i + 1) * dim]);
-        }
+        scatter_head(&mut out, qw, start, h, dim, &o, false);
+        lse[h * rows + start..h * rows + start + len].copy_from_slice(&ls);
     }
-    (out, probs)
+    (out, lse)
 }
 
 /// Gradients `(dq, dk, dv)` of [`attention`] given the output gradient `dout`, from the
-/// saved probabilities `probs` and the inputs (after RoPE).
+/// inputs (after RoPE), the output `out` and the saved log-sum-exp `lse`.
+///
+/// The probabilities are recomputed tile by tile, `P = exp(q k^T * scale - lse)`, with
+/// `D_i = dout_i . out_i` standing for `sum_j P_ij dP_ij`, so that `dS = P * (dP - D) * scale`
+/// needs no row of `P` beyond the tile. Per (sequence, query head) the key blocks are the
+/// outer loop (their `dk`, `dv` rows accumulate in place) and the query blocks from the
+/// diagonal down the inner one (their `dq` rows accumulate across key blocks); the query
+/// heads of a group add their `dk`, `dv` at the end.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    probs: &[f32],
+    out: &[f32],
+    lse: &[f32],
     dout: &[f32],
     seqs: &[(usize, usize)],
     heads: Heads,
@@ -337,80 +542,77 @@ pub fn attention_backward(
     let rows = q.len() / qw.max(1);
     let rep = heads.q / heads.kv;
     let scale = 1.0 / (dim as f32).sqrt();
-    let (offsets, _) = prob_offsets(seqs, heads);
-    // One task per (sequence, key/value head): it owns that head's dk and dv rows.
-    let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads.kv).map(move |g| (s, g))).collect();
-    type Block = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
-    let blocks: Vec<Block> = tasks
+    let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads.q).map(move |h| (s, h))).collect();
+    type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let blocks: Vec<Grads> = tasks
         .par_iter()
-        .map(|&(s, g)| {
+        .map(|&(s, h)| {
             let (start, len) = seqs[s];
+            let g = h / rep;
+            let qh = gather_head(q, qw, start, len, h, dim);
+            let doh = gather_head(dout, qw, start, len, h, dim);
+            let dsum: Vec<f32> = {
+                let oh = gather_head(out, qw, start, len, h, dim);
+                doh.chunks_exact(dim).zip(oh.chunks_exact(dim)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum()).collect()
+            };
+            let lh = &lse[h * rows + start..h * rows + start + len];
             let kh = gather_head(k, kw, start, len, g, dim);
+            let kt = transpose(&kh, len, dim);
             let vt = transpose(&gather_head(v, kw, start, len, g, dim), len, dim);
-            let mut dk = vec![0f32; len * dim];
-            let mut dv = vec![0f32; len * dim];
-            let mut dqs = Vec::with_capacity(rep);
-            // dS by rows, and dS and P transposed ([j][i]) so that dk_j and dv_j are weighted
-            // sums of rows. Entries above the diagonal (below it, transposed) stay zero.
-            let mut ds = vec![0f32; len * len];
-            let mut dst = vec![0f32; len * len];
-            let mut pt = vec![0f32; len * len];
-            for h in g * rep..(g + 1) * rep {
-                let qh = gather_head(q, qw, start, len, h, dim);
-                let doh = gather_head(dout, qw, start, len, h, dim);
-                let p = &probs[offsets[s * heads.q + h]..offsets[s * heads.q + h] + len * len];
-                let mut dq = vec![0f32; len * dim];
-                tiles(len, |i0, r| {
-                    let n = i0 + r;
-                    // dP of the tile's rows, into ds.
-                    dots_rows(r, &mut ds[i0 * len..], len, &doh[i0 * dim..], dim, dim, &vt, len, n);
-                    for i in i0..i0 + r {
-                        let pi = &p[i * len..i * len + i + 1];
-                        let dsi = &mut ds[i * len..i * len + n];
-                        let dsum: f32 = pi.iter().zip(dsi.iter()).map(|(a, b)| a * b).sum();
-                        for j in 0..=i {
-                            let d = pi[j] * (dsi[j] - dsum) * scale;
-                            dsi[j] = d;
-                            dst[j * len + i] = d;
-                            pt[j * len + i] = pi[j];
+            let (mut dq, mut dk, mut dv) = (vec![0f32; len * dim], vec![0f32; len * dim], vec![0f32; len * dim]);
+            // P and dS by rows; dk and dv read them transposed in place.
+            let mut p = vec![0f32; BLOCK * BLOCK];
+            let mut ds = vec![0f32; BLOCK * BLOCK];
+            let mut j0 = 0;
+            while j0 < len {
+                let bc = (len - j0).min(BLOCK);
+                let mut i0 = j0;
+                while i0 < len {
+                    let br = (len - i0).min(BLOCK);
+                    tile_dots(&mut p, &qh[i0 * dim..], br, dim, &kt[j0..], len, bc);
+                    tile_dots(&mut ds, &doh[i0 * dim..], br, dim, &vt[j0..], len, bc);
+                    for r in 0..br {
+                        let i = i0 + r;
+                        let (li, di) = (lh[i], dsum[i]);
+                        let live = visible(i, j0, bc);
+                        let pr = &mut p[r * BLOCK..r * BLOCK + bc];
+                        let dr = &mut ds[r * BLOCK..r * BLOCK + bc];
+                        for (pv, dv) in pr[..live].iter_mut().zip(dr[..live].iter_mut()) {
+                            *pv = exp_np(*pv * scale - li);
+                            *dv = *pv * (*dv - di) * scale;
                         }
-                        dsi[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+                        pr[live..].fill(0.0);
+                        dr[live..].fill(0.0);
                     }
-                    combo_rows(r, &mut dq[i0 * dim..], dim, &ds[i0 * len..], len, n, &kh, dim);
-                });
-                // dk_j = sum_{i >= j} dS_ij q_i and dv_j = sum_{i >= j} P_ij do_i.
-                tiles(len, |j0, r| {
-                    let n = len - j0;
-                    combo_rows(r, &mut dk[j0 * dim..], dim, &dst[j0 * len + j0..], len, n, &qh[j0 * dim..], dim);
-                    combo_rows(r, &mut dv[j0 * dim..], dim, &pt[j0 * len + j0..], len, n, &doh[j0 * dim..], dim);
-                });
-                dqs.push(dq);
+                    tile_combo(&mut dq[i0 * dim..], &ds, false, br, bc, &kh[j0 * dim..], dim);
+                    tile_combo(&mut dv[j0 * dim..], &p, true, bc, br, &doh[i0 * dim..], dim);
+                    tile_combo(&mut dk[j0 * dim..], &ds, true, bc, br, &qh[i0 * dim..], dim);
+                    i0 += br;
+                }
+                j0 += bc;
             }
-            (dqs, dk, dv)
+            (dq, dk, dv)
         })
         .collect();
     let mut dq = vec![0f32; rows * qw];
     let mut dk = vec![0f32; rows * kw];
     let mut dv = vec![0f32; rows * kw];
-    for (&(s, g), (dqs, dkb, dvb)) in tasks.iter().zip(blocks) {
-        let (start, len) = seqs[s];
-        for i in 0..len {
-            let r = start + i;
-            dk[r * kw + g * dim..r * kw + (g + 1) * dim].copy_from_slice(&dkb[i * dim..(i + 1) * dim]);
-            dv[r * kw + g * dim..r * kw + (g + 1) * dim].copy_from_slice(&dvb[i * dim..(i + 1) * dim]);
-            for (hi, dqh) in dqs.iter().enumerate() {
-                let h = g * rep + hi;
-                dq[r * qw + h * dim..r * qw + (h + 1) * dim].copy_from_slice(&dqh[i * dim..(i + 1) * dim]);
-            }
-        }
+    for (&(s, h), (dqb, dkb, dvb)) in tasks.iter().zip(blocks) {
+        let start = seqs[s].0;
+        scatter_head(&mut dq, qw, start, h, dim, &dqb, false);
+        scatter_head(&mut dk, kw, start, h / rep, dim, &dkb, true);
+        scatter_head(&mut dv, kw, start, h / rep, dim, &dvb, true);
     }
     (dq, dk, dv)
 }
 
+#[cfg(test)]
+mod reference;
+
 /// Logistic function through the fast exp of `-|x|` (no overflow, vectorizes).
 #[inline]
 fn sigmoid(x: f32) -> f32 {
-    let e = exp_nonpositive(-x.abs());
+    let e = exp_np(-x.abs());
     let r = 1.0 / (1.0 + e);
     if x >= 0.0 {
         r
@@ -456,7 +658,7 @@ pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[u32], weights:
             let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let zt = z[t as usize];
             // exp(z - max) in place, summed in blocks of f32 lanes accumulated in f64.
-            z.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
+            z.iter_mut().for_each(|v| *v = exp_np(*v - max));
             let sum: f64 = z.chunks(1024).map(|c| lane_sum(c) as f64).sum();
             *loss = max as f64 + sum.ln() - zt as f64;
             if grad {
@@ -498,12 +700,41 @@ fn sum_outer(u: &[f32], uw: usize, v: &[f32], vw: usize) -> Vec<f32> {
 
 /// LoRA's down projection `p = z A^T` for `z: [n, inp]`, `A: [r, inp]`; returns `[n, r]`.
 pub fn lora_down(z: &[f32], inp: usize, a: &[f32], r: usize) -> Vec<f32> {
-    let at = transpose(a, r, inp);
     let mut p = vec![0f32; z.len() / inp.max(1) * r];
+    // Ranks of a vector or more use the register tiles over the transposed A.
+    let at = if r >= LANES { transpose(a, r, inp) } else { Vec::new() };
     p.par_chunks_mut(r * LORA_ROWS).zip(z.par_chunks(inp * LORA_ROWS)).for_each(|(ps, zs)| {
-        tiles(zs.len() / inp, |i0, t| dots_rows(t, &mut ps[i0 * r..], r, &zs[i0 * inp..], inp, inp, &at, r, r));
+        if r >= LANES {
+            tiles(zs.len() / inp, |i0, t| dots_rows(t, &mut ps[i0 * r..], r, &zs[i0 * inp..], inp, inp, &at, r, r));
+        } else {
+            row_dots(ps, r, zs, inp, a);
+        }
     });
     p
+}
+
+/// `out[i * r + j] = xs[i] . m[j]` for rows `xs: [n, k]` and `m: [r, k]`: contiguous dot
+/// products. LoRA's rank `r` is narrower than a vector, so the column-tiled [`dots_rows`]
+/// would fall back to scalar strided loads; here each dot runs over `k` in [`LANES`] lanes.
+fn row_dots(out: &mut [f32], r: usize, xs: &[f32], k: usize, m: &[f32]) {
+    if k == 0 {
+        out.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
+    for (o, x) in out.chunks_exact_mut(r).zip(xs.chunks_exact(k)) {
+        for (oj, mj) in o.iter_mut().zip(m.chunks_exact(k)) {
+            let mut acc = [0f32; LANES];
+            let (xb, xt) = x.split_at(k - k % LANES);
+            let (mb, mt) = mj.split_at(k - k % LANES);
+            for (xc, mc) in xb.chunks_exact(LANES).zip(mb.chunks_exact(LANES)) {
+                for t in 0..LANES {
+                    acc[t] = xc[t].mul_add(mc[t], acc[t]);
+                }
+            }
+            let tail: f32 = xt.iter().zip(mt).map(|(a, b)| a * b).sum();
+            *oj = acc.iter().sum::<f32>() + tail;
+        }
+    }
 }
 
 /// LoRA's up projection added to the base output: `y += s p B^T` for `p: [n, r]`,
@@ -531,10 +762,16 @@ pub fn lora_backward(
     dy: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = p.len() / r.max(1);
-    // dp = s dy B: [n, r] (B is already the [out][r] "transposed" operand of `dots`).
+    // dp = s dy B: [n, r]. B `[out, r]` is the transposed operand of `dots_rows` (ranks of
+    // a vector or more); narrower ranks take contiguous dots against B^T `[r, out]`.
+    let bt = if r >= LANES { Vec::new() } else { transpose(b, out, r) };
     let mut dp = vec![0f32; n * r];
     dp.par_chunks_mut(r * LORA_ROWS).zip(dy.par_chunks(out * LORA_ROWS)).for_each(|(dps, dys)| {
-        tiles(dps.len() / r, |i0, t| dots_rows(t, &mut dps[i0 * r..], r, &dys[i0 * out..], out, out, b, r, r));
+        if r >= LANES {
+            tiles(dps.len() / r, |i0, t| dots_rows(t, &mut dps[i0 * r..], r, &dys[i0 * out..], out, out, b, r, r));
+        } else {
+            row_dots(dps, r, dys, out, &bt);
+        }
         dps.iter_mut().for_each(|v| *v *= s);
     });
     // dz = dp A.

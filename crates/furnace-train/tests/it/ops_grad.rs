@@ -80,8 +80,8 @@ fn attention_backward_over_ragged_sequences() {
     let k = randn(rows * 32, 7);
     let v = randn(rows * 32, 8);
     let c = randn(rows * 64, 9);
-    let (out, probs) = ops::attention(&q, &k, &v, &seqs, heads);
-    let (dq, dk, dv) = ops::attention_backward(&q, &k, &v, &probs, &c, &seqs, heads);
+    let (out, lse) = ops::attention(&q, &k, &v, &seqs, heads);
+    let (dq, dk, dv) = ops::attention_backward(&q, &k, &v, &out, &lse, &c, &seqs, heads);
     check("attention dq", &q, &dq, &|x| dot(&ops::attention(x, &k, &v, &seqs, heads).0, &c));
     check("attention dk", &k, &dk, &|x| dot(&ops::attention(&q, x, &v, &seqs, heads).0, &c));
     check("attention dv", &v, &dv, &|x| dot(&ops::attention(&q, &k, x, &seqs, heads).0, &c));
@@ -167,4 +167,44 @@ fn frozen_projections_backward_in_f32_and_bf16() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The LoRA products against naive f64 loops on odd shapes: ranks narrower and wider than
+/// a vector, row counts that leave partial row blocks and widths that leave lane tails.
+#[test]
+fn lora_products_match_naive_reference() {
+    for &(n, inp, out, r) in &[(1, 3, 5, 1), (67, 37, 53, 8), (130, 96, 21, 16), (65, 19, 70, 17)] {
+        let (z, a, b) = (randn(n * inp, 1), randn(r * inp, 2), randn(out * r, 3));
+        let (y0, dy, s) = (randn(n * out, 4), randn(n * out, 5), 0.75f32);
+        let p_ref: Vec<f64> = (0..n * r).map(|i| (0..inp).map(|d| z[i / r * inp + d] as f64 * a[i % r * inp + d] as f64).sum()).collect();
+        let close = |name: &str, got: &[f32], want: &[f64]| {
+            assert_eq!(got.len(), want.len(), "{name} length");
+            for (g, w) in got.iter().zip(want) {
+                assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{name}: {g} vs {w} ({n},{inp},{out},{r})");
+            }
+        };
+        let p = ops::lora_down(&z, inp, &a, r);
+        close("lora_down", &p, &p_ref);
+        let mut y = y0.clone();
+        ops::lora_up_add(&mut y, out, &p, r, &b, s);
+        let y_ref: Vec<f64> = (0..n * out)
+            .map(|i| {
+                let (row, o) = (i / out, i % out);
+                y0[i] as f64 + s as f64 * (0..r).map(|j| p[row * r + j] as f64 * b[o * r + j] as f64).sum::<f64>()
+            })
+            .collect();
+        close("lora_up_add", &y, &y_ref);
+        let (da, db, dz) = ops::lora_backward(&z, inp, &a, r, &b, out, s, &p, &dy);
+        let dp: Vec<f64> =
+            (0..n * r).map(|i| s as f64 * (0..out).map(|o| dy[i / r * out + o] as f64 * b[o * r + i % r] as f64).sum::<f64>()).collect();
+        let dz_ref: Vec<f64> = (0..n * inp).map(|i| (0..r).map(|j| dp[i / inp * r + j] * a[j * inp + i % inp] as f64).sum()).collect();
+        let da_ref: Vec<f64> =
+            (0..r * inp).map(|i| (0..n).map(|row| dp[row * r + i / inp] * z[row * inp + i % inp] as f64).sum()).collect();
+        let db_ref: Vec<f64> = (0..out * r)
+            .map(|i| s as f64 * (0..n).map(|row| dy[row * out + i / r] as f64 * p[row * r + i % r] as f64).sum::<f64>())
+            .collect();
+        close("lora dz", &dz, &dz_ref);
+        close("lora dA", &da, &da_ref);
+        close("lora dB", &db, &db_ref);
+    }
 }
