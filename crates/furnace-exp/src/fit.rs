@@ -1089,7 +1089,12 @@ impl Fit<'_, '_> {
                         Some(c) => self.rung_score(*id, c)?.map(|s| s.0),
                         None => None,
                     };
-                    Some(score.unwrap_or(f64::INFINITY))
+                    match score {
+                        Some(s) => Some(s),
+                        // Deleted before its first chunk end: no result, not a bad one.
+                        None if row.status == RunStatus::Deleted => None,
+                        None => Some(f64::INFINITY),
+                    }
                 };
                 history.push(crate::tpe::Trial { group: row.group as usize, values, score });
             }

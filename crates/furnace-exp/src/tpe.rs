@@ -195,9 +195,11 @@ pub fn propose(space: &Space, i: usize, history: &[Trial]) -> (usize, Vec<Value>
             best = Some((t, score, fresh));
         }
     }
+    // Every candidate was tried already (l(x) has narrowed onto a few configs): a random
+    // config not tried yet instead, so trials are not spent retraining one.
     match best {
-        Some((t, _, _)) => t,
-        None => space.random_distinct(&mut rng, &earlier),
+        Some((t, _, true)) => t,
+        _ => space.random_distinct(&mut rng, &earlier),
     }
 }
 

@@ -458,10 +458,10 @@ impl Space {
     }
 
     /// A random trial (group drawn uniformly, then each knob), distinct from `earlier`
-    /// when a few draws find one.
+    /// when up to 4096 draws find one (cheap; only a nearly exhausted list space repeats).
     pub fn random_distinct(&self, rng: &mut Rng, earlier: &[(usize, Vec<Value>)]) -> (usize, Vec<Value>) {
         let mut t = self.random(rng);
-        for _ in 0..64 {
+        for _ in 0..4096 {
             if !earlier.contains(&t) {
                 break;
             }

@@ -195,9 +195,12 @@ fn report(mode: &str, o: &Outcome, budget: Option<f64>) {
 
 pub fn run(a: SearchBenchArgs) -> Result<()> {
     let modes: Vec<&str> = a.modes.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
-    if let Some(bad) = modes.iter().find(|m| !["exhaustive", "asha", "tpe", "pbt"].contains(m)) {
+    const ORDER: [&str; 4] = ["exhaustive", "asha", "pbt", "tpe"];
+    if let Some(bad) = modes.iter().find(|m| !ORDER.contains(m)) {
         anyhow::bail!("--modes: '{bad}' is not one of exhaustive, asha, tpe, pbt");
     }
+    // ASHA runs before PBT and TPE whatever the order given: its wall time is their budget.
+    let modes: Vec<&str> = ORDER.into_iter().filter(|m| modes.contains(m)).collect();
     let dir = tempfile::tempdir()?;
     let train = first_rows(&a.train, a.limit, dir.path(), "train.jsonl")?;
     let eval = first_rows(&a.eval, a.eval_limit, dir.path(), "eval.jsonl")?;

@@ -81,6 +81,9 @@ pub fn matmul_nt_many(x: &[f32], m: usize, ws: &[&Bf16Matrix]) -> Vec<Vec<f32>> 
 /// Rounds `x: [m, k]` to bf16 rows of stride `kp` (zero-padded), in parallel.
 pub fn to_bf16_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
     let mut xb = vec![0u16; m * kp];
+    if xb.is_empty() {
+        return xb;
+    }
     let rows = (16384 / kp.max(1)).max(1);
     xb.par_chunks_mut(rows * kp).zip(x.par_chunks(rows * k.max(1))).for_each(|(dst, src)| {
         for (row, s) in dst.chunks_mut(kp).zip(src.chunks(k.max(1))) {

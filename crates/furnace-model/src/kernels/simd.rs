@@ -133,7 +133,7 @@ unsafe fn tile<const R: usize, const NP: usize>(
                 a[v] = if full {
                     _mm512_loadu_ps(out.add(i * ldo + v * 16))
                 } else {
-                    _mm512_maskz_loadu_ps(masks[v], out.add(i * ldo + v * 16))
+                    _mm512_maskz_loadu_ps(masks[v], out.wrapping_add(i * ldo + v * 16))
                 };
             }
         }
@@ -161,7 +161,7 @@ unsafe fn tile<const R: usize, const NP: usize>(
             if full {
                 _mm512_storeu_ps(out.add(i * ldo + v * 16), a[v]);
             } else {
-                _mm512_mask_storeu_ps(out.add(i * ldo + v * 16), masks[v], a[v]);
+                _mm512_mask_storeu_ps(out.wrapping_add(i * ldo + v * 16), masks[v], a[v]);
             }
         }
     }
