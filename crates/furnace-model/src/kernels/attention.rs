@@ -34,7 +34,7 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// `e^x` for `x <= 0` (softmax after subtracting the max), vectorizable: 2^(x log2 e) split
 /// into an integer power of two and a degree-7 polynomial of 2^f for f in [-1/2, 1/2);
 /// relative error < 1e-6 for x >= -10, < 1e-5 below (f32 range reduction).
-#[inline]
+#[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
     let t = (x * std::f32::consts::LOG2_E).max(-125.0);
     let fl = (t + 0.5).floor();
@@ -44,7 +44,10 @@ pub fn exp_nonpositive(x: f32) -> f32 {
         + f * (std::f32::consts::LN_2
             + f * (0.240_226_5
                 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
-    let bits = (((fl as i32) + 127) as u32) << 23;
+    // The power of two from the float bits of `fl + 1.5 * 2^23`, whose low mantissa bits
+    // are the integer `fl` (an `as i32` cast's saturating semantics would keep LLVM scalar):
+    // equal bit for bit to `((fl as i32 + 127) as u32) << 23` for every clamped `fl`.
+    let bits = (fl + 12_582_912.0).to_bits().wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
 

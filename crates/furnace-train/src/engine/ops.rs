@@ -17,6 +17,7 @@
 //! form, which kept every probability, stays in `ops/reference.rs` as the reference the
 //! tiled one is tested against.
 
+use furnace_model::kernels::attention::exp_nonpositive;
 use rayon::prelude::*;
 
 /// Sum with [`LANES`] independent accumulators (vectorizes; plain `sum` of f32 does not).
@@ -29,24 +30,6 @@ pub fn lane_sum(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-}
-
-/// `furnace_model::kernels::attention::exp_nonpositive`, bit for bit, in a form that
-/// vectorizes: the power of two is built from the float bits of `fl + 1.5 * 2^23` (whose
-/// low mantissa bits are the integer `fl`) instead of an `as i32` cast, whose saturating
-/// semantics keep LLVM scalar (the attention tiles, SwiGLU and the loss call it per
-/// element).
-#[inline(always)]
-fn exp_np(x: f32) -> f32 {
-    let t = (x * std::f32::consts::LOG2_E).max(-125.0);
-    let fl = (t + 0.5).floor();
-    let f = t - fl;
-    let p = 1.0
-        + f * (std::f32::consts::LN_2
-            + f * (0.240_226_5
-                + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
-    let bits = (fl + 12_582_912.0).to_bits().wrapping_add(127) << 23;
-    p * f32::from_bits(bits)
 }
 
 /// Rows per rayon task for row-wise ops.
@@ -481,12 +464,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], seqs: &[(usize, usize)], heads
                         dead.fill(0.0);
                         live.iter_mut().for_each(|x| *x *= scale);
                         let m_new = live.iter().fold(m[r], |a, &x| a.max(x));
-                        live.iter_mut().for_each(|x| *x = exp_np(*x - m_new));
+                        live.iter_mut().for_each(|x| *x = exp_nonpositive(*x - m_new));
                         let sum = lane_sum(live);
                         if m[r] == f32::NEG_INFINITY {
                             l[r] = sum;
                         } else if m_new > m[r] {
-                            let alpha = exp_np(m[r] - m_new);
+                            let alpha = exp_nonpositive(m[r] - m_new);
                             l[r] = l[r] * alpha + sum;
                             o[i * dim..(i + 1) * dim].iter_mut().for_each(|x| *x *= alpha);
                         } else {
@@ -578,7 +561,7 @@ pub fn attention_backward(
                         let pr = &mut p[r * BLOCK..r * BLOCK + bc];
                         let dr = &mut ds[r * BLOCK..r * BLOCK + bc];
                         for (pv, dv) in pr[..live].iter_mut().zip(dr[..live].iter_mut()) {
-                            *pv = exp_np(*pv * scale - li);
+                            *pv = exp_nonpositive(*pv * scale - li);
                             *dv = *pv * (*dv - di) * scale;
                         }
                         pr[live..].fill(0.0);
@@ -612,7 +595,7 @@ mod reference;
 /// Logistic function through the fast exp of `-|x|` (no overflow, vectorizes).
 #[inline]
 fn sigmoid(x: f32) -> f32 {
-    let e = exp_np(-x.abs());
+    let e = exp_nonpositive(-x.abs());
     let r = 1.0 / (1.0 + e);
     if x >= 0.0 {
         r
@@ -658,7 +641,7 @@ pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[u32], weights:
             let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let zt = z[t as usize];
             // exp(z - max) in place, summed in blocks of f32 lanes accumulated in f64.
-            z.iter_mut().for_each(|v| *v = exp_np(*v - max));
+            z.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
             let sum: f64 = z.chunks(1024).map(|c| lane_sum(c) as f64).sum();
             *loss = max as f64 + sum.ln() - zt as f64;
             if grad {
