@@ -48,6 +48,15 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A user function (see [`crate::hooks`]) is missing or failed; `msg` holds its
+    /// traceback.
+    #[error("user function '{name}': {msg}")]
+    Hook {
+        /// The function's registered name (`python:fmt`).
+        name: String,
+        /// What went wrong (a Python traceback).
+        msg: String,
+    },
     /// Sampling completions (GRPO) failed.
     #[error("sampling completions: {0}")]
     Generate(#[from] furnace_generate::Error),

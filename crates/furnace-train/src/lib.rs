@@ -14,6 +14,7 @@ pub mod dpo;
 pub mod engine;
 pub mod error;
 pub mod grpo;
+pub mod hooks;
 pub mod knobs;
 pub mod lora;
 pub mod optim;
