@@ -91,6 +91,20 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The experiment it is about.
+    pub fn experiment(&self) -> &str {
+        match self {
+            Event::Metric { experiment, .. }
+            | Event::Interval { experiment, .. }
+            | Event::Status { experiment, .. }
+            | Event::Op { experiment, .. }
+            | Event::Log { experiment, .. }
+            | Event::Progress { experiment, .. } => experiment,
+        }
+    }
+}
+
 /// Where events go: a broadcast channel (the server subscribes to it); sending never
 /// blocks and succeeds with no subscriber.
 pub type EventSender = tokio::sync::broadcast::Sender<Event>;

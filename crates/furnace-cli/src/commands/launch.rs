@@ -151,29 +151,18 @@ fn evaluate_experiment(store: &Store, exp: &ExperimentRow, cancel: Arc<AtomicBoo
     let mut display = Display::new(store, exp.id)?;
     loop {
         match rx.try_recv() {
-            Ok(ev) if event_experiment(&ev) == exp.name => display.show(store, ev)?,
+            Ok(ev) if ev.experiment() == exp.name => display.show(store, ev)?,
             Ok(_) => {}
             Err(_) if join.is_finished() => break,
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }
     }
     while let Ok(ev) = rx.try_recv() {
-        if event_experiment(&ev) == exp.name {
+        if ev.experiment() == exp.name {
             display.show(store, ev)?;
         }
     }
     display.finish();
     let summary = join.join().map_err(|_| anyhow::anyhow!("the evals thread panicked"))??;
     Ok(FitSummary { runs: summary.runs, cancelled: summary.cancelled })
-}
-
-fn event_experiment(ev: &Event) -> &str {
-    match ev {
-        Event::Metric { experiment, .. }
-        | Event::Interval { experiment, .. }
-        | Event::Status { experiment, .. }
-        | Event::Op { experiment, .. }
-        | Event::Log { experiment, .. }
-        | Event::Progress { experiment, .. } => experiment,
-    }
 }
