@@ -230,7 +230,13 @@ class Experiment:
         """The IC ops recorded so far and what became of them."""
         import pandas as pd
 
-        return pd.DataFrame(json.loads(_native.ops(self.path, self._require_name())))
+        rows = []
+        for o in json.loads(_native.ops(self.path, self._require_name())):
+            kind = o.pop("kind")
+            o.pop("experiment_id", None)
+            rows.append({"op_id": o.pop("id"), "run_id": o.pop("run_id"), "op": kind.get("op"), "set": kind.get("set"), "warm": kind.get("warm"), **o})
+        cols = ["op_id", "run_id", "op", "set", "warm", "source", "status", "message", "new_run_id", "applied_step", "created"]
+        return pd.DataFrame(rows, columns=cols)
 
     def _evals_results(self) -> Dict[int, Any]:
         res = json.loads(_native.results(self.path, self._require_name()))

@@ -131,8 +131,6 @@ class Progress:
             elif kind == "status":
                 why = f": {ev['message'].strip().splitlines()[-1]}" if ev.get("message") else ""
                 print(f"[{ev['experiment']}] run {ev['run_id']} {ev['status']}{why}", file=sys.stderr)
-            elif kind == "op":
-                print(f"[{ev['experiment']}] op {ev['op']} on run {ev['run_id']}: {ev['status']}", file=sys.stderr)
         if self.handle is not None and time.monotonic() - self.last > 0.5:
             self.refresh()
 
