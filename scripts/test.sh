@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: builds, fetches the default model
-# into the furnace cache (the real-model tests fail loudly without it), then tests.
+# into the furnace cache (the real-model tests fail loudly without it), then tests: the
+# Rust workspace, then the Python package (python/tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +24,8 @@ cargo build --workspace --all-targets --locked
 # Headless Chromium and chromedriver, which the dashboard's browser tests drive.
 ./scripts/browser.sh
 cargo test --workspace --locked "$@"
+# The Python package: its wheel built with maturin into a cached virtualenv (pytest,
+# pandas, Jupyter), then its tests: fit and evals from Python, user functions, IC ops, the
+# tutorial notebook under `jupyter nbconvert --execute`.
+./scripts/pyext-venv.sh
+target/pyext-venv/bin/python -m pytest -q python/tests

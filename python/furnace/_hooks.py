@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 from . import _native
 
 _REGISTERED: Dict[str, Callable[..., Any]] = {}
+#: Seconds spent in each user function's calls (decoding, the function, encoding) and
+#: the number of calls, by registered name: what Python costs the engine.
+TIMINGS: Dict[str, List[float]] = {}
 
 
 def _plain(v: Any) -> Any:
@@ -140,13 +144,18 @@ def _call(kind: str, fn: Callable[..., Any], arg: Dict[str, Any]) -> Any:
     raise ValueError(f"unknown user function kind {kind}")
 
 
-def _trampoline(kind: str, fn: Callable[..., Any]) -> Callable[[str], str]:
+def _trampoline(name: str, kind: str, fn: Callable[..., Any]) -> Callable[[str], str]:
     def call(text: str) -> str:
+        start = time.perf_counter()
         try:
             result = _call(kind, fn, json.loads(text))
             return json.dumps({"ok": _plain(result)})
         except Exception:  # noqa: BLE001 - every user error becomes the run's failure
             return json.dumps({"error": traceback.format_exc()})
+        finally:
+            t = TIMINGS.setdefault(name, [0.0, 0])
+            t[0] += time.perf_counter() - start
+            t[1] += 1
 
     return call
 
@@ -185,5 +194,5 @@ class Registry:
 
     def install(self) -> None:
         for name, (kind, fn) in self.entries.items():
-            _native.register_hook(name, _trampoline(kind, fn))
+            _native.register_hook(name, _trampoline(name, kind, fn))
             _REGISTERED[name] = fn

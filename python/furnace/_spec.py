@@ -226,7 +226,11 @@ def fit_spec(
             if isinstance(funcs, List):
                 raise SpecError("reward_funcs cannot be a List knob; give one list of reward functions")
             funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
-            r = [{"kind": "function", "name": getattr(f, "__name__", f"reward_{j}"), "function": reg.add("reward", f)} for j, f in enumerate(funcs)]
+            # A dict is one of furnace's built-in rewards ({"kind": "json"}; docs/preference.md).
+            r = [
+                dict(f) if isinstance(f, dict) else {"kind": "function", "name": getattr(f, "__name__", f"reward_{j}"), "function": reg.add("reward", f)}
+                for j, f in enumerate(funcs)
+            ]
             if rewards is not None and r != rewards:
                 raise SpecError("every config of one experiment must use the same reward_funcs")
             rewards = r
