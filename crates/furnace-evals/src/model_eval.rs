@@ -132,6 +132,7 @@ pub fn evaluate_model(
             max_seq_len: opts.max_seq_len,
             completion_only: !opts.all_tokens,
             skip_bad_rows: false,
+            formatting: None,
         };
         let examples = rows
             .iter()

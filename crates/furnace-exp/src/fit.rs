@@ -17,10 +17,12 @@
 //! (ARCHITECTURE.md, Invariants).
 //!
 //! Failures stay inside the run that failed: an error building, evaluating,
-//! checkpointing or finishing one run, a loss that becomes NaN or infinite, a stored
-//! config that does not read, or a run too big for an explicit memory budget marks that
-//! run `failed` with the reason and the others go on; a fused step that fails is retried
-//! with each run alone. Only errors of the store itself end [`run_fit`] with an error.
+//! checkpointing or finishing one run (its data, a user function it names that fails or is
+//! not registered: `trainer.formatting`, `trainer.compute_metrics`, a `function` reward),
+//! a loss that becomes NaN or infinite, a stored config that does not read, or a run too
+//! big for an explicit memory budget marks that run `failed` with the reason and the
+//! others go on; a fused step that fails is retried with each run alone. Only errors of
+//! the store itself end [`run_fit`] with an error.
 
 use crate::asha;
 use crate::error::{Error, Result};
@@ -160,9 +162,9 @@ fn group_key(spec: &Spec) -> GroupKey {
 type Data = (Arc<Vec<Example>>, Option<Arc<Vec<Example>>>);
 
 /// What a run's examples depend on besides the files: `max_seq_len`, the trainer kind
-/// (what the rows hold) and DPO's reference adapter (whose log-probabilities the examples
-/// keep).
-type DataKey = (usize, &'static str, Option<PathBuf>);
+/// (what the rows hold), DPO's reference adapter (whose log-probabilities the examples
+/// keep) and the formatting function (`trainer.formatting`) that rewrites the rows.
+type DataKey = (usize, &'static str, Option<PathBuf>, Option<String>);
 
 fn data_key(spec: &Spec) -> DataKey {
     let kind = match spec.trainer.kind.as_str() {
@@ -170,7 +172,7 @@ fn data_key(spec: &Spec) -> DataKey {
         "grpo" => "grpo",
         _ => "sft",
     };
-    (spec.trainer.max_seq_len, kind, spec.trainer.reference_adapter.clone())
+    (spec.trainer.max_seq_len, kind, spec.trainer.reference_adapter.clone(), spec.trainer.formatting.clone())
 }
 
 /// Sequences the generation engine runs at once when GRPO samples.
@@ -557,11 +559,20 @@ impl Fit<'_, '_> {
         let Some(t) = self.runs.get(&id).and_then(|l| l.trainer.as_ref()) else { return Ok(None) };
         let Some(e) = eval.as_deref().filter(|e| !e.is_empty()) else { return Ok(None) };
         let values = match &t.config.objective {
-            Objective::Sft => vec![("eval_loss".to_string(), eval_loss(&loaded.frozen, Some(&t.lora), e)?)],
+            Objective::Sft => {
+                let mut values = vec![("eval_loss".to_string(), eval_loss(&loaded.frozen, Some(&t.lora), e)?)];
+                // The user's metrics of the run's greedy completions (alone in their engine
+                // batch, so they do not depend on the runs it trains with).
+                if let Some(function) = spec.trainer.compute_metrics.as_deref() {
+                    let max_new = spec.metric_completion_length();
+                    values.extend(policy::compute_metrics(&mut loaded.parts().1, &t.lora, e, max_new, function)?);
+                }
+                values
+            }
             Objective::Dpo(cfg) => policy::dpo_eval(&loaded.frozen, &t.lora, t.reference.as_deref(), cfg, e)?,
             Objective::Grpo(cfg) => {
                 let rewards = t.rewards.clone().ok_or(Error::Internal("a GRPO run without rewards"))?;
-                policy::grpo_eval(&mut loaded.parts().1, &t.lora, &rewards, cfg, e, spec.experiment.seed)?
+                policy::grpo_eval(&mut loaded.parts().1, &t.lora, &rewards, cfg, e, spec.experiment.seed, t.steps_done())?
             }
         };
         for (name, v) in &values {
@@ -742,8 +753,20 @@ impl Fit<'_, '_> {
         }
         for (_, group) in by_len {
             let spec = self.runs.get(&group[0]).map(|l| l.spec.clone()).ok_or(Error::RunNotFound { run: group[0] })?;
+            let data = self.loaded()?.data(&spec);
+            // Data that no longer loads (a formatting function that fails now) fails the
+            // runs that read it, not the experiment.
+            let train = match data {
+                Ok((train, _)) => train,
+                Err(e @ Error::Sqlite(_)) => return Err(e),
+                Err(e) => {
+                    for &id in &group {
+                        self.fail(id, format!("loading the data: {e}"))?;
+                    }
+                    continue;
+                }
+            };
             let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
-            let (train, _) = loaded.data(&spec)?;
             let mut taken: Vec<(i64, Trainer)> =
                 group.iter().filter_map(|id| self.runs.get_mut(id).and_then(|l| l.trainer.take().map(|t| (*id, t)))).collect();
             let ids: Vec<i64> = taken.iter().map(|(id, _)| *id).collect();
@@ -818,8 +841,9 @@ impl Fit<'_, '_> {
             return Ok(None);
         }
         let mut t = self.runs.get_mut(&id).and_then(|l| l.trainer.take()).ok_or(Error::Internal("no trainer after building it"))?;
+        let data = self.loaded()?.data(&spec);
+        let Some((train, _)) = self.contain(id, "loading the data", data)? else { return Ok(None) };
         let loaded = self.loaded.as_mut().ok_or(Error::Internal("no base loaded"))?;
-        let (train, _) = loaded.data(&spec)?;
         let (frozen, mut policy) = loaded.parts();
         let failure = loop {
             match step_runs(frozen, &mut policy, &[id], &mut [&mut t], &train) {

@@ -95,11 +95,21 @@ pub struct DataOptions {
     pub completion_only: bool,
     /// Skip and count bad rows instead of failing.
     pub skip_bad_rows: bool,
+    /// A user function (`"python:NAME"`, [`crate::hooks`]) that rewrites the rows before
+    /// they are encoded ([`format_rows`]).
+    pub formatting: Option<String>,
 }
 
 impl Default for DataOptions {
     fn default() -> Self {
-        Self { kind: DataKind::Sft, columns: Columns::default(), max_seq_len: 512, completion_only: true, skip_bad_rows: false }
+        Self {
+            kind: DataKind::Sft,
+            columns: Columns::default(),
+            max_seq_len: 512,
+            completion_only: true,
+            skip_bad_rows: false,
+            formatting: None,
+        }
     }
 }
 
@@ -124,6 +134,29 @@ pub struct Example {
     /// answer tokens; computed once and shared by every run and epoch that uses this
     /// example (the dataset is shared by the runs of one base and reference).
     pub reference: std::sync::OnceLock<(f64, f64)>,
+    /// SFT: the tokens of the prompt (the conversation before the completion, rendered
+    /// with the generation prompt) at the start of `ids`; 0 when not known (an example
+    /// not made by [`encode_row`]).
+    pub prompt_len: usize,
+}
+
+impl Example {
+    /// SFT: the prompt's tokens (what a completion is generated from): the first
+    /// `prompt_len` ids, or without it those before the first labelled token.
+    pub fn prompt_ids(&self) -> &[u32] {
+        let n = if self.prompt_len > 0 {
+            self.prompt_len
+        } else {
+            self.labels.iter().position(|&l| l != IGNORE_INDEX).unwrap_or(self.ids.len())
+        };
+        &self.ids[..n.min(self.ids.len())]
+    }
+
+    /// SFT: the reference completion's tokens: those after the prompt that carry a label.
+    pub fn completion_ids(&self) -> Vec<u32> {
+        let start = self.prompt_ids().len();
+        self.ids.iter().zip(&self.labels).skip(start).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&t, _)| t).collect()
+    }
 }
 
 /// A token sequence with its labels.
@@ -376,7 +409,8 @@ pub fn encode_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, opts: &
             ));
         }
     }
-    Ok((Example { ids, labels, ..Default::default() }, truncated))
+    let prompt_len = masked.min(ids.len());
+    Ok((Example { ids, labels, prompt_len, ..Default::default() }, truncated))
 }
 
 /// The prompt of a preference, prompt or prompt/completion row, from the value of the prompt
@@ -584,8 +618,82 @@ pub fn encode_prompt_row(row: &Value, tok: &Tokenizer, template: &ChatTemplate, 
     Ok(Example { ids, labels, row: Some(std::sync::Arc::new(row.clone())), ..Default::default() })
 }
 
+/// Rows per call of a formatting function ([`format_rows`]).
+pub const FORMAT_BATCH: usize = 256;
+
+/// What a formatting function is, in its errors.
+const FORMATTING: &str = "trainer.formatting";
+
+/// Rewrites `rows` with the formatting function `name` ([`crate::hooks`]): one call per
+/// batch of at most [`FORMAT_BATCH`] rows, in order, with `{"rows": [row, ...]}`; the
+/// function returns `{"rows": [row, ...]}`, as many rows, each a JSON object (a row in
+/// any form furnace reads). Its failure, or a result of another shape, is an error naming
+/// the function.
+pub fn format_rows(name: &str, rows: Vec<Value>) -> Result<Vec<Value>> {
+    crate::hooks::require(name, FORMATTING)?;
+    let shape = |msg: String| Error::Hook { name: name.to_string(), msg: format!("{FORMATTING}: {msg}") };
+    let mut out = Vec::with_capacity(rows.len());
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let batch: Vec<Value> = rows.by_ref().take(FORMAT_BATCH).collect();
+        let n = batch.len();
+        let first = out.len();
+        let result = crate::hooks::call(name, FORMATTING, serde_json::json!({ "rows": batch }))?;
+        let got = match result {
+            Value::Object(mut o) => match o.remove("rows") {
+                Some(Value::Array(a)) => a,
+                _ => return Err(shape("must return {\"rows\": [row, ...]}: the result has no list 'rows'".into())),
+            },
+            other => return Err(shape(format!("must return {{\"rows\": [row, ...]}}, not {}", json_kind(&other)))),
+        };
+        if got.len() != n {
+            return Err(shape(format!(
+                "returned {} rows for the {n} rows of rows {}..{} (one row per row, in order)",
+                got.len(),
+                first + 1,
+                first + n
+            )));
+        }
+        if let Some((i, r)) = got.iter().enumerate().find(|(_, r)| !r.is_object()) {
+            return Err(shape(format!("row {} of its result is {}, not an object (a row)", first + i + 1, json_kind(r))));
+        }
+        out.extend(got);
+    }
+    Ok(out)
+}
+
+/// A JSON value's kind, for messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The rows of `path` ([`read_rows`]), rewritten by `opts.formatting` when it names a
+/// function (rows that are not JSON stay bad rows, unformatted).
+fn read_formatted_rows(path: &Path, opts: &DataOptions) -> Result<Vec<RawRow>> {
+    let mut rows = read_rows(path)?;
+    let Some(name) = opts.formatting.as_deref() else { return Ok(rows) };
+    let good: Vec<usize> = rows.iter().enumerate().filter(|(_, (_, r))| r.is_ok()).map(|(i, _)| i).collect();
+    let values: Vec<Value> = good.iter().map(|&i| std::mem::replace(&mut rows[i].1, Ok(Value::Null)).unwrap_or_default()).collect();
+    let formatted = format_rows(name, values).map_err(|e| match e {
+        Error::Hook { name, msg } => Error::Hook { name, msg: format!("{msg} (formatting {})", path.display()) },
+        e => e,
+    })?;
+    for (i, v) in good.into_iter().zip(formatted) {
+        rows[i].1 = Ok(v);
+    }
+    Ok(rows)
+}
+
 /// Loads and tokenizes a dataset file; `opts.kind` says what its rows hold (SFT
-/// conversations, preference pairs, or prompts).
+/// conversations, preference pairs, or prompts). With `opts.formatting` the rows are
+/// rewritten by that function first ([`format_rows`]).
 pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<Dataset> {
     let encode = |row: &Value| match opts.kind {
         DataKind::Sft => encode_row(row, tok, template, opts),
@@ -594,7 +702,7 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts:
     };
     let mut examples = Vec::new();
     let (mut skipped, mut truncated) = (0, 0);
-    for (line, row) in read_rows(path)? {
+    for (line, row) in read_formatted_rows(path, opts)? {
         match row.and_then(|row| encode(&row)) {
             Ok((ex, t)) => {
                 truncated += t as usize;
@@ -655,7 +763,7 @@ pub fn stats(path: &Path, tok: &Tokenizer, template: &ChatTemplate, opts: &DataO
     let mut s = DataStats::default();
     // Lengths before truncation: encode with no limit, then count what the limit cuts.
     let full = DataOptions { max_seq_len: usize::MAX, skip_bad_rows: false, ..opts.clone() };
-    for (line, row) in read_rows(path)? {
+    for (line, row) in read_formatted_rows(path, opts)? {
         s.rows += 1;
         let row = match row {
             Ok(r) => r,

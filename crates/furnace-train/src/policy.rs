@@ -369,8 +369,9 @@ fn sampling(cfg: &GrpoConfig, seed: u64, step: usize, example: usize, g: usize) 
     }
 }
 
-/// Scores sampled outputs: per-reward values, weighted rewards, advantages and the batch's
-/// reward metrics (TRL's names, `prefix` before each).
+/// Scores sampled outputs (of optimizer step `step`): per-reward values, weighted rewards,
+/// advantages and the batch's reward metrics (TRL's names, `prefix` before each).
+#[allow(clippy::too_many_arguments)]
 fn score(
     cfg: &GrpoConfig,
     rewards: &Rewards,
@@ -379,6 +380,7 @@ fn score(
     prompts: &[usize],
     outputs: &[Output],
     prefix: &str,
+    step: usize,
 ) -> Result<(grpo::Advantages, Vec<(String, f64)>)> {
     // Each prompt's text once (its completions come num_generations at a time).
     let mut texts: std::collections::HashMap<usize, String> = std::collections::HashMap::new();
@@ -394,9 +396,10 @@ fn score(
             completion: &o.text,
             row: examples[i].row.as_deref().unwrap_or(&null),
             completion_tokens: o.new_ids.len(),
+            completion_ids: &o.new_ids,
         })
         .collect();
-    let per_func = rewards.score(&items)?;
+    let per_func = rewards.score_at(&items, step)?;
     let weights = cfg.reward_weights.clone().unwrap_or_else(|| rewards.weights());
     if weights.len() != per_func.len() {
         return Err(Error::Spec {
@@ -467,7 +470,7 @@ fn rollouts(
         let cfg = grpo_config(t)?;
         let rewards = t.rewards.as_deref().ok_or_else(|| Error::Input("a GRPO run has no rewards".into()))?;
         let prompts: Vec<usize> = plan.batches.iter().flatten().flat_map(|&i| std::iter::repeat_n(i, cfg.num_generations)).collect();
-        let (adv, metrics) = score(cfg, rewards, policy.tokenizer, examples, &prompts, &outs, "")?;
+        let (adv, metrics) = score(cfg, rewards, policy.tokenizer, examples, &prompts, &outs, "", t.steps_done())?;
         let mut sampled = outs.into_iter().zip(prompts).zip(adv.advantages).map(|((o, i), advantage)| {
             let mut ids = examples[i].ids.clone();
             ids.extend_from_slice(&o.new_ids);
@@ -673,6 +676,7 @@ pub(crate) fn grpo_step(
 /// Samples `num_generations` completions of every prompt of `examples` with `lora` (seeded
 /// by `seed`, so evaluations of one run compare) and returns the mean rewards with `eval_`
 /// names: `eval_reward`, `eval_rewards/<name>/mean`, `eval_completions/mean_length`, ...
+/// `step` is the run's optimizer step (`function` rewards get it).
 pub fn grpo_eval(
     policy: &mut Policy,
     lora: &TrainableLora,
@@ -680,6 +684,7 @@ pub fn grpo_eval(
     cfg: &GrpoConfig,
     examples: &[Example],
     seed: u64,
+    step: usize,
 ) -> Result<Vec<(String, f64)>> {
     if examples.is_empty() {
         return Err(Error::Input("no prompts to evaluate".into()));
@@ -692,6 +697,87 @@ pub fn grpo_eval(
     }
     let idx: Vec<usize> = prompts.iter().map(|p| p.0).collect();
     let outs = sample(policy, examples, &[RunRequests { lora, prompts }])?.pop().unwrap_or_default();
-    let (_, metrics) = score(cfg, rewards, policy.tokenizer, examples, &idx, &outs, "eval_")?;
+    let (_, metrics) = score(cfg, rewards, policy.tokenizer, examples, &idx, &outs, "eval_", step)?;
     Ok(metrics)
+}
+
+/// What `trainer.compute_metrics` is, in its errors.
+const COMPUTE_METRICS: &str = "trainer.compute_metrics";
+
+/// SFT eval texts for `trainer.compute_metrics`: for each example of `examples`, the greedy
+/// completion `lora` generates from its prompt ([`Example::prompt_ids`], at most
+/// `max_new_tokens` new tokens; the run's requests alone in one engine batch, so the
+/// result does not depend on other runs), its reference completion
+/// ([`Example::completion_ids`] up to the first end-of-sequence token, special tokens left
+/// out) and its prompt, as texts.
+pub struct EvalTexts {
+    /// The generated completions.
+    pub predictions: Vec<String>,
+    /// The reference completions.
+    pub labels: Vec<String>,
+    /// The prompts (rendered with the chat template).
+    pub prompts: Vec<String>,
+}
+
+/// Generates and decodes the [`EvalTexts`] of `examples` (see there).
+pub fn eval_texts(policy: &mut Policy, lora: &TrainableLora, examples: &[Example], max_new_tokens: usize) -> Result<EvalTexts> {
+    let prompts: Vec<Example> = examples.iter().map(|e| Example { ids: e.prompt_ids().to_vec(), ..Default::default() }).collect();
+    if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
+        return Err(Error::Input(format!("eval example {} has no prompt to generate a completion from", i + 1)));
+    }
+    let params = SamplingParams { temperature: 0.0, max_tokens: max_new_tokens, seed: Some(0), ..SamplingParams::default() };
+    let requests = RunRequests { lora, prompts: (0..prompts.len()).map(|i| (i, params.clone())).collect() };
+    let outs = sample(policy, &prompts, &[requests])?.pop().unwrap_or_default();
+    if outs.len() != examples.len() {
+        return Err(Error::Input(format!("internal: {} completions for {} eval prompts", outs.len(), examples.len())));
+    }
+    let tok = policy.tokenizer;
+    let decode = |ids: &[u32], skip: bool| tok.decode(ids, skip).map_err(|e| Error::Input(format!("decoding eval text: {e}")));
+    let mut texts = EvalTexts { predictions: Vec::new(), labels: Vec::new(), prompts: Vec::new() };
+    for (e, (o, p)) in examples.iter().zip(outs.into_iter().zip(&prompts)) {
+        texts.predictions.push(o.text);
+        // Up to its end-of-sequence token, as a generated completion ends.
+        let reference = e.completion_ids();
+        let end = reference.iter().position(|&t| tok.is_eos(t)).unwrap_or(reference.len());
+        texts.labels.push(decode(&reference[..end], true)?);
+        texts.prompts.push(decode(&p.ids, false)?);
+    }
+    Ok(texts)
+}
+
+/// `trainer.compute_metrics` at one evaluation of an SFT run: the [`EvalTexts`] of
+/// `examples` go to the user function `function` ([`crate::hooks`]) as `{"predictions":
+/// [...], "labels": [...], "prompts": [...]}`; it returns `{"NAME": number, ...}`, each
+/// given back as `eval_NAME`. Its failure, a missing function, or a result of another
+/// shape (a value that is not a number) is an error naming the function.
+pub fn compute_metrics(
+    policy: &mut Policy,
+    lora: &TrainableLora,
+    examples: &[Example],
+    max_new_tokens: usize,
+    function: &str,
+) -> Result<Vec<(String, f64)>> {
+    crate::hooks::require(function, COMPUTE_METRICS)?;
+    if examples.is_empty() {
+        return Err(Error::Input("no eval examples to compute metrics on".into()));
+    }
+    let texts = eval_texts(policy, lora, examples, max_new_tokens)?;
+    let arg = serde_json::json!({ "predictions": texts.predictions, "labels": texts.labels, "prompts": texts.prompts });
+    let result = crate::hooks::call(function, COMPUTE_METRICS, arg)?;
+    let shape = |msg: String| Error::Hook { name: function.to_string(), msg: format!("{COMPUTE_METRICS}: {msg}") };
+    let serde_json::Value::Object(map) = result else {
+        return Err(shape("must return a dict of metric names to numbers ({\"accuracy\": 0.5})".into()));
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(shape(format!("{name:?} is not a metric name (1 to 128 characters, no control characters)")));
+        }
+        if name == "loss" {
+            return Err(shape("returned \"loss\": eval_loss is furnace's own metric; give yours another name".into()));
+        }
+        let x = v.as_f64().ok_or_else(|| shape(format!("metric {name:?} is {v}, not a number")))?;
+        out.push((format!("eval_{name}"), x));
+    }
+    Ok(out)
 }

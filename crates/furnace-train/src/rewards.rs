@@ -67,6 +67,14 @@
 //!   {...}}`, and it must print exactly one line per item, in order: a number, or `null`
 //!   (`NaN`). It is killed after `timeout_s`; a non-zero exit, a wrong number of lines or a
 //!   line that is not a number is an error.
+//! * `function`: field `function` (required: a user function, `"python:NAME"`, that the
+//!   host program registered, [`crate::hooks`]). Called once per [`Rewards::score_at`]
+//!   call with `{"prompts": [text...], "completions": [text...], "completion_ids":
+//!   [[id...]...], "columns": {"col": [value...], ...}, "step": n}` (one entry per
+//!   completion; `columns` holds every column of the rows except `prompt`, `null` where a
+//!   row lacks it); it returns a list of numbers, one per completion, in order. Its
+//!   failure (the traceback), a missing function, or a result of another shape is an error
+//!   naming the function.
 //!
 //! # Extraction
 //!
@@ -93,8 +101,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The reward kinds, as `kind = "..."` names them.
-pub const KINDS: [&str; 10] =
-    ["regex", "xml_format", "xml_count", "exact", "numeric", "integer", "json", "json_schema", "length", "command"];
+pub const KINDS: [&str; 11] =
+    ["regex", "xml_format", "xml_count", "exact", "numeric", "integer", "json", "json_schema", "length", "command", "function"];
 
 fn default_weight() -> f64 {
     1.0
@@ -163,6 +171,9 @@ pub struct RewardSpec {
     /// `command`: seconds before the program is killed (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
+    /// `function`: the user function (`"python:NAME"`, [`crate::hooks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
 }
 
 impl RewardSpec {
@@ -174,7 +185,7 @@ impl RewardSpec {
     }
 
     /// The optional fields and whether each is set.
-    fn fields(&self) -> [(&'static str, bool); 16] {
+    fn fields(&self) -> [(&'static str, bool); 17] {
         [
             ("value", self.value.is_some()),
             ("pattern", self.pattern.is_some()),
@@ -192,6 +203,7 @@ impl RewardSpec {
             ("penalty", self.penalty.is_some()),
             ("program", self.program.is_some()),
             ("timeout_s", self.timeout_s.is_some()),
+            ("function", self.function.is_some()),
         ]
     }
 
@@ -209,6 +221,7 @@ impl RewardSpec {
             "json_schema" => &["schema", "extract", "value"],
             "length" => &["max_length", "target_length", "penalty"],
             "command" => &["program", "timeout_s"],
+            "function" => &["function"],
             other => return Err(invalid(&k("kind"), format!("unknown kind {other:?}; one of: {}", KINDS.join(", ")))),
         };
         for (field, set) in self.fields() {
@@ -347,6 +360,20 @@ impl RewardSpec {
                 }
                 Kind::Command { argv, timeout: Duration::from_secs_f64(timeout_s) }
             }
+            "function" => {
+                let Some(function) = &self.function else {
+                    return Err(invalid(&k("function"), "required by kind = \"function\": a user function, \"python:NAME\""));
+                };
+                if !crate::hooks::is_hook_name(function) || function.len() > 256 {
+                    return Err(invalid(
+                        &k("function"),
+                        format!(
+                            "{function:?} is not a user function name: \"<scheme>:<name>\" (\"python:my_reward\"), at most 256 characters"
+                        ),
+                    ));
+                }
+                Kind::Function { function: function.clone() }
+            }
             _ => return Err(invalid(&k("kind"), format!("unknown kind {:?}", self.kind))),
         })
     }
@@ -390,6 +417,8 @@ pub struct Scored<'a> {
     pub row: &'a Value,
     /// The completion's length in tokens.
     pub completion_tokens: usize,
+    /// The completion's tokens (`function` rewards get them).
+    pub completion_ids: &'a [u32],
 }
 
 /// How the answer is taken from a completion.
@@ -454,6 +483,7 @@ enum Kind {
     JsonSchema { schema: Box<Schema>, extract: Extract, value: f64 },
     Length { n: usize, target: bool, penalty: f64 },
     Command { argv: Vec<PathBuf>, timeout: Duration },
+    Function { function: String },
 }
 
 /// Compiled rewards of one run.
@@ -516,13 +546,21 @@ impl Rewards {
 
     /// Scores a batch: `result[r][i]` = reward `r` of item `i`. `NaN` means "does not apply
     /// to this item" (TRL's `None`), e.g. a numeric reward whose column is null in that row.
+    /// [`Rewards::score_at`] at step 0.
     pub fn score(&self, items: &[Scored<'_>]) -> Result<Vec<Vec<f64>>> {
-        self.kinds.iter().zip(&self.names).map(|(kind, name)| self.score_one(kind, name, items)).collect()
+        self.score_at(items, 0)
     }
 
-    fn score_one(&self, kind: &Kind, name: &str, items: &[Scored<'_>]) -> Result<Vec<f64>> {
+    /// Scores a batch sampled at optimizer step `step` (which `function` rewards get), as
+    /// [`Rewards::score`].
+    pub fn score_at(&self, items: &[Scored<'_>], step: usize) -> Result<Vec<Vec<f64>>> {
+        self.kinds.iter().zip(&self.names).map(|(kind, name)| self.score_one(kind, name, items, step)).collect()
+    }
+
+    fn score_one(&self, kind: &Kind, name: &str, items: &[Scored<'_>], step: usize) -> Result<Vec<f64>> {
         match kind {
             Kind::Command { argv, timeout } => run_command(name, argv, *timeout, items),
+            Kind::Function { function } => call_function(name, function, items, step),
             _ => items.iter().map(|it| self.score_item(kind, name, it)).collect(),
         }
     }
@@ -589,7 +627,7 @@ impl Rewards {
                     -penalty * (len - n) / n
                 }
             }
-            Kind::Command { .. } => return Err(Error::Input(format!("reward {name}: not compiled"))),
+            Kind::Command { .. } | Kind::Function { .. } => return Err(Error::Input(format!("reward {name}: not compiled"))),
         })
     }
 
@@ -640,6 +678,51 @@ fn count_xml(text: &str, open_r: &str, close_r: &str, open_a: &str, close_a: &st
         count -= (chars_after_last(close_a) - 1.0) * 0.001;
     }
     count
+}
+
+/// Scores a batch with a `function` reward's user function (the module docs give the
+/// call's shape).
+fn call_function(name: &str, function: &str, items: &[Scored<'_>], step: usize) -> Result<Vec<f64>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let what = format!("reward {name}");
+    crate::hooks::require(function, &what)?;
+    // Every column of the rows but the prompt, one value per completion (null where a row
+    // lacks it), in the order the columns first appear.
+    let mut names: Vec<&str> = Vec::new();
+    for it in items {
+        if let Some(o) = it.row.as_object() {
+            for k in o.keys() {
+                if k != "prompt" && !names.contains(&k.as_str()) {
+                    names.push(k);
+                }
+            }
+        }
+    }
+    let columns: serde_json::Map<String, Value> = names
+        .iter()
+        .map(|&c| (c.to_string(), Value::Array(items.iter().map(|it| it.row.get(c).cloned().unwrap_or(Value::Null)).collect())))
+        .collect();
+    let arg = serde_json::json!({
+        "prompts": items.iter().map(|it| it.prompt).collect::<Vec<_>>(),
+        "completions": items.iter().map(|it| it.completion).collect::<Vec<_>>(),
+        "completion_ids": items.iter().map(|it| it.completion_ids).collect::<Vec<_>>(),
+        "columns": columns,
+        "step": step,
+    });
+    let result = crate::hooks::call(function, &what, arg)?;
+    let shape = |msg: String| Error::Hook { name: function.to_string(), msg: format!("{what}: {msg}") };
+    let Value::Array(list) = result else {
+        return Err(shape(format!("must return a list of numbers (one per completion), not {}", json_kind(&result))));
+    };
+    if list.len() != items.len() {
+        return Err(shape(format!("returned {} numbers for {} completions (one per completion, in order)", list.len(), items.len())));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| v.as_f64().ok_or_else(|| shape(format!("item {} of its result is {}, not a number", i + 1, json_kind(v)))))
+        .collect()
 }
 
 /// Runs a `command` reward's program over a batch.
@@ -1018,7 +1101,8 @@ mod tests {
 
     /// The one reward of `r` on each completion (row and token count shared).
     fn scores(r: &Rewards, completions: &[&str], row: &Value) -> Vec<f64> {
-        let items: Vec<Scored<'_>> = completions.iter().map(|c| Scored { prompt: "p", completion: c, row, completion_tokens: 0 }).collect();
+        let items: Vec<Scored<'_>> =
+            completions.iter().map(|c| Scored { prompt: "p", completion: c, row, completion_tokens: 0, completion_ids: &[] }).collect();
         let mut out = r.score(&items).unwrap();
         assert_eq!(out.len(), 1);
         out.remove(0)
@@ -1050,7 +1134,7 @@ mod tests {
         let row = json!({});
         let items: Vec<Scored<'_>> = ["so the answer is 42.", "42", "no number"]
             .iter()
-            .map(|c| Scored { prompt: "", completion: c, row: &row, completion_tokens: 0 })
+            .map(|c| Scored { prompt: "", completion: c, row: &row, completion_tokens: 0, completion_ids: &[] })
             .collect();
         assert_eq!(r.score(&items).unwrap(), vec![vec![1.0, 0.0, 0.0], vec![0.0, 2.5, 0.0]]);
         assert_eq!(r.names(), ["regex", "regex_2"]);
@@ -1088,7 +1172,9 @@ mod tests {
         assert_eq!(scores(&r, &["<answer>42</answer>", "<answer>42.0</answer>"], &json!({"answer": 42})), [1.0, 0.0]);
         assert!(scores(&r, &["<answer>42</answer>"], &json!({"answer": null}))[0].is_nan());
         assert!(scores(&r, &["<answer>42</answer>"], &json!({"other": 42}))[0].is_nan());
-        assert!(r.score(&[Scored { prompt: "", completion: "x", row: &json!({"answer": [1]}), completion_tokens: 0 }]).is_err());
+        assert!(r
+            .score(&[Scored { prompt: "", completion: "x", row: &json!({"answer": [1]}), completion_tokens: 0, completion_ids: &[] }])
+            .is_err());
         let cs = compile(
             "[[reward]]\nkind = \"exact\"\ncolumn = \"answer\"\ncase_sensitive = true\nextract = 'regex:final: (\\w+)'\nvalue = 3.0",
         );
@@ -1119,7 +1205,9 @@ mod tests {
         );
         assert!(scores(&r, &["<answer>3</answer>"], &json!({"answer": null}))[0].is_nan());
         assert!(scores(&r, &["<answer>3</answer>"], &json!({}))[0].is_nan());
-        let err = r.score(&[Scored { prompt: "", completion: "3", row: &json!({"answer": "three"}), completion_tokens: 0 }]).unwrap_err();
+        let err = r
+            .score(&[Scored { prompt: "", completion: "3", row: &json!({"answer": "three"}), completion_tokens: 0, completion_ids: &[] }])
+            .unwrap_err();
         assert!(err.to_string().contains("reward numeric") && err.to_string().contains("not a number"), "{err}");
         let last = compile("[[reward]]\nkind = \"numeric\"\ncolumn = \"y\"\nextract = \"last_number\"\ntolerance = 0.1");
         assert_eq!(scores(&last, &["5 apples, then 3.05", "3 then 5", "none"], &json!({"y": 3})), [1.0, 0.0, 0.0]);
@@ -1210,8 +1298,10 @@ const = 1
         let r =
             compile("[[reward]]\nkind = \"length\"\nmax_length = 100\npenalty = 2.0\n[[reward]]\nkind = \"length\"\ntarget_length = 50");
         let row = json!({});
-        let items: Vec<Scored<'_>> =
-            [40, 100, 150].iter().map(|&n| Scored { prompt: "", completion: "", row: &row, completion_tokens: n }).collect();
+        let items: Vec<Scored<'_>> = [40, 100, 150]
+            .iter()
+            .map(|&n| Scored { prompt: "", completion: "", row: &row, completion_tokens: n, completion_ids: &[] })
+            .collect();
         assert_eq!(r.score(&items).unwrap(), vec![vec![0.0, 0.0, -1.0], vec![-0.2, -1.0, -2.0]]);
         assert_eq!(r.names(), ["length", "length_2"]);
     }
@@ -1237,14 +1327,17 @@ const = 1
             penalty: None,
             program: Some(vec!["sh".into(), "-c".into(), script.into()]),
             timeout_s: Some(timeout_s),
+            function: None,
         };
         Rewards::compile(&[spec], Path::new(".")).unwrap()
     }
 
     fn run(r: &Rewards, completions: &[&str]) -> Result<Vec<f64>> {
         let row = json!({"answer": "x"});
-        let items: Vec<Scored<'_>> =
-            completions.iter().map(|c| Scored { prompt: "p", completion: c, row: &row, completion_tokens: 1 }).collect();
+        let items: Vec<Scored<'_>> = completions
+            .iter()
+            .map(|c| Scored { prompt: "p", completion: c, row: &row, completion_tokens: 1, completion_ids: &[] })
+            .collect();
         r.score(&items).map(|mut v| v.remove(0))
     }
 
@@ -1302,7 +1395,10 @@ const = 1
         s[0].validate("reward[0]").unwrap();
         let r = Rewards::compile(&s, dir.path()).unwrap();
         let row = json!({});
-        assert_eq!(r.score(&[Scored { prompt: "", completion: "", row: &row, completion_tokens: 0 }]).unwrap(), vec![vec![0.75]]);
+        assert_eq!(
+            r.score(&[Scored { prompt: "", completion: "", row: &row, completion_tokens: 0, completion_ids: &[] }]).unwrap(),
+            vec![vec![0.75]]
+        );
         let (key, msg) = spec_err(Rewards::compile(&specs("[[reward]]\nkind = \"command\"\nprogram = [\"bin/nope.sh\"]"), dir.path()));
         assert_eq!(key, "reward[0].program");
         assert!(msg.contains("nope.sh"), "{msg}");
@@ -1310,7 +1406,7 @@ const = 1
 
     #[test]
     fn validation_names_the_key() {
-        let cases: [(&str, &str, &str); 16] = [
+        let cases: [(&str, &str, &str); 19] = [
             ("kind = \"bleu\"", "reward[0].kind", "xml_count"),
             ("kind = \"numeric\"\ncolumn = \"a\"\npattern = \"x\"", "reward[0].pattern", "not used by kind = \"numeric\""),
             ("kind = \"regex\"", "reward[0].pattern", "required"),
@@ -1327,6 +1423,9 @@ const = 1
             ("kind = \"integer\"\nextract = \"regex:[\"", "reward[0].extract", "invalid regex"),
             ("kind = \"integer\"\nextract = \"first\"", "reward[0].extract", "answer_tag"),
             ("kind = \"xml_format\"\ntags = [\"a\"]", "reward[0].tags", "two tag names"),
+            ("kind = \"function\"", "reward[0].function", "required"),
+            ("kind = \"function\"\nfunction = \"score\"", "reward[0].function", "not a user function name"),
+            ("kind = \"command\"\nprogram = [\"x\"]\nfunction = \"python:f\"", "reward[0].function", "not used by kind = \"command\""),
         ];
         for (body, want_key, want_msg) in cases {
             let text = format!("[[reward]]\nkind = \"integer\"\n[[reward]]\n{body}");
@@ -1367,6 +1466,87 @@ const = 1
         assert_eq!(s[1].weight, 1.0);
         let text = toml::to_string(&Tables2 { reward: s.clone() }).unwrap();
         assert_eq!(specs(&text), s);
+    }
+
+    #[test]
+    fn function_rewards_get_the_batch_and_return_one_number_per_completion() {
+        use std::sync::{Arc, Mutex};
+        let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let log = seen.clone();
+        crate::hooks::register(
+            "test:reward_len_plus_answer",
+            Arc::new(move |arg: Value| {
+                log.lock().unwrap().push(arg.clone());
+                let completions = arg["completions"].as_array().cloned().unwrap_or_default();
+                let answers = arg["columns"]["answer"].as_array().cloned().unwrap_or_default();
+                let step = arg["step"].as_f64().unwrap_or(-1.0);
+                Ok(Value::Array(
+                    completions
+                        .iter()
+                        .zip(&answers)
+                        .map(|(c, a)| json!(c.as_str().unwrap_or("").len() as f64 + a.as_f64().unwrap_or(0.0) + step))
+                        .collect(),
+                ))
+            }),
+        );
+        let r = compile("[[reward]]\nkind = \"function\"\nfunction = \"test:reward_len_plus_answer\"\nname = \"fn\"\nweight = 2");
+        assert_eq!((r.names(), r.weights()), (&["fn".to_string()][..], vec![2.0]));
+        let rows = [json!({"prompt": "p1", "answer": 10, "level": "a"}), json!({"prompt": "p2", "answer": 20})];
+        let ids: [&[u32]; 2] = [&[5, 6], &[7]];
+        let items: Vec<Scored<'_>> = [("abc", 0), ("de", 1)]
+            .iter()
+            .map(|&(c, i)| Scored {
+                prompt: if i == 0 { "P1" } else { "P2" },
+                completion: c,
+                row: &rows[i],
+                completion_tokens: ids[i].len(),
+                completion_ids: ids[i],
+            })
+            .collect();
+        assert_eq!(r.score_at(&items, 7).unwrap(), vec![vec![20.0, 29.0]]);
+        let arg = seen.lock().unwrap().pop().unwrap();
+        assert_eq!(
+            arg,
+            json!({
+                "prompts": ["P1", "P2"],
+                "completions": ["abc", "de"],
+                "completion_ids": [[5, 6], [7]],
+                "columns": {"answer": [10, 20], "level": ["a", null]},
+                "step": 7,
+            })
+        );
+        // One call per batch; none for an empty batch.
+        assert_eq!(r.score_at(&[], 7).unwrap(), vec![Vec::<f64>::new()]);
+        assert!(seen.lock().unwrap().is_empty());
+        crate::hooks::unregister("test:reward_len_plus_answer");
+    }
+
+    #[test]
+    fn function_reward_errors_name_the_function() {
+        let row = json!({"prompt": "p"});
+        let items = |n: usize| -> Vec<Scored<'_>> {
+            (0..n).map(|_| Scored { prompt: "p", completion: "c", row: &row, completion_tokens: 0, completion_ids: &[] }).collect()
+        };
+        let err = |name: &str, f: crate::hooks::HookFn| -> String {
+            crate::hooks::register(name, f);
+            let r = compile(&format!("[[reward]]\nkind = \"function\"\nfunction = \"{name}\""));
+            let e = r.score_at(&items(2), 1).unwrap_err();
+            crate::hooks::unregister(name);
+            assert!(matches!(e, Error::Hook { .. }), "{e:?}");
+            e.to_string()
+        };
+        let e = err("test:reward_short", std::sync::Arc::new(|_| Ok(json!([1.0]))));
+        assert!(e.contains("test:reward_short") && e.contains("returned 1 numbers for 2 completions"), "{e}");
+        let e = err("test:reward_null", std::sync::Arc::new(|_| Ok(json!([1.0, null]))));
+        assert!(e.contains("item 2") && e.contains("null, not a number"), "{e}");
+        let e = err("test:reward_dict", std::sync::Arc::new(|_| Ok(json!({"a": 1}))));
+        assert!(e.contains("must return a list of numbers"), "{e}");
+        let e = err("test:reward_raises", std::sync::Arc::new(|_| Err("Traceback (most recent call last):\nKeyError: 'answer'".into())));
+        assert!(e.contains("KeyError: 'answer'") && e.contains("reward function"), "{e}");
+        // Not registered: require()'s message.
+        let r = compile("[[reward]]\nkind = \"function\"\nfunction = \"test:reward_never_registered\"");
+        let e = r.score_at(&items(1), 0).unwrap_err().to_string();
+        assert!(e.contains("not registered") && e.contains("test:reward_never_registered"), "{e}");
     }
 
     #[derive(Serialize)]

@@ -217,6 +217,15 @@ pub struct TrainerSpec {
     /// GRPO: multiply the KL term by the importance ratio (default true, as TRL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bias_correction_kl: Option<bool>,
+    /// A user function (`"python:NAME"`, [`crate::hooks`]) applied to the rows of the train
+    /// and eval files before they are encoded: `{"rows": [...]}` in, `{"rows": [...]}` out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatting: Option<String>,
+    /// SFT: a user function (`"python:NAME"`) scoring greedy completions of the eval
+    /// prompts at every evaluation: `{"predictions", "labels", "prompts"}` in,
+    /// `{"NAME": number, ...}` out, each stored as `eval_NAME`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_metrics: Option<String>,
 }
 
 /// A string or a list of strings (`loss_type = "sigmoid"` or `["sigmoid", "sft"]`).
@@ -414,6 +423,11 @@ pub const MAX_EPOCHS: usize = 100_000;
 pub const MAX_STEPS: usize = 100_000_000;
 /// The largest `experiment.eta`.
 pub const MAX_ETA: usize = 10_000;
+/// The longest user function name (`trainer.formatting`, `trainer.compute_metrics`).
+pub const MAX_HOOK_NAME_LEN: usize = 256;
+/// New tokens of each greedy eval completion of `trainer.compute_metrics` without
+/// `trainer.max_completion_length`.
+pub const DEFAULT_METRIC_COMPLETION_LENGTH: usize = 64;
 
 /// `v` at most `max`, or the error `key: must be at most max`.
 fn at_most(key: &str, v: usize, max: usize) -> Result<()> {
@@ -562,10 +576,45 @@ impl Spec {
             return Err(invalid("trainer.weight_decay", "weight_decay and max_grad_norm must be >= 0"));
         }
         self.schedule()?;
+        self.check_hooks()?;
         if let Some(t) = &self.tracking {
             t.validate()?;
         }
         Ok(())
+    }
+
+    /// Checks the user-function keys: `trainer.formatting` and `trainer.compute_metrics`
+    /// name a function (`"python:NAME"`); compute_metrics needs eval data (its kind and
+    /// `max_completion_length` are checked by [`Spec::objective`]). Whether the function is
+    /// registered is known only when a run uses it (the run fails then, not the spec).
+    fn check_hooks(&self) -> Result<()> {
+        let t = &self.trainer;
+        for (key, value) in [("trainer.formatting", &t.formatting), ("trainer.compute_metrics", &t.compute_metrics)] {
+            if let Some(name) = value {
+                if !crate::hooks::is_hook_name(name) || name.len() > MAX_HOOK_NAME_LEN {
+                    return Err(invalid(
+                        key,
+                        format!("{name:?} is not a user function name: \"<scheme>:<name>\" (\"python:my_func\"), at most {MAX_HOOK_NAME_LEN} characters"),
+                    ));
+                }
+            }
+        }
+        if t.compute_metrics.is_some() && self.data.eval.is_none() {
+            return Err(invalid("trainer.compute_metrics", "needs eval data: give [data] eval"));
+        }
+        if let Some(n) = t.max_completion_length {
+            if t.kind == "sft" && n == 0 {
+                return Err(invalid("trainer.max_completion_length", "must be > 0"));
+            }
+            at_most("trainer.max_completion_length", n, MAX_SEQ_LEN)?;
+        }
+        Ok(())
+    }
+
+    /// SFT with `trainer.compute_metrics`: the most new tokens of each greedy eval
+    /// completion (`trainer.max_completion_length`, default 64).
+    pub fn metric_completion_length(&self) -> usize {
+        self.trainer.max_completion_length.unwrap_or(DEFAULT_METRIC_COMPLETION_LENGTH)
     }
 
     /// Checks the spec against the model it trains, once that is loaded: `lora.r` at most
@@ -667,6 +716,7 @@ impl Spec {
             max_seq_len: self.trainer.max_seq_len,
             completion_only: self.data.completion_only,
             skip_bad_rows: self.data.skip_bad_rows,
+            formatting: self.trainer.formatting.clone(),
         }
     }
 
@@ -704,7 +754,7 @@ impl Spec {
 
 /// Keys of `[trainer]` that a stored config (the spec as JSON) holds only when they were
 /// given: the DPO and GRPO settings. A clone may set one its parent's config lacks.
-pub const OPTIONAL_TRAINER_KEYS: [&str; 16] = [
+pub const OPTIONAL_TRAINER_KEYS: [&str; 18] = [
     "beta",
     "loss_type",
     "loss_weights",
@@ -721,6 +771,8 @@ pub const OPTIONAL_TRAINER_KEYS: [&str; 16] = [
     "num_iterations",
     "reward_weights",
     "use_bias_correction_kl",
+    "formatting",
+    "compute_metrics",
 ];
 
 /// Keys of `[trainer]` that only DPO uses, only GRPO uses, and both.
@@ -751,13 +803,25 @@ impl Spec {
     pub fn objective(&self) -> Result<Objective> {
         let t = &self.trainer;
         let kind = t.kind.as_str();
-        let foreign = |k: &str| match kind {
-            "sft" => true,
-            "dpo" => GRPO_KEYS.contains(&k),
+        let foreign = |k: &str| match (kind, k) {
+            (_, "formatting") => false,
+            ("sft", "compute_metrics") => false,
+            (_, "compute_metrics") => true,
+            // The greedy completions of compute_metrics are that long.
+            ("sft", "max_completion_length") => t.compute_metrics.is_none(),
+            ("sft", _) => true,
+            ("dpo", _) => GRPO_KEYS.contains(&k),
             _ => DPO_KEYS.contains(&k) && k != "loss_type",
         };
         if let Some(k) = self.given_trainer_keys().into_iter().find(|k| foreign(k)) {
-            return Err(invalid(&format!("trainer.{k}"), format!("is not a setting of kind = \"{kind}\"")));
+            let why = match k {
+                "compute_metrics" => format!("is for kind = \"sft\" (its eval completions), not \"{kind}\""),
+                "max_completion_length" if kind == "sft" => {
+                    "is for kind = \"sft\" only with trainer.compute_metrics (the length of its eval completions)".to_string()
+                }
+                _ => format!("is not a setting of kind = \"{kind}\""),
+            };
+            return Err(invalid(&format!("trainer.{k}"), why));
         }
         if kind != "grpo" && !self.rewards.is_empty() {
             return Err(invalid("reward", format!("[[reward]] tables are for kind = \"grpo\", not \"{kind}\"")));

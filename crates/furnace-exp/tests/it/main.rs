@@ -4,6 +4,7 @@
 mod audit;
 mod conversations;
 mod fit;
+mod hooks;
 mod ops;
 mod prefs;
 mod registry;

@@ -6,6 +6,7 @@
 
 mod common;
 mod data;
+mod hooks;
 mod knobs;
 mod ops_grad;
 mod prefs;
