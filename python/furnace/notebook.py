@@ -128,7 +128,7 @@ class Progress:
             kind = ev.get("type")
             if kind == "log":
                 print(f"[{ev['experiment']}] {ev['message']}", file=sys.stderr)
-            elif kind == "status":
+            elif kind == "status" and ev["status"] != "failed":  # a failure is logged with its reason
                 why = f": {ev['message'].strip().splitlines()[-1]}" if ev.get("message") else ""
                 print(f"[{ev['experiment']}] run {ev['run_id']} {ev['status']}{why}", file=sys.stderr)
         if self.handle is not None and time.monotonic() - self.last > 0.5:

@@ -154,7 +154,9 @@ def grpo_group(model, reward):
             "model_config": RFModelConfig(
                 model_name=model,
                 peft_config=RFLoraConfig(r=4, lora_alpha=8),
-                training_args=RFGRPOConfig(learning_rate=1e-3, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, max_steps=2),
+                training_args=RFGRPOConfig(
+                    learning_rate=1e-3, per_device_train_batch_size=2, num_generations=2, max_length=64, max_completion_length=8, max_steps=2
+                ),
                 reward_funcs=[reward],
             )
         },

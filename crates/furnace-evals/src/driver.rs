@@ -186,6 +186,10 @@ struct Pipe {
     wall: f64,
     cost: Option<f64>,
     last: Vec<Estimate>,
+    /// The extra columns `prompt.preprocess` returned for the shard under way.
+    columns: serde_json::Map<String, serde_json::Value>,
+    /// The metric names each function metric (by scorer index) returned so far.
+    fn_names: BTreeMap<usize, Vec<String>>,
 }
 
 impl Pipe {
@@ -198,10 +202,35 @@ impl Pipe {
             }
         }
         let scorers = Scorer::all(&spec)?;
+        // Every user function must be registered before the pipeline starts.
+        if let Some(h) = &spec.prompt.preprocess {
+            crate::userfn::require(h, "prompt.preprocess")?;
+        }
+        if let Some(h) = &spec.generator.postprocess {
+            crate::userfn::require(h, "generator.postprocess")?;
+        }
+        for (i, m) in spec.metrics.iter().enumerate() {
+            for (h, k) in [(&m.compute, "compute"), (&m.accumulate, "accumulate")] {
+                if let Some(h) = h {
+                    crate::userfn::require(h, &format!("metric[{i}].{k}"))?;
+                }
+            }
+        }
         let rag = spec.rag.as_ref();
         let renderer = Renderer::new(&spec.prompt, rag.map(|r| r.document_template.as_str()), rag.map(|r| r.separator.as_str()))?;
         let done = store.eval_examples(run.id)?;
-        Ok(Pipe { run, spec, scorers, renderer, done, wall: 0.0, cost: None, last: Vec::new() })
+        Ok(Pipe {
+            run,
+            spec,
+            scorers,
+            renderer,
+            done,
+            wall: 0.0,
+            cost: None,
+            last: Vec::new(),
+            columns: serde_json::Map::new(),
+            fn_names: BTreeMap::new(),
+        })
     }
 
     fn primary_bounds(&self) -> Option<(f64, f64, bool)> {
@@ -217,6 +246,8 @@ struct Job {
     pipe: usize,
     example: usize,
     messages: Vec<Message>,
+    /// The prompt as user functions see it (`prompt.preprocess`'s, else the messages).
+    prompt: serde_json::Value,
     retrieved: Vec<String>,
     context: String,
     out: Option<std::result::Result<GenOutput, String>>,
@@ -713,7 +744,36 @@ impl Driver<'_, '_> {
                 None => Vec::new(),
             };
             let messages = p.renderer.messages(ex, &context, &shots)?;
-            jobs.push(Job { pipe: 0, example: ei, messages, retrieved, context, out: None });
+            let prompt = serde_json::to_value(&messages).map_err(|e| Error::Invalid(e.to_string()))?;
+            jobs.push(Job { pipe: 0, example: ei, messages, prompt, retrieved, context, out: None });
+        }
+        let mut columns = serde_json::Map::new();
+        if let Some(name) = &spec.prompt.preprocess {
+            let examples: Vec<serde_json::Value> = match &spec.prompt.fewshot {
+                Some(path) => {
+                    let key = format!("{}|{}", path.display(), if wants_similarity { fewshot_encoder.as_str() } else { "" });
+                    let pool = self.res.shots.get(&key).map(|p| p.shots.as_slice()).unwrap_or_default();
+                    pool.iter().map(|s| serde_json::json!({"question": s.question, "answer": s.answer})).collect()
+                }
+                None => Vec::new(),
+            };
+            let arg = serde_json::json!({
+                "rows": jobs.iter().map(|j| self.set.examples[j.example].row.clone()).collect::<Vec<_>>(),
+                "questions": jobs.iter().map(|j| self.set.examples[j.example].question.clone()).collect::<Vec<_>>(),
+                "contexts": contexts_of(&spec, &jobs),
+                "messages": jobs.iter().map(|j| j.prompt.clone()).collect::<Vec<_>>(),
+                "instructions": spec.prompt.system,
+                "examples": examples,
+            });
+            let pre = crate::userfn::preprocess(name, arg, jobs.len())?;
+            for (j, (prompt, messages)) in jobs.iter_mut().zip(pre.prompts) {
+                j.prompt = prompt;
+                j.messages = messages;
+            }
+            columns = pre.columns;
+        }
+        if let Some(p) = self.pipes.get_mut(&id) {
+            p.columns = columns;
         }
         Ok(jobs)
     }
@@ -815,17 +875,40 @@ impl Driver<'_, '_> {
             (p.scorers.iter().any(Scorer::is_batched), p.spec.judge.clone(), p.spec.clone())
         };
         let mut records: Vec<ExampleRecord> = Vec::with_capacity(jobs.len());
+        let mut outputs: Vec<(String, (usize, usize, f64), String)> = jobs
+            .iter()
+            .map(|j| match &j.out {
+                Some(Ok(o)) => (o.text.trim().to_string(), (o.prompt_tokens, o.completion_tokens, o.latency), o.finish_reason.clone()),
+                Some(Err(e)) => (String::new(), (0, 0, 0.0), format!("error: {e}")),
+                None => (String::new(), (0, 0, 0.0), "error: no answer".into()),
+            })
+            .collect();
+        // The batch user functions see: postprocess rewrites the answers that are scored.
+        let mut batch = serde_json::Map::new();
+        batch.insert("rows".into(), jobs.iter().map(|j| self.set.examples[j.example].row.clone()).collect());
+        batch.insert("prompts".into(), jobs.iter().map(|j| j.prompt.clone()).collect());
+        batch.insert("generated_text".into(), outputs.iter().map(|o| serde_json::Value::from(o.0.clone())).collect());
+        batch.insert("contexts".into(), contexts_of(&spec, jobs));
+        if let Some(p) = self.pipes.get(&id) {
+            for (k, v) in &p.columns {
+                if !crate::userfn::BATCH_KEYS.contains(&k.as_str()) {
+                    batch.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        if let Some(name) = &spec.generator.postprocess {
+            let (merged, texts) = crate::userfn::postprocess(name, batch, jobs.len())?;
+            for (o, t) in outputs.iter_mut().zip(texts) {
+                o.0 = t;
+            }
+            batch = merged;
+        }
         {
             let p = self.pipes.get(&id).ok_or_else(|| Error::Invalid("pipeline gone".into()))?;
-            for j in jobs {
+            for (j, (prediction, usage, reason)) in jobs.iter().zip(outputs) {
                 let ex = &self.set.examples[j.example];
-                let (prediction, usage, reason) = match &j.out {
-                    Some(Ok(o)) => (o.text.trim().to_string(), (o.prompt_tokens, o.completion_tokens, o.latency), o.finish_reason.clone()),
-                    Some(Err(e)) => (String::new(), (0, 0, 0.0), format!("error: {e}")),
-                    None => (String::new(), (0, 0, 0.0), "error: no answer".into()),
-                };
                 let mut scores = BTreeMap::new();
-                for s in p.scorers.iter().filter(|s| !s.is_batched()) {
+                for s in p.scorers.iter().filter(|s| !s.is_batched() && !s.is_function()) {
                     scores.insert(s.name.clone(), s.score(ex, &prediction, &j.retrieved));
                 }
                 records.push(ExampleRecord {
@@ -844,6 +927,8 @@ impl Driver<'_, '_> {
         if scorers_batched {
             self.batched_scores(id, &spec, judge.as_ref(), jobs, &mut records)?;
         }
+        self.function_scores(id, &batch, &mut records)?;
+        let shard_sizes: Vec<usize> = self.shards.iter().take(k + 1).map(Vec::len).collect();
         let p = self.pipes.get_mut(&id).ok_or_else(|| Error::Invalid("pipeline gone".into()))?;
         p.wall += wall;
         let mut all = p.done.clone();
@@ -854,7 +939,10 @@ impl Driver<'_, '_> {
             fpc: spec.experiment.fpc,
             population: Some(self.set.examples.len()),
         };
-        let est = estimates(&p.scorers, &all, &opts, p.wall, p.cost)?;
+        let mut est = estimates(&p.scorers, &all, &opts, p.wall, p.cost)?;
+        let fn_est = function_estimates(p, &all, &shard_sizes, self.shards.len(), &opts)?;
+        let at = p.scorers.iter().filter(|s| !s.is_function()).count();
+        est.splice(at..at, fn_est);
         if cancelled(self.opts) {
             // A judge or command may have been cut short: the shard is done again when the
             // experiment continues.
@@ -898,6 +986,41 @@ impl Driver<'_, '_> {
         if step >= total {
             self.store.set_run_status(id, RunStatus::Completed, None)?;
             self.status(id, RunStatus::Completed, None);
+        }
+        Ok(())
+    }
+
+    /// Function metrics of one pipeline's shard: each `compute` gets the (postprocessed)
+    /// batch; each metric it returns is stored on every example of the shard (its value)
+    /// and, on the shard's first example, the dict's other numeric fields as
+    /// `metric/field` (what `accumulate` gets back for earlier shards).
+    fn function_scores(
+        &mut self,
+        id: i64,
+        batch: &serde_json::Map<String, serde_json::Value>,
+        records: &mut [ExampleRecord],
+    ) -> Result<()> {
+        let p = self.pipes.get_mut(&id).ok_or_else(|| Error::Invalid("pipeline gone".into()))?;
+        let mut taken: Vec<String> = p.scorers.iter().filter(|s| !s.is_function()).map(|s| s.name.clone()).collect();
+        taken.extend(crate::score::USAGE_METRICS.iter().map(|s| s.to_string()));
+        for (si, s) in p.scorers.iter().enumerate() {
+            let Some(compute) = s.spec.compute.as_deref().filter(|_| s.is_function()) else { continue };
+            let values = crate::userfn::compute(compute, batch, &taken)?;
+            let names = p.fn_names.entry(si).or_default();
+            for v in values {
+                for r in records.iter_mut() {
+                    r.scores.insert(v.metric.clone(), v.value);
+                }
+                if let Some(first) = records.first_mut() {
+                    for (field, x) in &v.extra {
+                        first.scores.insert(format!("{}/{field}", v.metric), *x);
+                    }
+                }
+                taken.push(v.metric.clone());
+                if !names.contains(&v.metric) {
+                    names.push(v.metric);
+                }
+            }
         }
         Ok(())
     }
@@ -1023,6 +1146,55 @@ pub fn separated(bounds: &[(i64, f64, f64)], higher_is_better: bool) -> Vec<(i64
         .filter(|b| b.0 != best_id && if higher_is_better { b.2 < bound } else { b.1 > bound })
         .map(|b| (b.0, best_id, bound))
         .collect()
+}
+
+/// The retrieval contexts of a pipeline's jobs, as user functions get them (null without
+/// `[rag]`).
+fn contexts_of(spec: &EvalSpec, jobs: &[impl std::borrow::Borrow<Job>]) -> serde_json::Value {
+    jobs.iter()
+        .map(|j| match spec.rag {
+            Some(_) => serde_json::Value::from(j.borrow().context.clone()),
+            None => serde_json::Value::Null,
+        })
+        .collect()
+}
+
+/// The estimates of a pipeline's function metrics over the examples scored so far,
+/// `all`, whose shards have the sizes `shard_sizes` (in order).
+fn function_estimates(
+    p: &Pipe,
+    all: &[ExampleRecord],
+    shard_sizes: &[usize],
+    total_shards: usize,
+    opts: &IntervalOptions,
+) -> Result<Vec<Estimate>> {
+    let mut out = Vec::new();
+    for (si, s) in p.scorers.iter().enumerate() {
+        if !s.is_function() {
+            continue;
+        }
+        let names = p.fn_names.get(&si).cloned().unwrap_or_default();
+        let metrics: Vec<crate::userfn::Shards<'_>> = names
+            .iter()
+            .map(|metric| {
+                let mut batches = Vec::new();
+                let mut rest = all;
+                for &size in shard_sizes {
+                    let (shard, tail) = rest.split_at(size.min(rest.len()));
+                    rest = tail;
+                    if let Some(d) = shard.first().and_then(|r| crate::userfn::stored_dict(metric, &r.scores)) {
+                        batches.push((d, shard.len()));
+                    }
+                }
+                crate::userfn::Shards { metric, batches }
+            })
+            .collect();
+        if metrics.is_empty() {
+            continue;
+        }
+        out.extend(crate::userfn::estimates(s.spec.accumulate.as_deref(), &metrics, total_shards, opts)?);
+    }
+    Ok(out)
 }
 
 /// Sampling of one request: the generator's settings, seeded per example so answers do

@@ -19,6 +19,15 @@ pub enum Error {
         /// What failed.
         msg: String,
     },
+    /// A user function (`prompt.preprocess`, `generator.postprocess`, a function metric)
+    /// is not registered, failed (`msg` holds its traceback) or returned the wrong shape.
+    #[error("user function {name}: {msg}")]
+    Hook {
+        /// Its name (`python:NAME`).
+        name: String,
+        /// What failed.
+        msg: String,
+    },
     /// A generator failed (an API that kept failing, a model that did not load).
     #[error("generator: {0}")]
     Generator(String),
@@ -42,6 +51,15 @@ pub enum Error {
 
 /// The crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<furnace_train::Error> for Error {
+    fn from(e: furnace_train::Error) -> Self {
+        match e {
+            furnace_train::Error::Hook { name, msg } => Error::Hook { name, msg },
+            other => Error::Invalid(other.to_string()),
+        }
+    }
+}
 
 impl Error {
     /// A closure turning an I/O error on `path` into an [`Error::Io`].

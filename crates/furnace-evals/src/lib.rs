@@ -19,6 +19,7 @@ pub mod ratelimit;
 pub mod score;
 pub mod spec;
 pub mod synth;
+pub mod userfn;
 
 pub use driver::{run_evals, EvalOptions, EvalSummary};
 pub use error::{Error, Result};

@@ -51,6 +51,12 @@ impl Scorer {
         matches!(self.spec.kind.as_str(), "command" | "judge")
     }
 
+    /// Whether user functions compute it (per shard, by the driver; its estimates come
+    /// from `userfn::estimates`, not [`estimates`]).
+    pub fn is_function(&self) -> bool {
+        self.spec.is_function()
+    }
+
     /// The score of one example by a built-in metric.
     pub fn score(&self, ex: &Example, prediction: &str, retrieved: &[String]) -> f64 {
         let s = &self.spec;
@@ -101,8 +107,10 @@ impl Scorer {
 /// The always-recorded figures: tokens, latency, throughput, cost.
 pub const USAGE_METRICS: [&str; 5] = ["prompt_tokens", "completion_tokens", "latency", "throughput", "cost"];
 
-/// Every metric's estimate (and interval) over the examples scored so far, in order;
-/// `population` is the eval set's size, `wall` the seconds the pipeline's shards took.
+/// Every metric's estimate (and interval) over the examples scored so far, in order, then
+/// the usage figures; `population` is the eval set's size, `wall` the seconds the
+/// pipeline's shards took. Function metrics are left out (the driver adds theirs after
+/// the others, before the usage figures).
 pub fn estimates(
     scorers: &[Scorer],
     examples: &[ExampleRecord],
@@ -111,7 +119,7 @@ pub fn estimates(
     cost: Option<f64>,
 ) -> Result<Vec<Estimate>> {
     let mut out = Vec::new();
-    for s in scorers {
+    for s in scorers.iter().filter(|s| !s.is_function()) {
         let (lo, hi, ratio, _) = s.spec.info();
         let interval = if ratio {
             let nums: Vec<f64> = examples.iter().map(|e| e.scores.get(&format!("{}/num", s.name)).copied().unwrap_or(0.0)).collect();

@@ -256,6 +256,11 @@ pub struct PromptSection {
     /// `template`: examples are only given to the template (as `examples`).
     #[serde(default = "default_fewshot_style")]
     pub fewshot_style: String,
+    /// A user function (`"python:NAME"`) that gets each shard's rows, questions,
+    /// contexts and the messages furnace built, and returns the prompts the generator gets
+    /// (and extra per-row columns for `generator.postprocess` and function metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<String>,
 }
 
 impl Default for PromptSection {
@@ -268,6 +273,7 @@ impl Default for PromptSection {
             fewshot_k: default_fewshot_k(),
             fewshot_embedding_model: None,
             fewshot_style: default_fewshot_style(),
+            preprocess: None,
         }
     }
 }
@@ -347,6 +353,10 @@ pub struct GeneratorSpec {
     /// OpenAI: price per million completion tokens.
     #[serde(default)]
     pub output_price_per_million: Option<f64>,
+    /// `[generator]` only: a user function (`"python:NAME"`) that gets each shard's
+    /// generated texts and returns the ones that are scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postprocess: Option<String>,
 }
 
 impl Default for GeneratorSpec {
@@ -371,6 +381,7 @@ impl Default for GeneratorSpec {
             concurrency: None,
             input_price_per_million: None,
             output_price_per_million: None,
+            postprocess: None,
         }
     }
 }
@@ -394,10 +405,11 @@ fn default_top_p() -> f64 {
 pub struct MetricSpec {
     /// `exact_match`, `contains`, `token_f1`, `rouge_l`, `bleu`, `regex`,
     /// `numeric_match`, `json_valid`, `json_field`, `precision_at_k`, `recall_at_k`,
-    /// `hit_rate`, `mrr`, `ndcg_at_k`, `judge` or `command`.
+    /// `hit_rate`, `mrr`, `ndcg_at_k`, `judge`, `command` or `function`.
     pub kind: String,
     /// Its name in results (default: the kind; a retrieval metric's without `_at_k`, with
-    /// `@k` when it sets its own `k`).
+    /// `@k` when it sets its own `k`; a function metric's `compute`, whose results are
+    /// recorded under the names it returns).
     #[serde(default)]
     pub name: Option<String>,
     /// Text metrics: SQuAD's answer normalisation before comparing.
@@ -441,6 +453,14 @@ pub struct MetricSpec {
     /// Whether higher is better (built-ins: yes).
     #[serde(default)]
     pub higher_is_better: Option<bool>,
+    /// `function`: the user function (`"python:NAME"`) called once per shard with the
+    /// shard's (postprocessed) batch; it returns `{"MetricName": {"value": x}, ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<String>,
+    /// `function`: the user function that combines the per-shard values of each metric
+    /// (default: their mean weighted by shard size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accumulate: Option<String>,
 }
 
 /// The retrieval metric kinds.
@@ -450,6 +470,11 @@ pub const TEXT_KINDS: [&str; 9] =
     ["exact_match", "contains", "token_f1", "rouge_l", "bleu", "regex", "numeric_match", "json_valid", "json_field"];
 
 impl MetricSpec {
+    /// Whether it is computed by user functions (`kind = "function"`).
+    pub fn is_function(&self) -> bool {
+        self.kind == "function"
+    }
+
     /// Whether it scores retrieved documents.
     pub fn is_retrieval(&self) -> bool {
         RETRIEVAL_KINDS.contains(&self.kind.as_str())
@@ -470,6 +495,11 @@ impl MetricSpec {
             };
         }
         let _ = rag_k;
+        if self.is_function() {
+            if let Some(c) = &self.compute {
+                return c.clone();
+            }
+        }
         self.kind.clone()
     }
 
@@ -519,7 +549,14 @@ impl EvalSpec {
     pub fn primary(&self) -> Option<(String, bool)> {
         let names = self.metric_names();
         let i = match &self.experiment.primary {
-            Some(p) => names.iter().position(|n| n == p)?,
+            Some(p) => match names.iter().position(|n| n == p) {
+                Some(i) => i,
+                // A name a function metric returns (known only once it ran).
+                None => {
+                    let f = self.metrics.iter().find(|m| m.is_function())?;
+                    return Some((p.clone(), f.info().3));
+                }
+            },
             None => 0,
         };
         let m = self.metrics.get(i)?;
@@ -570,7 +607,7 @@ impl EvalSpec {
             }
         }
         if let Some(p) = &e.primary {
-            if !names.contains(p) {
+            if !names.contains(p) && !self.metrics.iter().any(MetricSpec::is_function) {
                 return Err(spec_err("experiment.primary", format!("'{p}' is not a metric (metrics: {})", names.join(", "))));
             }
         }
@@ -580,12 +617,29 @@ impl EvalSpec {
     fn validate_metric(&self, i: usize, m: &MetricSpec) -> Result<()> {
         let key = |k: &str| format!("metric[{i}].{k}");
         let kind = m.kind.as_str();
-        let known = TEXT_KINDS.contains(&kind) || m.is_retrieval() || kind == "judge" || kind == "command";
+        let known = TEXT_KINDS.contains(&kind) || m.is_retrieval() || ["judge", "command", "function"].contains(&kind);
         if !known {
             return Err(spec_err(
                 &key("kind"),
-                format!("'{kind}' is not a metric ({}, {}, judge, command)", TEXT_KINDS.join(", "), RETRIEVAL_KINDS.join(", ")),
+                format!("'{kind}' is not a metric ({}, {}, judge, command, function)", TEXT_KINDS.join(", "), RETRIEVAL_KINDS.join(", ")),
             ));
+        }
+        if m.is_function() {
+            let c = m.compute.as_deref().ok_or_else(|| spec_err(&key("compute"), "a function metric needs compute = \"python:NAME\""))?;
+            check_hook_name(&key("compute"), c)?;
+            if let Some(a) = &m.accumulate {
+                check_hook_name(&key("accumulate"), a)?;
+            }
+            if m.range.is_some() || m.aggregate.is_some() {
+                let k = if m.range.is_some() { "range" } else { "aggregate" };
+                return Err(spec_err(
+                    &key(k),
+                    "a function metric's values come from compute (and accumulate, whose value_range gives the range)",
+                ));
+            }
+        } else if m.compute.is_some() || m.accumulate.is_some() {
+            let k = if m.compute.is_some() { "compute" } else { "accumulate" };
+            return Err(spec_err(&key(k), format!("only kind = \"function\" metrics take {k}, not {kind}")));
         }
         if m.is_retrieval() {
             let Some(rag) = &self.rag else {
@@ -706,7 +760,19 @@ fn validate_prompt(p: &PromptSection) -> Result<()> {
     if p.fewshot_k > 64 {
         return Err(spec_err("prompt.fewshot_k", "must be at most 64"));
     }
+    if let Some(h) = &p.preprocess {
+        check_hook_name("prompt.preprocess", h)?;
+    }
     Ok(())
+}
+
+/// Checks that a setting names a user function (`"python:NAME"`).
+fn check_hook_name(key: &str, value: &str) -> Result<()> {
+    if furnace_train::hooks::is_hook_name(value) {
+        Ok(())
+    } else {
+        Err(spec_err(key, format!("'{value}' does not name a user function (\"python:NAME\")")))
+    }
 }
 
 /// Checks that a minijinja template parses.
@@ -728,6 +794,12 @@ fn validate_generator(section: &str, g: &GeneratorSpec) -> Result<()> {
     }
     if g.model.trim().is_empty() {
         return Err(spec_err(&key("model"), "name the model"));
+    }
+    if let Some(h) = &g.postprocess {
+        if section != "generator" {
+            return Err(spec_err(&key("postprocess"), "only [generator] answers are postprocessed"));
+        }
+        check_hook_name(&key("postprocess"), h)?;
     }
     let openai_keys: [(&str, bool); 9] = [
         ("base_url", g.base_url.is_some()),
