@@ -27,7 +27,8 @@ static REGISTRY: RwLock<Option<HashMap<String, HookFn>>> = RwLock::new(None);
 
 /// Whether a spec value names a user function (`"python:fmt"`).
 pub fn is_hook_name(s: &str) -> bool {
-    s.split_once(':').is_some_and(|(scheme, name)| !scheme.is_empty() && !name.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
+    s.split_once(':')
+        .is_some_and(|(scheme, name)| !scheme.is_empty() && !name.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 /// Registers (or replaces) the function called `name` (the full `"python:fmt"` form).
