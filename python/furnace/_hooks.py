@@ -40,6 +40,15 @@ def _plain(v: Any) -> Any:
     return v
 
 
+class TrainerState(dict):
+    """What a reward function gets as ``trainer_state``: TRL passes a ``TrainerState``
+    object (``trainer_state.global_step``); this one also reads as a dict."""
+
+    def __init__(self, global_step: int):
+        super().__init__(global_step=global_step)
+        self.global_step = global_step
+
+
 def _columns(rows: List[Dict[str, Any]], extra: Optional[Dict[str, List[Any]]] = None) -> Dict[str, List[Any]]:
     """Rows as a dict of lists (RapidFire's batch form), plus extra columns."""
     keys: List[str] = []
@@ -99,11 +108,13 @@ def _call(kind: str, fn: Callable[..., Any], arg: Dict[str, Any]) -> Any:
         columns = dict(arg.get("columns") or {})
         columns.pop("prompts", None)
         columns.pop("completions", None)
+        ids = arg.get("completion_ids")
         r = fn(
             prompts=arg["prompts"],
             completions=arg["completions"],
-            completions_ids=arg.get("completion_ids"),
-            trainer_state={"global_step": arg.get("step", 0)},
+            completions_ids=ids,  # RapidFire's spelling
+            completion_ids=ids,  # TRL's
+            trainer_state=TrainerState(arg.get("step", 0)),
             **columns,
         )
         return [float("nan") if v is None else float(v) for v in r]

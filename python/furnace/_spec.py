@@ -93,6 +93,13 @@ def _fn(reg: Registry, kind: str, v: Any) -> Any:
     return _map(v, lambda f: reg.add(kind, f))
 
 
+def _put_fn(reg: Registry, table: Dict[str, Any], key: str, v: Any) -> None:
+    """Sets ``table[key]`` to the registered name(s) of the function(s) ``v``, if any."""
+    name = _fn(reg, key, v)
+    if name is not None:
+        table[key] = name
+
+
 # ---------------------------------------------------------------- fit
 
 
@@ -177,6 +184,44 @@ def _lora(cfg: Optional[_Config]) -> Dict[str, Any]:
     return out
 
 
+# RFModelConfig fields whose List holds whole alternatives (configs, models): each value is
+# its own group (every combination), as RapidFire's grid over them.
+_EXPANDED = ("model_name", "peft_config", "training_args", "generation_config", "model_kwargs")
+
+
+def _expand(mc: RFModelConfig) -> PyList[RFModelConfig]:
+    out = [mc]
+    for k in _EXPANDED:
+        if isinstance(mc.get(k), List):
+            out = [type(m)(**{**m.kwargs, k: x}) for m in out for x in mc.get(k).values]
+    return out
+
+
+def _epochs(v: Any) -> Any:
+    def one(x: Any) -> int:
+        if isinstance(x, float) and x.is_integer():
+            return int(x)
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise SpecError(f"num_train_epochs={x!r}: furnace trains whole epochs (give max_steps for a part of one)")
+        return x
+
+    return _map(v, one)
+
+
+def _reward_name(f: Any, j: int, taken: PyList[str]) -> str:
+    """A reward's name in the spec (letters, digits, ``_-.``, unique): the function's own
+    name when it is one, ``reward_<j>`` for a lambda or partial."""
+    raw = getattr(f, "__name__", "")
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "_-.") else "_" for c in raw).strip("_")[:56]
+    name = name if name and raw != "<lambda>" else f"reward_{j}"
+    base, n = name, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.append(name)
+    return name
+
+
 def fit_spec(
     name: str,
     config_group: Any,
@@ -196,10 +241,13 @@ def fit_spec(
         raise SpecError(f"trainer_type={trainer_type!r}: expected 'SFT', 'DPO' or 'GRPO'")
     groups = []
     rewards: Optional[PyList[Dict[str, Any]]] = None
+    models = []
     for i, c in enumerate(configs):
         mc = c.get("model_config") if isinstance(c, dict) else c
         if not isinstance(mc, RFModelConfig):
             raise SpecError(f"config {i}: expected {{'model_config': RFModelConfig(...)}}, got {type(mc).__name__}")
+        models += _expand(mc)
+    for mc in models:
         model: Dict[str, Any] = {"base": mc.get("model_name") or "smollm2-135m-instruct"}
         q = (mc.get("model_kwargs") or {}).get("quantize")
         if q is not None:
@@ -208,27 +256,29 @@ def fit_spec(
         args = mc.get("training_args")
         for k, v in (args.kwargs.items() if args is not None else []):
             if k in _SFT_KEYS:
-                trainer[_SFT_KEYS[k]] = _schedule(v) if k == "lr_scheduler_type" else v
+                trainer[_SFT_KEYS[k]] = _schedule(v) if k == "lr_scheduler_type" else _epochs(v) if k == "num_train_epochs" else v
             elif k not in _IGNORED:
                 raise SpecError(f"{type(args).__name__} {k}: not supported by furnace (see docs/python.md)")
+        # generation_config: GRPO's sampling; for SFT only the length of compute_metrics'
+        # answers (furnace's SFT evaluation decodes greedily), otherwise not used.
         gen = mc.get("generation_config") or {}
-        for k, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("max_new_tokens", "max_completion_length")):
+        wanted = ("temperature", "top_p", "top_k", "max_new_tokens") if kind == "grpo" else ()
+        if kind == "sft" and mc.get("compute_metrics") is not None:
+            wanted = ("max_new_tokens",)
+        for k in wanted:
             if k in gen:
-                trainer[dst] = gen[k]
-        fmt = _fn(reg, "formatting", mc.get("formatting_func"))
-        if fmt is not None:
-            trainer["formatting"] = fmt
-        cm = _fn(reg, "compute_metrics", mc.get("compute_metrics"))
-        if cm is not None:
-            trainer["compute_metrics"] = cm
+                trainer["max_completion_length" if k == "max_new_tokens" else k] = gen[k]
+        _put_fn(reg, trainer, "formatting", mc.get("formatting_func"))
+        _put_fn(reg, trainer, "compute_metrics", mc.get("compute_metrics"))
         funcs = mc.get("reward_funcs")
         if funcs is not None:
             if isinstance(funcs, List):
                 raise SpecError("reward_funcs cannot be a List knob; give one list of reward functions")
             funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
             # A dict is one of furnace's built-in rewards ({"kind": "json"}; docs/preference.md).
+            taken = [str(f.get("name", f.get("kind"))) for f in funcs if isinstance(f, dict)]
             r = [
-                dict(f) if isinstance(f, dict) else {"kind": "function", "name": getattr(f, "__name__", f"reward_{j}"), "function": reg.add("reward", f)}
+                dict(f) if isinstance(f, dict) else {"kind": "function", "name": _reward_name(f, j, taken), "function": reg.add("reward", f)}
                 for j, f in enumerate(funcs)
             ]
             if rewards is not None and r != rewards:
@@ -382,9 +432,11 @@ def _generator(g: Any) -> Dict[str, Any]:
         if cc.get("api_key_env"):
             out["api_key_env"] = cc["api_key_env"]
         elif cc.get("api_key"):
-            # The key never enters the spec (it is stored): it is read from the environment.
-            os.environ["FURNACE_PY_OPENAI_KEY"] = cc["api_key"]
-            out["api_key_env"] = "FURNACE_PY_OPENAI_KEY"
+            # The key never enters the spec (it is stored): it is read from the environment,
+            # from a variable named after the key's hash (two keys, two variables).
+            var = "FURNACE_PY_OPENAI_KEY_" + hashlib.sha256(cc["api_key"].encode()).hexdigest()[:12].upper()
+            os.environ[var] = cc["api_key"]
+            out["api_key_env"] = var
         if cc.get("max_retries") is not None:
             out["max_retries"] = cc["max_retries"]
         if cc.get("timeout") is not None:
@@ -401,6 +453,13 @@ def _generator(g: Any) -> Dict[str, Any]:
 
 
 _STRATEGIES = {"normal": "normal", "wilson": "wilson", "hoeffding": "hoeffding", "confseq": "confseq"}
+# The keys of an evals config dict (RapidFire's; the generator under any of the first five).
+_GENERATOR_KEYS = ("generator_config", "vllm_config", "openai_config", "model_config", "generator")
+_EVALS_KEYS = set(_GENERATOR_KEYS) | {
+    "rag", "prompt_manager", "preprocess_fn", "postprocess_fn", "compute_metrics_fn", "accumulate_metrics_fn",
+    "online_strategy_kwargs", "metrics",
+    "batch_size",  # accepted, without effect: furnace's engine batches every pipeline's requests
+}
 
 
 def evals_spec(
@@ -424,7 +483,10 @@ def evals_spec(
     for i, c in enumerate(configs):
         if not isinstance(c, dict):
             raise SpecError(f"config {i}: expected a dict with 'generator_config' (or 'model_config'), 'preprocess_fn', ...")
-        g = c.get("generator_config") or c.get("model_config") or c.get("generator")
+        unknown = sorted(set(c) - _EVALS_KEYS)
+        if unknown:
+            raise SpecError(f"config {i}: unknown key(s) {unknown}; an evals config takes {', '.join(sorted(_EVALS_KEYS))}")
+        g = next((c[k] for k in _GENERATOR_KEYS if c.get(k) is not None), None)
         if g is None:
             raise SpecError(f"config {i}: no 'generator_config' (an RFvLLMModelConfig/RFLocalModelConfig or RFOpenAIAPIModelConfig)")
         gens = g.values if isinstance(g, List) else [g]
@@ -432,12 +494,8 @@ def evals_spec(
             generator = _generator(gi)
             rag = _rag(c.get("rag") or gi.get("rag"))
             prompt = _prompt(c.get("prompt_manager") or gi.get("prompt_manager"), work, write_rows)
-            pre = _fn(reg, "preprocess", c.get("preprocess_fn"))
-            if pre is not None:
-                prompt["preprocess"] = pre
-            post = _fn(reg, "postprocess", c.get("postprocess_fn"))
-            if post is not None:
-                generator["postprocess"] = post
+            _put_fn(reg, prompt, "preprocess", c.get("preprocess_fn"))
+            _put_fn(reg, generator, "postprocess", c.get("postprocess_fn"))
             groups.append({"rag": rag, "prompt": prompt or None, "generator": generator})
         m = []
         if c.get("compute_metrics_fn") is not None:

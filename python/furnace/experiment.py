@@ -53,6 +53,7 @@ class Experiment:
         self.path = os.path.abspath(path or experiments_path)
         os.makedirs(self.path, exist_ok=True)
         self._channel = _native.Channel()
+        self._registry: Optional[Registry] = None
         self._dashboard = None
         self.dashboard_url: Optional[str] = None
         if dashboard:
@@ -109,8 +110,8 @@ class Experiment:
         config_group: Any,
         dataset: Any,
         num_shards: int = 4,
-        seed: int = 42,
         num_actors: Optional[int] = None,
+        seed: int = 42,
         *,
         question_column: Optional[str] = None,
         answers_column: Optional[str] = None,
@@ -121,7 +122,9 @@ class Experiment:
         """Runs every pipeline of ``config_group`` over ``dataset`` shard by shard, each
         metric with a confidence interval that narrows as shards come in. Returns
         ``{run_id: (metrics, cumulative_metrics)}`` as RapidFire does: each metric's final
-        ``{"value", "lower", "upper"}`` and its values after every shard."""
+        ``{"value", "lower", "upper"}`` and its values after every shard. ``num_actors`` is
+        accepted for RapidFire's signature and has no effect (furnace batches the pipelines'
+        requests on its own engine)."""
         if self.mode != "evals":
             raise RuntimeError(f"experiment {self.requested_name!r} is in mode 'fit': use run_fit")
         rows = rows_of(dataset, "dataset")
@@ -149,6 +152,7 @@ class Experiment:
         if not os.path.exists(spec_path):
             with open(spec_path, "w", encoding="utf-8") as f:
                 f.write(text)
+        self._registry = reg
         reg.install()
         name, continued = _native.create_experiment(self.path, spec_path, fresh)
         self.name = name
@@ -159,6 +163,10 @@ class Experiment:
     def _drive(self, memory_budget: Optional[int] = None, display: Optional[bool] = None):
         from .notebook import Progress
 
+        # This experiment's functions, installed again: another experiment of this process may
+        # have registered a different function under the same name since.
+        if self._registry is not None:
+            self._registry.install()
         view = Progress(self, display)
         view.start()
         try:

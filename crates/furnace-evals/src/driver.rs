@@ -1169,6 +1169,9 @@ fn function_estimates(
     opts: &IntervalOptions,
 ) -> Result<Vec<Estimate>> {
     let mut out = Vec::new();
+    let mut taken: Vec<String> = p.scorers.iter().filter(|s| !s.is_function()).map(|s| s.name.clone()).collect();
+    taken.extend(crate::score::USAGE_METRICS.iter().map(|s| s.to_string()));
+    taken.extend(p.fn_names.values().flatten().cloned());
     for (si, s) in p.scorers.iter().enumerate() {
         if !s.is_function() {
             continue;
@@ -1179,11 +1182,11 @@ fn function_estimates(
             .map(|metric| {
                 let mut batches = Vec::new();
                 let mut rest = all;
-                for &size in shard_sizes {
+                for (i, &size) in shard_sizes.iter().enumerate() {
                     let (shard, tail) = rest.split_at(size.min(rest.len()));
                     rest = tail;
                     if let Some(d) = shard.first().and_then(|r| crate::userfn::stored_dict(metric, &r.scores)) {
-                        batches.push((d, shard.len()));
+                        batches.push((i, d, shard.len()));
                     }
                 }
                 crate::userfn::Shards { metric, batches }
@@ -1192,7 +1195,7 @@ fn function_estimates(
         if metrics.is_empty() {
             continue;
         }
-        out.extend(crate::userfn::estimates(s.spec.accumulate.as_deref(), &metrics, total_shards, opts)?);
+        out.extend(crate::userfn::estimates(s.spec.accumulate.as_deref(), &metrics, &taken, total_shards, opts)?);
     }
     Ok(out)
 }

@@ -167,37 +167,90 @@ pub fn stored_dict(metric: &str, scores: &std::collections::BTreeMap<String, f64
 pub struct Shards<'a> {
     /// The metric's name.
     pub metric: &'a str,
-    /// Per shard (in order): its dict and its size.
-    pub batches: Vec<(Value, usize)>,
+    /// Per shard that has the metric (in order): the shard's index, its dict and its size.
+    pub batches: Vec<(usize, Value, usize)>,
 }
 
-/// The estimates of one function metric's names (`accumulate` given or not). With
-/// accumulate, a metric it marks `is_algebraic` with a `value_range` gets an interval:
-/// each shard's value counts as one draw (the shards are random, equal-sized blocks of the
-/// shuffled eval set, so their values are a sample without replacement of the `shards`
-/// block values) for the configured method, widened to hold the estimate; any other
-/// function metric has an estimate only.
-pub fn estimates(accumulate: Option<&str>, metrics: &[Shards<'_>], total_shards: usize, opts: &IntervalOptions) -> Result<Vec<Estimate>> {
-    let value_of = |d: &Value| d.get("value").and_then(Value::as_f64).unwrap_or(f64::NAN);
+/// The size-weighted mean of a metric's shard values: its estimate without `accumulate`.
+fn weighted_mean(m: &Shards<'_>) -> Estimate {
+    let n: usize = m.batches.iter().map(|b| b.2).sum();
+    let sum: f64 = m.batches.iter().map(|(_, d, size)| shard_value(d) * *size as f64).sum();
+    Estimate { name: m.metric.to_string(), value: if n > 0 { sum / n as f64 } else { f64::NAN }, bounds: None }
+}
+
+fn shard_value(d: &Value) -> f64 {
+    d.get("value").and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// Calls `accumulate` with `{metric: [the dicts of the shards `pick` keeps]}` (each
+/// metric that has such a shard); its answer must be an object of `{name: {"value": ...}}`.
+fn accumulate_over(acc: &str, metrics: &[Shards<'_>], pick: impl Fn(usize) -> bool) -> Result<Map<String, Value>> {
+    let arg: Map<String, Value> = metrics
+        .iter()
+        .filter_map(|m| {
+            let picked: Vec<Value> = m.batches.iter().filter(|b| pick(b.0)).map(|b| b.1.clone()).collect();
+            (!picked.is_empty()).then(|| (m.metric.to_string(), Value::Array(picked)))
+        })
+        .collect();
+    match call(acc, "metric accumulate", Value::Object(arg))? {
+        Value::Object(o) => Ok(o),
+        other => Err(bad(acc, format!("the accumulate function must return a dict {{name: {{\"value\": ...}}}}, not {other}"))),
+    }
+}
+
+fn accumulated_value(acc: &str, name: &str, r: &Value) -> Result<f64> {
+    r.get("value")
+        .and_then(Value::as_f64)
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| bad(acc, format!("metric {name}: the accumulate function must return {{\"value\": a finite number, ...}}, not {r}")))
+}
+
+/// The estimates of one function metric's names (`accumulate` given or not).
+///
+/// Without accumulate each name `compute` returned has the size-weighted mean of its shard
+/// values. With it, every name accumulate returns is estimated by accumulate's value (it
+/// may return names compute does not, e.g. `Accuracy` from `Correct` and `Total`); a name
+/// of compute's it leaves out keeps the weighted mean. A name accumulate marks
+/// `is_algebraic` with a `value_range` gets an interval: each shard's value counts as one
+/// draw (the shards are random, equal-sized blocks of the shuffled eval set, so their values
+/// are a sample without replacement of the `shards` block values) for the configured
+/// method, widened to hold the estimate. A shard's value is compute's for that name, or, for
+/// a name only accumulate returns, accumulate's over that shard alone (one call per shard).
+/// Any other function metric has an estimate only. A name accumulate adds must not be one
+/// of `taken` (the built-in metrics' and other function metrics' names).
+pub fn estimates(
+    accumulate: Option<&str>,
+    metrics: &[Shards<'_>],
+    taken: &[String],
+    total_shards: usize,
+    opts: &IntervalOptions,
+) -> Result<Vec<Estimate>> {
     let Some(acc) = accumulate else {
-        return Ok(metrics
-            .iter()
-            .map(|m| {
-                let n: usize = m.batches.iter().map(|b| b.1).sum();
-                let sum: f64 = m.batches.iter().map(|(d, size)| value_of(d) * *size as f64).sum();
-                Estimate { name: m.metric.to_string(), value: if n > 0 { sum / n as f64 } else { f64::NAN }, bounds: None }
-            })
-            .collect());
+        return Ok(metrics.iter().map(weighted_mean).collect());
     };
-    let arg: Map<String, Value> =
-        metrics.iter().map(|m| (m.metric.to_string(), Value::Array(m.batches.iter().map(|b| b.0.clone()).collect()))).collect();
-    let out = call(acc, "metric accumulate", Value::Object(arg))?;
+    let out = accumulate_over(acc, metrics, |_| true)?;
+    let mut shard_ids: Vec<usize> = metrics.iter().flat_map(|m| m.batches.iter().map(|b| b.0)).collect();
+    shard_ids.sort_unstable();
+    shard_ids.dedup();
+    // Accumulate's answer over each shard alone, asked for only when an interval needs it.
+    let mut per_shard: Option<Vec<Map<String, Value>>> = None;
+    let computed = |name: &str| metrics.iter().find(|m| m.metric == name);
+    let mut names: Vec<&str> = metrics.iter().map(|m| m.metric).collect();
+    for k in out.keys().map(String::as_str).filter(|k| computed(k).is_none()) {
+        if k.is_empty() || k.contains('/') || taken.iter().any(|t| t == k) {
+            return Err(bad(acc, format!("'{k}' cannot be a metric's name here (empty, with '/', or taken by another metric)")));
+        }
+        names.push(k);
+    }
     let mut est = Vec::new();
-    for m in metrics {
-        let r = out.get(m.metric).ok_or_else(|| bad(acc, format!("the accumulate function returned nothing for {}", m.metric)))?;
-        let value = r.get("value").and_then(Value::as_f64).filter(|v| v.is_finite()).ok_or_else(|| {
-            bad(acc, format!("metric {}: the accumulate function must return {{\"value\": a finite number, ...}}, not {r}", m.metric))
-        })?;
+    for name in names {
+        let Some(r) = out.get(name) else {
+            if let Some(m) = computed(name) {
+                est.push(weighted_mean(m));
+            }
+            continue;
+        };
+        let value = accumulated_value(acc, name, r)?;
         let algebraic = r.get("is_algebraic").and_then(Value::as_bool).unwrap_or(false);
         let range = r.get("value_range").and_then(Value::as_array).and_then(|a| match a.as_slice() {
             [lo, hi] => Some((lo.as_f64()?, hi.as_f64()?)),
@@ -205,15 +258,32 @@ pub fn estimates(accumulate: Option<&str>, metrics: &[Shards<'_>], total_shards:
         });
         let bounds = match range {
             Some((lo, hi)) if algebraic && lo.is_finite() && hi.is_finite() && lo < hi => {
-                let values: Vec<f64> = m.batches.iter().map(|(d, _)| value_of(d).clamp(lo, hi)).collect();
-                let shard_opts = IntervalOptions { population: Some(total_shards.max(values.len())), ..opts.clone() };
-                let i = mean_interval(&values, (lo, hi), &shard_opts)
-                    .map_err(|e| Error::Metric { metric: m.metric.to_string(), msg: e.to_string() })?;
-                Some((i.lower.min(value), i.upper.max(value)))
+                let raw: Vec<f64> = match computed(name) {
+                    Some(m) => m.batches.iter().map(|(_, d, _)| shard_value(d)).collect(),
+                    None => {
+                        if per_shard.is_none() {
+                            per_shard = Some(shard_ids.iter().map(|&i| accumulate_over(acc, metrics, |s| s == i)).collect::<Result<_>>()?);
+                        }
+                        let shards = per_shard.as_deref().unwrap_or_default();
+                        shards
+                            .iter()
+                            .map(|o| o.get(name).map_or(Ok(f64::NAN), |r| accumulated_value(acc, name, r)))
+                            .collect::<Result<_>>()?
+                    }
+                };
+                let values: Vec<f64> = raw.into_iter().filter(|v| v.is_finite()).map(|v| v.clamp(lo, hi)).collect();
+                if values.is_empty() {
+                    None
+                } else {
+                    let shard_opts = IntervalOptions { population: Some(total_shards.max(values.len())), ..opts.clone() };
+                    let i = mean_interval(&values, (lo, hi), &shard_opts)
+                        .map_err(|e| Error::Metric { metric: name.to_string(), msg: e.to_string() })?;
+                    Some((i.lower.min(value), i.upper.max(value)))
+                }
             }
             _ => None,
         };
-        est.push(Estimate { name: m.metric.to_string(), value, bounds });
+        est.push(Estimate { name: name.to_string(), value, bounds });
     }
     Ok(est)
 }
@@ -244,8 +314,41 @@ mod tests {
 
     #[test]
     fn without_accumulate_the_estimate_is_the_size_weighted_mean() {
-        let s = Shards { metric: "m", batches: vec![(json!({"value": 1.0}), 3), (json!({"value": 0.0}), 1)] };
-        let e = estimates(None, &[s], 4, &IntervalOptions::default()).unwrap();
+        let s = Shards { metric: "m", batches: vec![(0, json!({"value": 1.0}), 3), (1, json!({"value": 0.0}), 1)] };
+        let e = estimates(None, &[s], &[], 4, &IntervalOptions::default()).unwrap();
         assert_eq!((e[0].name.as_str(), e[0].value, e[0].bounds), ("m", 0.75, None));
+    }
+
+    /// RapidFire's shape: compute returns counts, accumulate derives the accuracy from them.
+    #[test]
+    fn accumulate_may_return_names_compute_does_not() {
+        let name = "python:userfn_test_acc_ratio";
+        hooks::register(
+            name,
+            std::sync::Arc::new(|v: Value| {
+                let sum = |k: &str| v[k].as_array().map_or(0.0, |a| a.iter().filter_map(|d| d["value"].as_f64()).sum::<f64>());
+                let (c, t) = (sum("Correct"), sum("Total"));
+                Ok(json!({"Accuracy": {"value": c / t, "is_algebraic": true, "value_range": [0, 1]}, "Total": {"value": t}}))
+            }),
+        );
+        let shards = |vals: &[f64]| vals.iter().enumerate().map(|(i, v)| (i, json!({"value": v}), 4)).collect::<Vec<_>>();
+        let correct = || Shards { metric: "Correct", batches: shards(&[4.0, 0.0, 2.0, 2.0]) };
+        let total = || Shards { metric: "Total", batches: shards(&[4.0, 4.0, 4.0, 4.0]) };
+        // A name of a built-in metric cannot be taken over.
+        let e = estimates(Some(name), &[correct(), total()], &["Accuracy".to_string()], 8, &IntervalOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("'Accuracy' cannot be a metric's name"), "{e}");
+        let e = estimates(Some(name), &[correct(), total()], &[], 8, &IntervalOptions::default()).unwrap();
+        hooks::unregister(name);
+        let names: Vec<&str> = e.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["Correct", "Total", "Accuracy"]);
+        // Correct: left out by accumulate, the size-weighted mean of its shard values.
+        assert_eq!((e[0].value, e[0].bounds), (2.0, None));
+        assert_eq!((e[1].value, e[1].bounds), (16.0, None));
+        let acc = &e[2];
+        assert!((acc.value - 0.5).abs() < 1e-12);
+        // Its shard values (1, 0, .5, .5) come from accumulate over each shard alone; they
+        // spread, so the interval is proper and holds the estimate.
+        let (lo, hi) = acc.bounds.expect("an algebraic metric with a range has an interval");
+        assert!((0.0..0.5).contains(&lo) && 0.5 < hi && hi <= 1.0, "{lo} {hi}");
     }
 }

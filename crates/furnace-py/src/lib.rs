@@ -243,18 +243,22 @@ fn run(
         if finished {
             break;
         }
-        if interrupted.is_none() {
-            if let Err(e) = py.check_signals() {
-                cancel.store(true, Ordering::Relaxed);
-                interrupted = Some(e);
+        if let Err(e) = py.check_signals() {
+            cancel.store(true, Ordering::Relaxed);
+            if interrupted.is_some() {
+                // A second interrupt: stop waiting for the clean stop (a user function may
+                // hang); the engine's thread still stops at its next step and checkpoints.
+                return Err(e);
             }
+            interrupted = Some(e);
         }
     }
-    let result = py.detach(|| join.join()).map_err(|_| runtime("the training thread panicked"))?;
-    let (runs, cancelled) = result.map_err(runtime)?;
+    let result = py.detach(|| join.join());
+    // An interrupt is what the user asked for; it is raised before any error of the stop.
     if let Some(e) = interrupted {
         return Err(e);
     }
+    let (runs, cancelled) = result.map_err(|_| runtime("the training thread panicked"))?.map_err(runtime)?;
     json(&serde_json::json!({ "cancelled": cancelled, "runs": runs }))
 }
 

@@ -72,7 +72,8 @@
 //!   call with `{"prompts": [text...], "completions": [text...], "completion_ids":
 //!   [[id...]...], "columns": {"col": [value...], ...}, "step": n}` (one entry per
 //!   completion; `columns` holds every column of the rows except `prompt`, `null` where a
-//!   row lacks it); it returns a list of numbers, one per completion, in order. Its
+//!   row lacks it); it returns a list of numbers (or `null`, `NaN`: no score), one per
+//!   completion, in order. Its
 //!   failure (the traceback), a missing function, or a result of another shape is an error
 //!   naming the function.
 //!
@@ -721,7 +722,11 @@ fn call_function(name: &str, function: &str, items: &[Scored<'_>], step: usize) 
     }
     list.iter()
         .enumerate()
-        .map(|(i, v)| v.as_f64().ok_or_else(|| shape(format!("item {} of its result is {}, not a number", i + 1, json_kind(v)))))
+        // `null` (Python's None) is "no score for this completion", as TRL takes it.
+        .map(|(i, v)| match v {
+            Value::Null => Ok(f64::NAN),
+            _ => v.as_f64().ok_or_else(|| shape(format!("item {} of its result is {}, not a number or null", i + 1, json_kind(v)))),
+        })
         .collect()
 }
 
@@ -1519,6 +1524,12 @@ const = 1
         assert_eq!(r.score_at(&[], 7).unwrap(), vec![Vec::<f64>::new()]);
         assert!(seen.lock().unwrap().is_empty());
         crate::hooks::unregister("test:reward_len_plus_answer");
+        // null is "no score" (NaN), as TRL takes a reward function's None.
+        crate::hooks::register("test:reward_none", Arc::new(|_| Ok(json!([null, 1.5]))));
+        let r = compile("[[reward]]\nkind = \"function\"\nfunction = \"test:reward_none\"\nname = \"none\"");
+        let got = r.score_at(&items, 0).unwrap().remove(0);
+        assert!(got[0].is_nan() && got[1] == 1.5, "{got:?}");
+        crate::hooks::unregister("test:reward_none");
     }
 
     #[test]
@@ -1537,8 +1548,8 @@ const = 1
         };
         let e = err("test:reward_short", std::sync::Arc::new(|_| Ok(json!([1.0]))));
         assert!(e.contains("test:reward_short") && e.contains("returned 1 numbers for 2 completions"), "{e}");
-        let e = err("test:reward_null", std::sync::Arc::new(|_| Ok(json!([1.0, null]))));
-        assert!(e.contains("item 2") && e.contains("null, not a number"), "{e}");
+        let e = err("test:reward_text", std::sync::Arc::new(|_| Ok(json!([1.0, "x"]))));
+        assert!(e.contains("item 2") && e.contains("a string, not a number"), "{e}");
         let e = err("test:reward_dict", std::sync::Arc::new(|_| Ok(json!({"a": 1}))));
         assert!(e.contains("must return a list of numbers"), "{e}");
         let e = err("test:reward_raises", std::sync::Arc::new(|_| Err("Traceback (most recent call last):\nKeyError: 'answer'".into())));
