@@ -52,6 +52,19 @@ def json_reward(prompts, completions, **_):
     return out
 
 
+def frozen_dtype():
+    """bf16 where the CPU has AVX512-BF16 (furnace's bf16 kernels), else f32 ("none"):
+    without it the bf16 path is portable scalar code and would swamp what is measured."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "bf16" if "avx512_bf16" in f.read() else "none"
+    except OSError:
+        return "none"
+
+
+QUANTIZE = "none"
+
+
 def sft(model, fmt, metrics, steps):
     return RFGridSearch(
         {
@@ -59,7 +72,7 @@ def sft(model, fmt, metrics, steps):
                 model_name=model,
                 peft_config=RFLoraConfig(r=List([8, 16]), lora_alpha=16),
                 training_args=RFSFTConfig(learning_rate=1e-3, per_device_train_batch_size=4, max_length=128, max_steps=steps),
-                model_kwargs={"quantize": "bf16"},
+                model_kwargs={"quantize": QUANTIZE},
                 formatting_func=fmt,
                 compute_metrics=metrics,
                 generation_config={"max_new_tokens": 32},
@@ -78,7 +91,7 @@ def grpo(model, reward, steps):
                 training_args=RFGRPOConfig(
                     learning_rate=1e-4, per_device_train_batch_size=4, num_generations=4, max_completion_length=32, max_steps=steps
                 ),
-                model_kwargs={"quantize": "bf16"},
+                model_kwargs={"quantize": QUANTIZE},
                 reward_funcs=[reward],
             )
         },
@@ -107,7 +120,11 @@ def main():
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--grpo-steps", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--quantize", default=None, help="the frozen base: none, bf16, q8, q4 (default: bf16 with AVX512-BF16, else none)")
     a = p.parse_args()
+    global QUANTIZE
+    QUANTIZE = a.quantize or frozen_dtype()
+    print(f"frozen base: {QUANTIZE}", file=sys.stderr)
     train, ev = rows("train.jsonl")[: a.rows], rows("eval.jsonl")[:8]
     mine = [{"instruction": r["system"], "sentence": r["prompt"], "json": r["completion"]} for r in train]
     mine_ev = [{"instruction": r["system"], "sentence": r["prompt"], "json": r["completion"]} for r in ev]

@@ -663,7 +663,7 @@ pub fn format_rows(name: &str, rows: Vec<Value>) -> Result<Vec<Value>> {
 }
 
 /// A JSON value's kind, for messages.
-fn json_kind(v: &Value) -> &'static str {
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -91,6 +91,7 @@
 //!
 //! When `last_number` or `regex:` finds nothing, the reward is 0.
 
+use crate::data::json_kind;
 use crate::error::{Error, Result};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -647,17 +648,6 @@ impl Rewards {
 /// The column's value; `None` when the row lacks it or it is `null`.
 fn column_value<'v>(row: &'v Value, column: &str) -> Option<&'v Value> {
     row.get(column).filter(|v| !v.is_null())
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The tutorial's `count_xml`, operation for operation (so the floats agree with Python's).
