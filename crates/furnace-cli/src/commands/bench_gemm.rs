@@ -120,7 +120,10 @@ pub fn run(a: GemmBenchArgs) -> Result<()> {
     let down = FrozenGroup::new(&[&mlp.down_proj])?;
     let head = FrozenGroup::new(&[&model.lm_head])?;
     if !qkv.is_bf16() {
-        bail!("the frozen groups of {} are not bf16", a.model);
+        bail!(
+            "the frozen groups of {} are not bf16 (bf16 GEMMs need a CPU with AVX512-BF16; without it training keeps f32 copies)",
+            a.model
+        );
     }
 
     let x_h = pseudo(m * h, 1);

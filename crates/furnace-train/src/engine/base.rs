@@ -51,8 +51,15 @@ fn f32_values(l: &Linear) -> Result<Vec<f32>> {
 
 impl FrozenGroup {
     /// The base parts of `linears` (attached adapters are ignored). All-f32 layers keep the
-    /// exact f32 form; anything else is multiplied in bf16.
+    /// exact f32 form; anything else is multiplied in bf16 where the CPU has AVX512-BF16,
+    /// else dequantized to f32.
     pub fn new(linears: &[&Linear]) -> Result<Self> {
+        Self::build(linears, kernels::has_bf16_simd())
+    }
+
+    /// [`FrozenGroup::new`] with the bf16 form allowed or not (tests force it on CPUs
+    /// without AVX512-BF16, where the kernels run their portable twin).
+    fn build(linears: &[&Linear], bf16_ok: bool) -> Result<Self> {
         let inp = linears.first().map(|l| l.in_features).unwrap_or(0);
         let outs: Vec<usize> = linears.iter().map(|l| l.out_features).collect();
         let bias =
@@ -66,6 +73,15 @@ impl FrozenGroup {
             .collect();
         let form = if dense.len() == linears.len() {
             Form::F32(dense)
+        } else if !bf16_ok {
+            // Without AVX512-BF16 the bf16 kernels run their portable scalar twin, about 100x
+            // slower than candle's f32 GEMM (measured 2026-12-01 on an AVX2-only EPYC): keep
+            // f32 copies instead, trading memory for speed.
+            let weights = linears
+                .iter()
+                .map(|l| Ok(Tensor::from_vec(f32_values(l)?, (l.out_features, l.in_features), &Device::Cpu)?))
+                .collect::<Result<Vec<_>>>()?;
+            Form::F32(weights)
         } else {
             let mut fwd = Vec::with_capacity(linears.len());
             let mut cat: Vec<f32> = Vec::new();
@@ -258,7 +274,7 @@ mod tests {
         let model = LoadedModel::load(&dir, WeightDType::Bf16).unwrap();
         let a = &model.model.layers[0].self_attn;
         let linears = [&a.q_proj, &a.k_proj, &a.v_proj];
-        let g = FrozenGroup::new(&linears).unwrap();
+        let g = FrozenGroup::build(&linears, true).unwrap();
         assert!(g.is_bf16());
         let ws: Vec<Vec<f32>> = linears.iter().map(|l| f32_values(l).unwrap()).collect();
         let r = |v: f32| bf16_to_f32(f32_to_bf16(v)) as f64;
