@@ -67,7 +67,7 @@ impl RawWeight {
 pub enum LinearWeight {
     /// Dense f32 `[out, in]` (candle's GEMM; exact).
     Dense(Tensor),
-    /// bf16 `[out, in]`, multiplied by our AVX512-BF16 kernel.
+    /// bf16 `[out, in]`, multiplied by our bf16 kernel (AVX512-BF16, or AVX2 + FMA).
     Bf16(Arc<Bf16Matrix>),
     /// Q8_0 `[out, in]` for single rows (memory-bound decode: candle's vector kernel reads
     /// 1 byte per weight), plus a packed bf16 copy of the weight as stored in the file for

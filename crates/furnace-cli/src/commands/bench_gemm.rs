@@ -99,8 +99,14 @@ pub fn run(a: GemmBenchArgs) -> Result<()> {
     if a.rows == 0 || a.rank == 0 || a.repeat == 0 || a.head_chunk == 0 {
         bail!("--rows, --rank, --repeat and --head-chunk must be at least 1");
     }
-    if !kernels::has_bf16_simd() {
-        eprintln!("note: this CPU lacks AVX512-BF16; furnace runs its portable kernel");
+    match kernels::Bf16Kernel::best() {
+        kernels::Bf16Kernel::Avx512Bf16 => {}
+        kernels::Bf16Kernel::Avx2Fma => {
+            eprintln!("note: this CPU lacks AVX512-BF16; furnace runs its AVX2 + FMA kernel (bf16 widened to f32)")
+        }
+        kernels::Bf16Kernel::Portable => {
+            eprintln!("note: this CPU has neither AVX512-BF16 nor AVX2 + FMA; furnace runs its portable kernel")
+        }
     }
     let loaded = load(&a.model, WeightDType::Bf16)?;
     let model = &loaded.model;
@@ -121,7 +127,7 @@ pub fn run(a: GemmBenchArgs) -> Result<()> {
     let head = FrozenGroup::new(&[&model.lm_head])?;
     if !qkv.is_bf16() {
         bail!(
-            "the frozen groups of {} are not bf16 (bf16 GEMMs need a CPU with AVX512-BF16; without it training keeps f32 copies)",
+            "the frozen groups of {} are not bf16 (bf16 GEMMs need a CPU with AVX512-BF16 or AVX2 + FMA; without them training keeps f32 copies)",
             a.model
         );
     }

@@ -73,7 +73,9 @@ fn the_openai_generator_answers_from_furnace_serve_within_its_requests_per_minut
         assert_eq!(o.completion_tokens, 1, "{o:?}");
     }
     assert!(took >= Duration::from_secs(60), "9 requests at 6 a minute took {took:?}");
-    assert!(took < Duration::from_secs(75), "{took:?}");
+    // One window of waiting, not two: generous, since on a loaded 2-core machine (the other
+    // tests running beside this one) each answer alone can take tens of seconds.
+    assert!(took < Duration::from_secs(120), "9 requests at 6 a minute waited two windows: {took:?}");
     let (status, rest) = server.stop();
     assert!(status.success(), "furnace serve exited with {status}: {rest}");
 

@@ -1,12 +1,15 @@
-//! CPU kernels that candle lacks or runs slowly: a bf16 matmul with f32 accumulation
-//! (AVX512-BF16 `vdpbf16ps` over a packed weight layout), and single-token attention over
-//! the KV cache.
+//! CPU kernels that candle lacks or runs slowly: a bf16 matmul with f32 accumulation over
+//! a packed weight layout (AVX512-BF16 `vdpbf16ps` where the CPU has it, else AVX2 + FMA on
+//! weights widened to f32 in registers), and single-token attention over the KV cache.
 //!
-//! This is the one module where `unsafe` is allowed, and only in `simd`: SIMD intrinsics
-//! behind a runtime CPU-feature check, reading through raw pointers whose bounds the safe
-//! wrapper asserts. Every SIMD routine has a portable twin that the tests compare it with.
+//! This is the one module where `unsafe` is allowed, and only in `simd` and `avx2`: SIMD
+//! intrinsics behind a runtime CPU-feature check, reading through raw pointers whose bounds
+//! the safe wrapper asserts. Every SIMD routine has a portable twin that the tests compare
+//! it with.
 
 pub mod attention;
+#[allow(unsafe_code)]
+mod avx2;
 pub mod bf16;
 #[allow(unsafe_code)]
 mod simd;
@@ -14,6 +17,44 @@ mod simd;
 pub use bf16::{bf16_to_f32, f32_to_bf16, Bf16Matrix, PANEL};
 
 use rayon::prelude::*;
+
+/// The kernel that multiplies packed bf16 weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `vdpbf16ps` (AVX-512F, AVX-512BW, AVX512-BF16).
+    Avx512Bf16,
+    /// Weights widened to f32 in registers, f32 FMA (AVX2 + FMA).
+    Avx2Fma,
+    /// Scalar Rust, for CPUs with neither and as the tests' reference.
+    Portable,
+}
+
+impl Bf16Kernel {
+    /// Whether this CPU can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Self::Avx512Bf16 => simd::available(),
+            Self::Avx2Fma => avx2::available(),
+            Self::Portable => true,
+        }
+    }
+
+    /// Every kernel this CPU can run, fastest first.
+    pub fn all_available() -> Vec<Self> {
+        [Self::Avx512Bf16, Self::Avx2Fma, Self::Portable].into_iter().filter(|k| k.available()).collect()
+    }
+
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Self {
+        if simd::available() {
+            Self::Avx512Bf16
+        } else if avx2::available() {
+            Self::Avx2Fma
+        } else {
+            Self::Portable
+        }
+    }
+}
 
 /// Rows of one register tile of the SIMD kernel (the portable twin walks the same blocks).
 const MR: usize = simd::MR;
@@ -31,8 +72,14 @@ const KC: usize = 256;
 /// (decode and short prompts).
 const ROW_SPLIT_MIN: usize = 96;
 
-/// Whether this CPU runs the AVX512-BF16 path.
+/// Whether this CPU multiplies bf16 weights with a SIMD kernel (AVX512-BF16, or AVX2 +
+/// FMA), not the portable scalar one.
 pub fn has_bf16_simd() -> bool {
+    Bf16Kernel::best() != Bf16Kernel::Portable
+}
+
+/// Whether this CPU has the AVX512-BF16 dot-product instruction.
+pub fn has_avx512_bf16() -> bool {
     simd::available()
 }
 
@@ -45,7 +92,7 @@ pub fn threads() -> usize {
 /// GFLOP/s: a register-only loop of independent `vdpbf16ps` (64 FLOP each) on every thread
 /// at once, best of three. `None` without AVX512-BF16.
 pub fn peak_bf16_gflops() -> Option<f64> {
-    if !has_bf16_simd() {
+    if !has_avx512_bf16() {
         return None;
     }
     let iters = 20_000_000usize;
@@ -64,18 +111,18 @@ pub fn peak_bf16_gflops() -> Option<f64> {
 /// `y = x W^T` for `x: [m, k]` (f32) and packed `W: [n, k]`; returns `y: [m, n]` (f32).
 /// Activations are rounded to bf16; products are accumulated in f32.
 pub fn matmul_nt(x: &[f32], m: usize, w: &Bf16Matrix) -> Vec<f32> {
-    matmul_nt_with(x, m, w, has_bf16_simd())
+    matmul_nt_with(x, m, w, Bf16Kernel::best())
 }
 
-/// [`matmul_nt`] with the SIMD path switched on or off (for tests).
-pub fn matmul_nt_with(x: &[f32], m: usize, w: &Bf16Matrix, use_simd: bool) -> Vec<f32> {
-    matmul_nt_many_with(x, m, &[w], use_simd).pop().unwrap_or_default()
+/// [`matmul_nt`] with a chosen kernel (for tests; it must be [`Bf16Kernel::available`]).
+pub fn matmul_nt_with(x: &[f32], m: usize, w: &Bf16Matrix, kernel: Bf16Kernel) -> Vec<f32> {
+    matmul_nt_many_with(x, m, &[w], kernel).pop().unwrap_or_default()
 }
 
 /// `y_i = x W_i^T` for several weights sharing the input width (q/k/v, gate/up): the input
 /// is converted once and all products run in one parallel region.
 pub fn matmul_nt_many(x: &[f32], m: usize, ws: &[&Bf16Matrix]) -> Vec<Vec<f32>> {
-    matmul_nt_many_with(x, m, ws, has_bf16_simd())
+    matmul_nt_many_with(x, m, ws, Bf16Kernel::best())
 }
 
 /// Rounds `x: [m, k]` to bf16 rows of stride `kp` (zero-padded), in parallel.
@@ -99,7 +146,7 @@ pub fn to_bf16_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
 /// (`out` has row stride `ldo`): tiles of [`NR`] columns, the reduction cut into [`KC`]
 /// blocks, each block's weight panels reused by every row before the next.
 #[allow(clippy::too_many_arguments)]
-fn gemm_rows(xb: &[u16], m: usize, kp: usize, w: &Bf16Matrix, cols: (usize, usize), out: &mut [f32], ldo: usize, use_simd: bool) {
+fn gemm_rows(xb: &[u16], m: usize, kp: usize, w: &Bf16Matrix, cols: (usize, usize), out: &mut [f32], ldo: usize, kernel: Bf16Kernel) {
     let (c0, c1) = cols;
     let mut j = c0;
     while j < c1 {
@@ -110,10 +157,10 @@ fn gemm_rows(xb: &[u16], m: usize, kp: usize, w: &Bf16Matrix, cols: (usize, usiz
         while k0 < kp {
             let k1 = (k0 + KC).min(kp);
             let o = &mut out[j - c0..];
-            if use_simd {
-                simd::gemm_block(xb, m, kp, (k0, k1), &w.data, (p, np), nc, o, ldo, k0 > 0);
-            } else {
-                gemm_block_portable(xb, m, kp, (k0, k1), &w.data, p, nc, o, ldo, k0 > 0);
+            match kernel {
+                Bf16Kernel::Avx512Bf16 => simd::gemm_block(xb, m, kp, (k0, k1), &w.data, (p, np), nc, o, ldo, k0 > 0),
+                Bf16Kernel::Avx2Fma => avx2::gemm_block(xb, m, kp, (k0, k1), &w.data, p, nc, o, ldo, k0 > 0),
+                Bf16Kernel::Portable => gemm_block_portable(xb, m, kp, (k0, k1), &w.data, p, nc, o, ldo, k0 > 0),
             }
             k0 = k1;
         }
@@ -121,8 +168,8 @@ fn gemm_rows(xb: &[u16], m: usize, kp: usize, w: &Bf16Matrix, cols: (usize, usiz
     }
 }
 
-/// [`matmul_nt_many`] with the SIMD path switched on or off (for tests).
-pub fn matmul_nt_many_with(x: &[f32], m: usize, ws: &[&Bf16Matrix], use_simd: bool) -> Vec<Vec<f32>> {
+/// [`matmul_nt_many`] with a chosen kernel (for tests; it must be [`Bf16Kernel::available`]).
+pub fn matmul_nt_many_with(x: &[f32], m: usize, ws: &[&Bf16Matrix], kernel: Bf16Kernel) -> Vec<Vec<f32>> {
     let Some(first) = ws.first() else {
         return Vec::new();
     };
@@ -158,7 +205,7 @@ pub fn matmul_nt_many_with(x: &[f32], m: usize, ws: &[&Bf16Matrix], use_simd: bo
             let rows = (m - i0).min(mc);
             let xs = &xb[i0 * kp..(i0 + rows) * kp];
             for (out, w) in outs.into_iter().zip(ws) {
-                gemm_rows(xs, rows, kp, w, (0, w.n), out, w.n, use_simd);
+                gemm_rows(xs, rows, kp, w, (0, w.n), out, w.n, kernel);
             }
         });
         return ys;
@@ -181,7 +228,7 @@ pub fn matmul_nt_many_with(x: &[f32], m: usize, ws: &[&Bf16Matrix], use_simd: bo
             let cols = (w.n - j0).min(NR);
             let rows = (m - i0).min(mc);
             let mut buf = vec![0f32; rows * cols];
-            gemm_rows(&xb[i0 * kp..(i0 + rows) * kp], rows, kp, w, (j0, j0 + cols), &mut buf, cols, use_simd);
+            gemm_rows(&xb[i0 * kp..(i0 + rows) * kp], rows, kp, w, (j0, j0 + cols), &mut buf, cols, kernel);
             (wi, j0, i0, cols, buf)
         })
         .collect();

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use furnace_model::kernels::attention::{decode_attention, rope_inplace};
-use furnace_model::kernels::{bf16_to_f32, f32_to_bf16, has_bf16_simd, matmul_nt_many_with, matmul_nt_with, Bf16Matrix};
+use furnace_model::kernels::{bf16_to_f32, f32_to_bf16, matmul_nt_many_with, matmul_nt_with, Bf16Kernel, Bf16Matrix};
 
 fn pseudo(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -61,15 +61,11 @@ fn matmul_matches_reference_for_awkward_shapes() {
         let w = pseudo(n * k, 3 + n as u64);
         let p = Bf16Matrix::from_f32(&w, n, k);
         let want = reference(&x, m, &w, n, k);
-        let mut paths = vec![false];
-        if has_bf16_simd() {
-            paths.push(true);
-        }
-        for simd in paths {
+        for simd in Bf16Kernel::all_available() {
             let got = matmul_nt_with(&x, m, &p, simd);
             assert_eq!(got.len(), m * n);
             for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "simd={simd} ({m},{n},{k}) at {idx}: {a} vs {b}");
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "{simd:?} ({m},{n},{k}) at {idx}: {a} vs {b}");
             }
         }
     }
@@ -93,10 +89,7 @@ fn matmul_matches_reference_on_tile_and_block_edges() {
         (1, 1, 513),
         (101, 200, 1),
     ];
-    let mut paths = vec![false];
-    if has_bf16_simd() {
-        paths.push(true);
-    }
+    let paths = Bf16Kernel::all_available();
     for &(m, n, k) in &shapes {
         let x = pseudo(m * k, 40 + m as u64);
         let w = pseudo(n * k, 41 + n as u64);
@@ -106,7 +99,7 @@ fn matmul_matches_reference_on_tile_and_block_edges() {
             let got = matmul_nt_with(&x, m, &p, simd);
             assert_eq!(got.len(), m * n);
             for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "simd={simd} ({m},{n},{k}) at {idx}: {a} vs {b}");
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "{simd:?} ({m},{n},{k}) at {idx}: {a} vs {b}");
             }
         }
     }
@@ -121,12 +114,12 @@ fn grouped_matmul_matches_single_products() {
         let ws: Vec<(usize, Vec<f32>)> = [96usize, 32, 40].iter().enumerate().map(|(i, &n)| (n, pseudo(n * k, 60 + i as u64))).collect();
         let packed: Vec<Bf16Matrix> = ws.iter().map(|(n, w)| Bf16Matrix::from_f32(w, *n, k)).collect();
         let refs: Vec<&Bf16Matrix> = packed.iter().collect();
-        for simd in [false, has_bf16_simd()] {
+        for simd in Bf16Kernel::all_available() {
             let ys = matmul_nt_many_with(&x, m, &refs, simd);
             for ((n, w), y) in ws.iter().zip(&ys) {
                 let want = reference(&x, m, w, *n, k);
                 for (a, b) in y.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "simd={simd} m={m} n={n}: {a} vs {b}");
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * (k as f32).sqrt(), "{simd:?} m={m} n={n}: {a} vs {b}");
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! is a [`FrozenGroup`]. Two forms:
 //! - f32 (`quantize = "none"`): candle's f32 GEMM, exact; the reference for the fixture
 //!   tests.
-//! - bf16 (bf16 or quantized bases): our AVX512-BF16 kernel with f32 accumulation, forward
+//! - bf16 (bf16 or quantized bases): our bf16 kernel (AVX512-BF16, or AVX2 + FMA on
+//!   weights widened in registers) with f32 accumulation, forward
 //!   `x W^T` over the packed weight the model already holds, and backward `dy W` over a
 //!   second packing of `W^T` built here (the concatenated weights of the group, so the
 //!   whole group's input gradient is one product; the kernel blocks the reduction for the
@@ -51,14 +52,14 @@ fn f32_values(l: &Linear) -> Result<Vec<f32>> {
 
 impl FrozenGroup {
     /// The base parts of `linears` (attached adapters are ignored). All-f32 layers keep the
-    /// exact f32 form; anything else is multiplied in bf16 where the CPU has AVX512-BF16,
-    /// else dequantized to f32.
+    /// exact f32 form; anything else is multiplied in bf16 where the CPU has a SIMD bf16
+    /// kernel (AVX512-BF16 or AVX2 + FMA), else dequantized to f32.
     pub fn new(linears: &[&Linear]) -> Result<Self> {
         Self::build(linears, kernels::has_bf16_simd())
     }
 
     /// [`FrozenGroup::new`] with the bf16 form allowed or not (tests force it on CPUs
-    /// without AVX512-BF16, where the kernels run their portable twin).
+    /// without a SIMD bf16 kernel, where the kernels run their portable twin).
     fn build(linears: &[&Linear], bf16_ok: bool) -> Result<Self> {
         let inp = linears.first().map(|l| l.in_features).unwrap_or(0);
         let outs: Vec<usize> = linears.iter().map(|l| l.out_features).collect();
@@ -74,9 +75,9 @@ impl FrozenGroup {
         let form = if dense.len() == linears.len() {
             Form::F32(dense)
         } else if !bf16_ok {
-            // Without AVX512-BF16 the bf16 kernels run their portable scalar twin, about 100x
-            // slower than candle's f32 GEMM (measured 2026-12-01 on an AVX2-only EPYC): keep
-            // f32 copies instead, trading memory for speed.
+            // Without AVX512-BF16 or AVX2 + FMA the bf16 kernels run their portable scalar
+            // twin, about 100x slower than candle's f32 GEMM (measured 2026-12-01): keep f32
+            // copies instead, trading memory for speed.
             let weights = linears
                 .iter()
                 .map(|l| Ok(Tensor::from_vec(f32_values(l)?, (l.out_features, l.in_features), &Device::Cpu)?))
