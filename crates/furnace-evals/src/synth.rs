@@ -237,6 +237,8 @@ pub struct SynthCounts {
     pub failed: usize,
     /// Answers that were not one JSON value.
     pub invalid_json: usize,
+    /// Answers cut at the token limit before their JSON closed (raise `max_tokens`).
+    pub truncated: usize,
     /// Answers the schema (or the format's rules) refused.
     pub schema_failures: usize,
     /// Exact duplicates of a kept example.
@@ -782,7 +784,11 @@ pub fn synthesize(
             counts.generated += 1;
             counts.completion_tokens += out.completion_tokens;
             let Some(v) = parse_json(&out.text) else {
-                counts.invalid_json += 1;
+                if out.finish_reason == "length" {
+                    counts.truncated += 1;
+                } else {
+                    counts.invalid_json += 1;
+                }
                 continue;
             };
             if validate(&v, schema).is_err() {

@@ -59,9 +59,10 @@ pub fn run(a: DatagenBenchArgs) -> Result<()> {
         let tps = r.counts.completion_tokens as f64 / r.seconds.max(1e-9);
         let c = &r.counts;
         println!(
-            "batch {batch:>3}: {} examples ({} requests: {} invalid JSON, {} schema failures, {} duplicates, {} near duplicates; {} tokens) in {:.2} s: {:.3} examples/s, {:.1} tokens/s",
+            "batch {batch:>3}: {} examples ({} requests: {} cut at the token limit, {} invalid JSON, {} schema failures, {} duplicates, {} near duplicates; {} tokens) in {:.2} s: {:.3} examples/s, {:.1} tokens/s",
             r.rows.len(),
             c.attempts,
+            c.truncated,
             c.invalid_json,
             c.schema_failures,
             c.duplicates,

@@ -144,8 +144,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     if report.rows.is_empty() {
         bail!(
-            "no example was kept after {} requests ({} invalid JSON, {} schema failures, {} duplicates, {} near duplicates, {} failed); try more --max-tokens or --max-attempts",
+            "no example was kept after {} requests ({} cut at --max-tokens, {} invalid JSON, {} schema failures, {} duplicates, {} near duplicates, {} failed); try more --max-tokens or --max-attempts",
             report.counts.attempts,
+            report.counts.truncated,
             report.counts.invalid_json,
             report.counts.schema_failures,
             report.counts.duplicates,
@@ -173,6 +174,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         writeln!(out, "requests         {}", c.attempts)?;
         writeln!(out, "generated        {}", c.generated)?;
         writeln!(out, "failed           {}", c.failed)?;
+        writeln!(out, "cut at max tokens {}", c.truncated)?;
         writeln!(out, "invalid json     {}", c.invalid_json)?;
         writeln!(out, "schema failures  {}", c.schema_failures)?;
         writeln!(out, "duplicates       {}", c.duplicates)?;
@@ -212,7 +214,7 @@ fn run_with(gen: &mut dyn SynthGenerator, source: &Source, schema: &serde_json::
         bar.set_message(format!(
             "{} requests, {} invalid, {} dup",
             c.attempts,
-            c.invalid_json + c.schema_failures,
+            c.truncated + c.invalid_json + c.schema_failures,
             c.duplicates + c.near_duplicates
         ));
     })

@@ -32,7 +32,16 @@ impl SynthGenerator for Scripted {
                 if text == "FAIL" {
                     return Err("boom".into());
                 }
-                Ok(GenOutput { completion_tokens: text.len() / 4, text, ..GenOutput::default() })
+                // "CUT:" marks an answer stopped at the token limit.
+                if let Some(t) = text.strip_prefix("CUT:") {
+                    return Ok(GenOutput {
+                        completion_tokens: t.len() / 4,
+                        text: t.into(),
+                        finish_reason: "length".into(),
+                        ..GenOutput::default()
+                    });
+                }
+                Ok(GenOutput { completion_tokens: text.len() / 4, text, finish_reason: "stop".into(), ..GenOutput::default() })
             })
             .collect()
     }
@@ -101,6 +110,8 @@ fn invalid_json_schema_failures_and_duplicates_are_counted_and_dropped() {
         "FAIL",
         // A code fence around the JSON is fine.
         &format!("```json\n{}\n```", qa("Why is the sky blue?", "Rayleigh scattering.")),
+        // Stopped at the token limit before the JSON closed: truncated, not invalid.
+        r#"CUT:{"question": "What is a photon?", "answer": "A quantum of"#,
         &qa("What does Newton's second law state?", "F = m a."),
     ]);
     let o = SynthOptions { near_dup: 0.5, ..opts(Format::Qa, 3) };
@@ -115,11 +126,11 @@ fn invalid_json_schema_failures_and_duplicates_are_counted_and_dropped() {
     );
     assert!(!bound);
     // Rounds of 3 (all that is missing), then 4 and 4 (the batch: most answers were
-    // rejected); the last round's two answers after the third row repeat the last script
-    // line, so they are duplicates too.
+    // rejected); the last round's answer after the third row repeats the last script line,
+    // so it is a duplicate too.
     assert_eq!(
-        (c.attempts, c.generated, c.failed, c.invalid_json, c.schema_failures, c.duplicates, c.near_duplicates, c.kept),
-        (11, 10, 1, 1, 2, 3, 1, 3),
+        (c.attempts, c.generated, c.failed, c.truncated, c.invalid_json, c.schema_failures, c.duplicates, c.near_duplicates, c.kept),
+        (11, 10, 1, 1, 1, 2, 2, 1, 3),
         "{c:?}"
     );
     assert!(jaccard("What is the speed of light in vacuum?", "What is the speed of light in a vacuum?") >= 0.5);
