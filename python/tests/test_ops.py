@@ -86,7 +86,9 @@ def test_a_bad_op_is_refused_with_a_clear_error(tiny_model, extract_rows, exp_di
 def test_keyboard_interrupt_stops_cleanly_and_run_fit_again_continues(tiny_model, extract_rows, exp_dir):
     train, ev = extract_rows
     exp = Experiment("interrupt", mode="fit", experiments_path=exp_dir)
-    cfg = group(tiny_model, epochs=3)
+    # Enough epochs that the runs cannot finish between the second step and the interrupt
+    # (tiny-llama trains a step in milliseconds).
+    cfg = group(tiny_model, epochs=20)
 
     def interrupt():
         wait_until(lambda: exp.name is not None and exp.get_runs_info()["steps_done"].max() >= 2)
