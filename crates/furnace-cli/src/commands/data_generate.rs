@@ -174,7 +174,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         writeln!(out, "requests         {}", c.attempts)?;
         writeln!(out, "generated        {}", c.generated)?;
         writeln!(out, "failed           {}", c.failed)?;
-        writeln!(out, "cut at max tokens {}", c.truncated)?;
+        writeln!(out, "truncated        {}", c.truncated)?;
         writeln!(out, "invalid json     {}", c.invalid_json)?;
         writeln!(out, "schema failures  {}", c.schema_failures)?;
         writeln!(out, "duplicates       {}", c.duplicates)?;
