@@ -68,15 +68,16 @@ pub fn gemm_block(
     let mut i = 0;
     while i < m {
         let rows = (m - i).min(R);
+        // One pass per block of KS reduction values; at least one, so an empty reduction
+        // still writes zeros (or leaves the sums) as the other kernels do.
         let mut ka = k0;
-        let mut first = true;
-        while ka < k1 || first {
+        loop {
             let kb = (ka + KS).min(k1);
             for (r, buf) in xf.iter_mut().enumerate().take(rows) {
                 let src = &x[(i + r) * kp + ka..(i + r) * kp + kb];
                 buf[..kb - ka].iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_to_f32(s));
             }
-            let acc = accumulate || !first;
+            let acc = accumulate || ka > k0;
             let mut c = 0;
             while c < cols {
                 let nc = (cols - c).min(NC);
@@ -101,7 +102,6 @@ pub fn gemm_block(
                 }
                 c += nc;
             }
-            first = false;
             ka = kb;
             if ka >= k1 {
                 break;
